@@ -1,0 +1,37 @@
+"""ftrecycle: recycle fine-tuning across versions of a language model.
+
+The diff vector ``delta = finetuned - base`` of one model version, added to the next
+version's base, approximates fine-tuning that new base ("Efficient Model
+Development through Recycling Fine-tuning").
+"""
+
+__version__ = "0.1.0"
+
+from ftrecycle.delta.compute import diff  # noqa: E402
+from ftrecycle.errors import (  # noqa: E402
+    CheckpointError,
+    ConfigError,
+    FtRecycleError,
+    HubError,
+    IncompatibleModelsError,
+    MemoryBudgetError,
+    NonFiniteError,
+    OutputError,
+)
+from ftrecycle.transfer import TransferResult, apply_delta, transfer  # noqa: E402
+
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "FtRecycleError",
+    "HubError",
+    "IncompatibleModelsError",
+    "MemoryBudgetError",
+    "NonFiniteError",
+    "OutputError",
+    "TransferResult",
+    "__version__",
+    "apply_delta",
+    "diff",
+    "transfer",
+]

@@ -1,0 +1,1 @@
+"""Diff vectors: compute them, store them as a directory, read them back."""

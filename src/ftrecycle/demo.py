@@ -1,0 +1,40 @@
+"""``ftrecycle demo``: the transfer on three tiny models made on the spot."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+from ftrecycle.errors import OutputError
+
+
+def run_demo(out: str | Path, *, force: bool = False) -> Iterator[str]:
+    """Make tiny versions, transfer, load the result with transformers and generate.
+
+    Yields:
+        Lines describing each step, for the command line to print.
+
+    Raises:
+        OutputError: ``out`` exists and ``force`` is not set.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ftrecycle.tiny import make_versions
+    from ftrecycle.transfer import transfer
+
+    root = Path(out)
+    if root.exists():
+        if not force:
+            raise OutputError(f"{root} exists; pass --force to replace it")
+        shutil.rmtree(root)
+    models = make_versions("llama", root / "models", max_shard_size="40KB")
+    yield f"made tiny Llama versions under {root / 'models'}: " + ", ".join(models)
+    result = transfer(str(models["source_base"]), str(models["source_finetuned"]), str(models["target_base"]),
+                      root / "recycled")
+    yield f"transfer: wrote {result.output} in {result.seconds:.2f} s"
+    model = AutoModelForCausalLM.from_pretrained(result.output)
+    ids = model.generate(torch.tensor([[1, 5, 6, 7]]), max_new_tokens=8, do_sample=False)
+    yield f"transformers loaded it and generated token ids {ids[0].tolist()}"
+    yield f"provenance: {result.output / 'ftrecycle.json'}"

@@ -1,0 +1,42 @@
+"""The one error hierarchy of ftrecycle.
+
+Library code raises these and never prints or exits; the command line catches
+:class:`FtRecycleError`, prints its message on one line and exits with
+:attr:`FtRecycleError.exit_code`.
+"""
+
+from __future__ import annotations
+
+
+class FtRecycleError(Exception):
+    """Base class of every error ftrecycle raises on purpose."""
+
+    exit_code: int = 2
+
+
+class ConfigError(FtRecycleError):
+    """An option or argument value is invalid (a bad dtype name, a negative size...)."""
+
+
+class CheckpointError(FtRecycleError):
+    """A checkpoint cannot be read: missing, truncated, corrupt, or of a refused format."""
+
+
+class HubError(CheckpointError):
+    """A hub id could not be resolved (no network, unknown id or revision)."""
+
+
+class IncompatibleModelsError(FtRecycleError):
+    """The models do not share an architecture, tensor names or shapes the operation needs."""
+
+
+class OutputError(FtRecycleError):
+    """The output cannot be written: it exists, lies inside an input, or the disk is full."""
+
+
+class NonFiniteError(FtRecycleError):
+    """A result tensor holds NaN or infinity."""
+
+
+class MemoryBudgetError(ConfigError):
+    """The memory budget is too small for the work asked."""

@@ -1,0 +1,65 @@
+"""The non-weight files of a model directory: configs, tokenizer files, model card."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from ftrecycle.errors import ConfigError
+
+CONFIG_FILES = ("config.json", "generation_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "spiece.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+SOURCES = ("target", "finetuned")
+
+
+def check_source(value: str, flag: str) -> None:
+    """Validate ``--config-from`` / ``--tokenizer-from``."""
+    if value not in SOURCES:
+        raise ConfigError(f"{flag} {value!r} is not one of {', '.join(SOURCES)}")
+
+
+def copy_files(src: Path, dst: Path, names: tuple[str, ...]) -> list[str]:
+    """Copy those of ``names`` that exist in ``src`` into ``dst``; return the copied names."""
+    copied = []
+    for name in names:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
+            copied.append(name)
+    return copied
+
+
+def patch_config(path: Path, changes: dict[str, Any]) -> dict[str, Any]:
+    """Set keys of ``config.json`` in ``path`` where they differ; return the keys changed (old -> new)."""
+    cfg_path = path / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    done = {}
+    for key, value in changes.items():
+        if value is not None and cfg.get(key) != value:
+            done[key] = {"from": cfg.get(key), "to": value}
+            cfg[key] = value
+    if done:
+        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    return done
+
+
+def model_card(*, title: str, base_model: str | None, body: str) -> str:
+    """A README.md model card with Hugging Face front matter."""
+    front = ["---", "library_name: transformers", "tags:", "- ftrecycle", "- diff-vector-transfer"]
+    if base_model:
+        front.append(f"base_model: {base_model}")
+    front.append("---")
+    return "\n".join(front) + f"\n\n# {title}\n\n{body.strip()}\n"

@@ -1,0 +1,42 @@
+"""What every written artifact records about its inputs and how it was made."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import platform
+import sys
+from typing import Any
+
+import torch
+
+from ftrecycle import __version__
+from ftrecycle.arch import signature
+from ftrecycle.io.checkpoint import Checkpoint
+
+
+def describe_input(ckpt: Checkpoint) -> dict[str, Any]:
+    """Identify an input: as given, where it was read from, hub repo and commit, size and architecture."""
+    return {
+        "ref": ckpt.source.ref,
+        "path": str(ckpt.path),
+        "repo_id": ckpt.source.repo_id,
+        "revision": ckpt.source.revision,
+        "format": ckpt.format,
+        "files": [f.name for f in ckpt.files],
+        "tensors": len(ckpt.tensors),
+        "bytes": sum(t.nbytes for t in ckpt.tensors.values()),
+        "architecture": signature(ckpt.config) if ckpt.config else None,
+    }
+
+
+def base_record(operation: str) -> dict[str, Any]:
+    """The fields every provenance record starts with."""
+    return {
+        "tool": "ftrecycle",
+        "ftrecycle_version": __version__,
+        "operation": operation,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": sys.argv if sys.argv and sys.argv[0].endswith("ftrecycle") else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }

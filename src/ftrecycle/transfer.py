@@ -1,0 +1,254 @@
+"""Move a diff vector onto a new base: ``out = target + alpha * (finetuned - base)``.
+
+:func:`transfer` reads the diff from the two source models; :func:`apply_delta`
+reads it from a delta directory written by :func:`ftrecycle.diff`. Both give the
+same bits when the delta is stored in the compute dtype.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ftrecycle.arch import check_compatible
+from ftrecycle.delta.store import FINETUNED_DIR, open_delta
+from ftrecycle.dtypes import dtype_name, parse_dtype
+from ftrecycle.io.checkpoint import Checkpoint, open_checkpoint
+from ftrecycle.io.model_files import CONFIG_FILES, TOKENIZER_FILES, check_source, copy_files, model_card, patch_config
+from ftrecycle.io.output import check_output_path, write_json
+from ftrecycle.io.provenance import base_record, describe_input
+from ftrecycle.plan import MissingPolicy, Plan, TiePolicy, VocabPolicy, plan_transfer, source_terms
+from ftrecycle.settings import DEFAULT_MAX_MEMORY, DEFAULT_SHARD_SIZE, ProgressFn, WriteSettings, write_plan
+
+PROVENANCE = "ftrecycle.json"
+
+
+@dataclass
+class TransferResult:
+    """What a transfer wrote.
+
+    Attributes:
+        output: the new model directory.
+        bytes_written: tensor bytes written.
+        seconds: wall time.
+        records: every tensor that was adapted or left alone, and why.
+        provenance: the full ``ftrecycle.json`` record.
+    """
+
+    output: Path
+    bytes_written: int
+    seconds: float
+    records: list[dict[str, str]] = field(default_factory=list)
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+
+def _out_dtype(out_dtype: str | None) -> torch.dtype | None:
+    return None if out_dtype is None else parse_dtype(out_dtype, flag="--out-dtype")
+
+
+def _finish_model(
+    tmp: Path,
+    *,
+    target: Checkpoint,
+    finetuned_files: Path | None,
+    config_from: str,
+    tokenizer_from: str,
+    plan: Plan,
+    out_dtype: torch.dtype | None,
+    record: dict[str, Any],
+) -> None:
+    cfg_src = target.path if config_from == "target" or finetuned_files is None else finetuned_files
+    tok_src = target.path if tokenizer_from == "target" or finetuned_files is None else finetuned_files
+    record["config_files"] = {"from": config_from, "copied": copy_files(cfg_src, tmp, CONFIG_FILES)}
+    record["tokenizer_files"] = {"from": tokenizer_from, "copied": copy_files(tok_src, tmp, TOKENIZER_FILES)}
+    changes: dict[str, Any] = {"vocab_size": plan.vocab_size, "tie_word_embeddings": plan.ties_embeddings}
+    if out_dtype is not None:
+        # transformers 5 reads "dtype", 4.x "torch_dtype"; keep whichever the config uses
+        import json
+
+        cfg = json.loads((tmp / "config.json").read_text())
+        changes["dtype" if "dtype" in cfg else "torch_dtype"] = dtype_name(out_dtype)
+    if (tmp / "config.json").is_file():
+        record["config_patched"] = patch_config(tmp, changes)
+    write_json(tmp / PROVENANCE, record)
+    inputs = record["inputs"]
+    lines = [
+        "This model was made by [ftrecycle](https://github.com/) by recycling a fine-tuning diff vector "
+        "onto a new base model (m't ~ m_t + alpha * (m'_s - m_s)).",
+        "",
+        "| role | model | revision |",
+        "|---|---|---|",
+    ]
+    for role, d in inputs.items():
+        lines.append(f"| {role} | {d.get('repo_id') or d.get('ref')} | {d.get('revision') or ''} |")
+    lines += ["", f"alpha = {record['alpha']}; compute dtype {record['compute_dtype']}; "
+              f"{len(plan.records)} tensors adapted or left alone (see {PROVENANCE})."]
+    base = inputs.get("target_base", {})
+    (tmp / "README.md").write_text(model_card(
+        title="Recycled fine-tuning", base_model=base.get("repo_id") or base.get("ref"), body="\n".join(lines)))
+
+
+def transfer(
+    source_base: str,
+    source_finetuned: str,
+    target_base: str,
+    output: str | Path,
+    *,
+    alpha: float = 1.0,
+    compute_dtype: str = "float32",
+    out_dtype: str | None = None,
+    shard_size: str | int = DEFAULT_SHARD_SIZE,
+    config_from: str = "target",
+    tokenizer_from: str = "target",
+    vocab: VocabPolicy = "error",
+    on_missing: MissingPolicy = "error",
+    tie_mismatch: TiePolicy = "error",
+    max_memory: str | int = DEFAULT_MAX_MEMORY,
+    threads: int | None = None,
+    force: bool = False,
+    allow_nonfinite: bool = False,
+    allow_pickle: bool = False,
+    fsync: bool = False,
+    progress: ProgressFn | None = None,
+) -> TransferResult:
+    """Write ``target_base + alpha * (source_finetuned - source_base)`` as a new model directory.
+
+    Every floating tensor is ``cast(fl(C) + fl(alpha * fl(B - A)))`` computed in
+    ``compute_dtype`` and rounded to nearest-even into the output dtype; non-floating
+    tensors are the target's. Tensors stream through bounded buffers; the output
+    appears under ``output`` only when complete.
+
+    Args:
+        source_base: the source version's base model (directory or hub id ``org/name[@rev]``).
+        source_finetuned: its fine-tuned model.
+        target_base: the new base model.
+        output: directory to create.
+        alpha: scale of the diff.
+        compute_dtype: ``float32`` or ``float64``.
+        out_dtype: dtype of floating outputs; default: each target tensor's dtype.
+        shard_size: largest shard, e.g. ``"5GB"``.
+        config_from: ``target`` or ``finetuned``: whose config.json/generation_config.json to copy.
+        tokenizer_from: ``target`` or ``finetuned``: whose tokenizer files (and chat template) to copy.
+        vocab: ``error`` or ``overlap`` when vocabulary rows differ.
+        on_missing: ``error`` or ``keep-target`` when tensor names differ.
+        tie_mismatch: ``error``, ``untie`` or ``embed-only`` when the source has its own lm_head
+            and the target ties it.
+        max_memory: resident-memory budget, e.g. ``"512MiB"``.
+        threads: worker threads (default: available cores).
+        force: replace an existing ``output``.
+        allow_nonfinite: write NaN/inf results instead of failing.
+        allow_pickle: accept ``.bin``/``.pt`` inputs (loaded with ``weights_only=True``).
+        fsync: flush the output to disk before the final rename.
+        progress: called with (bytes written, total bytes).
+
+    Returns:
+        What was written.
+
+    Raises:
+        ConfigError: bad option values.
+        CheckpointError: unreadable or refused inputs.
+        IncompatibleModelsError: architectures, names or shapes that no chosen policy reconciles.
+        OutputError: the output exists, overlaps an input, or does not fit the disk.
+        NonFiniteError: a result holds NaN or infinity.
+    """
+    t0 = time.perf_counter()
+    settings = WriteSettings.parse(alpha=alpha, compute_dtype=compute_dtype, max_memory=max_memory,
+                                   shard_size=shard_size, threads=threads, allow_nonfinite=allow_nonfinite, fsync=fsync)
+    odt = _out_dtype(out_dtype)
+    check_source(config_from, "--config-from")
+    check_source(tokenizer_from, "--tokenizer-from")
+    out = Path(output).expanduser()
+    with contextlib.ExitStack() as stack:
+        a = stack.enter_context(open_checkpoint(source_base, allow_pickle=allow_pickle))
+        b = stack.enter_context(open_checkpoint(source_finetuned, allow_pickle=allow_pickle))
+        c = stack.enter_context(open_checkpoint(target_base, allow_pickle=allow_pickle))
+        check_output_path(out, [a.path, b.path, c.path], force=force)
+        check_compatible({"source base": a.config, "source fine-tuned": b.config, "target base": c.config})
+        terms, aliases, records = source_terms(a, b, vocab=vocab, on_missing=on_missing)
+        plan = plan_transfer(c, terms, aliases, out_dtype=odt, vocab=vocab, on_missing=on_missing,
+                             tie_mismatch=tie_mismatch, records=records)
+        record = base_record("transfer")
+        record.update({
+            "inputs": {"source_base": describe_input(a), "source_finetuned": describe_input(b),
+                       "target_base": describe_input(c)},
+            "alpha": settings.alpha, "compute_dtype": dtype_name(settings.compute_dtype),
+            "out_dtype": dtype_name(odt) if odt else "target",
+            "policies": {"vocab": vocab, "on_missing": on_missing, "tie_mismatch": tie_mismatch},
+            "records": plan.records,
+        })
+        written = write_plan(
+            plan.tensors, out, settings=settings, prefix="model", force=force, progress=progress,
+            finish=lambda tmp: _finish_model(tmp, target=c, finetuned_files=b.path, config_from=config_from,
+                                             tokenizer_from=tokenizer_from, plan=plan, out_dtype=odt, record=record),
+        )
+    return TransferResult(out, written, time.perf_counter() - t0, plan.records, record)
+
+
+def apply_delta(
+    delta: str | Path,
+    target_base: str,
+    output: str | Path,
+    *,
+    alpha: float = 1.0,
+    compute_dtype: str = "float32",
+    out_dtype: str | None = None,
+    shard_size: str | int = DEFAULT_SHARD_SIZE,
+    config_from: str = "target",
+    tokenizer_from: str = "target",
+    vocab: VocabPolicy = "error",
+    on_missing: MissingPolicy = "error",
+    tie_mismatch: TiePolicy = "error",
+    max_memory: str | int = DEFAULT_MAX_MEMORY,
+    threads: int | None = None,
+    force: bool = False,
+    allow_nonfinite: bool = False,
+    allow_pickle: bool = False,
+    fsync: bool = False,
+    progress: ProgressFn | None = None,
+) -> TransferResult:
+    """Write ``target_base + alpha * delta`` for a delta directory made by :func:`ftrecycle.diff`.
+
+    Arguments are those of :func:`transfer`, with ``delta`` in place of the two source
+    models; ``config_from="finetuned"`` and ``tokenizer_from="finetuned"`` use the
+    fine-tuned model's files stored in the delta.
+
+    Raises:
+        As :func:`transfer`.
+    """
+    t0 = time.perf_counter()
+    settings = WriteSettings.parse(alpha=alpha, compute_dtype=compute_dtype, max_memory=max_memory,
+                                   shard_size=shard_size, threads=threads, allow_nonfinite=allow_nonfinite, fsync=fsync)
+    odt = _out_dtype(out_dtype)
+    check_source(config_from, "--config-from")
+    check_source(tokenizer_from, "--tokenizer-from")
+    out = Path(output).expanduser()
+    with contextlib.ExitStack() as stack:
+        d, manifest, terms, aliases = open_delta(delta)
+        stack.callback(d.close)
+        c = stack.enter_context(open_checkpoint(target_base, allow_pickle=allow_pickle))
+        check_output_path(out, [d.path, c.path], force=force)
+        check_compatible({"delta's base": d.config, "target base": c.config})
+        plan = plan_transfer(c, terms, aliases, out_dtype=odt, vocab=vocab, on_missing=on_missing,
+                             tie_mismatch=tie_mismatch, records=list(manifest.get("records") or []))
+        record = base_record("apply")
+        delta_input = describe_input(d)
+        delta_input["manifest"] = {k: manifest.get(k) for k in ("base", "finetuned", "dtype", "compute_dtype")}
+        record.update({
+            "inputs": {"delta": delta_input, "target_base": describe_input(c)},
+            "alpha": settings.alpha, "compute_dtype": dtype_name(settings.compute_dtype),
+            "out_dtype": dtype_name(odt) if odt else "target",
+            "policies": {"vocab": vocab, "on_missing": on_missing, "tie_mismatch": tie_mismatch},
+            "records": plan.records,
+        })
+        written = write_plan(
+            plan.tensors, out, settings=settings, prefix="model", force=force, progress=progress,
+            finish=lambda tmp: _finish_model(tmp, target=c, finetuned_files=d.path / FINETUNED_DIR,
+                                             config_from=config_from, tokenizer_from=tokenizer_from, plan=plan,
+                                             out_dtype=odt, record=record),
+        )
+    return TransferResult(out, written, time.perf_counter() - t0, plan.records, record)
