@@ -7,8 +7,8 @@ Development through Recycling Fine-tuning").
 
 __version__ = "0.1.0"
 
-from ftrecycle.delta.compute import diff  # noqa: E402
-from ftrecycle.errors import (  # noqa: E402
+from ftrecycle.delta.compute import diff
+from ftrecycle.errors import (
     CheckpointError,
     ConfigError,
     FtRecycleError,
@@ -18,7 +18,7 @@ from ftrecycle.errors import (  # noqa: E402
     NonFiniteError,
     OutputError,
 )
-from ftrecycle.transfer import TransferResult, apply_delta, transfer  # noqa: E402
+from ftrecycle.transfer import TransferResult, apply_delta, transfer
 
 __all__ = [
     "CheckpointError",

@@ -27,8 +27,17 @@ def _progress(quiet: bool) -> Callable[[int, int], None] | None:
         if not bar:
             from tqdm import tqdm
 
-            bar.append(tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="writing",
-                            disable=None, file=sys.stderr))
+            bar.append(
+                tqdm(
+                    total=total,
+                    unit="B",
+                    unit_scale=True,
+                    unit_divisor=1024,
+                    desc="writing",
+                    disable=None,
+                    file=sys.stderr,
+                )
+            )
         bar[0].update(n)
         if bar[0].n >= total:
             bar[0].close()
@@ -39,49 +48,91 @@ def _progress(quiet: bool) -> Callable[[int, int], None] | None:
 def _write_options(p: argparse.ArgumentParser, *, delta: bool = False) -> None:
     g = p.add_argument_group("numerics")
     if not delta:
-        g.add_argument("--alpha", type=float, default=1.0,
-                       help="scale of the diff: out = target + alpha * diff (default 1.0)")
-    g.add_argument("--compute-dtype", default="float32", choices=["float32", "float64"],
-                   help="dtype of the arithmetic; each operation is rounded to it (default float32)")
+        g.add_argument(
+            "--alpha", type=float, default=1.0, help="scale of the diff: out = target + alpha * diff (default 1.0)"
+        )
+    g.add_argument(
+        "--compute-dtype",
+        default="float32",
+        choices=["float32", "float64"],
+        help="dtype of the arithmetic; each operation is rounded to it (default float32)",
+    )
     if delta:
-        g.add_argument("--delta-dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"],
-                       help="dtype the diff is stored in; float32 makes `apply` to the base give back the "
-                            "fine-tuned bf16/fp16 model bit for bit (default float32)")
+        g.add_argument(
+            "--delta-dtype",
+            default="float32",
+            choices=["float32", "float64", "bfloat16", "float16"],
+            help="dtype the diff is stored in; float32 makes `apply` to the base give back the "
+            "fine-tuned bf16/fp16 model bit for bit (default float32)",
+        )
     else:
-        g.add_argument("--out-dtype", default=None, choices=["float32", "float64", "bfloat16", "float16"],
-                       help="dtype of floating output tensors (default: each target tensor's own dtype)")
-    g.add_argument("--allow-nonfinite", action="store_true",
-                   help="write results containing NaN or infinity instead of failing")
+        g.add_argument(
+            "--out-dtype",
+            default=None,
+            choices=["float32", "float64", "bfloat16", "float16"],
+            help="dtype of floating output tensors (default: each target tensor's own dtype)",
+        )
+    g.add_argument(
+        "--allow-nonfinite", action="store_true", help="write results containing NaN or infinity instead of failing"
+    )
     m = p.add_argument_group("mismatches between the models")
-    m.add_argument("--vocab", default="error", choices=["error", "overlap"],
-                   help="when embedding/lm_head rows differ (a vocabulary that grew): 'error' (default) or "
-                        "'overlap': apply the diff to the shared rows and keep the target's other rows; recorded")
-    m.add_argument("--on-missing", default="error", choices=["error", "keep-target"],
-                   help="when tensor names differ: 'error' (default, lists them) or 'keep-target': copy "
-                        "target-only tensors, drop diff-only ones; recorded")
+    m.add_argument(
+        "--vocab",
+        default="error",
+        choices=["error", "overlap"],
+        help="when embedding/lm_head rows differ (a vocabulary that grew): 'error' (default) or "
+        "'overlap': apply the diff to the shared rows and keep the target's other rows; recorded",
+    )
+    m.add_argument(
+        "--on-missing",
+        default="error",
+        choices=["error", "keep-target"],
+        help="when tensor names differ: 'error' (default, lists them) or 'keep-target': copy "
+        "target-only tensors, drop diff-only ones; recorded",
+    )
     if not delta:
-        m.add_argument("--tie-mismatch", default="error", choices=["error", "untie", "embed-only"],
-                       help="when the source has its own lm_head but the target ties it to the embedding: "
-                            "'untie' writes lm_head = target embedding + its diff and sets tie_word_embeddings "
-                            "false; 'embed-only' keeps the target tied and drops lm_head's diff (default: error)")
+        m.add_argument(
+            "--tie-mismatch",
+            default="error",
+            choices=["error", "untie", "embed-only"],
+            help="when the source has its own lm_head but the target ties it to the embedding: "
+            "'untie' writes lm_head = target embedding + its diff and sets tie_word_embeddings "
+            "false; 'embed-only' keeps the target tied and drops lm_head's diff (default: error)",
+        )
         f = p.add_argument_group("non-weight files")
-        f.add_argument("--config-from", default="target", choices=["target", "finetuned"],
-                       help="copy config.json and generation_config.json from the target (default: right rope "
-                            "and context settings of the new version) or from the fine-tuned model")
-        f.add_argument("--tokenizer-from", default="target", choices=["target", "finetuned"],
-                       help="copy tokenizer files from the target (default) or the fine-tuned model; for an "
-                            "instruct source, 'finetuned' brings its chat template, which is often what you want")
+        f.add_argument(
+            "--config-from",
+            default="target",
+            choices=["target", "finetuned"],
+            help="copy config.json and generation_config.json from the target (default: right rope "
+            "and context settings of the new version) or from the fine-tuned model",
+        )
+        f.add_argument(
+            "--tokenizer-from",
+            default="target",
+            choices=["target", "finetuned"],
+            help="copy tokenizer files from the target (default) or the fine-tuned model; for an "
+            "instruct source, 'finetuned' brings its chat template, which is often what you want",
+        )
     r = p.add_argument_group("resources and output")
-    r.add_argument("--shard-size", default=DEFAULT_SHARD_SIZE,
-                   help=f"largest output shard, e.g. 5GB or 500MiB (default {DEFAULT_SHARD_SIZE})")
-    r.add_argument("--max-memory", default=DEFAULT_MAX_MEMORY,
-                   help=f"resident-memory budget; buffers are sized to it (default {DEFAULT_MAX_MEMORY})")
+    r.add_argument(
+        "--shard-size",
+        default=DEFAULT_SHARD_SIZE,
+        help=f"largest output shard, e.g. 5GB or 500MiB (default {DEFAULT_SHARD_SIZE})",
+    )
+    r.add_argument(
+        "--max-memory",
+        default=DEFAULT_MAX_MEMORY,
+        help=f"resident-memory budget; buffers are sized to it (default {DEFAULT_MAX_MEMORY})",
+    )
     r.add_argument("--threads", type=int, default=None, help="worker threads (default: available cores)")
     r.add_argument("--force", action="store_true", help="replace the output directory if it exists")
     r.add_argument("--fsync", action="store_true", help="flush the output to disk before the final rename")
-    r.add_argument("--allow-pickle", action="store_true",
-                   help="accept .bin/.pt weights, loaded with torch.load(weights_only=True); off because "
-                        "pickles can run code")
+    r.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="accept .bin/.pt weights, loaded with torch.load(weights_only=True); off because pickles can run code",
+    )
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
@@ -90,50 +141,72 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ftrecycle",
         description="Recycle fine-tuning across versions of a language model: move the diff vector "
-                    "(fine-tuned minus base) of one version onto the next version's base.",
+        "(fine-tuned minus base) of one version onto the next version's base.",
     )
     parser.add_argument("--version", action="version", version=f"ftrecycle {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    t = sub.add_parser("transfer", help="write target + alpha * (finetuned - base)",
-                       description="Write TARGET + alpha * (FINETUNED - BASE) as a new Hugging Face model "
-                                   "directory, tensor by tensor with bounded memory. The output appears only when "
-                                   "complete; ftrecycle.json in it records inputs, options and every adapted tensor.")
+    t = sub.add_parser(
+        "transfer",
+        help="write target + alpha * (finetuned - base)",
+        description="Write TARGET + alpha * (FINETUNED - BASE) as a new Hugging Face model "
+        "directory, tensor by tensor with bounded memory. The output appears only when "
+        "complete; ftrecycle.json in it records inputs, options and every adapted tensor.",
+    )
     t.add_argument("--source-base", required=True, metavar="A", help=f"the source version's base model: {MODEL_HELP}")
     t.add_argument("--source-finetuned", required=True, metavar="B", help="the source version's fine-tuned model")
     t.add_argument("--target-base", required=True, metavar="C", help="the new version's base model")
     t.add_argument("-o", "--output", required=True, metavar="OUT", help="the directory to create")
     _write_options(t)
 
-    d = sub.add_parser("diff", help="store finetuned - base as a delta directory",
-                       description="Write the diff vector FINETUNED - BASE as a delta directory (safetensors "
-                                   "shards + ftrecycle-delta.json manifest) for `ftrecycle apply`.")
+    d = sub.add_parser(
+        "diff",
+        help="store finetuned - base as a delta directory",
+        description="Write the diff vector FINETUNED - BASE as a delta directory (safetensors "
+        "shards + ftrecycle-delta.json manifest) for `ftrecycle apply`.",
+    )
     d.add_argument("--base", required=True, metavar="A", help=f"the base model: {MODEL_HELP}")
     d.add_argument("--finetuned", required=True, metavar="B", help="the fine-tuned model")
     d.add_argument("-o", "--output", required=True, metavar="DELTA", help="the delta directory to create")
     _write_options(d, delta=True)
 
-    a = sub.add_parser("apply", help="write target + alpha * delta",
-                       description="Write TARGET + alpha * DELTA as a new model directory, for a delta made by "
-                                   "`ftrecycle diff`. --config-from/--tokenizer-from finetuned use the fine-tuned "
-                                   "model's files stored in the delta.")
+    a = sub.add_parser(
+        "apply",
+        help="write target + alpha * delta",
+        description="Write TARGET + alpha * DELTA as a new model directory, for a delta made by "
+        "`ftrecycle diff`. --config-from/--tokenizer-from finetuned use the fine-tuned "
+        "model's files stored in the delta.",
+    )
     a.add_argument("--delta", required=True, metavar="DELTA", help="a delta directory made by `ftrecycle diff`")
     a.add_argument("--target-base", required=True, metavar="C", help=f"the new base model: {MODEL_HELP}")
     a.add_argument("-o", "--output", required=True, metavar="OUT", help="the directory to create")
     _write_options(a)
 
-    demo = sub.add_parser("demo", help="make three tiny models here and transfer between them",
-                          description="Make a tiny base model, a fine-tuned copy and a newer base (random Llama-style "
-                                      "weights, saved as safetensors), run `transfer`, then load the result with "
-                                      "transformers and generate. Needs no network.")
+    demo = sub.add_parser(
+        "demo",
+        help="make three tiny models here and transfer between them",
+        description="Make a tiny base model, a fine-tuned copy and a newer base (random Llama-style "
+        "weights, saved as safetensors), run `transfer`, then load the result with "
+        "transformers and generate. Needs no network.",
+    )
     demo.add_argument("--out", default="ftrecycle-demo", help="working directory (default ./ftrecycle-demo)")
     demo.add_argument("--force", action="store_true", help="replace an existing demo directory")
     return parser
 
 
 def _common(ns: argparse.Namespace) -> dict[str, Any]:
-    keys = ("compute_dtype", "shard_size", "vocab", "on_missing", "max_memory", "threads", "force",
-            "allow_nonfinite", "allow_pickle", "fsync")
+    keys = (
+        "compute_dtype",
+        "shard_size",
+        "vocab",
+        "on_missing",
+        "max_memory",
+        "threads",
+        "force",
+        "allow_nonfinite",
+        "allow_pickle",
+        "fsync",
+    )
     out = {k: getattr(ns, k) for k in keys}
     out["progress"] = _progress(ns.quiet)
     return out
@@ -141,8 +214,10 @@ def _common(ns: argparse.Namespace) -> dict[str, Any]:
 
 def _report(result: Any) -> None:
     adapted = [r for r in result.records if r.get("action") not in ("tied",)]
-    print(f"wrote {result.output} ({result.bytes_written / 2**30:.2f} GiB of tensors) in {result.seconds:.1f} s"
-          + (f"; {len(adapted)} tensor records (see ftrecycle.json)" if adapted else ""))
+    print(
+        f"wrote {result.output} ({result.bytes_written / 2**30:.2f} GiB of tensors) in {result.seconds:.1f} s"
+        + (f"; {len(adapted)} tensor records (see ftrecycle.json)" if adapted else "")
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -153,9 +228,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         if ns.command == "transfer":
             from ftrecycle.transfer import transfer
 
-            _report(transfer(ns.source_base, ns.source_finetuned, ns.target_base, ns.output, alpha=ns.alpha,
-                             out_dtype=ns.out_dtype, config_from=ns.config_from, tokenizer_from=ns.tokenizer_from,
-                             tie_mismatch=ns.tie_mismatch, **_common(ns)))
+            _report(
+                transfer(
+                    ns.source_base,
+                    ns.source_finetuned,
+                    ns.target_base,
+                    ns.output,
+                    alpha=ns.alpha,
+                    out_dtype=ns.out_dtype,
+                    config_from=ns.config_from,
+                    tokenizer_from=ns.tokenizer_from,
+                    tie_mismatch=ns.tie_mismatch,
+                    **_common(ns),
+                )
+            )
         elif ns.command == "diff":
             from ftrecycle.delta.compute import diff
 
@@ -163,9 +249,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif ns.command == "apply":
             from ftrecycle.transfer import apply_delta
 
-            _report(apply_delta(ns.delta, ns.target_base, ns.output, alpha=ns.alpha, out_dtype=ns.out_dtype,
-                                config_from=ns.config_from, tokenizer_from=ns.tokenizer_from,
-                                tie_mismatch=ns.tie_mismatch, **_common(ns)))
+            _report(
+                apply_delta(
+                    ns.delta,
+                    ns.target_base,
+                    ns.output,
+                    alpha=ns.alpha,
+                    out_dtype=ns.out_dtype,
+                    config_from=ns.config_from,
+                    tokenizer_from=ns.tokenizer_from,
+                    tie_mismatch=ns.tie_mismatch,
+                    **_common(ns),
+                )
+            )
         elif ns.command == "demo":
             from ftrecycle.demo import run_demo
 

@@ -31,8 +31,9 @@ def run_demo(out: str | Path, *, force: bool = False) -> Iterator[str]:
         shutil.rmtree(root)
     models = make_versions("llama", root / "models", max_shard_size="40KB")
     yield f"made tiny Llama versions under {root / 'models'}: " + ", ".join(models)
-    result = transfer(str(models["source_base"]), str(models["source_finetuned"]), str(models["target_base"]),
-                      root / "recycled")
+    result = transfer(
+        str(models["source_base"]), str(models["source_finetuned"]), str(models["target_base"]), root / "recycled"
+    )
     yield f"transfer: wrote {result.output} in {result.seconds:.2f} s"
     model = AutoModelForCausalLM.from_pretrained(result.output)
     ids = model.generate(torch.tensor([[1, 5, 6, 7]]), max_new_tokens=8, do_sample=False)

@@ -227,6 +227,6 @@ class Engine:
                 f"tensor {item.tensor.name!r}: the result is NaN or infinite at element {bad}; check the inputs "
                 "(and --alpha), or pass --allow-nonfinite to write it anyway"
             )
-        pwrite_all(item.slot.fd, memoryview(b.out_np[: n * dtype.itemsize]), item.slot.offset + s * dtype.itemsize)
+        pwrite_all(item.slot.fd, b.out_np[: n * dtype.itemsize].data, item.slot.offset + s * dtype.itemsize)
         if self.progress is not None:
             self.progress(n * dtype.itemsize)

@@ -156,11 +156,16 @@ def source_terms(
     vocabs = {v for v in (vocab_size(base.config), vocab_size(fin.config)) if v}
     shared_aliases = {a: s for a, s in baliases.items() if faliases.get(a) == s}
     for a, s in shared_aliases.items():
-        records.append({"tensor": a, "action": "tied", "reason": f"both source models tie it to {s}; its diff is {s}'s"})
+        records.append(
+            {"tensor": a, "action": "tied", "reason": f"both source models tie it to {s}; its diff is {s}'s"}
+        )
     for a in sorted(set(baliases) ^ set(faliases)):
         records.append(
-            {"tensor": a, "action": "untied-diff", "reason": "one source model ties it to the embedding; "
-             "the diff uses the embedding as its value there"}
+            {
+                "tensor": a,
+                "action": "untied-diff",
+                "reason": "one source model ties it to the embedding; the diff uses the embedding as its value there",
+            }
         )
     terms: dict[str, Term] = {}
     for name in [n for n in bnames if n in fnames]:
@@ -181,8 +186,11 @@ def source_terms(
                 raise _vocab_error(name, b.shape, f.shape, "source base/source fine-tuned model")
             shape = (min(b.shape[0], f.shape[0]), *b.shape[1:])
             records.append(
-                {"tensor": name, "action": "vocab-overlap",
-                 "reason": f"diff over the {shape[0]} shared rows (base {b.shape[0]}, fine-tuned {f.shape[0]})"}
+                {
+                    "tensor": name,
+                    "action": "vocab-overlap",
+                    "reason": f"diff over the {shape[0]} shared rows (base {b.shape[0]}, fine-tuned {f.shape[0]})",
+                }
             )
         terms[name] = Term(name, shape, fin=Operand(fin, f), base=Operand(base, b))
     return terms, shared_aliases, records
@@ -232,8 +240,13 @@ def plan_transfer(
         alias = source_aliases.get(name)
         if alias is not None and alias in terms:
             used.add(alias)
-            recs.append({"tensor": name, "action": "tied-source",
-                         "reason": f"the source ties it to {alias}: {alias}'s diff applied to it"})
+            recs.append(
+                {
+                    "tensor": name,
+                    "action": "tied-source",
+                    "reason": f"the source ties it to {alias}: {alias}'s diff applied to it",
+                }
+            )
             return terms[alias]
         return None
 
@@ -244,12 +257,16 @@ def plan_transfer(
         if not info.dtype.is_floating_point:
             if name in terms:
                 used.add(name)
-            recs.append({"tensor": name, "action": "copied", "reason": f"non-floating ({info.dtype}); copied from target"})
+            recs.append(
+                {"tensor": name, "action": "copied", "reason": f"non-floating ({info.dtype}); copied from target"}
+            )
             return OutTensor(name, dtype, info.shape, [Piece(0, numel, "copy", op)])
         term = term_for(name)
         if term is None:
             missing.append(name)
-            recs.append({"tensor": name, "action": "copied", "reason": "no diff for it in the source; copied from target"})
+            recs.append(
+                {"tensor": name, "action": "copied", "reason": "no diff for it in the source; copied from target"}
+            )
             return OutTensor(name, dtype, info.shape, [Piece(0, numel, "copy", op)])
         if term.shape == info.shape:
             return OutTensor(name, dtype, info.shape, [Piece(0, numel, "add", op, term)])
@@ -262,14 +279,23 @@ def plan_transfer(
             raise _vocab_error(name, term.shape, info.shape, "diff/target")
         rows = min(term.shape[0], info.shape[0])
         row = numel // info.shape[0] if info.shape[0] else 0
-        recs.append({"tensor": name, "action": "vocab-overlap",
-                     "reason": f"diff applied to the {rows} shared rows; target rows {rows}..{info.shape[0] - 1} "
-                               f"kept (diff has {term.shape[0]} rows)"})
+        recs.append(
+            {
+                "tensor": name,
+                "action": "vocab-overlap",
+                "reason": f"diff applied to the {rows} shared rows; target rows {rows}..{info.shape[0] - 1} "
+                f"kept (diff has {term.shape[0]} rows)",
+            }
+        )
         if rows == info.shape[0]:
             return OutTensor(name, dtype, info.shape, [Piece(0, numel, "add", op, _narrow(term, rows))])
         split = rows * row
-        return OutTensor(name, dtype, info.shape, [Piece(0, split, "add", op, _narrow(term, rows)),
-                                                   Piece(split, numel - split, "copy", op)])
+        return OutTensor(
+            name,
+            dtype,
+            info.shape,
+            [Piece(0, split, "add", op, _narrow(term, rows)), Piece(split, numel - split, "copy", op)],
+        )
 
     for name, info in target.tensors.items():
         out.append(build(name, info))
@@ -277,8 +303,13 @@ def plan_transfer(
         term = terms.get(alias)
         if term is None or alias in source_aliases:
             if stored in terms or stored in source_aliases.values():
-                recs.append({"tensor": alias, "action": "tied", "reason": f"the target ties it to {stored}; "
-                             "the diff is applied once, to the stored matrix"})
+                recs.append(
+                    {
+                        "tensor": alias,
+                        "action": "tied",
+                        "reason": f"the target ties it to {stored}; the diff is applied once, to the stored matrix",
+                    }
+                )
             continue
         used.add(alias)
         if tie_mismatch == "error":
@@ -288,12 +319,23 @@ def plan_transfer(
                 f"--tie-mismatch embed-only (keep the target tied; {alias}'s diff is dropped)"
             )
         if tie_mismatch == "embed-only":
-            recs.append({"tensor": alias, "action": "dropped", "reason": f"target ties it to {stored}; "
-                         "--tie-mismatch embed-only drops its diff"})
+            recs.append(
+                {
+                    "tensor": alias,
+                    "action": "dropped",
+                    "reason": f"target ties it to {stored}; --tie-mismatch embed-only drops its diff",
+                }
+            )
             continue
         ties = False
-        recs.append({"tensor": alias, "action": "untied", "reason": f"target ties it to {stored}; --tie-mismatch "
-                     f"untie writes it as target {stored} + its own diff"})
+        recs.append(
+            {
+                "tensor": alias,
+                "action": "untied",
+                "reason": f"target ties it to {stored}; --tie-mismatch "
+                f"untie writes it as target {stored} + its own diff",
+            }
+        )
         out.append(build(alias, tnames[alias]))
     unused = sorted(set(terms) - used)
     for n in unused:
@@ -305,7 +347,8 @@ def plan_transfer(
         if unused:
             parts.append(f"only in the diff: {', '.join(unused[:20])}{' ...' if len(unused) > 20 else ''}")
         raise IncompatibleModelsError(
-            "tensor names differ between the diff and the target: " + "; ".join(parts)
+            "tensor names differ between the diff and the target: "
+            + "; ".join(parts)
             + "; pass --on-missing keep-target to copy target-only tensors and drop diff-only ones"
         )
     emb = embedding_name(target.tensors)

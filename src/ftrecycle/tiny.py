@@ -27,16 +27,43 @@ def tiny_config(family: str, *, vocab_size: int = 96, tie: bool | None = None) -
     from transformers import GPT2Config, LlamaConfig, Qwen2Config
 
     if family == "llama":
-        return LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                           tie_word_embeddings=bool(tie), bos_token_id=1, eos_token_id=2, pad_token_id=0)
+        return LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            tie_word_embeddings=bool(tie),
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        )
     if family == "qwen2":
-        return Qwen2Config(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                           tie_word_embeddings=True if tie is None else tie, bos_token_id=1, eos_token_id=2)
+        return Qwen2Config(
+            vocab_size=vocab_size,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            tie_word_embeddings=True if tie is None else tie,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
     if family == "gpt2":
-        return GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=128,
-                          tie_word_embeddings=True if tie is None else tie, bos_token_id=1, eos_token_id=2)
+        return GPT2Config(
+            vocab_size=vocab_size,
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            n_positions=128,
+            tie_word_embeddings=True if tie is None else tie,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
     raise ValueError(f"unknown family {family!r}; choose one of {FAMILIES}")
 
 
@@ -86,8 +113,9 @@ def word_tokenizer(vocab_size: int) -> Any:
     vocab = {w: i for i, w in enumerate(specials + [f"w{i}" for i in range(vocab_size - len(specials))])}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
 
 
 def make_versions(

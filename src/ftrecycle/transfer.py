@@ -86,11 +86,17 @@ def _finish_model(
     ]
     for role, d in inputs.items():
         lines.append(f"| {role} | {d.get('repo_id') or d.get('ref')} | {d.get('revision') or ''} |")
-    lines += ["", f"alpha = {record['alpha']}; compute dtype {record['compute_dtype']}; "
-              f"{len(plan.records)} tensors adapted or left alone (see {PROVENANCE})."]
+    lines += [
+        "",
+        f"alpha = {record['alpha']}; compute dtype {record['compute_dtype']}; "
+        f"{len(plan.records)} tensors adapted or left alone (see {PROVENANCE}).",
+    ]
     base = inputs.get("target_base", {})
-    (tmp / "README.md").write_text(model_card(
-        title="Recycled fine-tuning", base_model=base.get("repo_id") or base.get("ref"), body="\n".join(lines)))
+    (tmp / "README.md").write_text(
+        model_card(
+            title="Recycled fine-tuning", base_model=base.get("repo_id") or base.get("ref"), body="\n".join(lines)
+        )
+    )
 
 
 def transfer(
@@ -157,8 +163,15 @@ def transfer(
         NonFiniteError: a result holds NaN or infinity.
     """
     t0 = time.perf_counter()
-    settings = WriteSettings.parse(alpha=alpha, compute_dtype=compute_dtype, max_memory=max_memory,
-                                   shard_size=shard_size, threads=threads, allow_nonfinite=allow_nonfinite, fsync=fsync)
+    settings = WriteSettings.parse(
+        alpha=alpha,
+        compute_dtype=compute_dtype,
+        max_memory=max_memory,
+        shard_size=shard_size,
+        threads=threads,
+        allow_nonfinite=allow_nonfinite,
+        fsync=fsync,
+    )
     odt = _out_dtype(out_dtype)
     check_source(config_from, "--config-from")
     check_source(tokenizer_from, "--tokenizer-from")
@@ -170,21 +183,48 @@ def transfer(
         check_output_path(out, [a.path, b.path, c.path], force=force)
         check_compatible({"source base": a.config, "source fine-tuned": b.config, "target base": c.config})
         terms, aliases, records = source_terms(a, b, vocab=vocab, on_missing=on_missing)
-        plan = plan_transfer(c, terms, aliases, out_dtype=odt, vocab=vocab, on_missing=on_missing,
-                             tie_mismatch=tie_mismatch, records=records)
+        plan = plan_transfer(
+            c,
+            terms,
+            aliases,
+            out_dtype=odt,
+            vocab=vocab,
+            on_missing=on_missing,
+            tie_mismatch=tie_mismatch,
+            records=records,
+        )
         record = base_record("transfer")
-        record.update({
-            "inputs": {"source_base": describe_input(a), "source_finetuned": describe_input(b),
-                       "target_base": describe_input(c)},
-            "alpha": settings.alpha, "compute_dtype": dtype_name(settings.compute_dtype),
-            "out_dtype": dtype_name(odt) if odt else "target",
-            "policies": {"vocab": vocab, "on_missing": on_missing, "tie_mismatch": tie_mismatch},
-            "records": plan.records,
-        })
+        record.update(
+            {
+                "inputs": {
+                    "source_base": describe_input(a),
+                    "source_finetuned": describe_input(b),
+                    "target_base": describe_input(c),
+                },
+                "alpha": settings.alpha,
+                "compute_dtype": dtype_name(settings.compute_dtype),
+                "out_dtype": dtype_name(odt) if odt else "target",
+                "policies": {"vocab": vocab, "on_missing": on_missing, "tie_mismatch": tie_mismatch},
+                "records": plan.records,
+            }
+        )
         written = write_plan(
-            plan.tensors, out, settings=settings, prefix="model", force=force, progress=progress,
-            finish=lambda tmp: _finish_model(tmp, target=c, finetuned_files=b.path, config_from=config_from,
-                                             tokenizer_from=tokenizer_from, plan=plan, out_dtype=odt, record=record),
+            plan.tensors,
+            out,
+            settings=settings,
+            prefix="model",
+            force=force,
+            progress=progress,
+            finish=lambda tmp: _finish_model(
+                tmp,
+                target=c,
+                finetuned_files=b.path,
+                config_from=config_from,
+                tokenizer_from=tokenizer_from,
+                plan=plan,
+                out_dtype=odt,
+                record=record,
+            ),
         )
     return TransferResult(out, written, time.perf_counter() - t0, plan.records, record)
 
@@ -221,8 +261,15 @@ def apply_delta(
         As :func:`transfer`.
     """
     t0 = time.perf_counter()
-    settings = WriteSettings.parse(alpha=alpha, compute_dtype=compute_dtype, max_memory=max_memory,
-                                   shard_size=shard_size, threads=threads, allow_nonfinite=allow_nonfinite, fsync=fsync)
+    settings = WriteSettings.parse(
+        alpha=alpha,
+        compute_dtype=compute_dtype,
+        max_memory=max_memory,
+        shard_size=shard_size,
+        threads=threads,
+        allow_nonfinite=allow_nonfinite,
+        fsync=fsync,
+    )
     odt = _out_dtype(out_dtype)
     check_source(config_from, "--config-from")
     check_source(tokenizer_from, "--tokenizer-from")
@@ -233,22 +280,45 @@ def apply_delta(
         c = stack.enter_context(open_checkpoint(target_base, allow_pickle=allow_pickle))
         check_output_path(out, [d.path, c.path], force=force)
         check_compatible({"delta's base": d.config, "target base": c.config})
-        plan = plan_transfer(c, terms, aliases, out_dtype=odt, vocab=vocab, on_missing=on_missing,
-                             tie_mismatch=tie_mismatch, records=list(manifest.get("records") or []))
+        plan = plan_transfer(
+            c,
+            terms,
+            aliases,
+            out_dtype=odt,
+            vocab=vocab,
+            on_missing=on_missing,
+            tie_mismatch=tie_mismatch,
+            records=list(manifest.get("records") or []),
+        )
         record = base_record("apply")
         delta_input = describe_input(d)
         delta_input["manifest"] = {k: manifest.get(k) for k in ("base", "finetuned", "dtype", "compute_dtype")}
-        record.update({
-            "inputs": {"delta": delta_input, "target_base": describe_input(c)},
-            "alpha": settings.alpha, "compute_dtype": dtype_name(settings.compute_dtype),
-            "out_dtype": dtype_name(odt) if odt else "target",
-            "policies": {"vocab": vocab, "on_missing": on_missing, "tie_mismatch": tie_mismatch},
-            "records": plan.records,
-        })
+        record.update(
+            {
+                "inputs": {"delta": delta_input, "target_base": describe_input(c)},
+                "alpha": settings.alpha,
+                "compute_dtype": dtype_name(settings.compute_dtype),
+                "out_dtype": dtype_name(odt) if odt else "target",
+                "policies": {"vocab": vocab, "on_missing": on_missing, "tie_mismatch": tie_mismatch},
+                "records": plan.records,
+            }
+        )
         written = write_plan(
-            plan.tensors, out, settings=settings, prefix="model", force=force, progress=progress,
-            finish=lambda tmp: _finish_model(tmp, target=c, finetuned_files=d.path / FINETUNED_DIR,
-                                             config_from=config_from, tokenizer_from=tokenizer_from, plan=plan,
-                                             out_dtype=odt, record=record),
+            plan.tensors,
+            out,
+            settings=settings,
+            prefix="model",
+            force=force,
+            progress=progress,
+            finish=lambda tmp: _finish_model(
+                tmp,
+                target=c,
+                finetuned_files=d.path / FINETUNED_DIR,
+                config_from=config_from,
+                tokenizer_from=tokenizer_from,
+                plan=plan,
+                out_dtype=odt,
+                record=record,
+            ),
         )
     return TransferResult(out, written, time.perf_counter() - t0, plan.records, record)

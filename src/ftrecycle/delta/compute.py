@@ -57,8 +57,14 @@ def diff(
         As :func:`ftrecycle.transfer`.
     """
     t0 = time.perf_counter()
-    settings = WriteSettings.parse(compute_dtype=compute_dtype, max_memory=max_memory, shard_size=shard_size,
-                                   threads=threads, allow_nonfinite=allow_nonfinite, fsync=fsync)
+    settings = WriteSettings.parse(
+        compute_dtype=compute_dtype,
+        max_memory=max_memory,
+        shard_size=shard_size,
+        threads=threads,
+        allow_nonfinite=allow_nonfinite,
+        fsync=fsync,
+    )
     ddt = parse_dtype(delta_dtype, flag="--delta-dtype")
     out = Path(output).expanduser()
     with contextlib.ExitStack() as stack:
@@ -69,23 +75,29 @@ def diff(
         terms, aliases, records = source_terms(a, b, vocab=vocab, on_missing=on_missing)
         plan = plan_diff(terms, ddt)
         manifest = base_record("diff")
-        manifest.update({
-            "format": FORMAT, "version": VERSION,
-            "base": describe_input(a), "finetuned": describe_input(b),
-            "base_config": a.config,
-            "dtype": dtype_name(ddt), "compute_dtype": dtype_name(settings.compute_dtype),
-            "compression": None,
-            "aliases": aliases,
-            "policies": {"vocab": vocab, "on_missing": on_missing},
-            "records": records,
-            "tensors": {t.name: {"shape": list(t.shape), "dtype": dtype_name(t.dtype)} for t in plan.tensors},
-        })
+        manifest.update(
+            {
+                "format": FORMAT,
+                "version": VERSION,
+                "base": describe_input(a),
+                "finetuned": describe_input(b),
+                "base_config": a.config,
+                "dtype": dtype_name(ddt),
+                "compute_dtype": dtype_name(settings.compute_dtype),
+                "compression": None,
+                "aliases": aliases,
+                "policies": {"vocab": vocab, "on_missing": on_missing},
+                "records": records,
+                "tensors": {t.name: {"shape": list(t.shape), "dtype": dtype_name(t.dtype)} for t in plan.tensors},
+            }
+        )
 
         def finish(tmp: Path) -> None:
             (tmp / FINETUNED_DIR).mkdir()
             copy_files(b.path, tmp / FINETUNED_DIR, CONFIG_FILES + TOKENIZER_FILES)
             write_json(tmp / MANIFEST, manifest)
 
-        written = write_plan(plan.tensors, out, settings=settings, prefix=PREFIX, force=force, progress=progress,
-                             finish=finish)
+        written = write_plan(
+            plan.tensors, out, settings=settings, prefix=PREFIX, force=force, progress=progress, finish=finish
+        )
     return TransferResult(out, written, time.perf_counter() - t0, records, manifest)

@@ -67,14 +67,18 @@ def open_delta(path: str | Path) -> tuple[Checkpoint, dict[str, Any], dict[str, 
     listed = manifest.get("tensors") or {}
     missing = sorted(set(listed) - set(ckpt.tensors))
     if missing:
-        raise CheckpointError(f"{p}: the manifest lists tensors the shards lack: {', '.join(missing[:10])}; "
-                              "recreate the delta with `ftrecycle diff`")
+        raise CheckpointError(
+            f"{p}: the manifest lists tensors the shards lack: {', '.join(missing[:10])}; "
+            "recreate the delta with `ftrecycle diff`"
+        )
     terms: dict[str, Term] = {}
     for name, info in ckpt.tensors.items():
         entry = listed.get(name)
         if entry is not None and tuple(entry["shape"]) != info.shape:
-            raise CheckpointError(f"{p}: tensor {name!r} has shape {list(info.shape)} but the manifest says "
-                                  f"{entry['shape']}; recreate the delta")
+            raise CheckpointError(
+                f"{p}: tensor {name!r} has shape {list(info.shape)} but the manifest says "
+                f"{entry['shape']}; recreate the delta"
+            )
         terms[name] = Term(name, info.shape, delta=Operand(ckpt, info))
     aliases = {str(k): str(v) for k, v in (manifest.get("aliases") or {}).items()}
     return ckpt, manifest, terms, aliases

@@ -66,7 +66,7 @@ class Checkpoint:
             return self._memory[info.name].reshape(-1)[start : start + count]
         nbytes = count * info.dtype.itemsize
         view = raw[:nbytes]
-        pread_exact(self._fd(info.path), memoryview(view.numpy()), info.offset + start * info.dtype.itemsize, info.path)
+        pread_exact(self._fd(info.path), view.numpy().data, info.offset + start * info.dtype.itemsize, info.path)
         return view.view(info.dtype)
 
     def _fd(self, path: Path) -> int:
@@ -123,7 +123,9 @@ def _index_safetensors(root: Path, index_name: str, prefix: str) -> tuple[dict[s
             raise CheckpointError(f"{index}: corrupt index (no readable weight_map: {e!r}); re-download it") from e
         missing = [s for s in shards if not (root / s).is_file()]
         if missing:
-            raise CheckpointError(f"{index}: names shard(s) {', '.join(missing)} that are not in {root}; re-download them")
+            raise CheckpointError(
+                f"{index}: names shard(s) {', '.join(missing)} that are not in {root}; re-download them"
+            )
         files = [root / s for s in shards]
     else:
         files = sorted(root.glob(f"{prefix}*.safetensors"))
@@ -135,13 +137,17 @@ def _index_safetensors(root: Path, index_name: str, prefix: str) -> tuple[dict[s
         found, _ = read_header(f)
         for name, info in found.items():
             if name in tensors:
-                raise CheckpointError(f"{root}: tensor {name!r} is stored twice ({tensors[name].path.name} and {f.name})")
+                raise CheckpointError(
+                    f"{root}: tensor {name!r} is stored twice ({tensors[name].path.name} and {f.name})"
+                )
             tensors[name] = info
     if weight_map is not None:
         for name, shard in sorted(weight_map.items()):
-            info = tensors.get(name)
-            if info is None or info.path.name != shard:
-                raise CheckpointError(f"{index}: says tensor {name!r} is in {shard}, which does not hold it; re-download")
+            held = tensors.get(name)
+            if held is None or held.path.name != shard:
+                raise CheckpointError(
+                    f"{index}: says tensor {name!r} is in {shard}, which does not hold it; re-download"
+                )
     return tensors, files
 
 

@@ -18,8 +18,18 @@ from ftrecycle.errors import ConfigError, OutputError
 from ftrecycle.io.safetensors_format import PlannedTensor, build_header
 
 TMP_MARK = ".ftrecycle-tmp-"
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 
 
 def parse_size(text: str | int, *, flag: str = "size") -> int:
@@ -33,7 +43,7 @@ def parse_size(text: str | int, *, flag: str = "size") -> int:
     else:
         s = text.strip().upper().replace(" ", "")
         num = s.rstrip("KMGTIB")
-        unit = s[len(num):]
+        unit = s[len(num) :]
         try:
             value = int(float(num) * _UNITS[unit])
         except (ValueError, KeyError) as e:
@@ -174,9 +184,9 @@ class ShardedWriter:
             size += nbytes
         self.shards = shards
         n = len(shards)
-        self.names = [f"{prefix}.safetensors"] if n == 1 else [
-            f"{prefix}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)
-        ]
+        self.names = (
+            [f"{prefix}.safetensors"] if n == 1 else [f"{prefix}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        )
         self.metadata = metadata
         self.total_bytes = sum(t.nbytes for s in shards for t in s)
         self._fds: list[int] = []
@@ -184,7 +194,7 @@ class ShardedWriter:
 
     def open(self) -> None:
         """Create the shard files with their headers and full sizes."""
-        for fname, shard in zip(self.names, self.shards):
+        for fname, shard in zip(self.names, self.shards, strict=True):
             header = build_header(shard, self.metadata)
             fd = os.open(self.directory / fname, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
             self._fds.append(fd)
@@ -202,7 +212,7 @@ class ShardedWriter:
             os.close(fd)
         self._fds = []
         if len(self.names) > 1:
-            weight_map = {t.name: fname for fname, shard in zip(self.names, self.shards) for t in shard}
+            weight_map = {t.name: fname for fname, shard in zip(self.names, self.shards, strict=True) for t in shard}
             write_json(
                 self.directory / f"{self.prefix}.safetensors.index.json",
                 {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map},

@@ -9,6 +9,7 @@ and then read any element range of any tensor with one positioned read.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -113,7 +114,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         tensors.append(TensorInfo(name, dtype, shape, path, data_start + begin))
         spans.append((begin, end, name))
     spans.sort()
-    for (_, e1, n1), (b2, _, n2) in zip(spans, spans[1:]):
+    for (_, e1, n1), (b2, _, n2) in itertools.pairwise(spans):
         if b2 < e1:
             raise CheckpointError(f"{path}: tensors {n1!r} and {n2!r} overlap in the file; {fix}")
     tensors.sort(key=lambda t: t.offset)
