@@ -3,15 +3,17 @@
 Each work item is one element range of one output tensor. A worker reads the
 inputs' bytes for that range with positioned reads into its own buffers, widens
 them to the compute dtype, does the arithmetic one rounded operation at a time,
-narrows to the output dtype (round-to-nearest-even) and writes the bytes at their
-final offset with a positioned write. Items are independent, so threads need no
-ordering; torch releases the GIL in every kernel and syscall, so two cores are two
+narrows to the output dtype and writes the bytes at their final offset with a
+positioned write. Items are independent, so threads need no ordering; NumPy
+releases the GIL in its loops and the syscalls do too, so two cores are two
 workers. Memory is the workers' buffers, whatever the model size.
 
-Exactness: for ``add`` the value is ``cast(fl(fl(C) + fl(alpha * fl(B - A))))`` with
-every ``fl`` a rounding to the compute dtype. The multiply is skipped when alpha is 1
-(multiplying by 1 is exact), and the addition is a plain add, never a fused
-multiply-add, so the result is the same on every machine.
+Exactness: an ``add`` element is ``narrow(fl(fl(C) + fl(alpha * fl(B - A))))``, each
+``fl`` a rounding to the compute dtype; the multiply is skipped when alpha is 1
+(multiplying by 1 is exact), and no operation is fused, so the result is the same on
+every machine. ``narrow`` rounds to nearest-even; from float64 to a 16-bit float it
+goes through float32, as torch's conversions do. NaN narrows to the canonical
+bfloat16 NaN 0x7FC0, as in torch.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
+import numpy as np
 
+from ftrecycle.dtypes import BF16, F32, F64, DType
 from ftrecycle.errors import MemoryBudgetError, NonFiniteError
 from ftrecycle.io.output import ShardedWriter, Slot
 from ftrecycle.io.safetensors_format import pwrite_all
@@ -32,12 +35,16 @@ from ftrecycle.plan import OutTensor, Piece
 #: Elements per work item: large enough to amortise Python overhead, small enough to stay in L2.
 DEFAULT_CHUNK = 1 << 18
 MIN_CHUNK = 1 << 12
-#: What the process may still grow by beyond the workers' buffers (allocator slack, headers).
+#: What the process may still grow by beyond the workers' buffers (allocator slack, headers, plan).
 RESERVE_BYTES = 48 * 2**20
+#: Raw byte buffers per worker (three inputs, one output, one scratch), each ``chunk * 8`` bytes.
+RAW_BUFFERS = 5
 
 
 @dataclass(frozen=True)
 class Item:
+    """One element range of one output tensor."""
+
     tensor: OutTensor
     slot: Slot
     piece: Piece
@@ -62,12 +69,11 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _bytes_per_element(compute_dtype: torch.dtype) -> int:
-    # three raw input buffers and one raw output buffer of up to 8-byte elements, three compute buffers
-    return 4 * 8 + 3 * compute_dtype.itemsize
+def _bytes_per_element(compute: DType) -> int:
+    return RAW_BUFFERS * 8 + 3 * compute.itemsize + 4
 
 
-def chunk_for_budget(max_memory: int, threads: int, compute_dtype: torch.dtype) -> int:
+def chunk_for_budget(max_memory: int, threads: int, compute: DType) -> int:
     """Elements per work item so that all workers' buffers fit the memory budget.
 
     Raises:
@@ -75,7 +81,7 @@ def chunk_for_budget(max_memory: int, threads: int, compute_dtype: torch.dtype) 
     """
     rss = current_rss()
     avail = max_memory - rss - RESERVE_BYTES
-    per = _bytes_per_element(compute_dtype) * threads
+    per = _bytes_per_element(compute) * threads
     chunk = min(DEFAULT_CHUNK, avail // per if avail > 0 else 0)
     if chunk < MIN_CHUNK:
         need = rss + RESERVE_BYTES + MIN_CHUNK * per
@@ -87,20 +93,72 @@ def chunk_for_budget(max_memory: int, threads: int, compute_dtype: torch.dtype) 
 
 
 class _Buffers:
-    def __init__(self, chunk: int, compute_dtype: torch.dtype) -> None:
-        self.raw = [torch.empty(chunk * 8, dtype=torch.uint8) for _ in range(4)]
-        self.out = self.raw[3]
-        self.out_np = self.out.numpy()
-        self.f = [torch.empty(chunk, dtype=compute_dtype) for _ in range(3)]
+    """One worker's buffers, allocated once."""
+
+    def __init__(self, chunk: int, compute: DType) -> None:
+        self.raw = [np.empty(chunk * 8, dtype=np.uint8) for _ in range(RAW_BUFFERS)]
+        self.f = [np.empty(chunk, dtype=compute.storage) for _ in range(3)]
+        self.f32 = np.empty(chunk, dtype=np.float32)  # float64 <-> bfloat16 goes through float32
+
+    def scratch(self, dtype: np.dtype, n: int) -> np.ndarray:
+        return self.raw[4][: n * dtype.itemsize].view(dtype)
 
 
-def _finite(x: torch.Tensor) -> bool:
-    # A sum is ~20x cheaper than isfinite().all() and is non-finite whenever an element is;
-    # only then (or on overflow of the sum itself) is the exact test run.
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    if math.isfinite(float(x.sum(dtype=acc))):
-        return True
-    return bool(torch.isfinite(x).all())
+def widen(x: np.ndarray, src: DType, out: np.ndarray, b: _Buffers) -> np.ndarray:
+    """Convert storage values of ``src`` into ``out`` (float32 or float64), exactly where it widens."""
+    if src is BF16:
+        f32 = out if out.dtype == np.float32 else b.f32[: out.size]
+        bits = f32.view(np.uint32)
+        np.copyto(bits, x, casting="unsafe")  # uint16 -> uint32
+        np.left_shift(bits, 16, out=bits)  # bf16 is the top half of a float32
+        if f32 is not out:
+            np.copyto(out, f32)
+        return out
+    np.copyto(out, x, casting="unsafe")
+    return out
+
+
+def narrow(x: np.ndarray, dst: DType, out: np.ndarray, b: _Buffers, *, nan_check: bool = False) -> np.ndarray:
+    """Round compute values ``x`` to ``dst`` (nearest-even) into ``out``, a storage view; return it.
+
+    ``nan_check`` writes NaNs as the canonical bfloat16 NaN (the bit trick alone would turn a
+    NaN whose payload sits in the low half into infinity); without it, NaNs must be refused later.
+    """
+    n = x.size
+    if x.dtype == np.float64 and dst.itemsize == 2:
+        f32 = b.f32[:n]
+        np.copyto(f32, x, casting="unsafe")
+        x = f32
+    if dst is not BF16:
+        np.copyto(out, x, casting="unsafe")
+        return out
+    bits = x.view(np.uint32)
+    t = b.scratch(np.dtype(np.uint32), n)
+    np.right_shift(bits, 16, out=t)
+    np.bitwise_and(t, 1, out=t)
+    np.add(t, 0x7FFF, out=t)
+    np.add(t, bits, out=t)  # + 0x7FFF + lowest kept bit: ties go to even
+    np.right_shift(t, 16, out=t)
+    np.copyto(out, t, casting="unsafe")
+    if nan_check:
+        nan = np.isnan(x)
+        if nan.any():
+            out[nan] = 0x7FC0
+    return out
+
+
+def first_nonfinite(out: np.ndarray, dtype: DType, b: _Buffers) -> int | None:
+    """Index of the first NaN or infinity among floating storage values, or None.
+
+    Masks off the sign and compares with the exponent mask: two passes over the
+    output bytes, ~20x cheaper than isfinite on the compute values.
+    """
+    bits = out.view(dtype.bits)
+    t = b.scratch(dtype.bits, bits.size)
+    np.bitwise_and(bits, dtype.abs_mask, out=t)
+    if bits.size == 0 or int(t.max()) < dtype.exponent_mask:
+        return None
+    return int(np.flatnonzero(t >= dtype.exponent_mask)[0])
 
 
 class Engine:
@@ -108,7 +166,7 @@ class Engine:
 
     Args:
         alpha: scale of the diff in ``add`` pieces.
-        compute_dtype: float32 (default) or float64.
+        compute: float32 (default) or float64.
         threads: worker threads (default: the available cores).
         chunk: elements per work item (see :func:`chunk_for_budget`).
         allow_nonfinite: accept NaN/inf in results instead of raising.
@@ -119,14 +177,16 @@ class Engine:
         self,
         *,
         alpha: float = 1.0,
-        compute_dtype: torch.dtype = torch.float32,
+        compute: DType = F32,
         threads: int | None = None,
         chunk: int = DEFAULT_CHUNK,
         allow_nonfinite: bool = False,
         progress: Callable[[int], None] | None = None,
     ) -> None:
+        if compute not in (F32, F64):
+            raise ValueError(f"compute dtype must be float32 or float64, not {compute}")
         self.alpha = alpha
-        self.compute_dtype = compute_dtype
+        self.compute = compute
         self.threads = threads or default_threads()
         self.chunk = chunk
         self.allow_nonfinite = allow_nonfinite
@@ -156,7 +216,7 @@ class Engine:
         stop = threading.Event()
 
         def worker() -> None:
-            bufs = _Buffers(self.chunk, self.compute_dtype)
+            bufs = _Buffers(self.chunk, self.compute)
             while not stop.is_set():
                 with lock:
                     i = nxt[0]
@@ -171,62 +231,74 @@ class Engine:
                     stop.set()
                     return
 
-        previous = torch.get_num_threads()
-        torch.set_num_threads(1)  # parallelism comes from the workers, not from intra-op threads
+        workers = [threading.Thread(target=worker, daemon=True) for _ in range(max(1, min(self.threads, len(items))))]
+        for w in workers:
+            w.start()
         try:
-            workers = [threading.Thread(target=worker, daemon=True) for _ in range(min(self.threads, len(items)) or 1)]
             for w in workers:
-                w.start()
-            try:
-                for w in workers:
-                    while w.is_alive():
-                        w.join(0.2)
-            except BaseException:
-                stop.set()
-                for w in workers:
-                    w.join()
-                raise
-        finally:
-            torch.set_num_threads(previous)
+                while w.is_alive():
+                    w.join(0.2)
+        except BaseException:
+            stop.set()
+            for w in workers:
+                w.join()
+            raise
         if errors:
             raise errors[0]
 
     def _run_item(self, item: Item, b: _Buffers) -> None:
         p, n, s = item.piece, item.count, item.start
         dtype = item.tensor.dtype
-        out = b.out[: n * dtype.itemsize].view(dtype)
+        offset = item.slot.offset + s * dtype.itemsize
+        out = b.raw[3][: n * dtype.itemsize].view(dtype.storage)
         if p.kind == "copy":
-            assert p.target is not None
-            x = p.target.ckpt.read(p.target.info, s, n, b.raw[0])
-            out.copy_(x)
+            src = p.target
+            if src is None:
+                raise AssertionError("copy piece without a source")
+            if src.info.dtype == dtype and src.ckpt.copy_into(src.info, s, n, item.slot.fd, offset):
+                self._done(n * dtype.itemsize)
+                return
+            x = src.ckpt.read(src.info, s, n, b.raw[0])
+            if src.info.dtype == dtype:
+                out = x
+            else:  # a float cast asked for by --out-dtype
+                narrow(widen(x, src.info.dtype, b.f[0][:n], b), dtype, out, b, nan_check=self.allow_nonfinite)
         else:
             term = p.term
-            assert term is not None
+            if term is None:
+                raise AssertionError("arithmetic piece without a term")
             d = b.f[1][:n]
             if term.delta is not None:
-                d.copy_(term.delta.ckpt.read(term.delta.info, s, n, b.raw[1]))
-            else:
-                assert term.fin is not None and term.base is not None
+                op = term.delta
+                widen(op.ckpt.read(op.info, s, n, b.raw[1]), op.info.dtype, d, b)
+            elif term.fin is not None and term.base is not None:
                 a = b.f[2][:n]
-                d.copy_(term.fin.ckpt.read(term.fin.info, s, n, b.raw[1]))
-                a.copy_(term.base.ckpt.read(term.base.info, s, n, b.raw[2]))
-                d.sub_(a)
-            if p.kind == "sub":
-                out.copy_(d)
+                widen(term.fin.ckpt.read(term.fin.info, s, n, b.raw[1]), term.fin.info.dtype, d, b)
+                widen(term.base.ckpt.read(term.base.info, s, n, b.raw[2]), term.base.info.dtype, a, b)
+                np.subtract(d, a, out=d)
             else:
-                assert p.target is not None
-                c = b.f[0][:n]
-                c.copy_(p.target.ckpt.read(p.target.info, s, n, b.raw[0]))
+                raise AssertionError("term without operands")
+            if p.kind == "sub":
+                narrow(d, dtype, out, b, nan_check=self.allow_nonfinite)
+            else:
+                tgt = p.target
+                if tgt is None:
+                    raise AssertionError("add piece without a target")
+                c = widen(tgt.ckpt.read(tgt.info, s, n, b.raw[0]), tgt.info.dtype, b.f[0][:n], b)
                 if self.alpha != 1.0:
-                    d.mul_(self.alpha)
-                c.add_(d)
-                out.copy_(c)
-        if dtype.is_floating_point and not self.allow_nonfinite and not _finite(out):
-            bad = int((~torch.isfinite(out)).nonzero()[0, 0]) + s
-            raise NonFiniteError(
-                f"tensor {item.tensor.name!r}: the result is NaN or infinite at element {bad}; check the inputs "
-                "(and --alpha), or pass --allow-nonfinite to write it anyway"
-            )
-        pwrite_all(item.slot.fd, b.out_np[: n * dtype.itemsize].data, item.slot.offset + s * dtype.itemsize)
+                    np.multiply(d, d.dtype.type(self.alpha), out=d)
+                np.add(c, d, out=c)
+                narrow(c, dtype, out, b, nan_check=self.allow_nonfinite)
+        if dtype.is_floating and not self.allow_nonfinite:
+            bad = first_nonfinite(out, dtype, b)
+            if bad is not None:
+                raise NonFiniteError(
+                    f"tensor {item.tensor.name!r}: the result is NaN or infinite at element {s + bad}; check the "
+                    "inputs (and --alpha), or pass --allow-nonfinite to write it anyway"
+                )
+        pwrite_all(item.slot.fd, out.view(np.uint8).data, offset)
+        self._done(n * dtype.itemsize)
+
+    def _done(self, nbytes: int) -> None:
         if self.progress is not None:
-            self.progress(n * dtype.itemsize)
+            self.progress(nbytes)

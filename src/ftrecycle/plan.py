@@ -13,9 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-import torch
-
 from ftrecycle.arch import EMBEDDING_NAMES, OUTPUT_EMBEDDING, embedding_name, ties_embeddings, vocab_size
+from ftrecycle.dtypes import DType
 from ftrecycle.errors import ConfigError, IncompatibleModelsError
 from ftrecycle.io.checkpoint import Checkpoint
 from ftrecycle.io.safetensors_format import TensorInfo
@@ -64,7 +63,7 @@ class OutTensor:
     """One tensor to write."""
 
     name: str
-    dtype: torch.dtype
+    dtype: DType
     shape: tuple[int, ...]
     pieces: list[Piece]
 
@@ -112,6 +111,13 @@ def _is_vocab_tensor(name: str, a: tuple[int, ...], b: tuple[int, ...], vocabs: 
     if len(a) != len(b) or not a or a[1:] != b[1:]:
         return False
     return name in VOCAB_NAMES or (a[0] in vocabs and b[0] in vocabs)
+
+
+def _float8_error(name: str, dtype: DType) -> IncompatibleModelsError:
+    return IncompatibleModelsError(
+        f"tensor {name!r} is {dtype}: ftrecycle does no arithmetic on float8 weights (their scales live in "
+        "other tensors); dequantize the checkpoints to bfloat16 first"
+    )
 
 
 def _vocab_error(name: str, a: tuple[int, ...], b: tuple[int, ...], roles: str) -> IncompatibleModelsError:
@@ -172,9 +178,11 @@ def source_terms(
         if name in shared_aliases:
             continue
         b, f = bnames[name], fnames[name]
-        if not (b.dtype.is_floating_point and f.dtype.is_floating_point):
+        if not (b.dtype.is_floating and f.dtype.is_floating):
             records.append({"tensor": name, "action": "no-delta", "reason": f"non-floating ({b.dtype}); not diffed"})
             continue
+        if not (b.dtype.arithmetic and f.dtype.arithmetic):
+            raise _float8_error(name, b.dtype if not b.dtype.arithmetic else f.dtype)
         shape = b.shape
         if b.shape != f.shape:
             if not _is_vocab_tensor(name, b.shape, f.shape, vocabs):
@@ -201,7 +209,7 @@ def plan_transfer(
     terms: dict[str, Term],
     source_aliases: dict[str, str],
     *,
-    out_dtype: torch.dtype | None = None,
+    out_dtype: DType | None = None,
     vocab: VocabPolicy = "error",
     on_missing: MissingPolicy = "error",
     tie_mismatch: TiePolicy = "error",
@@ -253,12 +261,14 @@ def plan_transfer(
     def build(name: str, info: TensorInfo) -> OutTensor:
         op = Operand(target, info)
         numel = info.numel
-        dtype = out_dtype if (out_dtype is not None and info.dtype.is_floating_point) else info.dtype
-        if not info.dtype.is_floating_point:
+        dtype = out_dtype if (out_dtype is not None and info.dtype.arithmetic) else info.dtype
+        if not info.dtype.arithmetic and (name in terms or name in source_aliases):
+            raise _float8_error(name, info.dtype)
+        if not info.dtype.arithmetic:
             if name in terms:
                 used.add(name)
             recs.append(
-                {"tensor": name, "action": "copied", "reason": f"non-floating ({info.dtype}); copied from target"}
+                {"tensor": name, "action": "copied", "reason": f"{info.dtype}, no arithmetic; copied from target"}
             )
             return OutTensor(name, dtype, info.shape, [Piece(0, numel, "copy", op)])
         term = term_for(name)
@@ -362,7 +372,7 @@ def _narrow(term: Term, rows: int) -> Term:
     return Term(term.name, (rows, *term.shape[1:]), term.fin, term.base, term.delta)
 
 
-def plan_diff(terms: dict[str, Term], delta_dtype: torch.dtype) -> Plan:
+def plan_diff(terms: dict[str, Term], delta_dtype: DType) -> Plan:
     """Plan writing ``finetuned - base`` for every term, in ``delta_dtype``."""
     out = []
     for name in terms:

@@ -7,9 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from ftrecycle.dtypes import COMPUTE_DTYPES, parse_dtype
+from ftrecycle.dtypes import COMPUTE_DTYPES, DType, parse_dtype
 from ftrecycle.engine import Engine, chunk_for_budget, default_threads
 from ftrecycle.errors import ConfigError
 from ftrecycle.io.output import ShardedWriter, parse_size
@@ -27,7 +25,7 @@ class WriteSettings:
     """Validated settings of one tensor-writing run."""
 
     alpha: float
-    compute_dtype: torch.dtype
+    compute_dtype: DType
     max_memory: int
     shard_size: int
     threads: int
@@ -71,7 +69,7 @@ class WriteSettings:
         report = None if progress is None else (lambda n: progress(n, total))
         return Engine(
             alpha=self.alpha,
-            compute_dtype=self.compute_dtype,
+            compute=self.compute_dtype,
             threads=self.threads,
             chunk=chunk,
             allow_nonfinite=self.allow_nonfinite,

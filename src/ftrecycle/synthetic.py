@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from ftrecycle.dtypes import from_torch
 from ftrecycle.io.output import ShardedWriter
 from ftrecycle.io.safetensors_format import pwrite_all
 
@@ -115,7 +116,7 @@ def write_synthetic(
     """Write one version of a synthetic model, one tensor in memory at a time."""
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
-    writer = ShardedWriter(out, [(n, dtype, s) for n, s in layout], max_shard_bytes=shard_size)
+    writer = ShardedWriter(out, [(n, from_torch(dtype), s) for n, s in layout], max_shard_bytes=shard_size)
     writer.open()
     try:
         for name, shape in layout:

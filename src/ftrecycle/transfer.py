@@ -13,11 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ftrecycle.arch import check_compatible
 from ftrecycle.delta.store import FINETUNED_DIR, open_delta
-from ftrecycle.dtypes import dtype_name, parse_dtype
+from ftrecycle.dtypes import DType, parse_dtype
 from ftrecycle.io.checkpoint import Checkpoint, open_checkpoint
 from ftrecycle.io.model_files import CONFIG_FILES, TOKENIZER_FILES, check_source, copy_files, model_card, patch_config
 from ftrecycle.io.output import check_output_path, write_json
@@ -47,7 +45,7 @@ class TransferResult:
     provenance: dict[str, Any] = field(default_factory=dict)
 
 
-def _out_dtype(out_dtype: str | None) -> torch.dtype | None:
+def _out_dtype(out_dtype: str | None) -> DType | None:
     return None if out_dtype is None else parse_dtype(out_dtype, flag="--out-dtype")
 
 
@@ -59,7 +57,7 @@ def _finish_model(
     config_from: str,
     tokenizer_from: str,
     plan: Plan,
-    out_dtype: torch.dtype | None,
+    out_dtype: DType | None,
     record: dict[str, Any],
 ) -> None:
     cfg_src = target.path if config_from == "target" or finetuned_files is None else finetuned_files
@@ -72,7 +70,7 @@ def _finish_model(
         import json
 
         cfg = json.loads((tmp / "config.json").read_text())
-        changes["dtype" if "dtype" in cfg else "torch_dtype"] = dtype_name(out_dtype)
+        changes["dtype" if "dtype" in cfg else "torch_dtype"] = out_dtype.name
     if (tmp / "config.json").is_file():
         record["config_patched"] = patch_config(tmp, changes)
     write_json(tmp / PROVENANCE, record)
@@ -202,8 +200,8 @@ def transfer(
                     "target_base": describe_input(c),
                 },
                 "alpha": settings.alpha,
-                "compute_dtype": dtype_name(settings.compute_dtype),
-                "out_dtype": dtype_name(odt) if odt else "target",
+                "compute_dtype": settings.compute_dtype.name,
+                "out_dtype": odt.name if odt else "target",
                 "policies": {"vocab": vocab, "on_missing": on_missing, "tie_mismatch": tie_mismatch},
                 "records": plan.records,
             }
@@ -297,8 +295,8 @@ def apply_delta(
             {
                 "inputs": {"delta": delta_input, "target_base": describe_input(c)},
                 "alpha": settings.alpha,
-                "compute_dtype": dtype_name(settings.compute_dtype),
-                "out_dtype": dtype_name(odt) if odt else "target",
+                "compute_dtype": settings.compute_dtype.name,
+                "out_dtype": odt.name if odt else "target",
                 "policies": {"vocab": vocab, "on_missing": on_missing, "tie_mismatch": tie_mismatch},
                 "records": plan.records,
             }

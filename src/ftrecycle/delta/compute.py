@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ftrecycle.arch import check_compatible
 from ftrecycle.delta.store import FINETUNED_DIR, FORMAT, MANIFEST, PREFIX, VERSION
-from ftrecycle.dtypes import dtype_name, parse_dtype
+from ftrecycle.dtypes import parse_dtype
 from ftrecycle.io.checkpoint import open_checkpoint
 from ftrecycle.io.model_files import CONFIG_FILES, TOKENIZER_FILES, copy_files
 from ftrecycle.io.output import check_output_path, write_json
@@ -82,13 +82,13 @@ def diff(
                 "base": describe_input(a),
                 "finetuned": describe_input(b),
                 "base_config": a.config,
-                "dtype": dtype_name(ddt),
-                "compute_dtype": dtype_name(settings.compute_dtype),
+                "dtype": ddt.name,
+                "compute_dtype": settings.compute_dtype.name,
                 "compression": None,
                 "aliases": aliases,
                 "policies": {"vocab": vocab, "on_missing": on_missing},
                 "records": records,
-                "tensors": {t.name: {"shape": list(t.shape), "dtype": dtype_name(t.dtype)} for t in plan.tensors},
+                "tensors": {t.name: {"shape": list(t.shape), "dtype": t.dtype.name} for t in plan.tensors},
             }
         )
 

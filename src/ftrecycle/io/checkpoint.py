@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
+import numpy as np
 
+from ftrecycle.dtypes import from_torch
 from ftrecycle.errors import CheckpointError
 from ftrecycle.io.hub import ResolvedRef, resolve_ref
 from ftrecycle.io.safetensors_format import TensorInfo, pread_exact, read_header
@@ -41,7 +42,7 @@ class Checkpoint:
     tensors: dict[str, TensorInfo]
     files: list[Path]
     format: str = "safetensors"
-    _memory: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    _memory: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
     _fds: dict[Path, int] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -50,7 +51,7 @@ class Checkpoint:
         """The local directory."""
         return self.source.path
 
-    def read(self, info: TensorInfo, start: int, count: int, raw: torch.Tensor) -> torch.Tensor:
+    def read(self, info: TensorInfo, start: int, count: int, raw: np.ndarray) -> np.ndarray:
         """Read ``count`` elements of a tensor from element ``start``.
 
         Args:
@@ -60,14 +61,34 @@ class Checkpoint:
             raw: a uint8 buffer of at least ``count * itemsize`` bytes to read into.
 
         Returns:
-            A 1-D tensor of ``info.dtype`` (a view of ``raw``, or of the in-memory tensor).
+            A 1-D array of the tensor's storage dtype (a view of ``raw``, or of the in-memory tensor).
         """
+        size = info.dtype.itemsize
         if self.format == "pickle":
-            return self._memory[info.name].reshape(-1)[start : start + count]
-        nbytes = count * info.dtype.itemsize
-        view = raw[:nbytes]
-        pread_exact(self._fd(info.path), view.numpy().data, info.offset + start * info.dtype.itemsize, info.path)
-        return view.view(info.dtype)
+            return self._memory[info.name][start * size : (start + count) * size].view(info.dtype.storage)
+        view = raw[: count * size]
+        pread_exact(self._fd(info.path), view.data, info.offset + start * size, info.path)
+        return view.view(info.dtype.storage)
+
+    def copy_into(self, info: TensorInfo, start: int, count: int, fd: int, offset: int) -> bool:
+        """Copy elements straight into another file with ``copy_file_range`` (no user-space copy).
+
+        Returns:
+            False where the kernel cannot do it (pickles, other filesystems); the caller then reads and writes.
+        """
+        if self.format == "pickle" or not hasattr(os, "copy_file_range"):
+            return False
+        size = info.dtype.itemsize
+        src, todo, done = info.offset + start * size, count * size, 0
+        try:
+            while done < todo:
+                n = os.copy_file_range(self._fd(info.path), fd, todo - done, src + done, offset + done)
+                if n <= 0:
+                    return False
+                done += n
+        except OSError:
+            return False
+        return True
 
     def _fd(self, path: Path) -> int:
         fd = self._fds.get(path)
@@ -151,10 +172,12 @@ def _index_safetensors(root: Path, index_name: str, prefix: str) -> tuple[dict[s
     return tensors, files
 
 
-def _index_pickles(root: Path) -> tuple[dict[str, TensorInfo], list[Path], dict[str, torch.Tensor]]:
+def _index_pickles(root: Path) -> tuple[dict[str, TensorInfo], list[Path], dict[str, np.ndarray]]:
+    import torch  # only pickles need torch to read
+
     files = sorted([*root.glob("*.bin"), *root.glob("*.pt")])
     tensors: dict[str, TensorInfo] = {}
-    memory: dict[str, torch.Tensor] = {}
+    memory: dict[str, np.ndarray] = {}
     for f in files:
         try:
             state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
@@ -167,8 +190,8 @@ def _index_pickles(root: Path) -> tuple[dict[str, TensorInfo], list[Path], dict[
                 continue
             if name in tensors:
                 raise CheckpointError(f"{root}: tensor {name!r} is stored twice")
-            memory[name] = t.contiguous()
-            tensors[name] = TensorInfo(name, t.dtype, tuple(t.shape), f, -1)
+            memory[name] = t.contiguous().reshape(-1).view(torch.uint8).numpy()
+            tensors[name] = TensorInfo(name, from_torch(t.dtype), tuple(t.shape), f, -1)
     return tensors, files, memory
 
 

@@ -12,8 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from ftrecycle.dtypes import DType
 from ftrecycle.errors import ConfigError, OutputError
 from ftrecycle.io.safetensors_format import PlannedTensor, build_header
 
@@ -165,7 +164,7 @@ class ShardedWriter:
     def __init__(
         self,
         directory: Path,
-        tensors: list[tuple[str, torch.dtype, tuple[int, ...]]],
+        tensors: list[tuple[str, DType, tuple[int, ...]]],
         *,
         max_shard_bytes: int,
         prefix: str = "model",

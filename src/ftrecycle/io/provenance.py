@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import datetime as _dt
+import importlib.metadata
 import platform
 import sys
 from typing import Any
-
-import torch
 
 from ftrecycle import __version__
 from ftrecycle.arch import signature
@@ -29,6 +28,13 @@ def describe_input(ckpt: Checkpoint) -> dict[str, Any]:
     }
 
 
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def base_record(operation: str) -> dict[str, Any]:
     """The fields every provenance record starts with."""
     return {
@@ -38,5 +44,6 @@ def base_record(operation: str) -> dict[str, Any]:
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": sys.argv if sys.argv and sys.argv[0].endswith("ftrecycle") else None,
         "python": platform.python_version(),
-        "torch": torch.__version__,
+        "numpy": _version("numpy"),
+        "torch": _version("torch"),
     }

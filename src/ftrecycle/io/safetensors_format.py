@@ -17,9 +17,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from ftrecycle.dtypes import SAFETENSORS_DTYPES, TORCH_TO_SAFETENSORS
+from ftrecycle.dtypes import BY_CODE, DType
 from ftrecycle.errors import CheckpointError
 
 #: Headers larger than this are refused as corrupt (safetensors itself caps at 100 MB).
@@ -32,14 +30,14 @@ class TensorInfo:
 
     Attributes:
         name: the tensor's name in the checkpoint.
-        dtype: its torch dtype.
+        dtype: its dtype.
         shape: its shape.
         path: the file holding it.
         offset: absolute byte offset of its first element in ``path``.
     """
 
     name: str
-    dtype: torch.dtype
+    dtype: DType
     shape: tuple[int, ...]
     path: Path
     offset: int
@@ -96,7 +94,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     spans: list[tuple[int, int, str]] = []
     for name, entry in header.items():
         try:
-            dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+            dtype = BY_CODE[entry["dtype"]]
             shape = tuple(int(d) for d in entry["shape"])
             begin, end = (int(x) for x in entry["data_offsets"])
         except (KeyError, TypeError, ValueError) as e:
@@ -126,7 +124,7 @@ class PlannedTensor:
     """A tensor to be written: name, dtype, shape, and its byte offset in the data section."""
 
     name: str
-    dtype: torch.dtype
+    dtype: DType
     shape: tuple[int, ...]
     begin: int
 
@@ -145,7 +143,7 @@ def build_header(tensors: list[PlannedTensor], metadata: dict[str, str] | None =
     header: dict[str, object] = {"__metadata__": {"format": "pt", **(metadata or {})}}
     for t in tensors:
         header[t.name] = {
-            "dtype": TORCH_TO_SAFETENSORS[t.dtype],
+            "dtype": t.dtype.code,
             "shape": list(t.shape),
             "data_offsets": [t.begin, t.begin + t.nbytes],
         }
