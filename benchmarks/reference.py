@@ -28,10 +28,12 @@ def f32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
     return rounded
 
 
-def _ordered(bits: np.ndarray) -> np.ndarray:
-    """Map bf16 bit patterns to integers whose differences count ulps, across the sign too."""
-    i = bits.view(np.int16).astype(np.int32)
-    return np.where(i < 0, -32768 - i, i)
+def _ulps(ref: np.ndarray, got: np.ndarray) -> np.ndarray:
+    """|got - ref| in bf16 spacings at the larger magnitude of the two (0 where the bits agree)."""
+    r, g = bf16_bits_to_f32(ref), bf16_bits_to_f32(got)
+    spacing = np.spacing(np.maximum(np.abs(r), np.abs(g))) * np.float32(65536)  # f32 has 16 more mantissa bits
+    spacing = np.maximum(spacing, np.float32(2.0**-133))  # bf16's smallest subnormal step
+    return np.where(ref == got, 0.0, np.abs(g - r) / spacing)
 
 
 def _tensors(model: Path) -> dict[str, tuple[Path, str]]:
@@ -57,8 +59,8 @@ def compare(a: Path, b: Path, c: Path, out: Path, *, alpha: float = 1.0, rows: i
     ta, tb, tc, to = _tensors(a), _tensors(b), _tensors(c), _tensors(out)
     mismatched = 0
     total = 0
-    max_ulp = 0
-    sum_ulp = 0
+    max_ulp = 0.0
+    sum_ulp = 0.0
     al = np.float32(alpha)
     missing = sorted(set(tc) - set(to))
     for name in tc:
@@ -71,15 +73,15 @@ def compare(a: Path, b: Path, c: Path, out: Path, *, alpha: float = 1.0, rows: i
                 d = d * al
             ref = f32_to_bf16_bits(bf16_bits_to_f32(xc[s : s + rows]) + d)
             got = xo[s : s + rows]
-            diff = np.abs(_ordered(ref) - _ordered(got))
+            diff = _ulps(ref, got)
             mismatched += int((diff != 0).sum())
-            sum_ulp += int(diff.sum())
-            max_ulp = max(max_ulp, int(diff.max()) if diff.size else 0)
+            sum_ulp += float(diff.sum())
+            max_ulp = max(max_ulp, float(diff.max()) if diff.size else 0.0)
             total += ref.size
     return {
         "elements": total,
         "mismatched": mismatched,
-        "max_ulp": max_ulp,
+        "max_ulp": round(max_ulp, 2),
         "mean_ulp_of_mismatched": round(sum_ulp / mismatched, 2) if mismatched else 0.0,
         "missing_tensors": len(missing),
     }
