@@ -38,6 +38,9 @@ def _run(
             "-o",
             str(out),
             "-q",
+            # this process is pytest with transformers loaded, not a fresh command: give it room
+            "--max-memory",
+            "16GiB",
             *extra,
         ]
     )

@@ -123,7 +123,7 @@ def _write_options(p: argparse.ArgumentParser, *, delta: bool = False) -> None:
     r.add_argument(
         "--max-memory",
         default=DEFAULT_MAX_MEMORY,
-        help=f"resident-memory budget; buffers are sized to it (default {DEFAULT_MAX_MEMORY})",
+        help=f"peak resident memory of this command; buffers are sized to fit it (default {DEFAULT_MAX_MEMORY})",
     )
     r.add_argument("--threads", type=int, default=None, help="worker threads (default: available cores)")
     r.add_argument("--force", action="store_true", help="replace the output directory if it exists")
@@ -209,7 +209,24 @@ def _common(ns: argparse.Namespace) -> dict[str, Any]:
     )
     out = {k: getattr(ns, k) for k in keys}
     out["progress"] = _progress(ns.quiet)
+    out["max_memory"] = _operation_budget(ns.max_memory)
     return out
+
+
+def _operation_budget(text: str) -> int:
+    """--max-memory bounds the command's peak RSS: the library gets what the process does not hold yet."""
+    from ftrecycle.engine import current_rss
+    from ftrecycle.errors import MemoryBudgetError
+    from ftrecycle.io.output import parse_size
+
+    budget = parse_size(text, flag="--max-memory")
+    held = current_rss()
+    if budget <= held:
+        raise MemoryBudgetError(
+            f"--max-memory {budget / 2**20:.0f} MiB is below what this process already holds "
+            f"({held / 2**20:.0f} MiB); allow more"
+        )
+    return budget - held
 
 
 def _report(result: Any) -> None:

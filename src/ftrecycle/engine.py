@@ -13,7 +13,7 @@ Exactness: an ``add`` element is ``narrow(fl(fl(C) + fl(alpha * fl(B - A))))``, 
 (multiplying by 1 is exact), and no operation is fused, so the result is the same on
 every machine. ``narrow`` rounds to nearest-even; from float64 to a 16-bit float it
 goes through float32, as torch's conversions do. NaN narrows to the canonical
-bfloat16 NaN 0x7FC0, as in torch.
+bfloat16 NaN 0x7FC0 (torch's scalar conversion; its vector path keeps other payloads).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,8 +35,8 @@ from ftrecycle.plan import OutTensor, Piece
 #: Elements per work item: large enough to amortise Python overhead, small enough to stay in L2.
 DEFAULT_CHUNK = 1 << 18
 MIN_CHUNK = 1 << 12
-#: What the process may still grow by beyond the workers' buffers (allocator slack, headers, plan).
-RESERVE_BYTES = 48 * 2**20
+#: What an operation may still grow by beyond the workers' buffers (allocator slack, headers, plan).
+RESERVE_BYTES = 16 * 2**20
 #: Raw byte buffers per worker (three inputs, one output, one scratch), each ``chunk * 8`` bytes.
 RAW_BUFFERS = 5
 
@@ -74,20 +74,22 @@ def _bytes_per_element(compute: DType) -> int:
 
 
 def chunk_for_budget(max_memory: int, threads: int, compute: DType) -> int:
-    """Elements per work item so that all workers' buffers fit the memory budget.
+    """Elements per work item so that all workers' buffers fit ``max_memory`` bytes.
+
+    The budget is what the operation may add to the process; the command line
+    subtracts what the process already holds, so that there it bounds peak RSS.
 
     Raises:
-        MemoryBudgetError: the budget is below what the process already uses plus minimal buffers.
+        MemoryBudgetError: the budget cannot hold even minimal buffers.
     """
-    rss = current_rss()
-    avail = max_memory - rss - RESERVE_BYTES
+    avail = max_memory - RESERVE_BYTES
     per = _bytes_per_element(compute) * threads
     chunk = min(DEFAULT_CHUNK, avail // per if avail > 0 else 0)
     if chunk < MIN_CHUNK:
-        need = rss + RESERVE_BYTES + MIN_CHUNK * per
+        need = RESERVE_BYTES + MIN_CHUNK * per
         raise MemoryBudgetError(
-            f"--max-memory {max_memory / 2**20:.0f} MiB is too small: this process already uses "
-            f"{rss / 2**20:.0f} MiB; allow at least {math.ceil(need / 2**20)} MiB"
+            f"--max-memory leaves {max(avail, 0) / 2**20:.0f} MiB for buffers; {threads} worker(s) need at least "
+            f"{math.ceil(need / 2**20)} MiB more than the process holds"
         )
     return int(chunk)
 
@@ -127,10 +129,12 @@ def narrow(x: np.ndarray, dst: DType, out: np.ndarray, b: _Buffers, *, nan_check
     n = x.size
     if x.dtype == np.float64 and dst.itemsize == 2:
         f32 = b.f32[:n]
-        np.copyto(f32, x, casting="unsafe")
+        with np.errstate(over="ignore", invalid="ignore"):
+            np.copyto(f32, x, casting="unsafe")
         x = f32
     if dst is not BF16:
-        np.copyto(out, x, casting="unsafe")
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow to inf is refused later, by choice
+            np.copyto(out, x, casting="unsafe")
         return out
     bits = x.view(np.uint32)
     t = b.scratch(np.dtype(np.uint32), n)
@@ -192,15 +196,14 @@ class Engine:
         self.allow_nonfinite = allow_nonfinite
         self.progress = progress
 
-    def items(self, tensors: list[OutTensor], writer: ShardedWriter) -> list[Item]:
-        """Split every piece of every tensor into work items of at most ``chunk`` elements."""
-        items = []
+    def items(self, tensors: list[OutTensor], writer: ShardedWriter) -> Iterator[Item]:
+        """Every piece of every tensor as work items of at most ``chunk`` elements, made lazily
+        (a 70B model has ~270,000 of them)."""
         for t in tensors:
             slot = writer.slots[t.name]
             for p in t.pieces:
                 for s in range(p.start, p.start + p.count, self.chunk):
-                    items.append(Item(t, slot, p, s, min(self.chunk, p.start + p.count - s)))
-        return items
+                    yield Item(t, slot, p, s, min(self.chunk, p.start + p.count - s))
 
     def run(self, tensors: list[OutTensor], writer: ShardedWriter) -> None:
         """Compute and write every tensor.
@@ -211,7 +214,6 @@ class Engine:
         """
         items = self.items(tensors, writer)
         lock = threading.Lock()
-        nxt = [0]
         errors: list[BaseException] = []
         stop = threading.Event()
 
@@ -219,19 +221,20 @@ class Engine:
             bufs = _Buffers(self.chunk, self.compute)
             while not stop.is_set():
                 with lock:
-                    i = nxt[0]
-                    nxt[0] += 1
-                if i >= len(items):
+                    item = next(items, None)
+                if item is None:
                     return
                 try:
-                    self._run_item(items[i], bufs)
+                    # overflow and NaN are found on the written bits (first_nonfinite), not by NumPy warnings
+                    with np.errstate(all="ignore"):
+                        self._run_item(item, bufs)
                 except BaseException as e:  # handed to the main thread
                     with lock:
                         errors.append(e)
                     stop.set()
                     return
 
-        workers = [threading.Thread(target=worker, daemon=True) for _ in range(max(1, min(self.threads, len(items))))]
+        workers = [threading.Thread(target=worker, daemon=True) for _ in range(self.threads)]
         for w in workers:
             w.start()
         try:

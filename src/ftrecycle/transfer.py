@@ -142,7 +142,8 @@ def transfer(
         on_missing: ``error`` or ``keep-target`` when tensor names differ.
         tie_mismatch: ``error``, ``untie`` or ``embed-only`` when the source has its own lm_head
             and the target ties it.
-        max_memory: resident-memory budget, e.g. ``"512MiB"``.
+        max_memory: memory the operation may add to this process (its buffers), e.g. ``"512MiB"``;
+            the command line passes its budget minus what the process already holds.
         threads: worker threads (default: available cores).
         force: replace an existing ``output``.
         allow_nonfinite: write NaN/inf results instead of failing.
