@@ -20,7 +20,7 @@ from ftrecycle.io.checkpoint import Checkpoint, open_checkpoint
 from ftrecycle.io.model_files import CONFIG_FILES, TOKENIZER_FILES, check_source, copy_files, model_card, patch_config
 from ftrecycle.io.output import check_output_path, write_json
 from ftrecycle.io.provenance import base_record, describe_input
-from ftrecycle.plan import MissingPolicy, Plan, TiePolicy, VocabPolicy, plan_transfer, source_terms
+from ftrecycle.plan import MissingPolicy, Plan, Term, TiePolicy, VocabPolicy, plan_transfer, source_terms
 from ftrecycle.settings import DEFAULT_MAX_MEMORY, DEFAULT_SHARD_SIZE, ProgressFn, WriteSettings, write_plan
 
 PROVENANCE = "ftrecycle.json"
@@ -97,6 +97,96 @@ def _finish_model(
     )
 
 
+def _prepare(
+    alpha: float,
+    compute_dtype: str,
+    out_dtype: str | None,
+    max_memory: str | int,
+    shard_size: str | int,
+    threads: int | None,
+    allow_nonfinite: bool,
+    fsync: bool,
+    config_from: str,
+    tokenizer_from: str,
+    output: str | Path,
+) -> tuple[WriteSettings, DType | None, Path]:
+    """Validate every option before any input is opened."""
+    settings = WriteSettings.parse(
+        alpha=alpha,
+        compute_dtype=compute_dtype,
+        max_memory=max_memory,
+        shard_size=shard_size,
+        threads=threads,
+        allow_nonfinite=allow_nonfinite,
+        fsync=fsync,
+    )
+    check_source(config_from, "--config-from")
+    check_source(tokenizer_from, "--tokenizer-from")
+    return settings, _out_dtype(out_dtype), Path(output).expanduser()
+
+
+def _recycle(
+    operation: str,
+    target: Checkpoint,
+    terms: dict[str, Term],
+    aliases: dict[str, str],
+    records: list[dict[str, str]],
+    inputs: dict[str, Any],
+    finetuned_files: Path,
+    out: Path,
+    settings: WriteSettings,
+    odt: DType | None,
+    *,
+    vocab: VocabPolicy,
+    on_missing: MissingPolicy,
+    tie_mismatch: TiePolicy,
+    config_from: str,
+    tokenizer_from: str,
+    force: bool,
+    progress: ProgressFn | None,
+    t0: float,
+) -> TransferResult:
+    """Plan target + alpha * terms, write it atomically with its non-weight files and provenance."""
+    plan = plan_transfer(
+        target,
+        terms,
+        aliases,
+        out_dtype=odt,
+        vocab=vocab,
+        on_missing=on_missing,
+        tie_mismatch=tie_mismatch,
+        records=records,
+    )
+    record = base_record(operation)
+    record.update(
+        {
+            "inputs": inputs,
+            "alpha": settings.alpha,
+            "compute_dtype": settings.compute_dtype.name,
+            "out_dtype": odt.name if odt else "target",
+            "policies": {"vocab": vocab, "on_missing": on_missing, "tie_mismatch": tie_mismatch},
+            "records": plan.records,
+        }
+    )
+
+    def finish(tmp: Path) -> None:
+        _finish_model(
+            tmp,
+            target=target,
+            finetuned_files=finetuned_files,
+            config_from=config_from,
+            tokenizer_from=tokenizer_from,
+            plan=plan,
+            out_dtype=odt,
+            record=record,
+        )
+
+    written = write_plan(
+        plan.tensors, out, settings=settings, prefix="model", force=force, progress=progress, finish=finish
+    )
+    return TransferResult(out, written, time.perf_counter() - t0, plan.records, record)
+
+
 def transfer(
     source_base: str,
     source_finetuned: str,
@@ -162,19 +252,19 @@ def transfer(
         NonFiniteError: a result holds NaN or infinity.
     """
     t0 = time.perf_counter()
-    settings = WriteSettings.parse(
-        alpha=alpha,
-        compute_dtype=compute_dtype,
-        max_memory=max_memory,
-        shard_size=shard_size,
-        threads=threads,
-        allow_nonfinite=allow_nonfinite,
-        fsync=fsync,
+    settings, odt, out = _prepare(
+        alpha,
+        compute_dtype,
+        out_dtype,
+        max_memory,
+        shard_size,
+        threads,
+        allow_nonfinite,
+        fsync,
+        config_from,
+        tokenizer_from,
+        output,
     )
-    odt = _out_dtype(out_dtype)
-    check_source(config_from, "--config-from")
-    check_source(tokenizer_from, "--tokenizer-from")
-    out = Path(output).expanduser()
     with contextlib.ExitStack() as stack:
         a = stack.enter_context(open_checkpoint(source_base, allow_pickle=allow_pickle))
         b = stack.enter_context(open_checkpoint(source_finetuned, allow_pickle=allow_pickle))
@@ -182,50 +272,31 @@ def transfer(
         check_output_path(out, [a.path, b.path, c.path], force=force)
         check_compatible({"source base": a.config, "source fine-tuned": b.config, "target base": c.config})
         terms, aliases, records = source_terms(a, b, vocab=vocab, on_missing=on_missing)
-        plan = plan_transfer(
+        inputs = {
+            "source_base": describe_input(a),
+            "source_finetuned": describe_input(b),
+            "target_base": describe_input(c),
+        }
+        return _recycle(
+            "transfer",
             c,
             terms,
             aliases,
-            out_dtype=odt,
+            records,
+            inputs,
+            b.path,
+            out,
+            settings,
+            odt,
             vocab=vocab,
             on_missing=on_missing,
             tie_mismatch=tie_mismatch,
-            records=records,
-        )
-        record = base_record("transfer")
-        record.update(
-            {
-                "inputs": {
-                    "source_base": describe_input(a),
-                    "source_finetuned": describe_input(b),
-                    "target_base": describe_input(c),
-                },
-                "alpha": settings.alpha,
-                "compute_dtype": settings.compute_dtype.name,
-                "out_dtype": odt.name if odt else "target",
-                "policies": {"vocab": vocab, "on_missing": on_missing, "tie_mismatch": tie_mismatch},
-                "records": plan.records,
-            }
-        )
-        written = write_plan(
-            plan.tensors,
-            out,
-            settings=settings,
-            prefix="model",
+            config_from=config_from,
+            tokenizer_from=tokenizer_from,
             force=force,
             progress=progress,
-            finish=lambda tmp: _finish_model(
-                tmp,
-                target=c,
-                finetuned_files=b.path,
-                config_from=config_from,
-                tokenizer_from=tokenizer_from,
-                plan=plan,
-                out_dtype=odt,
-                record=record,
-            ),
+            t0=t0,
         )
-    return TransferResult(out, written, time.perf_counter() - t0, plan.records, record)
 
 
 def apply_delta(
@@ -260,64 +331,45 @@ def apply_delta(
         As :func:`transfer`.
     """
     t0 = time.perf_counter()
-    settings = WriteSettings.parse(
-        alpha=alpha,
-        compute_dtype=compute_dtype,
-        max_memory=max_memory,
-        shard_size=shard_size,
-        threads=threads,
-        allow_nonfinite=allow_nonfinite,
-        fsync=fsync,
+    settings, odt, out = _prepare(
+        alpha,
+        compute_dtype,
+        out_dtype,
+        max_memory,
+        shard_size,
+        threads,
+        allow_nonfinite,
+        fsync,
+        config_from,
+        tokenizer_from,
+        output,
     )
-    odt = _out_dtype(out_dtype)
-    check_source(config_from, "--config-from")
-    check_source(tokenizer_from, "--tokenizer-from")
-    out = Path(output).expanduser()
     with contextlib.ExitStack() as stack:
         d, manifest, terms, aliases = open_delta(delta)
         stack.callback(d.close)
         c = stack.enter_context(open_checkpoint(target_base, allow_pickle=allow_pickle))
         check_output_path(out, [d.path, c.path], force=force)
         check_compatible({"delta's base": d.config, "target base": c.config})
-        plan = plan_transfer(
+        delta_input = describe_input(d)
+        delta_input["manifest"] = {k: manifest.get(k) for k in ("base", "finetuned", "dtype", "compute_dtype")}
+        inputs = {"delta": delta_input, "target_base": describe_input(c)}
+        return _recycle(
+            "apply",
             c,
             terms,
             aliases,
-            out_dtype=odt,
+            list(manifest.get("records") or []),
+            inputs,
+            d.path / FINETUNED_DIR,
+            out,
+            settings,
+            odt,
             vocab=vocab,
             on_missing=on_missing,
             tie_mismatch=tie_mismatch,
-            records=list(manifest.get("records") or []),
-        )
-        record = base_record("apply")
-        delta_input = describe_input(d)
-        delta_input["manifest"] = {k: manifest.get(k) for k in ("base", "finetuned", "dtype", "compute_dtype")}
-        record.update(
-            {
-                "inputs": {"delta": delta_input, "target_base": describe_input(c)},
-                "alpha": settings.alpha,
-                "compute_dtype": settings.compute_dtype.name,
-                "out_dtype": odt.name if odt else "target",
-                "policies": {"vocab": vocab, "on_missing": on_missing, "tie_mismatch": tie_mismatch},
-                "records": plan.records,
-            }
-        )
-        written = write_plan(
-            plan.tensors,
-            out,
-            settings=settings,
-            prefix="model",
+            config_from=config_from,
+            tokenizer_from=tokenizer_from,
             force=force,
             progress=progress,
-            finish=lambda tmp: _finish_model(
-                tmp,
-                target=c,
-                finetuned_files=d.path / FINETUNED_DIR,
-                config_from=config_from,
-                tokenizer_from=tokenizer_from,
-                plan=plan,
-                out_dtype=odt,
-                record=record,
-            ),
+            t0=t0,
         )
-    return TransferResult(out, written, time.perf_counter() - t0, plan.records, record)
