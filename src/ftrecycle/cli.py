@@ -191,7 +191,97 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--out", default="ftrecycle-demo", help="working directory (default ./ftrecycle-demo)")
     demo.add_argument("--force", action="store_true", help="replace an existing demo directory")
+
+    ft = sub.add_parser(
+        "finetune",
+        help="supervised fine-tuning (Trainer; `accelerate launch` scales it)",
+        description="Fine-tune MODEL on JSONL data: prompt/completion, chat messages, or GSM8K "
+        "question/answer lines; the loss is on completion tokens only, through the "
+        "tokenizer's chat template when it has one. Checkpoints sit beside the output "
+        "until it completes (--resume continues them).",
+    )
+    ft.add_argument("--model", required=True, help=f"the model to fine-tune: {MODEL_HELP}")
+    _finetune_options(ft)
+
+    rf = sub.add_parser(
+        "recycle-finetune",
+        help="transfer, then fine-tune the result",
+        description="FT(TARGET + alpha * (FINETUNED - BASE)): the paper's recycling-then-fine-tuning. "
+        "Resumable: a finished transfer is kept until fine-tuning completes.",
+    )
+    rf.add_argument("--source-base", required=True, metavar="A", help=f"source base: {MODEL_HELP}")
+    rf.add_argument("--source-finetuned", required=True, metavar="B", help="source fine-tuned model")
+    rf.add_argument("--target-base", required=True, metavar="C", help="the new base model")
+    rf.add_argument("--alpha", type=float, default=1.0, help="scale of the diff (default 1.0)")
+    _finetune_options(rf)
+
+    it = sub.add_parser(
+        "iterate",
+        help="Algorithm 1: recycling-then-fine-tuning along a chain of versions",
+        description="Run the paper's iterative recycling-then-fine-tuning over versions M1..Mn named "
+        "in CHAIN.yaml (keys: versions, data, output, mode: iterative|direct, eval_data, "
+        "alpha, finetune: {settings}). Every M*i and delta is kept; rerunning resumes at "
+        "the first unfinished version; summary.md/json tabulate the chain.",
+    )
+    it.add_argument("chain", metavar="CHAIN.yaml", help="the chain file")
+    it.add_argument("-o", "--output", default=None, help="override the chain file's output directory")
+    it.add_argument("--progress", action="store_true", help="show training progress bars")
+
+    ev = sub.add_parser(
+        "eval",
+        help="benchmarks through lm-evaluation-harness, or the fast built-in GSM8K scorer",
+        description="Evaluate models with lm-eval's Python API using the paper's settings "
+        "(gsm8k: 8-shot CoT; math500: 4-shot; arc_challenge: 25-shot; gpqa: 0-shot "
+        "diamond; mmlu: 5-shot; ifeval; global_mmlu:LANG), or tasks defined in "
+        "--task-dir YAMLs over local files. --builtin FILE scores GSM8K-format JSONL in "
+        "process instead. Prints models as rows and tasks as columns.",
+    )
+    ev.add_argument("--model", action="append", required=True, help="a model (repeat for a side-by-side table)")
+    ev.add_argument("--tasks", default="", help="comma-separated task names")
+    ev.add_argument("--task-dir", default=None, help="directory of lm-eval task YAMLs (offline use)")
+    ev.add_argument(
+        "--builtin",
+        default=None,
+        metavar="FILE",
+        help="score GSM8K-format JSONL with the built-in evaluator instead of lm-eval",
+    )
+    ev.add_argument("--batch-size", type=int, default=16, help="generation batch size")
+    ev.add_argument("--limit", type=int, default=None, help="only the first N items of each task")
+    ev.add_argument("--max-new-tokens", type=int, default=256, help="built-in evaluator: most new tokens")
+    ev.add_argument("--device", default=None, help="cpu, cuda, ... (default: CUDA when available)")
+    ev.add_argument("--json", action="store_true", help="print JSON instead of a markdown table")
+    ev.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off)")
     return parser
+
+
+def _finetune_options(p: argparse.ArgumentParser) -> None:
+    from dataclasses import fields
+
+    from ftrecycle.finetune.config import FinetuneConfig
+
+    p.add_argument("--data", required=True, help="training data, JSONL")
+    p.add_argument("-o", "--output", required=True, help="directory to create when training completes")
+    p.add_argument("--eval-data", default=None, help="GSM8K-format JSONL: accuracy vs steps goes to eval_log.json")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
+    p.add_argument("--force", action="store_true", help="replace the output / discard an unfinished run")
+    p.add_argument("--progress", action="store_true", help="show the training progress bar")
+    g = p.add_argument_group("training settings (defaults follow the paper)")
+    defaults = FinetuneConfig()
+    for f in fields(FinetuneConfig):
+        flag = "--" + f.name.replace("_", "-")
+        value = getattr(defaults, f.name)
+        if isinstance(value, bool):
+            g.add_argument(flag, action="store_true", help=f.metadata["help"])
+        else:
+            g.add_argument(flag, type=type(value), default=value, help=f"{f.metadata['help']} (default {value})")
+
+
+def _finetune_config(ns: argparse.Namespace) -> Any:
+    from dataclasses import fields
+
+    from ftrecycle.finetune.config import FinetuneConfig
+
+    return FinetuneConfig(**{f.name: getattr(ns, f.name) for f in fields(FinetuneConfig)}).validate()
 
 
 def _common(ns: argparse.Namespace) -> dict[str, Any]:
@@ -237,6 +327,56 @@ def _report(result: Any) -> None:
     )
 
 
+def _report_ft(result: Any) -> None:
+    first = result.losses[0][1] if result.losses else float("nan")
+    last = result.losses[-1][1] if result.losses else float("nan")
+    print(
+        f"wrote {result.output}: {result.steps} steps, loss {first:.4f} -> {last:.4f}, "
+        f"{result.seconds_per_step:.3f} s/step"
+    )
+    for e in result.eval_log:
+        print(f"  step {e['step']}: strict {100 * e['strict']:.1f}%  flexible {100 * e['flexible']:.1f}%")
+
+
+def _eval(ns: argparse.Namespace) -> None:
+    import json
+
+    from ftrecycle.errors import ConfigError
+
+    if ns.builtin:
+        from ftrecycle.evaluate.builtin import evaluate_gsm8k, load_for_eval
+        from ftrecycle.evaluate.data import read_gsm8k
+
+        items = read_gsm8k(ns.builtin)[: ns.limit]
+        table = {}
+        for m in ns.model:
+            model, tok = load_for_eval(m, device=ns.device, trust_remote_code=ns.trust_remote_code)
+            rep = evaluate_gsm8k(model, tok, items, batch_size=ns.batch_size, max_gen_toks=ns.max_new_tokens)
+            table[m] = {"strict": rep.strict, "flexible": rep.flexible}
+        result: dict[str, Any] = {"table": table}
+    else:
+        from ftrecycle.evaluate.harness import run_lm_eval
+
+        tasks = [t for t in ns.tasks.split(",") if t]
+        if not tasks:
+            raise ConfigError("--tasks is empty: name tasks (e.g. gsm8k,mmlu) or use --builtin FILE")
+        result = run_lm_eval(
+            ns.model,
+            tasks,
+            task_dir=ns.task_dir,
+            batch_size=ns.batch_size,
+            limit=ns.limit,
+            device=ns.device,
+            trust_remote_code=ns.trust_remote_code,
+        )
+    if ns.json:
+        print(json.dumps({k: v for k, v in result.items() if k != "samples"}, indent=2, default=str))
+    else:
+        from ftrecycle.evaluate.harness import format_table
+
+        print(format_table(result["table"]), end="")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``ftrecycle`` command; return its exit code."""
     parser = build_parser()
@@ -279,6 +419,46 @@ def main(argv: Sequence[str] | None = None) -> int:
                     **_common(ns),
                 )
             )
+        elif ns.command == "finetune":
+            from ftrecycle.finetune.train import finetune
+
+            _report_ft(
+                finetune(
+                    ns.model,
+                    ns.data,
+                    ns.output,
+                    config=_finetune_config(ns),
+                    eval_data=ns.eval_data,
+                    resume=ns.resume,
+                    force=ns.force,
+                    progress=ns.progress,
+                )
+            )
+        elif ns.command == "recycle-finetune":
+            from ftrecycle.recycle import recycle_finetune
+
+            _report_ft(
+                recycle_finetune(
+                    ns.source_base,
+                    ns.source_finetuned,
+                    ns.target_base,
+                    ns.data,
+                    ns.output,
+                    alpha=ns.alpha,
+                    config=_finetune_config(ns),
+                    eval_data=ns.eval_data,
+                    resume=ns.resume,
+                    force=ns.force,
+                    progress=ns.progress,
+                )
+            )
+        elif ns.command == "iterate":
+            from ftrecycle.recycle import ChainSpec, iterate, summary_table
+
+            spec = ChainSpec.load(ns.chain, output=ns.output)
+            print(summary_table(iterate(spec, progress=ns.progress), spec.mode), end="")
+        elif ns.command == "eval":
+            _eval(ns)
         elif ns.command == "demo":
             from ftrecycle.demo import run_demo
 

@@ -18,6 +18,10 @@ class ConfigError(FtRecycleError):
     """An option or argument value is invalid (a bad dtype name, a negative size...)."""
 
 
+class DataError(FtRecycleError):
+    """A data file is missing, empty or malformed (the message names the file and line)."""
+
+
 class CheckpointError(FtRecycleError):
     """A checkpoint cannot be read: missing, truncated, corrupt, or of a refused format."""
 

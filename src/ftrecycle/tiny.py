@@ -34,7 +34,7 @@ def tiny_config(family: str, *, vocab_size: int = 96, tie: bool | None = None) -
             num_hidden_layers=2,
             num_attention_heads=4,
             num_key_value_heads=2,
-            max_position_embeddings=128,
+            max_position_embeddings=512,
             tie_word_embeddings=bool(tie),
             bos_token_id=1,
             eos_token_id=2,
@@ -48,7 +48,7 @@ def tiny_config(family: str, *, vocab_size: int = 96, tie: bool | None = None) -
             num_hidden_layers=2,
             num_attention_heads=4,
             num_key_value_heads=2,
-            max_position_embeddings=128,
+            max_position_embeddings=512,
             tie_word_embeddings=True if tie is None else tie,
             bos_token_id=1,
             eos_token_id=2,
@@ -59,7 +59,7 @@ def tiny_config(family: str, *, vocab_size: int = 96, tie: bool | None = None) -
             n_embd=32,
             n_layer=2,
             n_head=4,
-            n_positions=128,
+            n_positions=512,
             tie_word_embeddings=True if tie is None else tie,
             bos_token_id=1,
             eos_token_id=2,
@@ -104,14 +104,22 @@ def save(model: Any, path: str | Path, *, max_shard_size: str = "20KB", tokenize
     return out
 
 
+#: Words every tiny tokenizer knows, so that GSM8K-format prompts and answers tokenize without <unk>.
+TASK_WORDS = ("Question:", "Answer:", "####", "The", "answer", "is", "+", "-", "*", "=", ".", ",", "?")
+NUMBERS = 50
+
+
 def word_tokenizer(vocab_size: int) -> Any:
-    """A whitespace word-level fast tokenizer over ``vocab_size`` made-up words."""
+    """A whitespace word-level fast tokenizer: specials, task words, the numbers 0..49, then made-up words."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<pad>", "<s>", "</s>", "<unk>"]
-    vocab = {w: i for i, w in enumerate(specials + [f"w{i}" for i in range(vocab_size - len(specials))])}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    words = specials + list(TASK_WORDS) + [str(i) for i in range(NUMBERS)]
+    words += [f"w{i}" for i in range(vocab_size - len(words))]
+    if len(words) != vocab_size:
+        raise ValueError(f"vocab_size {vocab_size} is smaller than the {len(words)} fixed words")
+    tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"

@@ -1,0 +1,228 @@
+"""lm-evaluation-harness adapter: the paper's benchmarks with its settings, and local task files.
+
+Each paper task is a registry entry (lm-eval task name, shots, generation length,
+reported metric), following the paper's appendix: GSM8K 8-shot chain-of-thought
+with the last number extracted; MATH500 4-shot; ARC-Challenge 25-shot; GPQA
+(diamond) zero-shot; MMLU 5-shot; IFEval; Global-MMLU per language.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ftrecycle.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class PaperTask:
+    """One benchmark as the paper ran it."""
+
+    task: str
+    num_fewshot: int | None
+    metric: str
+    max_gen_toks: int | None = None
+
+
+PAPER_TASKS: dict[str, PaperTask] = {
+    "gsm8k": PaperTask("gsm8k_cot", 8, "exact_match,flexible-extract", 1024),
+    "math500": PaperTask("minerva_math500", 4, "exact_match,none", 512),
+    "arc_challenge": PaperTask("arc_challenge", 25, "acc_norm,none"),
+    "gpqa": PaperTask("gpqa_diamond_zeroshot", 0, "acc_norm,none"),
+    "mmlu": PaperTask("mmlu", 5, "acc,none"),
+    "ifeval": PaperTask("ifeval", 0, "prompt_level_strict_acc,none"),
+}
+GLOBAL_MMLU = "global_mmlu"  # global_mmlu:LANG, e.g. global_mmlu:si
+
+
+def resolve_task(name: str) -> PaperTask:
+    """A paper task by short name, ``global_mmlu:LANG``, or any lm-eval/local task name as it is."""
+    if name in PAPER_TASKS:
+        return PAPER_TASKS[name]
+    if name.startswith(GLOBAL_MMLU + ":"):
+        return PaperTask(f"global_mmlu_{name.split(':', 1)[1]}", 5, "acc,none")
+    return PaperTask(name, None, "")
+
+
+GSM8K_TASK_TEMPLATE = """task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+{fewshot}output_type: generate_until
+test_split: test
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_target: "{{{{answer}}}}"
+num_fewshot: {shots}
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+    ignore_case: true
+    ignore_punctuation: false
+    regexes_to_ignore: [",", "\\\\$", "(?s).*#### ", "\\\\.$"]
+generation_kwargs:
+  until: ["Question:", "</s>", "<|im_end|>"]
+  do_sample: false
+  temperature: 0.0
+  max_gen_toks: {max_gen_toks}
+filter_list:
+  - name: strict-match
+    filter:
+      - function: regex
+        regex_pattern: "#### (\\\\-?[0-9\\\\.\\\\,]+)"
+      - function: take_first
+  - name: flexible-extract
+    filter:
+      - function: regex
+        group_select: -1
+        regex_pattern: "(-?[$0-9.,]{{2,}})|(-?[0-9]+)"
+      - function: take_first
+metadata:
+  version: 3.0
+"""
+
+
+def write_gsm8k_task(
+    directory: str | Path,
+    name: str,
+    data: str | Path,
+    *,
+    shots_file: str | Path | None = None,
+    num_fewshot: int = 0,
+    max_gen_toks: int = 256,
+) -> Path:
+    """Write an lm-eval task YAML over a local GSM8K-format JSONL file (lm-eval's gsm8k settings).
+
+    Returns:
+        The YAML's path; pass its directory as ``task_dir``.
+    """
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    fewshot = ""
+    if shots_file is not None:
+        fewshot = f"    train: {Path(shots_file).resolve()}\nfewshot_split: train\n"
+    text = GSM8K_TASK_TEMPLATE.format(
+        name=name, data=Path(data).resolve(), fewshot=fewshot, shots=num_fewshot, max_gen_toks=max_gen_toks
+    )
+    path = d / f"{name}.yaml"
+    path.write_text(text)
+    return path
+
+
+PREFERRED = (
+    "exact_match,strict-match",
+    "exact_match,flexible-extract",
+    "acc_norm,none",
+    "acc,none",
+    "prompt_level_strict_acc,none",
+    "exact_match,none",
+)
+
+
+def _primary(task_results: dict[str, Any], metric: str) -> tuple[str, float] | None:
+    for key in (metric, *PREFERRED):
+        if key and isinstance(task_results.get(key), (int, float)):
+            return key, float(task_results[key])
+    for key, value in task_results.items():
+        if "," in key and "stderr" not in key and isinstance(value, (int, float)):
+            return key, float(value)
+    return None
+
+
+def run_lm_eval(
+    models: list[str],
+    tasks: list[str],
+    *,
+    task_dir: str | Path | None = None,
+    batch_size: int | str = 16,
+    limit: int | None = None,
+    device: str | None = None,
+    log_samples: bool = False,
+    trust_remote_code: bool = False,
+) -> dict[str, Any]:
+    """Evaluate each model on each task through lm-eval's Python API (loading each model once).
+
+    Args:
+        models: model directories or hub ids.
+        tasks: paper short names (``gsm8k``, ``mmlu``, ``global_mmlu:si``...), lm-eval task names,
+            or task names defined in ``task_dir``.
+        task_dir: a directory of task YAMLs; when given, lm-eval's ~14,000 built-in task
+            files are not indexed unless a paper task needs them.
+        batch_size: lm-eval batch size.
+        limit: evaluate only the first N items of each task.
+        device: ``cpu``, ``cuda``...; default: CUDA when available.
+        log_samples: keep per-item records under ``samples``.
+        trust_remote_code: passed to transformers.
+
+    Returns:
+        ``{"table": {model: {task: score}}, "metrics": {model: {task: metric}}, "raw": ..., "samples": ...}``.
+
+    Raises:
+        ConfigError: lm-eval is not installed, or a task is unknown.
+    """
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError as e:
+        raise ConfigError("lm-eval is not installed: pip install 'lm-eval[hf]'") from e
+    import torch
+
+    specs = {t: resolve_task(t) for t in tasks}
+    needs_builtin = task_dir is None or any(t in PAPER_TASKS or t.startswith(GLOBAL_MMLU) for t in tasks)
+    manager = TaskManager(include_path=str(task_dir) if task_dir else None, include_defaults=needs_builtin)
+    unknown = [t for t, s in specs.items() if s.task not in manager.all_tasks]
+    if unknown:
+        raise ConfigError(
+            f"unknown task(s) {', '.join(unknown)}: use a paper task ({', '.join(PAPER_TASKS)}, "
+            "global_mmlu:LANG), an lm-eval task name, or a YAML in --task-dir"
+        )
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    table: dict[str, dict[str, float | None]] = {}
+    metrics: dict[str, dict[str, str]] = {}
+    raw: dict[str, Any] = {}
+    samples: dict[str, Any] = {}
+    for m in models:
+        lm = HFLM(pretrained=m, dtype="auto", batch_size=batch_size, device=dev, trust_remote_code=trust_remote_code)
+        table[m], metrics[m], raw[m], samples[m] = {}, {}, {}, {}
+        for name, spec in specs.items():
+            gen_kwargs = {"max_gen_toks": spec.max_gen_toks} if spec.max_gen_toks else None
+            out = lm_eval.simple_evaluate(
+                model=lm,
+                tasks=[spec.task],
+                num_fewshot=spec.num_fewshot,
+                task_manager=manager,
+                limit=limit,
+                log_samples=log_samples,
+                gen_kwargs=gen_kwargs,
+                bootstrap_iters=0,
+            )
+            res = out["results"].get(spec.task, {})
+            got = _primary(res, spec.metric)
+            table[m][name] = got[1] if got else None
+            metrics[m][name] = got[0] if got else ""
+            raw[m][name] = res
+            if log_samples:
+                samples[m][name] = out.get("samples", {}).get(spec.task, [])
+    return {"table": table, "metrics": metrics, "raw": raw, "samples": samples}
+
+
+def format_table(table: dict[str, dict[str, float | None]]) -> str:
+    """Models as rows, tasks as columns, scores in percent (the layout of the paper's Table 1)."""
+    tasks = sorted(
+        {t for row in table.values() for t in row},
+        key=lambda t: list(next(iter(table.values()))).index(t) if t in next(iter(table.values())) else 0,
+    )
+    lines = ["| model | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+    for m, row in table.items():
+        cells = [f"{100 * v:.1f}" if isinstance(v, float) else "–" for v in (row.get(t) for t in tasks)]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def to_json(result: dict[str, Any]) -> str:
+    """The result without lm-eval's per-sample records, as JSON."""
+    return json.dumps({k: v for k, v in result.items() if k != "samples"}, indent=2, default=str)

@@ -1,0 +1,1 @@
+"""Supervised fine-tuning on transformers' Trainer (so `accelerate launch` scales it out)."""
