@@ -220,3 +220,61 @@ def test_chain_and_config_errors(tmp_path):
     (tmp_path / "c.yaml").write_text("versions: [a, b]\ndata: d\noutput: o\nmode: sideways\n")
     with pytest.raises(ConfigError, match="mode"):
         ChainSpec.load(tmp_path / "c.yaml")
+
+
+def test_finetune_resumes_from_its_last_checkpoint(versions, data, tmp_path):
+    from transformers import TrainerCallback
+
+    import ftrecycle.finetune.train as train_mod
+
+    class Stop(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 6:
+                raise KeyboardInterrupt  # dies after the step-5 checkpoint
+
+    real = train_mod._trainer_class
+
+    def with_stop():
+        cls = real()
+
+        class Stopping(cls):
+            def __init__(self, *a, **k):
+                super().__init__(*a, **k)
+                self.add_callback(Stop())
+
+        return Stopping
+
+    cfg = FinetuneConfig(**{**FAST, "max_steps": 10, "save_every": 5})
+    out = tmp_path / "o"
+    train_mod._trainer_class = with_stop
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            finetune(str(versions["llama"]["source_base"]), data["train"], out, config=cfg)
+    finally:
+        train_mod._trainer_class = real
+    run = tmp_path / ".o.ftrecycle-run"
+    assert not out.exists() and (run / "checkpoint-5").is_dir()
+    with pytest.raises(ConfigError, match="--resume"):
+        finetune(str(versions["llama"]["source_base"]), data["train"], out, config=cfg)
+    res = finetune(str(versions["llama"]["source_base"]), data["train"], out, config=cfg, resume=True)
+    assert res.steps == 10 and not run.exists()
+    assert res.resumed_from_step == 5  # only the remaining steps were trained
+    assert [s for s, _ in res.losses] == list(range(1, 11))  # the history carried over, each step once
+
+
+def test_hub_dataset_offline_error(versions, tmp_path, capsys):
+    code = main(
+        [
+            "finetune",
+            "--model",
+            str(versions["llama"]["source_base"]),
+            "--data",
+            "some-org/some-data:train",
+            "-o",
+            str(tmp_path / "o"),
+            "--max-steps",
+            "2",
+        ]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "some-org/some-data:train" in err[-1] and "local JSONL" in err[-1], err

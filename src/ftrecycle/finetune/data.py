@@ -50,13 +50,37 @@ def _kind(row: dict[str, Any], where: str) -> str:
     raise DataError(f"{where}: needs prompt/completion, messages, or question/answer fields")
 
 
+def _hub_rows(ref: str) -> list[dict[str, Any]]:
+    """Rows of a hub dataset ``org/name[@revision][:split]`` (default split: train)."""
+    name, _, split = ref.partition(":")
+    repo, _, revision = name.partition("@")
+    try:
+        from datasets import load_dataset
+
+        ds = load_dataset(repo, split=split or "train", revision=revision or None)
+    except Exception as e:  # datasets raises many types for "offline" and "not found"
+        raise DataError(
+            f"{ref}: cannot load this hub dataset ({type(e).__name__}); with no network, pass a local "
+            "JSONL file instead"
+        ) from e
+    return [{**dict(r), "_line": i + 1} for i, r in enumerate(ds)]
+
+
 def load_examples(path: str | Path) -> list[dict[str, Any]]:
-    """Read and validate a training file.
+    """Read and validate training data: a JSONL file, or a hub dataset id ``org/name[@rev][:split]``.
 
     Raises:
-        DataError: naming the file and line of the first bad example.
+        DataError: naming the file and line (or dataset and row) of the first bad example.
     """
-    rows = read_jsonl(path)
+    from ftrecycle.io.hub import HUB_ID
+
+    ref = str(path)
+    if not Path(ref).exists() and HUB_ID.match(ref.partition(":")[0]) and not ref.startswith((".", "/", "~")):
+        rows = _hub_rows(ref)
+        if not rows:
+            raise DataError(f"{ref}: the dataset split is empty")
+    else:
+        rows = read_jsonl(path)
     for r in rows:
         r["_kind"] = _kind(r, f"{path}:{r['_line']}")
     return rows

@@ -40,6 +40,7 @@ class FinetuneResult:
         eval_log: (step, strict, flexible accuracy) entries, when eval data was given.
         seconds: wall time of this call.
         seconds_per_step: training wall time per step in this call.
+        resumed_from_step: the checkpoint step this call continued from (0: a fresh run).
     """
 
     output: Path
@@ -48,6 +49,7 @@ class FinetuneResult:
     eval_log: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
     seconds_per_step: float = 0.0
+    resumed_from_step: int = 0
 
 
 def work_dir(output: Path) -> Path:
@@ -272,4 +274,4 @@ def finetune(
     shutil.rmtree(run, ignore_errors=True)
     if out.exists() and not any(out.glob("*.safetensors")):
         raise OutputError(f"{out}: the trainer wrote no safetensors weights")
-    return FinetuneResult(out, steps, losses, log, time.perf_counter() - t0, per_step)
+    return FinetuneResult(out, steps, losses, log, time.perf_counter() - t0, per_step, start_step)
