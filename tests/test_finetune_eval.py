@@ -278,3 +278,14 @@ def test_hub_dataset_offline_error(versions, tmp_path, capsys):
     )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "some-org/some-data:train" in err[-1] and "local JSONL" in err[-1], err
+
+
+def test_paper_tasks_exist_in_lm_eval():
+    from lm_eval.tasks import TaskManager
+
+    from ftrecycle.evaluate.harness import PAPER_TASKS, resolve_task
+
+    names = [*PAPER_TASKS, "global_mmlu:si", "global_mmlu:mg", "global_mmlu:tr"]
+    known = TaskManager().all_tasks
+    assert [n for n in names if resolve_task(n).task not in known] == []
+    assert resolve_task("gsm8k").num_fewshot == 8 and resolve_task("gsm8k").task == "gsm8k_cot"

@@ -42,7 +42,7 @@ def resolve_task(name: str) -> PaperTask:
     if name in PAPER_TASKS:
         return PAPER_TASKS[name]
     if name.startswith(GLOBAL_MMLU + ":"):
-        return PaperTask(f"global_mmlu_{name.split(':', 1)[1]}", 5, "acc,none")
+        return PaperTask(f"global_mmlu_full_{name.split(':', 1)[1]}", 5, "acc,none")
     return PaperTask(name, None, "")
 
 
