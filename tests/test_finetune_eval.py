@@ -289,3 +289,17 @@ def test_paper_tasks_exist_in_lm_eval():
     known = TaskManager().all_tasks
     assert [n for n in names if resolve_task(n).task not in known] == []
     assert resolve_task("gsm8k").num_fewshot == 8 and resolve_task("gsm8k").task == "gsm8k_cot"
+
+
+def test_backend_choice(monkeypatch):
+    import importlib.util
+
+    from ftrecycle.evaluate.harness import choose_backend
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    assert choose_backend("auto") == "hf" and choose_backend("hf") == "hf"
+    with pytest.raises(ConfigError, match="vLLM is not installed"):
+        choose_backend("vllm")
+    with pytest.raises(ConfigError, match="--backend"):
+        choose_backend("tgi")

@@ -249,6 +249,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=int, default=None, help="only the first N items of each task")
     ev.add_argument("--max-new-tokens", type=int, default=256, help="built-in evaluator: most new tokens")
     ev.add_argument("--device", default=None, help="cpu, cuda, ... (default: CUDA when available)")
+    ev.add_argument(
+        "--backend",
+        default="auto",
+        choices=["auto", "hf", "vllm"],
+        help="lm-eval model backend: auto takes vLLM when it is installed and a GPU is present",
+    )
     ev.add_argument("--json", action="store_true", help="print JSON instead of a markdown table")
     ev.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off)")
     return parser

@@ -132,10 +132,43 @@ def _primary(task_results: dict[str, Any], metric: str) -> tuple[str, float] | N
     return None
 
 
+def choose_backend(backend: str) -> str:
+    """``hf`` or ``vllm``; ``auto`` takes vLLM when it is installed and a GPU is present.
+
+    Raises:
+        ConfigError: an unknown backend, or ``vllm`` asked for where it is not installed.
+    """
+    import importlib.util
+
+    has_vllm = importlib.util.find_spec("vllm") is not None
+    if backend == "auto":
+        import torch
+
+        return "vllm" if has_vllm and torch.cuda.is_available() else "hf"
+    if backend == "vllm" and not has_vllm:
+        raise ConfigError("--backend vllm: vLLM is not installed (pip install vllm), or use --backend hf")
+    if backend not in ("hf", "vllm"):
+        raise ConfigError(f"--backend must be auto, hf or vllm, got {backend!r}")
+    return backend
+
+
+def _load_lm(backend: str, model: str, *, batch_size: int | str, device: str, trust_remote_code: bool) -> Any:
+    if backend == "vllm":
+        from lm_eval.models.vllm_causallms import VLLM
+
+        return VLLM(pretrained=model, dtype="auto", batch_size="auto", trust_remote_code=trust_remote_code)
+    from lm_eval.models.huggingface import HFLM
+
+    return HFLM(
+        pretrained=model, dtype="auto", batch_size=batch_size, device=device, trust_remote_code=trust_remote_code
+    )
+
+
 def run_lm_eval(
     models: list[str],
     tasks: list[str],
     *,
+    backend: str = "auto",
     task_dir: str | Path | None = None,
     batch_size: int | str = 16,
     limit: int | None = None,
@@ -149,6 +182,7 @@ def run_lm_eval(
         models: model directories or hub ids.
         tasks: paper short names (``gsm8k``, ``mmlu``, ``global_mmlu:si``...), lm-eval task names,
             or task names defined in ``task_dir``.
+        backend: ``auto`` (vLLM when installed and a GPU is present, else transformers), ``hf`` or ``vllm``.
         task_dir: a directory of task YAMLs; when given, lm-eval's ~14,000 built-in task
             files are not indexed unless a paper task needs them.
         batch_size: lm-eval batch size.
@@ -165,7 +199,6 @@ def run_lm_eval(
     """
     try:
         import lm_eval
-        from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
     except ImportError as e:
         raise ConfigError("lm-eval is not installed: pip install 'lm-eval[hf]'") from e
@@ -181,12 +214,13 @@ def run_lm_eval(
             "global_mmlu:LANG), an lm-eval task name, or a YAML in --task-dir"
         )
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    engine = choose_backend(backend)
     table: dict[str, dict[str, float | None]] = {}
     metrics: dict[str, dict[str, str]] = {}
     raw: dict[str, Any] = {}
     samples: dict[str, Any] = {}
     for m in models:
-        lm = HFLM(pretrained=m, dtype="auto", batch_size=batch_size, device=dev, trust_remote_code=trust_remote_code)
+        lm = _load_lm(engine, m, batch_size=batch_size, device=dev, trust_remote_code=trust_remote_code)
         table[m], metrics[m], raw[m], samples[m] = {}, {}, {}, {}
         for name, spec in specs.items():
             gen_kwargs = {"max_gen_toks": spec.max_gen_toks} if spec.max_gen_toks else None
@@ -207,7 +241,7 @@ def run_lm_eval(
             raw[m][name] = res
             if log_samples:
                 samples[m][name] = out.get("samples", {}).get(spec.task, [])
-    return {"table": table, "metrics": metrics, "raw": raw, "samples": samples}
+    return {"table": table, "metrics": metrics, "raw": raw, "samples": samples, "backend": engine}
 
 
 def format_table(table: dict[str, dict[str, float | None]]) -> str:
