@@ -66,11 +66,7 @@ def _finish_model(
     record["tokenizer_files"] = {"from": tokenizer_from, "copied": copy_files(tok_src, tmp, TOKENIZER_FILES)}
     changes: dict[str, Any] = {"vocab_size": plan.vocab_size, "tie_word_embeddings": plan.ties_embeddings}
     if out_dtype is not None:
-        # transformers 5 reads "dtype", 4.x "torch_dtype"; keep whichever the config uses
-        import json
-
-        cfg = json.loads((tmp / "config.json").read_text())
-        changes["dtype" if "dtype" in cfg else "torch_dtype"] = out_dtype.name
+        changes["dtype"] = out_dtype.name
     if (tmp / "config.json").is_file():
         record["config_patched"] = patch_config(tmp, changes)
     write_json(tmp / PROVENANCE, record)

@@ -246,10 +246,7 @@ def run_lm_eval(
 
 def format_table(table: dict[str, dict[str, float | None]]) -> str:
     """Models as rows, tasks as columns, scores in percent (the layout of the paper's Table 1)."""
-    tasks = sorted(
-        {t for row in table.values() for t in row},
-        key=lambda t: list(next(iter(table.values()))).index(t) if t in next(iter(table.values())) else 0,
-    )
+    tasks = list(dict.fromkeys(t for row in table.values() for t in row))  # first-seen order
     lines = ["| model | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
     for m, row in table.items():
         cells = [f"{100 * v:.1f}" if isinstance(v, float) else "–" for v in (row.get(t) for t in tasks)]

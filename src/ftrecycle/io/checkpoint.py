@@ -22,7 +22,6 @@ from ftrecycle.io.hub import ResolvedRef, resolve_ref
 from ftrecycle.io.safetensors_format import TensorInfo, pread_exact, read_header
 
 SAFE_INDEX = "model.safetensors.index.json"
-PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
 @dataclass

@@ -43,11 +43,17 @@ def copy_files(src: Path, dst: Path, names: tuple[str, ...]) -> list[str]:
 
 
 def patch_config(path: Path, changes: dict[str, Any]) -> dict[str, Any]:
-    """Set keys of ``config.json`` in ``path`` where they differ; return the keys changed (old -> new)."""
+    """Set keys of ``config.json`` in ``path`` where they differ; return the keys changed (old -> new).
+
+    ``dtype`` is written as ``torch_dtype`` in a config that spells it so (transformers 4.x;
+    5.x reads ``dtype``).
+    """
     cfg_path = path / "config.json"
     cfg = json.loads(cfg_path.read_text())
     done = {}
     for key, value in changes.items():
+        if key == "dtype" and "dtype" not in cfg and "torch_dtype" in cfg:
+            key = "torch_dtype"
         if value is not None and cfg.get(key) != value:
             done[key] = {"from": cfg.get(key), "to": value}
             cfg[key] = value
