@@ -202,11 +202,15 @@ def test_every_option_of_every_command_has_help(capsys):
     parser = build_parser()
     sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
     assert {"transfer", "diff", "apply", "finetune", "recycle-finetune", "iterate", "eval"} <= set(sub.choices)
-    for name, p in sub.choices.items():
+    commands = [([name], p) for name, p in sub.choices.items()]
+    while commands:
+        words, p = commands.pop()
         for action in p._actions:
-            assert action.help, f"{name} {action.option_strings or action.dest} has no help"
+            assert action.help, f"{' '.join(words)} {action.option_strings or action.dest} has no help"
+            if action.__class__.__name__ == "_SubParsersAction":
+                commands += [([*words, n], q) for n, q in action.choices.items()]
         with pytest.raises(SystemExit) as e:
-            main([name, "--help"])
+            main([*words, "--help"])
         assert e.value.code == 0
     capsys.readouterr()
 

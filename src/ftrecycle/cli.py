@@ -257,7 +257,83 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--json", action="store_true", help="print JSON instead of a markdown table")
     ev.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off)")
+    _lab_parser(sub)
     return parser
+
+
+def _lab_parser(sub: Any) -> None:
+    from ftrecycle.lab.config import PRESETS
+
+    lab = sub.add_parser(
+        "lab",
+        help="reproduce the paper's controlled experiments on small models made here",
+        description="The paper's controlled study in miniature, fully local: a tokenizer, two pretraining "
+        "corpora and one small Llama pretrained here (versions M1-M3 along stage 1, M4-M5 along a math-rich "
+        "stage 2), a GSM8K-format task, then (a) direct fine-tuning of every version, (b) the transfer matrix "
+        "Mj + Δi, (c) recycling-then-fine-tuning for every pair, (d) iterative vs direct recycling, (e) a "
+        "second language. Writes report.md (tables beside the paper's, four findings marked PASS/FAIL from "
+        "this run's numbers), PNG plots and results.json.",
+    )
+    labsub = lab.add_subparsers(
+        dest="lab_command", required=True, metavar="COMMAND", help="run: run the experiments; report: rebuild"
+    )
+    run = labsub.add_parser(
+        "run",
+        help="run every experiment (finished work in --out is reused)",
+        description="Run the lab. Presets: tiny (one seed, minutes on a 2-core laptop: the README's main "
+        "command), small (three seeds, larger sets; CPU, tens of minutes), gpu (a larger model, five seeds; "
+        "sized for one GPU), smoke (seconds; checks the pipeline, its numbers mean nothing). Every finished "
+        "job is cached under --out, so an interrupted run continues and a finished one only re-reports.",
+    )
+    run.add_argument("--preset", default="tiny", choices=list(PRESETS), help="size of the run (default tiny)")
+    run.add_argument("--out", default="ftrecycle-lab", help="run directory (default ./ftrecycle-lab)")
+    run.add_argument("--seeds", default=None, help="comma-separated seeds, overriding the preset's")
+    run.add_argument("--workers", type=int, default=None, help="jobs at once (default: the preset's)")
+    run.add_argument("--force", action="store_true", help="discard a run of other settings in --out")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    rep = labsub.add_parser("report", help="rebuild report.md and the plots from a run's results.json")
+    rep.add_argument("out", metavar="DIR", help="a lab run directory")
+
+
+def _lab(ns: argparse.Namespace) -> None:
+    from ftrecycle.errors import ConfigError
+
+    if ns.lab_command == "report":
+        from ftrecycle.lab.run import rebuild_report
+
+        print(rebuild_report(ns.out))
+        return
+    from ftrecycle.lab import preset, run_lab
+
+    overrides: dict[str, Any] = {}
+    if ns.seeds:
+        try:
+            overrides["seeds"] = tuple(int(s) for s in ns.seeds.split(","))
+        except ValueError as e:
+            raise ConfigError(f"--seeds must be comma-separated integers, got {ns.seeds!r}") from e
+    if ns.workers is not None:
+        overrides["workers"] = ns.workers
+    cfg = preset(ns.preset, **overrides)
+    bar: list[Any] = []
+
+    def progress(done: int, total: int, job: str) -> None:
+        if ns.quiet:
+            return
+        if not bar:
+            from tqdm import tqdm
+
+            bar.append(tqdm(total=total, desc=f"lab {cfg.preset}", unit="job", file=sys.stderr))
+        bar[0].total = total
+        bar[0].n = done
+        bar[0].set_postfix_str(job.split(":", 1)[-1])
+        bar[0].refresh()
+
+    result = run_lab(cfg, ns.out, force=ns.force, progress=progress)
+    if bar:
+        bar[0].close()
+    for f in result.findings:
+        print(f"finding {f['id']}: {'PASS' if f['passed'] else 'FAIL'}  {f['claim']}")
+    print(f"report: {result.report}  ({result.jobs_run} jobs run, {result.seconds:.0f} s)")
 
 
 def _finetune_options(p: argparse.ArgumentParser) -> None:
@@ -465,6 +541,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(summary_table(iterate(spec, progress=ns.progress), spec.mode), end="")
         elif ns.command == "eval":
             _eval(ns)
+        elif ns.command == "lab":
+            _lab(ns)
         elif ns.command == "demo":
             from ftrecycle.demo import run_demo
 

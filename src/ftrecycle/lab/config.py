@@ -1,0 +1,140 @@
+"""The lab's settings: one typed dataclass and the named presets the CLI offers."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from ftrecycle.errors import ConfigError
+from ftrecycle.lab.pretrain import ModelSpec, PretrainSpec
+
+
+@dataclass(frozen=True)
+class LabConfig:
+    """Everything that decides a lab run's numbers (its cache is valid only for the same config).
+
+    Attributes:
+        preset: the preset this config came from.
+        model: model size.
+        pretrain: the two pretraining stages.
+        train_items: fine-tuning problems (GSM8K format).
+        test_items: held-out test problems; each accuracy is over all of them.
+        ft_steps: fine-tuning steps of direct fine-tuning (experiment a).
+        recycle_steps: steps of every recycling-then-fine-tuning run (c, d).
+        ft_batch: fine-tuning batch size.
+        ft_lr: peak learning rate (linear decay) of fine-tuning from a base (a, e).
+        recycle_lr: peak learning rate of fine-tuning from Mj + Δi (c, d). Lower than ``ft_lr``: such a
+            start already sits near a fine-tuned optimum, and ``ft_lr`` first knocks it out of it.
+        warmup_ratio: fine-tuning warm-up share.
+        eval_every: steps between accuracy evaluations during fine-tuning.
+        language_items: training problems in the second language (experiment e).
+        language_steps: fine-tuning steps on them.
+        seeds: one full run per seed; tables show the mean and the spread.
+        workers: fine-tuning and evaluation jobs run at once (each gets cores / workers threads).
+        max_new_tokens: generation budget per test problem.
+    """
+
+    preset: str = "tiny"
+    model: ModelSpec = field(default_factory=ModelSpec)
+    pretrain: PretrainSpec = field(default_factory=PretrainSpec)
+    train_items: int = 4000
+    test_items: int = 400
+    ft_steps: int = 600
+    recycle_steps: int = 300
+    ft_batch: int = 16
+    ft_lr: float = 1e-3
+    recycle_lr: float = 1e-3
+    warmup_ratio: float = 0.1
+    eval_every: int = 50
+    language_items: int = 2000
+    language_steps: int = 200
+    seeds: tuple[int, ...] = (0,)
+    workers: int = 2
+    max_new_tokens: int = 48
+
+    def validate(self) -> LabConfig:
+        """Check ranges.
+
+        Raises:
+            ConfigError: a value out of range.
+        """
+        for name in (
+            "train_items",
+            "test_items",
+            "ft_steps",
+            "recycle_steps",
+            "ft_batch",
+            "eval_every",
+            "language_items",
+            "language_steps",
+            "workers",
+            "max_new_tokens",
+        ):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"lab setting {name} must be at least 1, got {getattr(self, name)}")
+        if not self.seeds:
+            raise ConfigError("lab setting seeds must name at least one seed")
+        if self.pretrain.stage1_steps < 3 or self.pretrain.stage2_steps < 2:
+            raise ConfigError("pretraining needs at least 3 stage-1 and 2 stage-2 steps (five saved versions)")
+        return self
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready form (recorded in results.json and used as the cache's key)."""
+        d = asdict(self)
+        d["seeds"] = list(self.seeds)
+        return d
+
+
+PRESETS: dict[str, LabConfig] = {
+    # The README's main command: one seed, sized for a 2-core laptop (minutes).
+    "tiny": LabConfig(),
+    # The tiny run on three seeds with a larger test set: the spread behind each finding (CPU, ~30 min).
+    "small": LabConfig(preset="small", test_items=1000, seeds=(0, 1, 2)),
+    # One GPU: a wider, deeper model, longer pretraining and fine-tuning, five seeds (not validated on CPU).
+    "gpu": LabConfig(
+        preset="gpu",
+        model=ModelSpec(hidden=256, layers=4, heads=8, intermediate=1024),
+        pretrain=PretrainSpec(stage1_steps=6000, stage2_steps=4500, batch=64, seq_len=128, lr=1e-3, stage2_lr=2e-4),
+        train_items=20000,
+        test_items=2000,
+        ft_steps=1200,
+        recycle_steps=600,
+        ft_batch=32,
+        ft_lr=5e-4,
+        recycle_lr=5e-4,
+        eval_every=100,
+        language_items=5000,
+        language_steps=500,
+        seeds=(0, 1, 2, 3, 4),
+        workers=1,
+    ),
+    # Minimal step counts: exercises every stage in seconds (the CI test). Its numbers mean nothing.
+    "smoke": LabConfig(
+        preset="smoke",
+        model=ModelSpec(hidden=32, layers=1, heads=2, intermediate=64),
+        pretrain=PretrainSpec(stage1_steps=6, stage2_steps=4, batch=4, seq_len=32, warmup=2),
+        train_items=64,
+        test_items=16,
+        ft_steps=4,
+        recycle_steps=4,
+        ft_batch=4,
+        eval_every=2,
+        language_items=32,
+        language_steps=2,
+        max_new_tokens=8,
+    ),
+}
+
+
+def preset(name: str, **overrides: Any) -> LabConfig:
+    """A preset by name, with fields overridden.
+
+    Raises:
+        ConfigError: an unknown preset or field.
+    """
+    if name not in PRESETS:
+        raise ConfigError(f"unknown lab preset {name!r}; choose one of {', '.join(PRESETS)}")
+    try:
+        return replace(PRESETS[name], **overrides).validate()
+    except TypeError as e:
+        raise ConfigError(f"bad lab setting: {e}") from e

@@ -1,0 +1,132 @@
+"""The four findings the lab checks, computed from a run's numbers (never written by hand).
+
+Each returns ``{"id", "claim", "passed", "numbers", "detail"}``; ``numbers`` holds every
+value the verdict used, so the report can show them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ftrecycle.lab.experiments import GROUPS, pairs, same_group
+from ftrecycle.lab.pretrain import VERSIONS
+
+RECOVERY_PCT = 80  # finding 1's share of direct fine-tuning's gain
+GROUP_RATIO = 2  # finding 2: within-stage gain over across-stage gain
+ITER_TOLERANCE = 1.0  # finding 4: points iterative may trail direct
+
+
+def _r(x: float) -> float:
+    return round(x, 1)
+
+
+def recovery(m: dict[str, Any]) -> dict[str, Any]:
+    """(1) Stage-2 pairs: Mj + Δi recovers ≥ 80 % of direct fine-tuning's gain over Mj."""
+    rows = []
+    for i, j in (("M4", "M5"), ("M5", "M4")):
+        b, t, f = m["base"][j], m["transfer"][j][i], m["direct_ft"][j]["final"]
+        share = (t - b) / (f - b) if f > b else float("nan")
+        rows.append(
+            {
+                "source": i,
+                "target": j,
+                "base": b,
+                "transfer": t,
+                "direct_ft": f,
+                "recovered_pct": _r(100 * share) if share == share else None,
+            }
+        )
+    passed = all(r["recovered_pct"] is not None and r["recovered_pct"] >= RECOVERY_PCT for r in rows)
+    return {
+        "id": 1,
+        "claim": f"for M4 ↔ M5, Mj + Δi recovers at least {RECOVERY_PCT} % of direct fine-tuning's gain over Mj",
+        "passed": passed,
+        "numbers": {"pairs": rows, "threshold_pct": RECOVERY_PCT},
+        "detail": "recovered = (Mj+Δi − Mj) / (FT(Mj) − Mj); undefined (fail) when FT(Mj) ≤ Mj",
+    }
+
+
+def grouping(m: dict[str, Any]) -> dict[str, Any]:
+    """(2) Transfers within a stage gain at least twice those across, and one cross transfer hurts."""
+    gains = {(i, j): m["transfer"][j][i] - m["base"][j] for i, j in pairs()}
+    within = [g for (i, j), g in gains.items() if same_group(i, j)]
+    across = [g for (i, j), g in gains.items() if not same_group(i, j)]
+    worst_gain, (wi, wj) = min((g, p) for p, g in gains.items() if not same_group(*p))
+    w, a = sum(within) / len(within), sum(across) / len(across)
+    hurt = [(i, j) for i, j in pairs() if not same_group(i, j) and m["transfer"][j][i] < m["base"][j]]
+    passed = w > 0 and w >= GROUP_RATIO * a and bool(hurt)
+    return {
+        "id": 2,
+        "claim": f"mean gain within a stage (M1–M3, M4–M5) ≥ {GROUP_RATIO} × the mean gain across stages, "
+        "and at least one cross-stage transfer leaves its target below the target's own score",
+        "passed": passed,
+        "numbers": {
+            "mean_gain_within": _r(w),
+            "mean_gain_across": _r(a),
+            "cross_pairs_below_target": len(hurt),
+            "ratio_required": GROUP_RATIO,
+            "worst_cross": {"source": wi, "target": wj, "gain": _r(worst_gain)},
+        },
+        "detail": f"groups {', '.join('–'.join((g[0], g[-1])) for g in GROUPS)}; gain = Mj+Δi − Mj",
+    }
+
+
+def convergence(m: dict[str, Any], ft_steps: int) -> dict[str, Any]:
+    """(3) At equal steps FT(Mj+Δi) ≥ FT(Mj) for every pair, and it reaches FT(Mj)'s final score in ≤ ⅓ the steps."""
+    margins: list[tuple[float, str, str, int]] = []
+    slow = []
+    reach_steps = []
+    for i, j in pairs():
+        d = {s: a for s, a in m["direct_ft"][j]["curve"]}
+        rc = m["recycle_ft"][j][i]["curve"]
+        margins += [(a - d[s], i, j, s) for s, a in rc if s != 0 and s in d]
+        target = m["direct_ft"][j]["final"]
+        reached = next((s for s, a in rc if a >= target), None)
+        reach_steps.append(reached)
+        if reached is None or reached > ft_steps / 3:
+            slow.append({"source": i, "target": j, "reached_at": reached})
+    comparisons, held = len(margins), sum(mg >= 0 for mg, *_ in margins)
+    worst_margin = min(margins)
+    passed = held == comparisons and not slow
+    known = [s for s in reach_steps if s is not None]
+    return {
+        "id": 3,
+        "claim": "at equal steps FT(Mj+Δi) ≥ FT(Mj) for every pair, and FT(Mj+Δi) reaches FT(Mj)'s "
+        "final accuracy within a third of FT(Mj)'s steps",
+        "passed": passed,
+        "numbers": {
+            "comparisons": comparisons,
+            "held": held,
+            "worst": {
+                "source": worst_margin[1],
+                "target": worst_margin[2],
+                "step": worst_margin[3],
+                "margin": _r(worst_margin[0]),
+            },
+            "pairs": len(reach_steps),
+            "pairs_too_slow": len(slow),
+            "third_of_steps": ft_steps // 3,
+            "median_steps_to_reach": sorted(known)[len(known) // 2] if known else None,
+            "too_slow": slow,
+        },
+        "detail": "compared at every evaluation after step 0 (at step 0 FT(Mj+Δi) is Mj+Δi, which finding 2 "
+        "expects to be below Mj for some cross-stage pairs)",
+    }
+
+
+def iterative(m: dict[str, Any]) -> dict[str, Any]:
+    """(4) Iterative recycling-then-fine-tuning ≥ direct at M5, within one point."""
+    last = VERSIONS[-1]
+    it, di = m["iterative"][last]["iter_ft"], m["iterative"][last]["dir_ft"]
+    return {
+        "id": 4,
+        "claim": f"at {last}, iterative recycling-then-fine-tuning ≥ direct, within {ITER_TOLERANCE:g} point",
+        "passed": it >= di - ITER_TOLERANCE,
+        "numbers": {"iterative": it, "direct": di, "difference": _r(it - di), "tolerance": ITER_TOLERANCE},
+        "detail": "passes when iterative ≥ direct − 1",
+    }
+
+
+def all_findings(m: dict[str, Any], ft_steps: int) -> list[dict[str, Any]]:
+    """The four findings on the (seed-mean) numbers ``m``."""
+    return [recovery(m), grouping(m), convergence(m, ft_steps), iterative(m)]

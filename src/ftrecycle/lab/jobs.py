@@ -1,0 +1,111 @@
+"""The lab's units of work: pretrain, fine-tune, transfer, evaluate. Each returns a JSON-ready dict.
+
+Every job writes its model directory atomically and can be rerun: a finished output is read
+back instead of recomputed, and an interrupted fine-tune resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ftrecycle.evaluate.data import read_gsm8k
+from ftrecycle.io.output import atomic_directory
+
+
+def _pct(x: float) -> float:
+    return round(100.0 * x, 1)
+
+
+def evaluate_model(model: str | Path, test: str | Path, *, max_new_tokens: int, batch_size: int = 128) -> float:
+    """Zero-shot accuracy (lm-eval's flexible-extract) of ``model`` on a GSM8K-format file, in percent."""
+    from ftrecycle.evaluate.builtin import evaluate_gsm8k, load_for_eval
+
+    net, tok = load_for_eval(str(model), device=None)
+    report = evaluate_gsm8k(net, tok, read_gsm8k(test), batch_size=batch_size, max_gen_toks=max_new_tokens)
+    return _pct(report.flexible)
+
+
+def pretrain_job(out: str, model: dict[str, Any], spec: dict[str, Any], seed: int) -> dict[str, Any]:
+    """Pretrain and save M1..M5 under ``out`` (appears only when all five are written)."""
+    from ftrecycle.lab.pretrain import ModelSpec, PretrainSpec, pretrain
+
+    path = Path(out)
+    if (path / "pretrain.json").is_file():
+        return dict(json.loads((path / "pretrain.json").read_text()))
+    with atomic_directory(path, force=True) as tmp:
+        record = pretrain(tmp, ModelSpec(**model), PretrainSpec(**spec), seed=seed)
+        (tmp / "pretrain.json").write_text(json.dumps(record) + "\n")
+    return record
+
+
+def finetune_job(
+    start: str, train: str, test: str, out: str, steps: int, settings: dict[str, Any], seed: int
+) -> dict[str, Any]:
+    """Fine-tune ``start`` for ``steps`` steps, logging zero-shot accuracy against steps."""
+    from ftrecycle.finetune.config import FinetuneConfig
+    from ftrecycle.finetune.train import EVAL_LOG, finetune
+
+    path = Path(out)
+    if not (path / EVAL_LOG).is_file():
+        cfg = FinetuneConfig(max_steps=steps, seed=seed, **settings)
+        result = finetune(start, train, path, config=cfg, eval_data=test, resume=True)
+        seconds = round(result.seconds, 1)
+    else:
+        seconds = None
+    log = json.loads((path / EVAL_LOG).read_text())
+    curve = [[int(e["step"]), _pct(e["flexible"])] for e in sorted(log, key=lambda e: e["step"])]
+    return {"curve": curve, "final": curve[-1][1], "start": curve[0][1], "seconds": seconds}
+
+
+def transfer_job(
+    source_base: str, source_finetuned: str, target_base: str, out: str, test: str, max_new_tokens: int
+) -> dict[str, Any]:
+    """Write ``target + (finetuned - base)`` and score it."""
+    from ftrecycle.transfer import transfer
+
+    path = Path(out)
+    if not path.is_dir():
+        transfer(source_base=source_base, source_finetuned=source_finetuned, target_base=target_base, output=path)
+    return {"accuracy": evaluate_model(path, test, max_new_tokens=max_new_tokens)}
+
+
+def eval_job(model: str, test: str, max_new_tokens: int) -> dict[str, Any]:
+    """Score a model."""
+    return {"accuracy": evaluate_model(model, test, max_new_tokens=max_new_tokens)}
+
+
+def data_files(root: Path, *, seed: int, train_items: int, test_items: int, language_items: int) -> dict[str, Path]:
+    """Write the seed's fine-tuning and test sets (English and the second language) once."""
+    import random
+
+    from ftrecycle.lab import world
+    from ftrecycle.lab.scheduler import write_json_atomic
+
+    root.mkdir(parents=True, exist_ok=True)
+    # Test sets are the same for every seed; training sets are drawn per seed and never repeat a test question.
+    files = {
+        "test": (test_items, False, "test", None),
+        "language_test": (test_items, True, "language-test", None),
+        "train": (train_items, False, f"{seed}-train", "test"),
+        "language_train": (language_items, True, f"{seed}-language-train", "language_test"),
+    }
+    out: dict[str, Path] = {}
+    held: dict[str, set[str]] = {}
+    for name, (n, language, rng_seed, exclude) in files.items():
+        path = root / f"{name}.jsonl"
+        out[name] = path
+        if path.is_file():
+            held[name] = {json.loads(line)["question"] for line in path.read_text().splitlines()}
+            continue
+        rng, rows = random.Random(rng_seed), list[dict[str, str]]()
+        avoid = held.get(exclude or "", set())
+        while len(rows) < n:
+            rows += [r for r in world.sft_items(rng, n - len(rows), language=language) if r["question"] not in avoid]
+        held[name] = {r["question"] for r in rows}
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        tmp.replace(path)
+    write_json_atomic(root / "data.json", {"seed": seed, "files": {k: str(v.name) for k, v in out.items()}})
+    return out

@@ -1,0 +1,331 @@
+"""``report.md`` and the PNG plots, made from ``results.json`` alone.
+
+Every number the report shows is read from the results record passed in (the lab's own
+numbers, the findings' numbers and the paper's reference numbers all live there), so the
+report can be rebuilt from ``results.json`` without rerunning anything.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+V = ("M1", "M2", "M3", "M4", "M5")
+PLOTS = {
+    "transfer_matrix": "transfer_matrix.png",
+    "recycle_curves": "recycle_curves.png",
+    "iterative_curves": "iterative_curves.png",
+    "direct_ft_curves": "direct_ft_curves.png",
+}
+
+
+def _f(x: Any) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, float):
+        return f"{x:.1f}"
+    return str(x)
+
+
+def _xy(curve: list[list[float]]) -> tuple[list[float], list[float]]:
+    return [p[0] for p in curve], [p[1] for p in curve]
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(_f(c) for c in row) + " |" for row in rows]
+    return out
+
+
+def _sub(x: float, gain: float) -> str:
+    return f"{x:.1f} ({gain:+.1f})"
+
+
+def _transfer_table(m: dict[str, Any]) -> list[list[Any]]:
+    rows: list[list[Any]] = [["base (zero-shot)", *[m["base"][j] for j in V]]]
+    for i in V:
+        rows.append([f"+ Δ{i[1]}", *[m["transfer"][j][i] if i != j else None for j in V]])
+    rows.append(["Direct FT", *[m["direct_ft"][j]["final"] for j in V]])
+    return rows
+
+
+def _paper_transfer_table(p: dict[str, Any]) -> list[list[Any]]:
+    rows: list[list[Any]] = [["OLMo 2 7B", *[p["base"][j] for j in V]]]
+    for i in V:
+        rows.append([f"+ Δ{i[1]}", *[p["transfer"][i].get(j) for j in V]])
+    rows.append(["Direct FT", *[p["direct_ft"][j] for j in V]])
+    return rows
+
+
+def _findings(findings: list[dict[str, Any]], per_seed: dict[str, list[bool]]) -> list[str]:
+    lines = ["| # | finding | verdict | numbers |", "|---|---|---|---|"]
+    for f in findings:
+        n = f["numbers"]
+        if f["id"] == 1:
+            txt = "; ".join(
+                f"{r['target']}+Δ{r['source'][1]}: {_f(r['transfer'])} vs {r['target']} {_f(r['base'])} and "
+                f"FT({r['target']}) {_f(r['direct_ft'])} → {_f(r['recovered_pct'])} % recovered"
+                for r in n["pairs"]
+            )
+        elif f["id"] == 2:
+            w = n["worst_cross"]
+            txt = (
+                f"mean gain within {_f(n['mean_gain_within'])}, across {_f(n['mean_gain_across'])}; "
+                f"{n['cross_pairs_below_target']} cross-stage transfers below their target "
+                f"(worst {w['target']}+Δ{w['source'][1]}: {_f(w['gain'])})"
+            )
+        elif f["id"] == 3:
+            w = n["worst"]
+            txt = (
+                f"{n['held']} of {n['comparisons']} equal-step comparisons hold "
+                f"(worst FT({w['target']}+Δ{w['source'][1]}) at step {w['step']}: {_f(w['margin'])}); "
+                f"{n['pairs'] - n['pairs_too_slow']} of {n['pairs']} pairs reach FT(Mj)'s final accuracy within "
+                f"{n['third_of_steps']} steps (median {_f(n['median_steps_to_reach'])})"
+            )
+        else:
+            txt = f"iterative {_f(n['iterative'])}, direct {_f(n['direct'])} (difference {_f(n['difference'])})"
+        seeds = per_seed.get(str(f["id"]), [])
+        tail = f"; passes in {sum(seeds)} of {len(seeds)} seeds" if len(seeds) > 1 else ""
+        lines.append(f"| {f['id']} | {f['claim']} | **{'PASS' if f['passed'] else 'FAIL'}** | {txt}{tail} |")
+    return lines
+
+
+def render(results: dict[str, Any]) -> str:
+    """The markdown report of a lab run."""
+    cfg, m, paper = results["config"], results["mean"], results["paper"]
+    steps = sorted({s for s, _ in m["direct_ft"]["M1"]["curve"]})
+    seeds = cfg["seeds"]
+    out = [
+        f"# ftrecycle lab report: preset `{cfg['preset']}`",
+        "",
+        f"One Llama-architecture model ({results['parameters']:,} parameters, hidden {cfg['model']['hidden']}, "
+        f"{cfg['model']['layers']} layers, tied embeddings) pretrained here in two stages; versions M1–M3 are saved "
+        "along stage 1 (general text, cosine decay) and M4–M5 along stage 2 (math-rich text, linear anneal). "
+        f"Every version is fine-tuned on the same {cfg['train_items']:,} GSM8K-format problems; accuracy is "
+        f"lm-eval's gsm8k flexible-extract exact match, zero-shot, on {cfg['test_items']:,} held-out problems "
+        f"(one problem is {100 / cfg['test_items']:.2f} points). Seeds: {', '.join(map(str, seeds))}; "
+        + ("tables show the seed mean, spreads are in results.json." if len(seeds) > 1 else "one seed.")
+        + f" Wall time: {results['seconds']:.0f} s.",
+        "",
+        "The paper's tables (OLMo 2 7B, Llama 3 8B) sit beside ours to compare shapes, not values.",
+        "",
+        "## Findings",
+        "",
+        *_findings(results["findings"], results.get("findings_per_seed", {})),
+        "",
+        "## (a) Direct fine-tuning: accuracy against steps (paper Table 12)",
+        "",
+        *_table(["step", *V], [[s, *[dict(map(tuple, m["direct_ft"][v]["curve"])).get(s) for v in V]] for s in steps]),
+        "",
+        "Paper Table 12:",
+        "",
+        *_table(
+            ["step", *V],
+            [[s, *[paper["table12"]["accuracy"][v][k] for v in V]] for k, s in enumerate(paper["table12"]["steps"])],
+        ),
+        "",
+        f"![direct fine-tuning]({PLOTS['direct_ft_curves']})",
+        "",
+        "## (b) Transfer matrix Mj + Δi, no training (paper Table 2)",
+        "",
+        *_table(["", *V], _transfer_table(m)),
+        "",
+        "Paper Table 2:",
+        "",
+        *_table(["", *V], _paper_transfer_table(paper["table2"])),
+        "",
+        f"![transfer matrix]({PLOTS['transfer_matrix']})",
+        "",
+        "## (c) Recycling-then-fine-tuning FT(Mj + Δi) (paper Table 4, Figure 2)",
+        "",
+        f"After {cfg['recycle_steps']} steps; in brackets the gain over Mj + Δi before training.",
+        "",
+        *_table(
+            ["", *V],
+            [
+                [
+                    f"+ Δ{i[1]} → FT",
+                    *[
+                        _sub(m["recycle_ft"][j][i]["final"], m["recycle_ft"][j][i]["final"] - m["transfer"][j][i])
+                        if i != j
+                        else None
+                        for j in V
+                    ],
+                ]
+                for i in V
+            ]
+            + [["Direct FT", *[m["direct_ft"][j]["final"] for j in V]]],
+        ),
+        "",
+        "Paper Table 4:",
+        "",
+        *_table(["", *V], [[f"+ Δ{i[1]} → FT", *[paper["table4"][i].get(j) for j in V]] for i in V]),
+        "",
+        f"![recycling-then-fine-tuning curves]({PLOTS['recycle_curves']})",
+        "",
+        paper["figures"]["figure2"],
+        "",
+        "## (d) Iterative vs direct recycling (paper Tables 6 and 11, Figure 3)",
+        "",
+        "With fine-tuning (Table 6):",
+        "",
+        *_table(
+            ["", *list(m["iterative"])],
+            [
+                ["base", *[r["base"] for r in m["iterative"].values()]],
+                ["+ Δ^dir → FT", *[r["dir_ft"] for r in m["iterative"].values()]],
+                ["+ Δ^iter → FT", *[r["iter_ft"] for r in m["iterative"].values()]],
+                ["Direct FT", *[r["direct_ft"] for r in m["iterative"].values()]],
+            ],
+        ),
+        "",
+        "Paper Table 6:",
+        "",
+        *_table(
+            ["", "M3", "M4", "M5"],
+            [
+                [name, *[paper["table6"][k][v] for v in ("M3", "M4", "M5")]]
+                for name, k in (
+                    ("OLMo 2 7B", "base"),
+                    ("+ Δ^dir", "dir"),
+                    ("+ Δ^iter", "iter"),
+                    ("Direct FT", "direct_ft"),
+                )
+            ],
+        ),
+        "",
+        "Without fine-tuning (Table 11):",
+        "",
+        *_table(
+            ["", *list(m["iterative"])],
+            [
+                ["base", *[r["base"] for r in m["iterative"].values()]],
+                ["+ Δ^dir", *[r["dir_no_ft"] for r in m["iterative"].values()]],
+                ["+ Δ^iter", *[r["iter_no_ft"] for r in m["iterative"].values()]],
+            ],
+        ),
+        "",
+        "Paper Table 11:",
+        "",
+        *_table(
+            ["", "M3", "M4", "M5"],
+            [
+                [name, *[paper["table11"][k][v] for v in ("M3", "M4", "M5")]]
+                for name, k in (("OLMo 2 7B", "base"), ("+ Δ^dir", "dir"), ("+ Δ^iter", "iter"))
+            ],
+        ),
+        "",
+        f"![iterative vs direct]({PLOTS['iterative_curves']})",
+        "",
+        paper["figures"]["figure3"],
+        "",
+        "## (e) A second language (paper Table 3)",
+        "",
+        "The instruction-tuned versions are FT(M4) and FT(M5). FT(M4) is fine-tuned further on the task written "
+        "in a second, made-up language (a fixed word-for-word cipher; numbers and the answer format kept), and "
+        "that diff is added to FT(M5). Accuracy on the second-language test set:",
+        "",
+        *_table(
+            ["model", "second language"],
+            [
+                ['FT(M4) ("3.0 Instruct")', m["multilingual"]["M4_instruct"]],
+                ["+ FT on the language", m["multilingual"]["M4_instruct_ft"]],
+                ['FT(M5) ("3.1 Instruct")', m["multilingual"]["M5_instruct"]],
+                ["+ Δ (language)", m["multilingual"]["M5_instruct_plus_delta"]],
+            ],
+        ),
+        "",
+        "Paper Table 3 (Global-MMLU):",
+        "",
+        *_table(
+            ["model", *paper["table3"]],
+            [
+                [name, *[paper["table3"][lang][k] for lang in paper["table3"]]]
+                for name, k in (
+                    ("Llama 3.0 8B Instruct", "old"),
+                    ("+ FT", "old_ft"),
+                    ("Llama 3.1 8B Instruct", "new"),
+                    ("+ Δ3.0", "new_plus_delta"),
+                )
+            ],
+        ),
+        "",
+    ]
+    return "\n".join(out)
+
+
+def plots(results: dict[str, Any], out: Path) -> list[Path]:
+    """Write the PNG plots into ``out``; returns their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    m = results["mean"]
+    written = []
+
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    gain = [[m["transfer"][j][i] - m["base"][j] if i != j else 0.0 for j in V] for i in V]
+    lim = max(1.0, max(abs(g) for row in gain for g in row))
+    im = ax.imshow(gain, cmap="RdBu", vmin=-lim, vmax=lim)
+    for a, i in enumerate(V):
+        for b, j in enumerate(V):
+            ax.text(b, a, "–" if i == j else f"{m['transfer'][j][i]:.1f}", ha="center", va="center", fontsize=8)
+    ax.set_xticks(range(5), [f"target {v}" for v in V], rotation=30)
+    ax.set_yticks(range(5), [f"+Δ{v[1]}" for v in V])
+    ax.set_title("Mj + Δi accuracy (colour: gain over Mj)")
+    fig.colorbar(im, ax=ax, label="points")
+    fig.tight_layout()
+    written.append(out / PLOTS["transfer_matrix"])
+    fig.savefig(written[-1], dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 5, figsize=(18, 3.6), sharey=True)
+    for ax, j in zip(axes, V, strict=True):
+        xs, ys = _xy(m["direct_ft"][j]["curve"])
+        ax.plot(xs, ys, "k-o", lw=2, ms=3, label=f"FT({j})")
+        for i in V:
+            if i != j:
+                xs, ys = _xy(m["recycle_ft"][j][i]["curve"])
+                ax.plot(xs, ys, "-", marker=".", label=f"FT({j}+Δ{i[1]})")
+        ax.set_title(j)
+        ax.set_xlabel("fine-tuning steps")
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("accuracy (%)")
+    fig.tight_layout()
+    written.append(out / PLOTS["recycle_curves"])
+    fig.savefig(written[-1], dpi=100)
+    plt.close(fig)
+
+    iters = m["iterative"]
+    fig, axes = plt.subplots(1, len(iters), figsize=(5 * len(iters), 3.6), sharey=True)
+    for ax, (v, r) in zip(axes, iters.items(), strict=True):
+        for key, style, label in (
+            ("direct_curve", "k-o", "direct FT"),
+            ("dir_curve", "b-s", "Δ^dir"),
+            ("iter_curve", "r-^", "Δ^iter"),
+        ):
+            xs, ys = _xy(r[key])
+            ax.plot(xs, ys, style, ms=3, label=label)
+        ax.set_title(v)
+        ax.set_xlabel("fine-tuning steps")
+        ax.legend(fontsize=8)
+    axes[0].set_ylabel("accuracy (%)")
+    fig.tight_layout()
+    written.append(out / PLOTS["iterative_curves"])
+    fig.savefig(written[-1], dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for v in V:
+        xs, ys = _xy(m["direct_ft"][v]["curve"])
+        ax.plot(xs, ys, "-o", ms=3, label=v)
+    ax.set_xlabel("fine-tuning steps")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title("direct fine-tuning")
+    ax.legend()
+    fig.tight_layout()
+    written.append(out / PLOTS["direct_ft_curves"])
+    fig.savefig(written[-1], dpi=100)
+    plt.close(fig)
+    return written

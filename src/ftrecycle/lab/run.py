@@ -1,0 +1,170 @@
+"""``ftrecycle lab run``: every experiment of a preset, then results.json, report.md and the plots."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ftrecycle.errors import ConfigError
+from ftrecycle.lab import paper
+from ftrecycle.lab.aggregate import combine
+from ftrecycle.lab.config import LabConfig
+from ftrecycle.lab.experiments import collect_seed, seed_jobs
+from ftrecycle.lab.findings import all_findings
+from ftrecycle.lab.jobs import data_files
+from ftrecycle.lab.report import plots, render
+from ftrecycle.lab.scheduler import Progress, run_jobs, write_json_atomic
+
+CONFIG_FILE = "lab-config.json"
+RESULTS = "results.json"
+REPORT = "report.md"
+
+
+@dataclass
+class LabResult:
+    """What a lab run wrote.
+
+    Attributes:
+        out: the run directory.
+        report: report.md.
+        results: results.json.
+        plots: the PNG files.
+        findings: the four findings (id, claim, passed, numbers).
+        seconds: wall time of this call.
+        jobs_run: jobs computed in this call (the rest came from the cache).
+    """
+
+    out: Path
+    report: Path
+    results: Path
+    plots: list[Path]
+    findings: list[dict[str, Any]]
+    seconds: float
+    jobs_run: int
+
+
+def _cache_key(settings: dict[str, Any]) -> dict[str, Any]:
+    # Jobs are per seed and their results do not depend on how many run at once, so a run directory
+    # can gain seeds or change --workers and keep its finished jobs.
+    return {k: v for k, v in settings.items() if k not in ("seeds", "workers", "preset")}
+
+
+def _check_config(out: Path, cfg: LabConfig, force: bool) -> None:
+    f = out / CONFIG_FILE
+    if f.is_file() and _cache_key(json.loads(f.read_text())) != _cache_key(cfg.to_json()):
+        if not force:
+            raise ConfigError(
+                f"{out} holds a lab run with other settings ({f}); use another --out, or --force to discard it"
+            )
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(f, cfg.to_json())
+
+
+def parameters(model_dir: Path) -> int:
+    """Parameter count of a saved model (from its safetensors headers)."""
+    from ftrecycle.io.checkpoint import open_checkpoint
+
+    ck = open_checkpoint(str(model_dir))
+    try:
+        total = 0
+        for info in ck.tensors.values():
+            n = 1
+            for d in info.shape:
+                n *= d
+            total += n
+        return total
+    finally:
+        ck.close()
+
+
+def run_lab(
+    cfg: LabConfig,
+    out: str | Path,
+    *,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> LabResult:
+    """Run (or finish, or just re-report) the lab under ``out``.
+
+    Args:
+        cfg: the settings (see :data:`ftrecycle.lab.config.PRESETS`).
+        out: run directory; finished jobs found there are reused.
+        force: discard a run made with other settings.
+        progress: called with (jobs finished, jobs in total, job id).
+
+    Returns:
+        Paths of the report, results and plots, the findings and timing.
+
+    Raises:
+        ConfigError: ``out`` holds a run of other settings (without ``force``).
+        JobFailed: an experiment failed (finished jobs stay cached; rerun to continue).
+    """
+    t0 = time.perf_counter()
+    cfg = cfg.validate()
+    root = Path(out).expanduser().resolve()
+    _check_config(root, cfg, force)
+    jobs = []
+    for seed in cfg.seeds:
+        sroot = root / f"seed-{seed}"
+        data = data_files(
+            sroot / "data",
+            seed=seed,
+            train_items=cfg.train_items,
+            test_items=cfg.test_items,
+            language_items=cfg.language_items,
+        )
+        jobs += seed_jobs(cfg, seed, sroot, data)
+    # One cache for every seed's jobs, so that seeds overlap in the worker pool.
+    cache = root / "jobs"
+    cached = sum((cache / f"{j.id}.json").is_file() for j in jobs)
+    res = run_jobs(jobs, cache, workers=cfg.workers, progress=progress)
+    jobs_run = len(jobs) - cached
+    per_seed = {str(seed): collect_seed(cfg, seed, res) for seed in cfg.seeds}
+    seeds = list(per_seed.values())
+    mean = combine(seeds, "mean")
+    findings = all_findings(mean, cfg.ft_steps)
+    by_seed: dict[str, list[bool]] = {str(f["id"]): [] for f in findings}
+    for s in seeds:
+        for f in all_findings(s, cfg.ft_steps):
+            by_seed[str(f["id"])].append(bool(f["passed"]))
+    results = {
+        "config": cfg.to_json(),
+        "parameters": parameters(root / f"seed-{cfg.seeds[0]}" / "models" / "pretrain" / "M1"),
+        "mean": mean,
+        "spread": combine(seeds, "spread"),
+        "per_seed": per_seed,
+        "findings": findings,
+        "findings_per_seed": by_seed,
+        "paper": paper.as_json(),
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    write_json_atomic(root / RESULTS, results)
+    pngs = plots(results, root)
+    report = root / REPORT
+    tmp = root / f".{REPORT}.tmp"
+    tmp.write_text(render(results))
+    tmp.replace(report)
+    return LabResult(root, report, root / RESULTS, pngs, findings, time.perf_counter() - t0, jobs_run)
+
+
+def rebuild_report(out: str | Path) -> Path:
+    """Rewrite report.md and the plots of a finished run from its results.json.
+
+    Raises:
+        ConfigError: no results.json in ``out``.
+    """
+    root = Path(out).expanduser()
+    f = root / RESULTS
+    if not f.is_file():
+        raise ConfigError(f"{f} does not exist: run `ftrecycle lab run --out {out}` first")
+    results = json.loads(f.read_text())
+    plots(results, root)
+    tmp = root / f".{REPORT}.tmp"
+    tmp.write_text(render(results))
+    tmp.replace(root / REPORT)
+    return root / REPORT

@@ -1,0 +1,184 @@
+"""A small dependency-ordered job runner with a result cache, for the lab's many short runs.
+
+Each job is a module-level function returning a JSON-ready dict. A finished job's result is
+written (atomically) to ``CACHE/<job id>.json``; a rerun loads it instead of running the job.
+Independent jobs run at once in worker processes (``spawn``, each with its share of the
+cores), because the lab's models are too small for one process to keep two cores busy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+from ftrecycle.errors import ConfigError, FtRecycleError
+
+JobFn = Callable[..., dict[str, Any]]
+Progress = Callable[[int, int, str], None]
+
+
+@dataclass(frozen=True)
+class Job:
+    """One unit of work.
+
+    Attributes:
+        id: unique name; also the cache file's name.
+        fn: a module-level function (so worker processes can import it).
+        kwargs: its arguments (picklable).
+        deps: ids of jobs that must finish first.
+        threads: torch threads for this job (default: the runner's per-worker share); a job that others
+            wait for, like pretraining, takes every core.
+    """
+
+    id: str
+    fn: JobFn
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    deps: tuple[str, ...] = ()
+    threads: int | None = None
+
+
+class JobFailed(FtRecycleError):
+    """A lab job raised; the message names the job and the cause."""
+
+
+def _init_worker(threads: int) -> Callable[[], None]:
+    """Set torch's threads and silence transformers' own progress bars; returns an undo."""
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    old_threads, bars_on, verbosity = (
+        torch.get_num_threads(),
+        hf_logging.is_progress_bar_enabled(),
+        hf_logging.get_verbosity(),
+    )
+    torch.set_num_threads(threads)
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+    def undo() -> None:
+        torch.set_num_threads(old_threads)
+        hf_logging.set_verbosity(verbosity)
+        if bars_on:
+            hf_logging.enable_progress_bar()
+
+    return undo
+
+
+def _call(fn: JobFn, kwargs: dict[str, Any], threads: int | None) -> dict[str, Any]:
+    import torch
+
+    if threads is None:
+        return fn(**kwargs)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return fn(**kwargs)
+    finally:
+        torch.set_num_threads(old)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON to a temporary file beside ``path``, then rename it into place."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def run_jobs(
+    jobs: list[Job],
+    cache: Path,
+    *,
+    workers: int = 1,
+    threads: int | None = None,
+    progress: Progress | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Run ``jobs`` in dependency order, reusing cached results.
+
+    Args:
+        jobs: the work; every dependency must be one of these ids.
+        cache: directory of finished jobs' results.
+        workers: jobs at once (1: in this process).
+        threads: torch threads per worker (default: cores / workers).
+        progress: called with (jobs finished, jobs in total, id of the job just finished).
+
+    Returns:
+        Job id -> result.
+
+    Raises:
+        ConfigError: duplicate ids, an unknown dependency or a cycle.
+        JobFailed: a job raised (the others are cancelled; finished ones stay cached).
+    """
+    by_id = {j.id: j for j in jobs}
+    if len(by_id) != len(jobs):
+        raise ConfigError("lab jobs have duplicate ids")
+    for j in jobs:
+        missing = [d for d in j.deps if d not in by_id]
+        if missing:
+            raise ConfigError(f"lab job {j.id} depends on unknown job(s) {', '.join(missing)}")
+    cache.mkdir(parents=True, exist_ok=True)
+    results: dict[str, dict[str, Any]] = {}
+    for j in jobs:
+        f = cache / f"{j.id}.json"
+        if f.is_file():
+            results[j.id] = json.loads(f.read_text())
+    total = len(jobs)
+    if progress is not None:
+        progress(len(results), total, "")
+    pending = [j for j in jobs if j.id not in results]
+    threads = threads or max(1, (os.cpu_count() or 1) // max(1, workers))
+
+    def finish(job: Job, result: dict[str, Any]) -> None:
+        write_json_atomic(cache / f"{job.id}.json", result)
+        results[job.id] = result
+        if progress is not None:
+            progress(len(results), total, job.id)
+
+    def ready() -> list[Job]:
+        return [j for j in pending if all(d in results for d in j.deps)]
+
+    if workers <= 1:
+        undo = _init_worker(threads)
+        try:
+            while pending:
+                batch = ready()
+                if not batch:
+                    raise ConfigError(f"lab jobs have a dependency cycle among {', '.join(j.id for j in pending)}")
+                job = batch[0]
+                pending.remove(job)
+                try:
+                    finish(job, _call(job.fn, job.kwargs, job.threads))
+                except FtRecycleError as e:
+                    raise JobFailed(f"lab job {job.id} failed: {e}") from e
+        finally:
+            undo()
+        return results
+
+    with ProcessPoolExecutor(
+        workers, mp_context=get_context("spawn"), initializer=_init_worker, initargs=(threads,)
+    ) as pool:
+        running: dict[Future[dict[str, Any]], Job] = {}
+        while pending or running:
+            for job in ready():
+                if len(running) >= workers:
+                    break
+                pending.remove(job)
+                running[pool.submit(_call, job.fn, job.kwargs, job.threads)] = job
+            if not running:
+                raise ConfigError(f"lab jobs have a dependency cycle among {', '.join(j.id for j in pending)}")
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for fut in done:
+                job = running.pop(fut)
+                try:
+                    result = fut.result()
+                except Exception as e:
+                    for other in running:
+                        other.cancel()
+                    raise JobFailed(f"lab job {job.id} failed: {type(e).__name__}: {e}") from e
+                finish(job, result)
+    return results

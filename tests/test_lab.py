@@ -1,0 +1,282 @@
+"""The lab: its world, its job runner, its findings, and the whole pipeline on the smoke preset."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ftrecycle import ConfigError
+from ftrecycle.cli import main
+from ftrecycle.lab import preset, run_lab, world
+from ftrecycle.lab.aggregate import combine
+from ftrecycle.lab.experiments import pairs
+from ftrecycle.lab.findings import all_findings, convergence, grouping, iterative, recovery
+from ftrecycle.lab.report import render
+from ftrecycle.lab.run import rebuild_report
+from ftrecycle.lab.scheduler import Job, JobFailed, run_jobs
+
+V = ("M1", "M2", "M3", "M4", "M5")
+
+
+# --- the world -------------------------------------------------------------------------------------------
+
+
+def _check_solution(answer: str) -> int:
+    """Recompute every ``a op b = c`` step of an SFT answer; return the final value."""
+    steps = re.findall(r"(\d+) ([+-]) (\d+) = (\d+)", answer)
+    assert steps, answer
+    prev = None
+    for a, op, b, c in steps:
+        a, b, c = int(a), int(b), int(c)
+        assert c == (a + b if op == "+" else a - b), answer
+        assert prev is None or a == prev, f"a step does not start from the previous result: {answer}"
+        prev = c
+    final = int(answer.split("#### ")[1])
+    assert final == prev
+    return final
+
+
+def test_problems_are_correct_and_in_range():
+    rng = random.Random(3)
+    for item in world.sft_items(rng, 300):
+        final = _check_solution(item["answer"])
+        assert 0 <= final <= world.MAX_NUMBER
+        start = int(item["question"].split(" has ")[1].split()[0])
+        assert item["answer"].startswith(f"{start} ")
+
+
+def test_tokenizer_covers_every_generated_text_without_unknowns():
+    tok = world.tokenizer()
+    rng = random.Random(0)
+    texts = [next(world.documents(rng, mix)) for mix in (world.STAGE1, world.STAGE2) for _ in range(300)]
+    texts += [f"{i['question']} {i['answer']}" for i in world.sft_items(rng, 200)]
+    texts += [f"{i['question']} {i['answer']}" for i in world.sft_items(rng, 200, language=True)]
+    for t in texts:
+        ids = tok(t, add_special_tokens=False)["input_ids"]
+        assert tok.unk_token_id not in ids, t
+        assert tok.decode(ids) == " ".join(t.split())  # numbers are single tokens; decoding round-trips
+    assert len(tok) == len(set(world.vocabulary()))
+
+
+def test_second_language_is_a_bijection_that_keeps_numbers_and_format():
+    table = world.cipher()
+    assert len(set(table.values())) == len(table)
+    assert not set(table.values()) & (set(world.english_words()) - {".", ",", "?"})
+    item = world.sft_items(random.Random(1), 1, language=True)[0]
+    _check_solution(item["answer"])  # the arithmetic and "#### N" survive translation
+    assert "has" not in item["question"].split()
+
+
+# --- the job runner ---------------------------------------------------------------------------------------
+
+CALLS: list[str] = []
+
+
+def _job(name: str, value: int) -> dict[str, Any]:
+    CALLS.append(name)
+    return {"value": value}
+
+
+def _boom() -> dict[str, Any]:
+    raise ConfigError("bad thing in job")
+
+
+def test_jobs_run_in_dependency_order_and_are_cached(tmp_path):
+    CALLS.clear()
+    jobs = [
+        Job("c", _job, {"name": "c", "value": 3}, ("a", "b")),
+        Job("b", _job, {"name": "b", "value": 2}, ("a",)),
+        Job("a", _job, {"name": "a", "value": 1}),
+    ]
+    res = run_jobs(jobs, tmp_path / "cache")
+    assert CALLS == ["a", "b", "c"]
+    assert {k: v["value"] for k, v in res.items()} == {"a": 1, "b": 2, "c": 3}
+    CALLS.clear()
+    again = run_jobs(jobs, tmp_path / "cache")
+    assert CALLS == [] and again == res
+
+
+def test_job_runner_refuses_cycles_and_names_a_failing_job(tmp_path):
+    with pytest.raises(ConfigError, match="cycle"):
+        run_jobs(
+            [Job("a", _job, {"name": "a", "value": 1}, ("b",)), Job("b", _job, {"name": "b", "value": 1}, ("a",))],
+            tmp_path / "c1",
+        )
+    with pytest.raises(ConfigError, match="unknown"):
+        run_jobs([Job("a", _job, {"name": "a", "value": 1}, ("zz",))], tmp_path / "c2")
+    with pytest.raises(JobFailed, match="lab job bad failed: bad thing"):
+        run_jobs([Job("ok", _job, {"name": "ok", "value": 1}), Job("bad", _boom, {}, ("ok",))], tmp_path / "c3")
+    assert (tmp_path / "c3" / "ok.json").is_file() and not (tmp_path / "c3" / "bad.json").exists()
+
+
+def test_job_runner_with_worker_processes(tmp_path):
+    jobs = [Job(f"j{i}", _job, {"name": f"j{i}", "value": i}, (f"j{i - 1}",) if i % 2 else ()) for i in range(4)]
+    res = run_jobs(jobs, tmp_path / "cache", workers=2, threads=1)
+    assert {k: v["value"] for k, v in res.items()} == {f"j{i}": i for i in range(4)}
+    with pytest.raises(JobFailed, match="bad"):
+        run_jobs([Job("bad", _boom, {})], tmp_path / "c2", workers=2, threads=1)
+
+
+# --- the findings, on hand-made numbers -------------------------------------------------------------------
+
+
+def _numbers(*, m5_plus_d4: float = 60.0, cross: float = 5.0, recycled_gap: float = 3.0, iter_ft: float = 70.0):
+    """A results record shaped like one seed's, with chosen values."""
+    base = {"M1": 10.0, "M2": 12.0, "M3": 15.0, "M4": 30.0, "M5": 32.0}
+    final = {"M1": 40.0, "M2": 45.0, "M3": 50.0, "M4": 70.0, "M5": 72.0}
+    steps = [0, 100, 200, 300]
+
+    def curve(start: float, end: float) -> list[list[float]]:
+        return [[s, round(start + (end - start) * s / steps[-1], 1)] for s in steps]
+
+    transfer = {j: {i: (base[j] + 20.0 if (i in V[:3]) == (j in V[:3]) else cross) for i in V if i != j} for j in V}
+    transfer["M5"]["M4"] = m5_plus_d4
+    direct = {v: {"final": final[v], "curve": curve(base[v], final[v])} for v in V}
+    # recycled: Mj + Δi at step 0, then flat at FT(Mj)'s final accuracy + recycled_gap
+    recycle = {
+        j: {
+            i: {
+                "final": final[j] + recycled_gap,
+                "curve": [[s, final[j] + recycled_gap if s else transfer[j][i]] for s in steps],
+            }
+            for i in V
+            if i != j
+        }
+        for j in V
+    }
+    its = {v: {"iter_ft": iter_ft, "dir_ft": 70.0} for v in ("M3", "M4", "M5")}
+    return {"base": base, "transfer": transfer, "direct_ft": direct, "recycle_ft": recycle, "iterative": its}
+
+
+def test_finding_1_threshold_is_80_percent_of_the_gain():
+    # M5: base 32, FT 72 -> gain 40; 80 % is 64
+    assert recovery(_numbers(m5_plus_d4=64.0))["passed"] is False  # M4+Δ5 = 50 recovers 50 %
+    nums = _numbers(m5_plus_d4=64.0)
+    nums["transfer"]["M4"]["M5"] = 62.0  # 32 of 40 = 80 %
+    assert recovery(nums)["passed"] is True
+    nums["transfer"]["M5"]["M4"] = 63.9
+    assert recovery(nums)["passed"] is False
+
+
+def test_finding_2_needs_a_harmful_cross_transfer_and_a_2x_ratio():
+    assert grouping(_numbers(cross=5.0))["passed"] is True  # cross transfers sit below every target
+    f = grouping(_numbers(cross=40.0))  # above every target: gains across exceed half of those within
+    assert f["passed"] is False and f["numbers"]["cross_pairs_below_target"] == 0
+
+
+def test_finding_3_and_4_are_computed_from_the_curves():
+    assert convergence(_numbers(), ft_steps=300)["passed"] is True
+    slow = _numbers(recycled_gap=-5.0)
+    f = convergence(slow, ft_steps=300)
+    assert f["passed"] is False and f["numbers"]["held"] < f["numbers"]["comparisons"]
+    assert iterative(_numbers(iter_ft=69.0))["passed"] is True
+    assert iterative(_numbers(iter_ft=68.9))["passed"] is False
+
+
+def test_seed_mean_and_spread():
+    a, b = {"x": 1.0, "c": [[0, 10.0], [5, 20.0]]}, {"x": 3.0, "c": [[0, 30.0], [5, 40.0]]}
+    assert combine([a, b], "mean") == {"x": 2.0, "c": [[0, 20.0], [5, 30.0]]}
+    assert combine([a, b], "spread") == {"x": 2.0, "c": [[0, 20.0], [5, 20.0]]}
+
+
+# --- the whole pipeline -----------------------------------------------------------------------------------
+
+
+def _numbers_in(obj: Any) -> set[str]:
+    out: set[str] = set()
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            out |= _numbers_in(v) | _numbers_in(k)
+    elif isinstance(obj, list):
+        for v in obj:
+            out |= _numbers_in(v)
+    elif isinstance(obj, bool) or obj is None:
+        pass
+    elif isinstance(obj, (int, float)):
+        out |= {f"{obj:.1f}", f"{obj:+.1f}", str(obj)} | ({str(int(obj))} if float(obj).is_integer() else set())
+    return out
+
+
+@pytest.fixture(scope="module")
+def lab_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("lab") / "run"
+    assert main(["lab", "run", "--preset", "smoke", "--out", str(out), "--workers", "1", "--quiet"]) == 0
+    return out
+
+
+def test_lab_writes_report_plots_and_results(lab_run):
+    results = json.loads((lab_run / "results.json").read_text())
+    report = (lab_run / "report.md").read_text()
+    for heading in (
+        "## Findings",
+        "(a) Direct fine-tuning",
+        "(b) Transfer matrix",
+        "(c) Recycling-then-fine-tuning",
+        "(d) Iterative vs direct",
+        "(e) A second language",
+    ):
+        assert heading in report
+    for png in ("transfer_matrix.png", "recycle_curves.png", "iterative_curves.png", "direct_ft_curves.png"):
+        assert (lab_run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"]({png})" in report
+    verdicts = re.findall(r"^\| (\d) \|.*\*\*(PASS|FAIL)\*\*", report, flags=re.M)
+    assert [int(n) for n, _ in verdicts] == [1, 2, 3, 4]
+    assert [v == "PASS" for _, v in verdicts] == [f["passed"] for f in results["findings"]]
+    assert len(results["mean"]["transfer"]) == 5 and sum(len(r) for r in results["mean"]["transfer"].values()) == 20
+    assert len(pairs()) == 20
+
+
+def test_every_number_in_the_report_comes_from_results_json(lab_run):
+    results = json.loads((lab_run / "results.json").read_text())
+    known = _numbers_in(results)
+    report = (lab_run / "report.md").read_text()
+    rows = [line for line in report.splitlines() if line.startswith("|") and not line.startswith("|---")]
+    assert len(rows) > 60
+    unknown = []
+    for row in rows:
+        # names, not numbers: versions, diffs, the paper's model names
+        cleaned = re.sub(r"\b(M\d|FT\(M\d[^)]*\)|Δ\d(\.\d)?|Llama 3\.\d 8B|3\.\d Instruct)", "", row)
+        for num in re.findall(r"[+-]?\d+(?:\.\d+)?", cleaned):
+            if num not in known and num.lstrip("+") not in known:
+                unknown.append((num, row[:80]))
+    assert not unknown, unknown[:10]
+
+
+def test_findings_are_recomputed_from_the_results_not_written_by_hand(lab_run, tmp_path):
+    results = json.loads((lab_run / "results.json").read_text())
+    assert all_findings(results["mean"], results["config"]["ft_steps"]) == results["findings"]
+    # Edit the numbers so that finding 4 must pass, re-render: the verdict follows the numbers.
+    m = results["mean"]
+    m["iterative"]["M5"]["iter_ft"] = m["iterative"]["M5"]["dir_ft"] + 5.0
+    results["findings"] = all_findings(m, results["config"]["ft_steps"])
+    assert results["findings"][3]["passed"] is True
+    assert re.search(r"^\| 4 \|.*\*\*PASS\*\*", render(results), flags=re.M)
+    m["iterative"]["M5"]["iter_ft"] = m["iterative"]["M5"]["dir_ft"] - 5.0
+    results["findings"] = all_findings(m, results["config"]["ft_steps"])
+    assert re.search(r"^\| 4 \|.*\*\*FAIL\*\*", render(results), flags=re.M)
+
+
+def test_rerun_uses_the_cache_and_other_settings_are_refused(lab_run):
+    t0 = time.perf_counter()
+    res = run_lab(preset("smoke", workers=2), lab_run)  # --workers is not part of the cache key
+    assert res.jobs_run == 0
+    assert time.perf_counter() - t0 < 30
+    with pytest.raises(ConfigError, match="other settings"):
+        run_lab(preset("smoke", workers=1, test_items=8), lab_run)
+    assert rebuild_report(lab_run) == lab_run / "report.md"
+
+
+def test_presets_and_bad_settings():
+    assert preset("tiny").seeds == (0,) and len(preset("small").seeds) >= 3
+    with pytest.raises(ConfigError, match="unknown lab preset"):
+        preset("huge")
+    with pytest.raises(ConfigError, match="ft_steps"):
+        preset("tiny", ft_steps=0)
+    with pytest.raises(ConfigError, match="bad lab setting"):
+        preset("tiny", nonsense=1)
