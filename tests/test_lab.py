@@ -20,6 +20,7 @@ from ftrecycle.lab.findings import all_findings, convergence, grouping, iterativ
 from ftrecycle.lab.report import render
 from ftrecycle.lab.run import rebuild_report
 from ftrecycle.lab.scheduler import Job, JobFailed, run_jobs
+from ftrecycle.lab.signals import spearman
 
 V = ("M1", "M2", "M3", "M4", "M5")
 
@@ -179,6 +180,16 @@ def test_finding_3_and_4_are_computed_from_the_curves():
     assert iterative(_numbers(iter_ft=68.9))["passed"] is False
 
 
+def test_spearman_matches_scipy_with_ties():
+    scipy_stats = pytest.importorskip("scipy.stats")  # installed with lm-eval's dependencies
+    rng = random.Random(5)
+    for _ in range(20):
+        x = [rng.choice([0.0, 1.0, 2.5, rng.random()]) for _ in range(12)]
+        y = [rng.random() for _ in range(12)]
+        assert spearman(x, y) == pytest.approx(scipy_stats.spearmanr(x, y).statistic, abs=1e-12)
+    assert spearman([1.0, 1.0], [1.0, 2.0]) is None
+
+
 def test_seed_mean_and_spread():
     a, b = {"x": 1.0, "c": [[0, 10.0], [5, 20.0]]}, {"x": 3.0, "c": [[0, 30.0], [5, 40.0]]}
     assert combine([a, b], "mean") == {"x": 2.0, "c": [[0, 20.0], [5, 30.0]]}
@@ -220,9 +231,16 @@ def test_lab_writes_report_plots_and_results(lab_run):
         "(c) Recycling-then-fine-tuning",
         "(d) Iterative vs direct",
         "(e) A second language",
+        "(f) Does `diagnose` predict the gain?",
     ):
         assert heading in report
-    for png in ("transfer_matrix.png", "recycle_curves.png", "iterative_curves.png", "direct_ft_curves.png"):
+    for png in (
+        "transfer_matrix.png",
+        "recycle_curves.png",
+        "iterative_curves.png",
+        "direct_ft_curves.png",
+        "diagnostics.png",
+    ):
         assert (lab_run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"]({png})" in report
     verdicts = re.findall(r"^\| (\d) \|.*\*\*(PASS|FAIL)\*\*", report, flags=re.M)
@@ -230,6 +248,9 @@ def test_lab_writes_report_plots_and_results(lab_run):
     assert [v == "PASS" for _, v in verdicts] == [f["passed"] for f in results["findings"]]
     assert len(results["mean"]["transfer"]) == 5 and sum(len(r) for r in results["mean"]["transfer"].values()) == 20
     assert len(pairs()) == 20
+    diag = results["diagnostics_summary"]
+    assert len(diag["pairs"]) == 20 and set(diag["spearman"]) == {"score", "geometry", "cos", "barrier"}
+    assert set(diag["alpha_auto"]) == {"M5+Δ4", "M4+Δ5"}
 
 
 def test_every_number_in_the_report_comes_from_results_json(lab_run):

@@ -8,9 +8,11 @@ Development through Recycling Fine-tuning").
 __version__ = "0.1.0"
 
 from ftrecycle.delta.compute import diff
+from ftrecycle.diagnose.verdict import Diagnosis, best_alpha, diagnose
 from ftrecycle.errors import (
     CheckpointError,
     ConfigError,
+    DataError,
     FtRecycleError,
     HubError,
     IncompatibleModelsError,
@@ -23,6 +25,8 @@ from ftrecycle.transfer import TransferResult, apply_delta, transfer
 __all__ = [
     "CheckpointError",
     "ConfigError",
+    "DataError",
+    "Diagnosis",
     "FtRecycleError",
     "HubError",
     "IncompatibleModelsError",
@@ -32,6 +36,8 @@ __all__ = [
     "TransferResult",
     "__version__",
     "apply_delta",
+    "best_alpha",
+    "diagnose",
     "diff",
     "transfer",
 ]

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ftrecycle import __version__
-from ftrecycle.errors import FtRecycleError
+from ftrecycle.errors import ConfigError, FtRecycleError
 from ftrecycle.settings import DEFAULT_MAX_MEMORY, DEFAULT_SHARD_SIZE
 
 MODEL_HELP = "a local model directory, or a Hugging Face Hub id org/name[@revision]"
@@ -45,11 +45,24 @@ def _progress(quiet: bool) -> Callable[[int, int], None] | None:
     return update
 
 
+def _alpha(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number or 'auto', got {text!r}") from None
+
+
 def _write_options(p: argparse.ArgumentParser, *, delta: bool = False) -> None:
     g = p.add_argument_group("numerics")
     if not delta:
         g.add_argument(
-            "--alpha", type=float, default=1.0, help="scale of the diff: out = target + alpha * diff (default 1.0)"
+            "--alpha",
+            type=_alpha,
+            default=1.0,
+            help="scale of the diff: out = target + alpha * diff (default 1.0); `transfer` also takes 'auto': "
+            "the alpha of lowest loss on --calibration data (see `ftrecycle diagnose`)",
         )
     g.add_argument(
         "--compute-dtype",
@@ -158,6 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--target-base", required=True, metavar="C", help="the new version's base model")
     t.add_argument("-o", "--output", required=True, metavar="OUT", help="the directory to create")
     _write_options(t)
+    t.add_argument(
+        "--calibration",
+        default=None,
+        metavar="CALIB",
+        help="with --alpha auto: JSONL examples of the task (fine-tuning formats) to choose alpha on",
+    )
 
     d = sub.add_parser(
         "diff",
@@ -181,6 +200,24 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--target-base", required=True, metavar="C", help=f"the new base model: {MODEL_HELP}")
     a.add_argument("-o", "--output", required=True, metavar="OUT", help="the directory to create")
     _write_options(a)
+
+    dg = sub.add_parser(
+        "diagnose",
+        help="predict whether a transfer will help, before evaluating it",
+        description="Measure how the source's diff relates to the version drift (streamed, bounded memory): "
+        "relative drift |C-A|/|A|, diff size |B-A|/|A|, cos(diff, drift) and sign agreement, in total, by "
+        "module type and by layer. With --data (a few hundred examples of your task, in a fine-tuning "
+        "format) also probe the loss along the straight path A -> C (barrier) and the loss of C + alpha*diff "
+        "on a grid of alpha. Prints a verdict (likely helps / uncertain / likely hurts) with its reasons.",
+    )
+    dg.add_argument("--source-base", required=True, metavar="A", help=f"the source's base model: {MODEL_HELP}")
+    dg.add_argument("--source-finetuned", required=True, metavar="B", help="the source's fine-tuned model")
+    dg.add_argument("--target-base", required=True, metavar="C", help="the new base model")
+    dg.add_argument("--data", default=None, metavar="CALIB", help="calibration JSONL (enables the loss probe)")
+    dg.add_argument("--max-examples", type=int, default=256, help="calibration examples used (default 256)")
+    dg.add_argument("--device", default=None, help="the probe's device (default: CUDA when available)")
+    dg.add_argument("--plot", default=None, metavar="PNG", help="also draw drift, diff size and cos by layer")
+    dg.add_argument("--json", action="store_true", help="print JSON instead of markdown")
 
     demo = sub.add_parser(
         "demo",
@@ -259,6 +296,43 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off)")
     _lab_parser(sub)
     return parser
+
+
+def _auto_alpha(ns: argparse.Namespace) -> float:
+    from ftrecycle.errors import ConfigError
+
+    if ns.alpha != "auto":
+        if ns.calibration is not None:
+            raise ConfigError("--calibration is only used with --alpha auto")
+        return float(ns.alpha)
+    if ns.calibration is None:
+        raise ConfigError("--alpha auto needs --calibration CALIB (JSONL examples of the task)")
+    from ftrecycle.diagnose.verdict import best_alpha
+
+    pr = best_alpha(ns.source_base, ns.source_finetuned, ns.target_base, ns.calibration)
+    losses = ", ".join(f"{a:g}: {lo:.4f}" for a, lo in pr.alphas)
+    print(f"alpha auto: {pr.best_alpha:g} (calibration loss by alpha: {losses})", file=sys.stderr)
+    return pr.best_alpha
+
+
+def _diagnose(ns: argparse.Namespace) -> None:
+    import json
+
+    from ftrecycle.diagnose.verdict import diagnose, format_diagnosis
+
+    d = diagnose(
+        ns.source_base,
+        ns.source_finetuned,
+        ns.target_base,
+        data=ns.data,
+        max_examples=ns.max_examples,
+        device=ns.device,
+    )
+    if ns.plot:
+        from ftrecycle.diagnose.plot import plot_layers
+
+        plot_layers(d.geometry, ns.plot)
+    print(json.dumps(d.to_json(), indent=1) if ns.json else format_diagnosis(d), end="" if not ns.json else "\n")
 
 
 def _lab_parser(sub: Any) -> None:
@@ -473,7 +547,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     ns.source_finetuned,
                     ns.target_base,
                     ns.output,
-                    alpha=ns.alpha,
+                    alpha=_auto_alpha(ns),
                     out_dtype=ns.out_dtype,
                     config_from=ns.config_from,
                     tokenizer_from=ns.tokenizer_from,
@@ -487,6 +561,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             _report(diff(ns.base, ns.finetuned, ns.output, delta_dtype=ns.delta_dtype, **_common(ns)))
         elif ns.command == "apply":
             from ftrecycle.transfer import apply_delta
+
+            if ns.alpha == "auto":
+                raise ConfigError("--alpha auto needs the source models: use `ftrecycle transfer`")
 
             _report(
                 apply_delta(
@@ -541,6 +618,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(summary_table(iterate(spec, progress=ns.progress), spec.mode), end="")
         elif ns.command == "eval":
             _eval(ns)
+        elif ns.command == "diagnose":
+            _diagnose(ns)
         elif ns.command == "lab":
             _lab(ns)
         elif ns.command == "demo":

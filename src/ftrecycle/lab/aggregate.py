@@ -20,8 +20,8 @@ def combine(values: list[Any], how: str) -> Any:
         return first
     if isinstance(first, (int, float)):
         if how == "mean":
-            return round(sum(values) / len(values), 1)
-        return round(max(values) - min(values), 1)
+            return round(sum(values) / len(values), 4)
+        return round(max(values) - min(values), 4)
     if isinstance(first, dict):
         return {k: combine([v[k] for v in values], how) for k in first}
     if _is_curve(first):

@@ -9,6 +9,8 @@ Naming (directories under ``seed-S/models`` and job ids):
   paper's direct recycling-then-fine-tuning Δ^dir of experiment d);
 * ``Mi+iter`` / ``ft-Mi+iter``: Algorithm 1's Mi + Δ^iter_{i-1} before and after fine-tuning,
   for i ≥ 3 (for i = 2 it is ``ft-M2+d1``, as in the paper);
+* ``diag-Mj+di``: ``diagnose`` of the pair; ``Mj+diauto``: Mj + α·Δi with α chosen on calibration
+  data (experiment f, for the diagnostics);
 * ``lang-ft-M4``: the instruction-tuned M4 (ft-M4) fine-tuned on the second language;
   ``ft-M5+dlang``: ft-M5 + (lang-ft-M4 − ft-M4) (experiment e).
 """
@@ -21,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ftrecycle.lab.config import LabConfig
-from ftrecycle.lab.jobs import eval_job, finetune_job, pretrain_job, transfer_job
+from ftrecycle.lab.jobs import auto_alpha_job, diagnose_job, eval_job, finetune_job, pretrain_job, transfer_job
 from ftrecycle.lab.pretrain import VERSIONS
 from ftrecycle.lab.scheduler import Job
 
@@ -130,6 +132,28 @@ def seed_jobs(cfg: LabConfig, seed: int, root: Path, data: dict[str, Path]) -> l
     jobs.append(
         xfer("ft-M5+dlang", str(m / "ft-M4"), str(m / "lang-ft-M4"), str(m / "ft-M5"), ("lang-ft-M4", "ft-M5"), te=lte)
     )
+    # (f) diagnostics of every pair (calibration: the first training problems), --alpha auto on stage 2
+    for i, j in pairs():
+        args = {"source_base": base[i], "source_finetuned": str(m / f"ft-{i}"), "target_base": base[j]}
+        jobs.append(
+            Job(f"{prefix}diag-{j}+d{i[1]}", diagnose_job, {**args, "calibration": train}, (f"{prefix}ft-{i}",))
+        )
+    for i, j in (("M4", "M5"), ("M5", "M4")):
+        args = {"source_base": base[i], "source_finetuned": str(m / f"ft-{i}"), "target_base": base[j]}
+        jobs.append(
+            Job(
+                f"{prefix}{j}+d{i[1]}auto",
+                auto_alpha_job,
+                {
+                    **args,
+                    "out": str(m / f"{j}+d{i[1]}auto"),
+                    "test": test,
+                    "calibration": train,
+                    "max_new_tokens": cfg.max_new_tokens,
+                },
+                (f"{prefix}ft-{i}",),
+            )
+        )
     return jobs
 
 
@@ -170,8 +194,19 @@ def collect_seed(cfg: LabConfig, seed: int, res: dict[str, dict[str, Any]]) -> d
         "M5_instruct_plus_delta": r["ft-M5+dlang"]["accuracy"],
         "curve": lang["curve"],
     }
+    diagnostics = {j: {i: r[f"diag-{j}+d{i[1]}"] for i in VERSIONS if i != j} for j in VERSIONS}
+    alpha_auto = {
+        f"{j}+Δ{i[1]}": {
+            "alpha": r[f"{j}+d{i[1]}auto"]["alpha"],
+            "accuracy": r[f"{j}+d{i[1]}auto"]["accuracy"],
+            "accuracy_alpha_1": transfer[j][i],
+        }
+        for i, j in (("M4", "M5"), ("M5", "M4"))
+    }
     pre = r["pretrain"]
     return {
+        "diagnostics": diagnostics,
+        "alpha_auto": alpha_auto,
         "base": base,
         "direct_ft": direct,
         "transfer": transfer,

@@ -13,6 +13,8 @@ from typing import Any
 from ftrecycle.evaluate.data import read_gsm8k
 from ftrecycle.io.output import atomic_directory
 
+CALIBRATION_ITEMS = 200  # the first training problems: the "few hundred examples of the task" diagnose uses
+
 
 def _pct(x: float) -> float:
     return round(100.0 * x, 1)
@@ -109,3 +111,51 @@ def data_files(root: Path, *, seed: int, train_items: int, test_items: int, lang
         tmp.replace(path)
     write_json_atomic(root / "data.json", {"seed": seed, "files": {k: str(v.name) for k, v in out.items()}})
     return out
+
+
+def diagnose_job(source_base: str, source_finetuned: str, target_base: str, calibration: str) -> dict[str, Any]:
+    """``diagnose`` with calibration data: geometry totals, probe numbers, verdict and score."""
+    from ftrecycle.diagnose.verdict import diagnose
+
+    d = diagnose(source_base, source_finetuned, target_base, data=calibration, max_examples=CALIBRATION_ITEMS)
+    g, pr = d.geometry.total, d.probe
+    if pr is None:  # diagnose runs the probe whenever data is given
+        raise RuntimeError("diagnose returned no probe")
+    return {
+        "verdict": d.verdict,
+        "score": d.score,
+        "drift_over_delta": g["drift_over_delta"],
+        "drift_rel": g["drift_rel"],
+        "cos": g["cos"],
+        "sign_agreement": g["sign_agreement"],
+        "barrier": pr.barrier,
+        "loss_target": pr.loss_target,
+        "loss_transfer": pr.loss_transfer,
+        "best_alpha": pr.best_alpha,
+    }
+
+
+def auto_alpha_job(
+    source_base: str,
+    source_finetuned: str,
+    target_base: str,
+    out: str,
+    test: str,
+    calibration: str,
+    max_new_tokens: int,
+) -> dict[str, Any]:
+    """``transfer --alpha auto`` (α chosen on calibration data), then score it."""
+    from ftrecycle.diagnose.verdict import best_alpha
+    from ftrecycle.transfer import transfer
+
+    path = Path(out)
+    pr = best_alpha(source_base, source_finetuned, target_base, calibration, max_examples=CALIBRATION_ITEMS)
+    if not path.is_dir():
+        transfer(
+            source_base=source_base,
+            source_finetuned=source_finetuned,
+            target_base=target_base,
+            output=path,
+            alpha=pr.best_alpha,
+        )
+    return {"alpha": pr.best_alpha, "accuracy": evaluate_model(path, test, max_new_tokens=max_new_tokens)}

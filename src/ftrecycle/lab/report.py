@@ -16,6 +16,7 @@ PLOTS = {
     "recycle_curves": "recycle_curves.png",
     "iterative_curves": "iterative_curves.png",
     "direct_ft_curves": "direct_ft_curves.png",
+    "diagnostics": "diagnostics.png",
 }
 
 
@@ -88,6 +89,52 @@ def _findings(findings: list[dict[str, Any]], per_seed: dict[str, list[bool]]) -
         tail = f"; passes in {sum(seeds)} of {len(seeds)} seeds" if len(seeds) > 1 else ""
         lines.append(f"| {f['id']} | {f['claim']} | **{'PASS' if f['passed'] else 'FAIL'}** | {txt}{tail} |")
     return lines
+
+
+def _diagnostics(results: dict[str, Any]) -> list[str]:
+    from ftrecycle.lab.signals import SIGNALS
+
+    d = results["diagnostics_summary"]
+    rows = [
+        [
+            f"{r['target']}+Δ{r['source'][1]}",
+            r["gain"],
+            r["verdict"],
+            *[str(r[k]) for k in SIGNALS],
+            str(r["best_alpha"]),
+        ]
+        for r in d["pairs"]
+    ]
+    auto = [[name, str(v["alpha"]), v["accuracy"], v["accuracy_alpha_1"]] for name, v in d["alpha_auto"].items()]
+    rho = d["spearman"]
+    return [
+        "## (f) Does `diagnose` predict the gain? (issue: diagnostics)",
+        "",
+        "For every ordered pair, `ftrecycle diagnose` (geometry streamed from the checkpoints; the probe on the "
+        "first training problems as calibration data) beside the measured gain of Mj + Δi over Mj:",
+        "",
+        *_table(["pair", "gain", "verdict", *SIGNALS, "best α"], rows),
+        "",
+        "Spearman rank correlation with the measured gain, over the pairs:",
+        "",
+        *_table(
+            ["signal", "meaning", "Spearman ρ"],
+            [[k, SIGNALS[k], "–" if rho[k] is None else str(rho[k])] for k in SIGNALS],
+        ),
+        "",
+        f"Best predictor here: **{d['best_signal']}**. diagnose's score reaches ρ ≥ {d['target']}: "
+        f"**{'yes' if d['score_meets_target'] else 'no'}**.",
+        "",
+        "`--alpha auto` (α of lowest calibration loss) on the stage-2 pairs, against α = 1:",
+        "",
+        *_table(["pair", "α chosen", "accuracy, α auto", "accuracy, α = 1"], auto),
+        "",
+        "α auto at least as accurate as α = 1 on every stage-2 pair: "
+        f"**{'yes' if d['alpha_auto_not_worse'] else 'no'}**.",
+        "",
+        f"![diagnostics]({PLOTS['diagnostics']})",
+        "",
+    ]
 
 
 def render(results: dict[str, Any]) -> str:
@@ -250,6 +297,7 @@ def render(results: dict[str, Any]) -> str:
             ],
         ),
         "",
+        *(_diagnostics(results) if "diagnostics_summary" in results else []),
     ]
     return "\n".join(out)
 
@@ -328,4 +376,23 @@ def plots(results: dict[str, Any], out: Path) -> list[Path]:
     written.append(out / PLOTS["direct_ft_curves"])
     fig.savefig(written[-1], dpi=100)
     plt.close(fig)
+
+    if "diagnostics_summary" in results:
+        rows = results["diagnostics_summary"]["pairs"]
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+        for ax, key, label in (
+            (axes[0], "score", "diagnose score (calibration loss drop at α = 1)"),
+            (axes[1], "geometry", "− drift / diff"),
+        ):
+            for r in rows:
+                stage2 = r["source"] in ("M4", "M5") and r["target"] in ("M4", "M5")
+                ax.scatter(r[key], r["gain"], c="C3" if stage2 else "C0", s=18)
+                ax.annotate(f"{r['target']}+Δ{r['source'][1]}", (r[key], r["gain"]), fontsize=6)
+            ax.set_xlabel(label)
+            ax.axhline(0, color="k", lw=0.5)
+        axes[0].set_ylabel("measured gain of Mj + Δi over Mj (points)")
+        fig.tight_layout()
+        written.append(out / PLOTS["diagnostics"])
+        fig.savefig(written[-1], dpi=100)
+        plt.close(fig)
     return written

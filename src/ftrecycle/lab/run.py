@@ -18,6 +18,7 @@ from ftrecycle.lab.findings import all_findings
 from ftrecycle.lab.jobs import data_files
 from ftrecycle.lab.report import plots, render
 from ftrecycle.lab.scheduler import Progress, run_jobs, write_json_atomic
+from ftrecycle.lab.signals import diagnostics_summary
 
 CONFIG_FILE = "lab-config.json"
 RESULTS = "results.json"
@@ -140,6 +141,7 @@ def run_lab(
         "per_seed": per_seed,
         "findings": findings,
         "findings_per_seed": by_seed,
+        "diagnostics_summary": diagnostics_summary(mean),
         "paper": paper.as_json(),
         "seconds": round(time.perf_counter() - t0, 1),
     }

@@ -1,0 +1,1 @@
+"""Diagnostics of the parameter-space relation between model versions (geometry, connectivity probe)."""
