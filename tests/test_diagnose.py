@@ -35,6 +35,19 @@ def calib(tmp_path_factory) -> Path:
     return path
 
 
+def _cli(command: str, v: dict[str, Path]) -> list[str]:
+    """``ftrecycle COMMAND`` with the three models of a version trio."""
+    return [
+        command,
+        "--source-base",
+        str(v["source_base"]),
+        "--source-finetuned",
+        str(v["source_finetuned"]),
+        "--target-base",
+        str(v["target_base"]),
+    ]
+
+
 def _reference(a: Path, b: Path, c: Path) -> dict[str, float]:
     ta, tb, tc = (load_dir(p) for p in (a, b, c))
     names = [n for n in ta if n in tb and n in tc and ta[n].shape == tc[n].shape and ta[n].is_floating_point()]
@@ -97,19 +110,12 @@ def test_probe_losses_are_the_models_losses(versions, calib):
 
 def test_diagnose_cli_json_and_verdict(versions, calib, capsys):
     v = versions["qwen2"]
-    args = [
-        "--source-base",
-        str(v["source_base"]),
-        "--source-finetuned",
-        str(v["source_finetuned"]),
-        "--target-base",
-        str(v["target_base"]),
-    ]
-    assert main(["diagnose", *args, "--json"]) == 0
+    args = _cli("diagnose", v)
+    assert main([*args, "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["verdict"] in ("likely helps", "uncertain", "likely hurts") and out["probe"] is None
     assert out["reasons"] and "cos(diff, drift)" in out["reasons"][0]
-    assert main(["diagnose", *args, "--data", str(calib)]) == 0
+    assert main([*args, "--data", str(calib)]) == 0
     text = capsys.readouterr().out
     assert text.startswith("verdict: **") and "| α | loss of C + αΔ |" in text and "barrier:" in text
     d = diagnose(str(v["source_base"]), str(v["source_finetuned"]), str(v["target_base"]), data=calib)
@@ -119,16 +125,7 @@ def test_diagnose_cli_json_and_verdict(versions, calib, capsys):
 
 def test_alpha_auto_picks_the_grid_minimum_and_records_it(versions, calib, tmp_path, capsys):
     v = versions["llama"]
-    args = [
-        "transfer",
-        "--source-base",
-        str(v["source_base"]),
-        "--source-finetuned",
-        str(v["source_finetuned"]),
-        "--target-base",
-        str(v["target_base"]),
-        "-q",
-    ]
+    args = [*_cli("transfer", v), "-q"]
     assert main([*args, "-o", str(tmp_path / "out"), "--alpha", "auto", "--calibration", str(calib)]) == 0
     err = capsys.readouterr().err
     chosen = float(err.split("alpha auto: ")[1].split()[0])
@@ -144,15 +141,7 @@ def test_bad_calibration_data_is_one_clear_error(versions, tmp_path, capsys):
     v = versions["llama"]
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "1 + 1 = ?", "answer": "2"}\nnot json\n')
-    args = [
-        "diagnose",
-        "--source-base",
-        str(v["source_base"]),
-        "--source-finetuned",
-        str(v["source_finetuned"]),
-        "--target-base",
-        str(v["target_base"]),
-    ]
+    args = [*_cli("diagnose", v)]
     assert main([*args, "--data", str(bad)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "bad.jsonl" in err[0] and ":2" in err[0]
@@ -166,19 +155,8 @@ def test_bad_calibration_data_is_one_clear_error(versions, tmp_path, capsys):
 def test_geometry_memory_is_bounded_on_a_128256_x_4096_embedding(tmp_path):
     layout = [("model.embed_tokens.weight", (128256, 4096)), ("model.norm.weight", (4096,))]
     a, b, c = _trio(tmp_path, layout, **ARCH)
-    cmd = [
-        sys.executable,
-        "-c",
-        CHILD,
-        "diagnose",
-        "--source-base",
-        str(a),
-        "--source-finetuned",
-        str(b),
-        "--target-base",
-        str(c),
-        "--json",
-    ]
+    trio = {"source_base": a, "source_finetuned": b, "target_base": c}
+    cmd = [sys.executable, "-c", CHILD, *_cli("diagnose", trio), "--json"]
     p = subprocess.run(cmd, capture_output=True, text=True, check=False)
     assert p.returncode == 0, p.stderr
     peak_mib = int(p.stdout.split("VmHWM_KiB")[1].split()[0]) / 1024
