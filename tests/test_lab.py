@@ -116,6 +116,19 @@ def test_job_runner_refuses_cycles_and_names_a_failing_job(tmp_path):
     assert (tmp_path / "c3" / "ok.json").is_file() and not (tmp_path / "c3" / "bad.json").exists()
 
 
+def _sleep(seconds: float) -> dict[str, Any]:
+    time.sleep(seconds)
+    return {}
+
+
+def test_a_failing_job_stops_the_other_workers_at_once(tmp_path):
+    t0 = time.perf_counter()
+    with pytest.raises(JobFailed, match="bad"):
+        run_jobs([Job("slow", _sleep, {"seconds": 60}), Job("bad", _boom, {})], tmp_path / "c", workers=2, threads=1)
+    assert time.perf_counter() - t0 < 30  # did not wait for the 60 s job
+    assert not (tmp_path / "c" / "slow.json").exists()
+
+
 def test_job_runner_with_worker_processes(tmp_path):
     jobs = [Job(f"j{i}", _job, {"name": f"j{i}", "value": i}, (f"j{i - 1}",) if i % 2 else ()) for i in range(4)]
     res = run_jobs(jobs, tmp_path / "cache", workers=2, threads=1)

@@ -388,6 +388,12 @@ def _lab(ns: argparse.Namespace) -> None:
     if ns.workers is not None:
         overrides["workers"] = ns.workers
     cfg = preset(ns.preset, **overrides)
+    import signal
+
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt  # so that `kill` stops the worker processes too
+
+    signal.signal(signal.SIGTERM, stop)
     bar: list[Any] = []
 
     def progress(done: int, total: int, job: str) -> None:
@@ -631,7 +637,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ftrecycle: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        print("ftrecycle: interrupted; nothing was written under the output name", file=sys.stderr)
+        print("ftrecycle: interrupted; nothing half-written was left under an output name", file=sys.stderr)
         return 130
     return 0
 

@@ -159,9 +159,8 @@ def run_jobs(
             undo()
         return results
 
-    with ProcessPoolExecutor(
-        workers, mp_context=get_context("spawn"), initializer=_init_worker, initargs=(threads,)
-    ) as pool:
+    pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker, initargs=(threads,))
+    try:
         running: dict[Future[dict[str, Any]], Job] = {}
         while pending or running:
             for job in ready():
@@ -177,8 +176,15 @@ def run_jobs(
                 try:
                     result = fut.result()
                 except Exception as e:
-                    for other in running:
-                        other.cancel()
                     raise JobFailed(f"lab job {job.id} failed: {type(e).__name__}: {e}") from e
                 finish(job, result)
+    except BaseException:
+        # A failure or an interrupt stops the other workers too, instead of waiting for (or orphaning) their
+        # jobs: finished jobs are cached, and an unfinished one leaves only its temporary or resumable state.
+        # The executor has no public way to stop running work; _processes is its map of worker processes.
+        for proc in list(getattr(pool, "_processes", {}).values()):
+            proc.terminate()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
     return results
