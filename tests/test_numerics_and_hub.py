@@ -10,7 +10,7 @@ import torch
 
 from ftrecycle import ConfigError, HubError, MemoryBudgetError, apply_delta, diff, transfer
 from ftrecycle.dtypes import BF16, F16, F32, F64, from_torch
-from ftrecycle.engine import MIN_CHUNK, _Buffers, chunk_for_budget, narrow, widen
+from ftrecycle.engine import MIN_CHUNK, Buffers, chunk_for_budget, narrow, widen
 from ftrecycle.io import hub
 from ftrecycle.tiny import make_versions
 
@@ -36,7 +36,7 @@ def test_narrowing_matches_torch_including_ties_nan_and_overflow(src, dst):
     ]
     x = torch.cat([x, torch.tensor(specials, dtype=torch.float64)]).to(src)
     want = x.to(dst)
-    b = _Buffers(x.numel(), F64 if src == torch.float64 else F32)
+    b = Buffers(x.numel(), F64 if src == torch.float64 else F32)
     out = np.empty(x.numel(), dtype=from_torch(dst).storage)
     narrow(x.numpy(), from_torch(dst), out, b, nan_check=True)
     got = torch.from_numpy(out.view(np.int16)).view(dst)
@@ -50,11 +50,11 @@ def test_widening_bf16_and_f16_is_exact():
     x = torch.randn(10_000).to(torch.bfloat16)
     for compute, np_dtype in ((F32, np.float32), (F64, np.float64)):
         out = np.empty(x.numel(), dtype=np_dtype)
-        widen(x.view(torch.int16).numpy().view(np.uint16), BF16, out, _Buffers(x.numel(), compute))
+        widen(x.view(torch.int16).numpy().view(np.uint16), BF16, out, Buffers(x.numel(), compute))
         assert np.array_equal(out, x.to(torch.float64).numpy())
     h = torch.randn(10_000).to(torch.float16)
     out = np.empty(h.numel(), dtype=np.float32)
-    widen(h.numpy(), F16, out, _Buffers(h.numel(), F32))
+    widen(h.numpy(), F16, out, Buffers(h.numel(), F32))
     assert np.array_equal(out, h.float().numpy())
 
 

@@ -94,8 +94,8 @@ def chunk_for_budget(max_memory: int, threads: int, compute: DType) -> int:
     return int(chunk)
 
 
-class _Buffers:
-    """One worker's buffers, allocated once."""
+class Buffers:
+    """One worker's buffers, allocated once: raw read buffers, compute-dtype arrays, a float32 scratch."""
 
     def __init__(self, chunk: int, compute: DType) -> None:
         self.raw = [np.empty(chunk * 8, dtype=np.uint8) for _ in range(RAW_BUFFERS)]
@@ -106,7 +106,7 @@ class _Buffers:
         return self.raw[4][: n * dtype.itemsize].view(dtype)
 
 
-def widen(x: np.ndarray, src: DType, out: np.ndarray, b: _Buffers) -> np.ndarray:
+def widen(x: np.ndarray, src: DType, out: np.ndarray, b: Buffers) -> np.ndarray:
     """Convert storage values of ``src`` into ``out`` (float32 or float64), exactly where it widens."""
     if src is BF16:
         f32 = out if out.dtype == np.float32 else b.f32[: out.size]
@@ -120,7 +120,7 @@ def widen(x: np.ndarray, src: DType, out: np.ndarray, b: _Buffers) -> np.ndarray
     return out
 
 
-def narrow(x: np.ndarray, dst: DType, out: np.ndarray, b: _Buffers, *, nan_check: bool = False) -> np.ndarray:
+def narrow(x: np.ndarray, dst: DType, out: np.ndarray, b: Buffers, *, nan_check: bool = False) -> np.ndarray:
     """Round compute values ``x`` to ``dst`` (nearest-even) into ``out``, a storage view; return it.
 
     ``nan_check`` writes NaNs as the canonical bfloat16 NaN (the bit trick alone would turn a
@@ -151,7 +151,7 @@ def narrow(x: np.ndarray, dst: DType, out: np.ndarray, b: _Buffers, *, nan_check
     return out
 
 
-def first_nonfinite(out: np.ndarray, dtype: DType, b: _Buffers) -> int | None:
+def first_nonfinite(out: np.ndarray, dtype: DType, b: Buffers) -> int | None:
     """Index of the first NaN or infinity among floating storage values, or None.
 
     Masks off the sign and compares with the exponent mask: two passes over the
@@ -218,7 +218,7 @@ class Engine:
         stop = threading.Event()
 
         def worker() -> None:
-            bufs = _Buffers(self.chunk, self.compute)
+            bufs = Buffers(self.chunk, self.compute)
             while not stop.is_set():
                 with lock:
                     item = next(items, None)
@@ -249,7 +249,7 @@ class Engine:
         if errors:
             raise errors[0]
 
-    def _run_item(self, item: Item, b: _Buffers) -> None:
+    def _run_item(self, item: Item, b: Buffers) -> None:
         p, n, s = item.piece, item.count, item.start
         dtype = item.tensor.dtype
         offset = item.slot.offset + s * dtype.itemsize

@@ -20,10 +20,11 @@ from typing import Any
 import numpy as np
 
 from ftrecycle.arch import check_compatible
-from ftrecycle.dtypes import BF16
+from ftrecycle.dtypes import F64
+from ftrecycle.engine import Buffers, widen
 from ftrecycle.io.checkpoint import Checkpoint, open_checkpoint
 
-CHUNK = 1 << 20  # elements per read; ~30 MiB of buffers in all
+CHUNK = 1 << 20  # elements per read; the engine's buffers for it are ~70 MiB in all
 
 MODULE_TYPES = (
     ("embeddings", re.compile(r"embed|lm_head|wte|wpe|shared")),
@@ -106,31 +107,17 @@ class Geometry:
         }
 
 
-def _as_f64(ck: Checkpoint, info: Any, start: int, count: int, raw: np.ndarray, out: np.ndarray) -> np.ndarray:
-    x = ck.read(info, start, count, raw)
-    dst = out[:count]
-    if info.dtype is BF16:
-        bits = np.empty(count, dtype=np.uint32)  # small: one chunk
-        np.copyto(bits, x, casting="unsafe")
-        np.left_shift(bits, 16, out=bits)
-        np.copyto(dst, bits.view(np.float32))
-    else:
-        np.copyto(dst, x, casting="unsafe")
-    return dst
-
-
-def tensor_sums(cks: tuple[Checkpoint, Checkpoint, Checkpoint], name: str, bufs: list[np.ndarray]) -> Sums:
-    """Sums for one tensor present with one shape in A, B and C."""
-    a_ck, b_ck, c_ck = cks
+def tensor_sums(cks: tuple[Checkpoint, Checkpoint, Checkpoint], name: str, bufs: Buffers) -> Sums:
+    """Sums for one tensor present with one shape in A, B and C (widened to float64 as the engine does)."""
     infos = [ck.tensors[name] for ck in cks]
     total = int(np.prod(infos[0].shape)) if infos[0].shape else 1
     s = Sums()
-    raw, fa, fb, fc = bufs
     for start in range(0, total, CHUNK):
         n = min(CHUNK, total - start)
-        a = _as_f64(a_ck, infos[0], start, n, raw, fa)
-        b = _as_f64(b_ck, infos[1], start, n, raw, fb)
-        c = _as_f64(c_ck, infos[2], start, n, raw, fc)
+        a, b, c = (
+            widen(ck.read(info, start, n, bufs.raw[0]), info.dtype, f[:n], bufs)
+            for ck, info, f in zip(cks, infos, bufs.f, strict=True)
+        )
         np.subtract(b, a, out=b)  # Δ
         np.subtract(c, a, out=c)  # drift
         s.n += n
@@ -167,8 +154,7 @@ def geometry(source_base: str, source_finetuned: str, target_base: str, *, per_t
         check_compatible(
             {"source-base": cks[0].config, "source-finetuned": cks[1].config, "target-base": cks[2].config}
         )
-        bufs: list[np.ndarray] = [np.empty(CHUNK * 8, dtype=np.uint8)]
-        bufs += [np.empty(CHUNK, dtype=np.float64) for _ in range(3)]
+        bufs = Buffers(CHUNK, F64)
         total = Sums()
         by_module: dict[str, Sums] = {}
         by_layer: dict[str, Sums] = {}

@@ -183,6 +183,10 @@ def probe(
         for al in alphas:
             _set(work, {k: c[k] + al * delta[k] for k in delta})
             losses_alpha.append((float(al), mean_loss(work, batches)))
+        at_one = dict(losses_alpha).get(1.0)
+        if at_one is None:  # the plain transfer's loss is always reported
+            _set(work, {k: c[k] + delta[k] for k in delta})
+            at_one = mean_loss(work, batches)
         _set(work, c)
         loss_c = mean_loss(work, batches)
     barrier = 0.0
@@ -190,11 +194,6 @@ def probe(
         (t0, l0), (t1, l1) = losses_path[0], losses_path[-1]
         barrier = max(lt - (l0 + (t - t0) / (t1 - t0) * (l1 - l0)) for t, lt in losses_path)
     best = min(losses_alpha, key=lambda p: p[1])[0]
-    at_one = dict(losses_alpha).get(1.0)
-    if at_one is None:
-        with _models(source_base, source_finetuned, target_base, device) as (work, tok, a, c, delta):
-            _set(work, {k: c[k] + delta[k] for k in delta})
-            at_one = mean_loss(work, batches)
     return Probe(
         losses_path,
         float(barrier),

@@ -146,12 +146,17 @@ def run_lab(
         "seconds": round(time.perf_counter() - t0, 1),
     }
     write_json_atomic(root / RESULTS, results)
+    pngs = _write_report(results, root)
+    return LabResult(root, root / REPORT, root / RESULTS, pngs, findings, time.perf_counter() - t0, jobs_run)
+
+
+def _write_report(results: dict[str, Any], root: Path) -> list[Path]:
+    """The plots, then report.md (atomically); returns the plots' paths."""
     pngs = plots(results, root)
-    report = root / REPORT
     tmp = root / f".{REPORT}.tmp"
     tmp.write_text(render(results))
-    tmp.replace(report)
-    return LabResult(root, report, root / RESULTS, pngs, findings, time.perf_counter() - t0, jobs_run)
+    tmp.replace(root / REPORT)
+    return pngs
 
 
 def rebuild_report(out: str | Path) -> Path:
@@ -164,9 +169,5 @@ def rebuild_report(out: str | Path) -> Path:
     f = root / RESULTS
     if not f.is_file():
         raise ConfigError(f"{f} does not exist: run `ftrecycle lab run --out {out}` first")
-    results = json.loads(f.read_text())
-    plots(results, root)
-    tmp = root / f".{REPORT}.tmp"
-    tmp.write_text(render(results))
-    tmp.replace(root / REPORT)
+    _write_report(json.loads(f.read_text()), root)
     return root / REPORT

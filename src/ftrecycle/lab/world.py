@@ -50,8 +50,7 @@ def english_words() -> list[str]:
     for verbs in (ADD_VERBS, SUB_VERBS, tuple(ADD_PAST.values()), tuple(SUB_PAST.values())):
         for v in verbs:
             words.extend(v.split())
-    seen: set[str] = set()
-    return [w for w in words if not (w in seen or seen.add(w))]  # type: ignore[func-returns-value]
+    return list(dict.fromkeys(words))  # first occurrence of each, in order
 
 
 def cipher(seed: int = 7) -> dict[str, str]:
