@@ -194,6 +194,28 @@ def test_bad_options(versions, tmp_path, capsys, args, needle):
     assert not (tmp_path / "out").exists()
 
 
+def test_default_budget_is_on_top_of_what_the_process_holds(versions, tmp_path, capsys):
+    """Without --max-memory a command that already holds more than the default (here 600 MiB of
+    ballast; in practice the models `--alpha auto` loaded) still runs; an explicit bound is a peak RSS."""
+    import numpy as np
+
+    from ftrecycle.engine import current_rss
+
+    v = versions["llama"]
+    ballast = np.ones(600 * 2**20, dtype=np.uint8)  # touched, so resident
+    assert current_rss() > 600 * 2**20
+    args = [
+        "transfer",
+        *("--source-base", str(v["source_base"]), "--source-finetuned", str(v["source_finetuned"])),
+        *("--target-base", str(v["target_base"]), "-q"),
+    ]
+    assert main([*args, "-o", str(tmp_path / "out")]) == 0, capsys.readouterr().err
+    assert main([*args, "-o", str(tmp_path / "o2"), "--max-memory", "512MiB"]) == 2
+    assert "below what this process already holds" in capsys.readouterr().err
+    assert not (tmp_path / "o2").exists()
+    del ballast
+
+
 def test_missing_path_and_offline_hub_id(versions, tmp_path, capsys):
     v = versions["llama"]
     code, err = _run(capsys, v, tmp_path / "out", a=tmp_path / "nowhere")

@@ -135,8 +135,9 @@ def _write_options(p: argparse.ArgumentParser, *, delta: bool = False) -> None:
     )
     r.add_argument(
         "--max-memory",
-        default=DEFAULT_MAX_MEMORY,
-        help=f"peak resident memory of this command; buffers are sized to fit it (default {DEFAULT_MAX_MEMORY})",
+        default=None,
+        help="peak resident memory of this command; buffers are sized to fit it "
+        f"(default: {DEFAULT_MAX_MEMORY} of buffers on top of what the process already holds)",
     )
     r.add_argument("--threads", type=int, default=None, help="worker threads (default: available cores)")
     r.add_argument("--force", action="store_true", help="replace the output directory if it exists")
@@ -465,12 +466,18 @@ def _common(ns: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def _operation_budget(text: str) -> int:
-    """--max-memory bounds the command's peak RSS: the library gets what the process does not hold yet."""
+def _operation_budget(text: str | None) -> int | str:
+    """--max-memory bounds the command's peak RSS: the library gets what the process does not hold yet.
+
+    Without the flag the operation gets the library's default budget on top of
+    what the process holds (imports, and the models ``--alpha auto`` loaded).
+    """
     from ftrecycle.engine import current_rss
     from ftrecycle.errors import MemoryBudgetError
     from ftrecycle.io.output import parse_size
 
+    if text is None:
+        return DEFAULT_MAX_MEMORY
     budget = parse_size(text, flag="--max-memory")
     held = current_rss()
     if budget <= held:
