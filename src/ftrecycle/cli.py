@@ -7,6 +7,7 @@ one line on stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -77,6 +78,15 @@ def _write_options(p: argparse.ArgumentParser, *, delta: bool = False) -> None:
             choices=["float32", "float64", "bfloat16", "float16"],
             help="dtype the diff is stored in; float32 makes `apply` to the base give back the "
             "fine-tuned bf16/fp16 model bit for bit (default float32)",
+        )
+        g.add_argument(
+            "--compress",
+            default=None,
+            metavar="SPEC",
+            help="store each 2-D tensor compressed: lowrank:rank=R, lowrank:energy=E (smallest rank keeping "
+            "that share of the squared norm), lowrank:ratio=X or sparse:ratio=X (X times smaller than dense), "
+            "sparse:density=D (largest-magnitude entries), int8 (per-row scale) or sign (1 bit + one scale, "
+            "as BitDelta); 1-D tensors stay dense. `inspect` shows each tensor's error (default: dense)",
         )
     else:
         g.add_argument(
@@ -168,7 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
         "complete; ftrecycle.json in it records inputs, options and every adapted tensor.",
     )
     t.add_argument("--source-base", required=True, metavar="A", help=f"the source version's base model: {MODEL_HELP}")
-    t.add_argument("--source-finetuned", required=True, metavar="B", help="the source version's fine-tuned model")
+    t.add_argument(
+        "--source-finetuned",
+        required=True,
+        metavar="B",
+        help="the source version's fine-tuned model, or a PEFT LoRA adapter directory over A",
+    )
     t.add_argument("--target-base", required=True, metavar="C", help="the new version's base model")
     t.add_argument("-o", "--output", required=True, metavar="OUT", help="the directory to create")
     _write_options(t)
@@ -178,6 +193,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="CALIB",
         help="with --alpha auto: JSONL examples of the task (fine-tuning formats) to choose alpha on",
     )
+    t.add_argument(
+        "--compress",
+        default=None,
+        metavar="SPEC",
+        help="transfer the diff as it would be shipped compressed (a `diff --compress` SPEC, bf16 parts): "
+        "shows what a compressed delta costs in quality before you share one",
+    )
 
     d = sub.add_parser(
         "diff",
@@ -186,7 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
         "shards + ftrecycle-delta.json manifest) for `ftrecycle apply`.",
     )
     d.add_argument("--base", required=True, metavar="A", help=f"the base model: {MODEL_HELP}")
-    d.add_argument("--finetuned", required=True, metavar="B", help="the fine-tuned model")
+    d.add_argument(
+        "--finetuned", required=True, metavar="B", help="the fine-tuned model, or a PEFT LoRA adapter directory over A"
+    )
     d.add_argument("-o", "--output", required=True, metavar="DELTA", help="the delta directory to create")
     _write_options(d, delta=True)
 
@@ -200,7 +224,37 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--delta", required=True, metavar="DELTA", help="a delta directory made by `ftrecycle diff`")
     a.add_argument("--target-base", required=True, metavar="C", help=f"the new base model: {MODEL_HELP}")
     a.add_argument("-o", "--output", required=True, metavar="OUT", help="the directory to create")
+    a.add_argument(
+        "--no-verify", action="store_true", help="skip checking the delta's SHA-256 checksums (one read of the delta)"
+    )
     _write_options(a)
+
+    ins = sub.add_parser(
+        "inspect",
+        help="describe a delta: provenance, compression, sizes, per-tensor norms and errors",
+        description="Print a delta directory's manifest: the base and fine-tuned models (ids, revisions, "
+        "architecture), dtype, compression and size ratio, and each tensor's shape, storage, norm and "
+        "relative reconstruction error. Every tensor's checksum is verified first.",
+    )
+    ins.add_argument("delta", metavar="DELTA", help="a delta directory")
+    ins.add_argument("--json", action="store_true", help="print JSON")
+    ins.add_argument("--all", action="store_true", help="list every tensor (default: the first 40)")
+    ins.add_argument("--no-verify", action="store_true", help="skip the checksums")
+
+    ex = sub.add_parser(
+        "export-lora",
+        help="write a delta's linear-layer updates as a PEFT LoRA adapter",
+        description="Factorise each linear weight's diff at RANK (truncated SVD) and write a PEFT LoRA adapter "
+        "directory that peft.PeftModel.from_pretrained(target, ADAPTER) loads, so target + delta can be "
+        "served as an adapter (vLLM, lm-eval peft=). Embeddings, the output head and 1-D tensors cannot be "
+        "held by a LoRA: they are left out and listed, with their share of the diff, in ftrecycle.json.",
+    )
+    ex.add_argument("--delta", required=True, metavar="DELTA", help="a delta directory made by `ftrecycle diff`")
+    ex.add_argument("--rank", required=True, type=int, metavar="R", help="the LoRA rank")
+    ex.add_argument("-o", "--output", required=True, metavar="ADAPTER", help="the adapter directory to create")
+    ex.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="factor dtype")
+    ex.add_argument("--threads", type=int, default=None, help="worker threads (default: available cores)")
+    ex.add_argument("--force", action="store_true", help="replace the output directory if it exists")
 
     dg = sub.add_parser(
         "diagnose",
@@ -561,6 +615,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     ns.target_base,
                     ns.output,
                     alpha=_auto_alpha(ns),
+                    compress=ns.compress,
                     out_dtype=ns.out_dtype,
                     config_from=ns.config_from,
                     tokenizer_from=ns.tokenizer_from,
@@ -571,7 +626,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif ns.command == "diff":
             from ftrecycle.delta.compute import diff
 
-            _report(diff(ns.base, ns.finetuned, ns.output, delta_dtype=ns.delta_dtype, **_common(ns)))
+            _report(
+                diff(
+                    ns.base,
+                    ns.finetuned,
+                    ns.output,
+                    delta_dtype=ns.delta_dtype,
+                    compress=ns.compress,
+                    **_common(ns),
+                )
+            )
+        elif ns.command == "inspect":
+            from ftrecycle.delta.inspect import format_inspection, inspect_delta
+            from ftrecycle.engine import default_threads
+
+            found = inspect_delta(ns.delta, check=not ns.no_verify, threads=default_threads())
+            if ns.json:
+                print(json.dumps(found, indent=2))
+            else:
+                print(format_inspection(found, limit=None if ns.all else 40), end="")
+        elif ns.command == "export-lora":
+            from ftrecycle.delta.lora import export_lora
+
+            res = export_lora(ns.delta, ns.output, rank=ns.rank, dtype=ns.dtype, threads=ns.threads, force=ns.force)
+            print(
+                f"wrote {res.output}: LoRA rank {ns.rank} on {res.modules} modules, {res.bytes_written / 2**20:.2f} "
+                f"MiB in {res.seconds:.1f} s; left out {len(res.left_out)} tensors (see ftrecycle.json)"
+            )
         elif ns.command == "apply":
             from ftrecycle.transfer import apply_delta
 
@@ -588,6 +669,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     config_from=ns.config_from,
                     tokenizer_from=ns.tokenizer_from,
                     tie_mismatch=ns.tie_mismatch,
+                    verify=not ns.no_verify,
                     **_common(ns),
                 )
             )

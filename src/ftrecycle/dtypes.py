@@ -65,10 +65,11 @@ I64 = DType("int64", "I64", 8, False, np.dtype(np.int64))
 I32 = DType("int32", "I32", 4, False, np.dtype(np.int32))
 I16 = DType("int16", "I16", 2, False, np.dtype(np.int16))
 I8 = DType("int8", "I8", 1, False, np.dtype(np.int8))
+U16 = DType("uint16", "U16", 2, False, np.dtype(np.uint16))
 U8 = DType("uint8", "U8", 1, False, np.dtype(np.uint8))
 BOOL = DType("bool", "BOOL", 1, False, np.dtype(np.bool_))
 
-ALL = (F64, F32, F16, BF16, F8_E4M3, F8_E5M2, I64, I32, I16, I8, U8, BOOL)
+ALL = (F64, F32, F16, BF16, F8_E4M3, F8_E5M2, I64, I32, I16, I8, U16, U8, BOOL)
 BY_CODE: dict[str, DType] = {d.code: d for d in ALL}
 BY_NAME: dict[str, DType] = {d.name: d for d in ALL}
 

@@ -23,14 +23,16 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
+from ftrecycle.delta.codecs import decode
 from ftrecycle.dtypes import BF16, F32, F64, DType
 from ftrecycle.errors import MemoryBudgetError, NonFiniteError
 from ftrecycle.io.output import ShardedWriter, Slot
 from ftrecycle.io.safetensors_format import pwrite_all
-from ftrecycle.plan import OutTensor, Piece
+from ftrecycle.plan import OutTensor, Piece, Term
 
 #: Elements per work item: large enough to amortise Python overhead, small enough to stay in L2.
 DEFAULT_CHUNK = 1 << 18
@@ -101,6 +103,7 @@ class Buffers:
         self.raw = [np.empty(chunk * 8, dtype=np.uint8) for _ in range(RAW_BUFFERS)]
         self.f = [np.empty(chunk, dtype=compute.storage) for _ in range(3)]
         self.f32 = np.empty(chunk, dtype=np.float32)  # float64 <-> bfloat16 goes through float32
+        self.cache: dict[Any, Any] = {}  # a compressed tensor's small factor, between items
 
     def scratch(self, dtype: np.dtype, n: int) -> np.ndarray:
         return self.raw[4][: n * dtype.itemsize].view(dtype)
@@ -163,6 +166,21 @@ def first_nonfinite(out: np.ndarray, dtype: DType, b: Buffers) -> int | None:
     if bits.size == 0 or int(t.max()) < dtype.exponent_mask:
         return None
     return int(np.flatnonzero(t >= dtype.exponent_mask)[0])
+
+
+def read_term(term: Term, s: int, n: int, d: np.ndarray, b: Buffers) -> np.ndarray:
+    """Elements ``[s, s + n)`` of a diff tensor into ``d`` (compute dtype), through ``b``'s buffers."""
+    if term.packed is not None:
+        return decode(term.packed, s, n, d, b.cache)
+    if term.delta is not None:
+        op = term.delta
+        return widen(op.ckpt.read(op.info, s, n, b.raw[1]), op.info.dtype, d, b)
+    if term.fin is not None and term.base is not None:
+        a = b.f[2][:n]
+        widen(term.fin.ckpt.read(term.fin.info, s, n, b.raw[1]), term.fin.info.dtype, d, b)
+        widen(term.base.ckpt.read(term.base.info, s, n, b.raw[2]), term.base.info.dtype, a, b)
+        return np.subtract(d, a, out=d)
+    raise AssertionError("term without operands")
 
 
 class Engine:
@@ -270,17 +288,7 @@ class Engine:
             term = p.term
             if term is None:
                 raise AssertionError("arithmetic piece without a term")
-            d = b.f[1][:n]
-            if term.delta is not None:
-                op = term.delta
-                widen(op.ckpt.read(op.info, s, n, b.raw[1]), op.info.dtype, d, b)
-            elif term.fin is not None and term.base is not None:
-                a = b.f[2][:n]
-                widen(term.fin.ckpt.read(term.fin.info, s, n, b.raw[1]), term.fin.info.dtype, d, b)
-                widen(term.base.ckpt.read(term.base.info, s, n, b.raw[2]), term.base.info.dtype, a, b)
-                np.subtract(d, a, out=d)
-            else:
-                raise AssertionError("term without operands")
+            d = read_term(term, s, n, b.f[1][:n], b)
             if p.kind == "sub":
                 narrow(d, dtype, out, b, nan_check=self.allow_nonfinite)
             else:

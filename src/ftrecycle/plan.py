@@ -10,10 +10,11 @@ decided here, refused unless a policy allows it, and recorded.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from ftrecycle.arch import EMBEDDING_NAMES, OUTPUT_EMBEDDING, embedding_name, ties_embeddings, vocab_size
+from ftrecycle.delta.codecs import Packed
 from ftrecycle.dtypes import DType
 from ftrecycle.errors import ConfigError, IncompatibleModelsError
 from ftrecycle.io.checkpoint import Checkpoint
@@ -38,13 +39,15 @@ class Operand:
 
 @dataclass(frozen=True)
 class Term:
-    """One tensor of a diff vector: ``fin - base``, or a stored ``delta``, of ``shape``."""
+    """One tensor of a diff vector, of ``shape``: ``fin - base``, a stored dense ``delta``,
+    or a ``packed`` one (compressed parts, a LoRA's factors, or zeros)."""
 
     name: str
     shape: tuple[int, ...]
     fin: Operand | None = None
     base: Operand | None = None
     delta: Operand | None = None
+    packed: Packed | None = None
 
 
 @dataclass(frozen=True)
@@ -369,7 +372,7 @@ def plan_transfer(
 def _narrow(term: Term, rows: int) -> Term:
     if term.shape[0] == rows:
         return term
-    return Term(term.name, (rows, *term.shape[1:]), term.fin, term.base, term.delta)
+    return replace(term, shape=(rows, *term.shape[1:]))
 
 
 def plan_diff(terms: dict[str, Term], delta_dtype: DType) -> Plan:

@@ -104,10 +104,12 @@ def write_plan(
     force: bool,
     progress: ProgressFn | None,
     finish: Callable[[Path], None],
+    extra: Callable[[ShardedWriter, Engine], None] | None = None,
 ) -> int:
     """Compute ``tensors`` into shards of a new directory ``out``, atomically.
 
-    ``finish`` writes the non-weight files into the temporary directory before the rename.
+    ``finish`` writes the non-weight files into the temporary directory before the rename;
+    ``extra`` fills the tensors that have no pieces (compressed parts) after the engine ran.
 
     Returns:
         The number of tensor bytes written.
@@ -127,6 +129,8 @@ def write_plan(
         writer.open()
         try:
             engine.run(tensors, writer)
+            if extra is not None:
+                extra(writer, engine)
         finally:
             writer.close(sync=settings.fsync)
         finish(tmp)

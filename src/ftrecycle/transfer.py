@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ftrecycle.arch import check_compatible
+from ftrecycle.delta.lora import adapter_terms, is_adapter
 from ftrecycle.delta.store import FINETUNED_DIR, open_delta
 from ftrecycle.dtypes import DType, parse_dtype
 from ftrecycle.io.checkpoint import Checkpoint, open_checkpoint
@@ -205,6 +206,7 @@ def transfer(
     allow_pickle: bool = False,
     fsync: bool = False,
     progress: ProgressFn | None = None,
+    compress: str | None = None,
 ) -> TransferResult:
     """Write ``target_base + alpha * (source_finetuned - source_base)`` as a new model directory.
 
@@ -236,6 +238,9 @@ def transfer(
         allow_pickle: accept ``.bin``/``.pt`` inputs (loaded with ``weights_only=True``).
         fsync: flush the output to disk before the final rename.
         progress: called with (bytes written, total bytes).
+        compress: transfer the diff as it would be shipped compressed (``lowrank:rank=R``, ``sign``, ...;
+            see :func:`ftrecycle.diff`): the diff is compressed into a temporary bf16 delta beside the
+            output, applied, and removed; the provenance records the compression.
 
     Returns:
         What was written.
@@ -261,18 +266,46 @@ def transfer(
         tokenizer_from,
         output,
     )
+    if compress is not None:
+        return _transfer_compressed(
+            source_base,
+            source_finetuned,
+            target_base,
+            out,
+            compress,
+            dict(
+                alpha=alpha,
+                compute_dtype=compute_dtype,
+                out_dtype=out_dtype,
+                shard_size=shard_size,
+                config_from=config_from,
+                tokenizer_from=tokenizer_from,
+                vocab=vocab,
+                on_missing=on_missing,
+                tie_mismatch=tie_mismatch,
+                max_memory=max_memory,
+                threads=threads,
+                force=force,
+                allow_nonfinite=allow_nonfinite,
+                allow_pickle=allow_pickle,
+                fsync=fsync,
+                progress=progress,
+            ),
+        )
     with contextlib.ExitStack() as stack:
         a = stack.enter_context(open_checkpoint(source_base, allow_pickle=allow_pickle))
-        b = stack.enter_context(open_checkpoint(source_finetuned, allow_pickle=allow_pickle))
         c = stack.enter_context(open_checkpoint(target_base, allow_pickle=allow_pickle))
-        check_output_path(out, [a.path, b.path, c.path], force=force)
-        check_compatible({"source base": a.config, "source fine-tuned": b.config, "target base": c.config})
-        terms, aliases, records = source_terms(a, b, vocab=vocab, on_missing=on_missing)
-        inputs = {
-            "source_base": describe_input(a),
-            "source_finetuned": describe_input(b),
-            "target_base": describe_input(c),
-        }
+        if is_adapter(source_finetuned):
+            terms, aliases, records, fin_desc, fin_files = adapter_terms(a, source_finetuned)
+            check_compatible({"source base": a.config, "target base": c.config})
+        else:
+            b = stack.enter_context(open_checkpoint(source_finetuned, allow_pickle=allow_pickle))
+            check_compatible({"source base": a.config, "source fine-tuned": b.config, "target base": c.config})
+            terms, aliases, records = source_terms(a, b, vocab=vocab, on_missing=on_missing)
+            fin_desc, fin_files = describe_input(b), b.path
+        adapter = [Path(source_finetuned).expanduser()] if is_adapter(source_finetuned) else []
+        check_output_path(out, [a.path, fin_files, *adapter, c.path], force=force)
+        inputs = {"source_base": describe_input(a), "source_finetuned": fin_desc, "target_base": describe_input(c)}
         return _recycle(
             "transfer",
             c,
@@ -280,7 +313,7 @@ def transfer(
             aliases,
             records,
             inputs,
-            b.path,
+            fin_files,
             out,
             settings,
             odt,
@@ -293,6 +326,35 @@ def transfer(
             progress=progress,
             t0=t0,
         )
+
+
+def _transfer_compressed(
+    source_base: str, source_finetuned: str, target_base: str, out: Path, compress: str, opts: dict[str, Any]
+) -> TransferResult:
+    import shutil
+    import tempfile
+
+    from ftrecycle.delta.codecs import parse_compression
+    from ftrecycle.delta.compute import diff
+
+    parse_compression(compress)  # a bad spec fails before any work
+    check_output_path(out, [], force=bool(opts["force"]))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.delta-", dir=out.parent))
+    try:
+        keys = ("compute_dtype", "vocab", "on_missing", "max_memory", "threads", "allow_nonfinite", "allow_pickle")
+        d = diff(
+            source_base,
+            source_finetuned,
+            tmp / "delta",
+            delta_dtype="bfloat16",
+            compress=compress,
+            **{k: opts[k] for k in keys},
+        )
+        result = apply_delta(d.output, target_base, out, verify=False, **opts)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return result  # its provenance names the (removed) temporary delta and its compression
 
 
 def apply_delta(
@@ -316,12 +378,15 @@ def apply_delta(
     allow_pickle: bool = False,
     fsync: bool = False,
     progress: ProgressFn | None = None,
+    verify: bool = True,
 ) -> TransferResult:
     """Write ``target_base + alpha * delta`` for a delta directory made by :func:`ftrecycle.diff`.
 
     Arguments are those of :func:`transfer`, with ``delta`` in place of the two source
     models; ``config_from="finetuned"`` and ``tokenizer_from="finetuned"`` use the
-    fine-tuned model's files stored in the delta.
+    fine-tuned model's files stored in the delta. A compressed delta is expanded range by
+    range as it is applied. ``verify`` checks every stored tensor's SHA-256 first (one
+    extra read of the delta).
 
     Raises:
         As :func:`transfer`.
@@ -341,13 +406,15 @@ def apply_delta(
         output,
     )
     with contextlib.ExitStack() as stack:
-        d, manifest, terms, aliases = open_delta(delta)
+        d, manifest, terms, aliases = open_delta(delta, check=verify, threads=settings.threads)
         stack.callback(d.close)
         c = stack.enter_context(open_checkpoint(target_base, allow_pickle=allow_pickle))
         check_output_path(out, [d.path, c.path], force=force)
         check_compatible({"delta's base": d.config, "target base": c.config})
         delta_input = describe_input(d)
-        delta_input["manifest"] = {k: manifest.get(k) for k in ("base", "finetuned", "dtype", "compute_dtype")}
+        delta_input["manifest"] = {
+            k: manifest.get(k) for k in ("base", "finetuned", "dtype", "compute_dtype", "compression")
+        }
         inputs = {"delta": delta_input, "target_base": describe_input(c)}
         return _recycle(
             "apply",

@@ -1,19 +1,29 @@
-"""Compute a diff vector ``finetuned - base`` and store it as a delta directory."""
+"""Compute a diff vector ``finetuned - base`` and store it as a delta directory, dense or compressed."""
 
 from __future__ import annotations
 
 import contextlib
+import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from ftrecycle.arch import check_compatible
-from ftrecycle.delta.store import FINETUNED_DIR, FORMAT, MANIFEST, PREFIX, VERSION
-from ftrecycle.dtypes import parse_dtype
-from ftrecycle.io.checkpoint import open_checkpoint
+from ftrecycle.delta.codecs import Compression, PartSpec, layout, parse_compression, part_name
+from ftrecycle.delta.encode import encode, energy_rank
+from ftrecycle.delta.store import FINETUNED_DIR, FORMAT, INDEX, MANIFEST, PREFIX, VERSION, checksums
+from ftrecycle.dtypes import DType, parse_dtype
+from ftrecycle.engine import Buffers, Engine, read_term
+from ftrecycle.errors import NonFiniteError
+from ftrecycle.io.checkpoint import _index_safetensors, open_checkpoint
 from ftrecycle.io.model_files import CONFIG_FILES, TOKENIZER_FILES, copy_files
-from ftrecycle.io.output import check_output_path, write_json
+from ftrecycle.io.output import ShardedWriter, check_output_path, write_json
 from ftrecycle.io.provenance import base_record, describe_input
-from ftrecycle.plan import MissingPolicy, VocabPolicy, plan_diff, source_terms
+from ftrecycle.io.safetensors_format import pwrite_all
+from ftrecycle.plan import MissingPolicy, OutTensor, Term, VocabPolicy, plan_diff, source_terms
 from ftrecycle.settings import DEFAULT_MAX_MEMORY, DEFAULT_SHARD_SIZE, ProgressFn, WriteSettings, write_plan
 from ftrecycle.transfer import TransferResult
 
@@ -24,6 +34,7 @@ def diff(
     output: str | Path,
     *,
     delta_dtype: str = "float32",
+    compress: str | Compression | None = None,
     compute_dtype: str = "float32",
     shard_size: str | int = DEFAULT_SHARD_SIZE,
     vocab: VocabPolicy = "error",
@@ -45,9 +56,14 @@ def diff(
 
     Args:
         base: the base model (directory or hub id).
-        finetuned: the fine-tuned model.
+        finetuned: the fine-tuned model, or a PEFT LoRA adapter over ``base`` (its merged update
+            is the diff, computed tensor by tensor).
         output: delta directory to create.
         delta_dtype: ``float32`` (default), ``float64``, ``bfloat16`` or ``float16``.
+        compress: store 2-D tensors compressed: ``lowrank:rank=R``, ``lowrank:energy=E``,
+            ``lowrank:ratio=X``, ``sparse:density=D``, ``sparse:ratio=X``, ``int8`` or ``sign``
+            (see :mod:`ftrecycle.delta.codecs`); 1-D tensors, and matrices the method would not
+            make smaller, stay dense.
         Others: as :func:`ftrecycle.transfer`.
 
     Returns:
@@ -56,6 +72,8 @@ def diff(
     Raises:
         As :func:`ftrecycle.transfer`.
     """
+    from ftrecycle.delta.lora import adapter_terms, is_adapter
+
     t0 = time.perf_counter()
     settings = WriteSettings.parse(
         compute_dtype=compute_dtype,
@@ -66,38 +84,189 @@ def diff(
         fsync=fsync,
     )
     ddt = parse_dtype(delta_dtype, flag="--delta-dtype")
+    spec = parse_compression(compress)
     out = Path(output).expanduser()
     with contextlib.ExitStack() as stack:
         a = stack.enter_context(open_checkpoint(base, allow_pickle=allow_pickle))
-        b = stack.enter_context(open_checkpoint(finetuned, allow_pickle=allow_pickle))
-        check_output_path(out, [a.path, b.path], force=force)
-        check_compatible({"base": a.config, "fine-tuned": b.config})
-        terms, aliases, records = source_terms(a, b, vocab=vocab, on_missing=on_missing)
+        if is_adapter(finetuned):
+            terms, aliases, records, fin_desc, fin_files = adapter_terms(a, finetuned)
+        else:
+            b = stack.enter_context(open_checkpoint(finetuned, allow_pickle=allow_pickle))
+            check_compatible({"base": a.config, "fine-tuned": b.config})
+            terms, aliases, records = source_terms(a, b, vocab=vocab, on_missing=on_missing)
+            fin_desc, fin_files = describe_input(b), b.path
+        adapter = [Path(finetuned).expanduser()] if is_adapter(finetuned) else []
+        check_output_path(out, [a.path, fin_files, *adapter], force=force)
         plan = plan_diff(terms, ddt)
+        engine = settings.engine(0, None)
+        ranks = _energy_ranks(spec, terms, ddt, settings, engine.chunk) if spec and spec.energy else {}
+        packed: dict[str, dict[str, PartSpec]] = {}
+        if spec is not None:
+            for t in plan.tensors:
+                if spec.energy is not None and t.name not in ranks:
+                    continue  # no rank smaller than dense keeps the energy
+                parts = layout(spec, t.shape, ddt, rank=ranks.get(t.name))
+                if parts:
+                    packed[t.name] = parts
+        stored: list[OutTensor] = []
+        entries: dict[str, dict[str, Any]] = {}
+        for t in plan.tensors:
+            entry: dict[str, Any] = {"shape": list(t.shape), "dtype": ddt.name, "compression": None}
+            if t.name in packed:
+                entry["compression"] = {"method": spec.method if spec else None}
+                entry["parts"] = {k: part_name(t.name, k) for k in packed[t.name]}
+                for k, (pdt, pshape) in packed[t.name].items():
+                    stored.append(OutTensor(part_name(t.name, k), pdt, pshape, []))
+            else:
+                stored.append(t)
+            entries[t.name] = entry
         manifest = base_record("diff")
         manifest.update(
             {
                 "format": FORMAT,
                 "version": VERSION,
                 "base": describe_input(a),
-                "finetuned": describe_input(b),
+                "finetuned": fin_desc,
                 "base_config": a.config,
                 "dtype": ddt.name,
                 "compute_dtype": settings.compute_dtype.name,
-                "compression": None,
+                "compression": None if spec is None else {"spec": str(spec)},
                 "aliases": aliases,
                 "policies": {"vocab": vocab, "on_missing": on_missing},
                 "records": records,
-                "tensors": {t.name: {"shape": list(t.shape), "dtype": t.dtype.name} for t in plan.tensors},
+                "tensors": entries,
             }
         )
+        dense_names = [t.name for t in plan.tensors if t.name not in packed]
+
+        def compress_all(writer: ShardedWriter, eng: Engine) -> None:
+            if spec is None or not packed:
+                return
+            total = sum(o.nbytes for o in stored)
+            jobs = [terms[name] for name in packed]
+            ct = np.dtype(settings.compute_dtype.storage)
+
+            def one(term: Term) -> None:
+                found = _compress_one(spec, term, packed[term.name], writer, ddt, ct, eng.chunk, ranks.get(term.name))
+                entries[term.name]["compression"].update(found)
+                if progress is not None:
+                    progress(sum(math.prod(s) * d.itemsize for d, s in packed[term.name].values()), total)
+
+            with ThreadPoolExecutor(settings.threads) as pool:
+                list(pool.map(one, jobs))
 
         def finish(tmp: Path) -> None:
+            found = _index_safetensors(tmp, INDEX, PREFIX)
+            assert found is not None
+            infos = found[0]
+            manifest["checksums"] = checksums(infos, settings.threads)
+            _dense_norms(dense_names, infos, entries, settings.threads)
+            for e in entries.values():
+                e["bytes"] = sum(infos[p].nbytes for p in e["parts"].values()) if e.get("parts") else None
+            for name in dense_names:
+                entries[name]["bytes"] = infos[name].nbytes
+            dense_total = sum(math.prod(e["shape"]) * ddt.itemsize for e in entries.values())
+            stored_total = sum(i.nbytes for i in infos.values())
+            if spec is not None:
+                manifest["compression"].update(
+                    {"bytes": stored_total, "dense_bytes": dense_total, "ratio": dense_total / max(stored_total, 1)}
+                )
             (tmp / FINETUNED_DIR).mkdir()
-            copy_files(b.path, tmp / FINETUNED_DIR, CONFIG_FILES + TOKENIZER_FILES)
+            copy_files(fin_files, tmp / FINETUNED_DIR, CONFIG_FILES + TOKENIZER_FILES)
             write_json(tmp / MANIFEST, manifest)
 
         written = write_plan(
-            plan.tensors, out, settings=settings, prefix=PREFIX, force=force, progress=progress, finish=finish
+            stored,
+            out,
+            settings=settings,
+            prefix=PREFIX,
+            force=force,
+            progress=progress,
+            finish=finish,
+            extra=compress_all,
         )
     return TransferResult(out, written, time.perf_counter() - t0, records, manifest)
+
+
+def _reader(term: Term, chunk: int, ct: np.dtype, compute: DType) -> Any:
+    """``read(start, count)``: elements of the dense diff in the compute dtype, ``chunk`` at a time."""
+    bufs = Buffers(chunk, compute)
+
+    def read(start: int, count: int) -> np.ndarray:
+        out = np.empty(count, dtype=ct)
+        for s in range(0, count, chunk):
+            n = min(chunk, count - s)
+            read_term(term, start + s, n, out[s : s + n], bufs)
+        return out
+
+    return read
+
+
+def _compress_one(
+    spec: Compression,
+    term: Term,
+    parts: dict[str, PartSpec],
+    writer: ShardedWriter,
+    ddt: DType,
+    ct: np.dtype,
+    chunk: int,
+    rank: int | None,
+) -> dict[str, Any]:
+    compute = parse_dtype(ct.name, allowed=("float32", "float64"))
+    read = _reader(term, chunk, ct, compute)
+
+    def write(part: str, start: int, values: np.ndarray) -> None:
+        pdt = parts[part][0]
+        slot = writer.slots[part_name(term.name, part)]
+        data = np.ascontiguousarray(values, dtype=pdt.storage)
+        pwrite_all(slot.fd, data.view(np.uint8).data, slot.offset + start * pdt.itemsize)
+
+    m, n = term.shape
+    found = encode(spec, read, write, term.name, (m, n), ddt, ct, chunk, rank=rank)
+    if not math.isfinite(found.norm) or not math.isfinite(found.error):
+        raise NonFiniteError(f"tensor {term.name!r}: the diff holds NaN or infinity; check the inputs")
+    info: dict[str, Any] = {"norm": found.norm, "error": found.error}
+    if found.rank is not None:
+        info["rank"] = found.rank
+    if found.kept is not None:
+        info["kept"] = found.kept
+        info["density"] = found.kept / (m * n)
+    return info
+
+
+def _energy_ranks(
+    spec: Compression, terms: dict[str, Term], ddt: DType, settings: WriteSettings, chunk: int
+) -> dict[str, int]:
+    """The rank each 2-D tensor needs for ``lowrank:energy`` (a first pass; absent: store dense)."""
+    assert spec.energy is not None
+    ct = np.dtype(settings.compute_dtype.storage)
+    mats = [t for t in terms.values() if len(t.shape) == 2 and 0 not in t.shape]
+
+    def one(t: Term) -> tuple[str, int | None]:
+        read = _reader(t, chunk, ct, settings.compute_dtype)
+        return t.name, energy_rank(read, (t.shape[0], t.shape[1]), spec.energy or 1.0, ddt, ct, t.name, chunk)
+
+    with ThreadPoolExecutor(settings.threads) as pool:
+        return {name: r for name, r in pool.map(one, mats) if r is not None}
+
+
+def _dense_norms(names: list[str], infos: dict[str, Any], entries: dict[str, dict[str, Any]], threads: int) -> None:
+    from ftrecycle.delta.encode import from_storage
+
+    def one(name: str) -> float:
+        info = infos[name]
+        total = 0.0
+        step = 1 << 22
+        with open(info.path, "rb") as f:
+            for s in range(0, info.numel, step):
+                n = min(step, info.numel - s)
+                f.seek(info.offset + s * info.dtype.itemsize)
+                raw = np.frombuffer(f.read(n * info.dtype.itemsize), dtype=info.dtype.storage)
+                x = from_storage(raw, info.dtype, np.dtype(np.float64))
+                total += float(np.dot(x, x))
+        return math.sqrt(total)
+
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        for name, norm in zip(names, pool.map(one, names), strict=True):
+            entries[name]["norm"] = norm
+            entries[name]["error"] = None

@@ -1,26 +1,37 @@
 """The delta directory: safetensors shards of ``finetuned - base`` plus a manifest.
 
-Layout (format version 1)::
+Layout (format version 2)::
 
     delta.safetensors                     (or delta-0000i-of-0000N.safetensors
     delta.safetensors.index.json           with this index when sharded)
     ftrecycle-delta.json                  the manifest (see docs/delta-format.md)
     finetuned/config.json, tokenizer...   the fine-tuned model's non-weight files
+
+Version 2 adds compressed tensors (stored as parts, see :mod:`ftrecycle.delta.codecs`),
+per-tensor norms and errors, and a SHA-256 of every stored tensor's bytes. Version 1
+directories (dense, no checksums) are still read.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from ftrecycle.delta.codecs import Packed
 from ftrecycle.errors import CheckpointError
 from ftrecycle.io.checkpoint import Checkpoint, open_checkpoint
+from ftrecycle.io.safetensors_format import TensorInfo
 from ftrecycle.plan import Operand, Term
 
 MANIFEST = "ftrecycle-delta.json"
 FORMAT = "ftrecycle-delta"
-VERSION = 1
+VERSION = 2
+READS = (1, 2)
+HASH_BLOCK = 8 << 20
 PREFIX = "delta"
 INDEX = "delta.safetensors.index.json"
 FINETUNED_DIR = "finetuned"
@@ -41,16 +52,64 @@ def read_manifest(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{mpath}: not valid JSON ({e}); recreate the delta with `ftrecycle diff`") from e
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CheckpointError(f"{mpath}: not an ftrecycle delta manifest")
-    if manifest.get("version") != VERSION:
+    if manifest.get("version") not in READS:
         raise CheckpointError(
             f"{mpath}: delta format version {manifest.get('version')} is not supported by this ftrecycle "
-            f"(reads version {VERSION}); upgrade ftrecycle"
+            f"(reads versions {', '.join(map(str, READS))}); upgrade ftrecycle"
         )
     return manifest
 
 
-def open_delta(path: str | Path) -> tuple[Checkpoint, dict[str, Any], dict[str, Term], dict[str, str]]:
+def sha256_of(info: TensorInfo) -> str:
+    """SHA-256 of one stored tensor's bytes, read in blocks."""
+    h = hashlib.sha256()
+    fd = os.open(info.path, os.O_RDONLY)
+    try:
+        pos, end = info.offset, info.offset + info.nbytes
+        while pos < end:
+            block = os.pread(fd, min(HASH_BLOCK, end - pos), pos)
+            if not block:
+                raise CheckpointError(f"{info.path}: truncated inside tensor {info.name!r}; re-download the delta")
+            h.update(block)
+            pos += len(block)
+    finally:
+        os.close(fd)
+    return h.hexdigest()
+
+
+def checksums(tensors: dict[str, TensorInfo], threads: int) -> dict[str, str]:
+    """SHA-256 of every tensor, hashed on ``threads`` threads (hashlib releases the GIL)."""
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        return dict(zip(tensors, pool.map(sha256_of, tensors.values()), strict=True))
+
+
+def verify(ckpt: Checkpoint, manifest: dict[str, Any], threads: int) -> None:
+    """Check every stored tensor against the manifest's checksums (version 2).
+
+    Raises:
+        CheckpointError: a tensor whose bytes changed, naming its file.
+    """
+    want = manifest.get("checksums")
+    if not want:
+        return
+    got = checksums({n: ckpt.tensors[n] for n in want if n in ckpt.tensors}, threads)
+    for name, digest in got.items():
+        if digest != want[name]:
+            raise CheckpointError(
+                f"{ckpt.tensors[name].path}: tensor {name!r} fails its checksum (the file is corrupt or was "
+                "changed); re-download or recreate the delta with `ftrecycle diff`"
+            )
+
+
+def open_delta(
+    path: str | Path, *, check: bool = True, threads: int = 1
+) -> tuple[Checkpoint, dict[str, Any], dict[str, Term], dict[str, str]]:
     """Open a delta directory.
+
+    Args:
+        path: the directory.
+        check: verify every tensor's checksum first (one read of the delta).
+        threads: threads for the checksums.
 
     Returns:
         The indexed shards, the manifest, the diff's terms, and its tied aliases.
@@ -64,21 +123,43 @@ def open_delta(path: str | Path) -> tuple[Checkpoint, dict[str, Any], dict[str, 
     manifest = read_manifest(p)
     ckpt = open_checkpoint(str(p), require_config=False, index_name=INDEX, prefix=PREFIX)
     ckpt.config = dict(manifest.get("base_config") or {})
-    listed = manifest.get("tensors") or {}
-    missing = sorted(set(listed) - set(ckpt.tensors))
+    try:
+        terms = _terms(p, ckpt, manifest)
+        if check:
+            verify(ckpt, manifest, threads)
+    except BaseException:
+        ckpt.close()
+        raise
+    aliases = {str(k): str(v) for k, v in (manifest.get("aliases") or {}).items()}
+    return ckpt, manifest, terms, aliases
+
+
+def _terms(p: Path, ckpt: Checkpoint, manifest: dict[str, Any]) -> dict[str, Term]:
+    listed: dict[str, Any] = manifest.get("tensors") or {}
+    stored = {part for e in listed.values() for part in (e.get("parts") or {}).values()}
+    stored |= {n for n, e in listed.items() if not e.get("parts")}
+    missing = sorted(stored - set(ckpt.tensors))
     if missing:
         raise CheckpointError(
             f"{p}: the manifest lists tensors the shards lack: {', '.join(missing[:10])}; "
             "recreate the delta with `ftrecycle diff`"
         )
     terms: dict[str, Term] = {}
-    for name, info in ckpt.tensors.items():
-        entry = listed.get(name)
-        if entry is not None and tuple(entry["shape"]) != info.shape:
+    for name, entry in listed.items():
+        parts = entry.get("parts")
+        shape = tuple(entry["shape"])
+        if parts:
+            ops = {k: Operand(ckpt, ckpt.tensors[v]) for k, v in parts.items()}
+            terms[name] = Term(name, shape, packed=Packed(entry["compression"]["method"], shape, ops))
+            continue
+        info = ckpt.tensors[name]
+        if shape != info.shape:
             raise CheckpointError(
                 f"{p}: tensor {name!r} has shape {list(info.shape)} but the manifest says "
                 f"{entry['shape']}; recreate the delta"
             )
         terms[name] = Term(name, info.shape, delta=Operand(ckpt, info))
-    aliases = {str(k): str(v) for k, v in (manifest.get("aliases") or {}).items()}
-    return ckpt, manifest, terms, aliases
+    for name, info in ckpt.tensors.items():  # version 1 lists every stored tensor; keep any it does not
+        if name not in terms and name not in stored:
+            terms[name] = Term(name, info.shape, delta=Operand(ckpt, info))
+    return terms

@@ -1,0 +1,358 @@
+"""PEFT LoRA adapters in and out.
+
+In: a fine-tuned source given as a LoRA adapter over the source base. Its diff is the
+adapter's merged update, ``scaling * B @ A`` per adapted module (transposed for GPT-2's
+Conv1D and for embeddings, as PEFT merges them), held as factors and expanded range by
+range like any compressed tensor — no merged model is written. Every other tensor's
+diff is zero.
+
+Out: :func:`export_lora` factorises a delta's matrices at a rank and writes a PEFT
+adapter (``adapter_config.json`` + ``adapter_model.safetensors``) that
+``peft.PeftModel.from_pretrained(target, ADAPTER)`` loads, so ``target + delta`` can be
+served as an adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ftrecycle.arch import EMBEDDING_NAMES, OUTPUT_EMBEDDING
+from ftrecycle.delta.codecs import Packed
+from ftrecycle.delta.encode import Encoded, from_storage, to_storage
+from ftrecycle.dtypes import DType, parse_dtype
+from ftrecycle.errors import CheckpointError, ConfigError, IncompatibleModelsError
+from ftrecycle.io.checkpoint import Checkpoint, open_checkpoint
+from ftrecycle.io.safetensors_format import TensorInfo
+from ftrecycle.plan import Term, logical_names
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+#: GPT-2-style Conv1D modules store weights as (in, out); PEFT marks them fan_in_fan_out.
+CONV1D_MODULES = ("c_attn", "c_proj", "c_fc")
+#: 2-D weights that are not linear layers: left out of an exported adapter.
+NOT_LINEAR = (*EMBEDDING_NAMES, OUTPUT_EMBEDDING, "transformer.wpe.weight", "embed_out.weight")
+
+
+def is_adapter(ref: str | Path) -> bool:
+    """Whether ``ref`` is a local PEFT adapter directory."""
+    p = Path(ref).expanduser()
+    return p.is_dir() and (p / ADAPTER_CONFIG).is_file()
+
+
+def _load_config(path: Path) -> dict[str, Any]:
+    try:
+        cfg = json.loads((path / ADAPTER_CONFIG).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path / ADAPTER_CONFIG}: not valid JSON ({e}); restore the file") from e
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{path / ADAPTER_CONFIG}: not a JSON object")
+    if cfg.get("peft_type") != "LORA":
+        raise CheckpointError(
+            f"{path}: a {cfg.get('peft_type')} adapter; ftrecycle reads LoRA adapters only (merge others with PEFT "
+            "and pass the merged model)"
+        )
+    for key, why in (("use_dora", "DoRA"), ("use_qalora", "QALoRA")):
+        if cfg.get(key):
+            raise CheckpointError(f"{path}: a {why} adapter; merge it with PEFT and pass the merged model instead")
+    if cfg.get("bias", "none") != "none":
+        raise CheckpointError(f"{path}: the adapter trains biases (bias={cfg['bias']!r}); merge it with PEFT first")
+    return cfg
+
+
+def _pattern(patterns: dict[str, Any], module: str) -> Any:
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?{key}$", module):
+            return value
+    return None
+
+
+def _whole(ckpt: Checkpoint, info: TensorInfo) -> np.ndarray:
+    raw = np.empty(info.nbytes, dtype=np.uint8)
+    x = ckpt.read(info, 0, info.numel, raw)
+    return from_storage(x, info.dtype, np.dtype(np.float32)).reshape(info.shape)
+
+
+def adapter_terms(
+    base: Checkpoint, ref: str | Path
+) -> tuple[dict[str, Term], dict[str, str], list[dict[str, str]], dict[str, Any], Path]:
+    """The diff vector of ``base`` + a LoRA adapter, as terms.
+
+    Returns:
+        terms (every floating base tensor: the adapter's update or zeros), the base's tied
+        aliases, records, a description of the adapter, and the directory to take config and
+        tokenizer files from (the base's: an adapter changes neither).
+
+    Raises:
+        CheckpointError: not a LoRA adapter ftrecycle can read, or unreadable weights.
+        IncompatibleModelsError: the adapter does not fit the base model's tensors.
+    """
+    path = Path(ref).expanduser()
+    cfg = _load_config(path)
+    if not (path / ADAPTER_WEIGHTS).is_file():
+        raise CheckpointError(
+            f"{path}: no {ADAPTER_WEIGHTS} (pickled adapter_model.bin is not read); save the adapter with "
+            "safe_serialization=True"
+        )
+    ad = open_checkpoint(str(path), require_config=False, prefix="adapter_model")
+    try:
+        found = _factors(ad, cfg, path)
+    finally:
+        ad.close()
+    names, aliases = logical_names(base)
+    records: list[dict[str, str]] = []
+    terms: dict[str, Term] = {}
+    for target in found:
+        if target not in names:
+            raise IncompatibleModelsError(
+                f"{path}: the adapter changes {target!r}, which the base model {base.path} does not have; "
+                "pass the base model the adapter was trained on"
+            )
+        if target in aliases:
+            raise IncompatibleModelsError(
+                f"{path}: the adapter changes {target!r}, which the base model ties to {aliases[target]}; "
+                "merge the adapter with PEFT and pass the merged model"
+            )
+    for name, info in names.items():
+        if name in aliases:
+            continue
+        if not info.dtype.arithmetic:
+            records.append({"tensor": name, "action": "no-delta", "reason": f"non-floating ({info.dtype}); not diffed"})
+            continue
+        packed = found.get(name)
+        if packed is None:
+            terms[name] = Term(name, info.shape, packed=Packed("zero", info.shape))
+            continue
+        if packed.shape != info.shape:
+            raise IncompatibleModelsError(
+                f"{path}: the adapter's update of {name!r} has shape {list(packed.shape)} but the base model's "
+                f"tensor is {list(info.shape)}; pass the base model the adapter was trained on"
+            )
+        terms[name] = Term(name, info.shape, packed=packed)
+    records.append(
+        {
+            "tensor": "*",
+            "action": "lora-source",
+            "reason": f"diff = the LoRA adapter's merged update on {len(found)} tensors; zero elsewhere",
+        }
+    )
+    desc = {
+        "ref": str(ref),
+        "path": str(path),
+        "format": "peft-lora",
+        "peft": {k: cfg.get(k) for k in ("r", "lora_alpha", "use_rslora", "target_modules", "base_model_name_or_path")},
+        "adapted_tensors": len(found),
+    }
+    return terms, aliases, records, desc, base.path
+
+
+def _factors(ad: Checkpoint, cfg: dict[str, Any], path: Path) -> dict[str, Packed]:
+    """Adapted base tensor name -> its update as factors."""
+    r_default, alpha_default = cfg.get("r", 8), cfg.get("lora_alpha", 8)
+    rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
+    out: dict[str, Packed] = {}
+    keys = set(ad.tensors)
+    for key in sorted(keys):
+        for kind, a_suffix, b_suffix in (
+            ("linear", ".lora_A.weight", ".lora_B.weight"),
+            ("embedding", ".lora_embedding_A", ".lora_embedding_B"),
+        ):
+            if not key.endswith(a_suffix):
+                continue
+            module = key[: -len(a_suffix)].removeprefix(PEFT_PREFIX)
+            bkey = key[: -len(a_suffix)] + b_suffix
+            if bkey not in keys:
+                raise CheckpointError(f"{path}: {key} has no matching {bkey}; the adapter is incomplete")
+            a, b = _whole(ad, ad.tensors[key]), _whole(ad, ad.tensors[bkey])
+            r = a.shape[0]
+            alpha = _pattern(alpha_pattern, module) or alpha_default
+            if (_pattern(rank_pattern, module) or r_default) != r:
+                raise CheckpointError(f"{path}: {key} has rank {r}, not what adapter_config.json says")
+            scaling = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+            transpose = kind == "embedding" or bool(cfg.get("fan_in_fan_out"))
+            if transpose:  # update = scaling * (B @ A).T = scaling * A.T @ B.T
+                fa, fb = np.ascontiguousarray(a.T), np.ascontiguousarray(b.T)
+            else:  # update = scaling * B @ A
+                fa, fb = b, a
+            out[module + ".weight"] = Packed("lowrank", (fa.shape[0], fb.shape[1]), {"a": fa, "b": fb}, scaling)
+    unknown = [k for k in keys if ".lora_" not in k]
+    if unknown:
+        raise CheckpointError(
+            f"{path}: the adapter also stores full tensors ({', '.join(sorted(unknown)[:5])}; modules_to_save?); "
+            "merge it with PEFT and pass the merged model"
+        )
+    if not out:
+        raise CheckpointError(f"{path}: {ADAPTER_WEIGHTS} holds no LoRA weights")
+    return out
+
+
+# ---------------------------------------------------------------- export
+
+
+@dataclass
+class ExportResult:
+    """What :func:`export_lora` wrote."""
+
+    output: Path
+    modules: int
+    bytes_written: int
+    seconds: float
+    left_out: list[dict[str, Any]] = field(default_factory=list)
+    errors: dict[str, float] = field(default_factory=dict)
+
+
+def _entry_norm(entry: dict[str, Any]) -> float:
+    """A manifest entry's diff norm (dense: ``norm``; compressed: its compression record's)."""
+    return float(entry.get("norm") or (entry.get("compression") or {}).get("norm") or 0.0)
+
+
+def lora_module(name: str) -> str | None:
+    """The module a LoRA would adapt for a diff tensor, or None (not a linear layer's weight)."""
+    if not name.endswith(".weight") or name in NOT_LINEAR or "embed" in name:
+        return None
+    return name[: -len(".weight")]
+
+
+def export_lora(
+    delta: str | Path,
+    output: str | Path,
+    *,
+    rank: int,
+    dtype: str = "float32",
+    threads: int | None = None,
+    max_memory: str | int = "512MiB",
+    force: bool = False,
+) -> ExportResult:
+    """Write a PEFT LoRA adapter approximating a delta's linear-layer updates at ``rank``.
+
+    Each linear weight's diff ``D`` (out x in) becomes ``lora_B @ lora_A`` with
+    ``lora_B = U_r S_r`` and ``lora_A = V_r^T`` (its best rank-``rank`` approximation;
+    ``lora_alpha = rank``, so PEFT's scaling is 1). Diffs a LoRA cannot hold — embeddings,
+    the output head, norms and biases — are left out and listed, with their share of the
+    diff's squared norm, in the adapter's ``ftrecycle.json``.
+
+    Raises:
+        ConfigError: a bad rank or dtype.
+        CheckpointError: not a delta directory, or a corrupt one.
+        OutputError: the output exists (without ``force``) or overlaps the delta.
+    """
+    from ftrecycle.delta.compute import _reader
+    from ftrecycle.delta.encode import _svd
+    from ftrecycle.delta.store import open_delta
+    from ftrecycle.engine import chunk_for_budget, default_threads
+    from ftrecycle.io.output import atomic_directory, check_output_path, parse_size, write_json
+    from ftrecycle.io.provenance import base_record, describe_input
+    from ftrecycle.io.safetensors_format import PlannedTensor, build_header
+
+    t0 = time.perf_counter()
+    if rank < 1:
+        raise ConfigError(f"--rank must be a positive integer, got {rank}")
+    sdt: DType = parse_dtype(dtype, flag="--dtype")
+    workers = threads or default_threads()
+    out = Path(output).expanduser()
+    ckpt, manifest, terms, _ = open_delta(delta, threads=workers)
+    try:
+        check_output_path(out, [ckpt.path], force=force)
+        ct = np.dtype(np.float32)
+        compute = parse_dtype("float32")
+        chunk = chunk_for_budget(parse_size(max_memory, flag="--max-memory"), workers, compute)
+        fan_in_fan_out = (manifest.get("base_config") or {}).get("model_type") == "gpt2"
+        mats = {n: t for n, t in terms.items() if len(t.shape) == 2 and lora_module(n)}
+        left: list[dict[str, Any]] = []
+        for n, t in terms.items():
+            if n not in mats:
+                left.append(
+                    {"tensor": n, "shape": list(t.shape), "norm": _entry_norm(manifest["tensors"].get(n) or {})}
+                )
+
+        def one(item: tuple[str, Term]) -> tuple[str, np.ndarray, np.ndarray, Encoded]:
+            name, term = item
+            m, n = term.shape
+            read = _reader(term, chunk, ct, compute)
+            r = min(rank, m, n)
+            u, s, vt, total = _svd(read, m, n, min(r + 10, m, n), ct, zlib.crc32(name.encode()), chunk)
+            big, small = u[:, :r] * s[:r], vt[:r]
+            big, small = to_storage(big, sdt), to_storage(small, sdt)
+            err = 0.0  # measured against the factors as stored
+            fb, fs = from_storage(big, sdt, ct), from_storage(small, sdt, ct)
+            for r0 in range(0, m, max(1, chunk // n)):
+                r1 = min(m, r0 + max(1, chunk // n))
+                rest = read(r0 * n, (r1 - r0) * n).reshape(r1 - r0, n) - fb[r0:r1] @ fs
+                err += float(np.sum(np.square(rest, dtype=np.float64)))
+            t = float(total)
+            err = math.sqrt(err / t) if t else 0.0
+            if fan_in_fan_out and name.rsplit(".", 2)[-2] in CONV1D_MODULES:  # stored (in, out)
+                lora_b, lora_a = small.T, big.T
+            else:
+                lora_b, lora_a = big, small
+            return name, np.ascontiguousarray(lora_a), np.ascontiguousarray(lora_b), Encoded(math.sqrt(t), err, rank=r)
+
+        with ThreadPoolExecutor(workers) as pool:
+            done = list(pool.map(one, sorted(mats.items())))
+        tensors: dict[str, np.ndarray] = {}
+        errors: dict[str, float] = {}
+        for name, lora_a, lora_b, enc in done:
+            module = PEFT_PREFIX + (lora_module(name) or "")
+            tensors[module + ".lora_A.weight"] = lora_a
+            tensors[module + ".lora_B.weight"] = lora_b
+            errors[name] = enc.error
+        planned, offset = [], 0
+        for key, arr in tensors.items():
+            planned.append(PlannedTensor(key, sdt, arr.shape, offset))
+            offset += arr.nbytes
+        base_ref = (manifest.get("base") or {}).get("repo_id") or (manifest.get("base") or {}).get("ref")
+        config = {
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "r": rank,
+            "lora_alpha": rank,
+            "lora_dropout": 0.0,
+            "bias": "none",
+            "fan_in_fan_out": fan_in_fan_out,
+            "target_modules": sorted(lora_module(n) or "" for n in mats),
+            "rank_pattern": {
+                (lora_module(n) or ""): min(rank, *mats[n].shape) for n in mats if min(mats[n].shape) < rank
+            },
+            "alpha_pattern": {
+                (lora_module(n) or ""): min(rank, *mats[n].shape) for n in mats if min(mats[n].shape) < rank
+            },
+            "use_rslora": False,
+            "use_dora": False,
+            "init_lora_weights": True,
+            "inference_mode": True,
+            "modules_to_save": None,
+            "base_model_name_or_path": base_ref,
+        }
+        total2 = sum(_entry_norm(e) ** 2 for e in manifest["tensors"].values())
+        left_sq = sum(float(e["norm"]) ** 2 for e in left)
+        record = base_record("export-lora")
+        record.update(
+            {
+                "delta": describe_input(ckpt),
+                "rank": rank,
+                "dtype": sdt.name,
+                "relative_error": errors,
+                "left_out": left,
+                "left_out_share_of_squared_norm": left_sq / total2 if total2 else 0.0,
+            }
+        )
+        with atomic_directory(out, force=force) as tmp:
+            with open(tmp / ADAPTER_WEIGHTS, "wb") as f:
+                f.write(build_header(planned, {"format": "pt"}))
+                for arr in tensors.values():
+                    f.write(arr.tobytes())
+            write_json(tmp / ADAPTER_CONFIG, config)
+            write_json(tmp / "ftrecycle.json", record)
+        return ExportResult(out, len(mats), offset, time.perf_counter() - t0, left, errors)
+    finally:
+        ckpt.close()
