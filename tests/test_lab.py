@@ -15,8 +15,8 @@ from ftrecycle import ConfigError
 from ftrecycle.cli import main
 from ftrecycle.lab import preset, run_lab, world
 from ftrecycle.lab.aggregate import combine
-from ftrecycle.lab.experiments import pairs
-from ftrecycle.lab.findings import all_findings, convergence, grouping, iterative, recovery
+from ftrecycle.lab.experiments import COMPRESSIONS, pairs
+from ftrecycle.lab.findings import all_findings, compression, convergence, grouping, iterative, recovery
 from ftrecycle.lab.report import render
 from ftrecycle.lab.run import rebuild_report
 from ftrecycle.lab.scheduler import Job, JobFailed, run_jobs
@@ -193,6 +193,24 @@ def test_finding_3_and_4_are_computed_from_the_curves():
     assert iterative(_numbers(iter_ft=68.9))["passed"] is False
 
 
+def test_finding_5_needs_8x_smaller_and_at_most_1_point_lost():
+    nums = _numbers()  # full Δ: M5+Δ4 = 60, M4+Δ5 = 50
+
+    def comp(ratio: float, acc5: float, acc4: float) -> dict[str, Any]:
+        return {
+            "M5+Δ4": {"accuracy": acc5, "ratio": ratio, "median_error": 0.5},
+            "M4+Δ5": {"accuracy": acc4, "ratio": ratio + 0.1, "median_error": 0.5},
+        }
+
+    nums["compressed"] = {"int8": comp(2.0, 60.0, 50.0), "sign": comp(16.0, 59.0, 49.5)}
+    f = compression(nums)
+    assert f["passed"] is True and f["numbers"]["best"]["spec"] == "sign"
+    nums["compressed"]["sign"] = comp(16.0, 58.9, 50.0)  # 1.1 points lost on one pair
+    assert compression(nums)["passed"] is False
+    nums["compressed"]["sign"] = comp(7.9, 60.0, 50.0)  # not 8x smaller
+    assert compression(nums)["passed"] is False
+
+
 def test_spearman_matches_scipy_with_ties():
     scipy_stats = pytest.importorskip("scipy.stats")  # installed with lm-eval's dependencies
     rng = random.Random(5)
@@ -245,6 +263,7 @@ def test_lab_writes_report_plots_and_results(lab_run):
         "(d) Iterative vs direct",
         "(e) A second language",
         "(f) Does `diagnose` predict the gain?",
+        "(g) Compressed deltas",
     ):
         assert heading in report
     for png in (
@@ -253,17 +272,22 @@ def test_lab_writes_report_plots_and_results(lab_run):
         "iterative_curves.png",
         "direct_ft_curves.png",
         "diagnostics.png",
+        "compression.png",
     ):
         assert (lab_run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"]({png})" in report
     verdicts = re.findall(r"^\| (\d) \|.*\*\*(PASS|FAIL)\*\*", report, flags=re.M)
-    assert [int(n) for n, _ in verdicts] == [1, 2, 3, 4]
+    assert [int(n) for n, _ in verdicts] == [1, 2, 3, 4, 5]
     assert [v == "PASS" for _, v in verdicts] == [f["passed"] for f in results["findings"]]
     assert len(results["mean"]["transfer"]) == 5 and sum(len(r) for r in results["mean"]["transfer"].values()) == 20
     assert len(pairs()) == 20
     diag = results["diagnostics_summary"]
     assert len(diag["pairs"]) == 20 and set(diag["spearman"]) == {"score", "geometry", "cos", "barrier"}
     assert set(diag["alpha_auto"]) == {"M5+Δ4", "M4+Δ5"}
+    comp = results["mean"]["compressed"]
+    assert set(comp) == set(COMPRESSIONS) and all(set(v) == {"M5+Δ4", "M4+Δ5"} for v in comp.values())
+    assert comp["sign"]["M5+Δ4"]["ratio"] > 8 and comp["none"]["M5+Δ4"]["median_error"] == 0
+    assert 1 < comp["int8"]["M4+Δ5"]["ratio"] <= 2  # 1 byte for 2, plus row scales and dense 1-D tensors
 
 
 def test_every_number_in_the_report_comes_from_results_json(lab_run):
@@ -275,7 +299,9 @@ def test_every_number_in_the_report_comes_from_results_json(lab_run):
     unknown = []
     for row in rows:
         # names, not numbers: versions, diffs, the paper's model names
-        cleaned = re.sub(r"\b(M\d|FT\(M\d[^)]*\)|Δ\d(\.\d)?|Llama 3\.\d 8B|3\.\d Instruct)", "", row)
+        cleaned = re.sub(
+            r"\b(M\d|FT\(M\d[^)]*\)|Δ\d(\.\d)?|Llama 3\.\d 8B|3\.\d Instruct)|`[^`]*`|bf16|float32", "", row
+        )
         for num in re.findall(r"[+-]?\d+(?:\.\d+)?", cleaned):
             if num not in known and num.lstrip("+") not in known:
                 unknown.append((num, row[:80]))

@@ -8,6 +8,8 @@ Development through Recycling Fine-tuning").
 __version__ = "0.1.0"
 
 from ftrecycle.delta.compute import diff
+from ftrecycle.delta.inspect import inspect_delta
+from ftrecycle.delta.lora import ExportResult, export_lora
 from ftrecycle.diagnose.verdict import Diagnosis, best_alpha, diagnose
 from ftrecycle.errors import (
     CheckpointError,
@@ -27,6 +29,7 @@ __all__ = [
     "ConfigError",
     "DataError",
     "Diagnosis",
+    "ExportResult",
     "FtRecycleError",
     "HubError",
     "IncompatibleModelsError",
@@ -39,5 +42,7 @@ __all__ = [
     "best_alpha",
     "diagnose",
     "diff",
+    "export_lora",
+    "inspect_delta",
     "transfer",
 ]

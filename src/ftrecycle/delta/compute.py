@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -13,11 +15,11 @@ import numpy as np
 
 from ftrecycle.arch import check_compatible
 from ftrecycle.delta.codecs import Compression, PartSpec, layout, parse_compression, part_name
-from ftrecycle.delta.encode import encode, energy_rank
+from ftrecycle.delta.encode import encode, energy_rank, state_bytes
 from ftrecycle.delta.store import FINETUNED_DIR, FORMAT, INDEX, MANIFEST, PREFIX, VERSION, checksums
 from ftrecycle.dtypes import DType, parse_dtype
 from ftrecycle.engine import Buffers, Engine, read_term
-from ftrecycle.errors import NonFiniteError
+from ftrecycle.errors import MemoryBudgetError, NonFiniteError
 from ftrecycle.io.checkpoint import _index_safetensors, open_checkpoint
 from ftrecycle.io.model_files import CONFIG_FILES, TOKENIZER_FILES, copy_files
 from ftrecycle.io.output import ShardedWriter, check_output_path, write_json
@@ -152,8 +154,17 @@ def diff(
                 if progress is not None:
                     progress(sum(math.prod(s) * d.itemsize for d, s in packed[term.name].values()), total)
 
+            needs, budget = _needs(spec, {n: (terms[n].shape, packed[n]) for n in packed}, settings, eng.chunk)
+            shared = _Budget(budget)
+
+            def held(term: Term) -> None:
+                with shared.hold(needs[term.name]):
+                    one(term)
+
+            # largest first, so that small tensors fill the gaps beside them
+            jobs.sort(key=lambda t: -needs[t.name])
             with ThreadPoolExecutor(settings.threads) as pool:
-                list(pool.map(one, jobs))
+                list(pool.map(held, jobs))
 
         def finish(tmp: Path) -> None:
             found = _index_safetensors(tmp, INDEX, PREFIX)
@@ -186,6 +197,63 @@ def diff(
             extra=compress_all,
         )
     return TransferResult(out, written, time.perf_counter() - t0, records, manifest)
+
+
+def _reader_bytes(chunk: int, compute: DType) -> int:
+    from ftrecycle.engine import _bytes_per_element
+
+    return chunk * (_bytes_per_element(compute) + 2 * compute.itemsize)
+
+
+def _needs(
+    spec: Compression,
+    tensors: dict[str, tuple[tuple[int, ...], dict[str, PartSpec]]],
+    settings: WriteSettings,
+    chunk: int,
+) -> tuple[dict[str, int], int]:
+    """Each tensor's encoder memory (reader buffers included), and the budget they share.
+
+    Raises:
+        MemoryBudgetError: one tensor's encoder alone does not fit.
+    """
+    from ftrecycle.engine import RESERVE_BYTES
+
+    budget = settings.max_memory - RESERVE_BYTES
+    it = settings.compute_dtype.itemsize
+    needs = {}
+    for name, (shape, parts) in tensors.items():
+        rank = parts["a"][1][1] if "a" in parts else 0
+        needs[name] = _reader_bytes(chunk, settings.compute_dtype) + state_bytes(
+            spec.method, (shape[0], shape[1]), rank, it, max(chunk, shape[1])
+        )
+    worst = max(needs, key=lambda n: needs[n])
+    if needs[worst] > budget:
+        raise MemoryBudgetError(
+            f"compressing tensor {worst!r} ({spec}) needs about {math.ceil(needs[worst] / 2**20)} MiB but "
+            f"--max-memory leaves {max(budget, 0) // 2**20} MiB; raise --max-memory"
+            + (" or lower the rank" if spec.method == "lowrank" else "")
+        )
+    return needs, budget
+
+
+class _Budget:
+    """Bytes shared by the encoder threads: a thread waits until its tensor's estimate fits."""
+
+    def __init__(self, total: int) -> None:
+        self.free = total
+        self.cond = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, n: int) -> Iterator[None]:
+        with self.cond:
+            self.cond.wait_for(lambda: self.free >= n)
+            self.free -= n
+        try:
+            yield
+        finally:
+            with self.cond:
+                self.free += n
+                self.cond.notify_all()
 
 
 def _reader(term: Term, chunk: int, ct: np.dtype, compute: DType) -> Any:
@@ -242,9 +310,16 @@ def _energy_ranks(
     ct = np.dtype(settings.compute_dtype.storage)
     mats = [t for t in terms.values() if len(t.shape) == 2 and 0 not in t.shape]
 
+    from ftrecycle.engine import RESERVE_BYTES
+
+    share = (settings.max_memory - RESERVE_BYTES) // settings.threads - _reader_bytes(chunk, settings.compute_dtype)
+    it = settings.compute_dtype.itemsize
+
     def one(t: Term) -> tuple[str, int | None]:
+        m, n = t.shape
+        max_k = max(0, share - 4 * max(chunk, n) * it - 16 * max(chunk, n)) // ((4 * m + 4 * n) * it)
         read = _reader(t, chunk, ct, settings.compute_dtype)
-        return t.name, energy_rank(read, (t.shape[0], t.shape[1]), spec.energy or 1.0, ddt, ct, t.name, chunk)
+        return t.name, energy_rank(read, (m, n), spec.energy or 1.0, ddt, ct, t.name, chunk, max_k)
 
     with ThreadPoolExecutor(settings.threads) as pool:
         return {name: r for name, r in pool.map(one, mats) if r is not None}

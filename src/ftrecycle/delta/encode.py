@@ -5,7 +5,7 @@ in the compute dtype), writes its parts through ``write(part, start, values)`` a
 offsets, and returns the diff's norm and the relative error of what was stored
 (``||d - decoded|| / ||d||``, measured against the stored, rounded parts).
 
-- ``lowrank``: exact SVD for matrices up to :data:`EXACT_ELEMENTS`, otherwise a
+- ``lowrank``: exact SVD for small matrices (:func:`exact`), otherwise a
   randomized SVD (Halko et al. 2011: Gaussian sketch of ``rank + 10`` columns, two
   power iterations) whose every product with the diff is one pass over its rows.
   The sketch is seeded by the tensor name, so a diff compresses the same every time.
@@ -29,8 +29,10 @@ import numpy as np
 from ftrecycle.delta.codecs import Compression, layout
 from ftrecycle.dtypes import BF16, DType
 
-#: Matrices with at most this many elements get an exact SVD in memory.
-EXACT_ELEMENTS = 1 << 22
+#: Matrices with at most this many elements get an exact SVD in memory ...
+EXACT_ELEMENTS = 1 << 18
+#: ... and so do those whose smaller side is at most this many times the sketch (little to save).
+EXACT_SIDE_RATIO = 2
 OVERSAMPLE = 10
 POWER_ITERATIONS = 2
 
@@ -48,20 +50,35 @@ class Encoded:
     kept: int | None = None
 
 
+#: Elements converted at a time by :func:`to_storage`/:func:`from_storage` (bounds their temporaries).
+CONVERT_BLOCK = 1 << 20
+
+
 def to_storage(x: np.ndarray, dtype: DType) -> np.ndarray:
     """Round float values to ``dtype``'s storage form (bfloat16: nearest-even bits in uint16)."""
-    if dtype is BF16:
-        bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
-        bits += 0x7FFF + ((bits >> 16) & 1)
-        return (bits >> 16).astype(np.uint16)
-    return np.ascontiguousarray(x, dtype=dtype.storage)
+    if dtype is not BF16:
+        return np.ascontiguousarray(x, dtype=dtype.storage)
+    out = np.empty(x.shape, dtype=np.uint16)
+    flat_in, flat_out = x.reshape(-1), out.reshape(-1)
+    for s in range(0, flat_in.size, CONVERT_BLOCK):
+        bits = np.ascontiguousarray(flat_in[s : s + CONVERT_BLOCK], dtype=np.float32).view(np.uint32)
+        t = (bits >> 16) & 1
+        t += 0x7FFF
+        t += bits  # ties to even; a NaN's payload may round, it stays a NaN
+        t >>= 16
+        flat_out[s : s + CONVERT_BLOCK] = t
+    return out
 
 
 def from_storage(x: np.ndarray, dtype: DType, ct: np.dtype) -> np.ndarray:
     """Widen storage values to ``ct``."""
-    if dtype is BF16:
-        return (x.astype(np.uint32) << 16).view(np.float32).astype(ct)
-    return x.astype(ct)
+    if dtype is not BF16:
+        return x.astype(ct)
+    out = np.empty(x.shape, dtype=ct)
+    flat_in, flat_out = x.reshape(-1), out.reshape(-1)
+    for s in range(0, flat_in.size, CONVERT_BLOCK):
+        flat_out[s : s + CONVERT_BLOCK] = (flat_in[s : s + CONVERT_BLOCK].astype(np.uint32) << 16).view(np.float32)
+    return out
 
 
 def _blocks(m: int, n: int, block: int) -> Iterator[tuple[int, int]]:
@@ -74,9 +91,14 @@ def _rows(read: Reader, n: int, r0: int, r1: int) -> np.ndarray:
     return read(r0 * n, (r1 - r0) * n).reshape(r1 - r0, n)
 
 
+def exact(m: int, n: int, k: int) -> bool:
+    """Whether an (m, n) matrix gets an exact SVD for a sketch of ``k`` columns."""
+    return m * n <= EXACT_ELEMENTS or min(m, n) <= EXACT_SIDE_RATIO * k
+
+
 def _svd(read: Reader, m: int, n: int, k: int, ct: np.dtype, seed: int, block: int) -> tuple[np.ndarray, ...]:
     """(U, S, Vt) with ``k`` columns (all of them for small matrices), and the squared norm."""
-    if m * n <= EXACT_ELEMENTS:
+    if exact(m, n, k):
         d = np.empty((m, n), dtype=ct)
         for r0, r1 in _blocks(m, n, block):
             d[r0:r1] = _rows(read, n, r0, r1)
@@ -91,31 +113,60 @@ def _svd(read: Reader, m: int, n: int, k: int, ct: np.dtype, seed: int, block: i
         total += float(np.sum(np.square(rows, dtype=np.float64)))
         y[r0:r1] = rows @ omega
     for _ in range(POWER_ITERATIONS):
-        q, _ = np.linalg.qr(y)
+        q = np.linalg.qr(y)[0]  # peak: y, LAPACK's copy of it, and q (three m x k)
         z = np.zeros((n, k), dtype=ct)
         for r0, r1 in _blocks(m, n, block):
             z += _rows(read, n, r0, r1).T @ q[r0:r1]
-        qz, _ = np.linalg.qr(z)
+        del q
+        qz = np.linalg.qr(z)[0]
         for r0, r1 in _blocks(m, n, block):
             y[r0:r1] = _rows(read, n, r0, r1) @ qz
-    q, _ = np.linalg.qr(y)
+    q = np.linalg.qr(y)[0]
+    del y
     bk = np.zeros((k, n), dtype=ct)
     for r0, r1 in _blocks(m, n, block):
         bk += q[r0:r1].T @ _rows(read, n, r0, r1)
     ub, s, vt = np.linalg.svd(bk, full_matrices=False)
-    return q @ ub, s, vt, np.array(total)
+    for r0, r1 in _blocks(m, k, block):  # u = q @ ub, in place, a row block at a time
+        q[r0:r1] = q[r0:r1] @ ub
+    return q, s, vt, np.array(total)
+
+
+def state_bytes(method: str, shape: tuple[int, int], rank: int, itemsize: int, block: int) -> int:
+    """Bytes an encoder holds for one tensor, beyond the reader's buffers (an upper estimate)."""
+    m, n = shape
+    rows = 4 * block * itemsize + 16 * block  # a row block, its products and index arrays
+    if method == "lowrank":
+        k = min(rank + OVERSAMPLE, m, n)
+        if exact(m, n, k):
+            return 5 * m * n * itemsize + rows
+        return (3 * m + 4 * n) * k * itemsize + rows
+    if method == "sparse":
+        return 8 * (m + 1) + 3 * 8 * (1 << 16) + 3 * rows
+    if method == "int8":
+        return 4 * m + 2 * rows
+    return 2 * rows
 
 
 def energy_rank(
-    read: Reader, shape: tuple[int, int], energy: float, dtype: DType, ct: np.dtype, name: str, block: int
+    read: Reader,
+    shape: tuple[int, int],
+    energy: float,
+    dtype: DType,
+    ct: np.dtype,
+    name: str,
+    block: int,
+    max_k: int,
 ) -> int | None:
     """The smallest rank keeping ``energy`` of the squared norm, or None where no rank smaller
-    than dense storage does (the tensor is then stored dense)."""
+    than dense storage does, or none whose sketch fits ``max_k`` columns (the memory budget):
+    the tensor is then stored dense."""
     m, n = shape
     limit = m * n // (m + n)  # at this rank the factors are as large as the matrix
-    k = min(64, m, n)
+    k = min(64, m, n, max(1, max_k - OVERSAMPLE))
     while True:
-        _, s, _, total = _svd(read, m, n, min(k + OVERSAMPLE, m, n), ct, zlib.crc32(name.encode()), block)
+        sketch = min(k + OVERSAMPLE, m, n)
+        _, s, _, total = _svd(read, m, n, sketch, ct, zlib.crc32(name.encode()), block)
         t = float(total)
         if t == 0:
             return 1
@@ -123,7 +174,7 @@ def energy_rank(
         hit = np.flatnonzero(cum >= energy * (1 - 1e-12))
         if hit.size and hit[0] + 1 < limit:
             return int(hit[0]) + 1
-        if hit.size or k >= min(m, n, limit) or m * n <= EXACT_ELEMENTS:
+        if hit.size or k >= min(m, n, limit) or exact(m, n, sketch) or 2 * k + OVERSAMPLE > max_k:
             return None
         k = min(2 * k, m, n)
 
@@ -133,14 +184,14 @@ def _lowrank(
 ) -> Encoded:
     m, n = shape
     u, s, vt, total = _svd(read, m, n, min(rank + OVERSAMPLE, m, n), ct, zlib.crc32(name.encode()), block)
-    a = to_storage(u[:, :rank] * s[:rank], dtype)
     b = to_storage(vt[:rank], dtype)
-    write("a", 0, a.reshape(-1))
     write("b", 0, b.reshape(-1))
-    a_f, b_f = from_storage(a, dtype, ct), from_storage(b, dtype, ct)
+    b_f = from_storage(b, dtype, ct)
     err = 0.0
-    for r0, r1 in _blocks(m, n, block):
-        diff = _rows(read, n, r0, r1) - a_f[r0:r1] @ b_f
+    for r0, r1 in _blocks(m, n, block):  # a = u_r s_r, written and measured a row block at a time
+        a = to_storage(u[r0:r1, :rank] * s[:rank], dtype)
+        write("a", r0 * rank, a.reshape(-1))
+        diff = _rows(read, n, r0, r1) - from_storage(a, dtype, ct) @ b_f
         err += float(np.sum(np.square(diff, dtype=np.float64)))
     return _measured(float(total), err, rank=rank)
 

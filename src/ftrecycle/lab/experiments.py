@@ -11,6 +11,8 @@ Naming (directories under ``seed-S/models`` and job ids):
   for i ≥ 3 (for i = 2 it is ``ft-M2+d1``, as in the paper);
 * ``diag-Mj+di``: ``diagnose`` of the pair; ``Mj+diauto``: Mj + α·Δi with α chosen on calibration
   data (experiment f, for the diagnostics);
+* ``Mj+di@SPEC``: Mj + Δi with Δi stored as a bf16 delta compressed by SPEC (``none``: dense bf16),
+  on the stage-2 pairs (experiment g);
 * ``lang-ft-M4``: the instruction-tuned M4 (ft-M4) fine-tuned on the second language;
   ``ft-M5+dlang``: ft-M5 + (lang-ft-M4 − ft-M4) (experiment e).
 """
@@ -23,11 +25,34 @@ from pathlib import Path
 from typing import Any
 
 from ftrecycle.lab.config import LabConfig
-from ftrecycle.lab.jobs import auto_alpha_job, diagnose_job, eval_job, finetune_job, pretrain_job, transfer_job
+from ftrecycle.lab.jobs import (
+    auto_alpha_job,
+    compressed_job,
+    diagnose_job,
+    eval_job,
+    finetune_job,
+    pretrain_job,
+    transfer_job,
+)
 from ftrecycle.lab.pretrain import VERSIONS
 from ftrecycle.lab.scheduler import Job
 
 GROUPS = (("M1", "M2", "M3"), ("M4", "M5"))
+STAGE2_PAIRS = (("M4", "M5"), ("M5", "M4"))
+#: experiment (g): dense bf16, then settings near 2x, 4x, 8x, 16x and 64x smaller than it
+COMPRESSIONS = (
+    "none",
+    "int8",
+    "sign",
+    "lowrank:ratio=4",
+    "lowrank:ratio=8",
+    "lowrank:ratio=16",
+    "lowrank:ratio=64",
+    "sparse:ratio=4",
+    "sparse:ratio=8",
+    "sparse:ratio=16",
+    "sparse:ratio=64",
+)
 
 
 def pairs() -> list[tuple[str, str]]:
@@ -146,7 +171,26 @@ def seed_jobs(cfg: LabConfig, seed: int, root: Path, data: dict[str, Path]) -> l
         jobs.append(
             Job(f"{prefix}diag-{j}+d{i[1]}", diagnose_job, {**args, "calibration": train}, (f"{prefix}ft-{i}",))
         )
-    for i, j in (("M4", "M5"), ("M5", "M4")):
+    # (g) compressed deltas on the stage-2 pairs
+    for i, j in STAGE2_PAIRS:
+        for spec in COMPRESSIONS:
+            name = f"{j}+d{i[1]}@{spec}"
+            args = {"source_base": base[i], "source_finetuned": str(m / f"ft-{i}"), "target_base": base[j]}
+            jobs.append(
+                Job(
+                    prefix + name,
+                    compressed_job,
+                    {
+                        **args,
+                        "out": str(m / "compressed" / name.replace(":", "-").replace("=", "")),
+                        "spec": spec,
+                        "test": test,
+                        "max_new_tokens": cfg.max_new_tokens,
+                    },
+                    (f"{prefix}ft-{i}",),
+                )
+            )
+    for i, j in STAGE2_PAIRS:
         args = {"source_base": base[i], "source_finetuned": str(m / f"ft-{i}"), "target_base": base[j]}
         jobs.append(
             Job(
@@ -211,8 +255,16 @@ def collect_seed(cfg: LabConfig, seed: int, res: dict[str, dict[str, Any]]) -> d
         }
         for i, j in (("M4", "M5"), ("M5", "M4"))
     }
+    compressed = {
+        spec: {
+            f"{j}+Δ{i[1]}": {k: r[f"{j}+d{i[1]}@{spec}"][k] for k in ("accuracy", "ratio", "median_error")}
+            for i, j in STAGE2_PAIRS
+        }
+        for spec in COMPRESSIONS
+    }
     pre = r["pretrain"]
     return {
+        "compressed": compressed,
         "diagnostics": diagnostics,
         "alpha_auto": alpha_auto,
         "base": base,

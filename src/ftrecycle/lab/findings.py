@@ -1,4 +1,4 @@
-"""The four findings the lab checks, computed from a run's numbers (never written by hand).
+"""The findings the lab checks, computed from a run's numbers (never written by hand).
 
 Each returns ``{"id", "claim", "passed", "numbers", "detail"}``; ``numbers`` holds every
 value the verdict used, so the report can show them.
@@ -14,6 +14,8 @@ from ftrecycle.lab.pretrain import VERSIONS
 RECOVERY_PCT = 80  # finding 1's share of direct fine-tuning's gain
 GROUP_RATIO = 2  # finding 2: within-stage gain over across-stage gain
 ITER_TOLERANCE = 1.0  # finding 4: points iterative may trail direct
+COMPRESS_RATIO = 8  # finding 5: a delta at least this many times smaller than dense bf16 ...
+COMPRESS_LOSS = 1.0  # ... losing at most this many points against the full delta
 
 
 def _r(x: float) -> float:
@@ -127,6 +129,32 @@ def iterative(m: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def compression(m: dict[str, Any]) -> dict[str, Any]:
+    """(5) Some compression ≥ 8x smaller than the dense bf16 delta loses ≤ 1 point on both stage-2 pairs."""
+    rows = []
+    for spec, by_pair in m["compressed"].items():
+        losses = {p: _r(m["transfer"][p[0:2]][f"M{p[-1]}"] - v["accuracy"]) for p, v in by_pair.items()}
+        ratio = min(v["ratio"] for v in by_pair.values())
+        rows.append({"spec": spec, "ratio": round(ratio, 1), "max_loss": max(losses.values()), "loss": losses})
+    ok = [r for r in rows if r["ratio"] >= COMPRESS_RATIO and r["max_loss"] <= COMPRESS_LOSS]
+    best = max(ok, key=lambda r: r["ratio"]) if ok else None
+    return {
+        "id": 5,
+        "claim": f"on M4 ↔ M5 some compressed delta ≥ {COMPRESS_RATIO}× smaller than the dense bf16 one loses at "
+        f"most {COMPRESS_LOSS:g} point against the full delta on both pairs",
+        "passed": bool(ok),
+        "numbers": {
+            "settings": rows,
+            "best": best,
+            "ratio_required": COMPRESS_RATIO,
+            "loss_allowed": COMPRESS_LOSS,
+        },
+        "detail": "loss = accuracy of Mj + Δi (full, float32) − accuracy of Mj + compressed Δi; ratio = dense bf16 "
+        "bytes / stored bytes (the smaller of the two pairs)",
+    }
+
+
 def all_findings(m: dict[str, Any], ft_steps: int) -> list[dict[str, Any]]:
-    """The four findings on the (seed-mean) numbers ``m``."""
-    return [recovery(m), grouping(m), convergence(m, ft_steps), iterative(m)]
+    """The findings on the (seed-mean) numbers ``m``."""
+    found = [recovery(m), grouping(m), convergence(m, ft_steps), iterative(m)]
+    return found + ([compression(m)] if "compressed" in m else [])

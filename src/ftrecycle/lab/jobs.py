@@ -7,6 +7,7 @@ back instead of recomputed, and an interrupted fine-tune resumes from its last c
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,47 @@ def transfer_job(
     if not path.is_dir():
         transfer(source_base=source_base, source_finetuned=source_finetuned, target_base=target_base, output=path)
     return {"accuracy": evaluate_model(path, test, max_new_tokens=max_new_tokens)}
+
+
+def compressed_job(
+    source_base: str,
+    source_finetuned: str,
+    target_base: str,
+    out: str,
+    spec: str,
+    test: str,
+    max_new_tokens: int,
+) -> dict[str, Any]:
+    """Store Δ as a bf16 delta compressed by ``spec`` ("none": dense), apply it to the target, score it."""
+    import statistics
+
+    from ftrecycle.delta.compute import diff
+    from ftrecycle.transfer import apply_delta
+
+    root = Path(out)
+    delta, model = root / "delta", root / "model"
+    if not (root / "done").is_file():
+        d = diff(
+            source_base,
+            source_finetuned,
+            delta,
+            delta_dtype="bfloat16",
+            compress=None if spec == "none" else spec,
+            force=True,
+        )
+        apply_delta(delta, target_base, model, force=True)
+        (root / "done").write_text(json.dumps(d.provenance.get("compression")))
+    manifest = json.loads((delta / "ftrecycle-delta.json").read_text())
+    stored = sum(f.stat().st_size for f in delta.glob("delta*.safetensors"))
+    dense = sum(math.prod(e["shape"]) * 2 for e in manifest["tensors"].values())
+    errors: list[float] = [
+        float(e["compression"]["error"]) for e in manifest["tensors"].values() if e.get("compression")
+    ]
+    return {
+        "accuracy": evaluate_model(model, test, max_new_tokens=max_new_tokens),
+        "ratio": dense / stored,
+        "median_error": statistics.median(errors) if errors else 0.0,
+    }
 
 
 def eval_job(model: str, test: str, max_new_tokens: int) -> dict[str, Any]:

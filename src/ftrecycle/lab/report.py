@@ -17,6 +17,7 @@ PLOTS = {
     "iterative_curves": "iterative_curves.png",
     "direct_ft_curves": "direct_ft_curves.png",
     "diagnostics": "diagnostics.png",
+    "compression": "compression.png",
 }
 
 
@@ -83,8 +84,21 @@ def _findings(findings: list[dict[str, Any]], per_seed: dict[str, list[bool]]) -
                 f"{n['pairs'] - n['pairs_too_slow']} of {n['pairs']} pairs reach FT(Mj)'s final accuracy within "
                 f"{n['third_of_steps']} steps (median {_f(n['median_steps_to_reach'])})"
             )
-        else:
+        elif f["id"] == 4:
             txt = f"iterative {_f(n['iterative'])}, direct {_f(n['direct'])} (difference {_f(n['difference'])})"
+        else:
+            b = n["best"]
+            if b is None:
+                near = [r for r in n["settings"] if r["ratio"] >= n["ratio_required"]]
+                low = min(near, key=lambda r: r["max_loss"]) if near else None
+                txt = "no setting qualifies" + (
+                    f"; the least loss at ≥ {n['ratio_required']}×: `{low['spec']}` ({_f(low['ratio'])}×) loses "
+                    f"{_f(low['max_loss'])} points"
+                    if low
+                    else ""
+                )
+            else:
+                txt = f"`{b['spec']}`: {_f(b['ratio'])}× smaller, loses at most {_f(b['max_loss'])} points"
         seeds = per_seed.get(str(f["id"]), [])
         tail = f"; passes in {sum(seeds)} of {len(seeds)} seeds" if len(seeds) > 1 else ""
         lines.append(f"| {f['id']} | {f['claim']} | **{'PASS' if f['passed'] else 'FAIL'}** | {txt}{tail} |")
@@ -133,6 +147,38 @@ def _diagnostics(results: dict[str, Any]) -> list[str]:
         f"**{'yes' if d['alpha_auto_not_worse'] else 'no'}**.",
         "",
         f"![diagnostics]({PLOTS['diagnostics']})",
+        "",
+    ]
+
+
+def _compression(m: dict[str, Any]) -> list[str]:
+    comp = m["compressed"]
+    pairs = list(next(iter(comp.values())))
+    full = {p: m["transfer"][p[:2]][f"M{p[-1]}"] for p in pairs}
+    rows: list[list[Any]] = [["full Δ (float32)", "–", "–", *[full[p] for p in pairs]]]
+    for spec, by_pair in comp.items():
+        ratio = min(v["ratio"] for v in by_pair.values())
+        err = max(v["median_error"] for v in by_pair.values())
+        label = "dense bf16" if spec == "none" else f"`{spec}`"
+        rows.append(
+            [
+                label,
+                f"{ratio:.1f}×",
+                str(err),
+                *[_sub(v["accuracy"], v["accuracy"] - full[p]) for p, v in by_pair.items()],
+            ]
+        )
+    return [
+        "## (g) Compressed deltas (issue: deltas as portable artifacts)",
+        "",
+        "Δi of the stage-2 pairs stored by `ftrecycle diff --delta-dtype bfloat16 --compress SPEC` and applied "
+        "with `ftrecycle apply`. Size ratio against the dense bf16 delta (the smaller of the two pairs), the "
+        "median relative reconstruction error of the compressed matrices, and accuracy (change against the full "
+        "float32 Δ in brackets):",
+        "",
+        *_table(["Δ stored as", "ratio", "median rel. error", *[f"{p} accuracy" for p in pairs]], rows),
+        "",
+        f"![compression]({PLOTS['compression']})",
         "",
     ]
 
@@ -298,6 +344,7 @@ def render(results: dict[str, Any]) -> str:
         ),
         "",
         *(_diagnostics(results) if "diagnostics_summary" in results else []),
+        *(_compression(m) if "compressed" in m else []),
     ]
     return "\n".join(out)
 
@@ -393,6 +440,32 @@ def plots(results: dict[str, Any], out: Path) -> list[Path]:
         axes[0].set_ylabel("measured gain of Mj + Δi over Mj (points)")
         fig.tight_layout()
         written.append(out / PLOTS["diagnostics"])
+        fig.savefig(written[-1], dpi=100)
+        plt.close(fig)
+
+    if "compressed" in m:
+        comp = m["compressed"]
+        fig, ax = plt.subplots(figsize=(6, 3.8))
+        for method, marker in (("lowrank", "o-"), ("sparse", "s-"), ("sign", "^"), ("int8", "D"), ("none", "*")):
+            specs = [s for s in comp if s.split(":")[0] == method]
+            for p, color in zip(next(iter(comp.values())), ("C0", "C3"), strict=False):
+                full = m["transfer"][p[:2]][f"M{p[-1]}"]
+                # sorted by size; a setting that left every matrix dense (ratio ~1) is the dense point's
+                pts = sorted(
+                    (comp[s][p]["ratio"], comp[s][p]["accuracy"] - full)
+                    for s in specs
+                    if method == "none" or comp[s][p]["ratio"] > 1.05
+                )
+                xs, ys = [x for x, _ in pts], [y for _, y in pts]
+                ax.plot(xs, ys, marker, color=color, ms=5, label=f"{method}, {p}")
+        ax.set_xscale("log", base=2)
+        ax.axhline(0, color="k", lw=0.5)
+        ax.axhline(-1, color="k", lw=0.5, ls=":")
+        ax.set_xlabel("times smaller than the dense bf16 delta")
+        ax.set_ylabel("accuracy change vs full Δ (points)")
+        ax.legend(fontsize=6, ncol=2)
+        fig.tight_layout()
+        written.append(out / PLOTS["compression"])
         fig.savefig(written[-1], dpi=100)
         plt.close(fig)
     return written
