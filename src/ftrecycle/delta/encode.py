@@ -96,14 +96,33 @@ def exact(m: int, n: int, k: int) -> bool:
     return m * n <= EXACT_ELEMENTS or min(m, n) <= EXACT_SIDE_RATIO * k
 
 
+def _qr(y: np.ndarray) -> np.ndarray:
+    """The Q of a reduced QR, in ``y``'s dtype.
+
+    torch, not NumPy: NumPy's linalg computes in float64 whatever the input (a float32 sketch
+    of a 128256-row embedding would take twice its size again in temporaries).
+    """
+    import torch
+
+    return torch.linalg.qr(torch.from_numpy(y))[0].numpy()
+
+
+def _small_svd(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    import torch
+
+    u, s, vt = torch.linalg.svd(torch.from_numpy(x), full_matrices=False)
+    return u.numpy(), s.numpy(), vt.numpy()
+
+
 def _svd(read: Reader, m: int, n: int, k: int, ct: np.dtype, seed: int, block: int) -> tuple[np.ndarray, ...]:
     """(U, S, Vt) with ``k`` columns (all of them for small matrices), and the squared norm."""
     if exact(m, n, k):
         d = np.empty((m, n), dtype=ct)
         for r0, r1 in _blocks(m, n, block):
             d[r0:r1] = _rows(read, n, r0, r1)
-        u, s, vt = np.linalg.svd(d, full_matrices=False)
-        return u, s, vt, np.array(float(np.sum(np.square(d, dtype=np.float64))))
+        total = float(np.sum(np.square(d, dtype=np.float64)))
+        u, s, vt = _small_svd(d)
+        return u, s, vt, np.array(total)
     rng = np.random.default_rng(seed)
     omega = rng.standard_normal((n, k)).astype(ct)
     y = np.empty((m, k), dtype=ct)
@@ -113,20 +132,20 @@ def _svd(read: Reader, m: int, n: int, k: int, ct: np.dtype, seed: int, block: i
         total += float(np.sum(np.square(rows, dtype=np.float64)))
         y[r0:r1] = rows @ omega
     for _ in range(POWER_ITERATIONS):
-        q = np.linalg.qr(y)[0]  # peak: y, LAPACK's copy of it, and q (three m x k)
+        q = _qr(y)  # peak: y and q (two m x k)
         z = np.zeros((n, k), dtype=ct)
         for r0, r1 in _blocks(m, n, block):
             z += _rows(read, n, r0, r1).T @ q[r0:r1]
         del q
-        qz = np.linalg.qr(z)[0]
+        qz = _qr(z)
         for r0, r1 in _blocks(m, n, block):
             y[r0:r1] = _rows(read, n, r0, r1) @ qz
-    q = np.linalg.qr(y)[0]
+    q = _qr(y)
     del y
     bk = np.zeros((k, n), dtype=ct)
     for r0, r1 in _blocks(m, n, block):
         bk += q[r0:r1].T @ _rows(read, n, r0, r1)
-    ub, s, vt = np.linalg.svd(bk, full_matrices=False)
+    ub, s, vt = _small_svd(bk)
     for r0, r1 in _blocks(m, k, block):  # u = q @ ub, in place, a row block at a time
         q[r0:r1] = q[r0:r1] @ ub
     return q, s, vt, np.array(total)
