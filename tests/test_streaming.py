@@ -104,3 +104,25 @@ def test_sigkill_leaves_no_output_and_a_rerun_succeeds(tmp_path):
     assert p.returncode == 0, p.stderr
     assert (out / "ftrecycle.json").is_file()
     assert not list(tmp_path.glob(f".out{TMP_MARK}*")), "the rerun left the stale temporary directory"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spec", ["lowrank:rank=64", "sparse:ratio=8"])
+def test_compression_peak_rss_under_budget_with_a_128256_x_2048_embedding(tmp_path, spec):
+    layout = [("model.embed_tokens.weight", (128256, 2048)), ("model.norm.weight", (2048,))]
+    cfg = llama_config(**{**ARCH, "hidden_size": 2048})
+    base = write_synthetic(tmp_path / "a", layout, cfg, noise=[], shard_size=1 << 29)
+    fin = write_synthetic(tmp_path / "b", layout, cfg, noise=[(1, 1e-3)], shard_size=1 << 29)
+    delta = tmp_path / "delta"
+    cmd = [sys.executable, "-c", CHILD, "diff", "--base", str(base), "--finetuned", str(fin), "-o", str(delta)]
+    cmd += ["--delta-dtype", "bfloat16", "--compress", spec, "--max-memory", "512MiB", "-q"]
+    p = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    assert p.returncode == 0, p.stderr
+    peak_mib = int(p.stdout.split("VmHWM_KiB")[1].split()[0]) / 1024
+    # the diff of this tensor in float32 alone is 1002 MiB; --max-memory bounds the whole command
+    assert peak_mib < 512, f"{spec}: peak RSS {peak_mib:.0f} MiB"
+    cmd = [sys.executable, "-c", CHILD, "apply", "--delta", str(delta), "--target-base", str(base)]
+    cmd += ["-o", str(tmp_path / "out"), "--max-memory", "512MiB", "-q"]
+    p = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    assert p.returncode == 0, p.stderr
+    assert int(p.stdout.split("VmHWM_KiB")[1].split()[0]) / 1024 < 512
