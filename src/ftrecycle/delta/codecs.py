@@ -190,7 +190,7 @@ class Packed:
     scale: float = 1.0
 
 
-def _part(p: Packed, name: str, start: int, count: int, cache: dict[Any, Any]) -> np.ndarray:
+def _part(p: Packed, name: str, start: int, count: int) -> np.ndarray:
     """Elements ``[start, start + count)`` of a part, as its storage dtype (a fresh array)."""
     src = p.parts[name]
     if isinstance(src, np.ndarray):
@@ -217,7 +217,7 @@ def _whole(p: Packed, name: str, ct: np.dtype[Any], cache: dict[Any, Any]) -> np
     if got is None:
         src = p.parts[name]
         shape = src.shape if isinstance(src, np.ndarray) else src.info.shape
-        got = _as_float(_part(p, name, 0, math.prod(shape), cache), _part_dtype(p, name), ct).reshape(shape)
+        got = _as_float(_part(p, name, 0, math.prod(shape)), _part_dtype(p, name), ct).reshape(shape)
         cache.clear()
         cache[key] = got
     return got
@@ -238,30 +238,30 @@ def decode(p: Packed, start: int, count: int, out: np.ndarray, cache: dict[Any, 
     if p.method == "lowrank":
         b = _whole(p, "b", ct, cache)
         rank = b.shape[0]
-        a = _as_float(_part(p, "a", r0 * rank, (r1 - r0) * rank, cache), _part_dtype(p, "a"), ct)
+        a = _as_float(_part(p, "a", r0 * rank, (r1 - r0) * rank), _part_dtype(p, "a"), ct)
         prod = a.reshape(r1 - r0, rank) @ b
         np.copyto(out, prod.reshape(-1)[skip : skip + count])
         if p.scale != 1.0:
             np.multiply(out, ct.type(p.scale), out=out)
     elif p.method == "int8":
-        q = _part(p, "q", start, count, cache)
-        scale = _part(p, "scale", r0, r1 - r0, cache)
+        q = _part(p, "q", start, count)
+        scale = _part(p, "scale", r0, r1 - r0)
         rows = np.arange(start, start + count, dtype=np.int64) // n - r0
         np.multiply(q, scale[rows], out=out, casting="unsafe")
     elif p.method == "sign":
-        mag = float(_part(p, "scale", 0, 1, cache)[0])
+        mag = float(_part(p, "scale", 0, 1)[0])
         lo = start // 8
-        raw = _part(p, "bits", lo, (start + count + 7) // 8 - lo, cache)
+        raw = _part(p, "bits", lo, (start + count + 7) // 8 - lo)
         bits = np.unpackbits(raw, bitorder="little")[start - 8 * lo : start - 8 * lo + count]
         np.multiply(bits, ct.type(2 * mag), out=out, casting="unsafe")
         np.subtract(out, ct.type(mag), out=out)
     elif p.method == "sparse":
-        ptr = _part(p, "indptr", r0, r1 - r0 + 1, cache)
+        ptr = _part(p, "indptr", r0, r1 - r0 + 1)
         e0, e1 = int(ptr[0]), int(ptr[-1])
         out.fill(0)
         if e1 > e0:
-            cols = _part(p, "indices", e0, e1 - e0, cache).astype(np.int64)
-            vals = _as_float(_part(p, "values", e0, e1 - e0, cache), _part_dtype(p, "values"), ct)
+            cols = _part(p, "indices", e0, e1 - e0).astype(np.int64)
+            vals = _as_float(_part(p, "values", e0, e1 - e0), _part_dtype(p, "values"), ct)
             rows = np.repeat(np.arange(r0, r1, dtype=np.int64), np.diff(ptr))
             pos = rows * n + cols - start
             keep = (pos >= 0) & (pos < count)

@@ -34,6 +34,7 @@ from ftrecycle.errors import CheckpointError, ConfigError, IncompatibleModelsErr
 from ftrecycle.io.checkpoint import Checkpoint, open_checkpoint
 from ftrecycle.io.safetensors_format import TensorInfo
 from ftrecycle.plan import Term, logical_names
+from ftrecycle.settings import DEFAULT_MAX_MEMORY
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -230,7 +231,7 @@ def export_lora(
     rank: int,
     dtype: str = "float32",
     threads: int | None = None,
-    max_memory: str | int = "512MiB",
+    max_memory: str | int = DEFAULT_MAX_MEMORY,
     force: bool = False,
 ) -> ExportResult:
     """Write a PEFT LoRA adapter approximating a delta's linear-layer updates at ``rank``.
