@@ -297,33 +297,46 @@ def test_lora_source_equals_merging_it_with_peft(fam, tmp_path):
     assert all(torch.allclose(t1[k], t2[k], rtol=0, atol=1e-6) for k in t2)
 
 
-def test_export_lora_loads_in_peft_and_equals_the_transfer(tmp_path, versions):
+@pytest.mark.parametrize(
+    ("fam", "embedding", "norm", "probe"),
+    [
+        ("llama", "model.embed_tokens.weight", "layernorm", "model.layers.0.self_attn.q_proj.weight"),
+        ("gpt2", "transformer.wte.weight", "ln_", "transformer.h.0.attn.c_attn.weight"),  # Conv1D: fan_in_fan_out
+    ],
+)
+def test_export_lora_loads_in_peft_and_equals_the_transfer(tmp_path, fam, embedding, norm, probe):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    p = _lora("llama", tmp_path)
+    p = _lora(fam, tmp_path)
     d = diff(str(p["base"]), str(p["merged"]), tmp_path / "d").output
     ad = tmp_path / "adapter"
     assert main(["export-lora", "--delta", str(d), "--rank", "64", "-o", str(ad)]) == 0
     want = load_dir(transfer(str(p["base"]), str(p["merged"]), str(p["target"]), tmp_path / "t").output)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(p["target"]), ad)
     got = model.merge_and_unload().state_dict()
-    for k, t in want.items():
-        if k in got:
-            assert torch.allclose(got[k], t, rtol=0, atol=1e-6), k
+    compared = [k for k in want if k in got and "lora" not in k]
+    assert len(compared) > 10
+    for k in compared:
+        assert torch.allclose(got[k], want[k], rtol=0, atol=4e-6), (k, (got[k] - want[k]).abs().max().item())
     rec = json.loads((ad / "ftrecycle.json").read_text())
     left = {e["tensor"] for e in rec["left_out"]}
-    assert "model.embed_tokens.weight" in left and any("layernorm" in n for n in left)
-    assert all(e == pytest.approx(0, abs=1e-6) for e in rec["relative_error"].values())
+    assert embedding in left and any(norm in n for n in left)
+    assert all(e == pytest.approx(0, abs=1e-5) for e in rec["relative_error"].values())
     # a low rank: PEFT loads it, and its update is the recorded approximation of the diff
     low = export_lora(d, tmp_path / "low", rank=2)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(p["target"]), low.output)
     merged = model.merge_and_unload().state_dict()
     tgt = load_dir(p["target"])
-    name = "model.layers.0.self_attn.q_proj.weight"
-    full = want[name].double() - tgt[name].double()
-    approx = merged[name].double() - tgt[name].double()
-    assert ((approx - full).norm() / full.norm()).item() == pytest.approx(low.errors[name], rel=1e-3)
+    full = want[probe].double() - tgt[probe].double()
+    approx = merged[probe].double() - tgt[probe].double()
+    assert ((approx - full).norm() / full.norm()).item() == pytest.approx(low.errors[probe], rel=1e-3)
+
+
+def test_export_lora_from_a_compressed_delta(compressed, tmp_path):
+    # a rank-4 delta re-factorised at rank 4 loses only the rounding of its bf16 factors
+    res = export_lora(compressed["lowrank:rank=4"], tmp_path / "ad", rank=4)
+    assert res.modules > 0 and max(res.errors.values()) < 1e-2
 
 
 def test_transfer_with_compress_equals_diff_then_apply(versions, compressed, tmp_path, capsys):
