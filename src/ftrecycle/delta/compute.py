@@ -170,8 +170,9 @@ def diff(
             found = _index_safetensors(tmp, INDEX, PREFIX)
             assert found is not None
             infos = found[0]
-            manifest["checksums"] = checksums(infos, settings.threads)
-            _dense_norms(dense_names, infos, entries, settings.threads)
+            manifest["checksums"], norms = checksums(infos, settings.threads, norms=frozenset(dense_names))
+            for name in dense_names:
+                entries[name].update(norm=norms[name], error=None)
             for e in entries.values():
                 e["bytes"] = sum(infos[p].nbytes for p in e["parts"].values()) if e.get("parts") else None
             for name in dense_names:
@@ -323,25 +324,3 @@ def _energy_ranks(
 
     with ThreadPoolExecutor(settings.threads) as pool:
         return {name: r for name, r in pool.map(one, mats) if r is not None}
-
-
-def _dense_norms(names: list[str], infos: dict[str, Any], entries: dict[str, dict[str, Any]], threads: int) -> None:
-    from ftrecycle.delta.encode import from_storage
-
-    def one(name: str) -> float:
-        info = infos[name]
-        total = 0.0
-        step = 1 << 20  # 8 MiB of float64 per thread
-        with open(info.path, "rb") as f:
-            for s in range(0, info.numel, step):
-                n = min(step, info.numel - s)
-                f.seek(info.offset + s * info.dtype.itemsize)
-                raw = np.frombuffer(f.read(n * info.dtype.itemsize), dtype=info.dtype.storage)
-                x = from_storage(raw, info.dtype, np.dtype(np.float64))
-                total += float(np.dot(x, x))
-        return math.sqrt(total)
-
-    with ThreadPoolExecutor(max(1, threads)) as pool:
-        for name, norm in zip(names, pool.map(one, names), strict=True):
-            entries[name]["norm"] = norm
-            entries[name]["error"] = None

@@ -198,9 +198,10 @@ def energy_rank(
         k = min(2 * k, m, n)
 
 
-def _lowrank(
+def lowrank(
     read: Reader, write: Writer, shape: tuple[int, int], rank: int, dtype: DType, ct: np.dtype, name: str, block: int
 ) -> Encoded:
+    """Rank-``rank`` factors ``a`` (m, r) and ``b`` (r, n) of the truncated SVD, written as stored."""
     m, n = shape
     u, s, vt, total = _svd(read, m, n, min(rank + OVERSAMPLE, m, n), ct, zlib.crc32(name.encode()), block)
     b = to_storage(vt[:rank], dtype)
@@ -328,7 +329,7 @@ def encode(
     """Compress one diff tensor laid out by :func:`~ftrecycle.delta.codecs.layout` (non-empty)."""
     parts = layout(spec, shape, dtype, rank=rank)
     if spec.method == "lowrank":
-        return _lowrank(read, write, shape, parts["a"][1][1], dtype, ct, name, block)
+        return lowrank(read, write, shape, parts["a"][1][1], dtype, ct, name, block)
     if spec.method == "sparse":
         idx = parts["indices"][0].storage
         return _sparse(read, write, shape, parts["values"][1][0], dtype, ct, block, idx)

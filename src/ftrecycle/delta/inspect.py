@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ftrecycle.delta.store import open_delta
+from ftrecycle.dtypes import BY_NAME
 
 
 def inspect_delta(path: str | Path, *, check: bool = True, threads: int = 1) -> dict[str, Any]:
@@ -18,7 +19,7 @@ def inspect_delta(path: str | Path, *, check: bool = True, threads: int = 1) -> 
     ckpt, manifest, terms, aliases = open_delta(path, check=check, threads=threads)
     try:
         stored = sum(i.nbytes for i in ckpt.tensors.values())
-        dtype_size = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}[manifest.get("dtype", "float32")]
+        dtype_size = BY_NAME[manifest.get("dtype", "float32")].itemsize
         entries: dict[str, Any] = manifest.get("tensors") or {}
         rows: list[dict[str, Any]] = []
         for name, term in terms.items():

@@ -18,7 +18,6 @@ import json
 import math
 import re
 import time
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +27,7 @@ import numpy as np
 
 from ftrecycle.arch import EMBEDDING_NAMES, OUTPUT_EMBEDDING
 from ftrecycle.delta.codecs import Packed
-from ftrecycle.delta.encode import Encoded, from_storage, to_storage
+from ftrecycle.delta.encode import Encoded, from_storage
 from ftrecycle.dtypes import DType, parse_dtype
 from ftrecycle.errors import CheckpointError, ConfigError, IncompatibleModelsError
 from ftrecycle.io.checkpoint import Checkpoint, open_checkpoint
@@ -248,7 +247,7 @@ def export_lora(
         OutputError: the output exists (without ``force``) or overlaps the delta.
     """
     from ftrecycle.delta.compute import _reader
-    from ftrecycle.delta.encode import _svd
+    from ftrecycle.delta.encode import lowrank
     from ftrecycle.delta.store import open_delta
     from ftrecycle.engine import chunk_for_budget, default_threads
     from ftrecycle.io.output import atomic_directory, check_output_path, parse_size, write_json
@@ -281,22 +280,18 @@ def export_lora(
             m, n = term.shape
             read = _reader(term, chunk, ct, compute)
             r = min(rank, m, n)
-            u, s, vt, total = _svd(read, m, n, min(r + 10, m, n), ct, zlib.crc32(name.encode()), chunk)
-            big, small = u[:, :r] * s[:r], vt[:r]
-            big, small = to_storage(big, sdt), to_storage(small, sdt)
-            err = 0.0  # measured against the factors as stored
-            fb, fs = from_storage(big, sdt, ct), from_storage(small, sdt, ct)
-            for r0 in range(0, m, max(1, chunk // n)):
-                r1 = min(m, r0 + max(1, chunk // n))
-                rest = read(r0 * n, (r1 - r0) * n).reshape(r1 - r0, n) - fb[r0:r1] @ fs
-                err += float(np.sum(np.square(rest, dtype=np.float64)))
-            t = float(total)
-            err = math.sqrt(err / t) if t else 0.0
+            parts = {"a": np.empty(m * r, dtype=sdt.storage), "b": np.empty(r * n, dtype=sdt.storage)}
+
+            def write(part: str, start: int, values: np.ndarray) -> None:
+                parts[part][start : start + values.size] = values
+
+            enc = lowrank(read, write, (m, n), r, sdt, ct, name, chunk)  # error measured on the rounded factors
+            big, small = parts["a"].reshape(m, r), parts["b"].reshape(r, n)
             if fan_in_fan_out and name.rsplit(".", 2)[-2] in CONV1D_MODULES:  # stored (in, out)
                 lora_b, lora_a = small.T, big.T
             else:
                 lora_b, lora_a = big, small
-            return name, np.ascontiguousarray(lora_a), np.ascontiguousarray(lora_b), Encoded(math.sqrt(t), err, rank=r)
+            return name, np.ascontiguousarray(lora_a), np.ascontiguousarray(lora_b), enc
 
         with ThreadPoolExecutor(workers) as pool:
             done = list(pool.map(one, sorted(mats.items())))

@@ -16,12 +16,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ftrecycle.delta.codecs import Packed
+from ftrecycle.delta.encode import from_storage
 from ftrecycle.errors import CheckpointError
 from ftrecycle.io.checkpoint import Checkpoint, open_checkpoint
 from ftrecycle.io.safetensors_format import TensorInfo
@@ -31,7 +35,7 @@ MANIFEST = "ftrecycle-delta.json"
 FORMAT = "ftrecycle-delta"
 VERSION = 2
 READS = (1, 2)
-HASH_BLOCK = 8 << 20
+HASH_BLOCK = 2 << 20  # bytes per read: a float64 copy of a bf16 block is 8 MiB
 PREFIX = "delta"
 INDEX = "delta.safetensors.index.json"
 FINETUNED_DIR = "finetuned"
@@ -60,9 +64,10 @@ def read_manifest(path: Path) -> dict[str, Any]:
     return manifest
 
 
-def sha256_of(info: TensorInfo) -> str:
-    """SHA-256 of one stored tensor's bytes, read in blocks."""
+def digest(info: TensorInfo, *, norm: bool = False) -> tuple[str, float | None]:
+    """SHA-256 of one stored tensor's bytes and, if asked, the Frobenius norm of its values, in one read."""
     h = hashlib.sha256()
+    total = 0.0
     fd = os.open(info.path, os.O_RDONLY)
     try:
         pos, end = info.offset, info.offset + info.nbytes
@@ -71,16 +76,24 @@ def sha256_of(info: TensorInfo) -> str:
             if not block:
                 raise CheckpointError(f"{info.path}: truncated inside tensor {info.name!r}; re-download the delta")
             h.update(block)
+            if norm:  # HASH_BLOCK is a multiple of every itemsize, so blocks hold whole elements
+                x = from_storage(np.frombuffer(block, dtype=info.dtype.storage), info.dtype, np.dtype(np.float64))
+                total += float(np.dot(x, x))
             pos += len(block)
     finally:
         os.close(fd)
-    return h.hexdigest()
+    return h.hexdigest(), (math.sqrt(total) if norm else None)
 
 
-def checksums(tensors: dict[str, TensorInfo], threads: int) -> dict[str, str]:
-    """SHA-256 of every tensor, hashed on ``threads`` threads (hashlib releases the GIL)."""
+def checksums(
+    tensors: dict[str, TensorInfo], threads: int, *, norms: frozenset[str] = frozenset()
+) -> tuple[dict[str, str], dict[str, float]]:
+    """SHA-256 of every tensor, and the norm of those in ``norms``, on ``threads`` threads
+    (hashlib and NumPy release the GIL)."""
     with ThreadPoolExecutor(max(1, threads)) as pool:
-        return dict(zip(tensors, pool.map(sha256_of, tensors.values()), strict=True))
+        found = list(pool.map(lambda item: digest(item[1], norm=item[0] in norms), tensors.items()))
+    hashes = {n: h for n, (h, _) in zip(tensors, found, strict=True)}
+    return hashes, {n: v for n, (_, v) in zip(tensors, found, strict=True) if v is not None}
 
 
 def verify(ckpt: Checkpoint, manifest: dict[str, Any], threads: int) -> None:
@@ -92,7 +105,7 @@ def verify(ckpt: Checkpoint, manifest: dict[str, Any], threads: int) -> None:
     want = manifest.get("checksums")
     if not want:
         return
-    got = checksums({n: ckpt.tensors[n] for n in want if n in ckpt.tensors}, threads)
+    got, _ = checksums({n: ckpt.tensors[n] for n in want if n in ckpt.tensors}, threads)
     for name, digest in got.items():
         if digest != want[name]:
             raise CheckpointError(
