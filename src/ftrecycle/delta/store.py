@@ -18,14 +18,16 @@ import hashlib
 import json
 import math
 import os
+import stat
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ftrecycle.delta.codecs import Packed
+from ftrecycle.delta.codecs import METHODS, SEP, Packed, part_name
 from ftrecycle.delta.encode import from_storage
+from ftrecycle.dtypes import ALL, BY_NAME, F32, I8, I32, I64, U8, U16
 from ftrecycle.errors import CheckpointError
 from ftrecycle.io.checkpoint import Checkpoint, open_checkpoint
 from ftrecycle.io.safetensors_format import TensorInfo
@@ -41,27 +43,192 @@ INDEX = "delta.safetensors.index.json"
 FINETUNED_DIR = "finetuned"
 
 
-def read_manifest(path: Path) -> dict[str, Any]:
-    """Read and check a delta directory's manifest.
+#: A manifest larger than this is refused before it is parsed (a 100k-tensor model's is ~40 MiB).
+MAX_MANIFEST_BYTES = 256 << 20
+#: Stored float dtypes of dense tensors and of compressed tensors' float parts.
+FLOAT_DTYPES = frozenset(d for d in ALL if d.arithmetic)
+#: Each method's parts and the checks :func:`check_parts` makes of them.
+PARTS: dict[str, frozenset[str]] = {
+    "lowrank": frozenset({"a", "b"}),
+    "sparse": frozenset({"indptr", "indices", "values"}),
+    "int8": frozenset({"q", "scale"}),
+    "sign": frozenset({"bits", "scale"}),
+}
+assert set(PARTS) == set(METHODS)
+_HEX = frozenset("0123456789abcdef")
+
+
+def load_json(path: Path, *, what: str, fix: str, max_bytes: int = MAX_MANIFEST_BYTES) -> Any:
+    """Parse a small JSON file of a delta or adapter: a regular file (never a FIFO or device, never
+    opened blocking), at most ``max_bytes``, UTF-8, of any nesting depth without a traceback.
 
     Raises:
-        CheckpointError: missing, unreadable, or of an unknown format or version.
+        CheckpointError: missing, not a regular file, too large, not UTF-8, not JSON, or nested too deep.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot open the {what} ({e.strerror}); {fix}") from e
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise CheckpointError(f"{path}: the {what} is not a regular file; {fix}")
+        if st.st_size > max_bytes:
+            raise CheckpointError(
+                f"{path}: the {what} is {st.st_size} bytes, more than the {max_bytes >> 20} MiB ftrecycle reads; {fix}"
+            )
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read(max_bytes + 1)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read the {what} ({e.strerror}); {fix}") from e
+    finally:
+        os.close(fd)
+    try:
+        return json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path}: the {what} is not UTF-8 (byte {e.start}); {fix}") from e
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: the {what} is not valid JSON ({e}); {fix}") from e
+    except RecursionError as e:
+        raise CheckpointError(f"{path}: the {what} is nested too deeply to be one ftrecycle wrote; {fix}") from e
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x: Any) -> bool:
+    return (isinstance(x, int | float) and not isinstance(x, bool)) and math.isfinite(x)
+
+
+class _Bad:
+    """Raise a manifest error that names the file, the field and the fix."""
+
+    def __init__(self, mpath: Path) -> None:
+        self.mpath = mpath
+
+    def __call__(self, what: str) -> CheckpointError:
+        return CheckpointError(f"{self.mpath}: {what}; recreate the delta with `ftrecycle diff`")
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """Read a delta directory's manifest and check its schema (see docs/delta-format.md).
+
+    Every field a reader uses is checked for its type and range; a version 2 manifest must
+    name only the public compression methods and carry a checksum for every stored tensor.
+
+    Raises:
+        CheckpointError: missing, unreadable, of an unknown format or version, or malformed.
     """
     mpath = path / MANIFEST
-    if not mpath.is_file():
+    if not mpath.exists() and not mpath.is_symlink():
         raise CheckpointError(f"{path}: not a delta directory (no {MANIFEST}); make one with `ftrecycle diff`")
-    try:
-        manifest = json.loads(mpath.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{mpath}: not valid JSON ({e}); recreate the delta with `ftrecycle diff`") from e
+    manifest = load_json(mpath, what="delta manifest", fix="recreate the delta with `ftrecycle diff`")
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise CheckpointError(f"{mpath}: not an ftrecycle delta manifest")
-    if manifest.get("version") not in READS:
+        raise CheckpointError(f'{mpath}: not an ftrecycle delta manifest (no "format": "{FORMAT}")')
+    version = manifest.get("version")
+    if not _is_int(version) or version not in READS:
         raise CheckpointError(
-            f"{mpath}: delta format version {manifest.get('version')} is not supported by this ftrecycle "
-            f"(reads versions {', '.join(map(str, READS))}); upgrade ftrecycle"
+            f"{mpath}: delta format version {version!r} is not supported by this ftrecycle "
+            f"(reads versions {', '.join(map(str, READS))}); upgrade ftrecycle or recreate the delta"
         )
+    _check_schema(mpath, manifest)
     return manifest
+
+
+def _check_schema(mpath: Path, m: dict[str, Any]) -> None:
+    bad = _Bad(mpath)
+    v2 = m["version"] >= 2
+    for key in ("base_config", "base", "finetuned", "compression", "policies"):
+        if m.get(key) is not None and not isinstance(m[key], dict):
+            raise bad(f"{key!r} must be an object, not {type(m[key]).__name__}")
+    if m.get("records") is not None and not (
+        isinstance(m["records"], list) and all(isinstance(r, dict) for r in m["records"])
+    ):
+        raise bad("'records' must be a list of objects")
+    for key in ("dtype", "compute_dtype"):
+        if key in m and not (isinstance(m[key], str) and m[key] in BY_NAME and BY_NAME[m[key]] in FLOAT_DTYPES):
+            raise bad(f"{key!r} is {m[key]!r}, not a float dtype name")
+    comp = m.get("compression")
+    if comp is not None and not isinstance(comp.get("spec", ""), str):
+        raise bad("'compression.spec' must be a string")
+    tensors = m.get("tensors")
+    if tensors is None and not v2:
+        tensors = {}
+    if not isinstance(tensors, dict) or (v2 and not tensors):
+        raise bad("'tensors' must be a non-empty object of tensor name -> entry")
+    for name, e in tensors.items():
+        _check_entry(bad, name, e, v2)
+    aliases = m.get("aliases")
+    if aliases is not None:
+        if not isinstance(aliases, dict) or not all(isinstance(v, str) for v in aliases.values()):
+            raise bad("'aliases' must be an object of tensor name -> tensor name")
+        for alias, target in aliases.items():
+            if alias in tensors or (v2 and target not in tensors):
+                raise bad(f"alias {alias!r} -> {target!r} must name a listed tensor and not be one")
+    if v2:
+        sums = m.get("checksums")
+        if not isinstance(sums, dict) or not sums:
+            raise bad(
+                "a version 2 manifest has no 'checksums' (every stored tensor must have one; a delta without "
+                "them would apply a corrupted tensor unnoticed)"
+            )
+        for stored, h in sums.items():
+            if not (isinstance(h, str) and len(h) == 64 and set(h) <= _HEX):
+                raise bad(f"checksum of {stored!r} is not a SHA-256 hex digest")
+        missing = sorted(stored_names(m) - set(sums))
+        if missing:
+            names = ", ".join(map(repr, missing[:5]))
+            raise bad(f"no checksum for stored tensor(s) {names} (version 2 needs one for each)")
+
+
+def _check_entry(bad: _Bad, name: str, e: Any, v2: bool) -> None:
+    if SEP in name:
+        raise bad(f"tensor name {name!r} contains {SEP!r}, the separator of stored part names")
+    if not isinstance(e, dict):
+        raise bad(f"entry of tensor {name!r} must be an object")
+    shape = e.get("shape")
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        raise bad(f"tensor {name!r}: 'shape' must be a list of non-negative integers, not {shape!r}")
+    if "dtype" in e and not (isinstance(e["dtype"], str) and BY_NAME.get(e["dtype"]) in FLOAT_DTYPES):
+        raise bad(f"tensor {name!r}: 'dtype' {e['dtype']!r} is not a float dtype name")
+    for key in ("norm", "error"):
+        if e.get(key) is not None and not _is_number(e[key]):
+            raise bad(f"tensor {name!r}: {key!r} must be a finite number")
+    if e.get("bytes") is not None and not (_is_int(e["bytes"]) and e["bytes"] >= 0):
+        raise bad(f"tensor {name!r}: 'bytes' must be a non-negative integer")
+    comp, parts = e.get("compression"), e.get("parts")
+    if comp is None:
+        if parts:
+            raise bad(f"tensor {name!r} lists parts but no compression method")
+        return
+    if not v2:
+        raise bad(f"tensor {name!r} is compressed, which version 1 cannot be")
+    if not isinstance(comp, dict) or comp.get("method") not in METHODS:
+        method = comp.get("method") if isinstance(comp, dict) else comp
+        raise bad(f"tensor {name!r}: compression method {method!r} is not one of {', '.join(METHODS)}")
+    for key in ("norm", "error", "density"):
+        if comp.get(key) is not None and not _is_number(comp[key]):
+            raise bad(f"tensor {name!r}: compression {key!r} must be a finite number")
+    for key in ("rank", "kept"):
+        if comp.get(key) is not None and not (_is_int(comp[key]) and comp[key] >= 0):
+            raise bad(f"tensor {name!r}: compression {key!r} must be a non-negative integer")
+    if len(shape) != 2:
+        raise bad(f"tensor {name!r} of shape {shape} is compressed, but only matrices can be")
+    want = PARTS[comp["method"]]
+    if not isinstance(parts, dict) or set(parts) != want:
+        raise bad(f"tensor {name!r} ({comp['method']}) must list exactly the parts {', '.join(sorted(want))}")
+    for k, stored in parts.items():
+        if stored != part_name(name, k):
+            raise bad(f"tensor {name!r}: part {k!r} is stored as {stored!r}, not {part_name(name, k)!r}")
+
+
+def stored_names(manifest: dict[str, Any]) -> set[str]:
+    """The names a (checked) manifest says are stored in the shards: dense tensors and parts."""
+    out: set[str] = set()
+    for name, e in (manifest.get("tensors") or {}).items():
+        out |= set(e["parts"].values()) if e.get("compression") else {name}
+    return out
 
 
 def digest(info: TensorInfo, *, norm: bool = False) -> tuple[str, float | None]:
@@ -96,21 +263,46 @@ def checksums(
     return hashes, {n: v for n, (_, v) in zip(tensors, found, strict=True) if v is not None}
 
 
-def verify(ckpt: Checkpoint, manifest: dict[str, Any], threads: int) -> None:
-    """Check every stored tensor against the manifest's checksums (version 2).
+def verify(ckpt: Checkpoint, manifest: dict[str, Any], threads: int, terms: dict[str, Term] | None = None) -> None:
+    """Check every stored tensor against the manifest's checksums (version 2), and the column
+    indices of every sparse tensor in ``terms`` against its width.
+
+    :func:`read_manifest` has made sure a version 2 manifest has a checksum for every stored
+    tensor, and :func:`open_delta` that the shards store exactly those tensors.
 
     Raises:
         CheckpointError: a tensor whose bytes changed, naming its file.
     """
-    want = manifest.get("checksums")
+    want = manifest.get("checksums") if manifest["version"] >= 2 else None
     if not want:
         return
-    got, _ = checksums({n: ckpt.tensors[n] for n in want if n in ckpt.tensors}, threads)
+    got, _ = checksums({n: ckpt.tensors[n] for n in want}, threads)
     for name, digest in got.items():
         if digest != want[name]:
             raise CheckpointError(
                 f"{ckpt.tensors[name].path}: tensor {name!r} fails its checksum (the file is corrupt or was "
                 "changed); re-download or recreate the delta with `ftrecycle diff`"
+            )
+    for term in (terms or {}).values():
+        if term.packed is not None and term.packed.method == "sparse":
+            _check_indices(term.name, term.packed)
+
+
+#: Elements of a sparse tensor's indices checked at a time.
+INDEX_BLOCK = 1 << 20
+
+
+def _check_indices(name: str, p: Packed) -> None:
+    """Every column index of a sparse tensor lies in ``[0, n)`` (one read of ``indices``)."""
+    src: Operand = p.parts["indices"]
+    n, k = p.shape[1], src.info.numel
+    raw = np.empty(min(k, INDEX_BLOCK) * src.info.dtype.itemsize, dtype=np.uint8)
+    for s in range(0, k, INDEX_BLOCK):
+        idx = src.ckpt.read(src.info, s, min(INDEX_BLOCK, k - s), raw)
+        if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= n):
+            raise CheckpointError(
+                f"{src.info.path}: {src.info.name!r} holds a column index outside [0, {n}) of tensor {name!r}; "
+                "recreate the delta with `ftrecycle diff`"
             )
 
 
@@ -139,7 +331,7 @@ def open_delta(
     try:
         terms = _terms(p, ckpt, manifest)
         if check:
-            verify(ckpt, manifest, threads)
+            verify(ckpt, manifest, threads, terms)
     except BaseException:
         ckpt.close()
         raise
@@ -148,31 +340,113 @@ def open_delta(
 
 
 def _terms(p: Path, ckpt: Checkpoint, manifest: dict[str, Any]) -> dict[str, Term]:
+    """The diff's terms, each stored tensor checked against its manifest entry before any read."""
     listed: dict[str, Any] = manifest.get("tensors") or {}
-    stored = {part for e in listed.values() for part in (e.get("parts") or {}).values()}
-    stored |= {n for n, e in listed.items() if not e.get("parts")}
+    stored = stored_names(manifest)
     missing = sorted(stored - set(ckpt.tensors))
     if missing:
         raise CheckpointError(
             f"{p}: the manifest lists tensors the shards lack: {', '.join(missing[:10])}; "
             "recreate the delta with `ftrecycle diff`"
         )
+    extra = sorted(set(ckpt.tensors) - stored)
+    if manifest["version"] >= 2 and extra:
+        raise CheckpointError(
+            f"{p}: the shards store tensors the manifest does not list (and has no checksum for): "
+            f"{', '.join(map(repr, extra[:10]))}; recreate the delta with `ftrecycle diff`"
+        )
+    for name in extra:
+        if SEP in name:
+            raise CheckpointError(
+                f"{ckpt.tensors[name].path}: stored tensor {name!r} contains {SEP!r}, the separator of compressed "
+                "parts, but the manifest lists no such part; recreate the delta with `ftrecycle diff`"
+            )
     terms: dict[str, Term] = {}
     for name, entry in listed.items():
-        parts = entry.get("parts")
         shape = tuple(entry["shape"])
-        if parts:
-            ops = {k: Operand(ckpt, ckpt.tensors[v]) for k, v in parts.items()}
-            terms[name] = Term(name, shape, packed=Packed(entry["compression"]["method"], shape, ops))
+        if entry.get("compression"):
+            method = entry["compression"]["method"]
+            infos = {k: ckpt.tensors[v] for k, v in entry["parts"].items()}
+            check_parts(name, method, shape, infos)
+            ops = {k: Operand(ckpt, info) for k, info in infos.items()}
+            packed = Packed(method, shape, ops)
+            if method == "sparse":
+                _check_indptr(name, packed)
+            terms[name] = Term(name, shape, packed=packed)
             continue
         info = ckpt.tensors[name]
         if shape != info.shape:
             raise CheckpointError(
-                f"{p}: tensor {name!r} has shape {list(info.shape)} but the manifest says "
+                f"{info.path}: tensor {name!r} has shape {list(info.shape)} but the manifest says "
                 f"{entry['shape']}; recreate the delta"
             )
+        _check_dtype(info, entry.get("dtype"))
         terms[name] = Term(name, info.shape, delta=Operand(ckpt, info))
-    for name, info in ckpt.tensors.items():  # version 1 lists every stored tensor; keep any it does not
-        if name not in terms and name not in stored:
-            terms[name] = Term(name, info.shape, delta=Operand(ckpt, info))
+    for name in extra:  # version 1 lists every stored tensor; keep any it does not
+        _check_dtype(ckpt.tensors[name], None)
+        terms[name] = Term(name, ckpt.tensors[name].shape, delta=Operand(ckpt, ckpt.tensors[name]))
     return terms
+
+
+def _check_dtype(info: TensorInfo, listed: str | None) -> None:
+    if info.dtype not in FLOAT_DTYPES or (listed is not None and info.dtype.name != listed):
+        raise CheckpointError(
+            f"{info.path}: tensor {info.name!r} is stored as {info.dtype}, but a delta stores dense diffs as "
+            f"{listed or 'a float dtype'}; recreate the delta with `ftrecycle diff`"
+        )
+
+
+def check_parts(name: str, method: str, shape: tuple[int, ...], parts: dict[str, TensorInfo]) -> None:
+    """Check every part's dtype and shape against its tensor's shape and method, before any read.
+
+    ``lowrank``: ``a`` (m, r) and ``b`` (r, n), one float dtype, r >= 1; ``int8``: ``q`` (m, n)
+    int8 and ``scale`` (m,) float32; ``sign``: ``bits`` (ceil(mn/8),) uint8 and ``scale`` (1,)
+    float32; ``sparse``: ``indptr`` (m+1,) int64, ``indices`` (k,) uint16 (n <= 65536) or int32,
+    ``values`` (k,) float.
+
+    Raises:
+        CheckpointError: a part of another dtype or shape (an exchanged or corrupt part), naming it.
+    """
+    m, n = shape
+
+    def want(part: str, dtypes: Any, pshape: tuple[int, ...]) -> None:
+        info = parts[part]
+        if info.dtype not in dtypes or info.shape != pshape:
+            names = "/".join(sorted(d.name for d in dtypes)) if len(dtypes) < 4 else "float"
+            raise CheckpointError(
+                f"{info.path}: part {info.name!r} of {method} tensor {name!r} {list(shape)} is "
+                f"{info.dtype} {list(info.shape)}, not {names} {list(pshape)}; the part is corrupt or belongs to "
+                "another tensor; recreate the delta with `ftrecycle diff`"
+            )
+
+    if method == "lowrank":
+        a = parts["a"]
+        r = a.shape[1] if len(a.shape) == 2 else 0
+        want("a", FLOAT_DTYPES, (m, max(r, 1)))
+        want("b", {a.dtype}, (r, n))
+    elif method == "int8":
+        want("q", {I8}, (m, n))
+        want("scale", {F32}, (m,))
+    elif method == "sign":
+        want("bits", {U8}, ((m * n + 7) // 8,))
+        want("scale", {F32}, (1,))
+    elif method == "sparse":
+        k = parts["values"].shape[0] if len(parts["values"].shape) == 1 else -1
+        want("indptr", {I64}, (m + 1,))
+        want("indices", {U16, I32} if n <= 1 << 16 else {I32}, (max(k, 0),))
+        want("values", FLOAT_DTYPES, (max(k, 0),))
+    else:  # read_manifest lets no other method through
+        raise CheckpointError(f"tensor {name!r}: unknown compression method {method!r}")
+
+
+def _check_indptr(name: str, p: Packed) -> None:
+    """A sparse tensor's row pointers start at 0, never decrease, and end at its entry count:
+    decoding then never reads outside its ``indices``/``values`` (one read of ``indptr``)."""
+    src: Operand = p.parts["indptr"]
+    k = p.parts["values"].info.numel
+    ptr = src.ckpt.read(src.info, 0, src.info.numel, np.empty(src.info.nbytes, dtype=np.uint8))
+    if int(ptr[0]) != 0 or int(ptr[-1]) != k or bool(np.any(np.diff(ptr) < 0)):
+        raise CheckpointError(
+            f"{src.info.path}: {src.info.name!r} is not a valid row pointer of tensor {name!r} (it must start at 0, "
+            f"never decrease and end at {k}); recreate the delta with `ftrecycle diff`"
+        )
