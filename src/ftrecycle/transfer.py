@@ -15,7 +15,7 @@ from typing import Any
 
 from ftrecycle.arch import check_compatible
 from ftrecycle.delta.lora import adapter_terms, is_adapter
-from ftrecycle.delta.store import FINETUNED_DIR, open_delta
+from ftrecycle.delta.store import finetuned_files, open_delta
 from ftrecycle.dtypes import DType, parse_dtype
 from ftrecycle.io.checkpoint import Checkpoint, open_checkpoint
 from ftrecycle.io.model_files import CONFIG_FILES, TOKENIZER_FILES, check_source, copy_files, model_card, patch_config
@@ -411,6 +411,9 @@ def apply_delta(
         c = stack.enter_context(open_checkpoint(target_base, allow_pickle=allow_pickle))
         check_output_path(out, [d.path, c.path], force=force)
         check_compatible({"delta's base": d.config, "target base": c.config})
+        files = finetuned_files(
+            d.path, manifest, config=config_from == "finetuned", tokenizer=tokenizer_from == "finetuned"
+        )
         delta_input = describe_input(d)
         delta_input["manifest"] = {
             k: manifest.get(k) for k in ("base", "finetuned", "dtype", "compute_dtype", "compression")
@@ -423,7 +426,7 @@ def apply_delta(
             aliases,
             list(manifest.get("records") or []),
             inputs,
-            d.path / FINETUNED_DIR,
+            files,
             out,
             settings,
             odt,

@@ -28,7 +28,7 @@ import numpy as np
 from ftrecycle.delta.codecs import METHODS, SEP, Packed, part_name
 from ftrecycle.delta.encode import from_storage
 from ftrecycle.dtypes import ALL, BY_NAME, F32, I8, I32, I64, U8, U16
-from ftrecycle.errors import CheckpointError
+from ftrecycle.errors import CheckpointError, ConfigError
 from ftrecycle.io.checkpoint import Checkpoint, open_checkpoint
 from ftrecycle.io.safetensors_format import TensorInfo
 from ftrecycle.plan import Operand, Term
@@ -449,4 +449,77 @@ def _check_indptr(name: str, p: Packed) -> None:
         raise CheckpointError(
             f"{src.info.path}: {src.info.name!r} is not a valid row pointer of tensor {name!r} (it must start at 0, "
             f"never decrease and end at {k}); recreate the delta with `ftrecycle diff`"
+        )
+
+
+def finetuned_files(path: Path, manifest: dict[str, Any], *, config: bool, tokenizer: bool) -> Path:
+    """The delta's ``finetuned/`` directory, checked before ``--config-from``/``--tokenizer-from
+    finetuned`` copy from it.
+
+    Only regular files are copied: a symlink (which could point at any file on the machine) or
+    a FIFO in ``finetuned/`` is refused, not followed. ``--config-from finetuned`` needs a
+    ``config.json`` whose architecture agrees with the delta's ``base_config``;
+    ``--tokenizer-from finetuned`` needs at least one tokenizer file.
+
+    Args:
+        path: the delta directory.
+        manifest: its (checked) manifest.
+        config: config files will be copied from it.
+        tokenizer: tokenizer files will be copied from it.
+
+    Raises:
+        ConfigError: the delta has no fine-tuned config (or tokenizer) to copy.
+        CheckpointError: a file there is a symlink or not a regular file.
+        IncompatibleModelsError: its config.json is of another architecture than the delta's base.
+    """
+    from ftrecycle.arch import check_compatible
+    from ftrecycle.io.model_files import CONFIG_FILES, TOKENIZER_FILES
+
+    src = path / FINETUNED_DIR
+    if not (config or tokenizer):
+        return src
+    flags = " and ".join(f"--{k}-from finetuned" for k, on in (("config", config), ("tokenizer", tokenizer)) if on)
+    if src.is_symlink() or (src.exists() and not src.is_dir()):
+        raise CheckpointError(
+            f"{src}: not a directory of the delta (a symlink or a file); {flags} copies only regular files from "
+            "inside the delta; recreate the delta with `ftrecycle diff`"
+        )
+    for name in CONFIG_FILES + TOKENIZER_FILES:
+        f = src / name
+        if f.is_symlink() or (f.exists() and not f.is_file()):
+            raise CheckpointError(
+                f"{f}: a symlink or not a regular file; ftrecycle copies only regular files from a delta's "
+                f"{FINETUNED_DIR}/ (replace it with the file itself, or use --config-from/--tokenizer-from target)"
+            )
+    if config:
+        if not (src / "config.json").is_file():
+            raise ConfigError(
+                f"--config-from finetuned: the delta {path} stores no {FINETUNED_DIR}/config.json; use "
+                "--config-from target, or recreate the delta with `ftrecycle diff`"
+            )
+        cfg = load_json(src / "config.json", what="fine-tuned config", fix="use --config-from target")
+        if not isinstance(cfg, dict):
+            raise CheckpointError(f"{src / 'config.json'}: not a JSON object; use --config-from target")
+        check_compatible({"delta's base": manifest.get("base_config") or {}, "delta's fine-tuned config": cfg})
+    if tokenizer and not any((src / n).is_file() for n in TOKENIZER_FILES):
+        raise ConfigError(
+            f"--tokenizer-from finetuned: the delta {path} stores no tokenizer files in {FINETUNED_DIR}/; use "
+            "--tokenizer-from target"
+        )
+    return src
+
+
+def check_names(names: Any, where: Path) -> None:
+    """Refuse model tensor names that contain the part separator ``::``: stored in a delta, such a
+    name (``w.weight::a``) would collide with a compressed tensor's part names.
+
+    Raises:
+        CheckpointError: naming the first such tensor and ``where`` it comes from.
+    """
+    bad = sorted(n for n in names if SEP in n)
+    if bad:
+        raise CheckpointError(
+            f"{where}: tensor {bad[0]!r}{f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''} contains {SEP!r}, "
+            "which a delta uses to name the parts of compressed tensors; rename the tensor in the model's "
+            "safetensors files before diffing it"
         )
