@@ -28,7 +28,7 @@ import numpy as np
 from ftrecycle.delta.codecs import METHODS, SEP, Packed, part_name
 from ftrecycle.delta.encode import from_storage
 from ftrecycle.dtypes import ALL, BY_NAME, F32, I8, I32, I64, U8, U16
-from ftrecycle.errors import CheckpointError, ConfigError
+from ftrecycle.errors import CheckpointError, ConfigError, IncompatibleModelsError
 from ftrecycle.io.checkpoint import Checkpoint, open_checkpoint
 from ftrecycle.io.safetensors_format import TensorInfo
 from ftrecycle.plan import Operand, Term
@@ -125,7 +125,10 @@ def read_manifest(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: not a delta directory (no {MANIFEST}); make one with `ftrecycle diff`")
     manifest = load_json(mpath, what="delta manifest", fix="recreate the delta with `ftrecycle diff`")
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise CheckpointError(f'{mpath}: not an ftrecycle delta manifest (no "format": "{FORMAT}")')
+        raise CheckpointError(
+            f'{mpath}: not an ftrecycle delta manifest (no "format": "{FORMAT}"); recreate the delta with '
+            "`ftrecycle diff`"
+        )
     version = manifest.get("version")
     if not _is_int(version) or version not in READS:
         raise CheckpointError(
@@ -352,7 +355,8 @@ def _terms(p: Path, ckpt: Checkpoint, manifest: dict[str, Any]) -> dict[str, Ter
     extra = sorted(set(ckpt.tensors) - stored)
     if manifest["version"] >= 2 and extra:
         raise CheckpointError(
-            f"{p}: the shards store tensors the manifest does not list (and has no checksum for): "
+            f"{ckpt.tensors[extra[0]].path}: the shards store tensors the manifest does not list (and has no "
+            "checksum for): "
             f"{', '.join(map(repr, extra[:10]))}; recreate the delta with `ftrecycle diff`"
         )
     for name in extra:
@@ -500,7 +504,10 @@ def finetuned_files(path: Path, manifest: dict[str, Any], *, config: bool, token
         cfg = load_json(src / "config.json", what="fine-tuned config", fix="use --config-from target")
         if not isinstance(cfg, dict):
             raise CheckpointError(f"{src / 'config.json'}: not a JSON object; use --config-from target")
-        check_compatible({"delta's base": manifest.get("base_config") or {}, "delta's fine-tuned config": cfg})
+        try:
+            check_compatible({"delta's base": manifest.get("base_config") or {}, "delta's fine-tuned config": cfg})
+        except IncompatibleModelsError as e:
+            raise IncompatibleModelsError(f"{src / 'config.json'}: {e}; use --config-from target") from e
     if tokenizer and not any((src / n).is_file() for n in TOKENIZER_FILES):
         raise ConfigError(
             f"--tokenizer-from finetuned: the delta {path} stores no tokenizer files in {FINETUNED_DIR}/; use "
