@@ -56,10 +56,10 @@ def _load_config(path: Path) -> dict[str, Any]:
     Raises:
         CheckpointError: unreadable, malformed, or an adapter ftrecycle does not read.
     """
-    from ftrecycle.delta.store import load_json
+    from ftrecycle.io.jsonfile import read_json
 
     cpath = path / ADAPTER_CONFIG
-    cfg = load_json(cpath, what="adapter config", fix="restore the file, or save the adapter again with PEFT")
+    cfg = read_json(cpath, what="adapter config", fix="restore the file, or save the adapter again with PEFT")
     if not isinstance(cfg, dict):
         raise CheckpointError(f"{cpath}: not a JSON object; save the adapter again with PEFT")
     if cfg.get("peft_type") != "LORA":

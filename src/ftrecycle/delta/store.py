@@ -15,10 +15,8 @@ directories (dense, no checksums) are still read.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
-import stat
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -30,6 +28,7 @@ from ftrecycle.delta.encode import from_storage
 from ftrecycle.dtypes import ALL, BY_NAME, F32, I8, I32, I64, U8, U16
 from ftrecycle.errors import CheckpointError, ConfigError, IncompatibleModelsError
 from ftrecycle.io.checkpoint import Checkpoint, open_checkpoint
+from ftrecycle.io.jsonfile import read_json
 from ftrecycle.io.safetensors_format import TensorInfo
 from ftrecycle.plan import Operand, Term
 
@@ -56,41 +55,6 @@ PARTS: dict[str, frozenset[str]] = {
 }
 assert set(PARTS) == set(METHODS)
 _HEX = frozenset("0123456789abcdef")
-
-
-def load_json(path: Path, *, what: str, fix: str, max_bytes: int = MAX_MANIFEST_BYTES) -> Any:
-    """Parse a small JSON file of a delta or adapter: a regular file (never a FIFO or device, never
-    opened blocking), at most ``max_bytes``, UTF-8, of any nesting depth without a traceback.
-
-    Raises:
-        CheckpointError: missing, not a regular file, too large, not UTF-8, not JSON, or nested too deep.
-    """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot open the {what} ({e.strerror}); {fix}") from e
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise CheckpointError(f"{path}: the {what} is not a regular file; {fix}")
-        if st.st_size > max_bytes:
-            raise CheckpointError(
-                f"{path}: the {what} is {st.st_size} bytes, more than the {max_bytes >> 20} MiB ftrecycle reads; {fix}"
-            )
-        with os.fdopen(os.dup(fd), "rb") as f:
-            data = f.read(max_bytes + 1)
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read the {what} ({e.strerror}); {fix}") from e
-    finally:
-        os.close(fd)
-    try:
-        return json.loads(data.decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise CheckpointError(f"{path}: the {what} is not UTF-8 (byte {e.start}); {fix}") from e
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: the {what} is not valid JSON ({e}); {fix}") from e
-    except RecursionError as e:
-        raise CheckpointError(f"{path}: the {what} is nested too deeply to be one ftrecycle wrote; {fix}") from e
 
 
 def _is_int(x: Any) -> bool:
@@ -123,7 +87,9 @@ def read_manifest(path: Path) -> dict[str, Any]:
     mpath = path / MANIFEST
     if not mpath.exists() and not mpath.is_symlink():
         raise CheckpointError(f"{path}: not a delta directory (no {MANIFEST}); make one with `ftrecycle diff`")
-    manifest = load_json(mpath, what="delta manifest", fix="recreate the delta with `ftrecycle diff`")
+    manifest = read_json(
+        mpath, what="delta manifest", max_bytes=MAX_MANIFEST_BYTES, fix="recreate the delta with `ftrecycle diff`"
+    )
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CheckpointError(
             f'{mpath}: not an ftrecycle delta manifest (no "format": "{FORMAT}"); recreate the delta with '
@@ -501,7 +467,7 @@ def finetuned_files(path: Path, manifest: dict[str, Any], *, config: bool, token
                 f"--config-from finetuned: the delta {path} stores no {FINETUNED_DIR}/config.json; use "
                 "--config-from target, or recreate the delta with `ftrecycle diff`"
             )
-        cfg = load_json(src / "config.json", what="fine-tuned config", fix="use --config-from target")
+        cfg = read_json(src / "config.json", what="fine-tuned config", fix="use --config-from target")
         if not isinstance(cfg, dict):
             raise CheckpointError(f"{src / 'config.json'}: not a JSON object; use --config-from target")
         try:
