@@ -135,6 +135,9 @@ def _check_schema(mpath: Path, m: dict[str, Any]) -> None:
         for alias, target in aliases.items():
             if alias in tensors or (v2 and target not in tensors):
                 raise bad(f"alias {alias!r} -> {target!r} must name a listed tensor and not be one")
+    if not v2 and ("checksums" in m or any(set(e) - {"shape", "dtype"} for e in tensors.values())):
+        # version 1 had neither: a version 2 delta relabelled 1 would skip its verification
+        raise bad("a version 1 manifest carries version 2 fields (checksums, norms...); its version was changed")
     if v2:
         sums = m.get("checksums")
         if not isinstance(sums, dict) or not sums:
