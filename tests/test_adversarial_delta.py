@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from ftrecycle.cli import main
 from ftrecycle.delta.compute import diff
@@ -134,6 +134,8 @@ MANIFEST_CASES = {
     "v2 relabelled version 1": ("dense", _set("version", 1)),
     "v2 relabelled, checksums dropped": ("dense", lambda m: m.update(version=1, checksums=None)),
     "rank a string": ("lowrank", _set(f"tensors/{Q}/compression/rank", "2")),
+    "compressed 1-D": ("sign", _set(f"tensors/{Q}/shape", [1024])),
+    "compressed empty": ("int8", _set(f"tensors/{Q}/shape", [32, 0])),
 }
 
 
@@ -414,15 +416,29 @@ ADAPTER_CASES: dict[str, Any] = {
     "not an object": [1, 2],
     "nested 100k deep": "deep",
 }
+AQ = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+BQ = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+WEIGHT_CASES: dict[str, Callable[[dict[str, torch.Tensor]], None]] = {
+    "weights: ranks disagree": _put(BQ, lambda x: torch.cat([x, x], dim=1)),
+    "weights: A of int32": _put(AQ, lambda x: x.view(torch.int32)),
+    "weights: A 1-D": _put(AQ, lambda x: x.reshape(-1)),
+    "weights: B missing": lambda t: t.pop(BQ),
+    "weights: an untold lora_B bias": lambda t: t.update({BQ[: -len("weight")] + "bias": torch.zeros(32)}),
+    "weights: a full tensor": lambda t: t.update({"base_model.model.lm_head.weight": torch.zeros(96, 32)}),
+}
 
 
-@pytest.mark.parametrize("case", list(ADAPTER_CASES))
+@pytest.mark.parametrize("case", [*ADAPTER_CASES, *WEIGHT_CASES])
 def test_bad_adapter_configs_are_refused(case, lora_llama, tmp_path, capsys):
     ad = _copy(lora_llama["adapter"], tmp_path / "adapter")
     cpath = ad / "adapter_config.json"
     cfg = json.loads(cpath.read_text())
-    change = ADAPTER_CASES[case]
-    if change == "deep":
+    change = ADAPTER_CASES.get(case)
+    if case in WEIGHT_CASES:
+        tensors = load_file(ad / "adapter_model.safetensors")
+        WEIGHT_CASES[case](tensors)
+        save_file(tensors, str(ad / "adapter_model.safetensors"), metadata={"format": "pt"})
+    elif change == "deep":
         cpath.write_text(json.dumps(cfg)[:-1] + ', "x": ' + DEEP + "}")
     elif change == "nan":
         cpath.write_text(json.dumps(cfg)[:-1] + ', "lora_alpha": NaN}')

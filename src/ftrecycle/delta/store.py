@@ -185,8 +185,8 @@ def _check_entry(bad: _Bad, name: str, e: Any, v2: bool) -> None:
     for key in ("rank", "kept"):
         if comp.get(key) is not None and not (_is_int(comp[key]) and comp[key] >= 0):
             raise bad(f"tensor {name!r}: compression {key!r} must be a non-negative integer")
-    if len(shape) != 2:
-        raise bad(f"tensor {name!r} of shape {shape} is compressed, but only matrices can be")
+    if len(shape) != 2 or 0 in shape:
+        raise bad(f"tensor {name!r} of shape {shape} is compressed, but only non-empty matrices can be")
     want = PARTS[comp["method"]]
     if not isinstance(parts, dict) or set(parts) != want:
         raise bad(f"tensor {name!r} ({comp['method']}) must list exactly the parts {', '.join(sorted(want))}")
