@@ -7,7 +7,6 @@ transfer's memory is bounded by its buffers, not by the model.
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 from dataclasses import dataclass, field
@@ -16,12 +15,17 @@ from typing import Any
 
 import numpy as np
 
+from ftrecycle.arch import check_config_types
 from ftrecycle.dtypes import from_torch
 from ftrecycle.errors import CheckpointError
-from ftrecycle.io.hub import ResolvedRef, resolve_ref
+from ftrecycle.io.hub import ResolvedRef, containment_root, inside, resolve_ref
+from ftrecycle.io.jsonfile import open_regular, read_json_object
 from ftrecycle.io.safetensors_format import TensorInfo, pread_exact, read_header
 
 SAFE_INDEX = "model.safetensors.index.json"
+#: Size caps of the JSON files of a model directory (real ones are a few kB and a few MB).
+MAX_CONFIG_BYTES = 16 << 20
+MAX_INDEX_BYTES = 64 << 20
 
 
 @dataclass
@@ -95,7 +99,7 @@ class Checkpoint:
             with self._lock:
                 fd = self._fds.get(path)
                 if fd is None:
-                    fd = os.open(path, os.O_RDONLY)
+                    fd = open_regular(path, what="safetensors file")
                     self._fds[path] = fd
         return fd
 
@@ -114,34 +118,70 @@ class Checkpoint:
 
 
 def load_config(path: Path, *, required: bool = True) -> dict[str, Any]:
-    """Parse ``config.json`` in ``path``.
+    """Parse and check ``config.json`` in ``path``.
 
     Raises:
-        CheckpointError: it is missing (when ``required``) or not a JSON object.
+        CheckpointError: it is missing (when ``required``), not a regular file, not a JSON
+            object, nested too deeply, or an architecture field has the wrong type.
     """
     cfg = path / "config.json"
-    if not cfg.is_file():
+    if not os.path.lexists(cfg):
         if required:
             raise CheckpointError(f"{path}: no config.json; a Hugging Face model directory needs one")
         return {}
-    try:
-        data = json.loads(cfg.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{cfg}: not valid JSON ({e}); restore the file") from e
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{cfg}: not a JSON object; restore the file")
+    _check_inside(cfg, containment_root(path), "config.json")
+    data = read_json_object(cfg, what="config", max_bytes=MAX_CONFIG_BYTES, fix="restore the file")
+    check_config_types(data, str(cfg))
     return data
+
+
+def _check_inside(file: Path, root: Path, what: str) -> None:
+    if not inside(file, root):
+        raise CheckpointError(
+            f"{file}: the {what} is a symlink that leads out of the model directory ({file.resolve()}); "
+            "replace it with the file itself"
+        )
+
+
+def _shard_name(index: Path, name: object) -> str:
+    """A shard named by an index must be a plain ``*.safetensors`` file name in the model directory."""
+    if (
+        not isinstance(name, str)
+        or not name.endswith(".safetensors")
+        or name in (".", "..")
+        or "/" in name
+        or "\\" in name
+        or "\0" in name
+        or name.startswith(".")
+    ):
+        raise CheckpointError(
+            f"{index}: names shard {name!r}, which is not a plain *.safetensors file name in the model "
+            "directory (no path separators, no '..', not absolute); re-download the index"
+        )
+    return name
+
+
+def _read_index(index: Path) -> dict[str, str]:
+    data = read_json_object(index, what="shard index", max_bytes=MAX_INDEX_BYTES, fix="re-download it")
+    weight_map = data.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        got = "missing" if weight_map is None else ("empty" if weight_map == {} else f"a {type(weight_map).__name__}")
+        raise CheckpointError(
+            f"{index}: corrupt index (weight_map is {got}; it must map every tensor name to its shard); re-download it"
+        )
+    for shard in set(weight_map.values()):
+        _shard_name(index, shard)
+    return weight_map
 
 
 def _index_safetensors(root: Path, index_name: str, prefix: str) -> tuple[dict[str, TensorInfo], list[Path]] | None:
     index = root / index_name
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-            shards = sorted(set(weight_map.values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise CheckpointError(f"{index}: corrupt index (no readable weight_map: {e!r}); re-download it") from e
-        missing = [s for s in shards if not (root / s).is_file()]
+    jail = containment_root(root)
+    if os.path.lexists(index):
+        _check_inside(index, jail, "shard index")
+        weight_map = _read_index(index)
+        shards = sorted(set(weight_map.values()))
+        missing = [s for s in shards if not os.path.lexists(root / s)]
         if missing:
             raise CheckpointError(
                 f"{index}: names shard(s) {', '.join(missing)} that are not in {root}; re-download them"
@@ -152,6 +192,8 @@ def _index_safetensors(root: Path, index_name: str, prefix: str) -> tuple[dict[s
         if not files:
             return None
         weight_map = None
+    for f in files:
+        _check_inside(f, jail, "shard")
     tensors: dict[str, TensorInfo] = {}
     for f in files:
         found, _ = read_header(f)
@@ -177,7 +219,10 @@ def _index_pickles(root: Path) -> tuple[dict[str, TensorInfo], list[Path], dict[
     files = sorted([*root.glob("*.bin"), *root.glob("*.pt")])
     tensors: dict[str, TensorInfo] = {}
     memory: dict[str, np.ndarray] = {}
+    jail = containment_root(root)
     for f in files:
+        _check_inside(f, jail, "weights file")
+        os.close(open_regular(f, what="weights file"))  # torch.load would block on a FIFO
         try:
             state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:
