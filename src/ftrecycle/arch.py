@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ftrecycle.errors import CheckpointError, IncompatibleModelsError
+from ftrecycle.io.jsonfile import short
 
 #: Signature fields and the config keys that spell them across model families.
 SIGNATURE_KEYS: dict[str, tuple[str, ...]] = {
@@ -64,13 +65,13 @@ def check_config_types(config: dict[str, Any], where: str) -> None:
             ok = isinstance(value, str) if key == "model_type" else _is_size(value)
             if not ok:
                 want = "a string" if key == "model_type" else "a positive integer (or a list of them)"
-                raise CheckpointError(f"{where}: {key} is {value!r}, not {want}; {fix}")
+                raise CheckpointError(f"{where}: {key} is {short(value)}, not {want}; {fix}")
     for key, want, test in (
         ("vocab_size", "a positive integer", _is_count),
         ("tie_word_embeddings", "true or false", lambda v: isinstance(v, bool)),
     ):
         if config.get(key) is not None and not test(config[key]):
-            raise CheckpointError(f"{where}: {key} is {config[key]!r}, not {want}; {fix}")
+            raise CheckpointError(f"{where}: {key} is {short(config[key])}, not {want}; {fix}")
     for sub in NESTED_CONFIGS:
         nested = config.get(sub)
         if nested is None:

@@ -7,6 +7,7 @@ transfer's memory is bounded by its buffers, not by the model.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from dataclasses import dataclass, field
@@ -17,15 +18,20 @@ import numpy as np
 
 from ftrecycle.arch import check_config_types
 from ftrecycle.dtypes import from_torch
-from ftrecycle.errors import CheckpointError
+from ftrecycle.errors import CheckpointError, MemoryBudgetError
 from ftrecycle.io.hub import ResolvedRef, containment_root, inside, resolve_ref
-from ftrecycle.io.jsonfile import open_regular, read_json_object
-from ftrecycle.io.safetensors_format import TensorInfo, pread_exact, read_header
+from ftrecycle.io.jsonfile import open_regular, read_json_object, short
+from ftrecycle.io.safetensors_format import TensorInfo, pread_exact, read_header, read_header_length
 
 SAFE_INDEX = "model.safetensors.index.json"
 #: Size caps of the JSON files of a model directory (real ones are a few kB and a few MB).
 MAX_CONFIG_BYTES = 16 << 20
 MAX_INDEX_BYTES = 64 << 20
+#: Peak memory that indexing takes per byte of safetensors header (the raw bytes, the text, the
+#: parsed JSON, then one TensorInfo per tensor). Measured with VmHWM on 100,000-tensor headers:
+#: 13 with names of 1-5 characters (7.4 MB header, +95 MiB), 9 with 48-character names
+#: (12.3 MB, +107 MiB); rounded up so that it bounds the shortest entries safetensors allows.
+METADATA_BYTES_PER_HEADER_BYTE = 16
 
 
 @dataclass
@@ -38,6 +44,8 @@ class Checkpoint:
         tensors: every stored tensor, by name.
         files: the weight files, in order.
         format: ``"safetensors"`` or ``"pickle"``.
+        metadata_bytes: the memory its index may have taken (see :data:`METADATA_BYTES_PER_HEADER_BYTE`),
+            which a caller counts toward its memory budget.
     """
 
     source: ResolvedRef
@@ -45,6 +53,7 @@ class Checkpoint:
     tensors: dict[str, TensorInfo]
     files: list[Path]
     format: str = "safetensors"
+    metadata_bytes: int = 0
     _memory: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
     _fds: dict[Path, int] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -155,7 +164,7 @@ def _shard_name(index: Path, name: object) -> str:
         or name.startswith(".")
     ):
         raise CheckpointError(
-            f"{index}: names shard {name!r}, which is not a plain *.safetensors file name in the model "
+            f"{index}: names shard {short(name)}, which is not a plain *.safetensors file name in the model "
             "directory (no path separators, no '..', not absolute); re-download the index"
         )
     return name
@@ -174,7 +183,33 @@ def _read_index(index: Path) -> dict[str, str]:
     return weight_map
 
 
-def _index_safetensors(root: Path, index_name: str, prefix: str) -> tuple[dict[str, TensorInfo], list[Path]] | None:
+def _header_bytes(files: list[Path]) -> int:
+    total = 0
+    for f in files:
+        fd = open_regular(f, what="safetensors file")
+        try:
+            total += read_header_length(fd, f, os.fstat(fd).st_size)
+        finally:
+            os.close(fd)
+    return total
+
+
+def _check_metadata_budget(root: Path, files: list[Path], max_metadata_bytes: int | None) -> int:
+    """The memory indexing ``files`` will take, refused up front when it exceeds the budget."""
+    cost = _header_bytes(files) * METADATA_BYTES_PER_HEADER_BYTE
+    if max_metadata_bytes is not None and cost > max_metadata_bytes:
+        raise MemoryBudgetError(
+            f"{root}: indexing its safetensors headers takes about {cost / 2**20:.0f} MiB "
+            f"({METADATA_BYTES_PER_HEADER_BYTE} bytes per header byte), more than the "
+            f"{max(max_metadata_bytes, 0) / 2**20:.0f} MiB that --max-memory leaves for it; "
+            f"raise --max-memory by at least {math.ceil((cost - max_metadata_bytes) / 2**20)} MiB"
+        )
+    return cost
+
+
+def _index_safetensors(
+    root: Path, index_name: str, prefix: str, max_metadata_bytes: int | None = None
+) -> tuple[dict[str, TensorInfo], list[Path], int] | None:
     index = root / index_name
     jail = containment_root(root)
     if os.path.lexists(index):
@@ -194,13 +229,14 @@ def _index_safetensors(root: Path, index_name: str, prefix: str) -> tuple[dict[s
         weight_map = None
     for f in files:
         _check_inside(f, jail, "shard")
+    cost = _check_metadata_budget(root, files, max_metadata_bytes)
     tensors: dict[str, TensorInfo] = {}
     for f in files:
         found, _ = read_header(f)
         for name, info in found.items():
             if name in tensors:
                 raise CheckpointError(
-                    f"{root}: tensor {name!r} is stored twice ({tensors[name].path.name} and {f.name})"
+                    f"{root}: tensor {short(name)} is stored twice ({tensors[name].path.name} and {f.name})"
                 )
             tensors[name] = info
     if weight_map is not None:
@@ -208,9 +244,9 @@ def _index_safetensors(root: Path, index_name: str, prefix: str) -> tuple[dict[s
             held = tensors.get(name)
             if held is None or held.path.name != shard:
                 raise CheckpointError(
-                    f"{index}: says tensor {name!r} is in {shard}, which does not hold it; re-download"
+                    f"{index}: says tensor {short(name)} is in {shard}, which does not hold it; re-download"
                 )
-    return tensors, files
+    return tensors, files, cost
 
 
 def _index_pickles(root: Path) -> tuple[dict[str, TensorInfo], list[Path], dict[str, np.ndarray]]:
@@ -233,7 +269,7 @@ def _index_pickles(root: Path) -> tuple[dict[str, TensorInfo], list[Path], dict[
             if not isinstance(t, torch.Tensor):
                 continue
             if name in tensors:
-                raise CheckpointError(f"{root}: tensor {name!r} is stored twice")
+                raise CheckpointError(f"{root}: tensor {short(name)} is stored twice")
             memory[name] = t.contiguous().reshape(-1).view(torch.uint8).numpy()
             tensors[name] = TensorInfo(name, from_torch(t.dtype), tuple(t.shape), f, -1)
     return tensors, files, memory
@@ -246,6 +282,7 @@ def open_checkpoint(
     require_config: bool = True,
     index_name: str = SAFE_INDEX,
     prefix: str = "",
+    max_metadata_bytes: int | None = None,
 ) -> Checkpoint:
     """Index a model directory (or hub id) without reading any tensor data.
 
@@ -255,6 +292,8 @@ def open_checkpoint(
         require_config: fail when there is no ``config.json``.
         index_name: the sharded index file name to look for.
         prefix: the file-name prefix of unindexed safetensors shards.
+        max_metadata_bytes: memory the index of this checkpoint may take; larger headers are
+            refused before they are parsed (None: no limit but safetensors' 100 MB per header).
 
     Returns:
         The indexed checkpoint; close it (or use it as a context manager) when done.
@@ -262,14 +301,15 @@ def open_checkpoint(
     Raises:
         CheckpointError: no weights, corrupt or truncated shards, a pickle without ``allow_pickle``.
         HubError: a hub id that cannot be fetched.
+        MemoryBudgetError: the headers would take more than ``max_metadata_bytes`` to index.
     """
     source = ref if isinstance(ref, ResolvedRef) else resolve_ref(ref, allow_pickle=allow_pickle)
     root = source.path
     config = load_config(root, required=require_config)
-    found = _index_safetensors(root, index_name, prefix)
+    found = _index_safetensors(root, index_name, prefix, max_metadata_bytes)
     if found is not None:
-        tensors, files = found
-        return Checkpoint(source, config, tensors, files)
+        tensors, files, cost = found
+        return Checkpoint(source, config, tensors, files, metadata_bytes=cost)
     pickles = sorted([*root.glob("*.bin"), *root.glob("*.pt")])
     if pickles:
         if not allow_pickle:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ftrecycle.dtypes import BY_CODE, DType
 from ftrecycle.errors import CheckpointError
-from ftrecycle.io.jsonfile import loads_json, open_regular
+from ftrecycle.io.jsonfile import loads_json, open_regular, short
 
 #: Headers larger than this are refused as corrupt (safetensors itself caps at 100 MB).
 MAX_HEADER_BYTES = 100_000_000
@@ -87,7 +87,7 @@ def _is_uint(value: object) -> bool:
 
 def _entry(path: Path, name: str, entry: object) -> tuple[DType, tuple[int, ...], int, int]:
     """Validate one tensor entry as safetensors' serde types do: dtype, shape: [usize], data_offsets: [usize; 2]."""
-    where = f"{path}: corrupt safetensors header entry for tensor {name!r}"
+    where = f"{path}: corrupt safetensors header entry for tensor {short(name)}"
     if not isinstance(entry, dict):
         raise CheckpointError(f"{where} (not an object); {_FIX}")
     # Unknown keys are ignored, as safetensors' serde types do.
@@ -96,16 +96,16 @@ def _entry(path: Path, name: str, entry: object) -> tuple[DType, tuple[int, ...]
         raise CheckpointError(f"{where} (no {', '.join(missing)}); {_FIX}")
     code = entry["dtype"]
     if not isinstance(code, str) or code not in BY_CODE:
-        raise CheckpointError(f"{where} (dtype {code!r} is not one of {', '.join(sorted(BY_CODE))}); {_FIX}")
+        raise CheckpointError(f"{where} (dtype {short(code)} is not one of {', '.join(sorted(BY_CODE))}); {_FIX}")
     dims = entry["shape"]
     if not isinstance(dims, list) or len(dims) > MAX_RANK or not all(_is_uint(d) for d in dims):
         raise CheckpointError(
-            f"{where} (shape {dims!r} is not a list of at most {MAX_RANK} non-negative integers); {_FIX}"
+            f"{where} (shape {short(dims)} is not a list of at most {MAX_RANK} non-negative integers); {_FIX}"
         )
     offsets = entry["data_offsets"]
     if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_uint(x) for x in offsets):
         raise CheckpointError(
-            f"{where} (data_offsets {offsets!r} is not [begin, end] of non-negative integers); {_FIX}"
+            f"{where} (data_offsets {short(offsets)} is not [begin, end] of non-negative integers); {_FIX}"
         )
     dtype = BY_CODE[code]
     shape = tuple(dims)
@@ -113,7 +113,7 @@ def _entry(path: Path, name: str, entry: object) -> tuple[DType, tuple[int, ...]
     # Python integers do not overflow; the comparison with end (< 2**64) is safetensors' checked_mul.
     if end < begin or end - begin != math.prod(shape) * dtype.itemsize:
         raise CheckpointError(
-            f"{path}: tensor {name!r} declares shape {list(shape)} of {code} "
+            f"{path}: tensor {short(name)} declares shape {list(shape)} of {code} "
             f"({math.prod(shape) * dtype.itemsize} bytes) but byte range [{begin}, {end}); {_FIX}"
         )
     return dtype, shape, begin, end
@@ -150,7 +150,8 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         os.close(fd)
     if not raw.lstrip()[:1] == b"{":
         raise CheckpointError(f"{path}: corrupt safetensors header (does not start with '{{'); {_FIX}")
-    header = loads_json(bytes(raw), source=f"{path} (safetensors header)", fix=_FIX)
+    # No depth walk: every value kept is type-checked below, so nesting cannot reach later code.
+    header = loads_json(raw, source=f"{path} (safetensors header)", max_depth=None, fix=_FIX)
     del raw
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object); {_FIX}")
@@ -166,7 +167,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         dtype, shape, begin, end = _entry(path, name, entry)
         if end > data_size:
             raise CheckpointError(
-                f"{path}: truncated: tensor {name!r} ends at byte {data_start + end} but the file has "
+                f"{path}: truncated: tensor {short(name)} ends at byte {data_start + end} but the file has "
                 f"{size} bytes; {_FIX}"
             )
         spans.append((begin, end, name, dtype, shape))
@@ -175,10 +176,10 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     at, previous = 0, None
     for begin, end, name, _, _ in spans:
         if begin < at:
-            raise CheckpointError(f"{path}: tensors {previous!r} and {name!r} overlap in the file; {_FIX}")
+            raise CheckpointError(f"{path}: tensors {short(previous)} and {short(name)} overlap in the file; {_FIX}")
         if begin > at:
             raise CheckpointError(
-                f"{path}: corrupt safetensors header ({begin - at} bytes before tensor {name!r} belong to no "
+                f"{path}: corrupt safetensors header ({begin - at} bytes before tensor {short(name)} belong to no "
                 f"tensor); {_FIX}"
             )
         at, previous = end, name
