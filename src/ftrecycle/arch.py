@@ -35,7 +35,8 @@ NESTED_CONFIGS = ("text_config", "vision_config", "audio_config")
 
 
 def _is_count(value: Any) -> bool:
-    return type(value) is int and value > 0
+    # 0 is legal: an embeddings-only test model has num_hidden_layers 0.
+    return type(value) is int and value >= 0
 
 
 def _is_size(value: Any) -> bool:
@@ -46,7 +47,7 @@ def _is_size(value: Any) -> bool:
 def check_config_types(config: dict[str, Any], where: str) -> None:
     """Refuse a config whose architecture fields have the wrong type.
 
-    ``model_type`` must be a string, the sizes positive integers (a JSON ``true`` is not
+    ``model_type`` must be a string, the sizes non-negative integers (a JSON ``true`` is not
     one), ``tie_word_embeddings`` a boolean and the sub-configs objects checked the same way.
 
     Args:
@@ -64,10 +65,10 @@ def check_config_types(config: dict[str, Any], where: str) -> None:
                 continue
             ok = isinstance(value, str) if key == "model_type" else _is_size(value)
             if not ok:
-                want = "a string" if key == "model_type" else "a positive integer (or a list of them)"
+                want = "a string" if key == "model_type" else "a non-negative integer (or a list of them)"
                 raise CheckpointError(f"{where}: {key} is {short(value)}, not {want}; {fix}")
     for key, want, test in (
-        ("vocab_size", "a positive integer", _is_count),
+        ("vocab_size", "a non-negative integer", _is_count),
         ("tie_word_embeddings", "true or false", lambda v: isinstance(v, bool)),
     ):
         if config.get(key) is not None and not test(config[key]):
