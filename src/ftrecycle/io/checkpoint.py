@@ -178,7 +178,7 @@ def _read_index(index: Path) -> dict[str, str]:
         raise CheckpointError(
             f"{index}: corrupt index (weight_map is {got}; it must map every tensor name to its shard); re-download it"
         )
-    for shard in set(weight_map.values()):
+    for shard in weight_map.values():
         _shard_name(index, shard)
     return weight_map
 
