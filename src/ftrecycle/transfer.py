@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -293,13 +293,21 @@ def transfer(
             ),
         )
     with contextlib.ExitStack() as stack:
-        a = stack.enter_context(open_checkpoint(source_base, allow_pickle=allow_pickle))
-        c = stack.enter_context(open_checkpoint(target_base, allow_pickle=allow_pickle))
+        # What the inputs' indexes take counts toward --max-memory: each is refused up front when it
+        # does not fit what is left, and the engine's buffers get the rest.
+        meta = settings.max_memory
+        a = stack.enter_context(open_checkpoint(source_base, allow_pickle=allow_pickle, max_metadata_bytes=meta))
+        meta -= a.metadata_bytes
+        c = stack.enter_context(open_checkpoint(target_base, allow_pickle=allow_pickle, max_metadata_bytes=meta))
+        meta -= c.metadata_bytes
         if is_adapter(source_finetuned):
             terms, aliases, records, fin_desc, fin_files = adapter_terms(a, source_finetuned)
             check_compatible({"source base": a.config, "target base": c.config})
         else:
-            b = stack.enter_context(open_checkpoint(source_finetuned, allow_pickle=allow_pickle))
+            b = stack.enter_context(
+                open_checkpoint(source_finetuned, allow_pickle=allow_pickle, max_metadata_bytes=meta)
+            )
+            meta -= b.metadata_bytes
             check_compatible({"source base": a.config, "source fine-tuned": b.config, "target base": c.config})
             terms, aliases, records = source_terms(a, b, vocab=vocab, on_missing=on_missing)
             fin_desc, fin_files = describe_input(b), b.path
@@ -315,7 +323,7 @@ def transfer(
             inputs,
             fin_files,
             out,
-            settings,
+            replace(settings, max_memory=meta),
             odt,
             vocab=vocab,
             on_missing=on_missing,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import reprlib
 import stat
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,13 @@ MAX_DEPTH = 64
 DEFAULT_MAX_BYTES = 64 << 20
 
 _FIX = "restore or re-download the file"
+_REPR = reprlib.Repr()
+_REPR.maxstring, _REPR.maxother, _REPR.maxlist, _REPR.maxdict, _REPR.maxlevel = 80, 80, 8, 4, 3
+
+
+def short(value: Any) -> str:
+    """A repr for error messages that stays short: hostile values can be megabytes long or nested 900 deep."""
+    return _REPR.repr(value)
 
 
 def _kind(mode: int) -> str:
@@ -118,7 +126,7 @@ def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         seen: set[str] = set()
         for key, _ in pairs:
             if key in seen:
-                raise ValueError(f"key {key!r} appears twice in one object")
+                raise ValueError(f"key {short(key)} appears twice in one object")
             seen.add(key)
     return out
 
@@ -142,10 +150,10 @@ def json_depth(value: Any) -> int:
 
 
 def loads_json(
-    text: str | bytes,
+    text: str | bytes | bytearray,
     *,
     source: str,
-    max_depth: int = MAX_DEPTH,
+    max_depth: int | None = MAX_DEPTH,
     error: type[FtRecycleError] = CheckpointError,
     fix: str = _FIX,
 ) -> Any:
@@ -154,7 +162,8 @@ def loads_json(
     Args:
         text: the JSON (bytes must be UTF-8).
         source: where it came from, for the message (``path`` or ``path:line``).
-        max_depth: deepest nesting accepted.
+        max_depth: deepest nesting accepted; None for a caller that checks the value's whole
+            structure itself (only Python's own recursion limit, turned into ``error``, then applies).
         error: the error class to raise.
         fix: how the user can fix it, appended to the message.
 
@@ -164,7 +173,7 @@ def loads_json(
     Raises:
         error: not UTF-8, not JSON, a duplicate key, NaN/Infinity, or nested deeper than ``max_depth``.
     """
-    if isinstance(text, bytes):
+    if not isinstance(text, str):
         try:
             text = text.decode("utf-8")
         except UnicodeDecodeError as e:
@@ -172,10 +181,10 @@ def loads_json(
     try:
         value = json.loads(text, parse_constant=_no_constant, object_pairs_hook=_unique_pairs)
     except RecursionError as e:
-        raise error(f"{source}: JSON nested too deeply (more than {max_depth} levels); {fix}") from e
+        raise error(f"{source}: JSON nested too deeply (more than {max_depth or MAX_DEPTH} levels); {fix}") from e
     except ValueError as e:  # JSONDecodeError, and ours from the hooks
         raise error(f"{source}: not valid JSON ({e}); {fix}") from e
-    if json_depth(value) > max_depth:
+    if max_depth is not None and json_depth(value) > max_depth:
         raise error(f"{source}: JSON nested too deeply (more than {max_depth} levels); {fix}")
     return value
 
