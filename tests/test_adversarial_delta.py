@@ -124,6 +124,7 @@ MANIFEST_CASES = {
     "checksums missing (v2)": ("dense", _drop("checksums")),
     "checksums empty (v2)": ("int8", _set("checksums", {})),
     "one checksum missing": ("int8", _drop_one_checksum),
+    "checksum of a tensor not stored": ("dense", lambda m: m["checksums"].update({"x.weight": "0" * 64})),
     "checksum not hex": ("dense", lambda m: m["checksums"].update({Q: "z" * 64})),
     "method zero": ("int8", _zero_method),
     "method dense": ("int8", _set(f"tensors/{Q}/compression/method", "dense")),

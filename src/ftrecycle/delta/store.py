@@ -28,7 +28,7 @@ from ftrecycle.delta.encode import from_storage
 from ftrecycle.dtypes import ALL, BY_NAME, F32, I8, I32, I64, U8, U16
 from ftrecycle.errors import CheckpointError, ConfigError, IncompatibleModelsError
 from ftrecycle.io.checkpoint import Checkpoint, open_checkpoint
-from ftrecycle.io.jsonfile import read_json
+from ftrecycle.io.jsonfile import read_json, short
 from ftrecycle.io.safetensors_format import TensorInfo
 from ftrecycle.plan import Operand, Term
 
@@ -98,7 +98,7 @@ def read_manifest(path: Path) -> dict[str, Any]:
     version = manifest.get("version")
     if not _is_int(version) or version not in READS:
         raise CheckpointError(
-            f"{mpath}: delta format version {version!r} is not supported by this ftrecycle "
+            f"{mpath}: delta format version {short(version)} is not supported by this ftrecycle "
             f"(reads versions {', '.join(map(str, READS))}); upgrade ftrecycle or recreate the delta"
         )
     _check_schema(mpath, manifest)
@@ -117,7 +117,7 @@ def _check_schema(mpath: Path, m: dict[str, Any]) -> None:
         raise bad("'records' must be a list of objects")
     for key in ("dtype", "compute_dtype"):
         if key in m and not (isinstance(m[key], str) and m[key] in BY_NAME and BY_NAME[m[key]] in FLOAT_DTYPES):
-            raise bad(f"{key!r} is {m[key]!r}, not a float dtype name")
+            raise bad(f"{key!r} is {short(m[key])}, not a float dtype name")
     comp = m.get("compression")
     if comp is not None and not isinstance(comp.get("spec", ""), str):
         raise bad("'compression.spec' must be a string")
@@ -134,7 +134,7 @@ def _check_schema(mpath: Path, m: dict[str, Any]) -> None:
             raise bad("'aliases' must be an object of tensor name -> tensor name")
         for alias, target in aliases.items():
             if alias in tensors or (v2 and target not in tensors):
-                raise bad(f"alias {alias!r} -> {target!r} must name a listed tensor and not be one")
+                raise bad(f"alias {short(alias)} -> {short(target)} must name a listed tensor and not be one")
     if not v2 and ("checksums" in m or any(set(e) - {"shape", "dtype"} for e in tensors.values())):
         # version 1 had neither: a version 2 delta relabelled 1 would skip its verification
         raise bad("a version 1 manifest carries version 2 fields (checksums, norms...); its version was changed")
@@ -147,8 +147,12 @@ def _check_schema(mpath: Path, m: dict[str, Any]) -> None:
             )
         for stored, h in sums.items():
             if not (isinstance(h, str) and len(h) == 64 and set(h) <= _HEX):
-                raise bad(f"checksum of {stored!r} is not a SHA-256 hex digest")
-        missing = sorted(stored_names(m) - set(sums))
+                raise bad(f"checksum of {short(stored)} is not a SHA-256 hex digest")
+        stored = stored_names(m)
+        unknown = sorted(set(sums) - stored)
+        if unknown:
+            raise bad(f"'checksums' names {short(unknown[0])}, which the manifest does not store")
+        missing = sorted(stored - set(sums))
         if missing:
             names = ", ".join(map(repr, missing[:5]))
             raise bad(f"no checksum for stored tensor(s) {names} (version 2 needs one for each)")
@@ -156,43 +160,43 @@ def _check_schema(mpath: Path, m: dict[str, Any]) -> None:
 
 def _check_entry(bad: _Bad, name: str, e: Any, v2: bool) -> None:
     if SEP in name:
-        raise bad(f"tensor name {name!r} contains {SEP!r}, the separator of stored part names")
+        raise bad(f"tensor name {short(name)} contains {SEP!r}, the separator of stored part names")
     if not isinstance(e, dict):
-        raise bad(f"entry of tensor {name!r} must be an object")
+        raise bad(f"entry of tensor {short(name)} must be an object")
     shape = e.get("shape")
     if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-        raise bad(f"tensor {name!r}: 'shape' must be a list of non-negative integers, not {shape!r}")
+        raise bad(f"tensor {short(name)}: 'shape' must be a list of non-negative integers, not {short(shape)}")
     if "dtype" in e and not (isinstance(e["dtype"], str) and BY_NAME.get(e["dtype"]) in FLOAT_DTYPES):
-        raise bad(f"tensor {name!r}: 'dtype' {e['dtype']!r} is not a float dtype name")
+        raise bad(f"tensor {short(name)}: 'dtype' {short(e['dtype'])} is not a float dtype name")
     for key in ("norm", "error"):
         if e.get(key) is not None and not _is_number(e[key]):
-            raise bad(f"tensor {name!r}: {key!r} must be a finite number")
+            raise bad(f"tensor {short(name)}: {key!r} must be a finite number")
     if e.get("bytes") is not None and not (_is_int(e["bytes"]) and e["bytes"] >= 0):
-        raise bad(f"tensor {name!r}: 'bytes' must be a non-negative integer")
+        raise bad(f"tensor {short(name)}: 'bytes' must be a non-negative integer")
     comp, parts = e.get("compression"), e.get("parts")
     if comp is None:
         if parts:
-            raise bad(f"tensor {name!r} lists parts but no compression method")
+            raise bad(f"tensor {short(name)} lists parts but no compression method")
         return
     if not v2:
-        raise bad(f"tensor {name!r} is compressed, which version 1 cannot be")
+        raise bad(f"tensor {short(name)} is compressed, which version 1 cannot be")
     if not isinstance(comp, dict) or comp.get("method") not in METHODS:
         method = comp.get("method") if isinstance(comp, dict) else comp
-        raise bad(f"tensor {name!r}: compression method {method!r} is not one of {', '.join(METHODS)}")
+        raise bad(f"tensor {short(name)}: compression method {short(method)} is not one of {', '.join(METHODS)}")
     for key in ("norm", "error", "density"):
         if comp.get(key) is not None and not _is_number(comp[key]):
-            raise bad(f"tensor {name!r}: compression {key!r} must be a finite number")
+            raise bad(f"tensor {short(name)}: compression {key!r} must be a finite number")
     for key in ("rank", "kept"):
         if comp.get(key) is not None and not (_is_int(comp[key]) and comp[key] >= 0):
-            raise bad(f"tensor {name!r}: compression {key!r} must be a non-negative integer")
+            raise bad(f"tensor {short(name)}: compression {key!r} must be a non-negative integer")
     if len(shape) != 2 or 0 in shape:
-        raise bad(f"tensor {name!r} of shape {shape} is compressed, but only non-empty matrices can be")
+        raise bad(f"tensor {short(name)} of shape {short(shape)} is compressed, but only non-empty matrices can be")
     want = PARTS[comp["method"]]
     if not isinstance(parts, dict) or set(parts) != want:
-        raise bad(f"tensor {name!r} ({comp['method']}) must list exactly the parts {', '.join(sorted(want))}")
+        raise bad(f"tensor {short(name)} ({comp['method']}) must list exactly the parts {', '.join(sorted(want))}")
     for k, stored in parts.items():
         if stored != part_name(name, k):
-            raise bad(f"tensor {name!r}: part {k!r} is stored as {stored!r}, not {part_name(name, k)!r}")
+            raise bad(f"tensor {short(name)}: part {k!r} is stored as {short(stored)}, not {short(part_name(name, k))}")
 
 
 def stored_names(manifest: dict[str, Any]) -> set[str]:
