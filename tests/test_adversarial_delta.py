@@ -352,12 +352,6 @@ def _deep_config(d: Path, tmp: Path) -> None:
     (d / "finetuned" / "config.json").write_text('{"a": ' + DEEP + "}")
 
 
-def _no_tokenizer(d: Path, tmp: Path) -> None:
-    for f in (d / "finetuned").iterdir():
-        if f.name not in ("config.json", "generation_config.json"):
-            f.unlink()
-
-
 FILE_CASES = {
     "symlink to a key, absolute": (_link_out, "--tokenizer-from"),
     "symlink to a key, relative": (_link_rel, "--tokenizer-from"),
@@ -368,7 +362,11 @@ FILE_CASES = {
     "no finetuned/config.json": (_no_config, "--config-from"),
     "config of another architecture": (_other_arch, "--config-from"),
     "config nested 100k deep": (_deep_config, "--config-from"),
-    "no tokenizer files": (_no_tokenizer, "--tokenizer-from"),
+    "no finetuned/, tokenizer": (_no_dir, "--tokenizer-from"),
+    "tokenizer.json a directory": (
+        lambda d, tmp: (d / "finetuned" / "tokenizer.json").unlink() or (d / "finetuned" / "tokenizer.json").mkdir(),
+        "--tokenizer-from",
+    ),
 }
 
 

@@ -436,7 +436,8 @@ def finetuned_files(path: Path, manifest: dict[str, Any], *, config: bool, token
     Only regular files are copied: a symlink (which could point at any file on the machine) or
     a FIFO in ``finetuned/`` is refused, not followed. ``--config-from finetuned`` needs a
     ``config.json`` whose architecture agrees with the delta's ``base_config``;
-    ``--tokenizer-from finetuned`` needs at least one tokenizer file.
+    the tokenizer files are copied where they exist (as from a model directory; the output's
+    provenance lists them).
 
     Args:
         path: the delta directory.
@@ -461,6 +462,11 @@ def finetuned_files(path: Path, manifest: dict[str, Any], *, config: bool, token
             f"{src}: not a directory of the delta (a symlink or a file); {flags} copies only regular files from "
             "inside the delta; recreate the delta with `ftrecycle diff`"
         )
+    if not src.exists():
+        raise ConfigError(
+            f"{flags}: the delta {path} has no {FINETUNED_DIR}/ directory to copy from; use target instead, or "
+            "recreate the delta with `ftrecycle diff`"
+        )
     for name in CONFIG_FILES + TOKENIZER_FILES:
         f = src / name
         if f.is_symlink() or (f.exists() and not f.is_file()):
@@ -481,11 +487,6 @@ def finetuned_files(path: Path, manifest: dict[str, Any], *, config: bool, token
             check_compatible({"delta's base": manifest.get("base_config") or {}, "delta's fine-tuned config": cfg})
         except IncompatibleModelsError as e:
             raise IncompatibleModelsError(f"{src / 'config.json'}: {e}; use --config-from target") from e
-    if tokenizer and not any((src / n).is_file() for n in TOKENIZER_FILES):
-        raise ConfigError(
-            f"--tokenizer-from finetuned: the delta {path} stores no tokenizer files in {FINETUNED_DIR}/; use "
-            "--tokenizer-from target"
-        )
     return src
 
 
