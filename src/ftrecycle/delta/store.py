@@ -446,7 +446,7 @@ def finetuned_files(path: Path, manifest: dict[str, Any], *, config: bool, token
         tokenizer: tokenizer files will be copied from it.
 
     Raises:
-        ConfigError: the delta has no fine-tuned config (or tokenizer) to copy.
+        ConfigError: the delta has no finetuned/ (or, for --config-from, no config.json there).
         CheckpointError: a file there is a symlink or not a regular file.
         IncompatibleModelsError: its config.json is of another architecture than the delta's base.
     """
