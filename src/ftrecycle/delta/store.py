@@ -53,7 +53,6 @@ PARTS: dict[str, frozenset[str]] = {
     "int8": frozenset({"q", "scale"}),
     "sign": frozenset({"bits", "scale"}),
 }
-assert set(PARTS) == set(METHODS)
 _HEX = frozenset("0123456789abcdef")
 
 
@@ -154,7 +153,7 @@ def _check_schema(mpath: Path, m: dict[str, Any]) -> None:
             raise bad(f"'checksums' names {short(unknown[0])}, which the manifest does not store")
         missing = sorted(stored - set(sums))
         if missing:
-            names = ", ".join(map(repr, missing[:5]))
+            names = ", ".join(map(short, missing[:5]))
             raise bad(f"no checksum for stored tensor(s) {names} (version 2 needs one for each)")
 
 
