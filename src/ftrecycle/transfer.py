@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from ftrecycle.arch import check_compatible
 from ftrecycle.delta.lora import adapter_terms, is_adapter
-from ftrecycle.delta.store import FINETUNED_DIR, open_delta
+from ftrecycle.delta.store import finetuned_files, open_delta
 from ftrecycle.dtypes import DType, parse_dtype
 from ftrecycle.io.checkpoint import Checkpoint, open_checkpoint
 from ftrecycle.io.model_files import CONFIG_FILES, TOKENIZER_FILES, check_source, copy_files, model_card, patch_config
@@ -293,13 +293,21 @@ def transfer(
             ),
         )
     with contextlib.ExitStack() as stack:
-        a = stack.enter_context(open_checkpoint(source_base, allow_pickle=allow_pickle))
-        c = stack.enter_context(open_checkpoint(target_base, allow_pickle=allow_pickle))
+        # What the inputs' indexes take counts toward --max-memory: each is refused up front when it
+        # does not fit what is left, and the engine's buffers get the rest.
+        meta = settings.max_memory
+        a = stack.enter_context(open_checkpoint(source_base, allow_pickle=allow_pickle, max_metadata_bytes=meta))
+        meta -= a.metadata_bytes
+        c = stack.enter_context(open_checkpoint(target_base, allow_pickle=allow_pickle, max_metadata_bytes=meta))
+        meta -= c.metadata_bytes
         if is_adapter(source_finetuned):
             terms, aliases, records, fin_desc, fin_files = adapter_terms(a, source_finetuned)
             check_compatible({"source base": a.config, "target base": c.config})
         else:
-            b = stack.enter_context(open_checkpoint(source_finetuned, allow_pickle=allow_pickle))
+            b = stack.enter_context(
+                open_checkpoint(source_finetuned, allow_pickle=allow_pickle, max_metadata_bytes=meta)
+            )
+            meta -= b.metadata_bytes
             check_compatible({"source base": a.config, "source fine-tuned": b.config, "target base": c.config})
             terms, aliases, records = source_terms(a, b, vocab=vocab, on_missing=on_missing)
             fin_desc, fin_files = describe_input(b), b.path
@@ -315,7 +323,7 @@ def transfer(
             inputs,
             fin_files,
             out,
-            settings,
+            replace(settings, max_memory=meta),
             odt,
             vocab=vocab,
             on_missing=on_missing,
@@ -411,6 +419,9 @@ def apply_delta(
         c = stack.enter_context(open_checkpoint(target_base, allow_pickle=allow_pickle))
         check_output_path(out, [d.path, c.path], force=force)
         check_compatible({"delta's base": d.config, "target base": c.config})
+        files = finetuned_files(
+            d.path, manifest, config=config_from == "finetuned", tokenizer=tokenizer_from == "finetuned"
+        )
         delta_input = describe_input(d)
         delta_input["manifest"] = {
             k: manifest.get(k) for k in ("base", "finetuned", "dtype", "compute_dtype", "compression")
@@ -423,7 +434,7 @@ def apply_delta(
             aliases,
             list(manifest.get("records") or []),
             inputs,
-            d.path / FINETUNED_DIR,
+            files,
             out,
             settings,
             odt,

@@ -16,7 +16,7 @@ import numpy as np
 from ftrecycle.arch import check_compatible
 from ftrecycle.delta.codecs import Compression, PartSpec, layout, parse_compression, part_name
 from ftrecycle.delta.encode import encode, energy_rank, state_bytes
-from ftrecycle.delta.store import FINETUNED_DIR, FORMAT, INDEX, MANIFEST, PREFIX, VERSION, checksums
+from ftrecycle.delta.store import FINETUNED_DIR, FORMAT, INDEX, MANIFEST, PREFIX, VERSION, check_names, checksums
 from ftrecycle.dtypes import DType, parse_dtype
 from ftrecycle.engine import Buffers, Engine, read_term
 from ftrecycle.errors import MemoryBudgetError, NonFiniteError
@@ -98,6 +98,7 @@ def diff(
             terms, aliases, records = source_terms(a, b, vocab=vocab, on_missing=on_missing)
             fin_desc, fin_files = describe_input(b), b.path
         adapter = [Path(finetuned).expanduser()] if is_adapter(finetuned) else []
+        check_names([*terms, *aliases], a.path)
         check_output_path(out, [a.path, fin_files, *adapter], force=force)
         plan = plan_diff(terms, ddt)
         engine = settings.engine(0, None)
