@@ -183,6 +183,7 @@ HEADERS: dict[str, tuple[bytes, str]] = {
         st_bytes(_OK[:-1] + b', "model.norm.weight": ' + json.dumps(_H["model.norm.weight"]).encode() + b"}", _SIZE),
         "appears twice",
     ),
+    "a 5000-digit number": (st_bytes(_OK.replace(b"[32, 40]", b"[32, " + b"9" * 5000 + b"]"), _SIZE), "digits"),
     "NaN offset": (st_bytes(_OK.replace(b"[32, 40]", b"[32, NaN]"), _SIZE), "NaN"),
     "__metadata__ int values": (st_bytes({"__metadata__": {"format": 1}, **_H}, _SIZE), "__metadata__"),
     "__metadata__ a list": (st_bytes({"__metadata__": ["pt"], **_H}, _SIZE), "__metadata__"),
@@ -449,6 +450,7 @@ LINKS: dict[str, tuple[str, Callable[[Path], Path]]] = {
     ),
     "config.json to a key": ("config.json", _secret),
     "tokenizer.json dangling out": ("tokenizer.json", lambda d: d.parent / "nowhere"),
+    "model.safetensors to a sibling's weights": ("model.safetensors", lambda d: d.parent / "a" / "model.safetensors"),
 }
 
 
@@ -480,6 +482,23 @@ def test_symlinks_inside_a_model_dir_are_followed(capsys: pytest.CaptureFixture[
     assert code == 0, capsys.readouterr().err
     assert (out / "tokenizer_config.json").read_text() == '{"model_max_length": 8}'
     assert not (out / "tokenizer_config.json").is_symlink()
+
+
+def test_a_hub_cache_snapshot_may_link_into_its_blobs(
+    capsys: pytest.CaptureFixture[str], trio: dict[str, Path]
+) -> None:
+    """A Hugging Face cache snapshot's files are links to ../../blobs: that is inside the model, not out."""
+    repo = trio["c"].parent / "hub" / "models--org--c"
+    snap = repo / "snapshots" / "0123abcd"
+    (repo / "blobs").mkdir(parents=True)
+    snap.mkdir(parents=True)
+    for i, f in enumerate(sorted(trio["c"].iterdir())):
+        (repo / "blobs" / f"sha{i}").write_bytes(f.read_bytes())
+        (snap / f.name).symlink_to(Path("..") / ".." / "blobs" / f"sha{i}")
+    out = trio["a"].parent / "ok"
+    code = main(transfer_argv({**trio, "c": snap}, out))
+    assert code == 0, capsys.readouterr().err
+    assert (out / "config.json").is_file()
 
 
 # ---------------------------------------------------------------------------------------------
