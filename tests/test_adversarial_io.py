@@ -346,7 +346,7 @@ CONFIGS: dict[str, tuple[Any, str]] = {
     "an array": ("[]", "not an object"),
     "a number": ("3", "not an object"),
     "not UTF-8": (b'{"model_type": "\xff"}', "not UTF-8"),
-    "NaN": ('{"hidden_size": NaN}', "NaN"),
+    "NaN as a size": ('{"model_type": "llama", "hidden_size": NaN}', "hidden_size is nan"),
     "hidden_size a string": (_cfg(hidden_size="2"), "hidden_size is '2'"),
     "hidden_size true": (_cfg(hidden_size=True), "hidden_size is True"),
     "layers a float": (_cfg(num_hidden_layers=1.5), "num_hidden_layers is 1.5"),
@@ -380,6 +380,17 @@ def test_bad_or_incompatible_config_is_refused(
     assert words in line, line
     if "another" not in case and "missing on one side" not in case:
         assert str(trio["b"] / "config.json") in line, line
+
+
+def test_a_config_with_infinity_as_transformers_writes_it_is_read(
+    capsys: pytest.CaptureFixture[str], trio: dict[str, Path]
+) -> None:
+    """transformers writes float("inf") as Infinity (Mamba's time_step_limit): not JSON, but not hostile."""
+    for role in trio:
+        (trio[role] / "config.json").write_text(json.dumps(_cfg(time_step_limit=[0.0, math.inf])))
+    out = trio["a"].parent / "ok"
+    assert main(transfer_argv(trio, out)) == 0, capsys.readouterr().err
+    assert "Infinity" in (out / "config.json").read_text()
 
 
 # ---------------------------------------------------------------------------------------------

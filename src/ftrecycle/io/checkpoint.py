@@ -146,7 +146,8 @@ def load_config(path: Path, *, required: bool = True) -> dict[str, Any]:
             raise CheckpointError(f"{path}: no config.json; a Hugging Face model directory needs one")
         return {}
     _check_inside(cfg, containment_root(path), "config.json")
-    data = read_json_object(cfg, what="config", max_bytes=MAX_CONFIG_BYTES, fix="restore the file")
+    # transformers writes float("inf") as Infinity (Mamba's time_step_limit), so a config may hold it.
+    data = read_json_object(cfg, what="config", max_bytes=MAX_CONFIG_BYTES, fix="restore the file", allow_nan=True)
     check_config_types(data, str(cfg))
     return data
 

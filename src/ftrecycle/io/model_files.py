@@ -85,7 +85,7 @@ def patch_config(path: Path, changes: dict[str, Any]) -> dict[str, Any]:
     5.x reads ``dtype``).
     """
     cfg_path = path / "config.json"
-    cfg = read_json_object(cfg_path, what="config")
+    cfg = read_json_object(cfg_path, what="config", allow_nan=True)
     done = {}
     for key, value in changes.items():
         if key == "dtype" and "dtype" not in cfg and "torch_dtype" in cfg:
