@@ -24,7 +24,7 @@ import pytest
 from ftrecycle.cli import main
 from ftrecycle.errors import CheckpointError, MemoryBudgetError
 from ftrecycle.io import checkpoint as checkpoint_module
-from ftrecycle.io.checkpoint import METADATA_BYTES_PER_HEADER_BYTE, open_checkpoint
+from ftrecycle.io.checkpoint import metadata_cost, open_checkpoint
 from ftrecycle.io.jsonfile import loads_json, read_json
 from ftrecycle.io.output import TMP_MARK
 
@@ -183,6 +183,7 @@ HEADERS: dict[str, tuple[bytes, str]] = {
         st_bytes(_OK[:-1] + b', "model.norm.weight": ' + json.dumps(_H["model.norm.weight"]).encode() + b"}", _SIZE),
         "appears twice",
     ),
+    "a 5000-digit number": (st_bytes(_OK.replace(b"[32, 40]", b"[32, " + b"9" * 5000 + b"]"), _SIZE), "digits"),
     "NaN offset": (st_bytes(_OK.replace(b"[32, 40]", b"[32, NaN]"), _SIZE), "NaN"),
     "__metadata__ int values": (st_bytes({"__metadata__": {"format": 1}, **_H}, _SIZE), "__metadata__"),
     "__metadata__ a list": (st_bytes({"__metadata__": ["pt"], **_H}, _SIZE), "__metadata__"),
@@ -237,9 +238,9 @@ def test_headers_too_large_for_the_budget_are_refused_before_parsing(
     monkeypatch.undo()
     if tensors > 20_000:
         return  # parsing is slow; the small cases check what a budget that fits gives
-    header_bytes = sum(struct.unpack("<Q", f.read_bytes()[:8])[0] for f in d.glob("*.safetensors"))
-    ckpt = open_checkpoint(str(d), max_metadata_bytes=header_bytes * METADATA_BYTES_PER_HEADER_BYTE)
-    assert ckpt.metadata_bytes == header_bytes * METADATA_BYTES_PER_HEADER_BYTE
+    cost = metadata_cost(sorted(d.glob("*.safetensors")))
+    ckpt = open_checkpoint(str(d), max_metadata_bytes=cost)
+    assert ckpt.metadata_bytes == cost
     assert len(ckpt.tensors) == tensors * (2 if sharded else 1)
 
 
@@ -345,7 +346,7 @@ CONFIGS: dict[str, tuple[Any, str]] = {
     "an array": ("[]", "not an object"),
     "a number": ("3", "not an object"),
     "not UTF-8": (b'{"model_type": "\xff"}', "not UTF-8"),
-    "NaN": ('{"hidden_size": NaN}', "NaN"),
+    "NaN as a size": ('{"model_type": "llama", "hidden_size": NaN}', "hidden_size is nan"),
     "hidden_size a string": (_cfg(hidden_size="2"), "hidden_size is '2'"),
     "hidden_size true": (_cfg(hidden_size=True), "hidden_size is True"),
     "layers a float": (_cfg(num_hidden_layers=1.5), "num_hidden_layers is 1.5"),
@@ -379,6 +380,17 @@ def test_bad_or_incompatible_config_is_refused(
     assert words in line, line
     if "another" not in case and "missing on one side" not in case:
         assert str(trio["b"] / "config.json") in line, line
+
+
+def test_a_config_with_infinity_as_transformers_writes_it_is_read(
+    capsys: pytest.CaptureFixture[str], trio: dict[str, Path]
+) -> None:
+    """transformers writes float("inf") as Infinity (Mamba's time_step_limit): not JSON, but not hostile."""
+    for role in trio:
+        (trio[role] / "config.json").write_text(json.dumps(_cfg(time_step_limit=[0.0, math.inf])))
+    out = trio["a"].parent / "ok"
+    assert main(transfer_argv(trio, out)) == 0, capsys.readouterr().err
+    assert "Infinity" in (out / "config.json").read_text()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -449,6 +461,7 @@ LINKS: dict[str, tuple[str, Callable[[Path], Path]]] = {
     ),
     "config.json to a key": ("config.json", _secret),
     "tokenizer.json dangling out": ("tokenizer.json", lambda d: d.parent / "nowhere"),
+    "model.safetensors to a sibling's weights": ("model.safetensors", lambda d: d.parent / "a" / "model.safetensors"),
 }
 
 
@@ -480,6 +493,23 @@ def test_symlinks_inside_a_model_dir_are_followed(capsys: pytest.CaptureFixture[
     assert code == 0, capsys.readouterr().err
     assert (out / "tokenizer_config.json").read_text() == '{"model_max_length": 8}'
     assert not (out / "tokenizer_config.json").is_symlink()
+
+
+def test_a_hub_cache_snapshot_may_link_into_its_blobs(
+    capsys: pytest.CaptureFixture[str], trio: dict[str, Path]
+) -> None:
+    """A Hugging Face cache snapshot's files are links to ../../blobs: that is inside the model, not out."""
+    repo = trio["c"].parent / "hub" / "models--org--c"
+    snap = repo / "snapshots" / "0123abcd"
+    (repo / "blobs").mkdir(parents=True)
+    snap.mkdir(parents=True)
+    for i, f in enumerate(sorted(trio["c"].iterdir())):
+        (repo / "blobs" / f"sha{i}").write_bytes(f.read_bytes())
+        (snap / f.name).symlink_to(Path("..") / ".." / "blobs" / f"sha{i}")
+    out = trio["a"].parent / "ok"
+    code = main(transfer_argv({**trio, "c": snap}, out))
+    assert code == 0, capsys.readouterr().err
+    assert (out / "config.json").is_file()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,17 +21,24 @@ from ftrecycle.dtypes import from_torch
 from ftrecycle.errors import CheckpointError, MemoryBudgetError
 from ftrecycle.io.hub import ResolvedRef, containment_root, inside, resolve_ref
 from ftrecycle.io.jsonfile import open_regular, read_json_object, short
-from ftrecycle.io.safetensors_format import TensorInfo, pread_exact, read_header, read_header_length
+from ftrecycle.io.safetensors_format import (
+    TensorInfo,
+    count_entries,
+    pread_exact,
+    read_header,
+    read_header_length,
+)
 
 SAFE_INDEX = "model.safetensors.index.json"
 #: Size caps of the JSON files of a model directory (real ones are a few kB and a few MB).
 MAX_CONFIG_BYTES = 16 << 20
 MAX_INDEX_BYTES = 64 << 20
-#: Peak memory that indexing takes per byte of safetensors header (the raw bytes, the text, the
-#: parsed JSON, then one TensorInfo per tensor). Measured with VmHWM on 100,000-tensor headers:
-#: 13 with names of 1-5 characters (7.4 MB header, +95 MiB), 9 with 48-character names
-#: (12.3 MB, +107 MiB); rounded up so that it bounds the shortest entries safetensors allows.
-METADATA_BYTES_PER_HEADER_BYTE = 16
+#: Peak memory that indexing a safetensors header takes: per header byte (the raw bytes, then the
+#: text) and per tensor entry (its parsed JSON, then its TensorInfo). Fitted to VmHWM on
+#: 100,000-tensor headers (+95 MiB for a 7.4 MB header of 1-5 character names, +107 MiB for a
+#: 12.3 MB one of 48-character names: 2.6 bytes per byte + 800 per tensor), then rounded up.
+METADATA_BYTES_PER_HEADER_BYTE = 4
+METADATA_BYTES_PER_TENSOR = 1024
 
 
 @dataclass
@@ -44,8 +51,8 @@ class Checkpoint:
         tensors: every stored tensor, by name.
         files: the weight files, in order.
         format: ``"safetensors"`` or ``"pickle"``.
-        metadata_bytes: the memory its index may have taken (see :data:`METADATA_BYTES_PER_HEADER_BYTE`),
-            which a caller counts toward its memory budget.
+        metadata_bytes: the memory its index may have taken (see :func:`metadata_cost`), which a
+            caller counts toward its memory budget.
     """
 
     source: ResolvedRef
@@ -139,7 +146,8 @@ def load_config(path: Path, *, required: bool = True) -> dict[str, Any]:
             raise CheckpointError(f"{path}: no config.json; a Hugging Face model directory needs one")
         return {}
     _check_inside(cfg, containment_root(path), "config.json")
-    data = read_json_object(cfg, what="config", max_bytes=MAX_CONFIG_BYTES, fix="restore the file")
+    # transformers writes float("inf") as Infinity (Mamba's time_step_limit), so a config may hold it.
+    data = read_json_object(cfg, what="config", max_bytes=MAX_CONFIG_BYTES, fix="restore the file", allow_nan=True)
     check_config_types(data, str(cfg))
     return data
 
@@ -183,12 +191,18 @@ def _read_index(index: Path) -> dict[str, str]:
     return weight_map
 
 
-def _header_bytes(files: list[Path]) -> int:
+def metadata_cost(files: list[Path]) -> int:
+    """The peak memory that indexing these safetensors files will take, known without parsing them.
+
+    Raises:
+        CheckpointError: a file is not a regular file or its header length is corrupt.
+    """
     total = 0
     for f in files:
         fd = open_regular(f, what="safetensors file")
         try:
-            total += read_header_length(fd, f, os.fstat(fd).st_size)
+            n = read_header_length(fd, f, os.fstat(fd).st_size)
+            total += n * METADATA_BYTES_PER_HEADER_BYTE + count_entries(fd, n) * METADATA_BYTES_PER_TENSOR
         finally:
             os.close(fd)
     return total
@@ -196,11 +210,10 @@ def _header_bytes(files: list[Path]) -> int:
 
 def _check_metadata_budget(root: Path, files: list[Path], max_metadata_bytes: int | None) -> int:
     """The memory indexing ``files`` will take, refused up front when it exceeds the budget."""
-    cost = _header_bytes(files) * METADATA_BYTES_PER_HEADER_BYTE
+    cost = metadata_cost(files)
     if max_metadata_bytes is not None and cost > max_metadata_bytes:
         raise MemoryBudgetError(
-            f"{root}: indexing its safetensors headers takes about {cost / 2**20:.0f} MiB "
-            f"({METADATA_BYTES_PER_HEADER_BYTE} bytes per header byte), more than the "
+            f"{root}: indexing its safetensors headers takes about {cost / 2**20:.0f} MiB, more than the "
             f"{max(max_metadata_bytes, 0) / 2**20:.0f} MiB that --max-memory leaves for it; "
             f"raise --max-memory by at least {math.ceil((cost - max_metadata_bytes) / 2**20)} MiB"
         )

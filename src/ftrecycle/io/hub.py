@@ -84,7 +84,10 @@ def resolve_ref(ref: str, *, allow_pickle: bool = False) -> ResolvedRef:
     p = Path(ref).expanduser()
     if p.exists():
         if not p.is_dir():
-            raise CheckpointError(f"{ref}: is a file; pass the model's directory (the one holding config.json)")
+            raise CheckpointError(
+                f"{ref}: is {'a file' if p.is_file() else 'not a directory'}; pass the model's directory "
+                "(the one holding config.json)"
+            )
         return ResolvedRef(ref, p.resolve())
     m = HUB_ID.match(ref)
     if m is None or looks_local(ref):

@@ -156,6 +156,7 @@ def loads_json(
     max_depth: int | None = MAX_DEPTH,
     error: type[FtRecycleError] = CheckpointError,
     fix: str = _FIX,
+    allow_nan: bool = False,
 ) -> Any:
     """Parse JSON text strictly.
 
@@ -166,6 +167,8 @@ def loads_json(
             structure itself (only Python's own recursion limit, turned into ``error``, then applies).
         error: the error class to raise.
         fix: how the user can fix it, appended to the message.
+        allow_nan: accept ``NaN``/``Infinity``, which are not JSON but which transformers writes
+            into configs (Mamba's ``time_step_limit: [0.0, Infinity]``).
 
     Returns:
         The parsed value.
@@ -179,7 +182,8 @@ def loads_json(
         except UnicodeDecodeError as e:
             raise error(f"{source}: not UTF-8 text (byte {e.start}: {e.reason}); {fix}") from e
     try:
-        value = json.loads(text, parse_constant=_no_constant, object_pairs_hook=_unique_pairs)
+        constant = float if allow_nan else _no_constant
+        value = json.loads(text, parse_constant=constant, object_pairs_hook=_unique_pairs)
     except RecursionError as e:
         raise error(f"{source}: JSON nested too deeply (more than {max_depth or MAX_DEPTH} levels); {fix}") from e
     except ValueError as e:  # JSONDecodeError, and ours from the hooks
@@ -197,6 +201,7 @@ def read_json(
     max_depth: int = MAX_DEPTH,
     error: type[FtRecycleError] = CheckpointError,
     fix: str = _FIX,
+    allow_nan: bool = False,
 ) -> Any:
     """Read and parse a JSON file: a regular file only, at most ``max_bytes``, strictly parsed.
 
@@ -207,6 +212,7 @@ def read_json(
         max_depth: deepest nesting accepted.
         error: the error class to raise (CheckpointError for model files, DataError for data...).
         fix: how the user can fix it, appended to parse errors.
+        allow_nan: accept ``NaN``/``Infinity`` (see :func:`loads_json`).
 
     Returns:
         The parsed value (check its type: it may be any JSON value).
@@ -215,7 +221,7 @@ def read_json(
         error: see :func:`read_bytes` and :func:`loads_json`.
     """
     raw = read_bytes(path, what=what, max_bytes=max_bytes, error=error)
-    return loads_json(raw, source=str(path), max_depth=max_depth, error=error, fix=fix)
+    return loads_json(raw, source=str(path), max_depth=max_depth, error=error, fix=fix, allow_nan=allow_nan)
 
 
 def read_json_object(
@@ -225,13 +231,14 @@ def read_json_object(
     max_bytes: int = DEFAULT_MAX_BYTES,
     error: type[FtRecycleError] = CheckpointError,
     fix: str = _FIX,
+    allow_nan: bool = False,
 ) -> dict[str, Any]:
     """:func:`read_json`, and the value must be a JSON object.
 
     Raises:
         error: as :func:`read_json`, or the value is not an object.
     """
-    value = read_json(path, what=what, max_bytes=max_bytes, error=error, fix=fix)
+    value = read_json(path, what=what, max_bytes=max_bytes, error=error, fix=fix, allow_nan=allow_nan)
     if not isinstance(value, dict):
         raise error(f"{path}: the {what} is a JSON {_json_type(value)}, not an object; {fix}")
     return value

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
-from ftrecycle.errors import CheckpointError, ConfigError
+from ftrecycle.errors import CheckpointError, ConfigError, OutputError
 from ftrecycle.io.hub import containment_root, inside
 from ftrecycle.io.jsonfile import open_regular, read_json_object
 
@@ -58,12 +57,23 @@ def copy_files(src: Path, dst: Path, names: tuple[str, ...]) -> list[str]:
                 f"{path}: is a symlink that leads out of the model directory ({path.resolve()}); "
                 "replace it with the file itself or remove it"
             )
-        fd = open_regular(path, what=name)
-        try:
-            with os.fdopen(fd, "rb") as fin, open(dst / name, "wb") as fout:
-                shutil.copyfileobj(fin, fout)
-        except OSError as e:
-            raise CheckpointError(f"{path}: cannot copy to {dst / name} ({e.strerror or e})") from e
+        with os.fdopen(open_regular(path, what=name), "rb") as fin:
+            try:
+                fout = open(dst / name, "wb")  # closed by the with below; its errors are the output's
+            except OSError as e:
+                raise OutputError(f"{dst / name}: cannot create ({e.strerror or e})") from e
+            with fout:
+                while True:
+                    try:
+                        chunk = fin.read(1 << 20)
+                    except OSError as e:
+                        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from e
+                    if not chunk:
+                        break
+                    try:
+                        fout.write(chunk)
+                    except OSError as e:
+                        raise OutputError(f"{dst / name}: cannot write ({e.strerror or e})") from e
         copied.append(name)
     return copied
 
@@ -75,7 +85,7 @@ def patch_config(path: Path, changes: dict[str, Any]) -> dict[str, Any]:
     5.x reads ``dtype``).
     """
     cfg_path = path / "config.json"
-    cfg = read_json_object(cfg_path, what="config")
+    cfg = read_json_object(cfg_path, what="config", allow_nan=True)
     done = {}
     for key, value in changes.items():
         if key == "dtype" and "dtype" not in cfg and "torch_dtype" in cfg:

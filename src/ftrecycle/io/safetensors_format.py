@@ -80,6 +80,25 @@ def read_header_length(fd: int, path: Path, size: int) -> int:
     return int(n)
 
 
+def count_entries(fd: int, n: int) -> int:
+    """An upper bound on the tensors a header of ``n`` bytes declares, read 1 MiB at a time.
+
+    Every entry has a ``"data_offsets"`` key, so counting that string bounds the entries
+    (a name that contains it only makes the bound larger) without parsing the header.
+    """
+    key, step = b'"data_offsets"', 1 << 20
+    count, at, tail = 0, 8, b""
+    while at < 8 + n:
+        chunk = tail + os.pread(fd, min(step, 8 + n - at), at)
+        if len(chunk) == len(tail):
+            break
+        count += chunk.count(key)
+        at += len(chunk) - len(tail)
+        # keep a tail shorter than the key, so that a key cut by the chunk edge is counted once
+        tail = chunk[-(len(key) - 1) :]
+    return count
+
+
 def _is_uint(value: object) -> bool:
     # bool is an int in Python but not in JSON; safetensors (serde usize) refuses it, so do we.
     return type(value) is int and 0 <= value < _USIZE_LIMIT
