@@ -151,8 +151,7 @@ def iterate(spec: ChainSpec, *, progress: bool = False) -> list[dict[str, Any]]:
 
     out = spec.output
     inputs: list[str | Path | None] = [*spec.versions, spec.data, spec.eval_data]
-    for name in ("summary.json", "summary.md", "scores.json"):
-        check_no_overlap(out / name, inputs, what="iterate output")
+    check_no_overlap(out, inputs, what="iterate output")
     out.mkdir(parents=True, exist_ok=True)
     cfg = spec.finetune
     rows: list[dict[str, Any]] = []

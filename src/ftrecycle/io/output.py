@@ -64,6 +64,8 @@ LOCK_MARK = ".ftrecycle-lock"
 #: OUT's name is kept as is in the hidden names beside it up to this many bytes; a longer one is
 #: shortened and suffixed with a hash, so that a legal 255-byte OUT still gives legal sibling names.
 _SIBLING_NAME_BYTES = 180
+#: NAME_MAX of Linux file systems: the longest name of one path component, in bytes.
+_NAME_MAX = 255
 #: Symbolic links looked at inside one input directory (models hold a few dozen files).
 _MAX_LINKS_SCANNED = 10_000
 
@@ -218,7 +220,23 @@ def check_output(out: str | Path, inputs: Iterable[str | Path | None], *, force:
     Raises:
         OutputError: what is wrong and how to fix it.
     """
-    inputs = list(inputs)
+    try:
+        return _check_output(out, list(inputs), force=force, what=what)
+    except OSError as e:  # a path the checks themselves cannot stat
+        raise os_error(e, Path(out)) from e
+
+
+def _check_output(out: str | Path, inputs: list[str | Path | None], *, force: bool, what: str) -> Path:
+    given = Path(out).expanduser().absolute()
+    for part in given.parts:
+        if len(os.fsencode(part)) > _NAME_MAX:
+            raise OutputError(
+                f"{what} {out}: the name {part[:40]}... is {len(os.fsencode(part))} bytes, the file system "
+                f"allows {_NAME_MAX}; use a shorter name"
+            )
+    for p in given.parents:
+        if p.is_symlink() and not p.exists():
+            raise OutputError(f"{what} {out}: {p} is a dangling symbolic link; fix it or choose another path")
     o = output_path(out)
     if o.parent == o:
         raise OutputError(f"{what} {out} is the root directory: give a new directory's name")
@@ -229,16 +247,6 @@ def check_output(out: str | Path, inputs: Iterable[str | Path | None], *, force:
         anc = anc.parent
     if not anc.is_dir():
         raise OutputError(f"{what} {out}: {anc} is a file, not a directory; choose another path")
-    try:
-        name_max = os.pathconf(anc, "PC_NAME_MAX")
-    except (OSError, ValueError):
-        name_max = 255
-    for part in o.relative_to(anc).parts:
-        if len(os.fsencode(part)) > name_max:
-            raise OutputError(
-                f"{what} {out}: the name {part[:40]}... is {len(os.fsencode(part))} bytes, the file system "
-                f"allows {name_max}; use a shorter name"
-            )
     if o.is_symlink():
         target = os.readlink(o)
         raise OutputError(
