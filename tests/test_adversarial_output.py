@@ -28,7 +28,7 @@ from ftrecycle.tiny import make_versions
 
 from conftest import load_dir, tree_digest
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
+SRC = os.environ.get("ADV_SRC") or str(Path(__file__).resolve().parents[1] / "src")
 ROOM = ("--max-memory", "16GiB")  # pytest with transformers loaded is not a fresh command
 
 
@@ -362,12 +362,11 @@ def test_a_second_writer_of_a_locked_output_gets_one_line(lab, capsys, tmp_path)
         os.close(fd)
 
 
-@pytest.mark.parametrize("command", ["apply", "transfer"])
-def test_racing_force_writers_one_wins_the_other_one_line(lab, tmp_path, command):
+def test_racing_force_writers_one_wins_the_other_one_line(lab, tmp_path):
     out = tmp_path / "out"
-    args = _argv(command, lab, str(out))
+    args = _argv("apply", lab, str(out))
     env = {**os.environ, "PYTHONPATH": SRC, "HF_HUB_OFFLINE": "1"}
-    for _ in range(3 if command == "transfer" else 10):
+    for _ in range(10):
         procs = [
             subprocess.Popen(
                 [sys.executable, "-m", "ftrecycle.cli", *args],
@@ -425,11 +424,25 @@ def test_a_signal_during_a_write_removes_every_temp(lab, tmp_path, case):
     command, n, sig = case
     out = tmp_path / "new" / "out"
     ready = tmp_path / "ready"
+    p = _paused(lab, command, out, ready, n, force=False)
+    paused_in = Path(ready.read_text())
+    assert TMP_MARK in paused_in.name or TMP_MARK in str(paused_in), paused_in
+    p.send_signal(sig)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 128 + sig, err
+    assert "Traceback" not in err and sig.name in err, err
+    assert not (tmp_path / "new").exists(), "the run left its output, a temp or a created parent"
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["ready"]
+
+
+def _paused(
+    lab: dict[str, Path], command: str, out: Path, ready: Path, n: int, *, force: bool
+) -> subprocess.Popen[str]:
     env = {**os.environ, "PYTHONPATH": SRC, "HF_HUB_OFFLINE": "1"}
-    argv = [a for a in _argv(command, lab, str(out)) if a != "--force"]
+    argv = [a for a in _argv(command, lab, str(out)) if force or a != "--force"]
     p = subprocess.Popen(
         [sys.executable, "-c", PAUSED, str(ready), str(n), *argv],
-        cwd=tmp_path,
+        cwd=ready.parent,
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -439,11 +452,20 @@ def test_a_signal_during_a_write_removes_every_temp(lab, tmp_path, case):
     while not ready.exists() and p.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
     assert ready.exists(), p.communicate()[1]
-    paused_in = Path(ready.read_text())
-    assert TMP_MARK in paused_in.name or TMP_MARK in str(paused_in), paused_in
-    p.send_signal(sig)
-    _, err = p.communicate(timeout=60)
-    assert p.returncode == 128 + sig, err
-    assert "Traceback" not in err and sig.name in err, err
-    assert not (tmp_path / "new").exists(), "the run left its output, a temp or a created parent"
-    assert sorted(q.name for q in tmp_path.iterdir()) == ["ready"]
+    return p
+
+
+@pytest.mark.parametrize("second", ["apply", "transfer", "transfer-compress", "export-lora", "diff"])
+def test_a_second_writer_while_the_first_writes_gets_one_line(lab, tmp_path, second):
+    """The first run is held mid-write (temp dir full, rename to come); the second must not race it."""
+    out = tmp_path / "out"
+    first = _paused(lab, "apply", out, tmp_path / "ready", 1, force=True)
+    try:
+        p = _run_cli(_argv(second, lab, str(out)), tmp_path)
+        assert p.returncode == 2, p.stderr
+        assert "another ftrecycle run is writing" in _one_line(p.stderr)
+        assert not out.exists()
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=60)
+    assert not out.exists() and _hidden(tmp_path) == []
