@@ -123,6 +123,7 @@ KINDS = {
     "folder-holding-sources": lambda e, x: (e["root"], "src"),
     "lexical-dotdot": lambda e, x: (e["root"] / "elsewhere", f"../src/../src/{e[x].name}"),
     "symlink-to-input": lambda e, x: (e["root"], "link-" + x),
+    "through-a-linked-parent": lambda e, x: (e["root"], "link-" + x + "/new"),
     "inside-input": lambda e, x: (e["root"], str(e[x] / "sub") if e[x].is_dir() else str(e["A"] / "sub")),
     "grandparent": lambda e, x: (e["root"] / "elsewhere", str(e["root"])),
 }

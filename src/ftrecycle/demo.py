@@ -24,11 +24,15 @@ def run_demo(out: str | Path, *, force: bool = False) -> Iterator[str]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from ftrecycle.io.output import check_output, output_lock
+    from ftrecycle.io.output import check_output, os_error, output_lock
     from ftrecycle.tiny import make_versions
     from ftrecycle.transfer import transfer
 
     root = check_output(out, [], force=force, what="--out")
+    try:
+        root.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise os_error(e, root) from e
     with output_lock(root):
         if root.exists():
             other = sorted(p.name for p in root.iterdir() if p.name not in DEMO_ENTRIES)
