@@ -28,6 +28,7 @@ from ftrecycle.tiny import make_versions
 
 from conftest import load_dir, tree_digest
 
+# ADV_SRC runs the subprocess cases against another checkout (how these tests were seen to fail on the old code)
 SRC = os.environ.get("ADV_SRC") or str(Path(__file__).resolve().parents[1] / "src")
 ROOM = ("--max-memory", "16GiB")  # pytest with transformers loaded is not a fresh command
 
@@ -470,3 +471,17 @@ def test_a_second_writer_while_the_first_writes_gets_one_line(lab, tmp_path, sec
         first.send_signal(signal.SIGTERM)
         first.communicate(timeout=60)
     assert not out.exists() and _hidden(tmp_path) == []
+
+
+@pytest.mark.parametrize("case", [("transfer-compress", 1), ("transfer-compress", 3), ("apply", 1), ("diff", 1)])
+def test_what_a_killed_run_left_is_removed_by_the_next_run_for_its_output(lab, tmp_path, case):
+    """SIGKILL cannot be caught: the hidden temps stay, unlocked, until the next run for OUT."""
+    command, n = case
+    out = tmp_path / "out"
+    p = _paused(lab, command, out, tmp_path / "ready", n, force=False)
+    p.kill()
+    p.communicate(timeout=60)
+    assert any(TMP_MARK in name for name in _hidden(tmp_path)), "nothing was left: the test did not test"
+    done = _run_cli(_argv(command, lab, str(out)), tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert _hidden(tmp_path) == [], _hidden(tmp_path)

@@ -8,6 +8,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
 import threading
@@ -373,8 +374,14 @@ def _remove_stale(o: Path) -> None:
             continue
         try:
             fd = _try_lock(path / LOCK_MARK, create=False)
+        except FileNotFoundError:
+            # Ours by name, unlocked: its run died between dropping the lock file and the rename.
+            # Only a holder of OUT's lock makes these, and that is us now.
+            if re.fullmatch(r"[0-9a-f]{16}", e.name[len(prefix) :]):
+                shutil.rmtree(path, ignore_errors=True)
+            continue
         except OSError:
-            continue  # not ours, or not removable: leave it
+            continue  # not removable by us: leave it
         if fd is not None:
             try:
                 shutil.rmtree(path, ignore_errors=True)
