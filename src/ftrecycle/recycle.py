@@ -11,7 +11,7 @@ from typing import Any
 from ftrecycle.errors import ConfigError
 from ftrecycle.finetune.config import FinetuneConfig
 from ftrecycle.finetune.train import FinetuneResult, finetune
-from ftrecycle.io.output import write_json
+from ftrecycle.io.output import check_no_overlap, check_output, sibling_name, write_json
 from ftrecycle.transfer import transfer
 
 
@@ -43,8 +43,9 @@ def recycle_finetune(
     Raises:
         As :func:`ftrecycle.transfer` and :func:`ftrecycle.finetune.train.finetune`.
     """
-    out = Path(output).expanduser()
-    start = out.parent / f".{out.name}.ftrecycle-start"
+    inputs = [source_base, source_finetuned, target_base, data, eval_data]
+    out = check_output(output, inputs, force=force)
+    start = check_no_overlap(out.parent / sibling_name(out, ".ftrecycle-start"), inputs, what="work directory")
     if not (resume and _complete(start)):
         transfer(source_base, source_finetuned, target_base, start, alpha=alpha, force=True)
     result = finetune(
@@ -149,12 +150,15 @@ def iterate(spec: ChainSpec, *, progress: bool = False) -> list[dict[str, Any]]:
     from ftrecycle.transfer import apply_delta
 
     out = spec.output
+    inputs: list[str | Path | None] = [*spec.versions, spec.data, spec.eval_data]
+    check_no_overlap(out, inputs, what="iterate output")
     out.mkdir(parents=True, exist_ok=True)
     cfg = spec.finetune
     rows: list[dict[str, Any]] = []
     n = len(spec.versions)
 
     def ft(model: str, dest: Path) -> Path:
+        check_no_overlap(dest, inputs, what="iterate step")
         if not _complete(dest):
             finetune(
                 model,
@@ -169,6 +173,7 @@ def iterate(spec: ChainSpec, *, progress: bool = False) -> list[dict[str, Any]]:
         return dest
 
     def delta_of(tuned: Path, base: str, dest: Path) -> Path:
+        check_no_overlap(dest, inputs, what="iterate step")
         if not _complete(dest):
             diff(base, str(tuned), dest, force=True)
         return dest
@@ -184,6 +189,7 @@ def iterate(spec: ChainSpec, *, progress: bool = False) -> list[dict[str, Any]]:
             source = out / f"M{i - 1}-star" if spec.mode == "iterative" else direct[i - 2]
             delta_of(source, spec.versions[i - 2], carried)
             start = out / f"M{i}-plus-delta-{i - 1}"
+            check_no_overlap(start, inputs, what="iterate step")
             if not _complete(start):
                 apply_delta(carried, base, start, alpha=spec.alpha, force=True)
             row["start"] = str(start)

@@ -22,7 +22,7 @@ from ftrecycle.engine import Buffers, Engine, read_term
 from ftrecycle.errors import MemoryBudgetError, NonFiniteError
 from ftrecycle.io.checkpoint import _index_safetensors, open_checkpoint
 from ftrecycle.io.model_files import CONFIG_FILES, TOKENIZER_FILES, copy_files
-from ftrecycle.io.output import ShardedWriter, check_output_path, write_json
+from ftrecycle.io.output import ShardedWriter, check_output, write_json
 from ftrecycle.io.provenance import base_record, describe_input
 from ftrecycle.io.safetensors_format import pwrite_all
 from ftrecycle.plan import MissingPolicy, OutTensor, Term, VocabPolicy, plan_diff, source_terms
@@ -99,7 +99,7 @@ def diff(
             fin_desc, fin_files = describe_input(b), b.path
         adapter = [Path(finetuned).expanduser()] if is_adapter(finetuned) else []
         check_names([*terms, *aliases], a.path)
-        check_output_path(out, [a.path, fin_files, *adapter], force=force)
+        out = check_output(out, [a.path, fin_files, *adapter, base, finetuned], force=force)
         plan = plan_diff(terms, ddt)
         engine = settings.engine(0, None)
         ranks = _energy_ranks(spec, terms, ddt, settings, engine.chunk) if spec and spec.energy else {}

@@ -360,7 +360,7 @@ def export_lora(
     from ftrecycle.delta.encode import lowrank
     from ftrecycle.delta.store import open_delta
     from ftrecycle.engine import chunk_for_budget, default_threads
-    from ftrecycle.io.output import atomic_directory, check_output_path, parse_size, write_json
+    from ftrecycle.io.output import atomic_directory, check_output, parse_size, write_json
     from ftrecycle.io.provenance import base_record, describe_input
     from ftrecycle.io.safetensors_format import PlannedTensor, build_header
 
@@ -372,7 +372,7 @@ def export_lora(
     out = Path(output).expanduser()
     ckpt, manifest, terms, _ = open_delta(delta, threads=workers)
     try:
-        check_output_path(out, [ckpt.path], force=force)
+        out = check_output(out, [ckpt.path, delta], force=force)
         ct = np.dtype(np.float32)
         compute = parse_dtype("float32")
         chunk = chunk_for_budget(parse_size(max_memory, flag="--max-memory"), workers, compute)

@@ -22,7 +22,7 @@ from ftrecycle.finetune.config import FinetuneConfig
 from ftrecycle.finetune.data import Collator, encode, load_examples
 from ftrecycle.io.checkpoint import open_checkpoint
 from ftrecycle.io.model_files import TOKENIZER_FILES, copy_files
-from ftrecycle.io.output import atomic_directory, check_output_path, write_json
+from ftrecycle.io.output import atomic_directory, check_no_overlap, check_output, sibling_name, write_json
 from ftrecycle.io.provenance import base_record, describe_input
 
 EVAL_LOG = "eval_log.json"
@@ -54,7 +54,7 @@ class FinetuneResult:
 
 def work_dir(output: Path) -> Path:
     """Where checkpoints of a run for ``output`` live until it completes."""
-    return output.parent / f".{output.name}.ftrecycle-run"
+    return output.parent / sibling_name(output, ".ftrecycle-run")
 
 
 def _no_dropout(model: Any) -> list[str]:
@@ -166,10 +166,11 @@ def finetune(
     out = Path(output).expanduser()
     src = open_checkpoint(model)
     src.close()
-    check_output_path(out, [src.path], force=force)
+    inputs: list[str | Path | None] = [src.path, model, data, eval_data]
+    out = check_output(out, inputs, force=force)
     rows = load_examples(data)
     eval_items = read_gsm8k(eval_data) if eval_data is not None else None
-    run = work_dir(out)
+    run = check_no_overlap(work_dir(out), inputs, what="work directory")
     if run.exists() and not resume:
         if not force:
             raise ConfigError(
