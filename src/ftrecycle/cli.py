@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -604,6 +605,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``ftrecycle`` command; return its exit code."""
     parser = build_parser()
     ns = parser.parse_args(argv)
+    from ftrecycle.distributed import is_main
+
+    if not is_main():  # under `accelerate launch` every process runs this command; the main one reports
+        sys.stdout = open(os.devnull, "w")  # for the rest of this process's life
     try:
         if ns.command == "transfer":
             from ftrecycle.transfer import transfer
@@ -723,7 +728,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             for line in run_demo(ns.out, force=ns.force):
                 print(line)
     except FtRecycleError as e:
-        print(f"ftrecycle: error: {e}", file=sys.stderr)
+        from ftrecycle.distributed import reported_elsewhere
+
+        if not reported_elsewhere(e):  # under accelerate launch the main process prints the main's error
+            print(f"ftrecycle: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("ftrecycle: interrupted; nothing half-written was left under an output name", file=sys.stderr)
