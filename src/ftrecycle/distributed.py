@@ -71,7 +71,7 @@ def is_main() -> bool:
     return world().is_main
 
 
-def _ready() -> bool:
+def active() -> bool:
     """Initialise the process group once (as accelerate would, so Trainer shares it); False when alone."""
     if world().size == 1:
         return False
@@ -88,7 +88,7 @@ def _ready() -> bool:
 
 def barrier() -> None:
     """Wait until every process gets here (a no-op without a launcher)."""
-    if _ready():
+    if active():
         import torch.distributed as dist
 
         dist.barrier()
@@ -96,7 +96,7 @@ def barrier() -> None:
 
 def broadcast(value: T) -> T:
     """The main process's ``value`` on every process (a no-op without a launcher)."""
-    if not _ready():
+    if not active():
         return value
     import torch.distributed as dist
 
@@ -107,7 +107,7 @@ def broadcast(value: T) -> T:
 
 def gather(value: T) -> list[T]:
     """Every process's ``value``, in rank order, on every process (``[value]`` without a launcher)."""
-    if not _ready():
+    if not active():
         return [value]
     import torch.distributed as dist
 
@@ -150,7 +150,7 @@ def on_main(fn: Callable[[], T]) -> T:
         FtRecycleError: the error ``fn`` raised on the main process (same class, message and
             exit code on every rank). On the main process the original exception propagates.
     """
-    if not _ready():
+    if not active():
         return fn()
     if is_main():
         try:

@@ -232,6 +232,7 @@ def finetune(
         disable_tqdm=not progress,
         dataloader_num_workers=0,
         remove_unused_columns=False,
+        ddp_find_unused_parameters=False,  # a causal LM uses every parameter; skip the extra graph walk
         use_cpu=not torch.cuda.is_available(),
     )
     log: list[dict[str, Any]] = json.loads((run / EVAL_LOG).read_text()) if (run / EVAL_LOG).is_file() else []
