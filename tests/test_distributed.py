@@ -157,7 +157,7 @@ def test_a_refused_start_is_one_line_and_the_same_exit_code_on_every_rank(case, 
     lines = [line for line in (r.stdout + r.stderr).splitlines() if "ftrecycle: error:" in line]
     assert len(lines) == 1, r.stderr[-3000:]
     # torchrun's own report lists every rank's exit code: 2 from both, none killed by the launcher
-    codes = re.findall(r"exitcode\s*:\s*(-?\d+)", r.stderr)
+    codes = re.findall(r"^\s*exitcode\s*:\s*(-?\d+)", r.stderr, flags=re.M)
     assert r.returncode != 0 and codes == ["2"] * PROCS, (codes, r.stderr[-3000:])
     assert "/ftrecycle/" not in "".join(re.findall(r'File "[^"]+"', r.stderr))  # no traceback from our code
     assert tree_digest(tmp_path, setup["source_base"]) == before  # nothing created, changed or removed

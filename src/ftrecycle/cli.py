@@ -728,10 +728,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             for line in run_demo(ns.out, force=ns.force):
                 print(line)
     except FtRecycleError as e:
-        from ftrecycle.distributed import reported_elsewhere
+        from ftrecycle.distributed import exit_together, reported_elsewhere
 
         if not reported_elsewhere(e):  # under accelerate launch the main process prints the main's error
             print(f"ftrecycle: error: {e}", file=sys.stderr)
+        exit_together(e, e.exit_code)
         return e.exit_code
     except KeyboardInterrupt:
         print("ftrecycle: interrupted; nothing half-written was left under an output name", file=sys.stderr)

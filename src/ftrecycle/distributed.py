@@ -16,7 +16,9 @@ nothing is initialised and nothing is imported beyond the standard library.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -129,7 +131,26 @@ def _rebuild(name: str, message: str, code: int) -> FtRecycleError:
     err = cls(message)
     err.exit_code = code
     err.from_main = True  # type: ignore[attr-defined]  # the main process reports it; see reported_elsewhere
+    err.agreed = True  # type: ignore[attr-defined]
     return err
+
+
+def exit_together(e: BaseException, code: int) -> None:
+    """End this process with ``code`` at the same moment as the others, if every rank holds ``e``.
+
+    torchrun stops the remaining processes (SIGTERM) as soon as one exits non-zero; a rank
+    still unwinding would then report -15 instead of the agreed code. An error that went
+    through :func:`on_main` is held by every rank, so they can meet at a barrier and leave
+    together. Any other error returns here (it may be this rank's alone: a barrier could hang).
+    """
+    if not (getattr(e, "agreed", False) and active()):
+        return
+    import torch.distributed as dist
+
+    dist.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def reported_elsewhere(e: BaseException) -> bool:
@@ -157,6 +178,8 @@ def on_main(fn: Callable[[], T]) -> T:
             result = fn()
         except BaseException as e:
             broadcast(("error", _payload(e)))
+            with contextlib.suppress(AttributeError):
+                e.agreed = True  # type: ignore[attr-defined]  # every rank holds it: see exit_together
             raise
         broadcast(("ok", result))
         return result
