@@ -284,7 +284,10 @@ def finetune(
 
     def write() -> None:
         net_out = trainer.accelerator.unwrap_model(trainer.model)
-        weights = {k: v.detach().to("cpu", saved_dtype) for k, v in state.items()}
+        # the gathered dict holds tied weights (lm_head = embed_tokens) under both names, and the cast
+        # copies no longer share storage: drop the tied ones as save_pretrained would
+        tied = set(getattr(net_out, "all_tied_weights_keys", None) or {})
+        weights = {k: v.detach().to("cpu", saved_dtype) for k, v in state.items() if k not in tied}
         with atomic_directory(out, force=force) as tmp:
             net_out.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
             # save_pretrained records the dtype of the (float32, possibly sharded) training copy
