@@ -241,3 +241,18 @@ def test_on_main_without_a_launcher_is_a_plain_call():
     assert world().size == 1 and on_main(lambda: 7) == 7 and gather("x") == ["x"]
     with pytest.raises(OutputError, match="exists"):
         on_main(lambda: (_ for _ in ()).throw(OutputError("exists")))
+
+
+@pytest.mark.parametrize(
+    ("name", "kind"), [("ddp.yaml", "MULTI_GPU"), ("fsdp.yaml", "FSDP"), ("deepspeed_zero3.yaml", "DEEPSPEED")]
+)
+def test_shipped_configs_are_accelerate_configs_that_need_only_the_process_count(name, kind):
+    import yaml
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    raw = yaml.safe_load((CONFIGS / name).read_text())
+    cfg = ClusterConfig.from_yaml_file(str(CONFIGS / name))
+    assert str(cfg.distributed_type).endswith(kind) and cfg.num_machines == 1 and not cfg.use_cpu
+    assert raw["mixed_precision"] == "bf16" and f"--config_file examples/accelerate/{name}" in (CONFIGS / name).read_text()
+    if kind == "DEEPSPEED":  # the final output is gathered from ZeRO-3 shards only with this set
+        assert raw["deepspeed_config"]["zero3_save_16bit_model"] is True
