@@ -135,6 +135,27 @@ def test_two_process_finetune_matches_one_process_and_leaves_an_ordinary_model(c
     _loads_and_transfers(out, setup, tmp_path)
 
 
+@pytest.mark.slow
+def test_deepspeed_zero3_on_two_cpu_processes_gathers_an_ordinary_model(setup, single, tmp_path):
+    pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install deepspeed)")
+    out = tmp_path / "ft"
+    r = launch(
+        "deepspeed_zero3.yaml",
+        "finetune",
+        "--model", str(setup["source_base"]),
+        "--data", str(setup["train"]),
+        "-o", str(out),
+        "--batch-size", str(PER_PROCESS),
+        *FT_FLAGS,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    rec = json.loads((out / "ftrecycle.json").read_text())
+    assert rec["processes"] == PROCS and rec["distributed"] == "DEEPSPEED"
+    # the first step sees the same weights and the same global batch as one process
+    assert abs(rec["losses"][0][1] - single[0][1]) <= LOSS_RTOL * abs(single[0][1]), (rec["losses"], single)
+    _loads_and_transfers(out, setup, tmp_path)
+
+
 def _refusal_cases(setup: dict[str, Path], tmp: Path) -> dict[str, list[str]]:
     existing = tmp / "exists"
     existing.mkdir()
