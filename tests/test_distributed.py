@@ -219,6 +219,27 @@ def test_recycle_finetune_under_two_processes(setup, tmp_path):
     _loads_and_transfers(out, setup, tmp_path, prefix="tied_")
 
 
+@pytest.mark.slow
+def test_iterate_under_two_processes_and_its_rerun_skips_every_finished_step(setup, tmp_path):
+    chain = tmp_path / "chain.yaml"
+    chain.write_text(
+        f"versions: [{setup['source_base']}, {setup['target_base']}]\n"
+        f"data: {setup['train']}\neval_data: {setup['test']}\noutput: out\n"
+        "finetune: {max_steps: 2, batch_size: 2, logging_every: 1, eval_max_new_tokens: 4, eval_batch_size: 2}\n"
+    )
+    r = launch("ddp.yaml", "iterate", str(chain))
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp_path / "out"
+    want = ["M1-star", "M2-plus-delta-1", "M2-star", "delta-1", "scores.json", "summary.json", "summary.md"]
+    assert sorted(p.name for p in out.iterdir()) == want
+    assert r.stdout.count("# iterate") == 1  # one table, from the main process
+    rows = json.loads((out / "summary.json").read_text())["versions"]
+    assert all(isinstance(row.get("acc_finetuned"), float) for row in rows)
+    before = tree_digest(out)
+    again = launch("ddp.yaml", "iterate", str(chain))
+    assert again.returncode == 0 and tree_digest(out) == before, again.stderr[-3000:]
+
+
 GENERATE = """
 import json, sys
 from ftrecycle.distributed import is_main
