@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import signal
 import sys
 import threading
@@ -638,6 +639,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``ftrecycle`` command; return its exit code."""
     parser = build_parser()
     ns = parser.parse_args(argv)
+    from ftrecycle.distributed import is_main
+
+    if not is_main():  # under `accelerate launch` every process runs this command; the main one reports
+        sys.stdout = open(os.devnull, "w")  # for the rest of this process's life
     with _signals_interrupt() as got:
         return _run(ns, got)
 
@@ -762,7 +767,11 @@ def _run(ns: argparse.Namespace, got: list[int]) -> int:
             for line in run_demo(ns.out, force=ns.force):
                 print(line)
     except FtRecycleError as e:
-        print(f"ftrecycle: error: {e}", file=sys.stderr)
+        from ftrecycle.distributed import exit_together, reported_elsewhere
+
+        if not reported_elsewhere(e):  # under accelerate launch the main process prints the main's error
+            print(f"ftrecycle: error: {e}", file=sys.stderr)
+        exit_together(e, e.exit_code)
         return e.exit_code
     except KeyboardInterrupt:
         name = signal.Signals(got[0]).name if got else "SIGINT"

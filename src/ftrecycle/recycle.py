@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ftrecycle.distributed import is_main, on_main
 from ftrecycle.errors import ConfigError
 from ftrecycle.finetune.config import FinetuneConfig
 from ftrecycle.finetune.train import FinetuneResult, finetune
@@ -44,10 +45,20 @@ def recycle_finetune(
         As :func:`ftrecycle.transfer` and :func:`ftrecycle.finetune.train.finetune`.
     """
     inputs = [source_base, source_finetuned, target_base, data, eval_data]
-    out = check_output(output, inputs, force=force)
-    start = check_no_overlap(out.parent / sibling_name(out, ".ftrecycle-start"), inputs, what="work directory")
-    if not (resume and _complete(start)):
-        transfer(source_base, source_finetuned, target_base, start, alpha=alpha, force=True)
+
+    def prepare() -> tuple[Path, Path]:
+        out = check_output(output, inputs, force=force)
+        start = out.parent / sibling_name(out, ".ftrecycle-start")
+        return out, check_no_overlap(start, inputs, what="work directory")
+
+    out, start = on_main(prepare)
+
+    def merge() -> None:
+        # one process writes the start model; under `accelerate launch` the others wait for it
+        if not (resume and _complete(start)):
+            transfer(source_base, source_finetuned, target_base, start, alpha=alpha, force=True)
+
+    on_main(merge)
     result = finetune(
         str(start),
         data,
@@ -66,7 +77,7 @@ def recycle_finetune(
             }
         },
     )
-    shutil.rmtree(start, ignore_errors=True)
+    on_main(lambda: shutil.rmtree(start, ignore_errors=True))
     return result
 
 
@@ -151,15 +162,25 @@ def iterate(spec: ChainSpec, *, progress: bool = False) -> list[dict[str, Any]]:
 
     out = spec.output
     inputs: list[str | Path | None] = [*spec.versions, spec.data, spec.eval_data]
-    check_no_overlap(out, inputs, what="iterate output")
-    out.mkdir(parents=True, exist_ok=True)
+
+    def prepare() -> None:
+        check_no_overlap(out, inputs, what="iterate output")
+        out.mkdir(parents=True, exist_ok=True)
+
+    on_main(prepare)
     cfg = spec.finetune
     rows: list[dict[str, Any]] = []
     n = len(spec.versions)
 
-    def ft(model: str, dest: Path) -> Path:
+    def _done(dest: Path) -> bool:
         check_no_overlap(dest, inputs, what="iterate step")
-        if not _complete(dest):
+        return _complete(dest)
+
+    # Under `accelerate launch` every step's "is it done?" is decided by the main process and
+    # broadcast (a rank asking for itself could see an output the main has just written and skip
+    # a collective call the others make); fine-tuning itself runs on every rank.
+    def ft(model: str, dest: Path) -> Path:
+        if not on_main(lambda: _done(dest)):
             finetune(
                 model,
                 spec.data,
@@ -173,9 +194,11 @@ def iterate(spec: ChainSpec, *, progress: bool = False) -> list[dict[str, Any]]:
         return dest
 
     def delta_of(tuned: Path, base: str, dest: Path) -> Path:
-        check_no_overlap(dest, inputs, what="iterate step")
-        if not _complete(dest):
-            diff(base, str(tuned), dest, force=True)
+        def make() -> None:
+            if not _done(dest):
+                diff(base, str(tuned), dest, force=True)
+
+        on_main(make)
         return dest
 
     if spec.mode == "direct":
@@ -189,17 +212,24 @@ def iterate(spec: ChainSpec, *, progress: bool = False) -> list[dict[str, Any]]:
             source = out / f"M{i - 1}-star" if spec.mode == "iterative" else direct[i - 2]
             delta_of(source, spec.versions[i - 2], carried)
             start = out / f"M{i}-plus-delta-{i - 1}"
-            check_no_overlap(start, inputs, what="iterate step")
-            if not _complete(start):
-                apply_delta(carried, base, start, alpha=spec.alpha, force=True)
+
+            def merge(carried: Path = carried, base: str = base, start: Path = start) -> None:
+                if not _done(start):
+                    apply_delta(carried, base, start, alpha=spec.alpha, force=True)
+
+            on_main(merge)
             row["start"] = str(start)
             tuned = ft(str(start), out / f"M{i}-star")
         row["finetuned"] = str(tuned)
         rows.append(row)
     if spec.eval_data is not None:
         _score(rows, spec)
-    write_json(out / "summary.json", {"mode": spec.mode, "versions": rows})
-    (out / "summary.md").write_text(summary_table(rows, spec.mode))
+
+    def summarise() -> None:
+        write_json(out / "summary.json", {"mode": spec.mode, "versions": rows})
+        (out / "summary.md").write_text(summary_table(rows, spec.mode))
+
+    on_main(summarise)
     return rows
 
 
@@ -209,7 +239,8 @@ def _score(rows: list[dict[str, Any]], spec: ChainSpec) -> None:
 
     items = read_gsm8k(spec.eval_data) if spec.eval_data else []
     cache = spec.output / "scores.json"
-    scores: dict[str, float] = json.loads(cache.read_text()) if cache.is_file() else {}
+    # every rank evaluates its share of the items (see evaluate_gsm8k); the main process owns the cache
+    scores: dict[str, float] = on_main(lambda: json.loads(cache.read_text()) if cache.is_file() else {})
     for row in rows:
         for key, label in (("base", "base"), ("start", "base_plus_delta"), ("finetuned", "finetuned")):
             path = row.get(key)
@@ -224,7 +255,8 @@ def _score(rows: list[dict[str, Any]], spec: ChainSpec) -> None:
                     batch_size=spec.finetune.eval_batch_size,
                     max_gen_toks=spec.finetune.eval_max_new_tokens,
                 ).strict
-                write_json(cache, scores)
+                if is_main():
+                    write_json(cache, scores)
             row[f"acc_{label}"] = scores[path]
 
 

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ftrecycle.distributed import is_main, on_main, world
 from ftrecycle.errors import ConfigError, DataError
 from ftrecycle.evaluate.data import read_gsm8k
 from ftrecycle.finetune.config import FinetuneConfig
@@ -111,7 +112,8 @@ def _eval_callback(
                 model, tok, items, shots=shots, batch_size=cfg.eval_batch_size, max_gen_toks=cfg.eval_max_new_tokens
             )
             log.append({"step": step, **rep.summary()})
-            write_json(run / EVAL_LOG, log)
+            if is_main():
+                write_json(run / EVAL_LOG, log)
 
         def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             self._run(state.global_step)
@@ -164,20 +166,32 @@ def finetune(
     t0 = time.perf_counter()
     cfg = (config or FinetuneConfig()).validate()
     out = Path(output).expanduser()
-    src = open_checkpoint(model)
-    src.close()
-    inputs: list[str | Path | None] = [src.path, model, data, eval_data]
-    out = check_output(out, inputs, force=force)
-    rows = load_examples(data)
-    eval_items = read_gsm8k(eval_data) if eval_data is not None else None
-    run = check_no_overlap(work_dir(out), inputs, what="work directory")
-    if run.exists() and not resume:
-        if not force:
-            raise ConfigError(
-                f"an unfinished run for {out} is in {run}: pass --resume to continue it, or --force to start over"
-            )
-        shutil.rmtree(run)
-    run.mkdir(parents=True, exist_ok=True)
+    run = work_dir(out)
+
+    def load() -> tuple[Any, list[dict[str, Any]], list[dict[str, Any]] | None]:
+        src = open_checkpoint(model)
+        src.close()
+        return src, load_examples(data), read_gsm8k(eval_data) if eval_data is not None else None
+
+    loaded: list[tuple[Any, list[dict[str, Any]], list[dict[str, Any]] | None]] = []
+
+    def prepare() -> None:
+        # the main process alone checks the output and owns the run directory; under
+        # `accelerate launch` the others wait here and raise the same error if it refuses
+        loaded.append(load())
+        inputs: list[str | Path | None] = [loaded[0][0].path, model, data, eval_data]
+        check_output(out, inputs, force=force)
+        check_no_overlap(run, inputs, what="work directory")
+        if run.exists() and not resume:
+            if not force:
+                raise ConfigError(
+                    f"an unfinished run for {out} is in {run}: pass --resume to continue it, or --force to start over"
+                )
+            shutil.rmtree(run)
+        run.mkdir(parents=True, exist_ok=True)
+
+    on_main(prepare)
+    src, rows, eval_items = loaded[0] if loaded else load()
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
@@ -220,6 +234,7 @@ def finetune(
         disable_tqdm=not progress,
         dataloader_num_workers=0,
         remove_unused_columns=False,
+        ddp_find_unused_parameters=False,  # a causal LM uses every parameter; skip the extra graph walk
         use_cpu=not torch.cuda.is_available(),
     )
     log: list[dict[str, Any]] = json.loads((run / EVAL_LOG).read_text()) if (run / EVAL_LOG).is_file() else []
@@ -255,6 +270,9 @@ def finetune(
             },
             "config": asdict(cfg),
             "steps": steps,
+            "processes": world().size,
+            "distributed": str(trainer.accelerator.distributed_type.value),
+            "global_batch": cfg.batch_size * cfg.grad_accum * world().size,
             "losses": losses,
             "dropout_disabled": dropout_off,
             "bf16": use_bf16,
@@ -262,13 +280,28 @@ def finetune(
             **(extra_provenance or {}),
         }
     )
-    with atomic_directory(out, force=force) as tmp:
-        trainer.model.to(saved_dtype).save_pretrained(tmp, safe_serialization=True)
-        copy_files(src.path, tmp, TOKENIZER_FILES)
-        if (src.path / "generation_config.json").is_file() and not (tmp / "generation_config.json").exists():
-            shutil.copyfile(src.path / "generation_config.json", tmp / "generation_config.json")
-        write_json(tmp / PROVENANCE, record)
-        if log:
-            write_json(tmp / EVAL_LOG, log)
-    shutil.rmtree(run, ignore_errors=True)
+    # Under FSDP or ZeRO-3 every process holds a shard: gathering the full state dict is a
+    # collective call, so every rank makes it; only the main process receives the tensors.
+    state = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+
+    def write() -> None:
+        net_out = trainer.accelerator.unwrap_model(trainer.model)
+        # the gathered dict holds tied weights (lm_head = embed_tokens) under both names, and the cast
+        # copies no longer share storage: drop the tied ones as save_pretrained would
+        tied = set(getattr(net_out, "all_tied_weights_keys", None) or {})
+        weights = {k: v.detach().to("cpu", saved_dtype) for k, v in state.items() if k not in tied}
+        with atomic_directory(out, force=force) as tmp:
+            net_out.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
+            # save_pretrained records the dtype of the (float32, possibly sharded) training copy
+            net_out.config.dtype = str(saved_dtype).removeprefix("torch.")
+            net_out.config.save_pretrained(tmp)
+            copy_files(src.path, tmp, TOKENIZER_FILES)
+            if (src.path / "generation_config.json").is_file() and not (tmp / "generation_config.json").exists():
+                shutil.copyfile(src.path / "generation_config.json", tmp / "generation_config.json")
+            write_json(tmp / PROVENANCE, record)
+            if log:
+                write_json(tmp / EVAL_LOG, log)
+        shutil.rmtree(run, ignore_errors=True)
+
+    on_main(write)
     return FinetuneResult(out, steps, losses, log, time.perf_counter() - t0, per_step, start_step)
