@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ftrecycle.dtypes import BY_CODE, DType
-from ftrecycle.errors import CheckpointError
+from ftrecycle.errors import CheckpointError, os_reason
 from ftrecycle.io.jsonfile import loads_json, open_regular, short
 
 #: Headers larger than this are refused as corrupt (safetensors itself caps at 100 MB).
@@ -164,7 +164,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         raw = bytearray(n)
         pread_exact(fd, memoryview(raw), 8, path)
     except OSError as e:
-        raise CheckpointError(f"{path}: cannot read ({e.strerror}); check the path and permissions") from e
+        raise CheckpointError(f"{path}: cannot read: {os_reason(e, 'check the path and permissions')}") from e
     finally:
         os.close(fd)
     if not raw.lstrip()[:1] == b"{":
