@@ -7,16 +7,142 @@ one line on stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from ftrecycle import __version__
 from ftrecycle.errors import ConfigError, FtRecycleError
 from ftrecycle.settings import DEFAULT_MAX_MEMORY, DEFAULT_SHARD_SIZE
+from ftrecycle.values import (
+    FINITE,
+    MAX_SEED,
+    POSITIVE_INT,
+    THREADS,
+    TOKENS,
+    Bound,
+)
 
 MODEL_HELP = "a local model directory, or a Hugging Face Hub id org/name[@revision]"
+INTERNAL_ERROR_EXIT = 3
+DEBUG_ENV = "FTRECYCLE_DEBUG"
+#: the largest --batch-size of `eval`
+MAX_BATCH = 65536
+
+
+class UsageError(ConfigError):
+    """A command line argparse refuses: a missing argument, an unknown flag, a value of the wrong kind."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (raised, so that ``main`` prints and returns 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+# argparse `type=` validators: every numeric flag of every subcommand is checked here, when parsed.
+
+
+def _bounded(bound: Bound) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            return bound.check(text, "value")
+        except ConfigError as e:
+            raise argparse.ArgumentTypeError(str(e).removeprefix("value ")) from None
+
+    parse.__name__ = bound.describe()
+    return parse
+
+
+positive_int = _bounded(POSITIVE_INT)
+thread_count = _bounded(THREADS)
+token_count = _bounded(TOKENS)
+batch_size = _bounded(Bound(int, lo=1, hi=MAX_BATCH))
+finite_float = _bounded(FINITE)
+
+
+def size_type(flag: str) -> Callable[[str], int]:
+    """A byte size (``5GB``, ``512MiB``), checked by :func:`ftrecycle.io.output.parse_size`."""
+    from ftrecycle.io.output import parse_size
+
+    def parse(text: str) -> int:
+        try:
+            return parse_size(text, flag=flag)
+        except ConfigError as e:
+            raise argparse.ArgumentTypeError(str(e).removeprefix(flag + " ")) from None
+
+    parse.__name__ = "size"
+    return parse
+
+
+def compression_type(text: str) -> str:
+    """A ``--compress`` SPEC, checked by :func:`ftrecycle.delta.codecs.parse_compression`; kept as text."""
+    from ftrecycle.delta.codecs import parse_compression
+
+    try:
+        parse_compression(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--compress ")) from None
+    return text
+
+
+def device_type(text: str) -> str:
+    """A torch device string (``cpu``, ``cuda``, ``cuda:1``, ``mps``), refused unless torch knows it."""
+    import torch
+
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError, TypeError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device: use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: CUDA is not available on this machine; use cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise argparse.ArgumentTypeError(f"{text!r}: MPS is not available on this machine; use cpu")
+    if dev.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise argparse.ArgumentTypeError(f"{text!r}: not a device this command runs on; use cpu, cuda or mps")
+    return text
+
+
+def png_path(text: str) -> str:
+    """An output PNG path whose directory exists (nothing is created for it)."""
+    from pathlib import Path
+
+    p = Path(text).expanduser()
+    if not text or p.name in ("", ".", ".."):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a file name; give e.g. plots/layers.png")
+    parent = p.parent
+    if not parent.is_dir():
+        raise argparse.ArgumentTypeError(
+            f"{text}: directory {parent} does not exist; create it first (mkdir -p {parent})"
+        )
+    if p.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: is a directory; give a file name such as {p / 'layers.png'}")
+    if p.suffix.lower() != ".png":
+        raise argparse.ArgumentTypeError(f"{text}: the plot is a PNG; give a name ending in .png")
+    if not os.access(parent, os.W_OK):
+        raise argparse.ArgumentTypeError(f"{text}: directory {parent} is not writable")
+    return str(p)
+
+
+def seeds_type(text: str) -> tuple[int, ...]:
+    """Comma-separated distinct seeds, each a 32-bit unsigned integer."""
+    seed = Bound(int, lo=0, hi=MAX_SEED)
+    items = [s for s in text.split(",") if s.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError(f"must be comma-separated integers, got {text!r}")
+    try:
+        out = tuple(int(seed.check(s, "seed")) for s in items)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(f"{e} in {text!r}") from None
+    if len(set(out)) != len(out):
+        raise argparse.ArgumentTypeError(f"{text!r} repeats a seed")
+    return out
 
 
 def _progress(quiet: bool) -> Callable[[int, int], None] | None:
@@ -50,9 +176,9 @@ def _alpha(text: str) -> float | str:
     if text == "auto":
         return text
     try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number or 'auto', got {text!r}") from None
+        return float(FINITE.check(text, "alpha"))
+    except ConfigError:
+        raise argparse.ArgumentTypeError(f"must be a finite number or 'auto', got {text!r}") from None
 
 
 def _write_options(p: argparse.ArgumentParser, *, delta: bool = False) -> None:
@@ -82,6 +208,7 @@ def _write_options(p: argparse.ArgumentParser, *, delta: bool = False) -> None:
         g.add_argument(
             "--compress",
             default=None,
+            type=compression_type,
             metavar="SPEC",
             help="store each 2-D tensor compressed: lowrank:rank=R, lowrank:energy=E (smallest rank keeping "
             "that share of the squared norm), lowrank:ratio=X or sparse:ratio=X (X times smaller than dense), "
@@ -141,15 +268,19 @@ def _write_options(p: argparse.ArgumentParser, *, delta: bool = False) -> None:
     r.add_argument(
         "--shard-size",
         default=DEFAULT_SHARD_SIZE,
+        type=size_type("--shard-size"),
         help=f"largest output shard, e.g. 5GB or 500MiB (default {DEFAULT_SHARD_SIZE})",
     )
     r.add_argument(
         "--max-memory",
         default=None,
+        type=size_type("--max-memory"),
         help="peak resident memory of this command; buffers are sized to fit it "
         f"(default: {DEFAULT_MAX_MEMORY} of buffers on top of what the process already holds)",
     )
-    r.add_argument("--threads", type=int, default=None, help="worker threads (default: available cores)")
+    r.add_argument(
+        "--threads", type=thread_count, default=None, help="worker threads (default: available cores, at most 1024)"
+    )
     r.add_argument("--force", action="store_true", help="replace the output directory if it exists")
     r.add_argument("--fsync", action="store_true", help="flush the output to disk before the final rename")
     r.add_argument(
@@ -162,7 +293,7 @@ def _write_options(p: argparse.ArgumentParser, *, delta: bool = False) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``ftrecycle`` command."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="ftrecycle",
         description="Recycle fine-tuning across versions of a language model: move the diff vector "
         "(fine-tuned minus base) of one version onto the next version's base.",
@@ -250,10 +381,12 @@ def build_parser() -> argparse.ArgumentParser:
         "held by a LoRA: they are left out and listed, with their share of the diff, in ftrecycle.json.",
     )
     ex.add_argument("--delta", required=True, metavar="DELTA", help="a delta directory made by `ftrecycle diff`")
-    ex.add_argument("--rank", required=True, type=int, metavar="R", help="the LoRA rank")
+    ex.add_argument("--rank", required=True, type=positive_int, metavar="R", help="the LoRA rank")
     ex.add_argument("-o", "--output", required=True, metavar="ADAPTER", help="the adapter directory to create")
     ex.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="factor dtype")
-    ex.add_argument("--threads", type=int, default=None, help="worker threads (default: available cores)")
+    ex.add_argument(
+        "--threads", type=thread_count, default=None, help="worker threads (default: available cores, at most 1024)"
+    )
     ex.add_argument("--force", action="store_true", help="replace the output directory if it exists")
 
     dg = sub.add_parser(
@@ -269,9 +402,17 @@ def build_parser() -> argparse.ArgumentParser:
     dg.add_argument("--source-finetuned", required=True, metavar="B", help="the source's fine-tuned model")
     dg.add_argument("--target-base", required=True, metavar="C", help="the new base model")
     dg.add_argument("--data", default=None, metavar="CALIB", help="calibration JSONL (enables the loss probe)")
-    dg.add_argument("--max-examples", type=int, default=256, help="calibration examples used (default 256)")
-    dg.add_argument("--device", default=None, help="the probe's device (default: CUDA when available)")
-    dg.add_argument("--plot", default=None, metavar="PNG", help="also draw drift, diff size and cos by layer")
+    dg.add_argument("--max-examples", type=positive_int, default=256, help="calibration examples used (default 256)")
+    dg.add_argument(
+        "--device", type=device_type, default=None, help="the probe's device (default: CUDA when available)"
+    )
+    dg.add_argument(
+        "--plot",
+        type=png_path,
+        default=None,
+        metavar="PNG",
+        help="also draw drift, diff size and cos by layer into this PNG (its directory must exist)",
+    )
     dg.add_argument("--json", action="store_true", help="print JSON instead of markdown")
 
     demo = sub.add_parser(
@@ -304,7 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
     rf.add_argument("--source-base", required=True, metavar="A", help=f"source base: {MODEL_HELP}")
     rf.add_argument("--source-finetuned", required=True, metavar="B", help="source fine-tuned model")
     rf.add_argument("--target-base", required=True, metavar="C", help="the new base model")
-    rf.add_argument("--alpha", type=float, default=1.0, help="scale of the diff (default 1.0)")
+    rf.add_argument("--alpha", type=finite_float, default=1.0, help="scale of the diff (default 1.0)")
     _finetune_options(rf)
 
     it = sub.add_parser(
@@ -337,10 +478,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="score GSM8K-format JSONL with the built-in evaluator instead of lm-eval",
     )
-    ev.add_argument("--batch-size", type=int, default=16, help="generation batch size")
-    ev.add_argument("--limit", type=int, default=None, help="only the first N items of each task")
-    ev.add_argument("--max-new-tokens", type=int, default=256, help="built-in evaluator: most new tokens")
-    ev.add_argument("--device", default=None, help="cpu, cuda, ... (default: CUDA when available)")
+    ev.add_argument("--batch-size", type=batch_size, default=16, help="generation batch size (at most 65536)")
+    ev.add_argument("--limit", type=positive_int, default=None, help="only the first N items of each task")
+    ev.add_argument(
+        "--max-new-tokens",
+        type=token_count,
+        default=256,
+        help="built-in evaluator: most new tokens (at most 131072, and less than the model's context)",
+    )
+    ev.add_argument("--device", type=device_type, default=None, help="cpu, cuda, ... (default: CUDA when available)")
     ev.add_argument(
         "--backend",
         default="auto",
@@ -416,8 +562,10 @@ def _lab_parser(sub: Any) -> None:
     )
     run.add_argument("--preset", default="tiny", choices=list(PRESETS), help="size of the run (default tiny)")
     run.add_argument("--out", default="ftrecycle-lab", help="run directory (default ./ftrecycle-lab)")
-    run.add_argument("--seeds", default=None, help="comma-separated seeds, overriding the preset's")
-    run.add_argument("--workers", type=int, default=None, help="jobs at once (default: the preset's)")
+    run.add_argument("--seeds", type=seeds_type, default=None, help="comma-separated seeds, overriding the preset's")
+    run.add_argument(
+        "--workers", type=_bounded(Bound(int, lo=1, hi=256)), default=None, help="jobs at once (default: the preset's)"
+    )
     run.add_argument("--force", action="store_true", help="discard a run of other settings in --out")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     rep = labsub.add_parser("report", help="rebuild report.md and the plots from a run's results.json")
@@ -425,8 +573,6 @@ def _lab_parser(sub: Any) -> None:
 
 
 def _lab(ns: argparse.Namespace) -> None:
-    from ftrecycle.errors import ConfigError
-
     if ns.lab_command == "report":
         from ftrecycle.lab.run import rebuild_report
 
@@ -436,10 +582,7 @@ def _lab(ns: argparse.Namespace) -> None:
 
     overrides: dict[str, Any] = {}
     if ns.seeds:
-        try:
-            overrides["seeds"] = tuple(int(s) for s in ns.seeds.split(","))
-        except ValueError as e:
-            raise ConfigError(f"--seeds must be comma-separated integers, got {ns.seeds!r}") from e
+        overrides["seeds"] = ns.seeds
     if ns.workers is not None:
         overrides["workers"] = ns.workers
     cfg = preset(ns.preset, **overrides)
@@ -474,7 +617,7 @@ def _lab(ns: argparse.Namespace) -> None:
 def _finetune_options(p: argparse.ArgumentParser) -> None:
     from dataclasses import fields
 
-    from ftrecycle.finetune.config import FinetuneConfig
+    from ftrecycle.finetune.config import FinetuneConfig, flag_name
 
     p.add_argument("--data", required=True, help="training data, JSONL")
     p.add_argument("-o", "--output", required=True, help="directory to create when training completes")
@@ -485,12 +628,18 @@ def _finetune_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training settings (defaults follow the paper)")
     defaults = FinetuneConfig()
     for f in fields(FinetuneConfig):
-        flag = "--" + f.name.replace("_", "-")
+        flag = flag_name(f.name)
         value = getattr(defaults, f.name)
+        bound: Bound | None = f.metadata.get("bound")
         if isinstance(value, bool):
             g.add_argument(flag, action="store_true", help=f.metadata["help"])
+        elif bound is not None:
+            text = f"{f.metadata['help']}: {bound.describe()} (default {value})"
+            g.add_argument(flag, type=_bounded(bound), default=value, help=text)
         else:
-            g.add_argument(flag, type=type(value), default=value, help=f"{f.metadata['help']} (default {value})")
+            g.add_argument(
+                flag, choices=f.metadata.get("choices"), default=value, help=f"{f.metadata['help']} (default {value})"
+            )
 
 
 def _finetune_config(ns: argparse.Namespace) -> Any:
@@ -569,23 +718,40 @@ def _eval(ns: argparse.Namespace) -> None:
     if ns.builtin:
         from ftrecycle.evaluate.builtin import evaluate_gsm8k, load_for_eval
         from ftrecycle.evaluate.data import read_gsm8k
+        from ftrecycle.evaluate.harness import resolve_eval_model
 
+        ignored = [
+            flag
+            for flag, given in (("--tasks", ns.tasks), ("--task-dir", ns.task_dir), ("--backend", ns.backend != "auto"))
+            if given
+        ]
+        if ignored:
+            raise ConfigError(
+                f"{', '.join(ignored)} with --builtin: the built-in evaluator scores only the --builtin FILE; "
+                "drop --builtin to run tasks through lm-eval, or drop " + " and ".join(ignored)
+            )
         items = read_gsm8k(ns.builtin)[: ns.limit]
+        paths = {m: resolve_eval_model(m) for m in ns.model}  # every model checked before the first loads
         table = {}
         for m in ns.model:
-            model, tok = load_for_eval(m, device=ns.device, trust_remote_code=ns.trust_remote_code)
+            model, tok = load_for_eval(paths[m], device=ns.device, trust_remote_code=ns.trust_remote_code)
             rep = evaluate_gsm8k(model, tok, items, batch_size=ns.batch_size, max_gen_toks=ns.max_new_tokens)
             table[m] = {"strict": rep.strict, "flexible": rep.flexible}
         result: dict[str, Any] = {"table": table}
     else:
         from ftrecycle.evaluate.harness import run_lm_eval
 
-        tasks = [t for t in ns.tasks.split(",") if t]
+        tasks = [t.strip() for t in ns.tasks.split(",") if t.strip()]
+        if len(set(tasks)) != len(tasks):
+            raise ConfigError(f"--tasks {ns.tasks!r} names a task twice")
         if not tasks:
             raise ConfigError("--tasks is empty: name tasks (e.g. gsm8k,mmlu) or use --builtin FILE")
+        if ns.task_dir is not None and not os.path.isdir(ns.task_dir):
+            raise ConfigError(f"--task-dir {ns.task_dir}: no such directory of task YAMLs")
         result = run_lm_eval(
             ns.model,
             tasks,
+            backend=ns.backend,
             task_dir=ns.task_dir,
             batch_size=ns.batch_size,
             limit=ns.limit,
@@ -602,133 +768,187 @@ def _eval(ns: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``ftrecycle`` command; return its exit code."""
-    parser = build_parser()
-    ns = parser.parse_args(argv)
     try:
-        if ns.command == "transfer":
-            from ftrecycle.transfer import transfer
-
-            _report(
-                transfer(
-                    ns.source_base,
-                    ns.source_finetuned,
-                    ns.target_base,
-                    ns.output,
-                    alpha=_auto_alpha(ns),
-                    compress=ns.compress,
-                    out_dtype=ns.out_dtype,
-                    config_from=ns.config_from,
-                    tokenizer_from=ns.tokenizer_from,
-                    tie_mismatch=ns.tie_mismatch,
-                    **_common(ns),
-                )
-            )
-        elif ns.command == "diff":
-            from ftrecycle.delta.compute import diff
-
-            _report(
-                diff(
-                    ns.base,
-                    ns.finetuned,
-                    ns.output,
-                    delta_dtype=ns.delta_dtype,
-                    compress=ns.compress,
-                    **_common(ns),
-                )
-            )
-        elif ns.command == "inspect":
-            from ftrecycle.delta.inspect import format_inspection, inspect_delta
-            from ftrecycle.engine import default_threads
-
-            found = inspect_delta(ns.delta, check=not ns.no_verify, threads=default_threads())
-            if ns.json:
-                print(json.dumps(found, indent=2))
-            else:
-                print(format_inspection(found, limit=None if ns.all else 40), end="")
-        elif ns.command == "export-lora":
-            from ftrecycle.delta.lora import export_lora
-
-            res = export_lora(ns.delta, ns.output, rank=ns.rank, dtype=ns.dtype, threads=ns.threads, force=ns.force)
-            print(
-                f"wrote {res.output}: LoRA rank {ns.rank} on {res.modules} modules, {res.bytes_written / 2**20:.2f} "
-                f"MiB in {res.seconds:.1f} s; left out {len(res.left_out)} tensors (see ftrecycle.json)"
-            )
-        elif ns.command == "apply":
-            from ftrecycle.transfer import apply_delta
-
-            if ns.alpha == "auto":
-                raise ConfigError("--alpha auto needs the source models: use `ftrecycle transfer`")
-
-            _report(
-                apply_delta(
-                    ns.delta,
-                    ns.target_base,
-                    ns.output,
-                    alpha=ns.alpha,
-                    out_dtype=ns.out_dtype,
-                    config_from=ns.config_from,
-                    tokenizer_from=ns.tokenizer_from,
-                    tie_mismatch=ns.tie_mismatch,
-                    verify=not ns.no_verify,
-                    **_common(ns),
-                )
-            )
-        elif ns.command == "finetune":
-            from ftrecycle.finetune.train import finetune
-
-            _report_ft(
-                finetune(
-                    ns.model,
-                    ns.data,
-                    ns.output,
-                    config=_finetune_config(ns),
-                    eval_data=ns.eval_data,
-                    resume=ns.resume,
-                    force=ns.force,
-                    progress=ns.progress,
-                )
-            )
-        elif ns.command == "recycle-finetune":
-            from ftrecycle.recycle import recycle_finetune
-
-            _report_ft(
-                recycle_finetune(
-                    ns.source_base,
-                    ns.source_finetuned,
-                    ns.target_base,
-                    ns.data,
-                    ns.output,
-                    alpha=ns.alpha,
-                    config=_finetune_config(ns),
-                    eval_data=ns.eval_data,
-                    resume=ns.resume,
-                    force=ns.force,
-                    progress=ns.progress,
-                )
-            )
-        elif ns.command == "iterate":
-            from ftrecycle.recycle import ChainSpec, iterate, summary_table
-
-            spec = ChainSpec.load(ns.chain, output=ns.output)
-            print(summary_table(iterate(spec, progress=ns.progress), spec.mode), end="")
-        elif ns.command == "eval":
-            _eval(ns)
-        elif ns.command == "diagnose":
-            _diagnose(ns)
-        elif ns.command == "lab":
-            _lab(ns)
-        elif ns.command == "demo":
-            from ftrecycle.demo import run_demo
-
-            for line in run_demo(ns.out, force=ns.force):
-                print(line)
+        _run(build_parser().parse_args(argv))
     except FtRecycleError as e:
-        print(f"ftrecycle: error: {e}", file=sys.stderr)
-        return e.exit_code
+        return _fail(f"ftrecycle: error: {e}", e.exit_code, e)
     except KeyboardInterrupt:
         print("ftrecycle: interrupted; nothing half-written was left under an output name", file=sys.stderr)
         return 130
+    except RecursionError as e:
+        return _fail(
+            "ftrecycle: error: an input is nested too deeply to process (RecursionError); "
+            "check the JSON/YAML files given",
+            2,
+            e,
+        )
+    except MemoryError as e:
+        return _fail(
+            "ftrecycle: error: out of memory (MemoryError); give a smaller --max-memory, --batch-size or "
+            "model, or use a machine with more memory",
+            2,
+            e,
+        )
+    except OSError as e:
+        return _fail(f"ftrecycle: error: {_os_error(e)}", 2, e)
+    except Exception as e:
+        return _fail(
+            f"ftrecycle: internal error: {type(e).__name__}: {e} (set {DEBUG_ENV}=1 for the traceback)",
+            INTERNAL_ERROR_EXIT,
+            e,
+        )
     return 0
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split()) if "\n" in text or "\r" in text else text
+
+
+def _fail(message: str, code: int, exc: BaseException) -> int:
+    """Print one line (and, with FTRECYCLE_DEBUG=1, the traceback before it); return the exit code."""
+    if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+        import traceback
+
+        traceback.print_exception(exc, file=sys.stderr)
+    print(_one_line(message), file=sys.stderr)
+    return code
+
+
+def _os_error(e: OSError) -> str:
+    """An OS error as "PATH: cause", with the fix for the usual ones."""
+    cause = e.strerror or str(e) or type(e).__name__
+    where = ": ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+    hint = {
+        errno.ENOSPC: "; free some space or write elsewhere",
+        errno.EDQUOT: "; free some space or write elsewhere",
+        errno.EROFS: "; write to a writable location",
+        errno.EACCES: "; check the permissions",
+        errno.EPERM: "; check the permissions",
+        errno.EMFILE: "; raise the open-file limit (ulimit -n)",
+        errno.ENAMETOOLONG: "; use a shorter name",
+    }.get(e.errno or 0, "")
+    return f"{where}: {cause}{hint}" if where else f"{cause}{hint}"
+
+
+def _run(ns: argparse.Namespace) -> None:
+    """Dispatch one parsed command line."""
+    if ns.command == "transfer":
+        from ftrecycle.transfer import transfer
+
+        _report(
+            transfer(
+                ns.source_base,
+                ns.source_finetuned,
+                ns.target_base,
+                ns.output,
+                alpha=_auto_alpha(ns),
+                compress=ns.compress,
+                out_dtype=ns.out_dtype,
+                config_from=ns.config_from,
+                tokenizer_from=ns.tokenizer_from,
+                tie_mismatch=ns.tie_mismatch,
+                **_common(ns),
+            )
+        )
+    elif ns.command == "diff":
+        from ftrecycle.delta.compute import diff
+
+        _report(
+            diff(
+                ns.base,
+                ns.finetuned,
+                ns.output,
+                delta_dtype=ns.delta_dtype,
+                compress=ns.compress,
+                **_common(ns),
+            )
+        )
+    elif ns.command == "inspect":
+        from ftrecycle.delta.inspect import format_inspection, inspect_delta
+        from ftrecycle.engine import default_threads
+
+        found = inspect_delta(ns.delta, check=not ns.no_verify, threads=default_threads())
+        if ns.json:
+            print(json.dumps(found, indent=2))
+        else:
+            print(format_inspection(found, limit=None if ns.all else 40), end="")
+    elif ns.command == "export-lora":
+        from ftrecycle.delta.lora import export_lora
+
+        res = export_lora(ns.delta, ns.output, rank=ns.rank, dtype=ns.dtype, threads=ns.threads, force=ns.force)
+        print(
+            f"wrote {res.output}: LoRA rank {ns.rank} on {res.modules} modules, {res.bytes_written / 2**20:.2f} "
+            f"MiB in {res.seconds:.1f} s; left out {len(res.left_out)} tensors (see ftrecycle.json)"
+        )
+    elif ns.command == "apply":
+        from ftrecycle.transfer import apply_delta
+
+        if ns.alpha == "auto":
+            raise ConfigError("--alpha auto needs the source models: use `ftrecycle transfer`")
+
+        _report(
+            apply_delta(
+                ns.delta,
+                ns.target_base,
+                ns.output,
+                alpha=ns.alpha,
+                out_dtype=ns.out_dtype,
+                config_from=ns.config_from,
+                tokenizer_from=ns.tokenizer_from,
+                tie_mismatch=ns.tie_mismatch,
+                verify=not ns.no_verify,
+                **_common(ns),
+            )
+        )
+    elif ns.command == "finetune":
+        from ftrecycle.finetune.train import finetune
+
+        _report_ft(
+            finetune(
+                ns.model,
+                ns.data,
+                ns.output,
+                config=_finetune_config(ns),
+                eval_data=ns.eval_data,
+                resume=ns.resume,
+                force=ns.force,
+                progress=ns.progress,
+            )
+        )
+    elif ns.command == "recycle-finetune":
+        from ftrecycle.recycle import recycle_finetune
+
+        _report_ft(
+            recycle_finetune(
+                ns.source_base,
+                ns.source_finetuned,
+                ns.target_base,
+                ns.data,
+                ns.output,
+                alpha=ns.alpha,
+                config=_finetune_config(ns),
+                eval_data=ns.eval_data,
+                resume=ns.resume,
+                force=ns.force,
+                progress=ns.progress,
+            )
+        )
+    elif ns.command == "iterate":
+        from ftrecycle.recycle import ChainSpec, iterate, summary_table
+
+        spec = ChainSpec.load(ns.chain, output=ns.output)
+        print(summary_table(iterate(spec, progress=ns.progress), spec.mode), end="")
+    elif ns.command == "eval":
+        _eval(ns)
+    elif ns.command == "diagnose":
+        _diagnose(ns)
+    elif ns.command == "lab":
+        _lab(ns)
+    elif ns.command == "demo":
+        from ftrecycle.demo import run_demo
+
+        for line in run_demo(ns.out, force=ns.force):
+            print(line)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ftrecycle.errors import ConfigError
 from ftrecycle.evaluate.gsm8k import STOP, Scored, build_prompt, score, truncate_at_stop
 
 DEFAULT_MAX_LENGTH = 2048
@@ -93,9 +94,15 @@ def generate(
         else None
     )
     until = list(stops) + ([eos] if eos and eos not in stops else [])
-    max_ctx = max_context(model, tokenizer) - max_gen_toks
+    if batch_size < 1 or max_gen_toks < 1:
+        raise ConfigError(f"batch size and new tokens must be at least 1, got {batch_size} and {max_gen_toks}")
+    context = max_context(model, tokenizer)
+    max_ctx = context - max_gen_toks
     if max_ctx <= 0:
-        raise ValueError(f"max_gen_toks {max_gen_toks} leaves no room for a prompt in {max_ctx + max_gen_toks} tokens")
+        raise ConfigError(
+            f"--max-new-tokens {max_gen_toks} leaves no room for a prompt in the model's context of "
+            f"{context} tokens; give fewer than {context}"
+        )
     order = sorted(range(len(prompts)), key=lambda i: (-len(tokenizer.encode(prompts[i])), prompts[i]))
     out: list[str] = [""] * len(prompts)
     device = next(model.parameters()).device
@@ -170,12 +177,21 @@ def evaluate_gsm8k(
 
 
 def load_for_eval(path: str, *, device: str | None = None, trust_remote_code: bool = False) -> tuple[Any, Any]:
-    """Load a model and tokenizer the way lm-eval's hf backend does (checkpoint dtype, eval mode)."""
+    """Load a model and tokenizer the way lm-eval's hf backend does (checkpoint dtype, eval mode).
+
+    Raises:
+        CheckpointError: ``path`` is not a model directory with safetensors weights (checked first).
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from ftrecycle.evaluate.harness import resolve_eval_model
+
+    path = resolve_eval_model(path)
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model: Any = AutoModelForCausalLM.from_pretrained(path, dtype="auto", trust_remote_code=trust_remote_code)
+    model: Any = AutoModelForCausalLM.from_pretrained(
+        path, dtype="auto", use_safetensors=True, trust_remote_code=trust_remote_code
+    )
     model = model.to(dev)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     return model.eval(), tokenizer
