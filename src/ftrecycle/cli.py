@@ -31,6 +31,8 @@ INTERNAL_ERROR_EXIT = 3
 DEBUG_ENV = "FTRECYCLE_DEBUG"
 #: the largest --batch-size of `eval`
 MAX_BATCH = 65536
+#: `eval --builtin`'s default --max-new-tokens (lm-eval's default generation length)
+DEFAULT_NEW_TOKENS = 256
 
 
 class UsageError(ConfigError):
@@ -327,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--compress",
         default=None,
+        type=compression_type,
         metavar="SPEC",
         help="transfer the diff as it would be shipped compressed (a `diff --compress` SPEC, bf16 parts): "
         "shows what a compressed delta costs in quality before you share one",
@@ -483,8 +486,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--max-new-tokens",
         type=token_count,
-        default=256,
-        help="built-in evaluator: most new tokens (at most 131072, and less than the model's context)",
+        default=None,
+        help="built-in evaluator: most new tokens (default 256; at most 131072, and less than the model's "
+        "context); lm-eval tasks keep their own generation length",
     )
     ev.add_argument("--device", type=device_type, default=None, help="cpu, cuda, ... (default: CUDA when available)")
     ev.add_argument(
@@ -716,7 +720,7 @@ def _eval(ns: argparse.Namespace) -> None:
     from ftrecycle.errors import ConfigError
 
     if ns.builtin:
-        from ftrecycle.evaluate.builtin import evaluate_gsm8k, load_for_eval
+        from ftrecycle.evaluate.builtin import check_new_tokens, evaluate_gsm8k, load_for_eval
         from ftrecycle.evaluate.data import read_gsm8k
         from ftrecycle.evaluate.harness import resolve_eval_model
 
@@ -732,10 +736,13 @@ def _eval(ns: argparse.Namespace) -> None:
             )
         items = read_gsm8k(ns.builtin)[: ns.limit]
         paths = {m: resolve_eval_model(m) for m in ns.model}  # every model checked before the first loads
+        max_new_tokens = DEFAULT_NEW_TOKENS if ns.max_new_tokens is None else ns.max_new_tokens
+        for m in paths.values():
+            check_new_tokens(m, max_new_tokens)
         table = {}
         for m in ns.model:
             model, tok = load_for_eval(paths[m], device=ns.device, trust_remote_code=ns.trust_remote_code)
-            rep = evaluate_gsm8k(model, tok, items, batch_size=ns.batch_size, max_gen_toks=ns.max_new_tokens)
+            rep = evaluate_gsm8k(model, tok, items, batch_size=ns.batch_size, max_gen_toks=max_new_tokens)
             table[m] = {"strict": rep.strict, "flexible": rep.flexible}
         result: dict[str, Any] = {"table": table}
     else:
@@ -746,6 +753,11 @@ def _eval(ns: argparse.Namespace) -> None:
             raise ConfigError(f"--tasks {ns.tasks!r} names a task twice")
         if not tasks:
             raise ConfigError("--tasks is empty: name tasks (e.g. gsm8k,mmlu) or use --builtin FILE")
+        if ns.max_new_tokens is not None:
+            raise ConfigError(
+                "--max-new-tokens is for --builtin only: lm-eval tasks use their own generation length "
+                "(the paper's); drop it, or use --builtin FILE"
+            )
         if ns.task_dir is not None and not os.path.isdir(ns.task_dir):
             raise ConfigError(f"--task-dir {ns.task_dir}: no such directory of task YAMLs")
         result = run_lm_eval(

@@ -63,6 +63,32 @@ class _StopOnStrings:
         return torch.tensor(done, device=input_ids.device)
 
 
+def check_new_tokens(path: str, max_gen_toks: int) -> None:
+    """Refuse ``max_gen_toks`` that leaves no room for a prompt in the model's context, before loading it.
+
+    Raises:
+        ConfigError: ``max_gen_toks`` is not below the context length config.json gives.
+    """
+    import json
+    from pathlib import Path
+
+    try:
+        cfg = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return  # the loader reports an unreadable config; the context is checked again after loading
+    if not isinstance(cfg, dict):
+        return
+    for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
+        value = cfg.get(attr)
+        if isinstance(value, int) and not isinstance(value, bool):
+            if max_gen_toks >= value:
+                raise ConfigError(
+                    f"--max-new-tokens {max_gen_toks} leaves no room for a prompt in the context of {path} "
+                    f"({value} tokens); give fewer than {value}"
+                )
+            return
+
+
 def max_context(model: Any, tokenizer: Any) -> int:
     """The longest sequence the model takes, as lm-eval resolves it."""
     for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
