@@ -805,7 +805,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(f"ftrecycle: error: {_os_error(e)}", 2, e)
     except Exception as e:
         return _fail(
-            f"ftrecycle: internal error: {type(e).__name__}: {e} (set {DEBUG_ENV}=1 for the traceback)",
+            f"ftrecycle: internal error: {type(e).__name__}{': ' if str(e) else ''}{e} "
+            f"(set {DEBUG_ENV}=1 for the traceback)",
             INTERNAL_ERROR_EXIT,
             e,
         )
@@ -829,7 +830,7 @@ def _fail(message: str, code: int, exc: BaseException) -> int:
 def _os_error(e: OSError) -> str:
     """An OS error as "PATH: cause", with the fix for the usual ones."""
     cause = e.strerror or str(e) or type(e).__name__
-    where = ": ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+    where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
     hint = {
         errno.ENOSPC: "; free some space or write elsewhere",
         errno.EDQUOT: "; free some space or write elsewhere",
