@@ -31,6 +31,8 @@ INTERNAL_ERROR_EXIT = 3
 DEBUG_ENV = "FTRECYCLE_DEBUG"
 #: the largest --batch-size of `eval`
 MAX_BATCH = 65536
+#: `diagnose --data`'s default --max-examples
+DEFAULT_PROBE_EXAMPLES = 256
 #: `eval --builtin`'s default --max-new-tokens (lm-eval's default generation length)
 DEFAULT_NEW_TOKENS = 256
 
@@ -405,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     dg.add_argument("--source-finetuned", required=True, metavar="B", help="the source's fine-tuned model")
     dg.add_argument("--target-base", required=True, metavar="C", help="the new base model")
     dg.add_argument("--data", default=None, metavar="CALIB", help="calibration JSONL (enables the loss probe)")
-    dg.add_argument("--max-examples", type=positive_int, default=256, help="calibration examples used (default 256)")
+    dg.add_argument("--max-examples", type=positive_int, default=None, help="calibration examples used (default 256)")
     dg.add_argument(
         "--device", type=device_type, default=None, help="the probe's device (default: CUDA when available)"
     )
@@ -525,12 +527,16 @@ def _diagnose(ns: argparse.Namespace) -> None:
 
     from ftrecycle.diagnose.verdict import diagnose, format_diagnosis
 
+    if ns.data is None:
+        probe_only = [f for f, v in (("--device", ns.device), ("--max-examples", ns.max_examples)) if v is not None]
+        if probe_only:
+            raise ConfigError(f"{' and '.join(probe_only)} set(s) the loss probe, which needs --data CALIB")
     d = diagnose(
         ns.source_base,
         ns.source_finetuned,
         ns.target_base,
         data=ns.data,
-        max_examples=ns.max_examples,
+        max_examples=DEFAULT_PROBE_EXAMPLES if ns.max_examples is None else ns.max_examples,
         device=ns.device,
     )
     if ns.plot:
