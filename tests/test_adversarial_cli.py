@@ -144,6 +144,15 @@ BAD_OPTIONS: list[tuple[str, list[str], str]] = [
     (E, ["--limit", "-1"], "--limit"),
     (E, ["--device", "bogus"], "--device"),
     (E, ["--backend", "bogus"], "--backend"),
+    # empty paths (they would mean the current directory) and NUL bytes
+    (T, ["-o", ""], "-o/--output: is empty"),
+    (T, ["--source-base", " "], "--source-base: is empty"),
+    (D, ["--finetuned", "a\0b"], "NUL"),
+    (E, ["--builtin", ""], "--builtin: is empty"),
+    (E, ["--model", ""], "--model: is empty"),
+    (L, ["--out", ""], "--out: is empty"),
+    (F, ["--data", ""], "--data: is empty"),
+    (F, ["--eval-data", ""], "--eval-data: is empty"),
     # lab
     (L, ["--workers", "0"], "--workers"),
     (L, ["--seeds", "-1"], "--seeds"),
@@ -260,6 +269,16 @@ def _eval_case(case: str, v: dict[str, Path], tmp: Path) -> tuple[list[str], str
         return [E, "--model", str(nw), "--builtin", str(data)], "no weights"
     if case == "missing-data":
         return [E, "--model", c, "--builtin", str(tmp / "trian.jsonl")], "no such data file"
+    if case == "non-utf8-data":
+        bad = tmp / "bad.jsonl"
+        bad.write_bytes(GSM8K_LINE.encode() + b'{"question": "\xff\xfe"}\n')
+        return [E, "--model", c, "--builtin", str(bad)], "bad.jsonl:2: not UTF-8"
+    if case == "deep-data":
+        deep = tmp / "deep.jsonl"
+        deep.write_text("[" * 100_000 + "]" * 100_000 + "\n")
+        return [E, "--model", c, "--builtin", str(deep)], "deep.jsonl:1: JSON nested too deeply"
+    if case == "data-is-a-directory":
+        return [E, "--model", c, "--builtin", str(tmp)], "not a regular file"
     if case == "tasks-beside-builtin":
         return [E, "--model", c, "--builtin", str(data), "--tasks", "gsm8k"], "--tasks with --builtin"
     if case == "task-dir-beside-builtin":
@@ -288,6 +307,9 @@ EVAL_CASES = [
     "pickle-only",
     "no-weights",
     "missing-data",
+    "non-utf8-data",
+    "deep-data",
+    "data-is-a-directory",
     "tasks-beside-builtin",
     "task-dir-beside-builtin",
     "backend-beside-builtin",

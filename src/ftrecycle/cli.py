@@ -502,7 +502,49 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true", help="print JSON instead of a markdown table")
     ev.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off)")
     _lab_parser(sub)
+    _check_paths(parser)
     return parser
+
+
+#: arguments that name a file, directory or model: an empty name would silently mean the current directory
+PATH_ARGS = frozenset(
+    {
+        "source_base",
+        "source_finetuned",
+        "target_base",
+        "base",
+        "finetuned",
+        "delta",
+        "output",
+        "out",
+        "calibration",
+        "data",
+        "eval_data",
+        "model",
+        "chain",
+        "task_dir",
+        "builtin",
+    }
+)
+
+
+def path_arg(text: str) -> str:
+    """A path or model id: not empty (which would mean the current directory), no NUL byte."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty; give a path (use . for the current directory)")
+    if "\0" in text:
+        raise argparse.ArgumentTypeError(f"{text!r} holds a NUL byte, which no path can")
+    return text
+
+
+def _check_paths(parser: argparse.ArgumentParser) -> None:
+    """Give every path argument of every subcommand the :func:`path_arg` check."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _check_paths(sub)
+        elif action.dest in PATH_ARGS and action.type is None and action.nargs != 0:
+            action.type = path_arg
 
 
 def _auto_alpha(ns: argparse.Namespace) -> float:
