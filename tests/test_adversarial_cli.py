@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import json
 import re
+import shutil
 import sys
 import types
 from pathlib import Path
@@ -267,6 +268,21 @@ def _eval_case(case: str, v: dict[str, Path], tmp: Path) -> tuple[list[str], str
         nw.mkdir()
         (nw / "config.json").write_text((v["target_base"] / "config.json").read_text())
         return [E, "--model", str(nw), "--builtin", str(data)], "no weights"
+    if case in ("no-model-type", "truncated-shard", "no-tokenizer"):
+        m = tmp / case
+        shutil.copytree(v["target_base"], m)
+        if case == "no-model-type":
+            (m / "config.json").write_text("{}")
+            needle = "no model_type"
+        elif case == "truncated-shard":
+            shard = sorted(m.glob("*.safetensors"))[0]
+            shard.write_bytes(shard.read_bytes()[:100])
+            needle = shard.name
+        else:
+            for f in m.glob("tokenizer*"):
+                f.unlink()
+            needle = "no tokenizer files"
+        return [E, "--model", str(m), "--builtin", str(data)], needle
     if case == "missing-data":
         return [E, "--model", c, "--builtin", str(tmp / "trian.jsonl")], "no such data file"
     if case == "non-utf8-data":
@@ -306,6 +322,9 @@ EVAL_CASES = [
     "missing-local-model",
     "pickle-only",
     "no-weights",
+    "no-model-type",
+    "truncated-shard",
+    "no-tokenizer",
     "missing-data",
     "non-utf8-data",
     "deep-data",

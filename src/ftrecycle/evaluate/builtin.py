@@ -211,13 +211,15 @@ def load_for_eval(path: str, *, device: str | None = None, trust_remote_code: bo
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ftrecycle.evaluate.harness import resolve_eval_model
+    from ftrecycle.evaluate.harness import loading, resolve_eval_model
 
     path = resolve_eval_model(path)
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model: Any = AutoModelForCausalLM.from_pretrained(
-        path, dtype="auto", use_safetensors=True, trust_remote_code=trust_remote_code
-    )
+    with loading(path):
+        model: Any = AutoModelForCausalLM.from_pretrained(
+            path, dtype="auto", use_safetensors=True, trust_remote_code=trust_remote_code
+        )
     model = model.to(dev)
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    with loading(path, "tokenizer"):
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     return model.eval(), tokenizer

@@ -8,7 +8,9 @@ with the last number extracted; MATH500 4-shot; ARC-Challenge 25-shot; GPQA
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -166,7 +168,36 @@ def resolve_eval_model(ref: str) -> str:
                 "safetensors first (e.g. ftrecycle transfer ... --allow-pickle writes safetensors)"
             )
         raise CheckpointError(f"{ref}: no weights (*.safetensors) in the model directory")
+    from ftrecycle.io.checkpoint import open_checkpoint
+    from ftrecycle.io.hub import ResolvedRef
+    from ftrecycle.io.model_files import TOKENIZER_FILES
+
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise CheckpointError(
+            f"{ref}: no tokenizer files (tokenizer.json, tokenizer.model...); copy the tokenizer of its base model"
+        )
+
+    # ftrecycle's own reader checks config.json and every safetensors header before transformers sees them
+    with open_checkpoint(ResolvedRef(ref, path)) as ckpt:
+        if not isinstance(ckpt.config.get("model_type"), str):
+            raise CheckpointError(f"{path / 'config.json'}: no model_type; restore the model's config.json")
     return str(path)
+
+
+@contextlib.contextmanager
+def loading(path: str, what: str = "model") -> Iterator[None]:
+    """Turn a loader's failure (transformers, tokenizers, lm-eval) on a checked directory into one line.
+
+    Raises:
+        CheckpointError: naming the directory, what was being loaded and the loader's first line.
+    """
+    try:
+        yield
+    except FtRecycleError:
+        raise
+    except (ValueError, OSError, RuntimeError, KeyError, TypeError, ImportError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CheckpointError(f"{path}: transformers cannot load the {what} ({type(e).__name__}: {first[:300]})") from e
 
 
 def _dataset_error(task: str, e: BaseException) -> FtRecycleError | None:
@@ -275,7 +306,8 @@ def run_lm_eval(
     raw: dict[str, Any] = {}
     samples: dict[str, Any] = {}
     for m in models:
-        lm = _load_lm(engine, paths[m], batch_size=batch_size, device=dev, trust_remote_code=trust_remote_code)
+        with loading(m):
+            lm = _load_lm(engine, paths[m], batch_size=batch_size, device=dev, trust_remote_code=trust_remote_code)
         table[m], metrics[m], raw[m], samples[m] = {}, {}, {}, {}
         for name, spec in specs.items():
             gen_kwargs = {"max_gen_toks": spec.max_gen_toks} if spec.max_gen_toks else None
