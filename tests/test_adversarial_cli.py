@@ -134,6 +134,8 @@ BAD_OPTIONS: list[tuple[str, list[str], str]] = [
     (F, ["--eval-max-new-tokens", "-5"], "--eval-max-new-tokens"),
     (F, ["--eval-shots", "-1"], "--eval-shots"),
     (F, ["--bf16", "maybe"], "--bf16"),
+    (F, ["--eval-data", "{tmp}/data.jsonl", "--eval-max-new-tokens", "512"], "leaves no room for a prompt"),
+    (R, ["--eval-data", "{tmp}/data.jsonl", "--eval-max-new-tokens", "4096"], "leaves no room for a prompt"),
     (R, ["--epochs", "nan"], "--epochs"),
     (R, ["--seed", "-1"], "--seed"),
     # eval

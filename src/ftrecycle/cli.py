@@ -697,9 +697,14 @@ def _finetune_options(p: argparse.ArgumentParser) -> None:
 def _finetune_config(ns: argparse.Namespace) -> Any:
     from dataclasses import fields
 
+    from ftrecycle.evaluate.builtin import check_new_tokens
     from ftrecycle.finetune.config import FinetuneConfig
 
-    return FinetuneConfig(**{f.name: getattr(ns, f.name) for f in fields(FinetuneConfig)}).validate()
+    cfg = FinetuneConfig(**{f.name: getattr(ns, f.name) for f in fields(FinetuneConfig)}).validate()
+    if ns.eval_data is not None:  # refused now, not after training when the first evaluation runs
+        model = ns.model if ns.command == "finetune" else ns.target_base
+        check_new_tokens(model, cfg.eval_max_new_tokens, flag="--eval-max-new-tokens")
+    return cfg
 
 
 def _common(ns: argparse.Namespace) -> dict[str, Any]:
@@ -721,7 +726,7 @@ def _common(ns: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def _operation_budget(text: str | None) -> int | str:
+def _operation_budget(text: int | str | None) -> int | str:
     """--max-memory bounds the command's peak RSS: the library gets what the process does not hold yet.
 
     Without the flag the operation gets the library's default budget on top of

@@ -63,7 +63,7 @@ class _StopOnStrings:
         return torch.tensor(done, device=input_ids.device)
 
 
-def check_new_tokens(path: str, max_gen_toks: int) -> None:
+def check_new_tokens(path: str, max_gen_toks: int, *, flag: str = "--max-new-tokens") -> None:
     """Refuse ``max_gen_toks`` that leaves no room for a prompt in the model's context, before loading it.
 
     Raises:
@@ -83,7 +83,7 @@ def check_new_tokens(path: str, max_gen_toks: int) -> None:
         if isinstance(value, int) and not isinstance(value, bool):
             if max_gen_toks >= value:
                 raise ConfigError(
-                    f"--max-new-tokens {max_gen_toks} leaves no room for a prompt in the context of {path} "
+                    f"{flag} {max_gen_toks} leaves no room for a prompt in the context of {path} "
                     f"({value} tokens); give fewer than {value}"
                 )
             return
