@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from ftrecycle import cli
+from ftrecycle import argtypes
 from ftrecycle.cli import INTERNAL_ERROR_EXIT, build_parser, main
 from ftrecycle.errors import ConfigError
 from ftrecycle.finetune.config import FinetuneConfig
@@ -507,7 +507,7 @@ def test_transformers_floor_matches_what_finetune_uses():
 
 
 def test_device_and_plot_validators_accept_what_is_fine(tmp_path):
-    assert cli.device_type("cpu") == "cpu"
-    assert cli.png_path(str(tmp_path / "layers.png")) == str(tmp_path / "layers.png")
-    assert cli.seeds_type("0,1,2") == (0, 1, 2)
-    assert cli.compression_type("lowrank:rank=4") == "lowrank:rank=4"
+    assert argtypes.device_type("cpu") == "cpu"
+    assert argtypes.png_path(str(tmp_path / "layers.png")) == str(tmp_path / "layers.png")
+    assert argtypes.seeds_type("0,1,2") == (0, 1, 2)
+    assert argtypes.compression_type("lowrank:rank=4") == "lowrank:rank=4"

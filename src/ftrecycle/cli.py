@@ -12,141 +12,36 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any, NoReturn
+from typing import Any
 
 from ftrecycle import __version__
+from ftrecycle.argtypes import (
+    Parser,
+    alpha_type,
+    batch_size,
+    bounded,
+    check_paths,
+    compression_type,
+    device_type,
+    finite_float,
+    png_path,
+    positive_int,
+    seeds_type,
+    size_type,
+    thread_count,
+    token_count,
+)
 from ftrecycle.errors import ConfigError, FtRecycleError
 from ftrecycle.settings import DEFAULT_MAX_MEMORY, DEFAULT_SHARD_SIZE
-from ftrecycle.values import (
-    FINITE,
-    MAX_SEED,
-    POSITIVE_INT,
-    THREADS,
-    TOKENS,
-    Bound,
-)
+from ftrecycle.values import Bound
 
 MODEL_HELP = "a local model directory, or a Hugging Face Hub id org/name[@revision]"
 INTERNAL_ERROR_EXIT = 3
 DEBUG_ENV = "FTRECYCLE_DEBUG"
-#: the largest --batch-size of `eval`
-MAX_BATCH = 65536
 #: `diagnose --data`'s default --max-examples
 DEFAULT_PROBE_EXAMPLES = 256
 #: `eval --builtin`'s default --max-new-tokens (lm-eval's default generation length)
 DEFAULT_NEW_TOKENS = 256
-
-
-class UsageError(ConfigError):
-    """A command line argparse refuses: a missing argument, an unknown flag, a value of the wrong kind."""
-
-
-class _Parser(argparse.ArgumentParser):
-    """An argument parser whose errors are one line (raised, so that ``main`` prints and returns 2)."""
-
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{message} (see `{self.prog} --help`)")
-
-
-# argparse `type=` validators: every numeric flag of every subcommand is checked here, when parsed.
-
-
-def _bounded(bound: Bound) -> Callable[[str], Any]:
-    def parse(text: str) -> Any:
-        try:
-            return bound.check(text, "value")
-        except ConfigError as e:
-            raise argparse.ArgumentTypeError(str(e).removeprefix("value ")) from None
-
-    parse.__name__ = bound.describe()
-    return parse
-
-
-positive_int = _bounded(POSITIVE_INT)
-thread_count = _bounded(THREADS)
-token_count = _bounded(TOKENS)
-batch_size = _bounded(Bound(int, lo=1, hi=MAX_BATCH))
-finite_float = _bounded(FINITE)
-
-
-def size_type(flag: str) -> Callable[[str], int]:
-    """A byte size (``5GB``, ``512MiB``), checked by :func:`ftrecycle.io.output.parse_size`."""
-    from ftrecycle.io.output import parse_size
-
-    def parse(text: str) -> int:
-        try:
-            return parse_size(text, flag=flag)
-        except ConfigError as e:
-            raise argparse.ArgumentTypeError(str(e).removeprefix(flag + " ")) from None
-
-    parse.__name__ = "size"
-    return parse
-
-
-def compression_type(text: str) -> str:
-    """A ``--compress`` SPEC, checked by :func:`ftrecycle.delta.codecs.parse_compression`; kept as text."""
-    from ftrecycle.delta.codecs import parse_compression
-
-    try:
-        parse_compression(text)
-    except ConfigError as e:
-        raise argparse.ArgumentTypeError(str(e).removeprefix("--compress ")) from None
-    return text
-
-
-def device_type(text: str) -> str:
-    """A torch device string (``cpu``, ``cuda``, ``cuda:1``, ``mps``), refused unless torch knows it."""
-    import torch
-
-    try:
-        dev = torch.device(text)
-    except (RuntimeError, ValueError, TypeError):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a device: use cpu, cuda, cuda:N or mps") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"{text!r}: CUDA is not available on this machine; use cpu")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-        raise argparse.ArgumentTypeError(f"{text!r}: MPS is not available on this machine; use cpu")
-    if dev.type not in ("cpu", "cuda", "mps", "xpu"):
-        raise argparse.ArgumentTypeError(f"{text!r}: not a device this command runs on; use cpu, cuda or mps")
-    return text
-
-
-def png_path(text: str) -> str:
-    """An output PNG path whose directory exists (nothing is created for it)."""
-    from pathlib import Path
-
-    p = Path(text).expanduser()
-    if not text or p.name in ("", ".", ".."):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a file name; give e.g. plots/layers.png")
-    parent = p.parent
-    if not parent.is_dir():
-        raise argparse.ArgumentTypeError(
-            f"{text}: directory {parent} does not exist; create it first (mkdir -p {parent})"
-        )
-    if p.is_dir():
-        raise argparse.ArgumentTypeError(f"{text}: is a directory; give a file name such as {p / 'layers.png'}")
-    if p.suffix.lower() != ".png":
-        raise argparse.ArgumentTypeError(f"{text}: the plot is a PNG; give a name ending in .png")
-    if not os.access(parent, os.W_OK):
-        raise argparse.ArgumentTypeError(f"{text}: directory {parent} is not writable")
-    return str(p)
-
-
-def seeds_type(text: str) -> tuple[int, ...]:
-    """Comma-separated distinct seeds, each a 32-bit unsigned integer."""
-    seed = Bound(int, lo=0, hi=MAX_SEED)
-    items = [s for s in text.split(",") if s.strip()]
-    if not items:
-        raise argparse.ArgumentTypeError(f"must be comma-separated integers, got {text!r}")
-    try:
-        out = tuple(int(seed.check(s, "seed")) for s in items)
-    except ConfigError as e:
-        raise argparse.ArgumentTypeError(f"{e} in {text!r}") from None
-    if len(set(out)) != len(out):
-        raise argparse.ArgumentTypeError(f"{text!r} repeats a seed")
-    return out
 
 
 def _progress(quiet: bool) -> Callable[[int, int], None] | None:
@@ -176,21 +71,12 @@ def _progress(quiet: bool) -> Callable[[int, int], None] | None:
     return update
 
 
-def _alpha(text: str) -> float | str:
-    if text == "auto":
-        return text
-    try:
-        return float(FINITE.check(text, "alpha"))
-    except ConfigError:
-        raise argparse.ArgumentTypeError(f"must be a finite number or 'auto', got {text!r}") from None
-
-
 def _write_options(p: argparse.ArgumentParser, *, delta: bool = False) -> None:
     g = p.add_argument_group("numerics")
     if not delta:
         g.add_argument(
             "--alpha",
-            type=_alpha,
+            type=alpha_type,
             default=1.0,
             help="scale of the diff: out = target + alpha * diff (default 1.0); `transfer` also takes 'auto': "
             "the alpha of lowest loss on --calibration data (see `ftrecycle diagnose`)",
@@ -297,7 +183,7 @@ def _write_options(p: argparse.ArgumentParser, *, delta: bool = False) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``ftrecycle`` command."""
-    parser = _Parser(
+    parser = Parser(
         prog="ftrecycle",
         description="Recycle fine-tuning across versions of a language model: move the diff vector "
         "(fine-tuned minus base) of one version onto the next version's base.",
@@ -502,49 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true", help="print JSON instead of a markdown table")
     ev.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off)")
     _lab_parser(sub)
-    _check_paths(parser)
+    check_paths(parser)
     return parser
-
-
-#: arguments that name a file, directory or model: an empty name would silently mean the current directory
-PATH_ARGS = frozenset(
-    {
-        "source_base",
-        "source_finetuned",
-        "target_base",
-        "base",
-        "finetuned",
-        "delta",
-        "output",
-        "out",
-        "calibration",
-        "data",
-        "eval_data",
-        "model",
-        "chain",
-        "task_dir",
-        "builtin",
-    }
-)
-
-
-def path_arg(text: str) -> str:
-    """A path or model id: not empty (which would mean the current directory), no NUL byte."""
-    if not text.strip():
-        raise argparse.ArgumentTypeError("is empty; give a path (use . for the current directory)")
-    if "\0" in text:
-        raise argparse.ArgumentTypeError(f"{text!r} holds a NUL byte, which no path can")
-    return text
-
-
-def _check_paths(parser: argparse.ArgumentParser) -> None:
-    """Give every path argument of every subcommand the :func:`path_arg` check."""
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for sub in action.choices.values():
-                _check_paths(sub)
-        elif action.dest in PATH_ARGS and action.type is None and action.nargs != 0:
-            action.type = path_arg
 
 
 def _auto_alpha(ns: argparse.Namespace) -> float:
@@ -616,7 +461,7 @@ def _lab_parser(sub: Any) -> None:
     run.add_argument("--out", default="ftrecycle-lab", help="run directory (default ./ftrecycle-lab)")
     run.add_argument("--seeds", type=seeds_type, default=None, help="comma-separated seeds, overriding the preset's")
     run.add_argument(
-        "--workers", type=_bounded(Bound(int, lo=1, hi=256)), default=None, help="jobs at once (default: the preset's)"
+        "--workers", type=bounded(Bound(int, lo=1, hi=256)), default=None, help="jobs at once (default: the preset's)"
     )
     run.add_argument("--force", action="store_true", help="discard a run of other settings in --out")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -687,7 +532,7 @@ def _finetune_options(p: argparse.ArgumentParser) -> None:
             g.add_argument(flag, action="store_true", help=f.metadata["help"])
         elif bound is not None:
             text = f"{f.metadata['help']}: {bound.describe()} (default {value})"
-            g.add_argument(flag, type=_bounded(bound), default=value, help=text)
+            g.add_argument(flag, type=bounded(bound), default=value, help=text)
         else:
             g.add_argument(
                 flag, choices=f.metadata.get("choices"), default=value, help=f"{f.metadata['help']} (default {value})"
