@@ -425,6 +425,18 @@ def test_anything_unexpected_is_one_line(tmp_path, capsys, monkeypatch, exc, cod
     assert "Traceback (most recent call last)" in err and err.strip().splitlines()[-1] == line
 
 
+def test_a_closed_stdout_is_not_an_error(tmp_path, capsys, monkeypatch):
+    """`ftrecycle inspect D | head`: the reader went away; no traceback, no error line, exit 141 like SIGPIPE."""
+    import ftrecycle.delta.inspect as inspect_mod
+
+    def closed(*args, **kwargs):
+        raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+
+    monkeypatch.setattr(inspect_mod, "inspect_delta", closed)
+    assert main(["inspect", str(tmp_path)]) == 141
+    assert capsys.readouterr().err == ""
+
+
 # ---------------------------------------------------------------------------------------------
 # 4. Typed settings from files (a chain's `finetune:` section) get the same checks as the flags.
 

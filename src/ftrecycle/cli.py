@@ -699,6 +699,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             2,
             e,
         )
+    except BrokenPipeError:
+        # the reader of stdout went away (`ftrecycle inspect D | head`): not an error of ours, and nothing
+        # more can be printed there; point stdout at /dev/null so that Python's exit flush stays quiet
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):  # stdout is not a file descriptor (captured, in process)
+            pass
+        return 141
     except OSError as e:
         return _fail(f"ftrecycle: error: {_os_error(e)}", 2, e)
     except Exception as e:
