@@ -360,8 +360,9 @@ class _FakeTaskManager:
     [
         (ConnectionError("Couldn't reach 'openai/gsm8k' on the Hub (OfflineModeIsEnabled)"), "not available offline"),
         (FileNotFoundError(2, "No such file or directory", "/data/test.jsonl"), "/data/test.jsonl not found"),
+        (FileNotFoundError("Unable to find '/data/test.jsonl'"), "Unable to find '/data/test.jsonl'; check"),
     ],
-    ids=["offline-dataset", "missing-data-file"],
+    ids=["offline-dataset", "missing-data-file", "missing-data-file-datasets"],
 )
 def test_eval_task_data_unavailable_is_one_line(versions, capsys, monkeypatch, raised, needle):
     """lm-eval's data set download failing offline (or a task's data file missing) is one line.

@@ -210,8 +210,8 @@ def _dataset_error(task: str, e: BaseException) -> FtRecycleError | None:
             "run it once with network access, or evaluate local files (--task-dir YAMLs, --builtin FILE)"
         )
     if isinstance(e, FileNotFoundError):
-        where = e.filename or text
-        return DataError(f"task {task}: data file {where} not found; check the task's data_files")
+        detail = f"data file {e.filename} not found" if e.filename else text
+        return DataError(f"task {task}: {detail}; check the task's data_files")
     return None
 
 
