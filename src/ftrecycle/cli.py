@@ -678,8 +678,129 @@ def _eval(ns: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``ftrecycle`` command; return its exit code."""
+    parser = build_parser()
     try:
-        _run(build_parser().parse_args(argv))
+        ns = parser.parse_args(argv)
+    except FtRecycleError as e:  # argparse's own errors, one line (see argtypes.Parser)
+        return _fail(f"ftrecycle: error: {e}", e.exit_code, e)
+    try:
+        if ns.command == "transfer":
+            from ftrecycle.transfer import transfer
+
+            _report(
+                transfer(
+                    ns.source_base,
+                    ns.source_finetuned,
+                    ns.target_base,
+                    ns.output,
+                    alpha=_auto_alpha(ns),
+                    compress=ns.compress,
+                    out_dtype=ns.out_dtype,
+                    config_from=ns.config_from,
+                    tokenizer_from=ns.tokenizer_from,
+                    tie_mismatch=ns.tie_mismatch,
+                    **_common(ns),
+                )
+            )
+        elif ns.command == "diff":
+            from ftrecycle.delta.compute import diff
+
+            _report(
+                diff(
+                    ns.base,
+                    ns.finetuned,
+                    ns.output,
+                    delta_dtype=ns.delta_dtype,
+                    compress=ns.compress,
+                    **_common(ns),
+                )
+            )
+        elif ns.command == "inspect":
+            from ftrecycle.delta.inspect import format_inspection, inspect_delta
+            from ftrecycle.engine import default_threads
+
+            found = inspect_delta(ns.delta, check=not ns.no_verify, threads=default_threads())
+            if ns.json:
+                print(json.dumps(found, indent=2))
+            else:
+                print(format_inspection(found, limit=None if ns.all else 40), end="")
+        elif ns.command == "export-lora":
+            from ftrecycle.delta.lora import export_lora
+
+            res = export_lora(ns.delta, ns.output, rank=ns.rank, dtype=ns.dtype, threads=ns.threads, force=ns.force)
+            print(
+                f"wrote {res.output}: LoRA rank {ns.rank} on {res.modules} modules, {res.bytes_written / 2**20:.2f} "
+                f"MiB in {res.seconds:.1f} s; left out {len(res.left_out)} tensors (see ftrecycle.json)"
+            )
+        elif ns.command == "apply":
+            from ftrecycle.transfer import apply_delta
+
+            if ns.alpha == "auto":
+                raise ConfigError("--alpha auto needs the source models: use `ftrecycle transfer`")
+
+            _report(
+                apply_delta(
+                    ns.delta,
+                    ns.target_base,
+                    ns.output,
+                    alpha=ns.alpha,
+                    out_dtype=ns.out_dtype,
+                    config_from=ns.config_from,
+                    tokenizer_from=ns.tokenizer_from,
+                    tie_mismatch=ns.tie_mismatch,
+                    verify=not ns.no_verify,
+                    **_common(ns),
+                )
+            )
+        elif ns.command == "finetune":
+            from ftrecycle.finetune.train import finetune
+
+            _report_ft(
+                finetune(
+                    ns.model,
+                    ns.data,
+                    ns.output,
+                    config=_finetune_config(ns),
+                    eval_data=ns.eval_data,
+                    resume=ns.resume,
+                    force=ns.force,
+                    progress=ns.progress,
+                )
+            )
+        elif ns.command == "recycle-finetune":
+            from ftrecycle.recycle import recycle_finetune
+
+            _report_ft(
+                recycle_finetune(
+                    ns.source_base,
+                    ns.source_finetuned,
+                    ns.target_base,
+                    ns.data,
+                    ns.output,
+                    alpha=ns.alpha,
+                    config=_finetune_config(ns),
+                    eval_data=ns.eval_data,
+                    resume=ns.resume,
+                    force=ns.force,
+                    progress=ns.progress,
+                )
+            )
+        elif ns.command == "iterate":
+            from ftrecycle.recycle import ChainSpec, iterate, summary_table
+
+            spec = ChainSpec.load(ns.chain, output=ns.output)
+            print(summary_table(iterate(spec, progress=ns.progress), spec.mode), end="")
+        elif ns.command == "eval":
+            _eval(ns)
+        elif ns.command == "diagnose":
+            _diagnose(ns)
+        elif ns.command == "lab":
+            _lab(ns)
+        elif ns.command == "demo":
+            from ftrecycle.demo import run_demo
+
+            for line in run_demo(ns.out, force=ns.force):
+                print(line)
     except FtRecycleError as e:
         return _fail(f"ftrecycle: error: {e}", e.exit_code, e)
     except KeyboardInterrupt:
@@ -747,127 +868,6 @@ def _os_error(e: OSError) -> str:
         errno.ENAMETOOLONG: "; use a shorter name",
     }.get(e.errno or 0, "")
     return f"{where}: {cause}{hint}" if where else f"{cause}{hint}"
-
-
-def _run(ns: argparse.Namespace) -> None:
-    """Dispatch one parsed command line."""
-    if ns.command == "transfer":
-        from ftrecycle.transfer import transfer
-
-        _report(
-            transfer(
-                ns.source_base,
-                ns.source_finetuned,
-                ns.target_base,
-                ns.output,
-                alpha=_auto_alpha(ns),
-                compress=ns.compress,
-                out_dtype=ns.out_dtype,
-                config_from=ns.config_from,
-                tokenizer_from=ns.tokenizer_from,
-                tie_mismatch=ns.tie_mismatch,
-                **_common(ns),
-            )
-        )
-    elif ns.command == "diff":
-        from ftrecycle.delta.compute import diff
-
-        _report(
-            diff(
-                ns.base,
-                ns.finetuned,
-                ns.output,
-                delta_dtype=ns.delta_dtype,
-                compress=ns.compress,
-                **_common(ns),
-            )
-        )
-    elif ns.command == "inspect":
-        from ftrecycle.delta.inspect import format_inspection, inspect_delta
-        from ftrecycle.engine import default_threads
-
-        found = inspect_delta(ns.delta, check=not ns.no_verify, threads=default_threads())
-        if ns.json:
-            print(json.dumps(found, indent=2))
-        else:
-            print(format_inspection(found, limit=None if ns.all else 40), end="")
-    elif ns.command == "export-lora":
-        from ftrecycle.delta.lora import export_lora
-
-        res = export_lora(ns.delta, ns.output, rank=ns.rank, dtype=ns.dtype, threads=ns.threads, force=ns.force)
-        print(
-            f"wrote {res.output}: LoRA rank {ns.rank} on {res.modules} modules, {res.bytes_written / 2**20:.2f} "
-            f"MiB in {res.seconds:.1f} s; left out {len(res.left_out)} tensors (see ftrecycle.json)"
-        )
-    elif ns.command == "apply":
-        from ftrecycle.transfer import apply_delta
-
-        if ns.alpha == "auto":
-            raise ConfigError("--alpha auto needs the source models: use `ftrecycle transfer`")
-
-        _report(
-            apply_delta(
-                ns.delta,
-                ns.target_base,
-                ns.output,
-                alpha=ns.alpha,
-                out_dtype=ns.out_dtype,
-                config_from=ns.config_from,
-                tokenizer_from=ns.tokenizer_from,
-                tie_mismatch=ns.tie_mismatch,
-                verify=not ns.no_verify,
-                **_common(ns),
-            )
-        )
-    elif ns.command == "finetune":
-        from ftrecycle.finetune.train import finetune
-
-        _report_ft(
-            finetune(
-                ns.model,
-                ns.data,
-                ns.output,
-                config=_finetune_config(ns),
-                eval_data=ns.eval_data,
-                resume=ns.resume,
-                force=ns.force,
-                progress=ns.progress,
-            )
-        )
-    elif ns.command == "recycle-finetune":
-        from ftrecycle.recycle import recycle_finetune
-
-        _report_ft(
-            recycle_finetune(
-                ns.source_base,
-                ns.source_finetuned,
-                ns.target_base,
-                ns.data,
-                ns.output,
-                alpha=ns.alpha,
-                config=_finetune_config(ns),
-                eval_data=ns.eval_data,
-                resume=ns.resume,
-                force=ns.force,
-                progress=ns.progress,
-            )
-        )
-    elif ns.command == "iterate":
-        from ftrecycle.recycle import ChainSpec, iterate, summary_table
-
-        spec = ChainSpec.load(ns.chain, output=ns.output)
-        print(summary_table(iterate(spec, progress=ns.progress), spec.mode), end="")
-    elif ns.command == "eval":
-        _eval(ns)
-    elif ns.command == "diagnose":
-        _diagnose(ns)
-    elif ns.command == "lab":
-        _lab(ns)
-    elif ns.command == "demo":
-        from ftrecycle.demo import run_demo
-
-        for line in run_demo(ns.out, force=ns.force):
-            print(line)
 
 
 if __name__ == "__main__":
