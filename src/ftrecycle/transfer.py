@@ -73,7 +73,7 @@ def _finish_model(
     write_json(tmp / PROVENANCE, record)
     inputs = record["inputs"]
     lines = [
-        "This model was made by [ftrecycle](https://github.com/) by recycling a fine-tuning diff vector "
+        "This model was made by ftrecycle by recycling a fine-tuning diff vector "
         "onto a new base model (m't ~ m_t + alpha * (m'_s - m_s)).",
         "",
         "| role | model | revision |",

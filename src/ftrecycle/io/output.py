@@ -7,6 +7,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import math
 import os
 import re
 import secrets
@@ -22,6 +23,8 @@ from ftrecycle.errors import ConfigError, FtRecycleError, OutputError
 from ftrecycle.io.safetensors_format import PlannedTensor, build_header
 
 TMP_MARK = ".ftrecycle-tmp-"
+#: the largest size --shard-size or --max-memory accept (1 PiB): beyond it a number is a typo
+MAX_SIZE = 2**50
 _UNITS = {
     "": 1,
     "B": 1,
@@ -40,8 +43,10 @@ def parse_size(text: str | int, *, flag: str = "size") -> int:
     """Parse ``"5GB"``, ``"512MiB"`` or a plain byte count.
 
     Raises:
-        ConfigError: not a positive size.
+        ConfigError: not a finite positive size, or one above ``MAX_SIZE`` (1 PiB).
     """
+    if isinstance(text, bool):
+        raise ConfigError(f"{flag} {text!r} is not a size like 5GB, 512MiB or 1000000")
     if isinstance(text, int):
         value = text
     else:
@@ -49,11 +54,17 @@ def parse_size(text: str | int, *, flag: str = "size") -> int:
         num = s.rstrip("KMGTIB")
         unit = s[len(num) :]
         try:
-            value = int(float(num) * _UNITS[unit])
+            number = float(num)
+            factor = _UNITS[unit]
         except (ValueError, KeyError) as e:
             raise ConfigError(f"{flag} {text!r} is not a size like 5GB, 512MiB or 1000000") from e
+        if not math.isfinite(number) or number * factor > MAX_SIZE:
+            raise ConfigError(f"{flag} {text!r} is not a finite size of at most 1PiB")
+        value = int(number * factor)
     if value <= 0:
         raise ConfigError(f"{flag} must be positive, got {text!r}")
+    if value > MAX_SIZE:
+        raise ConfigError(f"{flag} {text!r} is above the largest size accepted, 1PiB")
     return value
 
 
