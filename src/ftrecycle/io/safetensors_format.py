@@ -142,8 +142,8 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Parse and validate a safetensors file's header, as strictly as the safetensors library.
 
     The file must be a regular file (a FIFO or device is refused without blocking);
-    the header a UTF-8 JSON object of at most :data:`MAX_HEADER_BYTES`, nested at most
-    :data:`~ftrecycle.io.jsonfile.MAX_DEPTH` deep; each entry a known dtype, a shape of
+    the header a UTF-8 JSON object of at most :data:`MAX_HEADER_BYTES` without duplicate
+    names (nesting is bounded by the entry types); each entry a known dtype, a shape of
     non-negative integers and ``[begin, end]`` offsets that match it; the tensors must
     tile the data section exactly (no overlap, no gap, nothing after the last one) and
     ``__metadata__`` must map strings to strings.
