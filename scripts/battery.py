@@ -32,6 +32,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+TIME = shutil.which("time", path="/usr/bin:/bin") or "/usr/bin/time"  # GNU time (Debian package "time")
+
 # Cases ------------------------------------------------------------------------------------------
 
 
@@ -781,9 +783,8 @@ def _data_cases() -> list[Case]:
 
 def _pickle_cases() -> list[Case]:
     def pickled(w: World) -> None:
-        from transformers import AutoModelForCausalLM
-
         import torch
+        from transformers import AutoModelForCausalLM
 
         m = AutoModelForCausalLM.from_pretrained(w.c)
         d = w.case / "P"
@@ -930,22 +931,21 @@ def run_case(w: World, case: Case, scratch: Path) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **case.env}
     env.pop("FTRECYCLE_DEBUG", None)
 
-    def limits() -> None:
-        if case.nofile:
-            import resource
-
-            resource.setrlimit(resource.RLIMIT_NOFILE, (case.nofile, case.nofile))
-
     t0 = time.perf_counter()
     with tempfile.TemporaryFile() as out_f, tempfile.TemporaryFile() as err_f:
+        # GNU time between us and the CLI: a child's ru_maxrss would include the pages it shared
+        # with this (large) process before exec; time's own child starts small
+        rss_file = w.case.parent / f".{w.case.name}.rss"
+        cmd = [TIME, "-q", "-f", "%M", "-o", str(rss_file)]
+        if case.nofile:
+            cmd += ["prlimit", f"--nofile={case.nofile}"]
         proc = subprocess.Popen(
-            [sys.executable, "-m", "ftrecycle.cli", *argv],
+            [*cmd, sys.executable, "-m", "ftrecycle.cli", *argv],
             cwd=w.case,
             env=env,
             stdout=out_f,
             stderr=err_f,
             stdin=subprocess.DEVNULL,
-            preexec_fn=limits,
         )
         # wait4, not wait: it gives this child's own peak RSS
         while True:
@@ -981,7 +981,11 @@ def run_case(w: World, case: Case, scratch: Path) -> dict:
         row["problems"].append(f"hidden leftovers: {sorted(hidden)[:3]}")
     if case.expect == 2 and added - set(hidden):
         row["problems"].append(f"output left: {sorted(added - set(hidden))[:3]}")
-    rss = ru.ru_maxrss / 1024
+    del ru
+    try:
+        rss = int(rss_file.read_text().split()[-1]) / 1024
+    except (OSError, ValueError, IndexError):
+        rss = 0.0
     row["max_rss_mib"] = round(rss)
     if case.max_rss_mib and rss > case.max_rss_mib:
         row["problems"].append(f"peak RSS {rss:.0f} MiB > {case.max_rss_mib} MiB")
