@@ -1018,10 +1018,8 @@ def main() -> int:
                 w.build()
                 scratch = root / "cases"
             status = "skip" if "skipped" in row else ("ok" if not row["problems"] else "FAIL")
-            print(
-                f"[{i}/{len(cases)}] {status:4} {case.cls} / {case.name}: {'; '.join(row['problems']) or row.get('stderr', '')[:150]}",
-                flush=True,
-            )
+            said = "; ".join(row["problems"]) or row.get("stderr", "")[:150]
+            print(f"[{i}/{len(cases)}] {status:4} {case.cls} / {case.name}: {said}", flush=True)
     finally:
         if not ns.keep:
             for r in roots:
