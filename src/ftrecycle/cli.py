@@ -318,6 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     it.add_argument("chain", metavar="CHAIN.yaml", help="the chain file")
     it.add_argument("-o", "--output", default=None, help="override the chain file's output directory")
     it.add_argument("--progress", action="store_true", help="show training progress bars")
+    it.add_argument(
+        "--force", action="store_true", help="recompute the versions made with other settings instead of refusing"
+    )
 
     ev = sub.add_parser(
         "eval",
@@ -482,6 +485,11 @@ def _finetune_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
     p.add_argument("--force", action="store_true", help="replace the output / discard an unfinished run")
     p.add_argument("--progress", action="store_true", help="show the training progress bar")
+    p.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="accept .bin/.pt weights (transformers then unpickles them); off because pickles can run code",
+    )
     g = p.add_argument_group("training settings (defaults follow the paper)")
     defaults = FinetuneConfig()
     for f in fields(FinetuneConfig):
@@ -686,6 +694,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     resume=ns.resume,
                     force=ns.force,
                     progress=ns.progress,
+                    allow_pickle=ns.allow_pickle,
                 )
             )
         elif ns.command == "recycle-finetune":
@@ -704,13 +713,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                     resume=ns.resume,
                     force=ns.force,
                     progress=ns.progress,
+                    allow_pickle=ns.allow_pickle,
                 )
             )
         elif ns.command == "iterate":
             from ftrecycle.recycle import ChainSpec, iterate, summary_table
 
             spec = ChainSpec.load(ns.chain, output=ns.output)
-            print(summary_table(iterate(spec, progress=ns.progress), spec.mode), end="")
+            print(summary_table(iterate(spec, progress=ns.progress, force=ns.force), spec.mode), end="")
         elif ns.command == "eval":
             _eval(ns)
         elif ns.command == "diagnose":

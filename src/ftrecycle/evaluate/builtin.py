@@ -169,13 +169,20 @@ def evaluate_gsm8k(
     )
 
 
-def load_for_eval(path: str, *, device: str | None = None, trust_remote_code: bool = False) -> tuple[Any, Any]:
-    """Load a model and tokenizer the way lm-eval's hf backend does (checkpoint dtype, eval mode)."""
+def load_for_eval(
+    path: str, *, device: str | None = None, trust_remote_code: bool = False, allow_pickle: bool = False
+) -> tuple[Any, Any]:
+    """Load a model and tokenizer the way lm-eval's hf backend does (checkpoint dtype, eval mode).
+
+    Weights are read from safetensors only, unless ``allow_pickle`` (pickles can run code when loaded).
+    """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from ftrecycle.io.hf_load import load_causal_lm
 
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model: Any = AutoModelForCausalLM.from_pretrained(path, dtype="auto", trust_remote_code=trust_remote_code)
+    model: Any = load_causal_lm(path, dtype="auto", allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     model = model.to(dev)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     return model.eval(), tokenizer

@@ -21,16 +21,26 @@ def read_jsonl(path: str | Path, *, required: tuple[str, ...] = ()) -> list[dict
     """
     p = Path(path)
     if not p.is_file():
-        raise DataError(f"{p}: no such data file")
+        raise DataError(f"{p}: no such data file" if not p.exists() else f"{p}: not a regular file")
     rows: list[dict[str, Any]] = []
-    with open(p, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    try:
+        f = open(p, "rb")  # bytes: a line that is not UTF-8 is reported by its number, not as a traceback
+    except OSError as e:
+        raise DataError(f"{p}: cannot read the data file ({e.strerror or e})") from e
+    with f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{p}:{n}: not UTF-8 text (byte {e.start} of the line); save the file as UTF-8") from e
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{p}:{n}: not valid JSON ({e.msg}); each line must be one JSON object") from e
+            except RecursionError as e:
+                raise DataError(f"{p}:{n}: JSON nested too deeply; each line must be one flat JSON object") from e
             if not isinstance(row, dict):
                 raise DataError(f"{p}:{n}: a JSON {type(row).__name__}, expected an object")
             for key in required:

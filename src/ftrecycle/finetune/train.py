@@ -21,12 +21,22 @@ from ftrecycle.evaluate.data import read_gsm8k
 from ftrecycle.finetune.config import FinetuneConfig
 from ftrecycle.finetune.data import Collator, encode, load_examples
 from ftrecycle.io.checkpoint import open_checkpoint
+from ftrecycle.io.hf_load import load_causal_lm
 from ftrecycle.io.model_files import TOKENIZER_FILES, copy_files
 from ftrecycle.io.output import atomic_directory, check_output_path, write_json
 from ftrecycle.io.provenance import base_record, describe_input
+from ftrecycle.io.state import (
+    check_settings,
+    file_identity,
+    model_identity,
+    read_settings,
+    settings_hash,
+    write_settings,
+)
 
 EVAL_LOG = "eval_log.json"
 PROVENANCE = "ftrecycle.json"
+RUN_SETTINGS = "run-settings.json"
 
 
 @dataclass
@@ -55,6 +65,57 @@ class FinetuneResult:
 def work_dir(output: Path) -> Path:
     """Where checkpoints of a run for ``output`` live until it completes."""
     return output.parent / f".{output.name}.ftrecycle-run"
+
+
+def run_settings(
+    model: Path | dict[str, Any], data: str | Path, eval_data: str | Path | None, cfg: FinetuneConfig
+) -> dict[str, Any]:
+    """Everything that decides a fine-tuning run's result: its settings and the identity of its inputs.
+
+    Args:
+        model: the start model's directory, or a key that identifies it (for a start made by the caller).
+        data: the training data.
+        eval_data: the evaluation data (or None).
+        cfg: the settings.
+
+    A resumed run continues only when this is unchanged; the output's provenance records it.
+    """
+    return {
+        **asdict(cfg),
+        "model": model if isinstance(model, dict) else model_identity(model),
+        "data": file_identity(data),
+        "eval_data": file_identity(eval_data),
+    }
+
+
+def _prepare_run_dir(run: Path, out: Path, settings: dict[str, Any], *, resume: bool, force: bool) -> bool:
+    """Make (or check, to resume) the work directory; returns whether an earlier run is continued.
+
+    Raises:
+        ConfigError: an unfinished run without resume/force, or one made with other settings (naming
+            what changed) without force.
+    """
+    if run.exists():
+        if resume:
+            try:
+                check_settings(
+                    read_settings(run / RUN_SETTINGS),
+                    settings,
+                    what=f"the unfinished run for {out} in {run}",
+                    fix="rerun with its settings, or pass --force to start over",
+                )
+                return True
+            except ConfigError:
+                if not force:
+                    raise
+        elif not force:
+            raise ConfigError(
+                f"an unfinished run for {out} is in {run}: pass --resume to continue it, or --force to start over"
+            )
+        shutil.rmtree(run)
+    run.mkdir(parents=True)
+    write_settings(run / RUN_SETTINGS, settings)
+    return False
 
 
 def _no_dropout(model: Any) -> list[str]:
@@ -137,7 +198,10 @@ def finetune(
     force: bool = False,
     progress: bool = False,
     trust_remote_code: bool = False,
+    allow_pickle: bool = False,
     extra_provenance: dict[str, Any] | None = None,
+    operation: str = "finetune",
+    model_key: dict[str, Any] | None = None,
 ) -> FinetuneResult:
     """Fine-tune ``model`` on ``data`` and write the result to ``output`` (safetensors + provenance).
 
@@ -147,11 +211,18 @@ def finetune(
         output: directory to create when training completes.
         config: hyperparameters (defaults: the paper's recipe).
         eval_data: GSM8K-format JSONL; accuracy is logged against steps into ``eval_log.json``.
-        resume: continue an interrupted run from its last checkpoint.
-        force: replace an existing output, and discard an unfinished run instead of resuming it.
+        resume: continue an interrupted run from its last checkpoint; refused when the run was made with
+            other settings or inputs (the message names what changed).
+        force: replace an existing output, and discard an unfinished run (also one made with other
+            settings) instead of resuming it.
         progress: show the Trainer's progress bar.
         trust_remote_code: allow model code from the hub (off by default).
-        extra_provenance: fields added to the output's ``ftrecycle.json``.
+        allow_pickle: accept pickle weights (``pytorch_model.bin``); off because unpickling can run code.
+        extra_provenance: fields added to the output's ``ftrecycle.json`` (an ``inputs`` mapping is merged
+            into the recorded inputs; an input set to None is left out).
+        operation: the ``operation`` recorded in the provenance.
+        model_key: what identifies the start model in the resume check, for a start the caller made
+            (default: the model directory's identity).
 
     Returns:
         Steps, losses, the evaluation log and timing.
@@ -164,22 +235,17 @@ def finetune(
     t0 = time.perf_counter()
     cfg = (config or FinetuneConfig()).validate()
     out = Path(output).expanduser()
-    src = open_checkpoint(model)
+    src = open_checkpoint(model, allow_pickle=allow_pickle)
     src.close()
     check_output_path(out, [src.path], force=force)
     rows = load_examples(data)
     eval_items = read_gsm8k(eval_data) if eval_data is not None else None
     run = work_dir(out)
-    if run.exists() and not resume:
-        if not force:
-            raise ConfigError(
-                f"an unfinished run for {out} is in {run}: pass --resume to continue it, or --force to start over"
-            )
-        shutil.rmtree(run)
-    run.mkdir(parents=True, exist_ok=True)
+    settings = run_settings(model_key if model_key is not None else src.path, data, eval_data, cfg)
+    _prepare_run_dir(run, out, settings, resume=resume, force=force)
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
+    from transformers import AutoTokenizer, TrainingArguments
 
     tok = AutoTokenizer.from_pretrained(src.path, trust_remote_code=trust_remote_code)
     if tok.pad_token_id is None:
@@ -190,7 +256,7 @@ def finetune(
     saved_dtype = getattr(
         torch, str(src.config.get("torch_dtype") or src.config.get("dtype") or "float32"), torch.float32
     )
-    net = AutoModelForCausalLM.from_pretrained(src.path, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    net = load_causal_lm(src.path, dtype=torch.float32, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     dropout_off = _no_dropout(net)
     if cfg.gradient_checkpointing:
         net.gradient_checkpointing_enable()
@@ -243,24 +309,31 @@ def finetune(
     per_step = (time.perf_counter() - t_train) / max(1, steps - start_step)
     losses = [(int(e["step"]), float(e["loss"])) for e in trainer.state.log_history if "loss" in e]
 
-    record = base_record("finetune")
+    record = base_record(operation)
     record.update(
         {
             "inputs": {
                 "model": describe_input(src),
-                "data": str(Path(data).resolve()),
+                "data": settings["data"],
                 "examples": len(features),
-                "eval_data": str(Path(eval_data).resolve()) if eval_data is not None else None,
+                "eval_data": settings["eval_data"],
             },
             "config": asdict(cfg),
+            "settings_sha256": settings_hash(settings),
+            "resumed_from_step": start_step,
             "steps": steps,
             "losses": losses,
             "dropout_disabled": dropout_off,
             "bf16": use_bf16,
             "eval_log": log,
-            **(extra_provenance or {}),
         }
     )
+    for key, value in (extra_provenance or {}).items():
+        if key == "inputs":
+            merged = {**record["inputs"], **value}
+            record["inputs"] = {k: v for k, v in merged.items() if v is not None}
+        else:
+            record[key] = value
     with atomic_directory(out, force=force) as tmp:
         trainer.model.to(saved_dtype).save_pretrained(tmp, safe_serialization=True)
         copy_files(src.path, tmp, TOKENIZER_FILES)
