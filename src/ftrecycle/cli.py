@@ -469,6 +469,8 @@ def _lab(ns: argparse.Namespace) -> None:
     result = run_lab(cfg, ns.out, force=ns.force, progress=progress)
     if bar:
         bar[0].close()
+    if result.not_evidence:
+        print(f"NOT EVIDENCE: {result.not_evidence}")
     for f in result.findings:
         print(f"finding {f['id']}: {'PASS' if f['passed'] else 'FAIL'}  {f['claim']}")
     print(f"report: {result.report}  ({result.jobs_run} jobs run, {result.seconds:.0f} s)")

@@ -12,11 +12,11 @@ from typing import Any
 from ftrecycle.errors import ConfigError
 from ftrecycle.lab import paper
 from ftrecycle.lab.aggregate import combine
-from ftrecycle.lab.config import LabConfig
+from ftrecycle.lab.config import NOT_EVIDENCE, LabConfig
 from ftrecycle.lab.experiments import collect_seed, seed_jobs
 from ftrecycle.lab.findings import all_findings
 from ftrecycle.lab.jobs import data_files
-from ftrecycle.lab.report import plots, render
+from ftrecycle.lab.report import not_evidence, plots, render
 from ftrecycle.lab.scheduler import Progress, run_jobs, write_json_atomic
 from ftrecycle.lab.signals import diagnostics_summary
 
@@ -37,6 +37,7 @@ class LabResult:
         findings: the four findings (id, claim, passed, numbers).
         seconds: wall time of this call.
         jobs_run: jobs computed in this call (the rest came from the cache).
+        not_evidence: why the numbers are not evidence (a smoke run, findings with no signal), or None.
     """
 
     out: Path
@@ -46,6 +47,7 @@ class LabResult:
     findings: list[dict[str, Any]]
     seconds: float
     jobs_run: int
+    not_evidence: str | None = None
 
 
 def _cache_key(settings: dict[str, Any]) -> dict[str, Any]:
@@ -142,12 +144,22 @@ def run_lab(
         "findings": findings,
         "findings_per_seed": by_seed,
         "diagnostics_summary": diagnostics_summary(mean),
+        "evidence": cfg.preset not in NOT_EVIDENCE and not any(f.get("no_signal") for f in findings),
         "paper": paper.as_json(),
         "seconds": round(time.perf_counter() - t0, 1),
     }
     write_json_atomic(root / RESULTS, results)
     pngs = _write_report(results, root)
-    return LabResult(root, root / REPORT, root / RESULTS, pngs, findings, time.perf_counter() - t0, jobs_run)
+    return LabResult(
+        root,
+        root / REPORT,
+        root / RESULTS,
+        pngs,
+        findings,
+        time.perf_counter() - t0,
+        jobs_run,
+        not_evidence(results),
+    )
 
 
 def _write_report(results: dict[str, Any], root: Path) -> list[Path]:
