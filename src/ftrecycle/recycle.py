@@ -319,10 +319,14 @@ def iterate(spec: ChainSpec, *, progress: bool = False, force: bool = False) -> 
     if spec.eval_data is not None:
         inputs.append(spec.eval_data)
 
-    def version_key(v: str) -> str:
-        if v not in keys:
-            keys[v] = settings_hash(_model_key(v))
-        return keys[v]
+    identities: dict[str, dict[str, Any]] = {}
+
+    def version_key(v: str) -> dict[str, Any]:
+        # A base version enters keys as its full identity, so that a refusal names what changed in it.
+        if v not in identities:
+            identities[v] = _model_key(v)
+            keys[v] = settings_hash(identities[v])
+        return identities[v]
 
     def product(dest: Path, key: dict[str, Any], make: Callable[[], None]) -> Path:
         """Reuse ``dest`` if it was made with ``key``; else (re)make it, recording the key first."""
@@ -349,13 +353,14 @@ def iterate(spec: ChainSpec, *, progress: bool = False, force: bool = False) -> 
         keys[str(dest)] = settings_hash(key)
         return dest
 
+    # What decides a fine-tuned model's weights. The eval_* settings and eval data decide only its logged
+    # curve and the scores, which are keyed separately (_score): changing them re-scores, it does not retrain.
     ft_settings = {
         "data": file_identity(spec.data),
-        "eval_data": file_identity(spec.eval_data),
-        "finetune": asdict(cfg),
+        "finetune": {k: v for k, v in asdict(cfg).items() if not k.startswith("eval_")},
     }
 
-    def ft(model: str, start_key: str, dest: Path) -> Path:
+    def ft(model: str, start_key: Any, dest: Path) -> Path:
         def make() -> None:
             finetune(
                 model,
@@ -409,7 +414,7 @@ def iterate(spec: ChainSpec, *, progress: bool = False, force: bool = False) -> 
 
 
 def _score(
-    rows: list[dict[str, Any]], spec: ChainSpec, keys: dict[str, str], version_key: Callable[[str], str]
+    rows: list[dict[str, Any]], spec: ChainSpec, keys: dict[str, str], version_key: Callable[[str], Any]
 ) -> None:
     from ftrecycle.evaluate.builtin import evaluate_gsm8k, load_for_eval
     from ftrecycle.evaluate.data import read_gsm8k
@@ -429,7 +434,7 @@ def _score(
             path = row.get(key)
             if path is None:
                 continue
-            model_key = keys.get(path) or version_key(path)
+            model_key = keys.get(path) or settings_hash(version_key(path))
             score_key = settings_hash({"model": model_key, **evaluation})
             if not isinstance(scores.get(score_key), dict):
                 model, tok = load_for_eval(path)

@@ -242,7 +242,8 @@ def finetune(
     eval_items = read_gsm8k(eval_data) if eval_data is not None else None
     run = work_dir(out)
     settings = run_settings(model_key if model_key is not None else src.path, data, eval_data, cfg)
-    _prepare_run_dir(run, out, settings, resume=resume, force=force)
+    if run.exists() and not force:  # an unfinished run, or one with other settings, is refused before any load
+        _prepare_run_dir(run, out, settings, resume=resume, force=force)
 
     import torch
     from transformers import AutoTokenizer, TrainingArguments
@@ -260,6 +261,8 @@ def finetune(
     dropout_off = _no_dropout(net)
     if cfg.gradient_checkpointing:
         net.gradient_checkpointing_enable()
+    # The work directory is made (or checked) only once the model loaded: a failed load leaves nothing behind.
+    _prepare_run_dir(run, out, settings, resume=resume, force=force)
     use_bf16 = cfg.bf16 == "on" or (cfg.bf16 == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported())
 
     args = TrainingArguments(

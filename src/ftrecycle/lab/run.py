@@ -17,7 +17,7 @@ from ftrecycle.lab.experiments import collect_seed, seed_jobs
 from ftrecycle.lab.findings import all_findings
 from ftrecycle.lab.jobs import data_files
 from ftrecycle.lab.report import not_evidence, plots, render
-from ftrecycle.lab.scheduler import Progress, run_jobs, write_json_atomic
+from ftrecycle.lab.scheduler import Progress, StaleCache, run_jobs, write_json_atomic
 from ftrecycle.lab.signals import diagnostics_summary
 
 CONFIG_FILE = "lab-config.json"
@@ -52,7 +52,8 @@ class LabResult:
 
 def _cache_key(settings: dict[str, Any]) -> dict[str, Any]:
     # Jobs are per seed and their results do not depend on how many run at once, so a run directory
-    # can gain seeds or change --workers and keep its finished jobs.
+    # can gain seeds or change --workers and keep its finished jobs. Each job's own arguments and input
+    # files are keyed too (scheduler.job_key).
     return {k: v for k, v in settings.items() if k not in ("seeds", "workers", "preset")}
 
 
@@ -104,7 +105,8 @@ def run_lab(
         Paths of the report, results and plots, the findings and timing.
 
     Raises:
-        ConfigError: ``out`` holds a run of other settings (without ``force``).
+        ConfigError: ``out`` holds a run of other settings, or jobs computed from other inputs (StaleCache),
+            without ``force``.
         JobFailed: an experiment failed (finished jobs stay cached; rerun to continue).
     """
     t0 = time.perf_counter()
@@ -125,7 +127,14 @@ def run_lab(
     # One cache for every seed's jobs, so that seeds overlap in the worker pool.
     cache = root / "jobs"
     cached = sum((cache / f"{j.id}.json").is_file() for j in jobs)
-    res = run_jobs(jobs, cache, workers=cfg.workers, progress=progress)
+    try:
+        res = run_jobs(jobs, cache, workers=cfg.workers, progress=progress)
+    except StaleCache:
+        if not force:
+            raise
+        # Job outputs (models) sit beside their cached results: a stale run is discarded whole, never patched.
+        shutil.rmtree(root)
+        return run_lab(cfg, root, force=False, progress=progress)
     jobs_run = len(jobs) - cached
     per_seed = {str(seed): collect_seed(cfg, seed, res) for seed in cfg.seeds}
     seeds = list(per_seed.values())
