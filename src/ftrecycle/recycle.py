@@ -202,6 +202,7 @@ class ChainSpec:
         eval_data: optional GSM8K-format data; Mi, Mi + Δ and M*i are scored.
         alpha: scale of each carried diff.
         finetune: fine-tuning settings.
+        source: the chain file it was read from (for messages).
     """
 
     versions: list[str]
@@ -211,6 +212,7 @@ class ChainSpec:
     eval_data: Path | None = None
     alpha: float = 1.0
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    source: Path | None = None
 
     @classmethod
     def load(cls, path: str | Path, *, output: str | Path | None = None) -> ChainSpec:
@@ -253,12 +255,6 @@ class ChainSpec:
                 raise ConfigError(f"{p}: version {v}: no such model directory ({q}); check the path")
             return v
 
-        def data_file(key: str) -> Path:
-            q = base / str(raw[key])
-            if not q.is_file():
-                raise ConfigError(f"{p}: {key}: no such data file {q}" + ("" if not q.exists() else " (not a file)"))
-            return q
-
         mode = raw.get("mode", "iterative")
         if mode not in ("iterative", "direct"):
             raise ConfigError(f"{p}: mode must be iterative or direct, got {mode!r:.60}")
@@ -270,13 +266,25 @@ class ChainSpec:
         ft = raw.get("finetune") or {}
         return cls(
             versions=[local(v) for v in versions],
-            data=data_file("data"),
+            data=base / str(raw["data"]),
             output=Path(output) if output is not None else base / str(raw["output"]),
             mode=mode,
-            eval_data=data_file("eval_data") if raw.get("eval_data") else None,
+            eval_data=base / str(raw["eval_data"]) if raw.get("eval_data") else None,
             alpha=alpha,
             finetune=FinetuneConfig.from_dict(ft, where=f"{p}: finetune"),
+            source=p,
         )
+
+    def check_files(self) -> None:
+        """Check that the data files exist (at run time: an example chain may name files not made yet).
+
+        Raises:
+            ConfigError: naming the chain file, the key and the missing path.
+        """
+        where = f"{self.source}: " if self.source is not None else ""
+        for key, q in (("data", self.data), ("eval_data", self.eval_data)):
+            if q is not None and not q.is_file():
+                raise ConfigError(f"{where}{key}: no such data file {q}" + (" (not a file)" if q.exists() else ""))
 
 
 CHAIN_STATE = "chain-state.json"
@@ -307,6 +315,7 @@ def iterate(spec: ChainSpec, *, progress: bool = False, force: bool = False) -> 
     from ftrecycle.delta.compute import diff
     from ftrecycle.transfer import apply_delta
 
+    spec.check_files()
     out = spec.output
     out.mkdir(parents=True, exist_ok=True)
     cfg = spec.finetune
