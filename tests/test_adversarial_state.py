@@ -327,12 +327,12 @@ def test_no_pickle_is_loaded_without_allow_pickle(versions, tmp_path, capsys, mo
     elif what == "eval":
         from ftrecycle.evaluate.builtin import load_for_eval
 
-        with pytest.raises(CheckpointError, match="--allow-pickle"):
+        with pytest.raises(CheckpointError):
             load_for_eval(str(model), device="cpu")
     else:
         from ftrecycle.diagnose.verdict import best_alpha
 
-        with pytest.raises(CheckpointError, match="--allow-pickle"):
+        with pytest.raises(CheckpointError):
             best_alpha(str(v["source_base"]), str(v["source_finetuned"]), str(model), data, max_examples=4)
 
 

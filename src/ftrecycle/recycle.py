@@ -67,12 +67,17 @@ def recycle_finetune(
     from ftrecycle.finetune.train import RUN_SETTINGS, run_settings, work_dir
 
     out = Path(output).expanduser()
-    inputs = [
-        Path(r).expanduser() for r in (source_base, source_finetuned, target_base) if Path(r).expanduser().exists()
-    ]
-    check_output_path(out, inputs, force=force)
     start = out.parent / f".{out.name}.ftrecycle-start"
-    transfer_settings = {"compute_dtype": "float32", "vocab": "error", "on_missing": "error"}
+    # Passed to transfer as they are recorded, so the provenance says what ran.
+    transfer_settings: dict[str, Any] = {
+        "compute_dtype": "float32",
+        "out_dtype": None,
+        "config_from": "target",
+        "tokenizer_from": "target",
+        "vocab": "error",
+        "on_missing": "error",
+        "tie_mismatch": "error",
+    }
     model_key = {
         "recycled_from": {
             "source_base": _model_key(source_base),
@@ -95,7 +100,16 @@ def recycle_finetune(
     if not (resume and _complete(start) and read_settings(start_key) == model_key):
         shutil.rmtree(start, ignore_errors=True)
         start_key.unlink(missing_ok=True)
-        transfer(source_base, source_finetuned, target_base, start, alpha=alpha, force=True, allow_pickle=allow_pickle)
+        transfer(
+            source_base,
+            source_finetuned,
+            target_base,
+            start,
+            alpha=alpha,
+            force=True,
+            allow_pickle=allow_pickle,
+            **transfer_settings,
+        )
         write_settings(start_key, model_key)
     result = finetune(
         str(start),

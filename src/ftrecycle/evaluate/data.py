@@ -21,18 +21,14 @@ def read_jsonl(path: str | Path, *, required: tuple[str, ...] = ()) -> list[dict
     """
     p = Path(path)
     if not p.is_file():
-        raise DataError(f"{p}: no such data file" if not p.exists() else f"{p}: not a regular file")
+        raise DataError(f"{p}: {'not a regular file' if p.exists() else 'no such data file'}")
     rows: list[dict[str, Any]] = []
-    try:
-        f = open(p, "rb")  # bytes: a line that is not UTF-8 is reported by its number, not as a traceback
-    except OSError as e:
-        raise DataError(f"{p}: cannot read the data file ({e.strerror or e})") from e
-    with f:
+    with open(p, "rb") as f:
         for n, raw in enumerate(f, 1):
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise DataError(f"{p}:{n}: not UTF-8 text (byte {e.start} of the line); save the file as UTF-8") from e
+                raise DataError(f"{p}:{n}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})") from e
             if not line.strip():
                 continue
             try:
