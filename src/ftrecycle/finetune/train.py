@@ -112,7 +112,10 @@ def _prepare_run_dir(run: Path, out: Path, settings: dict[str, Any], *, resume: 
             raise ConfigError(
                 f"an unfinished run for {out} is in {run}: pass --resume to continue it, or --force to start over"
             )
-        shutil.rmtree(run)
+        if run.is_dir() and not run.is_symlink():
+            shutil.rmtree(run)
+        else:  # a file or a link where the work directory should be: remove the name, never what it points to
+            run.unlink()
     run.mkdir(parents=True)
     write_settings(run / RUN_SETTINGS, settings)
     return False
