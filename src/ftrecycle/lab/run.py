@@ -17,7 +17,7 @@ from ftrecycle.lab.experiments import collect_seed, seed_jobs
 from ftrecycle.lab.findings import all_findings
 from ftrecycle.lab.jobs import data_files
 from ftrecycle.lab.report import not_evidence, plots, render
-from ftrecycle.lab.scheduler import Progress, StaleCache, run_jobs, write_json_atomic
+from ftrecycle.lab.scheduler import Job, Progress, StaleCache, run_jobs, stale_jobs, write_json_atomic
 from ftrecycle.lab.signals import diagnostics_summary
 
 CONFIG_FILE = "lab-config.json"
@@ -86,6 +86,22 @@ def parameters(model_dir: Path) -> int:
         ck.close()
 
 
+def _all_jobs(cfg: LabConfig, root: Path) -> list[Job]:
+    """Every seed's data files (written once) and jobs."""
+    jobs: list[Job] = []
+    for seed in cfg.seeds:
+        sroot = root / f"seed-{seed}"
+        data = data_files(
+            sroot / "data",
+            seed=seed,
+            train_items=cfg.train_items,
+            test_items=cfg.test_items,
+            language_items=cfg.language_items,
+        )
+        jobs += seed_jobs(cfg, seed, sroot, data)
+    return jobs
+
+
 def run_lab(
     cfg: LabConfig,
     out: str | Path,
@@ -113,28 +129,19 @@ def run_lab(
     cfg = cfg.validate()
     root = Path(out).expanduser().resolve()
     _check_config(root, cfg, force)
-    jobs = []
-    for seed in cfg.seeds:
-        sroot = root / f"seed-{seed}"
-        data = data_files(
-            sroot / "data",
-            seed=seed,
-            train_items=cfg.train_items,
-            test_items=cfg.test_items,
-            language_items=cfg.language_items,
-        )
-        jobs += seed_jobs(cfg, seed, sroot, data)
+    jobs = _all_jobs(cfg, root)
     # One cache for every seed's jobs, so that seeds overlap in the worker pool.
     cache = root / "jobs"
-    cached = sum((cache / f"{j.id}.json").is_file() for j in jobs)
-    try:
-        res = run_jobs(jobs, cache, workers=cfg.workers, progress=progress)
-    except StaleCache:
+    stale = stale_jobs(jobs, cache)
+    if stale is not None:
         if not force:
-            raise
+            raise StaleCache(f"{stale}; use another --out, or --force to discard the run")
         # Job outputs (models) sit beside their cached results: a stale run is discarded whole, never patched.
         shutil.rmtree(root)
-        return run_lab(cfg, root, force=False, progress=progress)
+        _check_config(root, cfg, force)
+        jobs = _all_jobs(cfg, root)
+    cached = sum((cache / f"{j.id}.json").is_file() for j in jobs)
+    res = run_jobs(jobs, cache, workers=cfg.workers, progress=progress)
     jobs_run = len(jobs) - cached
     per_seed = {str(seed): collect_seed(cfg, seed, res) for seed in cfg.seeds}
     seeds = list(per_seed.values())

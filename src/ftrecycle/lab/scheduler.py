@@ -103,6 +103,23 @@ def _call(fn: JobFn, kwargs: dict[str, Any], threads: int | None) -> dict[str, A
         torch.set_num_threads(old)
 
 
+def stale_jobs(jobs: list[Job], cache: Path) -> str | None:
+    """The first cached result computed from other inputs than its job has now (None: every one matches).
+
+    Returns:
+        A message naming the job and what changed, or None.
+    """
+    from ftrecycle.io.state import describe_changes, read_settings
+
+    for j in jobs:
+        if not (cache / f"{j.id}.json").is_file():
+            continue
+        stored = read_settings(cache / f"{j.id}.key.json")
+        if stored is not None and stored != job_key(j):
+            return f"lab job {j.id} in {cache} was computed from other inputs ({describe_changes(stored, job_key(j))})"
+    return None
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON to a temporary file beside ``path``, then rename it into place."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -142,23 +159,18 @@ def run_jobs(
         missing = [d for d in j.deps if d not in by_id]
         if missing:
             raise ConfigError(f"lab job {j.id} depends on unknown job(s) {', '.join(missing)}")
-    from ftrecycle.io.state import describe_changes, read_settings
+    from ftrecycle.io.state import read_settings
 
+    stale = stale_jobs(jobs, cache)
+    if stale is not None:
+        raise StaleCache(f"{stale}; use another --out, or --force to discard the run")
     cache.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict[str, Any]] = {}
     keys = {j.id: job_key(j) for j in jobs}
     for j in jobs:
         f = cache / f"{j.id}.json"
-        if f.is_file():
-            stored = read_settings(cache / f"{j.id}.key.json")
-            if stored is None:
-                continue  # a result with no key on record is not trusted: the job runs again
-            if stored != keys[j.id]:
-                changed = describe_changes(stored, keys[j.id])
-                raise StaleCache(
-                    f"lab job {j.id} in {cache} was computed from other inputs ({changed}); "
-                    "use another --out, or --force to discard the run"
-                )
+        if f.is_file() and read_settings(cache / f"{j.id}.key.json") is not None:
+            # a result with no key on record is not trusted: the job runs again
             results[j.id] = json.loads(f.read_text())
     total = len(jobs)
     if progress is not None:
