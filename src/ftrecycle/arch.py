@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ftrecycle.errors import IncompatibleModelsError
+from ftrecycle.errors import CheckpointError, IncompatibleModelsError
+from ftrecycle.io.jsonfile import short
 
 #: Signature fields and the config keys that spell them across model families.
 SIGNATURE_KEYS: dict[str, tuple[str, ...]] = {
@@ -28,6 +29,58 @@ EMBEDDING_NAMES = (
 )
 OUTPUT_EMBEDDING = "lm_head.weight"
 
+#: Sub-configs of composite (multimodal) models whose architecture is compared too: a Llava or
+#: Gemma 3 config keeps its language model's sizes under ``text_config``.
+NESTED_CONFIGS = ("text_config", "vision_config", "audio_config")
+
+
+def _is_count(value: Any) -> bool:
+    # 0 is legal: an embeddings-only test model has num_hidden_layers 0.
+    return type(value) is int and value >= 0
+
+
+def _is_size(value: Any) -> bool:
+    # A few families (OpenELM) give per-layer sizes as a list.
+    return _is_count(value) or (isinstance(value, list) and bool(value) and all(_is_count(v) for v in value))
+
+
+def check_config_types(config: dict[str, Any], where: str) -> None:
+    """Refuse a config whose architecture fields have the wrong type.
+
+    ``model_type`` must be a string, the sizes non-negative integers (a JSON ``true`` is not
+    one), ``tie_word_embeddings`` a boolean and the sub-configs objects checked the same way.
+
+    Args:
+        config: the parsed config.json.
+        where: the file, for the message.
+
+    Raises:
+        CheckpointError: a field of the wrong type, naming it.
+    """
+    fix = "correct the field or restore the file"
+    for keys in SIGNATURE_KEYS.values():
+        for key in keys:
+            value = config.get(key)
+            if value is None:
+                continue
+            ok = isinstance(value, str) if key == "model_type" else _is_size(value)
+            if not ok:
+                want = "a string" if key == "model_type" else "a non-negative integer (or a list of them)"
+                raise CheckpointError(f"{where}: {key} is {short(value)}, not {want}; {fix}")
+    for key, want, test in (
+        ("vocab_size", "a non-negative integer", _is_count),
+        ("tie_word_embeddings", "true or false", lambda v: isinstance(v, bool)),
+    ):
+        if config.get(key) is not None and not test(config[key]):
+            raise CheckpointError(f"{where}: {key} is {short(config[key])}, not {want}; {fix}")
+    for sub in NESTED_CONFIGS:
+        nested = config.get(sub)
+        if nested is None:
+            continue
+        if not isinstance(nested, dict):
+            raise CheckpointError(f"{where}: {sub} is a {type(nested).__name__}, not an object; {fix}")
+        check_config_types(nested, f"{where} ({sub})")
+
 
 def signature(config: dict[str, Any]) -> dict[str, Any]:
     """The architecture fields of a config that must agree between versions.
@@ -35,12 +88,18 @@ def signature(config: dict[str, Any]) -> dict[str, Any]:
     ``num_key_value_heads`` defaults to the attention head count, as in transformers.
     Vocabulary size, context length and rope scaling are not part of it: they may
     change between releases (Llama 3.0 -> 3.1) without changing tensor roles.
+    A composite model's sub-configs (:data:`NESTED_CONFIGS`) add their own fields,
+    prefixed (``text_config.hidden_size``), so that they are compared too.
     """
     sig: dict[str, Any] = {}
     for field, keys in SIGNATURE_KEYS.items():
         sig[field] = next((config[k] for k in keys if config.get(k) is not None), None)
     if sig["num_key_value_heads"] is None:
         sig["num_key_value_heads"] = sig["num_attention_heads"]
+    for sub in NESTED_CONFIGS:
+        nested = config.get(sub)
+        if isinstance(nested, dict):
+            sig.update({f"{sub}.{k}": v for k, v in signature(nested).items()})
     return sig
 
 
@@ -60,8 +119,9 @@ def check_compatible(configs: dict[str, dict[str, Any]]) -> dict[str, Any]:
     roles = list(sigs)
     first = sigs[roles[0]]
     diffs = []
-    for field in SIGNATURE_KEYS:
-        values = {role: sigs[role][field] for role in roles}
+    fields = list(dict.fromkeys(f for sig in sigs.values() for f in sig))
+    for field in fields:
+        values = {role: sigs[role].get(field) for role in roles}
         if len({repr(v) for v in values.values()}) > 1:
             diffs.append(f"{field} " + " vs ".join(f"{v} ({r})" for r, v in values.items()))
     if diffs:

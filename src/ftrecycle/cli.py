@@ -7,9 +7,13 @@ one line on stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import signal
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from ftrecycle import __version__
@@ -366,6 +370,11 @@ def _auto_alpha(ns: argparse.Namespace) -> float:
     if ns.calibration is None:
         raise ConfigError("--alpha auto needs --calibration CALIB (JSONL examples of the task)")
     from ftrecycle.diagnose.verdict import best_alpha
+    from ftrecycle.io.output import check_output
+
+    # before the search: the calibration file is an input the output must not touch either
+    inputs = [ns.source_base, ns.source_finetuned, ns.target_base, ns.calibration]
+    check_output(ns.output, inputs, force=ns.force)
 
     pr = best_alpha(ns.source_base, ns.source_finetuned, ns.target_base, ns.calibration)
     losses = ", ".join(f"{a:g}: {lo:.4f}" for a, lo in pr.alphas)
@@ -610,10 +619,45 @@ def _eval(ns: argparse.Namespace) -> None:
         print(format_table(result["table"]), end="")
 
 
+@contextlib.contextmanager
+def _signals_interrupt() -> Iterator[list[int]]:
+    """SIGTERM and SIGINT raise KeyboardInterrupt, so every temporary file is removed on the way out.
+
+    A second signal during that clean-up is ignored rather than cutting it short (SIGKILL still
+    works; the next run for the same output removes what a killed run left).
+    """
+    got: list[int] = []
+
+    def handler(signum: int, frame: Any) -> None:
+        if got:
+            return
+        got.append(signum)
+        raise KeyboardInterrupt
+
+    old: dict[signal.Signals, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            old[sig] = signal.signal(sig, handler)
+    try:
+        yield got
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``ftrecycle`` command; return its exit code."""
     parser = build_parser()
     ns = parser.parse_args(argv)
+    from ftrecycle.distributed import is_main
+
+    if not is_main():  # under `accelerate launch` every process runs this command; the main one reports
+        sys.stdout = open(os.devnull, "w")  # for the rest of this process's life
+    with _signals_interrupt() as got:
+        return _run(ns, got)
+
+
+def _run(ns: argparse.Namespace, got: list[int]) -> int:
     try:
         if ns.command == "transfer":
             from ftrecycle.transfer import transfer
@@ -735,11 +779,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             for line in run_demo(ns.out, force=ns.force):
                 print(line)
     except FtRecycleError as e:
-        print(f"ftrecycle: error: {e}", file=sys.stderr)
+        from ftrecycle.distributed import exit_together, reported_elsewhere
+
+        if not reported_elsewhere(e):  # under accelerate launch the main process prints the main's error
+            print(f"ftrecycle: error: {e}", file=sys.stderr)
+        exit_together(e, e.exit_code)
         return e.exit_code
     except KeyboardInterrupt:
-        print("ftrecycle: interrupted; nothing half-written was left under an output name", file=sys.stderr)
-        return 130
+        name = signal.Signals(got[0]).name if got else "SIGINT"
+        print(f"ftrecycle: interrupted ({name}); nothing half-written was left under an output name", file=sys.stderr)
+        return 128 + (got[0] if got else int(signal.SIGINT))
     return 0
 
 

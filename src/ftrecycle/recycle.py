@@ -9,11 +9,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ftrecycle.distributed import is_main, on_main
 from ftrecycle.errors import ConfigError
 from ftrecycle.finetune.config import FinetuneConfig
 from ftrecycle.finetune.train import FinetuneResult, finetune
 from ftrecycle.io.localpath import looks_local
-from ftrecycle.io.output import check_output_path, write_json
+from ftrecycle.io.output import check_no_overlap, check_output, sibling_name, write_json
 from ftrecycle.io.state import (
     check_settings,
     file_identity,
@@ -66,8 +67,14 @@ def recycle_finetune(
     """
     from ftrecycle.finetune.train import RUN_SETTINGS, run_settings, work_dir
 
-    out = Path(output).expanduser()
-    start = out.parent / f".{out.name}.ftrecycle-start"
+    inputs = [source_base, source_finetuned, target_base, data, eval_data]
+
+    def prepare() -> tuple[Path, Path]:
+        out = check_output(output, inputs, force=force)
+        start = out.parent / sibling_name(out, ".ftrecycle-start")
+        return out, check_no_overlap(start, inputs, what="work directory")
+
+    out, start = on_main(prepare)
     # Passed to transfer as they are recorded, so the provenance says what ran.
     transfer_settings: dict[str, Any] = {
         "compute_dtype": "float32",
@@ -88,29 +95,34 @@ def recycle_finetune(
         }
     }
     run = work_dir(out)
-    if resume and not force and run.exists():
-        # Refuse before redoing any transfer: the unfinished run must be continued with what made it.
-        check_settings(
-            read_settings(run / RUN_SETTINGS),
-            run_settings(model_key, data, eval_data, (config or FinetuneConfig()).validate()),
-            what=f"the unfinished run for {out} in {run}",
-            fix="rerun with its settings, or pass --force to start over",
-        )
     start_key = start.parent / f"{start.name}.json"
-    if not (resume and _complete(start) and read_settings(start_key) == model_key):
-        shutil.rmtree(start, ignore_errors=True)
-        start_key.unlink(missing_ok=True)
-        transfer(
-            source_base,
-            source_finetuned,
-            target_base,
-            start,
-            alpha=alpha,
-            force=True,
-            allow_pickle=allow_pickle,
-            **transfer_settings,
-        )
-        write_settings(start_key, model_key)
+
+    def merge() -> None:
+        if resume and not force and run.exists():
+            # Refuse before redoing any transfer: the unfinished run must be continued with what made it.
+            check_settings(
+                read_settings(run / RUN_SETTINGS),
+                run_settings(model_key, data, eval_data, (config or FinetuneConfig()).validate()),
+                what=f"the unfinished run for {out} in {run}",
+                fix="rerun with its settings, or pass --force to start over",
+            )
+        # one process writes the start model; under `accelerate launch` the others wait for it
+        if not (resume and _complete(start) and read_settings(start_key) == model_key):
+            shutil.rmtree(start, ignore_errors=True)
+            start_key.unlink(missing_ok=True)
+            transfer(
+                source_base,
+                source_finetuned,
+                target_base,
+                start,
+                alpha=alpha,
+                force=True,
+                allow_pickle=allow_pickle,
+                **transfer_settings,
+            )
+            write_settings(start_key, model_key)
+
+    on_main(merge)
     result = finetune(
         str(start),
         data,
@@ -132,10 +144,20 @@ def recycle_finetune(
             },
             "alpha": alpha,
             "transfer": transfer_settings,
+            "recycled_from": {  # as given (kept for readers of earlier records)
+                "source_base": source_base,
+                "source_finetuned": source_finetuned,
+                "target_base": target_base,
+                "alpha": alpha,
+            },
         },
     )
-    shutil.rmtree(start, ignore_errors=True)
-    start_key.unlink(missing_ok=True)
+
+    def cleanup() -> None:
+        shutil.rmtree(start, ignore_errors=True)
+        start_key.unlink(missing_ok=True)
+
+    on_main(cleanup)
     return result
 
 
@@ -301,7 +323,7 @@ class ChainSpec:
                 raise ConfigError(f"{where}{key}: no such data file {q}" + (" (not a file)" if q.exists() else ""))
 
 
-CHAIN_STATE = "chain-state.json"
+SUMMARY = "summary.json"  # also holds the key of every finished step, under "keys"
 
 
 def iterate(spec: ChainSpec, *, progress: bool = False, force: bool = False) -> list[dict[str, Any]]:
@@ -310,7 +332,7 @@ def iterate(spec: ChainSpec, *, progress: bool = False, force: bool = False) -> 
     iterative: M*1 = FT(M1); Δi-1 = M*i-1 − Mi-1; M*i = FT(Mi + Δi-1).
     direct:    D_i = FT(M_i) for every i; M*i = FT(Mi + (D_i-1 − Mi-1)) (M*1 = D_1).
 
-    Every product (M*i, Δi, Mi + Δi-1, D_i) is recorded in ``chain-state.json`` with a key of
+    Every product (M*i, Δi, Mi + Δi-1, D_i) is recorded in ``summary.json`` (under ``keys``) with a key of
     everything that decides it — its inputs' content identity, the data files' sha256, the
     fine-tuning settings, alpha — and reused only when that key is unchanged. Scores are keyed
     by the scored model's key and the evaluation data and settings, not by path.
@@ -331,16 +353,21 @@ def iterate(spec: ChainSpec, *, progress: bool = False, force: bool = False) -> 
 
     spec.check_files()
     out = spec.output
-    out.mkdir(parents=True, exist_ok=True)
+    inputs: list[str | Path | None] = [*spec.versions, spec.data, spec.eval_data]
+
+    def prepare() -> None:
+        check_no_overlap(out, inputs, what="iterate output")
+        out.mkdir(parents=True, exist_ok=True)
+
+    on_main(prepare)
     cfg = spec.finetune
     rows: list[dict[str, Any]] = []
     n = len(spec.versions)
-    state_file = out / CHAIN_STATE
-    state: dict[str, Any] = read_settings(state_file) or {}
+    state_file = out / SUMMARY
+    # The steps' keys live in summary.json (read and written by the main process only), beside the rows so far.
+    recorded = (read_settings(state_file) or {}).get("keys")
+    state: dict[str, Any] = dict(recorded) if isinstance(recorded, dict) else {}
     keys: dict[str, str] = {}  # path of a model -> hash of its key, for scores
-    inputs = [Path(v) for v in spec.versions if Path(v).exists()] + [spec.data]
-    if spec.eval_data is not None:
-        inputs.append(spec.eval_data)
 
     identities: dict[str, dict[str, Any]] = {}
 
@@ -351,28 +378,39 @@ def iterate(spec: ChainSpec, *, progress: bool = False, force: bool = False) -> 
             keys[v] = settings_hash(identities[v])
         return identities[v]
 
-    def product(dest: Path, key: dict[str, Any], make: Callable[[], None]) -> Path:
-        """Reuse ``dest`` if it was made with ``key``; else (re)make it, recording the key first."""
+    def product(dest: Path, key: dict[str, Any], make: Callable[[], None], *, every_rank: bool = False) -> Path:
+        """Reuse ``dest`` if it was made with ``key``; else (re)make it, recording the key first.
+
+        Under `accelerate launch` the main process decides (and broadcasts) whether the step is done;
+        ``make`` runs on every rank when it is collective (fine-tuning), else on the main process only.
+        """
         name = dest.name
-        if _complete(dest):
-            try:
-                check_settings(
-                    state.get(name),
-                    key,
-                    what=f"{dest}",
-                    fix="pass --force to recompute it (and what depends on it), or choose another output",
-                )
-                keys[str(dest)] = settings_hash(key)
-                return dest
-            except ConfigError:
-                if not force:
-                    raise
-            check_output_path(dest, inputs, force=True)  # never remove an input, even with --force
-            shutil.rmtree(dest)
-        # The key goes on record before the product is made: a product on disk always has its key on record.
-        state[name] = key
-        write_settings(state_file, state)
-        make()
+
+        def done() -> bool:
+            check_no_overlap(dest, inputs, what="iterate step")  # never remove an input, even with --force
+            if _complete(dest):
+                try:
+                    check_settings(
+                        state.get(name),
+                        key,
+                        what=f"{dest}",
+                        fix="pass --force to recompute it (and what depends on it), or choose another output",
+                    )
+                    return True
+                except ConfigError:
+                    if not force:
+                        raise
+                shutil.rmtree(dest)
+            # The key goes on record before the product is made: a product on disk always has its key on record.
+            state[name] = key
+            write_settings(state_file, {"mode": spec.mode, "versions": rows, "keys": state})
+            return False
+
+        if not on_main(done):
+            if every_rank:
+                make()
+            else:
+                on_main(make)
         keys[str(dest)] = settings_hash(key)
         return dest
 
@@ -397,7 +435,7 @@ def iterate(spec: ChainSpec, *, progress: bool = False, force: bool = False) -> 
                 model_key={"chain_start": start_key},
             )
 
-        return product(dest, {"start": start_key, **ft_settings}, make)
+        return product(dest, {"start": start_key, **ft_settings}, make, every_rank=True)
 
     def delta_of(tuned: Path, base: str, dest: Path) -> Path:
         def make() -> None:
@@ -431,8 +469,12 @@ def iterate(spec: ChainSpec, *, progress: bool = False, force: bool = False) -> 
         rows.append(row)
     if spec.eval_data is not None:
         _score(rows, spec, keys, version_key)
-    write_json(out / "summary.json", {"mode": spec.mode, "versions": rows})
-    (out / "summary.md").write_text(summary_table(rows, spec.mode))
+
+    def summarise() -> None:
+        write_json(out / SUMMARY, {"mode": spec.mode, "versions": rows, "keys": state})
+        (out / "summary.md").write_text(summary_table(rows, spec.mode))
+
+    on_main(summarise)
     return rows
 
 
@@ -444,7 +486,8 @@ def _score(
 
     items = read_gsm8k(spec.eval_data) if spec.eval_data else []
     cache = spec.output / "scores.json"
-    stored = read_settings(cache) or {}
+    # every rank evaluates its share of the items (see evaluate_gsm8k); the main process owns the cache
+    stored = on_main(lambda: read_settings(cache) or {})
     # Keyed by what decides a score: the model's content key, the eval data's sha256, the generation settings.
     scores: dict[str, Any] = stored.get("scores", {}) if stored.get("version") == 2 else {}
     evaluation = {
@@ -469,7 +512,8 @@ def _score(
                     max_gen_toks=spec.finetune.eval_max_new_tokens,
                 ).strict
                 scores[score_key] = {"model": path, "strict": strict}
-                write_settings(cache, {"version": 2, "scores": scores})
+                if is_main():
+                    write_settings(cache, {"version": 2, "scores": scores})
             row[f"acc_{label}"] = scores[score_key]["strict"]
 
 

@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from ftrecycle.arch import check_compatible
 from ftrecycle.delta.lora import adapter_terms, is_adapter
-from ftrecycle.delta.store import FINETUNED_DIR, open_delta
+from ftrecycle.delta.store import finetuned_files, open_delta
 from ftrecycle.dtypes import DType, parse_dtype
 from ftrecycle.io.checkpoint import Checkpoint, open_checkpoint
 from ftrecycle.io.model_files import CONFIG_FILES, TOKENIZER_FILES, check_source, copy_files, model_card, patch_config
-from ftrecycle.io.output import check_output_path, write_json
+from ftrecycle.io.output import check_output, scratch_directory, write_json
 from ftrecycle.io.provenance import base_record, describe_input
 from ftrecycle.plan import MissingPolicy, Plan, Term, TiePolicy, VocabPolicy, plan_transfer, source_terms
 from ftrecycle.settings import DEFAULT_MAX_MEMORY, DEFAULT_SHARD_SIZE, ProgressFn, WriteSettings, write_plan
@@ -293,18 +293,28 @@ def transfer(
             ),
         )
     with contextlib.ExitStack() as stack:
-        a = stack.enter_context(open_checkpoint(source_base, allow_pickle=allow_pickle))
-        c = stack.enter_context(open_checkpoint(target_base, allow_pickle=allow_pickle))
+        # What the inputs' indexes take counts toward --max-memory: each is refused up front when it
+        # does not fit what is left, and the engine's buffers get the rest.
+        meta = settings.max_memory
+        a = stack.enter_context(open_checkpoint(source_base, allow_pickle=allow_pickle, max_metadata_bytes=meta))
+        meta -= a.metadata_bytes
+        c = stack.enter_context(open_checkpoint(target_base, allow_pickle=allow_pickle, max_metadata_bytes=meta))
+        meta -= c.metadata_bytes
         if is_adapter(source_finetuned):
             terms, aliases, records, fin_desc, fin_files = adapter_terms(a, source_finetuned)
             check_compatible({"source base": a.config, "target base": c.config})
         else:
-            b = stack.enter_context(open_checkpoint(source_finetuned, allow_pickle=allow_pickle))
+            b = stack.enter_context(
+                open_checkpoint(source_finetuned, allow_pickle=allow_pickle, max_metadata_bytes=meta)
+            )
+            meta -= b.metadata_bytes
             check_compatible({"source base": a.config, "source fine-tuned": b.config, "target base": c.config})
             terms, aliases, records = source_terms(a, b, vocab=vocab, on_missing=on_missing)
             fin_desc, fin_files = describe_input(b), b.path
         adapter = [Path(source_finetuned).expanduser()] if is_adapter(source_finetuned) else []
-        check_output_path(out, [a.path, fin_files, *adapter, c.path], force=force)
+        out = check_output(
+            out, [a.path, fin_files, *adapter, c.path, source_base, source_finetuned, target_base], force=force
+        )
         inputs = {"source_base": describe_input(a), "source_finetuned": fin_desc, "target_base": describe_input(c)}
         return _recycle(
             "transfer",
@@ -315,7 +325,7 @@ def transfer(
             inputs,
             fin_files,
             out,
-            settings,
+            replace(settings, max_memory=meta),
             odt,
             vocab=vocab,
             on_missing=on_missing,
@@ -331,17 +341,15 @@ def transfer(
 def _transfer_compressed(
     source_base: str, source_finetuned: str, target_base: str, out: Path, compress: str, opts: dict[str, Any]
 ) -> TransferResult:
-    import shutil
-    import tempfile
-
     from ftrecycle.delta.codecs import parse_compression
     from ftrecycle.delta.compute import diff
 
     parse_compression(compress)  # a bad spec fails before any work
-    check_output_path(out, [], force=bool(opts["force"]))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.delta-", dir=out.parent))
-    try:
+    inputs: list[str | Path | None] = [source_base, source_finetuned, target_base]
+    out = check_output(out, inputs, force=bool(opts["force"]))
+    # The temporary delta lives in a locked hidden directory beside OUT: removed at the end, on an
+    # error or a signal, or (after a kill) by the next run for OUT.
+    with scratch_directory(out) as tmp:
         keys = ("compute_dtype", "vocab", "on_missing", "max_memory", "threads", "allow_nonfinite", "allow_pickle")
         d = diff(
             source_base,
@@ -351,9 +359,10 @@ def _transfer_compressed(
             compress=compress,
             **{k: opts[k] for k in keys},
         )
+        # the sources as resolved by diff (hub ids become cache paths) are inputs of this write too
+        resolved = [d.provenance.get(k, {}).get("path") for k in ("base", "finetuned")]
+        check_output(out, [*inputs, *resolved], force=bool(opts["force"]))
         result = apply_delta(d.output, target_base, out, verify=False, **opts)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return result  # its provenance names the (removed) temporary delta and its compression
 
 
@@ -409,8 +418,11 @@ def apply_delta(
         d, manifest, terms, aliases = open_delta(delta, check=verify, threads=settings.threads)
         stack.callback(d.close)
         c = stack.enter_context(open_checkpoint(target_base, allow_pickle=allow_pickle))
-        check_output_path(out, [d.path, c.path], force=force)
+        out = check_output(out, [d.path, c.path, delta, target_base], force=force)
         check_compatible({"delta's base": d.config, "target base": c.config})
+        files = finetuned_files(
+            d.path, manifest, config=config_from == "finetuned", tokenizer=tokenizer_from == "finetuned"
+        )
         delta_input = describe_input(d)
         delta_input["manifest"] = {
             k: manifest.get(k) for k in ("base", "finetuned", "dtype", "compute_dtype", "compression")
@@ -423,7 +435,7 @@ def apply_delta(
             aliases,
             list(manifest.get("records") or []),
             inputs,
-            d.path / FINETUNED_DIR,
+            files,
             out,
             settings,
             odt,

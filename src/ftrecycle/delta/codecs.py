@@ -239,8 +239,7 @@ def decode(p: Packed, start: int, count: int, out: np.ndarray, cache: dict[Any, 
         b = _whole(p, "b", ct, cache)
         rank = b.shape[0]
         a = _as_float(_part(p, "a", r0 * rank, (r1 - r0) * rank), _part_dtype(p, "a"), ct)
-        prod = a.reshape(r1 - r0, rank) @ b
-        np.copyto(out, prod.reshape(-1)[skip : skip + count])
+        _lowrank_rows(a.reshape(r1 - r0, rank), b, skip, count, out)
         if p.scale != 1.0:
             np.multiply(out, ct.type(p.scale), out=out)
     elif p.method == "int8":
@@ -269,6 +268,41 @@ def decode(p: Packed, start: int, count: int, out: np.ndarray, cache: dict[Any, 
     else:
         raise ValueError(f"unknown packed method {p.method!r}")
     return out
+
+
+# Elements of a row block of ``a @ b`` computed at once: two such blocks (the sum and one
+# product) stay in a core's L2 cache while the rank loop runs over them.
+_BLOCK_ELEMENTS = 1 << 16
+
+
+def _lowrank_rows(a: np.ndarray, b: np.ndarray, skip: int, count: int, out: np.ndarray) -> None:
+    """Write elements ``[skip, skip + count)`` of the row-major product ``a @ b`` into ``out``.
+
+    Not through BLAS: a GEMM's summation order (blocking, FMA, SIMD width) depends on the
+    matrix sizes, the thread count and the CPU's kernel, so a row decoded as part of a
+    small range could differ in its last bit from the same row decoded in a large one.
+    Here every element is ``fl(...fl(fl(a0*b0) + fl(a1*b1)) + ... + fl(ak*bk))``, one
+    correctly rounded multiply and add per rank in rank order, so its bits depend only on
+    the stored factors: the same for any range split, ``--threads``, ``--max-memory``, BLAS
+    kernel and IEEE-754 CPU.
+    """
+    n = b.shape[1]
+    if b.shape[0] == 0:
+        out[:count] = 0
+        return
+    rows = max(1, _BLOCK_ELEMENTS // n)
+    acc = np.empty((rows, n), dtype=out.dtype)
+    tmp = np.empty((rows, n), dtype=out.dtype)
+    first, last = skip // n, -(-(skip + count) // n)
+    for i in range(first, last, rows):
+        j = min(last, i + rows)
+        s, t = acc[: j - i], tmp[: j - i]
+        np.multiply(a[i:j, 0:1], b[0], out=s)
+        for k in range(1, b.shape[0]):
+            np.multiply(a[i:j, k : k + 1], b[k], out=t)
+            np.add(s, t, out=s)
+        lo, hi = max(i * n, skip), min(j * n, skip + count)
+        out[lo - skip : hi - skip] = s.reshape(-1)[lo - i * n : hi - i * n]
 
 
 def packed_nbytes(p: Packed) -> int:

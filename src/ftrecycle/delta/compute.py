@@ -16,13 +16,13 @@ import numpy as np
 from ftrecycle.arch import check_compatible
 from ftrecycle.delta.codecs import Compression, PartSpec, layout, parse_compression, part_name
 from ftrecycle.delta.encode import encode, energy_rank, state_bytes
-from ftrecycle.delta.store import FINETUNED_DIR, FORMAT, INDEX, MANIFEST, PREFIX, VERSION, checksums
+from ftrecycle.delta.store import FINETUNED_DIR, FORMAT, INDEX, MANIFEST, PREFIX, VERSION, check_names, checksums
 from ftrecycle.dtypes import DType, parse_dtype
 from ftrecycle.engine import Buffers, Engine, read_term
 from ftrecycle.errors import MemoryBudgetError, NonFiniteError
 from ftrecycle.io.checkpoint import _index_safetensors, open_checkpoint
 from ftrecycle.io.model_files import CONFIG_FILES, TOKENIZER_FILES, copy_files
-from ftrecycle.io.output import ShardedWriter, check_output_path, write_json
+from ftrecycle.io.output import ShardedWriter, check_output, write_json
 from ftrecycle.io.provenance import base_record, describe_input
 from ftrecycle.io.safetensors_format import pwrite_all
 from ftrecycle.plan import MissingPolicy, OutTensor, Term, VocabPolicy, plan_diff, source_terms
@@ -98,7 +98,8 @@ def diff(
             terms, aliases, records = source_terms(a, b, vocab=vocab, on_missing=on_missing)
             fin_desc, fin_files = describe_input(b), b.path
         adapter = [Path(finetuned).expanduser()] if is_adapter(finetuned) else []
-        check_output_path(out, [a.path, fin_files, *adapter], force=force)
+        check_names([*terms, *aliases], a.path)
+        out = check_output(out, [a.path, fin_files, *adapter, base, finetuned], force=force)
         plan = plan_diff(terms, ddt)
         engine = settings.engine(0, None)
         ranks = _energy_ranks(spec, terms, ddt, settings, engine.chunk) if spec and spec.energy else {}

@@ -15,7 +15,6 @@ directories (dense, no checksums) are still read.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -24,10 +23,12 @@ from typing import Any
 
 import numpy as np
 
-from ftrecycle.delta.codecs import Packed
+from ftrecycle.delta.codecs import METHODS, SEP, Packed, part_name
 from ftrecycle.delta.encode import from_storage
-from ftrecycle.errors import CheckpointError
+from ftrecycle.dtypes import ALL, BY_NAME, F32, I8, I32, I64, U8, U16
+from ftrecycle.errors import CheckpointError, ConfigError, IncompatibleModelsError
 from ftrecycle.io.checkpoint import Checkpoint, open_checkpoint
+from ftrecycle.io.jsonfile import read_json, short
 from ftrecycle.io.safetensors_format import TensorInfo
 from ftrecycle.plan import Operand, Term
 
@@ -41,27 +42,168 @@ INDEX = "delta.safetensors.index.json"
 FINETUNED_DIR = "finetuned"
 
 
+#: A manifest larger than this is refused before it is parsed (a 100k-tensor model's is ~40 MiB).
+MAX_MANIFEST_BYTES = 256 << 20
+#: Stored float dtypes of dense tensors and of compressed tensors' float parts.
+FLOAT_DTYPES = frozenset(d for d in ALL if d.arithmetic)
+#: Each method's parts and the checks :func:`check_parts` makes of them.
+PARTS: dict[str, frozenset[str]] = {
+    "lowrank": frozenset({"a", "b"}),
+    "sparse": frozenset({"indptr", "indices", "values"}),
+    "int8": frozenset({"q", "scale"}),
+    "sign": frozenset({"bits", "scale"}),
+}
+_HEX = frozenset("0123456789abcdef")
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x: Any) -> bool:
+    return (isinstance(x, int | float) and not isinstance(x, bool)) and math.isfinite(x)
+
+
+class _Bad:
+    """Raise a manifest error that names the file, the field and the fix."""
+
+    def __init__(self, mpath: Path) -> None:
+        self.mpath = mpath
+
+    def __call__(self, what: str) -> CheckpointError:
+        return CheckpointError(f"{self.mpath}: {what}; recreate the delta with `ftrecycle diff`")
+
+
 def read_manifest(path: Path) -> dict[str, Any]:
-    """Read and check a delta directory's manifest.
+    """Read a delta directory's manifest and check its schema (see docs/delta-format.md).
+
+    Every field a reader uses is checked for its type and range; a version 2 manifest must
+    name only the public compression methods and carry a checksum for every stored tensor.
 
     Raises:
-        CheckpointError: missing, unreadable, or of an unknown format or version.
+        CheckpointError: missing, unreadable, of an unknown format or version, or malformed.
     """
     mpath = path / MANIFEST
-    if not mpath.is_file():
+    if not mpath.exists() and not mpath.is_symlink():
         raise CheckpointError(f"{path}: not a delta directory (no {MANIFEST}); make one with `ftrecycle diff`")
-    try:
-        manifest = json.loads(mpath.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{mpath}: not valid JSON ({e}); recreate the delta with `ftrecycle diff`") from e
+    manifest = read_json(
+        mpath, what="delta manifest", max_bytes=MAX_MANIFEST_BYTES, fix="recreate the delta with `ftrecycle diff`"
+    )
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise CheckpointError(f"{mpath}: not an ftrecycle delta manifest")
-    if manifest.get("version") not in READS:
         raise CheckpointError(
-            f"{mpath}: delta format version {manifest.get('version')} is not supported by this ftrecycle "
-            f"(reads versions {', '.join(map(str, READS))}); upgrade ftrecycle"
+            f'{mpath}: not an ftrecycle delta manifest (no "format": "{FORMAT}"); recreate the delta with '
+            "`ftrecycle diff`"
         )
+    version = manifest.get("version")
+    if not _is_int(version) or version not in READS:
+        raise CheckpointError(
+            f"{mpath}: delta format version {short(version)} is not supported by this ftrecycle "
+            f"(reads versions {', '.join(map(str, READS))}); upgrade ftrecycle or recreate the delta"
+        )
+    _check_schema(mpath, manifest)
     return manifest
+
+
+def _check_schema(mpath: Path, m: dict[str, Any]) -> None:
+    bad = _Bad(mpath)
+    v2 = m["version"] >= 2
+    for key in ("base_config", "base", "finetuned", "compression", "policies"):
+        if m.get(key) is not None and not isinstance(m[key], dict):
+            raise bad(f"{key!r} must be an object, not {type(m[key]).__name__}")
+    if m.get("records") is not None and not (
+        isinstance(m["records"], list) and all(isinstance(r, dict) for r in m["records"])
+    ):
+        raise bad("'records' must be a list of objects")
+    for key in ("dtype", "compute_dtype"):
+        if key in m and not (isinstance(m[key], str) and m[key] in BY_NAME and BY_NAME[m[key]] in FLOAT_DTYPES):
+            raise bad(f"{key!r} is {short(m[key])}, not a float dtype name")
+    comp = m.get("compression")
+    if comp is not None and not isinstance(comp.get("spec", ""), str):
+        raise bad("'compression.spec' must be a string")
+    tensors = m.get("tensors")
+    if tensors is None and not v2:
+        tensors = {}
+    if not isinstance(tensors, dict) or (v2 and not tensors):
+        raise bad("'tensors' must be a non-empty object of tensor name -> entry")
+    for name, e in tensors.items():
+        _check_entry(bad, name, e, v2)
+    aliases = m.get("aliases")
+    if aliases is not None:
+        if not isinstance(aliases, dict) or not all(isinstance(v, str) for v in aliases.values()):
+            raise bad("'aliases' must be an object of tensor name -> tensor name")
+        for alias, target in aliases.items():
+            if alias in tensors or (v2 and target not in tensors):
+                raise bad(f"alias {short(alias)} -> {short(target)} must name a listed tensor and not be one")
+    if not v2 and ("checksums" in m or any(set(e) - {"shape", "dtype"} for e in tensors.values())):
+        # version 1 had neither: a version 2 delta relabelled 1 would skip its verification
+        raise bad("a version 1 manifest carries version 2 fields (checksums, norms...); its version was changed")
+    if v2:
+        sums = m.get("checksums")
+        if not isinstance(sums, dict) or not sums:
+            raise bad(
+                "a version 2 manifest has no 'checksums' (every stored tensor must have one; a delta without "
+                "them would apply a corrupted tensor unnoticed)"
+            )
+        for stored, h in sums.items():
+            if not (isinstance(h, str) and len(h) == 64 and set(h) <= _HEX):
+                raise bad(f"checksum of {short(stored)} is not a SHA-256 hex digest")
+        stored = stored_names(m)
+        unknown = sorted(set(sums) - stored)
+        if unknown:
+            raise bad(f"'checksums' names {short(unknown[0])}, which the manifest does not store")
+        missing = sorted(stored - set(sums))
+        if missing:
+            names = ", ".join(map(short, missing[:5]))
+            raise bad(f"no checksum for stored tensor(s) {names} (version 2 needs one for each)")
+
+
+def _check_entry(bad: _Bad, name: str, e: Any, v2: bool) -> None:
+    if SEP in name:
+        raise bad(f"tensor name {short(name)} contains {SEP!r}, the separator of stored part names")
+    if not isinstance(e, dict):
+        raise bad(f"entry of tensor {short(name)} must be an object")
+    shape = e.get("shape")
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        raise bad(f"tensor {short(name)}: 'shape' must be a list of non-negative integers, not {short(shape)}")
+    if "dtype" in e and not (isinstance(e["dtype"], str) and BY_NAME.get(e["dtype"]) in FLOAT_DTYPES):
+        raise bad(f"tensor {short(name)}: 'dtype' {short(e['dtype'])} is not a float dtype name")
+    for key in ("norm", "error"):
+        if e.get(key) is not None and not _is_number(e[key]):
+            raise bad(f"tensor {short(name)}: {key!r} must be a finite number")
+    if e.get("bytes") is not None and not (_is_int(e["bytes"]) and e["bytes"] >= 0):
+        raise bad(f"tensor {short(name)}: 'bytes' must be a non-negative integer")
+    comp, parts = e.get("compression"), e.get("parts")
+    if comp is None:
+        if parts:
+            raise bad(f"tensor {short(name)} lists parts but no compression method")
+        return
+    if not v2:
+        raise bad(f"tensor {short(name)} is compressed, which version 1 cannot be")
+    if not isinstance(comp, dict) or comp.get("method") not in METHODS:
+        method = comp.get("method") if isinstance(comp, dict) else comp
+        raise bad(f"tensor {short(name)}: compression method {short(method)} is not one of {', '.join(METHODS)}")
+    for key in ("norm", "error", "density"):
+        if comp.get(key) is not None and not _is_number(comp[key]):
+            raise bad(f"tensor {short(name)}: compression {key!r} must be a finite number")
+    for key in ("rank", "kept"):
+        if comp.get(key) is not None and not (_is_int(comp[key]) and comp[key] >= 0):
+            raise bad(f"tensor {short(name)}: compression {key!r} must be a non-negative integer")
+    if len(shape) != 2 or 0 in shape:
+        raise bad(f"tensor {short(name)} of shape {short(shape)} is compressed, but only non-empty matrices can be")
+    want = PARTS[comp["method"]]
+    if not isinstance(parts, dict) or set(parts) != want:
+        raise bad(f"tensor {short(name)} ({comp['method']}) must list exactly the parts {', '.join(sorted(want))}")
+    for k, stored in parts.items():
+        if stored != part_name(name, k):
+            raise bad(f"tensor {short(name)}: part {k!r} is stored as {short(stored)}, not {short(part_name(name, k))}")
+
+
+def stored_names(manifest: dict[str, Any]) -> set[str]:
+    """The names a (checked) manifest says are stored in the shards: dense tensors and parts."""
+    out: set[str] = set()
+    for name, e in (manifest.get("tensors") or {}).items():
+        out |= set(e["parts"].values()) if e.get("compression") else {name}
+    return out
 
 
 def digest(info: TensorInfo, *, norm: bool = False) -> tuple[str, float | None]:
@@ -96,21 +238,46 @@ def checksums(
     return hashes, {n: v for n, (_, v) in zip(tensors, found, strict=True) if v is not None}
 
 
-def verify(ckpt: Checkpoint, manifest: dict[str, Any], threads: int) -> None:
-    """Check every stored tensor against the manifest's checksums (version 2).
+def verify(ckpt: Checkpoint, manifest: dict[str, Any], threads: int, terms: dict[str, Term] | None = None) -> None:
+    """Check every stored tensor against the manifest's checksums (version 2), and the column
+    indices of every sparse tensor in ``terms`` against its width.
+
+    :func:`read_manifest` has made sure a version 2 manifest has a checksum for every stored
+    tensor, and :func:`open_delta` that the shards store exactly those tensors.
 
     Raises:
         CheckpointError: a tensor whose bytes changed, naming its file.
     """
-    want = manifest.get("checksums")
+    want = manifest.get("checksums") if manifest["version"] >= 2 else None
     if not want:
         return
-    got, _ = checksums({n: ckpt.tensors[n] for n in want if n in ckpt.tensors}, threads)
+    got, _ = checksums({n: ckpt.tensors[n] for n in want}, threads)
     for name, digest in got.items():
         if digest != want[name]:
             raise CheckpointError(
                 f"{ckpt.tensors[name].path}: tensor {name!r} fails its checksum (the file is corrupt or was "
                 "changed); re-download or recreate the delta with `ftrecycle diff`"
+            )
+    for term in (terms or {}).values():
+        if term.packed is not None and term.packed.method == "sparse":
+            _check_indices(term.name, term.packed)
+
+
+#: Elements of a sparse tensor's indices checked at a time.
+INDEX_BLOCK = 1 << 20
+
+
+def _check_indices(name: str, p: Packed) -> None:
+    """Every column index of a sparse tensor lies in ``[0, n)`` (one read of ``indices``)."""
+    src: Operand = p.parts["indices"]
+    n, k = p.shape[1], src.info.numel
+    raw = np.empty(min(k, INDEX_BLOCK) * src.info.dtype.itemsize, dtype=np.uint8)
+    for s in range(0, k, INDEX_BLOCK):
+        idx = src.ckpt.read(src.info, s, min(INDEX_BLOCK, k - s), raw)
+        if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= n):
+            raise CheckpointError(
+                f"{src.info.path}: {src.info.name!r} holds a column index outside [0, {n}) of tensor {name!r}; "
+                "recreate the delta with `ftrecycle diff`"
             )
 
 
@@ -139,7 +306,7 @@ def open_delta(
     try:
         terms = _terms(p, ckpt, manifest)
         if check:
-            verify(ckpt, manifest, threads)
+            verify(ckpt, manifest, threads, terms)
     except BaseException:
         ckpt.close()
         raise
@@ -148,31 +315,191 @@ def open_delta(
 
 
 def _terms(p: Path, ckpt: Checkpoint, manifest: dict[str, Any]) -> dict[str, Term]:
+    """The diff's terms, each stored tensor checked against its manifest entry before any read."""
     listed: dict[str, Any] = manifest.get("tensors") or {}
-    stored = {part for e in listed.values() for part in (e.get("parts") or {}).values()}
-    stored |= {n for n, e in listed.items() if not e.get("parts")}
+    stored = stored_names(manifest)
     missing = sorted(stored - set(ckpt.tensors))
     if missing:
         raise CheckpointError(
             f"{p}: the manifest lists tensors the shards lack: {', '.join(missing[:10])}; "
             "recreate the delta with `ftrecycle diff`"
         )
+    extra = sorted(set(ckpt.tensors) - stored)
+    if manifest["version"] >= 2 and extra:
+        raise CheckpointError(
+            f"{ckpt.tensors[extra[0]].path}: the shards store tensors the manifest does not list (and has no "
+            "checksum for): "
+            f"{', '.join(map(repr, extra[:10]))}; recreate the delta with `ftrecycle diff`"
+        )
+    for name in extra:
+        if SEP in name:
+            raise CheckpointError(
+                f"{ckpt.tensors[name].path}: stored tensor {name!r} contains {SEP!r}, the separator of compressed "
+                "parts, but the manifest lists no such part; recreate the delta with `ftrecycle diff`"
+            )
     terms: dict[str, Term] = {}
     for name, entry in listed.items():
-        parts = entry.get("parts")
         shape = tuple(entry["shape"])
-        if parts:
-            ops = {k: Operand(ckpt, ckpt.tensors[v]) for k, v in parts.items()}
-            terms[name] = Term(name, shape, packed=Packed(entry["compression"]["method"], shape, ops))
+        if entry.get("compression"):
+            method = entry["compression"]["method"]
+            infos = {k: ckpt.tensors[v] for k, v in entry["parts"].items()}
+            check_parts(name, method, shape, infos)
+            ops = {k: Operand(ckpt, info) for k, info in infos.items()}
+            packed = Packed(method, shape, ops)
+            if method == "sparse":
+                _check_indptr(name, packed)
+            terms[name] = Term(name, shape, packed=packed)
             continue
         info = ckpt.tensors[name]
         if shape != info.shape:
             raise CheckpointError(
-                f"{p}: tensor {name!r} has shape {list(info.shape)} but the manifest says "
+                f"{info.path}: tensor {name!r} has shape {list(info.shape)} but the manifest says "
                 f"{entry['shape']}; recreate the delta"
             )
+        _check_dtype(info, entry.get("dtype"))
         terms[name] = Term(name, info.shape, delta=Operand(ckpt, info))
-    for name, info in ckpt.tensors.items():  # version 1 lists every stored tensor; keep any it does not
-        if name not in terms and name not in stored:
-            terms[name] = Term(name, info.shape, delta=Operand(ckpt, info))
+    for name in extra:  # version 1 lists every stored tensor; keep any it does not
+        _check_dtype(ckpt.tensors[name], None)
+        terms[name] = Term(name, ckpt.tensors[name].shape, delta=Operand(ckpt, ckpt.tensors[name]))
     return terms
+
+
+def _check_dtype(info: TensorInfo, listed: str | None) -> None:
+    if info.dtype not in FLOAT_DTYPES or (listed is not None and info.dtype.name != listed):
+        raise CheckpointError(
+            f"{info.path}: tensor {info.name!r} is stored as {info.dtype}, but a delta stores dense diffs as "
+            f"{listed or 'a float dtype'}; recreate the delta with `ftrecycle diff`"
+        )
+
+
+def check_parts(name: str, method: str, shape: tuple[int, ...], parts: dict[str, TensorInfo]) -> None:
+    """Check every part's dtype and shape against its tensor's shape and method, before any read.
+
+    ``lowrank``: ``a`` (m, r) and ``b`` (r, n), one float dtype, r >= 1; ``int8``: ``q`` (m, n)
+    int8 and ``scale`` (m,) float32; ``sign``: ``bits`` (ceil(mn/8),) uint8 and ``scale`` (1,)
+    float32; ``sparse``: ``indptr`` (m+1,) int64, ``indices`` (k,) uint16 (n <= 65536) or int32,
+    ``values`` (k,) float.
+
+    Raises:
+        CheckpointError: a part of another dtype or shape (an exchanged or corrupt part), naming it.
+    """
+    m, n = shape
+
+    def want(part: str, dtypes: Any, pshape: tuple[int, ...]) -> None:
+        info = parts[part]
+        if info.dtype not in dtypes or info.shape != pshape:
+            names = "/".join(sorted(d.name for d in dtypes)) if len(dtypes) < 4 else "float"
+            raise CheckpointError(
+                f"{info.path}: part {info.name!r} of {method} tensor {name!r} {list(shape)} is "
+                f"{info.dtype} {list(info.shape)}, not {names} {list(pshape)}; the part is corrupt or belongs to "
+                "another tensor; recreate the delta with `ftrecycle diff`"
+            )
+
+    if method == "lowrank":
+        a = parts["a"]
+        r = a.shape[1] if len(a.shape) == 2 else 0
+        want("a", FLOAT_DTYPES, (m, max(r, 1)))
+        want("b", {a.dtype}, (r, n))
+    elif method == "int8":
+        want("q", {I8}, (m, n))
+        want("scale", {F32}, (m,))
+    elif method == "sign":
+        want("bits", {U8}, ((m * n + 7) // 8,))
+        want("scale", {F32}, (1,))
+    elif method == "sparse":
+        k = parts["values"].shape[0] if len(parts["values"].shape) == 1 else -1
+        want("indptr", {I64}, (m + 1,))
+        want("indices", {U16, I32} if n <= 1 << 16 else {I32}, (max(k, 0),))
+        want("values", FLOAT_DTYPES, (max(k, 0),))
+    else:  # read_manifest lets no other method through
+        raise CheckpointError(f"tensor {name!r}: unknown compression method {method!r}")
+
+
+def _check_indptr(name: str, p: Packed) -> None:
+    """A sparse tensor's row pointers start at 0, never decrease, and end at its entry count:
+    decoding then never reads outside its ``indices``/``values`` (one read of ``indptr``)."""
+    src: Operand = p.parts["indptr"]
+    k = p.parts["values"].info.numel
+    ptr = src.ckpt.read(src.info, 0, src.info.numel, np.empty(src.info.nbytes, dtype=np.uint8))
+    if int(ptr[0]) != 0 or int(ptr[-1]) != k or bool(np.any(np.diff(ptr) < 0)):
+        raise CheckpointError(
+            f"{src.info.path}: {src.info.name!r} is not a valid row pointer of tensor {name!r} (it must start at 0, "
+            f"never decrease and end at {k}); recreate the delta with `ftrecycle diff`"
+        )
+
+
+def finetuned_files(path: Path, manifest: dict[str, Any], *, config: bool, tokenizer: bool) -> Path:
+    """The delta's ``finetuned/`` directory, checked before ``--config-from``/``--tokenizer-from
+    finetuned`` copy from it.
+
+    Only regular files are copied: a symlink (which could point at any file on the machine) or
+    a FIFO in ``finetuned/`` is refused, not followed. ``--config-from finetuned`` needs a
+    ``config.json`` whose architecture agrees with the delta's ``base_config``;
+    the tokenizer files are copied where they exist (as from a model directory; the output's
+    provenance lists them).
+
+    Args:
+        path: the delta directory.
+        manifest: its (checked) manifest.
+        config: config files will be copied from it.
+        tokenizer: tokenizer files will be copied from it.
+
+    Raises:
+        ConfigError: the delta has no finetuned/ (or, for --config-from, no config.json there).
+        CheckpointError: a file there is a symlink or not a regular file.
+        IncompatibleModelsError: its config.json is of another architecture than the delta's base.
+    """
+    from ftrecycle.arch import check_compatible
+    from ftrecycle.io.model_files import CONFIG_FILES, TOKENIZER_FILES
+
+    src = path / FINETUNED_DIR
+    if not (config or tokenizer):
+        return src
+    flags = " and ".join(f"--{k}-from finetuned" for k, on in (("config", config), ("tokenizer", tokenizer)) if on)
+    if src.is_symlink() or (src.exists() and not src.is_dir()):
+        raise CheckpointError(
+            f"{src}: not a directory of the delta (a symlink or a file); {flags} copies only regular files from "
+            "inside the delta; recreate the delta with `ftrecycle diff`"
+        )
+    if not src.exists():
+        raise ConfigError(
+            f"{flags}: the delta {path} has no {FINETUNED_DIR}/ directory to copy from; use target instead, or "
+            "recreate the delta with `ftrecycle diff`"
+        )
+    for name in CONFIG_FILES + TOKENIZER_FILES:
+        f = src / name
+        if f.is_symlink() or (f.exists() and not f.is_file()):
+            raise CheckpointError(
+                f"{f}: a symlink or not a regular file; ftrecycle copies only regular files from a delta's "
+                f"{FINETUNED_DIR}/ (replace it with the file itself, or use --config-from/--tokenizer-from target)"
+            )
+    if config:
+        if not (src / "config.json").is_file():
+            raise ConfigError(
+                f"--config-from finetuned: the delta {path} stores no {FINETUNED_DIR}/config.json; use "
+                "--config-from target, or recreate the delta with `ftrecycle diff`"
+            )
+        cfg = read_json(src / "config.json", what="fine-tuned config", fix="use --config-from target")
+        if not isinstance(cfg, dict):
+            raise CheckpointError(f"{src / 'config.json'}: not a JSON object; use --config-from target")
+        try:
+            check_compatible({"delta's base": manifest.get("base_config") or {}, "delta's fine-tuned config": cfg})
+        except IncompatibleModelsError as e:
+            raise IncompatibleModelsError(f"{src / 'config.json'}: {e}; use --config-from target") from e
+    return src
+
+
+def check_names(names: Any, where: Path) -> None:
+    """Refuse model tensor names that contain the part separator ``::``: stored in a delta, such a
+    name (``w.weight::a``) would collide with a compressed tensor's part names.
+
+    Raises:
+        CheckpointError: naming the first such tensor and ``where`` it comes from.
+    """
+    bad = sorted(n for n in names if SEP in n)
+    if bad:
+        raise CheckpointError(
+            f"{where}: tensor {bad[0]!r}{f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''} contains {SEP!r}, "
+            "which a delta uses to name the parts of compressed tensors; rename the tensor in the model's "
+            "safetensors files before diffing it"
+        )

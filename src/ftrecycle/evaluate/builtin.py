@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ftrecycle.distributed import active, gather, world
 from ftrecycle.evaluate.gsm8k import STOP, Scored, build_prompt, score, truncate_at_stop
 
 DEFAULT_MAX_LENGTH = 2048
@@ -97,13 +98,23 @@ def generate(
     if max_ctx <= 0:
         raise ValueError(f"max_gen_toks {max_gen_toks} leaves no room for a prompt in {max_ctx + max_gen_toks} tokens")
     order = sorted(range(len(prompts)), key=lambda i: (-len(tokenizer.encode(prompts[i])), prompts[i]))
-    out: list[str] = [""] * len(prompts)
+    batches = [order[b : b + batch_size] for b in range(0, len(order), batch_size)]
+    # Under `accelerate launch` process r takes batches r, r+N, ...: the batches themselves are
+    # the single-process ones, so every item is generated exactly as it would be alone. Every
+    # process makes the same number of generate calls (padding with a repeat whose result is
+    # dropped), and synced_gpus keeps their forward passes in step: a sharded model (FSDP,
+    # ZeRO-3) gathers its weights collectively in each one.
+    w = world()
+    parallel = w.size > 1 and active()
+    mine = batches[w.rank :: w.size] if parallel else batches
+    rounds = -(-len(batches) // w.size) if parallel else len(batches)
+    work = mine + batches[:1] * (rounds - len(mine))
+    done: dict[int, str] = {}
     device = next(model.parameters()).device
     old_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
-        for b in range(0, len(order), batch_size):
-            idx = order[b : b + batch_size]
+        for k, idx in enumerate(work):
             enc = tokenizer([prompts[i] for i in idx], padding="longest", return_tensors="pt")
             ids = enc["input_ids"][:, -max_ctx:].to(device)
             mask = enc["attention_mask"][:, -max_ctx:].to(device)
@@ -116,13 +127,20 @@ def generate(
                     pad_token_id=tokenizer.pad_token_id,
                     use_cache=True,
                     stopping_criteria=[_StopOnStrings(tokenizer, until, ids.shape[1])],
+                    synced_gpus=parallel,
                 )
+            if k >= len(mine):
+                continue
             for row, i in zip(gen[:, ids.shape[1] :].tolist(), idx, strict=True):
-                out[i] = truncate_at_stop(tokenizer.decode(row, skip_special_tokens=True), until)
+                done[i] = truncate_at_stop(tokenizer.decode(row, skip_special_tokens=True), until)
             if progress is not None:
                 progress(len(idx), len(prompts))
     finally:
         tokenizer.padding_side = old_side
+    if parallel:
+        for part in gather(done):
+            done.update(part)
+    out = [done[i] for i in range(len(prompts))]
     return out
 
 
@@ -181,7 +199,8 @@ def load_for_eval(
 
     from ftrecycle.io.hf_load import load_causal_lm
 
-    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    # under `accelerate launch` each process evaluates its share of the items on its own GPU
+    dev = device or (f"cuda:{world().local_rank}" if torch.cuda.is_available() else "cpu")
     model: Any = load_causal_lm(path, dtype="auto", allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     model = model.to(dev)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)

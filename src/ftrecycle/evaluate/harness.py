@@ -234,6 +234,10 @@ def run_lm_eval(
                 gen_kwargs=gen_kwargs,
                 bootstrap_iters=0,
             )
+            if out is None:
+                # lm-eval's own data-parallel path under `accelerate launch`: every process scores its
+                # share and only the main process gets the results back (it is the one that reports)
+                continue
             res = out["results"].get(spec.task, {})
             got = _primary(res, spec.metric)
             table[m][name] = got[1] if got else None

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ftrecycle.distributed import is_main, on_main, world
 from ftrecycle.errors import ConfigError, DataError
 from ftrecycle.evaluate.data import read_gsm8k
 from ftrecycle.finetune.config import FinetuneConfig
@@ -23,7 +24,7 @@ from ftrecycle.finetune.data import Collator, encode, load_examples
 from ftrecycle.io.checkpoint import open_checkpoint
 from ftrecycle.io.hf_load import load_causal_lm
 from ftrecycle.io.model_files import TOKENIZER_FILES, copy_files
-from ftrecycle.io.output import atomic_directory, check_output_path, write_json
+from ftrecycle.io.output import atomic_directory, check_no_overlap, check_output, sibling_name, write_json
 from ftrecycle.io.provenance import base_record, describe_input
 from ftrecycle.io.state import (
     check_settings,
@@ -64,7 +65,7 @@ class FinetuneResult:
 
 def work_dir(output: Path) -> Path:
     """Where checkpoints of a run for ``output`` live until it completes."""
-    return output.parent / f".{output.name}.ftrecycle-run"
+    return output.parent / sibling_name(output, ".ftrecycle-run")
 
 
 def run_settings(
@@ -175,7 +176,8 @@ def _eval_callback(
                 model, tok, items, shots=shots, batch_size=cfg.eval_batch_size, max_gen_toks=cfg.eval_max_new_tokens
             )
             log.append({"step": step, **rep.summary()})
-            write_json(run / EVAL_LOG, log)
+            if is_main():
+                write_json(run / EVAL_LOG, log)
 
         def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             self._run(state.global_step)
@@ -238,15 +240,31 @@ def finetune(
     t0 = time.perf_counter()
     cfg = (config or FinetuneConfig()).validate()
     out = Path(output).expanduser()
-    src = open_checkpoint(model, allow_pickle=allow_pickle)
-    src.close()
-    check_output_path(out, [src.path], force=force)
-    rows = load_examples(data)
-    eval_items = read_gsm8k(eval_data) if eval_data is not None else None
     run = work_dir(out)
-    settings = run_settings(model_key if model_key is not None else src.path, data, eval_data, cfg)
-    if run.exists() and not force:  # an unfinished run, or one with other settings, is refused before any load
+
+    def load() -> tuple[Any, list[dict[str, Any]], list[dict[str, Any]] | None]:
+        src = open_checkpoint(model, allow_pickle=allow_pickle)
+        src.close()
+        return src, load_examples(data), read_gsm8k(eval_data) if eval_data is not None else None
+
+    loaded: list[tuple[Any, list[dict[str, Any]], list[dict[str, Any]] | None]] = []
+    settings: dict[str, Any] = {}
+
+    def prepare() -> None:
+        # the main process alone checks the output and owns the run directory; under
+        # `accelerate launch` the others wait here and raise the same error if it refuses
+        loaded.append(load())
+        inputs: list[str | Path | None] = [loaded[0][0].path, model, data, eval_data]
+        check_output(out, inputs, force=force)
+        check_no_overlap(run, inputs, what="work directory")
+        settings.update(run_settings(model_key if model_key is not None else loaded[0][0].path, data, eval_data, cfg))
+        # a resume is refused (naming what changed) unless the run was made with these settings and inputs
         _prepare_run_dir(run, out, settings, resume=resume, force=force)
+
+    on_main(prepare)
+    src, rows, eval_items = loaded[0] if loaded else load()
+    if not settings:
+        settings.update(run_settings(model_key if model_key is not None else src.path, data, eval_data, cfg))
 
     import torch
     from transformers import AutoTokenizer, TrainingArguments
@@ -264,8 +282,6 @@ def finetune(
     dropout_off = _no_dropout(net)
     if cfg.gradient_checkpointing:
         net.gradient_checkpointing_enable()
-    # The work directory is made (or checked) only once the model loaded: a failed load leaves nothing behind.
-    _prepare_run_dir(run, out, settings, resume=resume, force=force)
     use_bf16 = cfg.bf16 == "on" or (cfg.bf16 == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported())
 
     args = TrainingArguments(
@@ -291,6 +307,7 @@ def finetune(
         disable_tqdm=not progress,
         dataloader_num_workers=0,
         remove_unused_columns=False,
+        ddp_find_unused_parameters=False,  # a causal LM uses every parameter; skip the extra graph walk
         use_cpu=not torch.cuda.is_available(),
     )
     log: list[dict[str, Any]] = json.loads((run / EVAL_LOG).read_text()) if (run / EVAL_LOG).is_file() else []
@@ -328,6 +345,9 @@ def finetune(
             "settings_sha256": settings_hash(settings),
             "resumed_from_step": start_step,
             "steps": steps,
+            "processes": world().size,
+            "distributed": str(trainer.accelerator.distributed_type.value),
+            "global_batch": cfg.batch_size * cfg.grad_accum * world().size,
             "losses": losses,
             "dropout_disabled": dropout_off,
             "bf16": use_bf16,
@@ -340,13 +360,28 @@ def finetune(
             record["inputs"] = {k: v for k, v in merged.items() if v is not None}
         else:
             record[key] = value
-    with atomic_directory(out, force=force) as tmp:
-        trainer.model.to(saved_dtype).save_pretrained(tmp, safe_serialization=True)
-        copy_files(src.path, tmp, TOKENIZER_FILES)
-        if (src.path / "generation_config.json").is_file() and not (tmp / "generation_config.json").exists():
-            shutil.copyfile(src.path / "generation_config.json", tmp / "generation_config.json")
-        write_json(tmp / PROVENANCE, record)
-        if log:
-            write_json(tmp / EVAL_LOG, log)
-    shutil.rmtree(run, ignore_errors=True)
+    # Under FSDP or ZeRO-3 every process holds a shard: gathering the full state dict is a
+    # collective call, so every rank makes it; only the main process receives the tensors.
+    state = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+
+    def write() -> None:
+        net_out = trainer.accelerator.unwrap_model(trainer.model)
+        # the gathered dict holds tied weights (lm_head = embed_tokens) under both names, and the cast
+        # copies no longer share storage: drop the tied ones as save_pretrained would
+        tied = set(getattr(net_out, "all_tied_weights_keys", None) or {})
+        weights = {k: v.detach().to("cpu", saved_dtype) for k, v in state.items() if k not in tied}
+        with atomic_directory(out, force=force) as tmp:
+            net_out.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
+            # save_pretrained records the dtype of the (float32, possibly sharded) training copy
+            net_out.config.dtype = str(saved_dtype).removeprefix("torch.")
+            net_out.config.save_pretrained(tmp)
+            copy_files(src.path, tmp, TOKENIZER_FILES)
+            if (src.path / "generation_config.json").is_file() and not (tmp / "generation_config.json").exists():
+                shutil.copyfile(src.path / "generation_config.json", tmp / "generation_config.json")
+            write_json(tmp / PROVENANCE, record)
+            if log:
+                write_json(tmp / EVAL_LOG, log)
+        shutil.rmtree(run, ignore_errors=True)
+
+    on_main(write)
     return FinetuneResult(out, steps, losses, log, time.perf_counter() - t0, per_step, start_step)

@@ -7,7 +7,7 @@ transfer's memory is bounded by its buffers, not by the model.
 
 from __future__ import annotations
 
-import json
+import math
 import os
 import threading
 from dataclasses import dataclass, field
@@ -16,12 +16,29 @@ from typing import Any
 
 import numpy as np
 
+from ftrecycle.arch import check_config_types
 from ftrecycle.dtypes import from_torch
-from ftrecycle.errors import CheckpointError
-from ftrecycle.io.hub import ResolvedRef, resolve_ref
-from ftrecycle.io.safetensors_format import TensorInfo, pread_exact, read_header
+from ftrecycle.errors import CheckpointError, MemoryBudgetError
+from ftrecycle.io.hub import ResolvedRef, containment_root, inside, resolve_ref
+from ftrecycle.io.jsonfile import open_regular, read_json_object, short
+from ftrecycle.io.safetensors_format import (
+    TensorInfo,
+    count_entries,
+    pread_exact,
+    read_header,
+    read_header_length,
+)
 
 SAFE_INDEX = "model.safetensors.index.json"
+#: Size caps of the JSON files of a model directory (real ones are a few kB and a few MB).
+MAX_CONFIG_BYTES = 16 << 20
+MAX_INDEX_BYTES = 64 << 20
+#: Peak memory that indexing a safetensors header takes: per header byte (the raw bytes, then the
+#: text) and per tensor entry (its parsed JSON, then its TensorInfo). Fitted to VmHWM on
+#: 100,000-tensor headers (+95 MiB for a 7.4 MB header of 1-5 character names, +107 MiB for a
+#: 12.3 MB one of 48-character names: 2.6 bytes per byte + 800 per tensor), then rounded up.
+METADATA_BYTES_PER_HEADER_BYTE = 4
+METADATA_BYTES_PER_TENSOR = 1024
 
 
 @dataclass
@@ -34,6 +51,8 @@ class Checkpoint:
         tensors: every stored tensor, by name.
         files: the weight files, in order.
         format: ``"safetensors"`` or ``"pickle"``.
+        metadata_bytes: the memory its index may have taken (see :func:`metadata_cost`), which a
+            caller counts toward its memory budget.
     """
 
     source: ResolvedRef
@@ -41,6 +60,7 @@ class Checkpoint:
     tensors: dict[str, TensorInfo]
     files: list[Path]
     format: str = "safetensors"
+    metadata_bytes: int = 0
     _memory: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
     _fds: dict[Path, int] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -95,7 +115,7 @@ class Checkpoint:
             with self._lock:
                 fd = self._fds.get(path)
                 if fd is None:
-                    fd = os.open(path, os.O_RDONLY)
+                    fd = open_regular(path, what="safetensors file")
                     self._fds[path] = fd
         return fd
 
@@ -114,34 +134,102 @@ class Checkpoint:
 
 
 def load_config(path: Path, *, required: bool = True) -> dict[str, Any]:
-    """Parse ``config.json`` in ``path``.
+    """Parse and check ``config.json`` in ``path``.
 
     Raises:
-        CheckpointError: it is missing (when ``required``) or not a JSON object.
+        CheckpointError: it is missing (when ``required``), not a regular file, not a JSON
+            object, nested too deeply, or an architecture field has the wrong type.
     """
     cfg = path / "config.json"
-    if not cfg.is_file():
+    if not os.path.lexists(cfg):
         if required:
             raise CheckpointError(f"{path}: no config.json; a Hugging Face model directory needs one")
         return {}
-    try:
-        data = json.loads(cfg.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{cfg}: not valid JSON ({e}); restore the file") from e
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{cfg}: not a JSON object; restore the file")
+    _check_inside(cfg, containment_root(path), "config.json")
+    # transformers writes float("inf") as Infinity (Mamba's time_step_limit), so a config may hold it.
+    data = read_json_object(cfg, what="config", max_bytes=MAX_CONFIG_BYTES, fix="restore the file", allow_nan=True)
+    check_config_types(data, str(cfg))
     return data
 
 
-def _index_safetensors(root: Path, index_name: str, prefix: str) -> tuple[dict[str, TensorInfo], list[Path]] | None:
-    index = root / index_name
-    if index.is_file():
+def _check_inside(file: Path, root: Path, what: str) -> None:
+    if not inside(file, root):
+        raise CheckpointError(
+            f"{file}: the {what} is a symlink that leads out of the model directory ({file.resolve()}); "
+            "replace it with the file itself"
+        )
+
+
+def _shard_name(index: Path, name: object) -> str:
+    """A shard named by an index must be a plain ``*.safetensors`` file name in the model directory."""
+    if (
+        not isinstance(name, str)
+        or not name.endswith(".safetensors")
+        or name in (".", "..")
+        or "/" in name
+        or "\\" in name
+        or "\0" in name
+        or name.startswith(".")
+    ):
+        raise CheckpointError(
+            f"{index}: names shard {short(name)}, which is not a plain *.safetensors file name in the model "
+            "directory (no path separators, no '..', not absolute); re-download the index"
+        )
+    return name
+
+
+def _read_index(index: Path) -> dict[str, str]:
+    data = read_json_object(index, what="shard index", max_bytes=MAX_INDEX_BYTES, fix="re-download it")
+    weight_map = data.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        got = "missing" if weight_map is None else ("empty" if weight_map == {} else f"a {type(weight_map).__name__}")
+        raise CheckpointError(
+            f"{index}: corrupt index (weight_map is {got}; it must map every tensor name to its shard); re-download it"
+        )
+    for shard in weight_map.values():
+        _shard_name(index, shard)
+    return weight_map
+
+
+def metadata_cost(files: list[Path]) -> int:
+    """The peak memory that indexing these safetensors files will take, known without parsing them.
+
+    Raises:
+        CheckpointError: a file is not a regular file or its header length is corrupt.
+    """
+    total = 0
+    for f in files:
+        fd = open_regular(f, what="safetensors file")
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-            shards = sorted(set(weight_map.values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise CheckpointError(f"{index}: corrupt index (no readable weight_map: {e!r}); re-download it") from e
-        missing = [s for s in shards if not (root / s).is_file()]
+            n = read_header_length(fd, f, os.fstat(fd).st_size)
+            total += n * METADATA_BYTES_PER_HEADER_BYTE + count_entries(fd, n) * METADATA_BYTES_PER_TENSOR
+        finally:
+            os.close(fd)
+    return total
+
+
+def _check_metadata_budget(root: Path, files: list[Path], max_metadata_bytes: int | None) -> int:
+    """The memory indexing ``files`` will take, refused up front when it exceeds the budget."""
+    cost = metadata_cost(files)
+    if max_metadata_bytes is not None and cost > max_metadata_bytes:
+        raise MemoryBudgetError(
+            f"{root}: indexing its safetensors headers takes about {cost / 2**20:.0f} MiB, more than the "
+            f"{max(max_metadata_bytes, 0) / 2**20:.0f} MiB that --max-memory leaves for it; "
+            f"raise --max-memory by at least {math.ceil((cost - max_metadata_bytes) / 2**20)} MiB"
+        )
+    return cost
+
+
+def _index_safetensors(
+    root: Path, index_name: str, prefix: str, max_metadata_bytes: int | None = None
+) -> tuple[dict[str, TensorInfo], list[Path], int] | None:
+    index = root / index_name
+    jail = containment_root(root)
+    if os.path.lexists(index):
+        _check_inside(index, jail, "shard index")
+        weight_map = _read_index(index)
+        shards = sorted(set(weight_map.values()))
+        missing = [s for s in shards if not os.path.lexists(root / s)]
         if missing:
             raise CheckpointError(
                 f"{index}: names shard(s) {', '.join(missing)} that are not in {root}; re-download them"
@@ -152,13 +240,16 @@ def _index_safetensors(root: Path, index_name: str, prefix: str) -> tuple[dict[s
         if not files:
             return None
         weight_map = None
+    for f in files:
+        _check_inside(f, jail, "shard")
+    cost = _check_metadata_budget(root, files, max_metadata_bytes)
     tensors: dict[str, TensorInfo] = {}
     for f in files:
         found, _ = read_header(f)
         for name, info in found.items():
             if name in tensors:
                 raise CheckpointError(
-                    f"{root}: tensor {name!r} is stored twice ({tensors[name].path.name} and {f.name})"
+                    f"{root}: tensor {short(name)} is stored twice ({tensors[name].path.name} and {f.name})"
                 )
             tensors[name] = info
     if weight_map is not None:
@@ -166,9 +257,9 @@ def _index_safetensors(root: Path, index_name: str, prefix: str) -> tuple[dict[s
             held = tensors.get(name)
             if held is None or held.path.name != shard:
                 raise CheckpointError(
-                    f"{index}: says tensor {name!r} is in {shard}, which does not hold it; re-download"
+                    f"{index}: says tensor {short(name)} is in {shard}, which does not hold it; re-download"
                 )
-    return tensors, files
+    return tensors, files, cost
 
 
 def _index_pickles(root: Path) -> tuple[dict[str, TensorInfo], list[Path], dict[str, np.ndarray]]:
@@ -177,7 +268,10 @@ def _index_pickles(root: Path) -> tuple[dict[str, TensorInfo], list[Path], dict[
     files = sorted([*root.glob("*.bin"), *root.glob("*.pt")])
     tensors: dict[str, TensorInfo] = {}
     memory: dict[str, np.ndarray] = {}
+    jail = containment_root(root)
     for f in files:
+        _check_inside(f, jail, "weights file")
+        os.close(open_regular(f, what="weights file"))  # torch.load would block on a FIFO
         try:
             state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:
@@ -188,7 +282,7 @@ def _index_pickles(root: Path) -> tuple[dict[str, TensorInfo], list[Path], dict[
             if not isinstance(t, torch.Tensor):
                 continue
             if name in tensors:
-                raise CheckpointError(f"{root}: tensor {name!r} is stored twice")
+                raise CheckpointError(f"{root}: tensor {short(name)} is stored twice")
             memory[name] = t.contiguous().reshape(-1).view(torch.uint8).numpy()
             tensors[name] = TensorInfo(name, from_torch(t.dtype), tuple(t.shape), f, -1)
     return tensors, files, memory
@@ -201,6 +295,7 @@ def open_checkpoint(
     require_config: bool = True,
     index_name: str = SAFE_INDEX,
     prefix: str = "",
+    max_metadata_bytes: int | None = None,
 ) -> Checkpoint:
     """Index a model directory (or hub id) without reading any tensor data.
 
@@ -210,6 +305,8 @@ def open_checkpoint(
         require_config: fail when there is no ``config.json``.
         index_name: the sharded index file name to look for.
         prefix: the file-name prefix of unindexed safetensors shards.
+        max_metadata_bytes: memory the index of this checkpoint may take; larger headers are
+            refused before they are parsed (None: no limit but safetensors' 100 MB per header).
 
     Returns:
         The indexed checkpoint; close it (or use it as a context manager) when done.
@@ -217,14 +314,15 @@ def open_checkpoint(
     Raises:
         CheckpointError: no weights, corrupt or truncated shards, a pickle without ``allow_pickle``.
         HubError: a hub id that cannot be fetched.
+        MemoryBudgetError: the headers would take more than ``max_metadata_bytes`` to index.
     """
     source = ref if isinstance(ref, ResolvedRef) else resolve_ref(ref, allow_pickle=allow_pickle)
     root = source.path
     config = load_config(root, required=require_config)
-    found = _index_safetensors(root, index_name, prefix)
+    found = _index_safetensors(root, index_name, prefix, max_metadata_bytes)
     if found is not None:
-        tensors, files = found
-        return Checkpoint(source, config, tensors, files)
+        tensors, files, cost = found
+        return Checkpoint(source, config, tensors, files, metadata_bytes=cost)
     pickles = sorted([*root.glob("*.bin"), *root.glob("*.pt")])
     if pickles:
         if not allow_pickle:

@@ -32,6 +32,44 @@ class ResolvedRef:
     revision: str | None = None
 
 
+def looks_local(ref: str) -> bool:
+    """Whether a missing model argument was meant as a local path rather than a hub id.
+
+    It was when it starts with ``/``, ``.`` or ``~``, holds a backslash, more than one
+    ``/`` before any ``@revision`` or ends with one, or when its first component exists
+    here (``models/M9`` with a local ``models/`` directory): a typo there must say
+    "no such directory", not "cannot reach the hub".
+    """
+    if ref.startswith(("/", ".", "~")) or "\\" in ref or ref.endswith("/"):
+        return True
+    name = ref.split("@", 1)[0]
+    if name.count("/") != 1:
+        return True
+    return Path(name.split("/", 1)[0]).exists()
+
+
+def containment_root(path: Path) -> Path:
+    """The directory a model directory's symlinks may point into.
+
+    That is the directory itself, except for a Hugging Face cache snapshot
+    (``.../models--org--name/snapshots/<commit>``), whose files are symlinks into the
+    repository's ``blobs/``: there it is that repository folder.
+    """
+    path = path.resolve()
+    if path.parent.name == "snapshots" and (path.parent.parent / "blobs").is_dir():
+        return path.parent.parent
+    return path
+
+
+def inside(target: Path, root: Path) -> bool:
+    """Whether ``target`` (followed through every symlink) lies in ``root`` (already resolved)."""
+    try:
+        target.resolve().relative_to(root)
+    except (ValueError, OSError, RuntimeError):  # RuntimeError: a symlink loop
+        return False
+    return True
+
+
 def resolve_ref(ref: str, *, allow_pickle: bool = False) -> ResolvedRef:
     """Find the local directory for a model argument, downloading from the hub if needed.
 
@@ -46,11 +84,16 @@ def resolve_ref(ref: str, *, allow_pickle: bool = False) -> ResolvedRef:
     p = Path(ref).expanduser()
     if p.exists():
         if not p.is_dir():
-            raise CheckpointError(f"{ref}: is a file; pass the model's directory (the one holding config.json)")
+            raise CheckpointError(
+                f"{ref}: is {'a file' if p.is_file() else 'not a directory'}; pass the model's directory "
+                "(the one holding config.json)"
+            )
         return ResolvedRef(ref, p.resolve())
     m = HUB_ID.match(ref)
-    if m is None or ref.startswith((".", "/", "~")):
-        raise CheckpointError(f"{ref}: no such directory, and not a hub id of the form org/name[@revision]")
+    if m is None or looks_local(ref):
+        raise CheckpointError(
+            f"no such directory: {ref} (a local path, not a hub id of the form org/name[@revision]); check the path"
+        )
     repo_id, revision = m.group("repo"), m.group("rev")
     try:
         from huggingface_hub import snapshot_download

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
-import shutil
+import os
 from pathlib import Path
 from typing import Any
 
-from ftrecycle.errors import ConfigError
+from ftrecycle.errors import CheckpointError, ConfigError, OutputError
+from ftrecycle.io.hub import containment_root, inside
+from ftrecycle.io.jsonfile import open_regular, read_json_object
 
 CONFIG_FILES = ("config.json", "generation_config.json")
 TOKENIZER_FILES = (
@@ -33,12 +35,46 @@ def check_source(value: str, flag: str) -> None:
 
 
 def copy_files(src: Path, dst: Path, names: tuple[str, ...]) -> list[str]:
-    """Copy those of ``names`` that exist in ``src`` into ``dst``; return the copied names."""
+    """Copy those of ``names`` that exist in ``src`` into ``dst``; return the copied names.
+
+    Only regular files are copied, and a symlink is followed only when it stays inside
+    the model directory (or, for a Hugging Face cache snapshot, inside its repository's
+    ``blobs/``): a link to ``~/.ssh/id_rsa`` named ``tokenizer.json`` must not leak
+    that file into an output that may be published.
+
+    Raises:
+        CheckpointError: a name that is a symlink leading out of ``src``, a directory, a
+            FIFO, a device, or unreadable; the message names it.
+    """
+    jail = containment_root(src)
     copied = []
     for name in names:
-        if (src / name).is_file():
-            shutil.copyfile(src / name, dst / name)
-            copied.append(name)
+        path = src / name
+        if not os.path.lexists(path):
+            continue
+        if not inside(path, jail):
+            raise CheckpointError(
+                f"{path}: is a symlink that leads out of the model directory ({path.resolve()}); "
+                "replace it with the file itself or remove it"
+            )
+        with os.fdopen(open_regular(path, what=name), "rb") as fin:
+            try:
+                fout = open(dst / name, "wb")  # closed by the with below; its errors are the output's
+            except OSError as e:
+                raise OutputError(f"{dst / name}: cannot create ({e.strerror or e})") from e
+            with fout:
+                while True:
+                    try:
+                        chunk = fin.read(1 << 20)
+                    except OSError as e:
+                        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from e
+                    if not chunk:
+                        break
+                    try:
+                        fout.write(chunk)
+                    except OSError as e:
+                        raise OutputError(f"{dst / name}: cannot write ({e.strerror or e})") from e
+        copied.append(name)
     return copied
 
 
@@ -49,7 +85,7 @@ def patch_config(path: Path, changes: dict[str, Any]) -> dict[str, Any]:
     5.x reads ``dtype``).
     """
     cfg_path = path / "config.json"
-    cfg = json.loads(cfg_path.read_text())
+    cfg = read_json_object(cfg_path, what="config", allow_nan=True)
     done = {}
     for key, value in changes.items():
         if key == "dtype" and "dtype" not in cfg and "torch_dtype" in cfg:

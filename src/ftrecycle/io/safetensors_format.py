@@ -9,7 +9,6 @@ and then read any element range of any tensor with one positioned read.
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import os
@@ -19,12 +18,18 @@ from pathlib import Path
 
 from ftrecycle.dtypes import BY_CODE, DType
 from ftrecycle.errors import CheckpointError
+from ftrecycle.io.jsonfile import loads_json, open_regular, short
 
 #: Headers larger than this are refused as corrupt (safetensors itself caps at 100 MB).
 MAX_HEADER_BYTES = 100_000_000
+#: Most dimensions a tensor may declare (torch allows 64 too).
+MAX_RANK = 64
+_USIZE_LIMIT = 1 << 64
+_ENTRY_KEYS = frozenset({"dtype", "shape", "data_offsets"})
+_FIX = "re-download or re-save this file"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TensorInfo:
     """Where one tensor lies in one safetensors file.
 
@@ -53,8 +58,95 @@ class TensorInfo:
         return self.numel * self.dtype.itemsize
 
 
+def read_header_length(fd: int, path: Path, size: int) -> int:
+    """The header length a safetensors file declares, checked against the file size.
+
+    Raises:
+        CheckpointError: fewer than 8 bytes, or a length that is absurd or runs past the end of the file.
+    """
+    head = os.pread(fd, 8, 0)
+    if len(head) < 8:
+        raise CheckpointError(f"{path}: not a safetensors file (only {size} bytes); {_FIX}")
+    (n,) = struct.unpack("<Q", head)
+    if n > MAX_HEADER_BYTES:
+        raise CheckpointError(
+            f"{path}: corrupt safetensors header (declares {n} header bytes, more than the "
+            f"{MAX_HEADER_BYTES} safetensors accepts); {_FIX}"
+        )
+    if n < 2 or n + 8 > size:
+        raise CheckpointError(
+            f"{path}: corrupt or truncated safetensors header (declares {n} header bytes, file has {size}); {_FIX}"
+        )
+    return int(n)
+
+
+def count_entries(fd: int, n: int) -> int:
+    """An upper bound on the tensors a header of ``n`` bytes declares, read 1 MiB at a time.
+
+    Every entry has a ``"data_offsets"`` key, so counting that string bounds the entries
+    (a name that contains it only makes the bound larger) without parsing the header.
+    """
+    key, step = b'"data_offsets"', 1 << 20
+    count, at, tail = 0, 8, b""
+    while at < 8 + n:
+        chunk = tail + os.pread(fd, min(step, 8 + n - at), at)
+        if len(chunk) == len(tail):
+            break
+        count += chunk.count(key)
+        at += len(chunk) - len(tail)
+        # keep a tail shorter than the key, so that a key cut by the chunk edge is counted once
+        tail = chunk[-(len(key) - 1) :]
+    return count
+
+
+def _is_uint(value: object) -> bool:
+    # bool is an int in Python but not in JSON; safetensors (serde usize) refuses it, so do we.
+    return type(value) is int and 0 <= value < _USIZE_LIMIT
+
+
+def _entry(path: Path, name: str, entry: object) -> tuple[DType, tuple[int, ...], int, int]:
+    """Validate one tensor entry as safetensors' serde types do: dtype, shape: [usize], data_offsets: [usize; 2]."""
+    where = f"{path}: corrupt safetensors header entry for tensor {short(name)}"
+    if not isinstance(entry, dict):
+        raise CheckpointError(f"{where} (not an object); {_FIX}")
+    # Unknown keys are ignored, as safetensors' serde types do.
+    missing = sorted(_ENTRY_KEYS - set(entry))
+    if missing:
+        raise CheckpointError(f"{where} (no {', '.join(missing)}); {_FIX}")
+    code = entry["dtype"]
+    if not isinstance(code, str) or code not in BY_CODE:
+        raise CheckpointError(f"{where} (dtype {short(code)} is not one of {', '.join(sorted(BY_CODE))}); {_FIX}")
+    dims = entry["shape"]
+    if not isinstance(dims, list) or len(dims) > MAX_RANK or not all(_is_uint(d) for d in dims):
+        raise CheckpointError(
+            f"{where} (shape {short(dims)} is not a list of at most {MAX_RANK} non-negative integers); {_FIX}"
+        )
+    offsets = entry["data_offsets"]
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_uint(x) for x in offsets):
+        raise CheckpointError(
+            f"{where} (data_offsets {short(offsets)} is not [begin, end] of non-negative integers); {_FIX}"
+        )
+    dtype = BY_CODE[code]
+    shape = tuple(dims)
+    begin, end = offsets
+    # Python integers do not overflow; the comparison with end (< 2**64) is safetensors' checked_mul.
+    if end < begin or end - begin != math.prod(shape) * dtype.itemsize:
+        raise CheckpointError(
+            f"{path}: tensor {short(name)} declares shape {list(shape)} of {code} "
+            f"({math.prod(shape) * dtype.itemsize} bytes) but byte range [{begin}, {end}); {_FIX}"
+        )
+    return dtype, shape, begin, end
+
+
 def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """Parse and validate a safetensors file's header.
+    """Parse and validate a safetensors file's header, as strictly as the safetensors library.
+
+    The file must be a regular file (a FIFO or device is refused without blocking);
+    the header a UTF-8 JSON object of at most :data:`MAX_HEADER_BYTES`, nested at most
+    :data:`~ftrecycle.io.jsonfile.MAX_DEPTH` deep; each entry a known dtype, a shape of
+    non-negative integers and ``[begin, end]`` offsets that match it; the tensors must
+    tile the data section exactly (no overlap, no gap, nothing after the last one) and
+    ``__metadata__`` must map strings to strings.
 
     Args:
         path: the ``.safetensors`` file.
@@ -63,60 +155,60 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         The tensors by name, in file order, and the ``__metadata__`` mapping.
 
     Raises:
-        CheckpointError: the file is unreadable, truncated, or its header is corrupt.
+        CheckpointError: the file is unreadable, not a regular file, truncated, or its header is corrupt.
     """
-    fix = "re-download or re-save this file"
+    fd = open_regular(path, what="safetensors file")
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise CheckpointError(f"{path}: not a safetensors file (only {size} bytes); {fix}")
-            (n,) = struct.unpack("<Q", head)
-            if n > MAX_HEADER_BYTES or n + 8 > size:
-                raise CheckpointError(
-                    f"{path}: corrupt or truncated safetensors header (declares {n} header bytes, "
-                    f"file has {size}); {fix}"
-                )
-            raw = f.read(n)
+        size = os.fstat(fd).st_size
+        n = read_header_length(fd, path, size)
+        raw = bytearray(n)
+        pread_exact(fd, memoryview(raw), 8, path)
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read ({e.strerror}); check the path and permissions") from e
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: corrupt safetensors header (not JSON: {e}); {fix}") from e
+    finally:
+        os.close(fd)
+    if not raw.lstrip()[:1] == b"{":
+        raise CheckpointError(f"{path}: corrupt safetensors header (does not start with '{{'); {_FIX}")
+    # No depth walk: every value kept is type-checked below, so nesting cannot reach later code.
+    header = loads_json(raw, source=f"{path} (safetensors header)", max_depth=None, fix=_FIX)
+    del raw
     if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object); {fix}")
-    metadata = header.pop("__metadata__", None) or {}
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object); {_FIX}")
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(f"{path}: corrupt safetensors header (__metadata__ must map strings to strings); {_FIX}")
     data_start = 8 + n
     data_size = size - data_start
-    tensors: list[TensorInfo] = []
-    spans: list[tuple[int, int, str]] = []
+    spans: list[tuple[int, int, str, DType, tuple[int, ...]]] = []
     for name, entry in header.items():
-        try:
-            dtype = BY_CODE[entry["dtype"]]
-            shape = tuple(int(d) for d in entry["shape"])
-            begin, end = (int(x) for x in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"{path}: corrupt header entry for tensor {name!r} ({e!r}); {fix}") from e
-        if any(d < 0 for d in shape) or end - begin != math.prod(shape) * dtype.itemsize or begin < 0:
-            raise CheckpointError(
-                f"{path}: tensor {name!r} declares shape {list(shape)} of {entry['dtype']} but "
-                f"byte range [{begin}, {end}); {fix}"
-            )
+        dtype, shape, begin, end = _entry(path, name, entry)
         if end > data_size:
             raise CheckpointError(
-                f"{path}: truncated: tensor {name!r} ends at byte {data_start + end} but the file has "
-                f"{size} bytes; {fix}"
+                f"{path}: truncated: tensor {short(name)} ends at byte {data_start + end} but the file has "
+                f"{size} bytes; {_FIX}"
             )
-        tensors.append(TensorInfo(name, dtype, shape, path, data_start + begin))
-        spans.append((begin, end, name))
-    spans.sort()
-    for (_, e1, n1), (b2, _, n2) in itertools.pairwise(spans):
-        if b2 < e1:
-            raise CheckpointError(f"{path}: tensors {n1!r} and {n2!r} overlap in the file; {fix}")
-    tensors.sort(key=lambda t: t.offset)
-    return {t.name: t for t in tensors}, {str(k): str(v) for k, v in metadata.items()}
+        spans.append((begin, end, name, dtype, shape))
+    del header
+    spans.sort(key=lambda s: (s[0], s[1]))
+    at, previous = 0, None
+    for begin, end, name, _, _ in spans:
+        if begin < at:
+            raise CheckpointError(f"{path}: tensors {short(previous)} and {short(name)} overlap in the file; {_FIX}")
+        if begin > at:
+            raise CheckpointError(
+                f"{path}: corrupt safetensors header ({begin - at} bytes before tensor {short(name)} belong to no "
+                f"tensor); {_FIX}"
+            )
+        at, previous = end, name
+    if at != data_size:
+        raise CheckpointError(
+            f"{path}: corrupt safetensors file ({data_size - at} bytes after the last tensor belong to no "
+            f"tensor); {_FIX}"
+        )
+    tensors = {name: TensorInfo(name, dtype, shape, path, data_start + begin) for begin, _, name, dtype, shape in spans}
+    return tensors, metadata
 
 
 @dataclass(frozen=True)

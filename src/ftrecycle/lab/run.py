@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ftrecycle.errors import ConfigError
+from ftrecycle.io.output import check_output, os_error, output_lock
 from ftrecycle.lab import paper
 from ftrecycle.lab.aggregate import combine
 from ftrecycle.lab.config import NOT_EVIDENCE, LabConfig
@@ -64,6 +65,7 @@ def _check_config(out: Path, cfg: LabConfig, force: bool) -> None:
             raise ConfigError(
                 f"{out} holds a lab run with other settings ({f}); use another --out, or --force to discard it"
             )
+        check_output(out, [], force=True, what="--out")  # never the current or home directory
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(f, cfg.to_json())
@@ -128,6 +130,15 @@ def run_lab(
     t0 = time.perf_counter()
     cfg = cfg.validate()
     root = Path(out).expanduser().resolve()
+    try:
+        root.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise os_error(e, root) from e
+    with output_lock(root):  # a second run on the same --out fails fast instead of mixing in
+        return _run_locked(cfg, root, force, progress, t0)
+
+
+def _run_locked(cfg: LabConfig, root: Path, force: bool, progress: Progress | None, t0: float) -> LabResult:
     _check_config(root, cfg, force)
     jobs = _all_jobs(cfg, root)
     # One cache for every seed's jobs, so that seeds overlap in the worker pool.

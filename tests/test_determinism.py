@@ -1,0 +1,95 @@
+"""Compressed deltas decode to the same bits whatever the work split, thread count and BLAS kernel.
+
+``scripts/test.sh`` runs this module a second time under another OpenBLAS kernel
+(``OPENBLAS_CORETYPE``), so an assertion that held only for one kernel's summation order fails there.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from ftrecycle import settings
+from ftrecycle.delta.codecs import decode
+from ftrecycle.delta.compute import diff
+from ftrecycle.delta.store import open_delta
+from ftrecycle.transfer import apply_delta
+
+from conftest import bits, load_dir
+
+SPECS = ["lowrank:rank=5", "lowrank:energy=0.7", "sparse:density=0.2", "int8", "sign"]
+
+
+@pytest.fixture(scope="module")
+def deltas(versions, tmp_path_factory):
+    root = tmp_path_factory.mktemp("determinism")
+    v = versions["llama"]
+    out = {}
+    for i, spec in enumerate(SPECS):
+        out[spec] = diff(str(v["source_base"]), str(v["source_finetuned"]), root / str(i), compress=spec).output
+    return out
+
+
+def _fixed_order_product(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a @ b`` summed in rank order with one rounding per multiply and per add (an independent reference)."""
+    acc = np.zeros((a.shape[0], b.shape[1]), dtype=np.float32)
+    for k in range(a.shape[1]):
+        acc = acc + np.outer(a[:, k], b[k]).astype(np.float32)
+    return acc
+
+
+def test_lowrank_decode_is_the_fixed_order_sum_for_cuts_inside_rows(deltas):
+    rng = np.random.default_rng(1)
+    checked = 0
+    for spec in ("lowrank:rank=5", "lowrank:energy=0.7"):
+        ckpt, _, terms, _ = open_delta(deltas[spec])
+        try:
+            for term in terms.values():
+                p = term.packed
+                if p is None or p.method != "lowrank":
+                    continue
+                m, n = term.shape
+                a = _widen(ckpt, p.parts["a"])
+                b = _widen(ckpt, p.parts["b"])
+                want = _fixed_order_product(a, b).reshape(-1)
+                # cuts that fall inside rows, of sizes from 1 element to several rows
+                cuts = np.unique(np.r_[0, rng.integers(1, m * n, 9), n // 2, n + 1, m * n])
+                for s, e in itertools.pairwise(cuts):
+                    got = decode(p, int(s), int(e - s), np.empty(int(e - s), np.float32), {})
+                    assert np.array_equal(got.view(np.int32), want[s:e].view(np.int32)), (spec, term.name, s, e)
+                checked += 1
+        finally:
+            ckpt.close()
+    assert checked >= 4
+
+
+def _widen(ckpt, op) -> np.ndarray:
+    raw = np.empty(op.info.nbytes, dtype=np.uint8)
+    x = ckpt.read(op.info, 0, math.prod(op.info.shape), raw)
+    if op.info.dtype.name == "bfloat16":
+        x = (x.astype(np.uint32) << 16).view(np.float32)
+    return np.asarray(x, dtype=np.float32).reshape(op.info.shape)
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_apply_of_a_compressed_delta_does_not_depend_on_chunk_or_threads(versions, deltas, tmp_path, monkeypatch, spec):
+    v = versions["llama"]
+    outs = []
+    # 999 and 4097 elements per work item split rows of every matrix at odd places; the default does not
+    for chunk, threads in ((None, 1), (999, 1), (999, 2), (4097, 2)):
+        if chunk is not None:
+            monkeypatch.setattr(settings, "chunk_for_budget", lambda *_a, c=chunk: c)
+        out = tmp_path / f"o-{chunk}-{threads}"
+        apply_delta(deltas[spec], str(v["target_base"]), out, out_dtype="float32", threads=threads)
+        outs.append(load_dir(out))
+        monkeypatch.undo()
+    first = outs[0]
+    for other in outs[1:]:
+        assert first.keys() == other.keys()
+        for k in first:
+            diffs = (first[k] != other[k]).sum().item()
+            assert torch.equal(bits(first[k]), bits(other[k])), f"{spec} {k}: {diffs} elements differ"
