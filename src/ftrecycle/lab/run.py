@@ -148,6 +148,7 @@ def _run_locked(cfg: LabConfig, root: Path, force: bool, progress: Progress | No
         if not force:
             raise StaleCache(f"{stale}; use another --out, or --force to discard the run")
         # Job outputs (models) sit beside their cached results: a stale run is discarded whole, never patched.
+        check_output(root, [], force=True, what="--out")  # never the current or home directory
         shutil.rmtree(root)
         _check_config(root, cfg, force)
         jobs = _all_jobs(cfg, root)
