@@ -461,6 +461,7 @@ LINKS: dict[str, tuple[str, Callable[[Path], Path]]] = {
     ),
     "config.json to a key": ("config.json", _secret),
     "tokenizer.json dangling out": ("tokenizer.json", lambda d: d.parent / "nowhere"),
+    "tokenizer.json a symlink loop": ("tokenizer.json", lambda d: Path("tokenizer.json")),
     "model.safetensors to a sibling's weights": ("model.safetensors", lambda d: d.parent / "a" / "model.safetensors"),
 }
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import os
 import signal
@@ -17,10 +18,33 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from ftrecycle import __version__
+from ftrecycle.argtypes import (
+    Parser,
+    alpha_type,
+    batch_size,
+    bounded,
+    check_paths,
+    compression_type,
+    device_type,
+    finite_float,
+    png_path,
+    positive_int,
+    seeds_type,
+    size_type,
+    thread_count,
+    token_count,
+)
 from ftrecycle.errors import ConfigError, FtRecycleError
 from ftrecycle.settings import DEFAULT_MAX_MEMORY, DEFAULT_SHARD_SIZE
+from ftrecycle.values import Bound
 
 MODEL_HELP = "a local model directory, or a Hugging Face Hub id org/name[@revision]"
+INTERNAL_ERROR_EXIT = 3
+DEBUG_ENV = "FTRECYCLE_DEBUG"
+#: `diagnose --data`'s default --max-examples
+DEFAULT_PROBE_EXAMPLES = 256
+#: `eval --builtin`'s default --max-new-tokens (lm-eval's default generation length)
+DEFAULT_NEW_TOKENS = 256
 
 
 def _progress(quiet: bool) -> Callable[[int, int], None] | None:
@@ -50,21 +74,12 @@ def _progress(quiet: bool) -> Callable[[int, int], None] | None:
     return update
 
 
-def _alpha(text: str) -> float | str:
-    if text == "auto":
-        return text
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number or 'auto', got {text!r}") from None
-
-
 def _write_options(p: argparse.ArgumentParser, *, delta: bool = False) -> None:
     g = p.add_argument_group("numerics")
     if not delta:
         g.add_argument(
             "--alpha",
-            type=_alpha,
+            type=alpha_type,
             default=1.0,
             help="scale of the diff: out = target + alpha * diff (default 1.0); `transfer` also takes 'auto': "
             "the alpha of lowest loss on --calibration data (see `ftrecycle diagnose`)",
@@ -86,6 +101,7 @@ def _write_options(p: argparse.ArgumentParser, *, delta: bool = False) -> None:
         g.add_argument(
             "--compress",
             default=None,
+            type=compression_type,
             metavar="SPEC",
             help="store each 2-D tensor compressed: lowrank:rank=R, lowrank:energy=E (smallest rank keeping "
             "that share of the squared norm), lowrank:ratio=X or sparse:ratio=X (X times smaller than dense), "
@@ -145,15 +161,19 @@ def _write_options(p: argparse.ArgumentParser, *, delta: bool = False) -> None:
     r.add_argument(
         "--shard-size",
         default=DEFAULT_SHARD_SIZE,
+        type=size_type("--shard-size"),
         help=f"largest output shard, e.g. 5GB or 500MiB (default {DEFAULT_SHARD_SIZE})",
     )
     r.add_argument(
         "--max-memory",
         default=None,
+        type=size_type("--max-memory"),
         help="peak resident memory of this command; buffers are sized to fit it "
         f"(default: {DEFAULT_MAX_MEMORY} of buffers on top of what the process already holds)",
     )
-    r.add_argument("--threads", type=int, default=None, help="worker threads (default: available cores)")
+    r.add_argument(
+        "--threads", type=thread_count, default=None, help="worker threads (default: available cores, at most 1024)"
+    )
     r.add_argument("--force", action="store_true", help="replace the output directory if it exists")
     r.add_argument("--fsync", action="store_true", help="flush the output to disk before the final rename")
     r.add_argument(
@@ -166,7 +186,7 @@ def _write_options(p: argparse.ArgumentParser, *, delta: bool = False) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``ftrecycle`` command."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="ftrecycle",
         description="Recycle fine-tuning across versions of a language model: move the diff vector "
         "(fine-tuned minus base) of one version onto the next version's base.",
@@ -200,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--compress",
         default=None,
+        type=compression_type,
         metavar="SPEC",
         help="transfer the diff as it would be shipped compressed (a `diff --compress` SPEC, bf16 parts): "
         "shows what a compressed delta costs in quality before you share one",
@@ -254,10 +275,12 @@ def build_parser() -> argparse.ArgumentParser:
         "held by a LoRA: they are left out and listed, with their share of the diff, in ftrecycle.json.",
     )
     ex.add_argument("--delta", required=True, metavar="DELTA", help="a delta directory made by `ftrecycle diff`")
-    ex.add_argument("--rank", required=True, type=int, metavar="R", help="the LoRA rank")
+    ex.add_argument("--rank", required=True, type=positive_int, metavar="R", help="the LoRA rank")
     ex.add_argument("-o", "--output", required=True, metavar="ADAPTER", help="the adapter directory to create")
     ex.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="factor dtype")
-    ex.add_argument("--threads", type=int, default=None, help="worker threads (default: available cores)")
+    ex.add_argument(
+        "--threads", type=thread_count, default=None, help="worker threads (default: available cores, at most 1024)"
+    )
     ex.add_argument("--force", action="store_true", help="replace the output directory if it exists")
 
     dg = sub.add_parser(
@@ -273,9 +296,17 @@ def build_parser() -> argparse.ArgumentParser:
     dg.add_argument("--source-finetuned", required=True, metavar="B", help="the source's fine-tuned model")
     dg.add_argument("--target-base", required=True, metavar="C", help="the new base model")
     dg.add_argument("--data", default=None, metavar="CALIB", help="calibration JSONL (enables the loss probe)")
-    dg.add_argument("--max-examples", type=int, default=256, help="calibration examples used (default 256)")
-    dg.add_argument("--device", default=None, help="the probe's device (default: CUDA when available)")
-    dg.add_argument("--plot", default=None, metavar="PNG", help="also draw drift, diff size and cos by layer")
+    dg.add_argument("--max-examples", type=positive_int, default=None, help="calibration examples used (default 256)")
+    dg.add_argument(
+        "--device", type=device_type, default=None, help="the probe's device (default: CUDA when available)"
+    )
+    dg.add_argument(
+        "--plot",
+        type=png_path,
+        default=None,
+        metavar="PNG",
+        help="also draw drift, diff size and cos by layer into this PNG (its directory must exist)",
+    )
     dg.add_argument("--json", action="store_true", help="print JSON instead of markdown")
 
     demo = sub.add_parser(
@@ -308,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     rf.add_argument("--source-base", required=True, metavar="A", help=f"source base: {MODEL_HELP}")
     rf.add_argument("--source-finetuned", required=True, metavar="B", help="source fine-tuned model")
     rf.add_argument("--target-base", required=True, metavar="C", help="the new base model")
-    rf.add_argument("--alpha", type=float, default=1.0, help="scale of the diff (default 1.0)")
+    rf.add_argument("--alpha", type=finite_float, default=1.0, help="scale of the diff (default 1.0)")
     _finetune_options(rf)
 
     it = sub.add_parser(
@@ -344,10 +375,16 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="score GSM8K-format JSONL with the built-in evaluator instead of lm-eval",
     )
-    ev.add_argument("--batch-size", type=int, default=16, help="generation batch size")
-    ev.add_argument("--limit", type=int, default=None, help="only the first N items of each task")
-    ev.add_argument("--max-new-tokens", type=int, default=256, help="built-in evaluator: most new tokens")
-    ev.add_argument("--device", default=None, help="cpu, cuda, ... (default: CUDA when available)")
+    ev.add_argument("--batch-size", type=batch_size, default=16, help="generation batch size (at most 65536)")
+    ev.add_argument("--limit", type=positive_int, default=None, help="only the first N items of each task")
+    ev.add_argument(
+        "--max-new-tokens",
+        type=token_count,
+        default=None,
+        help="built-in evaluator: most new tokens (default 256; at most 131072, and less than the model's "
+        "context); lm-eval tasks keep their own generation length",
+    )
+    ev.add_argument("--device", type=device_type, default=None, help="cpu, cuda, ... (default: CUDA when available)")
     ev.add_argument(
         "--backend",
         default="auto",
@@ -357,6 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true", help="print JSON instead of a markdown table")
     ev.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off)")
     _lab_parser(sub)
+    check_paths(parser)
     return parser
 
 
@@ -387,12 +425,16 @@ def _diagnose(ns: argparse.Namespace) -> None:
 
     from ftrecycle.diagnose.verdict import diagnose, format_diagnosis
 
+    if ns.data is None:
+        probe_only = [f for f, v in (("--device", ns.device), ("--max-examples", ns.max_examples)) if v is not None]
+        if probe_only:
+            raise ConfigError(f"{' and '.join(probe_only)} set(s) the loss probe, which needs --data CALIB")
     d = diagnose(
         ns.source_base,
         ns.source_finetuned,
         ns.target_base,
         data=ns.data,
-        max_examples=ns.max_examples,
+        max_examples=DEFAULT_PROBE_EXAMPLES if ns.max_examples is None else ns.max_examples,
         device=ns.device,
     )
     if ns.plot:
@@ -428,8 +470,10 @@ def _lab_parser(sub: Any) -> None:
     )
     run.add_argument("--preset", default="tiny", choices=list(PRESETS), help="size of the run (default tiny)")
     run.add_argument("--out", default="ftrecycle-lab", help="run directory (default ./ftrecycle-lab)")
-    run.add_argument("--seeds", default=None, help="comma-separated seeds, overriding the preset's")
-    run.add_argument("--workers", type=int, default=None, help="jobs at once (default: the preset's)")
+    run.add_argument("--seeds", type=seeds_type, default=None, help="comma-separated seeds, overriding the preset's")
+    run.add_argument(
+        "--workers", type=bounded(Bound(int, lo=1, hi=256)), default=None, help="jobs at once (default: the preset's)"
+    )
     run.add_argument("--force", action="store_true", help="discard a run of other settings in --out")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     rep = labsub.add_parser("report", help="rebuild report.md and the plots from a run's results.json")
@@ -437,8 +481,6 @@ def _lab_parser(sub: Any) -> None:
 
 
 def _lab(ns: argparse.Namespace) -> None:
-    from ftrecycle.errors import ConfigError
-
     if ns.lab_command == "report":
         from ftrecycle.lab.run import rebuild_report
 
@@ -448,10 +490,7 @@ def _lab(ns: argparse.Namespace) -> None:
 
     overrides: dict[str, Any] = {}
     if ns.seeds:
-        try:
-            overrides["seeds"] = tuple(int(s) for s in ns.seeds.split(","))
-        except ValueError as e:
-            raise ConfigError(f"--seeds must be comma-separated integers, got {ns.seeds!r}") from e
+        overrides["seeds"] = ns.seeds
     if ns.workers is not None:
         overrides["workers"] = ns.workers
     cfg = preset(ns.preset, **overrides)
@@ -488,7 +527,7 @@ def _lab(ns: argparse.Namespace) -> None:
 def _finetune_options(p: argparse.ArgumentParser) -> None:
     from dataclasses import fields
 
-    from ftrecycle.finetune.config import FinetuneConfig
+    from ftrecycle.finetune.config import FinetuneConfig, flag_name
 
     p.add_argument("--data", required=True, help="training data, JSONL")
     p.add_argument("-o", "--output", required=True, help="directory to create when training completes")
@@ -504,20 +543,31 @@ def _finetune_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training settings (defaults follow the paper)")
     defaults = FinetuneConfig()
     for f in fields(FinetuneConfig):
-        flag = "--" + f.name.replace("_", "-")
+        flag = flag_name(f.name)
         value = getattr(defaults, f.name)
+        bound: Bound | None = f.metadata.get("bound")
         if isinstance(value, bool):
             g.add_argument(flag, action="store_true", help=f.metadata["help"])
+        elif bound is not None:
+            text = f"{f.metadata['help']}: {bound.describe()} (default {value})"
+            g.add_argument(flag, type=bounded(bound), default=value, help=text)
         else:
-            g.add_argument(flag, type=type(value), default=value, help=f"{f.metadata['help']} (default {value})")
+            g.add_argument(
+                flag, choices=f.metadata.get("choices"), default=value, help=f"{f.metadata['help']} (default {value})"
+            )
 
 
 def _finetune_config(ns: argparse.Namespace) -> Any:
     from dataclasses import fields
 
+    from ftrecycle.evaluate.builtin import check_new_tokens
     from ftrecycle.finetune.config import FinetuneConfig
 
-    return FinetuneConfig(**{f.name: getattr(ns, f.name) for f in fields(FinetuneConfig)}).validate()
+    cfg = FinetuneConfig(**{f.name: getattr(ns, f.name) for f in fields(FinetuneConfig)}).validate()
+    if ns.eval_data is not None:  # refused now, not after training when the first evaluation runs
+        model = ns.model if ns.command == "finetune" else ns.target_base
+        check_new_tokens(model, cfg.eval_max_new_tokens, flag="--eval-max-new-tokens")
+    return cfg
 
 
 def _common(ns: argparse.Namespace) -> dict[str, Any]:
@@ -539,7 +589,7 @@ def _common(ns: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def _operation_budget(text: str | None) -> int | str:
+def _operation_budget(text: int | str | None) -> int | str:
     """--max-memory bounds the command's peak RSS: the library gets what the process does not hold yet.
 
     Without the flag the operation gets the library's default budget on top of
@@ -586,25 +636,50 @@ def _eval(ns: argparse.Namespace) -> None:
     from ftrecycle.errors import ConfigError
 
     if ns.builtin:
-        from ftrecycle.evaluate.builtin import evaluate_gsm8k, load_for_eval
+        from ftrecycle.evaluate.builtin import check_new_tokens, evaluate_gsm8k, load_for_eval
         from ftrecycle.evaluate.data import read_gsm8k
+        from ftrecycle.evaluate.harness import resolve_eval_model
 
+        ignored = [
+            flag
+            for flag, given in (("--tasks", ns.tasks), ("--task-dir", ns.task_dir), ("--backend", ns.backend != "auto"))
+            if given
+        ]
+        if ignored:
+            raise ConfigError(
+                f"{', '.join(ignored)} with --builtin: the built-in evaluator scores only the --builtin FILE; "
+                "drop --builtin to run tasks through lm-eval, or drop " + " and ".join(ignored)
+            )
         items = read_gsm8k(ns.builtin)[: ns.limit]
+        paths = {m: resolve_eval_model(m) for m in ns.model}  # every model checked before the first loads
+        max_new_tokens = DEFAULT_NEW_TOKENS if ns.max_new_tokens is None else ns.max_new_tokens
+        for m in paths.values():
+            check_new_tokens(m, max_new_tokens)
         table = {}
         for m in ns.model:
-            model, tok = load_for_eval(m, device=ns.device, trust_remote_code=ns.trust_remote_code)
-            rep = evaluate_gsm8k(model, tok, items, batch_size=ns.batch_size, max_gen_toks=ns.max_new_tokens)
+            model, tok = load_for_eval(paths[m], device=ns.device, trust_remote_code=ns.trust_remote_code)
+            rep = evaluate_gsm8k(model, tok, items, batch_size=ns.batch_size, max_gen_toks=max_new_tokens)
             table[m] = {"strict": rep.strict, "flexible": rep.flexible}
         result: dict[str, Any] = {"table": table}
     else:
         from ftrecycle.evaluate.harness import run_lm_eval
 
-        tasks = [t for t in ns.tasks.split(",") if t]
+        tasks = [t.strip() for t in ns.tasks.split(",") if t.strip()]
+        if len(set(tasks)) != len(tasks):
+            raise ConfigError(f"--tasks {ns.tasks!r} names a task twice")
         if not tasks:
             raise ConfigError("--tasks is empty: name tasks (e.g. gsm8k,mmlu) or use --builtin FILE")
+        if ns.max_new_tokens is not None:
+            raise ConfigError(
+                "--max-new-tokens is for --builtin only: lm-eval tasks use their own generation length "
+                "(the paper's); drop it, or use --builtin FILE"
+            )
+        if ns.task_dir is not None and not os.path.isdir(ns.task_dir):
+            raise ConfigError(f"--task-dir {ns.task_dir}: no such directory of task YAMLs")
         result = run_lm_eval(
             ns.model,
             tasks,
+            backend=ns.backend,
             task_dir=ns.task_dir,
             batch_size=ns.batch_size,
             limit=ns.limit,
@@ -648,7 +723,10 @@ def _signals_interrupt() -> Iterator[list[int]]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``ftrecycle`` command; return its exit code."""
     parser = build_parser()
-    ns = parser.parse_args(argv)
+    try:
+        ns = parser.parse_args(argv)
+    except FtRecycleError as e:  # argparse's own errors, one line (see argtypes.Parser)
+        return _fail(f"ftrecycle: error: {e}", e.exit_code, e)
     from ftrecycle.distributed import is_main
 
     if not is_main():  # under `accelerate launch` every process runs this command; the main one reports
@@ -781,15 +859,76 @@ def _run(ns: argparse.Namespace, got: list[int]) -> int:
     except FtRecycleError as e:
         from ftrecycle.distributed import exit_together, reported_elsewhere
 
-        if not reported_elsewhere(e):  # under accelerate launch the main process prints the main's error
-            print(f"ftrecycle: error: {e}", file=sys.stderr)
-        exit_together(e, e.exit_code)
-        return e.exit_code
+        # under `accelerate launch` the main process alone prints the main's error; all leave together
+        rc = e.exit_code if reported_elsewhere(e) else _fail(f"ftrecycle: error: {e}", e.exit_code, e)
+        exit_together(e, rc)
+        return rc
     except KeyboardInterrupt:
         name = signal.Signals(got[0]).name if got else "SIGINT"
         print(f"ftrecycle: interrupted ({name}); nothing half-written was left under an output name", file=sys.stderr)
         return 128 + (got[0] if got else int(signal.SIGINT))
+    except RecursionError as e:
+        return _fail(
+            "ftrecycle: error: an input is nested too deeply to process (RecursionError); "
+            "check the JSON/YAML files given",
+            2,
+            e,
+        )
+    except MemoryError as e:
+        return _fail(
+            "ftrecycle: error: out of memory (MemoryError); give a smaller --max-memory, --batch-size or "
+            "model, or use a machine with more memory",
+            2,
+            e,
+        )
+    except BrokenPipeError:
+        # the reader of stdout went away (`ftrecycle inspect D | head`): not an error of ours, and nothing
+        # more can be printed there; point stdout at /dev/null so that Python's exit flush stays quiet
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):  # stdout is not a file descriptor (captured, in process)
+            pass
+        return 141
+    except OSError as e:
+        return _fail(f"ftrecycle: error: {_os_error(e)}", 2, e)
+    except Exception as e:
+        return _fail(
+            f"ftrecycle: internal error: {type(e).__name__}{': ' if str(e) else ''}{e} "
+            f"(set {DEBUG_ENV}=1 for the traceback)",
+            INTERNAL_ERROR_EXIT,
+            e,
+        )
     return 0
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split()) if "\n" in text or "\r" in text else text
+
+
+def _fail(message: str, code: int, exc: BaseException) -> int:
+    """Print one line (and, with FTRECYCLE_DEBUG=1, the traceback before it); return the exit code."""
+    if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+        import traceback
+
+        traceback.print_exception(exc, file=sys.stderr)
+    print(_one_line(message), file=sys.stderr)
+    return code
+
+
+def _os_error(e: OSError) -> str:
+    """An OS error as "PATH: cause", with the fix for the usual ones."""
+    cause = e.strerror or str(e) or type(e).__name__
+    where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+    hint = {
+        errno.ENOSPC: "; free some space or write elsewhere",
+        errno.EDQUOT: "; free some space or write elsewhere",
+        errno.EROFS: "; write to a writable location",
+        errno.EACCES: "; check the permissions",
+        errno.EPERM: "; check the permissions",
+        errno.EMFILE: "; raise the open-file limit (ulimit -n)",
+        errno.ENAMETOOLONG: "; use a shorter name",
+    }.get(e.errno or 0, "")
+    return f"{where}: {cause}{hint}" if where else f"{cause}{hint}"
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ Library code raises these and never prints or exits; the command line catches
 
 from __future__ import annotations
 
+import errno
+
 
 class FtRecycleError(Exception):
     """Base class of every error ftrecycle raises on purpose."""
@@ -44,3 +46,19 @@ class NonFiniteError(FtRecycleError):
 
 class MemoryBudgetError(ConfigError):
     """The memory budget is too small for the work asked."""
+
+
+# Causes whose fix is the same whatever file met them: the process or the machine, not the path.
+_RESOURCE_HINTS = {
+    errno.EMFILE: "too many open files: raise the limit (ulimit -n) or use a larger --shard-size",
+    errno.ENFILE: "the system ran out of open files: retry later",
+    errno.ENOMEM: "out of memory: lower --max-memory or --threads",
+    errno.EIO: "an I/O error: check the disk",
+}
+
+
+def os_reason(e: OSError, fix: str) -> str:
+    """``"<cause> [ERRNO]; <fix>"`` for an OS error, with the fix for process-wide causes (EMFILE...)
+    in place of ``fix`` (which is about the path: "check the permissions")."""
+    code = errno.errorcode.get(e.errno or 0, "")
+    return f"{e.strerror or e}{f' [{code}]' if code else ''}; {_RESOURCE_HINTS.get(e.errno or 0, fix)}"

@@ -73,7 +73,7 @@ def _finish_model(
     write_json(tmp / PROVENANCE, record)
     inputs = record["inputs"]
     lines = [
-        "This model was made by [ftrecycle](https://github.com/) by recycling a fine-tuning diff vector "
+        "This model was made by ftrecycle by recycling a fine-tuning diff vector "
         "onto a new base model (m't ~ m_t + alpha * (m'_s - m_s)).",
         "",
         "| role | model | revision |",
@@ -415,9 +415,13 @@ def apply_delta(
         output,
     )
     with contextlib.ExitStack() as stack:
-        d, manifest, terms, aliases = open_delta(delta, check=verify, threads=settings.threads)
+        # the indexes count toward --max-memory, as in transfer()
+        meta = settings.max_memory
+        d, manifest, terms, aliases = open_delta(delta, check=verify, threads=settings.threads, max_metadata_bytes=meta)
         stack.callback(d.close)
-        c = stack.enter_context(open_checkpoint(target_base, allow_pickle=allow_pickle))
+        meta -= d.metadata_bytes
+        c = stack.enter_context(open_checkpoint(target_base, allow_pickle=allow_pickle, max_metadata_bytes=meta))
+        meta -= c.metadata_bytes
         out = check_output(out, [d.path, c.path, delta, target_base], force=force)
         check_compatible({"delta's base": d.config, "target base": c.config})
         files = finetuned_files(
@@ -437,7 +441,7 @@ def apply_delta(
             inputs,
             files,
             out,
-            settings,
+            replace(settings, max_memory=meta),
             odt,
             vocab=vocab,
             on_missing=on_missing,

@@ -64,6 +64,9 @@ class Compression:
         return {k: v for k, v in found.items() if v is not None}
 
 
+#: the largest lowrank rank and compression ratio a spec may ask (beyond them a number is a typo)
+MAX_RANK = 2**20
+MAX_RATIO = 1e6
 _ALLOWED = {"lowrank": ("rank", "energy", "ratio"), "sparse": ("density", "ratio"), "int8": (), "sign": ()}
 
 
@@ -87,12 +90,22 @@ def parse_compression(text: str | Compression | None) -> Compression | None:
         if not eq or key not in _ALLOWED[method]:
             allowed = ", ".join(f"{k}=" for k in _ALLOWED[method]) or "no parameters"
             raise ConfigError(f"--compress {text!r}: {method} takes {allowed}")
+        if key in opts:
+            raise ConfigError(f"--compress {text!r}: {key} is given twice; give it once")
         try:
             opts[key] = float(value)
         except ValueError as e:
             raise ConfigError(f"--compress {text!r}: {key} must be a number") from e
+        if not math.isfinite(opts[key]):
+            raise ConfigError(f"--compress {text!r}: {key} must be a finite number")
     if _ALLOWED[method] and len(opts) != 1:
         raise ConfigError(f"--compress {text!r}: give exactly one of {', '.join(_ALLOWED[method])}")
+    rank = opts.get("rank")
+    if rank is not None and not (rank.is_integer() and 1 <= rank <= MAX_RANK):
+        raise ConfigError(f"--compress {text!r}: rank must be a positive integer of at most {MAX_RANK}")
+    ratio = opts.get("ratio")
+    if ratio is not None and ratio > MAX_RATIO:
+        raise ConfigError(f"--compress {text!r}: ratio must be at most {MAX_RATIO:g}")
     c = Compression(method, **{k: (int(v) if k == "rank" else v) for k, v in opts.items()})  # type: ignore[arg-type]
     if c.rank is not None and (c.rank < 1 or c.rank != opts.get("rank")):
         raise ConfigError(f"--compress {text!r}: rank must be a positive integer")

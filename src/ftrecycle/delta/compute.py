@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -89,17 +90,22 @@ def diff(
     spec = parse_compression(compress)
     out = Path(output).expanduser()
     with contextlib.ExitStack() as stack:
-        a = stack.enter_context(open_checkpoint(base, allow_pickle=allow_pickle))
+        # the indexes count toward --max-memory (as in transfer); the encoders and buffers get the rest
+        meta = settings.max_memory
+        a = stack.enter_context(open_checkpoint(base, allow_pickle=allow_pickle, max_metadata_bytes=meta))
+        meta -= a.metadata_bytes
         if is_adapter(finetuned):
             terms, aliases, records, fin_desc, fin_files = adapter_terms(a, finetuned)
         else:
-            b = stack.enter_context(open_checkpoint(finetuned, allow_pickle=allow_pickle))
+            b = stack.enter_context(open_checkpoint(finetuned, allow_pickle=allow_pickle, max_metadata_bytes=meta))
+            meta -= b.metadata_bytes
             check_compatible({"base": a.config, "fine-tuned": b.config})
             terms, aliases, records = source_terms(a, b, vocab=vocab, on_missing=on_missing)
             fin_desc, fin_files = describe_input(b), b.path
         adapter = [Path(finetuned).expanduser()] if is_adapter(finetuned) else []
         check_names([*terms, *aliases], a.path)
         out = check_output(out, [a.path, fin_files, *adapter, base, finetuned], force=force)
+        settings = replace(settings, max_memory=meta)
         plan = plan_diff(terms, ddt)
         engine = settings.engine(0, None)
         ranks = _energy_ranks(spec, terms, ddt, settings, engine.chunk) if spec and spec.energy else {}

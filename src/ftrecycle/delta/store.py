@@ -282,7 +282,7 @@ def _check_indices(name: str, p: Packed) -> None:
 
 
 def open_delta(
-    path: str | Path, *, check: bool = True, threads: int = 1
+    path: str | Path, *, check: bool = True, threads: int = 1, max_metadata_bytes: int | None = None
 ) -> tuple[Checkpoint, dict[str, Any], dict[str, Term], dict[str, str]]:
     """Open a delta directory.
 
@@ -290,6 +290,8 @@ def open_delta(
         path: the directory.
         check: verify every tensor's checksum first (one read of the delta).
         threads: threads for the checksums.
+        max_metadata_bytes: refuse shards whose index would take more memory than this
+            (see :func:`ftrecycle.io.checkpoint.open_checkpoint`).
 
     Returns:
         The indexed shards, the manifest, the diff's terms, and its tied aliases.
@@ -301,7 +303,9 @@ def open_delta(
     if not p.is_dir():
         raise CheckpointError(f"{path}: no such delta directory")
     manifest = read_manifest(p)
-    ckpt = open_checkpoint(str(p), require_config=False, index_name=INDEX, prefix=PREFIX)
+    ckpt = open_checkpoint(
+        str(p), require_config=False, index_name=INDEX, prefix=PREFIX, max_metadata_bytes=max_metadata_bytes
+    )
     ckpt.config = dict(manifest.get("base_config") or {})
     try:
         terms = _terms(p, ckpt, manifest)

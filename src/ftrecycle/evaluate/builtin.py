@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ftrecycle.distributed import active, gather, world
+from ftrecycle.errors import ConfigError
 from ftrecycle.evaluate.gsm8k import STOP, Scored, build_prompt, score, truncate_at_stop
 
 DEFAULT_MAX_LENGTH = 2048
@@ -63,6 +64,32 @@ class _StopOnStrings:
         return torch.tensor(done, device=input_ids.device)
 
 
+def check_new_tokens(path: str, max_gen_toks: int, *, flag: str = "--max-new-tokens") -> None:
+    """Refuse ``max_gen_toks`` that leaves no room for a prompt in the model's context, before loading it.
+
+    Raises:
+        ConfigError: ``max_gen_toks`` is not below the context length config.json gives.
+    """
+    import json
+    from pathlib import Path
+
+    try:
+        cfg = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return  # the loader reports an unreadable config; the context is checked again after loading
+    if not isinstance(cfg, dict):
+        return
+    for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
+        value = cfg.get(attr)
+        if isinstance(value, int) and not isinstance(value, bool):
+            if max_gen_toks >= value:
+                raise ConfigError(
+                    f"{flag} {max_gen_toks} leaves no room for a prompt in the context of {path} "
+                    f"({value} tokens); give fewer than {value}"
+                )
+            return
+
+
 def max_context(model: Any, tokenizer: Any) -> int:
     """The longest sequence the model takes, as lm-eval resolves it."""
     for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
@@ -94,9 +121,15 @@ def generate(
         else None
     )
     until = list(stops) + ([eos] if eos and eos not in stops else [])
-    max_ctx = max_context(model, tokenizer) - max_gen_toks
+    if batch_size < 1 or max_gen_toks < 1:
+        raise ConfigError(f"batch size and new tokens must be at least 1, got {batch_size} and {max_gen_toks}")
+    context = max_context(model, tokenizer)
+    max_ctx = context - max_gen_toks
     if max_ctx <= 0:
-        raise ValueError(f"max_gen_toks {max_gen_toks} leaves no room for a prompt in {max_ctx + max_gen_toks} tokens")
+        raise ConfigError(
+            f"--max-new-tokens {max_gen_toks} leaves no room for a prompt in the model's context of "
+            f"{context} tokens; give fewer than {context}"
+        )
     order = sorted(range(len(prompts)), key=lambda i: (-len(tokenizer.encode(prompts[i])), prompts[i]))
     batches = [order[b : b + batch_size] for b in range(0, len(order), batch_size)]
     # Under `accelerate launch` process r takes batches r, r+N, ...: the batches themselves are
@@ -187,21 +220,25 @@ def evaluate_gsm8k(
     )
 
 
-def load_for_eval(
-    path: str, *, device: str | None = None, trust_remote_code: bool = False, allow_pickle: bool = False
-) -> tuple[Any, Any]:
+def load_for_eval(path: str, *, device: str | None = None, trust_remote_code: bool = False) -> tuple[Any, Any]:
     """Load a model and tokenizer the way lm-eval's hf backend does (checkpoint dtype, eval mode).
 
-    Weights are read from safetensors only, unless ``allow_pickle`` (pickles can run code when loaded).
+    Raises:
+        CheckpointError: ``path`` is not a model directory with safetensors weights (checked first).
     """
     import torch
-    from transformers import AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ftrecycle.io.hf_load import load_causal_lm
+    from ftrecycle.evaluate.harness import loading, resolve_eval_model
 
+    path = resolve_eval_model(path)
     # under `accelerate launch` each process evaluates its share of the items on its own GPU
     dev = device or (f"cuda:{world().local_rank}" if torch.cuda.is_available() else "cpu")
-    model: Any = load_causal_lm(path, dtype="auto", allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    with loading(path):
+        model: Any = AutoModelForCausalLM.from_pretrained(
+            path, dtype="auto", use_safetensors=True, trust_remote_code=trust_remote_code
+        )
     model = model.to(dev)
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    with loading(path, "tokenizer"):
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     return model.eval(), tokenizer

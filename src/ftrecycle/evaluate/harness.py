@@ -8,12 +8,14 @@ with the last number extracted; MATH500 4-shot; ARC-Challenge 25-shot; GPQA
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ftrecycle.errors import ConfigError
+from ftrecycle.errors import CheckpointError, ConfigError, DataError, FtRecycleError
 
 
 @dataclass(frozen=True)
@@ -132,6 +134,87 @@ def _primary(task_results: dict[str, Any], metric: str) -> tuple[str, float] | N
     return None
 
 
+def resolve_eval_model(ref: str) -> str:
+    """The local directory of a model to evaluate, checked before any loader sees it.
+
+    A hub id is fetched (safetensors only) through :func:`ftrecycle.io.hub.resolve_ref`; a
+    path that looks local (its first component exists here, or it starts with ``.``, ``/``
+    or ``~``) and does not exist is reported as missing, not looked up on the hub.
+
+    Raises:
+        CheckpointError: not a directory, a PEFT adapter, no config.json, or no safetensors weights.
+        HubError: a hub id that cannot be fetched.
+    """
+    from ftrecycle.io.hub import resolve_ref
+
+    p = Path(ref).expanduser()
+    if not p.exists():
+        first = Path(ref).parts[0] if Path(ref).parts else ref
+        if ref.startswith((".", "/", "~")) or (len(Path(ref).parts) > 1 and Path(first).is_dir()):
+            raise CheckpointError(f"{ref}: no such model directory")
+    path = resolve_ref(ref).path
+    if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+        raise CheckpointError(
+            f"{ref}: is a PEFT LoRA adapter, not a model; merge it into its base first: ftrecycle transfer "
+            "--source-base BASE --source-finetuned ADAPTER --target-base BASE -o MERGED, then evaluate MERGED"
+        )
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{ref}: not a model directory (no config.json); pass a Hugging Face model directory")
+    if not any(path.glob("*.safetensors")):
+        pickles = sorted(q.name for q in (*path.glob("*.bin"), *path.glob("*.pt")))
+        if pickles:
+            raise CheckpointError(
+                f"{ref}: holds only pickle weights ({pickles[0]}), which eval does not load; convert them to "
+                "safetensors first (e.g. ftrecycle transfer ... --allow-pickle writes safetensors)"
+            )
+        raise CheckpointError(f"{ref}: no weights (*.safetensors) in the model directory")
+    from ftrecycle.io.checkpoint import open_checkpoint
+    from ftrecycle.io.hub import ResolvedRef
+    from ftrecycle.io.model_files import TOKENIZER_FILES
+
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise CheckpointError(
+            f"{ref}: no tokenizer files (tokenizer.json, tokenizer.model...); copy the tokenizer of its base model"
+        )
+
+    # ftrecycle's own reader checks config.json and every safetensors header before transformers sees them
+    with open_checkpoint(ResolvedRef(ref, path)) as ckpt:
+        if not isinstance(ckpt.config.get("model_type"), str):
+            raise CheckpointError(f"{path / 'config.json'}: no model_type; restore the model's config.json")
+    return str(path)
+
+
+@contextlib.contextmanager
+def loading(path: str, what: str = "model") -> Iterator[None]:
+    """Turn a loader's failure (transformers, tokenizers, lm-eval) on a checked directory into one line.
+
+    Raises:
+        CheckpointError: naming the directory, what was being loaded and the loader's first line.
+    """
+    try:
+        yield
+    except FtRecycleError:
+        raise
+    except (ValueError, OSError, RuntimeError, KeyError, TypeError, ImportError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CheckpointError(f"{path}: transformers cannot load the {what} ({type(e).__name__}: {first[:300]})") from e
+
+
+def _dataset_error(task: str, e: BaseException) -> FtRecycleError | None:
+    """A one-line error for a task whose data cannot be read: offline and not cached, or a missing file."""
+    module = type(e).__module__ or ""
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if isinstance(e, ConnectionError) or module.startswith(("datasets", "huggingface_hub", "requests", "httpx")):
+        return DataError(
+            f"task {task}: its data set is not available offline or in the Hugging Face cache ({text}); "
+            "run it once with network access, or evaluate local files (--task-dir YAMLs, --builtin FILE)"
+        )
+    if isinstance(e, FileNotFoundError):
+        detail = f"data file {e.filename} not found" if e.filename else text
+        return DataError(f"task {task}: {detail}; check the task's data_files")
+    return None
+
+
 def choose_backend(backend: str) -> str:
     """``hf`` or ``vllm``; ``auto`` takes vLLM when it is installed and a GPU is present.
 
@@ -196,7 +279,10 @@ def run_lm_eval(
 
     Raises:
         ConfigError: lm-eval is not installed, or a task is unknown.
+        CheckpointError: a model is not a model directory (see :func:`resolve_eval_model`).
+        DataError: a task's data set is not available offline, or its data file is missing.
     """
+    paths = {m: resolve_eval_model(m) for m in models}  # before lm-eval's slow start: bad paths fail at once
     try:
         import lm_eval
         from lm_eval.tasks import TaskManager
@@ -220,20 +306,27 @@ def run_lm_eval(
     raw: dict[str, Any] = {}
     samples: dict[str, Any] = {}
     for m in models:
-        lm = _load_lm(engine, m, batch_size=batch_size, device=dev, trust_remote_code=trust_remote_code)
+        with loading(m):
+            lm = _load_lm(engine, paths[m], batch_size=batch_size, device=dev, trust_remote_code=trust_remote_code)
         table[m], metrics[m], raw[m], samples[m] = {}, {}, {}, {}
         for name, spec in specs.items():
             gen_kwargs = {"max_gen_toks": spec.max_gen_toks} if spec.max_gen_toks else None
-            out = lm_eval.simple_evaluate(
-                model=lm,
-                tasks=[spec.task],
-                num_fewshot=spec.num_fewshot,
-                task_manager=manager,
-                limit=limit,
-                log_samples=log_samples,
-                gen_kwargs=gen_kwargs,
-                bootstrap_iters=0,
-            )
+            try:
+                out = lm_eval.simple_evaluate(
+                    model=lm,
+                    tasks=[spec.task],
+                    num_fewshot=spec.num_fewshot,
+                    task_manager=manager,
+                    limit=limit,
+                    log_samples=log_samples,
+                    gen_kwargs=gen_kwargs,
+                    bootstrap_iters=0,
+                )
+            except OSError as e:  # datasets' "Couldn't reach ... on the Hub" is a ConnectionError
+                err = _dataset_error(name, e)
+                if err is None:
+                    raise
+                raise err from e
             if out is None:
                 # lm-eval's own data-parallel path under `accelerate launch`: every process scores its
                 # share and only the main process gets the results back (it is the one that reports)

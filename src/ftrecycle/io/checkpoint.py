@@ -19,7 +19,7 @@ import numpy as np
 from ftrecycle.arch import check_config_types
 from ftrecycle.dtypes import from_torch
 from ftrecycle.errors import CheckpointError, MemoryBudgetError
-from ftrecycle.io.hub import ResolvedRef, containment_root, inside, resolve_ref
+from ftrecycle.io.hub import ResolvedRef, containment_root, inside, link_target, resolve_ref
 from ftrecycle.io.jsonfile import open_regular, read_json_object, short
 from ftrecycle.io.safetensors_format import (
     TensorInfo,
@@ -155,7 +155,7 @@ def load_config(path: Path, *, required: bool = True) -> dict[str, Any]:
 def _check_inside(file: Path, root: Path, what: str) -> None:
     if not inside(file, root):
         raise CheckpointError(
-            f"{file}: the {what} is a symlink that leads out of the model directory ({file.resolve()}); "
+            f"{file}: the {what} is a symlink that leads out of the model directory ({link_target(file)}); "
             "replace it with the file itself"
         )
 
@@ -203,6 +203,8 @@ def metadata_cost(files: list[Path]) -> int:
         try:
             n = read_header_length(fd, f, os.fstat(fd).st_size)
             total += n * METADATA_BYTES_PER_HEADER_BYTE + count_entries(fd, n) * METADATA_BYTES_PER_TENSOR
+        except OSError as e:
+            raise CheckpointError(f"{f}: cannot read ({e.strerror or e}); check the file") from e
         finally:
             os.close(fd)
     return total

@@ -61,6 +61,14 @@ def containment_root(path: Path) -> Path:
     return path
 
 
+def link_target(path: Path) -> str:
+    """Where a symlink finally leads, for messages (a loop says so instead of raising)."""
+    try:
+        return str(path.resolve())
+    except (OSError, RuntimeError):  # RuntimeError: a symlink loop (Python < 3.13)
+        return "a symlink loop"
+
+
 def inside(target: Path, root: Path) -> bool:
     """Whether ``target`` (followed through every symlink) lies in ``root`` (already resolved)."""
     try:

@@ -19,7 +19,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from ftrecycle.errors import CheckpointError, FtRecycleError
+from ftrecycle.errors import CheckpointError, FtRecycleError, os_reason
 
 #: Deepest nesting of arrays/objects accepted; real configs and manifests stay under 10.
 MAX_DEPTH = 64
@@ -70,13 +70,13 @@ def open_regular(path: Path, *, what: str, error: type[FtRecycleError] = Checkpo
     try:
         st = os.stat(path)
     except OSError as e:
-        raise error(f"{path}: cannot read the {what} ({e.strerror or e}); check the path") from e
+        raise error(f"{path}: cannot read the {what}: {os_reason(e, 'check the path')}") from e
     if not stat.S_ISREG(st.st_mode):
         raise error(f"{path}: the {what} is {_kind(st.st_mode)}, not a regular file; replace it with the real file")
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except OSError as e:
-        raise error(f"{path}: cannot open the {what} ({e.strerror or e}); check the permissions") from e
+        raise error(f"{path}: cannot open the {what}: {os_reason(e, 'check the permissions')}") from e
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
@@ -110,7 +110,7 @@ def read_bytes(
             if got > max_bytes:
                 raise error(f"{path}: the {what} grew past the {max_bytes} bytes accepted while read; {_FIX}")
     except OSError as e:
-        raise error(f"{path}: cannot read the {what} ({e.strerror or e}); check the file") from e
+        raise error(f"{path}: cannot read the {what}: {os_reason(e, 'check the file')}") from e
     finally:
         os.close(fd)
     return b"".join(chunks)

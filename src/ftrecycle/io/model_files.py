@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ftrecycle.errors import CheckpointError, ConfigError, OutputError
-from ftrecycle.io.hub import containment_root, inside
+from ftrecycle.io.hub import containment_root, inside, link_target
 from ftrecycle.io.jsonfile import open_regular, read_json_object
 
 CONFIG_FILES = ("config.json", "generation_config.json")
@@ -54,7 +54,7 @@ def copy_files(src: Path, dst: Path, names: tuple[str, ...]) -> list[str]:
             continue
         if not inside(path, jail):
             raise CheckpointError(
-                f"{path}: is a symlink that leads out of the model directory ({path.resolve()}); "
+                f"{path}: is a symlink that leads out of the model directory ({link_target(path)}); "
                 "replace it with the file itself or remove it"
             )
         with os.fdopen(open_regular(path, what=name), "rb") as fin:

@@ -7,6 +7,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import math
 import os
 import re
 import secrets
@@ -22,6 +23,8 @@ from ftrecycle.errors import ConfigError, FtRecycleError, OutputError
 from ftrecycle.io.safetensors_format import PlannedTensor, build_header
 
 TMP_MARK = ".ftrecycle-tmp-"
+#: the largest size --shard-size or --max-memory accept (1 PiB): beyond it a number is a typo
+MAX_SIZE = 2**50
 _UNITS = {
     "": 1,
     "B": 1,
@@ -40,8 +43,10 @@ def parse_size(text: str | int, *, flag: str = "size") -> int:
     """Parse ``"5GB"``, ``"512MiB"`` or a plain byte count.
 
     Raises:
-        ConfigError: not a positive size.
+        ConfigError: not a finite positive size, or one above ``MAX_SIZE`` (1 PiB).
     """
+    if isinstance(text, bool):
+        raise ConfigError(f"{flag} {text!r} is not a size like 5GB, 512MiB or 1000000")
     if isinstance(text, int):
         value = text
     else:
@@ -49,11 +54,17 @@ def parse_size(text: str | int, *, flag: str = "size") -> int:
         num = s.rstrip("KMGTIB")
         unit = s[len(num) :]
         try:
-            value = int(float(num) * _UNITS[unit])
+            number = float(num)
+            factor = _UNITS[unit]
         except (ValueError, KeyError) as e:
             raise ConfigError(f"{flag} {text!r} is not a size like 5GB, 512MiB or 1000000") from e
+        if not math.isfinite(number) or number * factor > MAX_SIZE:
+            raise ConfigError(f"{flag} {text!r} is not a finite size of at most 1PiB")
+        value = int(number * factor)
     if value <= 0:
         raise ConfigError(f"{flag} must be positive, got {text!r}")
+    if value > MAX_SIZE:
+        raise ConfigError(f"{flag} {text!r} is above the largest size accepted, 1PiB")
     return value
 
 
@@ -111,8 +122,16 @@ def output_path(output: str | Path) -> Path:
     """
     p = Path(output).expanduser()
     if p.name in ("", ".", ".."):
+        return _real(p)
+    return _real(p.absolute().parent) / p.name
+
+
+def _real(p: Path) -> Path:
+    """``p`` with every symbolic link resolved; a link loop is an :class:`OutputError`, not a RuntimeError."""
+    try:
         return p.resolve()
-    return p.absolute().parent.resolve() / p.name
+    except (OSError, RuntimeError) as e:  # Python < 3.13 raises RuntimeError for a loop
+        raise OutputError(f"{p}: cannot resolve the path ({e}); remove the symbolic link loop") from e
 
 
 def sibling_name(out: Path, tag: str) -> str:
@@ -165,7 +184,10 @@ def _overlap(o: Path, i: Path) -> str | None:
             for name in (*dirnames, *filenames):
                 p = Path(dirpath) / name
                 if p.is_symlink():
-                    t = p.resolve()
+                    try:
+                        t = p.resolve()
+                    except (OSError, RuntimeError):  # a link loop points nowhere, so not into the output
+                        continue
                     if t == o or o in t.parents:
                         return f"holds a link ({p}) into"
     return None
@@ -185,14 +207,14 @@ def check_no_overlap(out: str | Path, inputs: Iterable[str | Path | None], *, wh
         OutputError: naming the output, the input and the fix.
     """
     o = output_path(out)
-    real = o.resolve()
+    real = _real(o)
     for given in inputs:
         if given is None:
             continue
         p = Path(given).expanduser()
         if not os.path.lexists(p):
             continue  # a hub id, or a file another check reports as missing
-        i = p.resolve()
+        i = _real(p)
         how = _overlap(real, i)
         if how is not None:
             raise OutputError(
@@ -255,7 +277,7 @@ def _check_output(out: str | Path, inputs: list[str | Path | None], *, force: bo
             "give the link's target or another path"
         )
     cwd = Path.cwd().resolve()
-    real = o.resolve()
+    real = _real(o)
     if real == cwd or real in cwd.parents:
         raise OutputError(
             f"{what} {out} is the current directory or holds it: give the name of a new directory to create"

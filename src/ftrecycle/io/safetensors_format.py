@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ftrecycle.dtypes import BY_CODE, DType
-from ftrecycle.errors import CheckpointError
+from ftrecycle.errors import CheckpointError, os_reason
 from ftrecycle.io.jsonfile import loads_json, open_regular, short
 
 #: Headers larger than this are refused as corrupt (safetensors itself caps at 100 MB).
@@ -142,8 +142,8 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Parse and validate a safetensors file's header, as strictly as the safetensors library.
 
     The file must be a regular file (a FIFO or device is refused without blocking);
-    the header a UTF-8 JSON object of at most :data:`MAX_HEADER_BYTES`, nested at most
-    :data:`~ftrecycle.io.jsonfile.MAX_DEPTH` deep; each entry a known dtype, a shape of
+    the header a UTF-8 JSON object of at most :data:`MAX_HEADER_BYTES` without duplicate
+    names (nesting is bounded by the entry types); each entry a known dtype, a shape of
     non-negative integers and ``[begin, end]`` offsets that match it; the tensors must
     tile the data section exactly (no overlap, no gap, nothing after the last one) and
     ``__metadata__`` must map strings to strings.
@@ -164,7 +164,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         raw = bytearray(n)
         pread_exact(fd, memoryview(raw), 8, path)
     except OSError as e:
-        raise CheckpointError(f"{path}: cannot read ({e.strerror}); check the path and permissions") from e
+        raise CheckpointError(f"{path}: cannot read: {os_reason(e, 'check the path and permissions')}") from e
     finally:
         os.close(fd)
     if not raw.lstrip()[:1] == b"{":
