@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ftrecycle.distributed import is_main, on_main
+from ftrecycle.distributed import barrier, is_main, on_main
 from ftrecycle.errors import ConfigError
 from ftrecycle.finetune.config import FinetuneConfig
 from ftrecycle.finetune.train import FinetuneResult, finetune
@@ -475,6 +475,7 @@ def iterate(spec: ChainSpec, *, progress: bool = False, force: bool = False) -> 
         (out / "summary.md").write_text(summary_table(rows, spec.mode))
 
     on_main(summarise)
+    barrier()  # leave together: a rank that exits while another still tears down its process group can abort it
     return rows
 
 
