@@ -353,6 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
     it.add_argument("chain", metavar="CHAIN.yaml", help="the chain file")
     it.add_argument("-o", "--output", default=None, help="override the chain file's output directory")
     it.add_argument("--progress", action="store_true", help="show training progress bars")
+    it.add_argument(
+        "--force", action="store_true", help="recompute the versions made with other settings instead of refusing"
+    )
 
     ev = sub.add_parser(
         "eval",
@@ -514,6 +517,8 @@ def _lab(ns: argparse.Namespace) -> None:
     result = run_lab(cfg, ns.out, force=ns.force, progress=progress)
     if bar:
         bar[0].close()
+    if result.not_evidence:
+        print(f"NOT EVIDENCE: {result.not_evidence}")
     for f in result.findings:
         print(f"finding {f['id']}: {'PASS' if f['passed'] else 'FAIL'}  {f['claim']}")
     print(f"report: {result.report}  ({result.jobs_run} jobs run, {result.seconds:.0f} s)")
@@ -530,6 +535,11 @@ def _finetune_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
     p.add_argument("--force", action="store_true", help="replace the output / discard an unfinished run")
     p.add_argument("--progress", action="store_true", help="show the training progress bar")
+    p.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="accept .bin/.pt weights (transformers then unpickles them); off because pickles can run code",
+    )
     g = p.add_argument_group("training settings (defaults follow the paper)")
     defaults = FinetuneConfig()
     for f in fields(FinetuneConfig):
@@ -808,6 +818,7 @@ def _run(ns: argparse.Namespace, got: list[int]) -> int:
                     resume=ns.resume,
                     force=ns.force,
                     progress=ns.progress,
+                    allow_pickle=ns.allow_pickle,
                 )
             )
         elif ns.command == "recycle-finetune":
@@ -826,13 +837,14 @@ def _run(ns: argparse.Namespace, got: list[int]) -> int:
                     resume=ns.resume,
                     force=ns.force,
                     progress=ns.progress,
+                    allow_pickle=ns.allow_pickle,
                 )
             )
         elif ns.command == "iterate":
             from ftrecycle.recycle import ChainSpec, iterate, summary_table
 
             spec = ChainSpec.load(ns.chain, output=ns.output)
-            print(summary_table(iterate(spec, progress=ns.progress), spec.mode), end="")
+            print(summary_table(iterate(spec, progress=ns.progress, force=ns.force), spec.mode), end="")
         elif ns.command == "eval":
             _eval(ns)
         elif ns.command == "diagnose":

@@ -102,9 +102,10 @@ def mean_loss(model: Any, batches: Sequence[dict[str, Any]]) -> float:
 @contextmanager
 def _models(source_base: str, source_finetuned: str, target_base: str, device: str | None) -> Iterator[Any]:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from ftrecycle.io.checkpoint import open_checkpoint
+    from ftrecycle.io.hf_load import load_causal_lm
 
     paths = []
     for ref in (source_base, source_finetuned, target_base):
@@ -119,7 +120,8 @@ def _models(source_base: str, source_finetuned: str, target_base: str, device: s
         bars = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()  # the library does not print
         try:
-            model: Any = AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32)
+            # safetensors only: open_checkpoint above refused pickles, and transformers must not fall back to them
+            model: Any = load_causal_lm(p, dtype=torch.float32)
         finally:
             if bars:
                 hf_logging.enable_progress_bar()

@@ -69,13 +69,18 @@ def _hub_rows(ref: str) -> list[dict[str, Any]]:
 def load_examples(path: str | Path) -> list[dict[str, Any]]:
     """Read and validate training data: a JSONL file, or a hub dataset id ``org/name[@rev][:split]``.
 
+    A missing path that looks local (``data/trian.jsonl``, ``./x``) is reported as missing, not looked up.
+
     Raises:
         DataError: naming the file and line (or dataset and row) of the first bad example.
     """
     from ftrecycle.io.hub import HUB_ID
+    from ftrecycle.io.localpath import looks_local
 
     ref = str(path)
-    if not Path(ref).exists() and HUB_ID.match(ref.partition(":")[0]) and not ref.startswith((".", "/", "~")):
+    if not Path(ref).exists() and looks_local(ref):
+        raise DataError(f"{ref}: no such data file (a local path; hub datasets are named org/name[:split])")
+    if not Path(ref).exists() and HUB_ID.match(ref.partition(":")[0]):
         rows = _hub_rows(ref)
         if not rows:
             raise DataError(f"{ref}: the dataset split is empty")

@@ -22,12 +22,22 @@ from ftrecycle.evaluate.data import read_gsm8k
 from ftrecycle.finetune.config import FinetuneConfig
 from ftrecycle.finetune.data import Collator, encode, load_examples
 from ftrecycle.io.checkpoint import open_checkpoint
+from ftrecycle.io.hf_load import load_causal_lm
 from ftrecycle.io.model_files import TOKENIZER_FILES, copy_files
 from ftrecycle.io.output import atomic_directory, check_no_overlap, check_output, sibling_name, write_json
 from ftrecycle.io.provenance import base_record, describe_input
+from ftrecycle.io.state import (
+    check_settings,
+    file_identity,
+    model_identity,
+    read_settings,
+    settings_hash,
+    write_settings,
+)
 
 EVAL_LOG = "eval_log.json"
 PROVENANCE = "ftrecycle.json"
+RUN_SETTINGS = "run-settings.json"
 
 
 @dataclass
@@ -56,6 +66,60 @@ class FinetuneResult:
 def work_dir(output: Path) -> Path:
     """Where checkpoints of a run for ``output`` live until it completes."""
     return output.parent / sibling_name(output, ".ftrecycle-run")
+
+
+def run_settings(
+    model: Path | dict[str, Any], data: str | Path, eval_data: str | Path | None, cfg: FinetuneConfig
+) -> dict[str, Any]:
+    """Everything that decides a fine-tuning run's result: its settings and the identity of its inputs.
+
+    Args:
+        model: the start model's directory, or a key that identifies it (for a start made by the caller).
+        data: the training data.
+        eval_data: the evaluation data (or None).
+        cfg: the settings.
+
+    A resumed run continues only when this is unchanged; the output's provenance records it.
+    """
+    return {
+        **asdict(cfg),
+        "model": model if isinstance(model, dict) else model_identity(model),
+        "data": file_identity(data),
+        "eval_data": file_identity(eval_data),
+    }
+
+
+def _prepare_run_dir(run: Path, out: Path, settings: dict[str, Any], *, resume: bool, force: bool) -> bool:
+    """Make (or check, to resume) the work directory; returns whether an earlier run is continued.
+
+    Raises:
+        ConfigError: an unfinished run without resume/force, or one made with other settings (naming
+            what changed) without force.
+    """
+    if run.exists():
+        if resume:
+            try:
+                check_settings(
+                    read_settings(run / RUN_SETTINGS),
+                    settings,
+                    what=f"the unfinished run for {out} in {run}",
+                    fix="rerun with its settings, or pass --force to start over",
+                )
+                return True
+            except ConfigError:
+                if not force:
+                    raise
+        elif not force:
+            raise ConfigError(
+                f"an unfinished run for {out} is in {run}: pass --resume to continue it, or --force to start over"
+            )
+        if run.is_dir() and not run.is_symlink():
+            shutil.rmtree(run)
+        else:  # a file or a link where the work directory should be: remove the name, never what it points to
+            run.unlink()
+    run.mkdir(parents=True)
+    write_settings(run / RUN_SETTINGS, settings)
+    return False
 
 
 def _no_dropout(model: Any) -> list[str]:
@@ -139,7 +203,10 @@ def finetune(
     force: bool = False,
     progress: bool = False,
     trust_remote_code: bool = False,
+    allow_pickle: bool = False,
     extra_provenance: dict[str, Any] | None = None,
+    operation: str = "finetune",
+    model_key: dict[str, Any] | None = None,
 ) -> FinetuneResult:
     """Fine-tune ``model`` on ``data`` and write the result to ``output`` (safetensors + provenance).
 
@@ -149,11 +216,18 @@ def finetune(
         output: directory to create when training completes.
         config: hyperparameters (defaults: the paper's recipe).
         eval_data: GSM8K-format JSONL; accuracy is logged against steps into ``eval_log.json``.
-        resume: continue an interrupted run from its last checkpoint.
-        force: replace an existing output, and discard an unfinished run instead of resuming it.
+        resume: continue an interrupted run from its last checkpoint; refused when the run was made with
+            other settings or inputs (the message names what changed).
+        force: replace an existing output, and discard an unfinished run (also one made with other
+            settings) instead of resuming it.
         progress: show the Trainer's progress bar.
         trust_remote_code: allow model code from the hub (off by default).
-        extra_provenance: fields added to the output's ``ftrecycle.json``.
+        allow_pickle: accept pickle weights (``pytorch_model.bin``); off because unpickling can run code.
+        extra_provenance: fields added to the output's ``ftrecycle.json`` (an ``inputs`` mapping is merged
+            into the recorded inputs; an input set to None is left out).
+        operation: the ``operation`` recorded in the provenance.
+        model_key: what identifies the start model in the resume check, for a start the caller made
+            (default: the model directory's identity).
 
     Returns:
         Steps, losses, the evaluation log and timing.
@@ -169,11 +243,12 @@ def finetune(
     run = work_dir(out)
 
     def load() -> tuple[Any, list[dict[str, Any]], list[dict[str, Any]] | None]:
-        src = open_checkpoint(model)
+        src = open_checkpoint(model, allow_pickle=allow_pickle)
         src.close()
         return src, load_examples(data), read_gsm8k(eval_data) if eval_data is not None else None
 
     loaded: list[tuple[Any, list[dict[str, Any]], list[dict[str, Any]] | None]] = []
+    settings: dict[str, Any] = {}
 
     def prepare() -> None:
         # the main process alone checks the output and owns the run directory; under
@@ -182,19 +257,17 @@ def finetune(
         inputs: list[str | Path | None] = [loaded[0][0].path, model, data, eval_data]
         check_output(out, inputs, force=force)
         check_no_overlap(run, inputs, what="work directory")
-        if run.exists() and not resume:
-            if not force:
-                raise ConfigError(
-                    f"an unfinished run for {out} is in {run}: pass --resume to continue it, or --force to start over"
-                )
-            shutil.rmtree(run)
-        run.mkdir(parents=True, exist_ok=True)
+        settings.update(run_settings(model_key if model_key is not None else loaded[0][0].path, data, eval_data, cfg))
+        # a resume is refused (naming what changed) unless the run was made with these settings and inputs
+        _prepare_run_dir(run, out, settings, resume=resume, force=force)
 
     on_main(prepare)
     src, rows, eval_items = loaded[0] if loaded else load()
+    if not settings:
+        settings.update(run_settings(model_key if model_key is not None else src.path, data, eval_data, cfg))
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
+    from transformers import AutoTokenizer, TrainingArguments
 
     tok = AutoTokenizer.from_pretrained(src.path, trust_remote_code=trust_remote_code)
     if tok.pad_token_id is None:
@@ -205,7 +278,7 @@ def finetune(
     saved_dtype = getattr(
         torch, str(src.config.get("torch_dtype") or src.config.get("dtype") or "float32"), torch.float32
     )
-    net = AutoModelForCausalLM.from_pretrained(src.path, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    net = load_causal_lm(src.path, dtype=torch.float32, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     dropout_off = _no_dropout(net)
     if cfg.gradient_checkpointing:
         net.gradient_checkpointing_enable()
@@ -259,16 +332,18 @@ def finetune(
     per_step = (time.perf_counter() - t_train) / max(1, steps - start_step)
     losses = [(int(e["step"]), float(e["loss"])) for e in trainer.state.log_history if "loss" in e]
 
-    record = base_record("finetune")
+    record = base_record(operation)
     record.update(
         {
             "inputs": {
                 "model": describe_input(src),
-                "data": str(Path(data).resolve()),
+                "data": settings["data"],
                 "examples": len(features),
-                "eval_data": str(Path(eval_data).resolve()) if eval_data is not None else None,
+                "eval_data": settings["eval_data"],
             },
             "config": asdict(cfg),
+            "settings_sha256": settings_hash(settings),
+            "resumed_from_step": start_step,
             "steps": steps,
             "processes": world().size,
             "distributed": str(trainer.accelerator.distributed_type.value),
@@ -277,9 +352,14 @@ def finetune(
             "dropout_disabled": dropout_off,
             "bf16": use_bf16,
             "eval_log": log,
-            **(extra_provenance or {}),
         }
     )
+    for key, value in (extra_provenance or {}).items():
+        if key == "inputs":
+            merged = {**record["inputs"], **value}
+            record["inputs"] = {k: v for k, v in merged.items() if v is not None}
+        else:
+            record[key] = value
     # Under FSDP or ZeRO-3 every process holds a shard: gathering the full state dict is a
     # collective call, so every rank makes it; only the main process receives the tensors.
     state = trainer.accelerator.get_state_dict(trainer.model_wrapped)

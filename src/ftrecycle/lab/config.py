@@ -126,6 +126,10 @@ PRESETS: dict[str, LabConfig] = {
 }
 
 
+#: Presets whose reports say they are not evidence: they check that every stage runs, nothing more.
+NOT_EVIDENCE = frozenset({"smoke"})
+
+
 def preset(name: str, **overrides: Any) -> LabConfig:
     """A preset by name, with fields overridden.
 

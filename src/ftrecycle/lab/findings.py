@@ -22,6 +22,29 @@ def _r(x: float) -> float:
     return round(x, 1)
 
 
+def _no_signal(values: list[float]) -> bool:
+    """Whether every accuracy a finding compares is the same (e.g. all zero): nothing was measured.
+
+    Comparisons like "≥" and "loses at most one point" hold trivially on such numbers, so a finding
+    on them is never a PASS.
+    """
+    return len(set(values)) <= 1
+
+
+def _verdict(finding: dict[str, Any], values: list[float]) -> dict[str, Any]:
+    """Mark a finding with no signal in its numbers as not passed, saying why."""
+    flat = _no_signal(values)
+    finding["no_signal"] = flat
+    if flat:
+        finding["passed"] = False
+        finding["detail"] += "; NO SIGNAL: every accuracy it compares is the same, so it proves nothing"
+    return finding
+
+
+def _curve_values(curve: list[list[float]]) -> list[float]:
+    return [float(a) for _, a in curve]
+
+
 def recovery(m: dict[str, Any]) -> dict[str, Any]:
     """(1) Stage-2 pairs: Mj + Δi recovers ≥ 80 % of direct fine-tuning's gain over Mj."""
     rows = []
@@ -39,13 +62,14 @@ def recovery(m: dict[str, Any]) -> dict[str, Any]:
             }
         )
     passed = all(r["recovered_pct"] is not None and r["recovered_pct"] >= RECOVERY_PCT for r in rows)
-    return {
+    finding = {
         "id": 1,
         "claim": f"for M4 ↔ M5, Mj + Δi recovers at least {RECOVERY_PCT} % of direct fine-tuning's gain over Mj",
         "passed": passed,
         "numbers": {"pairs": rows, "threshold_pct": RECOVERY_PCT},
         "detail": "recovered = (Mj+Δi − Mj) / (FT(Mj) − Mj); undefined (fail) when FT(Mj) ≤ Mj",
     }
+    return _verdict(finding, [v for r in rows for v in (r["base"], r["transfer"], r["direct_ft"])])
 
 
 def grouping(m: dict[str, Any]) -> dict[str, Any]:
@@ -57,20 +81,24 @@ def grouping(m: dict[str, Any]) -> dict[str, Any]:
     w, a = sum(within) / len(within), sum(across) / len(across)
     hurt = [(i, j) for i, j in pairs() if not same_group(i, j) and m["transfer"][j][i] < m["base"][j]]
     passed = w > 0 and w >= GROUP_RATIO * a and bool(hurt)
-    return {
-        "id": 2,
-        "claim": f"mean gain within a stage (M1–M3, M4–M5) ≥ {GROUP_RATIO} × the mean gain across stages, "
-        "and at least one cross-stage transfer leaves its target below the target's own score",
-        "passed": passed,
-        "numbers": {
-            "mean_gain_within": _r(w),
-            "mean_gain_across": _r(a),
-            "cross_pairs_below_target": len(hurt),
-            "ratio_required": GROUP_RATIO,
-            "worst_cross": {"source": wi, "target": wj, "gain": _r(worst_gain)},
+    values = [m["transfer"][j][i] for i, j in pairs()] + [m["base"][j] for _, j in pairs()]
+    return _verdict(
+        {
+            "id": 2,
+            "claim": f"mean gain within a stage (M1–M3, M4–M5) ≥ {GROUP_RATIO} × the mean gain across stages, "
+            "and at least one cross-stage transfer leaves its target below the target's own score",
+            "passed": passed,
+            "numbers": {
+                "mean_gain_within": _r(w),
+                "mean_gain_across": _r(a),
+                "cross_pairs_below_target": len(hurt),
+                "ratio_required": GROUP_RATIO,
+                "worst_cross": {"source": wi, "target": wj, "gain": _r(worst_gain)},
+            },
+            "detail": f"groups {', '.join('–'.join((g[0], g[-1])) for g in GROUPS)}; gain = Mj+Δi − Mj",
         },
-        "detail": f"groups {', '.join('–'.join((g[0], g[-1])) for g in GROUPS)}; gain = Mj+Δi − Mj",
-    }
+        values,
+    )
 
 
 def convergence(m: dict[str, Any], ft_steps: int) -> dict[str, Any]:
@@ -91,42 +119,52 @@ def convergence(m: dict[str, Any], ft_steps: int) -> dict[str, Any]:
     worst_margin = min(margins)
     passed = held == comparisons and not slow
     known = [s for s in reach_steps if s is not None]
-    return {
-        "id": 3,
-        "claim": "at equal steps FT(Mj+Δi) ≥ FT(Mj) for every pair, and FT(Mj+Δi) reaches FT(Mj)'s "
-        "final accuracy within a third of FT(Mj)'s steps",
-        "passed": passed,
-        "numbers": {
-            "comparisons": comparisons,
-            "held": held,
-            "worst": {
-                "source": worst_margin[1],
-                "target": worst_margin[2],
-                "step": worst_margin[3],
-                "margin": _r(worst_margin[0]),
+    values = [a for j in m["direct_ft"] for a in _curve_values(m["direct_ft"][j]["curve"])] + [
+        a for i, j in pairs() for a in _curve_values(m["recycle_ft"][j][i]["curve"])
+    ]
+    return _verdict(
+        {
+            "id": 3,
+            "claim": "at equal steps FT(Mj+Δi) ≥ FT(Mj) for every pair, and FT(Mj+Δi) reaches FT(Mj)'s "
+            "final accuracy within a third of FT(Mj)'s steps",
+            "passed": passed,
+            "numbers": {
+                "comparisons": comparisons,
+                "held": held,
+                "worst": {
+                    "source": worst_margin[1],
+                    "target": worst_margin[2],
+                    "step": worst_margin[3],
+                    "margin": _r(worst_margin[0]),
+                },
+                "pairs": len(reach_steps),
+                "pairs_too_slow": len(slow),
+                "third_of_steps": ft_steps // 3,
+                "median_steps_to_reach": sorted(known)[len(known) // 2] if known else None,
+                "too_slow": slow,
             },
-            "pairs": len(reach_steps),
-            "pairs_too_slow": len(slow),
-            "third_of_steps": ft_steps // 3,
-            "median_steps_to_reach": sorted(known)[len(known) // 2] if known else None,
-            "too_slow": slow,
+            "detail": "compared at every evaluation after step 0 (at step 0 FT(Mj+Δi) is Mj+Δi, which finding 2 "
+            "expects to be below Mj for some cross-stage pairs)",
         },
-        "detail": "compared at every evaluation after step 0 (at step 0 FT(Mj+Δi) is Mj+Δi, which finding 2 "
-        "expects to be below Mj for some cross-stage pairs)",
-    }
+        values,
+    )
 
 
 def iterative(m: dict[str, Any]) -> dict[str, Any]:
     """(4) Iterative recycling-then-fine-tuning ≥ direct at M5, within one point."""
     last = VERSIONS[-1]
     it, di = m["iterative"][last]["iter_ft"], m["iterative"][last]["dir_ft"]
-    return {
-        "id": 4,
-        "claim": f"at {last}, iterative recycling-then-fine-tuning ≥ direct, within {ITER_TOLERANCE:g} point",
-        "passed": it >= di - ITER_TOLERANCE,
-        "numbers": {"iterative": it, "direct": di, "difference": _r(it - di), "tolerance": ITER_TOLERANCE},
-        "detail": "passes when iterative ≥ direct − 1",
-    }
+    row = m["iterative"][last]
+    return _verdict(
+        {
+            "id": 4,
+            "claim": f"at {last}, iterative recycling-then-fine-tuning ≥ direct, within {ITER_TOLERANCE:g} point",
+            "passed": it >= di - ITER_TOLERANCE,
+            "numbers": {"iterative": it, "direct": di, "difference": _r(it - di), "tolerance": ITER_TOLERANCE},
+            "detail": "passes when iterative ≥ direct − 1",
+        },
+        [it, di, *(row[k] for k in ("base", "direct_ft") if k in row)],
+    )
 
 
 def compression(m: dict[str, Any]) -> dict[str, Any]:
@@ -138,20 +176,26 @@ def compression(m: dict[str, Any]) -> dict[str, Any]:
         rows.append({"spec": spec, "ratio": round(ratio, 1), "max_loss": max(losses.values()), "loss": losses})
     ok = [r for r in rows if r["ratio"] >= COMPRESS_RATIO and r["max_loss"] <= COMPRESS_LOSS]
     best = max(ok, key=lambda r: r["ratio"]) if ok else None
-    return {
-        "id": 5,
-        "claim": f"on M4 ↔ M5 some compressed delta ≥ {COMPRESS_RATIO}× smaller than the dense bf16 one loses at "
-        f"most {COMPRESS_LOSS:g} point against the full delta on both pairs",
-        "passed": bool(ok),
-        "numbers": {
-            "settings": rows,
-            "best": best,
-            "ratio_required": COMPRESS_RATIO,
-            "loss_allowed": COMPRESS_LOSS,
+    values = [v["accuracy"] for by_pair in m["compressed"].values() for v in by_pair.values()] + [
+        m["transfer"][p[0:2]][f"M{p[-1]}"] for by_pair in m["compressed"].values() for p in by_pair
+    ]
+    return _verdict(
+        {
+            "id": 5,
+            "claim": f"on M4 ↔ M5 some compressed delta ≥ {COMPRESS_RATIO}× smaller than the dense bf16 one loses at "
+            f"most {COMPRESS_LOSS:g} point against the full delta on both pairs",
+            "passed": bool(ok),
+            "numbers": {
+                "settings": rows,
+                "best": best,
+                "ratio_required": COMPRESS_RATIO,
+                "loss_allowed": COMPRESS_LOSS,
+            },
+            "detail": "loss = accuracy of Mj + Δi (full, float32) − accuracy of Mj + compressed Δi; ratio = dense "
+            "bf16 bytes / stored bytes (the smaller of the two pairs)",
         },
-        "detail": "loss = accuracy of Mj + Δi (full, float32) − accuracy of Mj + compressed Δi; ratio = dense bf16 "
-        "bytes / stored bytes (the smaller of the two pairs)",
-    }
+        values,
+    )
 
 
 def all_findings(m: dict[str, Any], ft_steps: int) -> list[dict[str, Any]]:

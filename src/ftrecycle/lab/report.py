@@ -101,7 +101,8 @@ def _findings(findings: list[dict[str, Any]], per_seed: dict[str, list[bool]]) -
                 txt = f"`{b['spec']}`: {_f(b['ratio'])}× smaller, loses at most {_f(b['max_loss'])} points"
         seeds = per_seed.get(str(f["id"]), [])
         tail = f"; passes in {sum(seeds)} of {len(seeds)} seeds" if len(seeds) > 1 else ""
-        lines.append(f"| {f['id']} | {f['claim']} | **{'PASS' if f['passed'] else 'FAIL'}** | {txt}{tail} |")
+        verdict = f"**{'PASS' if f['passed'] else 'FAIL'}**" + (" (no signal)" if f.get("no_signal") else "")
+        lines.append(f"| {f['id']} | {f['claim']} | {verdict} | {txt}{tail} |")
     return lines
 
 
@@ -183,14 +184,41 @@ def _compression(m: dict[str, Any]) -> list[str]:
     ]
 
 
+def not_evidence(results: dict[str, Any]) -> str | None:
+    """Why a run's numbers are not evidence (None when they may be): a smoke run, or findings with no signal."""
+    from ftrecycle.lab.config import NOT_EVIDENCE
+
+    preset = results["config"].get("preset")
+    if preset in NOT_EVIDENCE:
+        return (
+            f"the `{preset}` preset only exercises every stage with a handful of steps on a toy model; "
+            "its accuracies mean nothing and its verdicts are not findings"
+        )
+    flat = [str(f["id"]) for f in results["findings"] if f.get("no_signal")]
+    if flat:
+        return (
+            f"finding(s) {', '.join(flat)} compare accuracies that are all the same (no signal); "
+            "train longer or on a larger test set before reading them"
+        )
+    return None
+
+
+def _banner(results: dict[str, Any]) -> list[str]:
+    why = not_evidence(results)
+    if why is None:
+        return []
+    return [f"> **NOT EVIDENCE** — {why}.", ""]
+
+
 def render(results: dict[str, Any]) -> str:
-    """The markdown report of a lab run."""
+    """The markdown report of a lab run (headed by a NOT EVIDENCE warning for smoke runs and flat numbers)."""
     cfg, m, paper = results["config"], results["mean"], results["paper"]
     steps = sorted({s for s, _ in m["direct_ft"]["M1"]["curve"]})
     seeds = cfg["seeds"]
     out = [
         f"# ftrecycle lab report: preset `{cfg['preset']}`",
         "",
+        *_banner(results),
         f"One Llama-architecture model ({results['parameters']:,} parameters, hidden {cfg['model']['hidden']}, "
         f"{cfg['model']['layers']} layers, tied embeddings) pretrained here in two stages; versions M1–M3 are saved "
         "along stage 1 (general text, cosine decay) and M4–M5 along stage 2 (math-rich text, linear anneal). "
@@ -204,6 +232,7 @@ def render(results: dict[str, Any]) -> str:
         "",
         "## Findings",
         "",
+        *_banner(results),
         *_findings(results["findings"], results.get("findings_per_seed", {})),
         "",
         "## (a) Direct fine-tuning: accuracy against steps (paper Table 12)",

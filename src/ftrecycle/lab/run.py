@@ -13,12 +13,12 @@ from ftrecycle.errors import ConfigError
 from ftrecycle.io.output import check_output, os_error, output_lock
 from ftrecycle.lab import paper
 from ftrecycle.lab.aggregate import combine
-from ftrecycle.lab.config import LabConfig
+from ftrecycle.lab.config import NOT_EVIDENCE, LabConfig
 from ftrecycle.lab.experiments import collect_seed, seed_jobs
 from ftrecycle.lab.findings import all_findings
 from ftrecycle.lab.jobs import data_files
-from ftrecycle.lab.report import plots, render
-from ftrecycle.lab.scheduler import Progress, run_jobs, write_json_atomic
+from ftrecycle.lab.report import not_evidence, plots, render
+from ftrecycle.lab.scheduler import Job, Progress, StaleCache, run_jobs, stale_jobs, write_json_atomic
 from ftrecycle.lab.signals import diagnostics_summary
 
 CONFIG_FILE = "lab-config.json"
@@ -38,6 +38,7 @@ class LabResult:
         findings: the four findings (id, claim, passed, numbers).
         seconds: wall time of this call.
         jobs_run: jobs computed in this call (the rest came from the cache).
+        not_evidence: why the numbers are not evidence (a smoke run, findings with no signal), or None.
     """
 
     out: Path
@@ -47,11 +48,13 @@ class LabResult:
     findings: list[dict[str, Any]]
     seconds: float
     jobs_run: int
+    not_evidence: str | None = None
 
 
 def _cache_key(settings: dict[str, Any]) -> dict[str, Any]:
     # Jobs are per seed and their results do not depend on how many run at once, so a run directory
-    # can gain seeds or change --workers and keep its finished jobs.
+    # can gain seeds or change --workers and keep its finished jobs. Each job's own arguments and input
+    # files are keyed too (scheduler.job_key).
     return {k: v for k, v in settings.items() if k not in ("seeds", "workers", "preset")}
 
 
@@ -85,6 +88,22 @@ def parameters(model_dir: Path) -> int:
         ck.close()
 
 
+def _all_jobs(cfg: LabConfig, root: Path) -> list[Job]:
+    """Every seed's data files (written once) and jobs."""
+    jobs: list[Job] = []
+    for seed in cfg.seeds:
+        sroot = root / f"seed-{seed}"
+        data = data_files(
+            sroot / "data",
+            seed=seed,
+            train_items=cfg.train_items,
+            test_items=cfg.test_items,
+            language_items=cfg.language_items,
+        )
+        jobs += seed_jobs(cfg, seed, sroot, data)
+    return jobs
+
+
 def run_lab(
     cfg: LabConfig,
     out: str | Path,
@@ -104,7 +123,8 @@ def run_lab(
         Paths of the report, results and plots, the findings and timing.
 
     Raises:
-        ConfigError: ``out`` holds a run of other settings (without ``force``).
+        ConfigError: ``out`` holds a run of other settings, or jobs computed from other inputs (StaleCache),
+            without ``force``.
         JobFailed: an experiment failed (finished jobs stay cached; rerun to continue).
     """
     t0 = time.perf_counter()
@@ -120,19 +140,18 @@ def run_lab(
 
 def _run_locked(cfg: LabConfig, root: Path, force: bool, progress: Progress | None, t0: float) -> LabResult:
     _check_config(root, cfg, force)
-    jobs = []
-    for seed in cfg.seeds:
-        sroot = root / f"seed-{seed}"
-        data = data_files(
-            sroot / "data",
-            seed=seed,
-            train_items=cfg.train_items,
-            test_items=cfg.test_items,
-            language_items=cfg.language_items,
-        )
-        jobs += seed_jobs(cfg, seed, sroot, data)
+    jobs = _all_jobs(cfg, root)
     # One cache for every seed's jobs, so that seeds overlap in the worker pool.
     cache = root / "jobs"
+    stale = stale_jobs(jobs, cache)
+    if stale is not None:
+        if not force:
+            raise StaleCache(f"{stale}; use another --out, or --force to discard the run")
+        # Job outputs (models) sit beside their cached results: a stale run is discarded whole, never patched.
+        check_output(root, [], force=True, what="--out")  # never the current or home directory
+        shutil.rmtree(root)
+        _check_config(root, cfg, force)
+        jobs = _all_jobs(cfg, root)
     cached = sum((cache / f"{j.id}.json").is_file() for j in jobs)
     res = run_jobs(jobs, cache, workers=cfg.workers, progress=progress)
     jobs_run = len(jobs) - cached
@@ -153,12 +172,22 @@ def _run_locked(cfg: LabConfig, root: Path, force: bool, progress: Progress | No
         "findings": findings,
         "findings_per_seed": by_seed,
         "diagnostics_summary": diagnostics_summary(mean),
+        "evidence": cfg.preset not in NOT_EVIDENCE and not any(f.get("no_signal") for f in findings),
         "paper": paper.as_json(),
         "seconds": round(time.perf_counter() - t0, 1),
     }
     write_json_atomic(root / RESULTS, results)
     pngs = _write_report(results, root)
-    return LabResult(root, root / REPORT, root / RESULTS, pngs, findings, time.perf_counter() - t0, jobs_run)
+    return LabResult(
+        root,
+        root / REPORT,
+        root / RESULTS,
+        pngs,
+        findings,
+        time.perf_counter() - t0,
+        jobs_run,
+        not_evidence(results),
+    )
 
 
 def _write_report(results: dict[str, Any], root: Path) -> list[Path]:

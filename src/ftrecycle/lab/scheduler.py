@@ -47,6 +47,26 @@ class JobFailed(FtRecycleError):
     """A lab job raised; the message names the job and the cause."""
 
 
+class StaleCache(ConfigError):
+    """A cached job result was computed from other arguments or input files than the job has now."""
+
+
+def job_key(job: Job) -> dict[str, Any]:
+    """Everything that decides a job's result: its function, its arguments and the content of its input files.
+
+    An argument that names an existing file (the lab's data sets) is keyed by the file's sha256 too, so
+    an edited data file does not reuse results computed from the old one.
+    """
+    from ftrecycle.io.state import sha256_file
+
+    files = {k: sha256_file(Path(v)) for k, v in sorted(job.kwargs.items()) if isinstance(v, str) and Path(v).is_file()}
+    return {
+        "fn": f"{job.fn.__module__}.{job.fn.__qualname__}",
+        "kwargs": json.loads(json.dumps(job.kwargs, sort_keys=True, default=str)),
+        "files": files,
+    }
+
+
 def _init_worker(threads: int) -> Callable[[], None]:
     """Set torch's threads and silence transformers' own progress bars; returns an undo."""
     import torch
@@ -83,6 +103,23 @@ def _call(fn: JobFn, kwargs: dict[str, Any], threads: int | None) -> dict[str, A
         torch.set_num_threads(old)
 
 
+def stale_jobs(jobs: list[Job], cache: Path) -> str | None:
+    """The first cached result computed from other inputs than its job has now (None: every one matches).
+
+    Returns:
+        A message naming the job and what changed, or None.
+    """
+    from ftrecycle.io.state import describe_changes, read_settings
+
+    for j in jobs:
+        if not (cache / f"{j.id}.json").is_file():
+            continue
+        stored = read_settings(cache / f"{j.id}.key.json")
+        if stored is not None and stored != job_key(j):
+            return f"lab job {j.id} in {cache} was computed from other inputs ({describe_changes(stored, job_key(j))})"
+    return None
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON to a temporary file beside ``path``, then rename it into place."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -112,6 +149,7 @@ def run_jobs(
 
     Raises:
         ConfigError: duplicate ids, an unknown dependency or a cycle.
+        StaleCache: a cached result was computed from other arguments or input files (see :func:`job_key`).
         JobFailed: a job raised (the others are cancelled; finished ones stay cached).
     """
     by_id = {j.id: j for j in jobs}
@@ -121,11 +159,18 @@ def run_jobs(
         missing = [d for d in j.deps if d not in by_id]
         if missing:
             raise ConfigError(f"lab job {j.id} depends on unknown job(s) {', '.join(missing)}")
+    from ftrecycle.io.state import read_settings
+
+    stale = stale_jobs(jobs, cache)
+    if stale is not None:
+        raise StaleCache(f"{stale}; use another --out, or --force to discard the run")
     cache.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict[str, Any]] = {}
+    keys = {j.id: job_key(j) for j in jobs}
     for j in jobs:
         f = cache / f"{j.id}.json"
-        if f.is_file():
+        if f.is_file() and read_settings(cache / f"{j.id}.key.json") is not None:
+            # a result with no key on record is not trusted: the job runs again
             results[j.id] = json.loads(f.read_text())
     total = len(jobs)
     if progress is not None:
@@ -135,6 +180,7 @@ def run_jobs(
 
     def finish(job: Job, result: dict[str, Any]) -> None:
         write_json_atomic(cache / f"{job.id}.json", result)
+        write_json_atomic(cache / f"{job.id}.key.json", keys[job.id])
         results[job.id] = result
         if progress is not None:
             progress(len(results), total, job.id)

@@ -1,0 +1,56 @@
+"""Load a model through transformers without ever unpickling weights unless the user allowed it.
+
+``from_pretrained`` falls back to ``pytorch_model.bin`` whenever it finds no ``model.safetensors``
+(or its index) — for instance beside unindexed safetensors shards that :mod:`ftrecycle.io.checkpoint`
+accepts. A pickle can run code when loaded, so every transformers load in ftrecycle goes through
+here and passes ``use_safetensors=True`` unless ``allow_pickle``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ftrecycle.errors import CheckpointError
+
+
+def load_causal_lm(
+    path: str | Path,
+    *,
+    dtype: Any = "auto",
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+) -> Any:
+    """``AutoModelForCausalLM.from_pretrained`` restricted to safetensors (pickles only with ``allow_pickle``).
+
+    Args:
+        path: a local model directory.
+        dtype: the dtype to load in ("auto": the checkpoint's).
+        allow_pickle: let transformers read ``pytorch_model.bin`` when there is no safetensors file.
+        trust_remote_code: run model code from the directory (off unless the user asked).
+
+    Returns:
+        The model.
+
+    Raises:
+        CheckpointError: transformers cannot load the directory (e.g. only pickle weights without
+            ``allow_pickle``), naming the directory and the fix.
+    """
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            str(path),
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
+            use_safetensors=None if allow_pickle else True,
+        )
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        fix = (
+            "it has no model.safetensors (or model.safetensors.index.json) that transformers can load; pickle "
+            "weights (pytorch_model.bin) are read only with --allow-pickle, or convert them to safetensors"
+            if not allow_pickle
+            else "check that it is a complete transformers model directory"
+        )
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: cannot load the model ({first[:200]}); {fix}") from e
