@@ -485,3 +485,15 @@ def test_what_a_killed_run_left_is_removed_by_the_next_run_for_its_output(lab, t
     done = _run_cli(_argv(command, lab, str(out)), tmp_path)
     assert done.returncode == 0, done.stderr
     assert _hidden(tmp_path) == [], _hidden(tmp_path)
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_lab_never_writes_into_a_directory_that_is_not_a_lab_run(lab, capsys, tmp_path, force):
+    """`lab run --out MODELS` (a folder of something else) is refused, not filled or discarded."""
+    models = lab["src"]
+    before = tree_digest(models)
+    listing = sorted(p.name for p in models.iterdir())
+    code = main(["lab", "run", "--preset", "smoke", "--out", str(models), "--quiet", *(["--force"] if force else [])])
+    line = _one_line(capsys.readouterr().err)
+    assert code == 2 and "holds no lab run" in line, line
+    assert tree_digest(models) == before and sorted(p.name for p in models.iterdir()) == listing

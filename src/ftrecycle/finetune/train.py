@@ -8,7 +8,6 @@ only when training is complete.
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from collections.abc import Callable
@@ -23,6 +22,7 @@ from ftrecycle.finetune.config import FinetuneConfig
 from ftrecycle.finetune.data import Collator, encode, load_examples
 from ftrecycle.io.checkpoint import open_checkpoint
 from ftrecycle.io.hf_load import load_causal_lm
+from ftrecycle.io.jsonfile import read_json
 from ftrecycle.io.model_files import TOKENIZER_FILES, copy_files
 from ftrecycle.io.output import atomic_directory, check_no_overlap, check_output, sibling_name, write_json
 from ftrecycle.io.provenance import base_record, describe_input
@@ -310,7 +310,9 @@ def finetune(
         ddp_find_unused_parameters=False,  # a causal LM uses every parameter; skip the extra graph walk
         use_cpu=not torch.cuda.is_available(),
     )
-    log: list[dict[str, Any]] = json.loads((run / EVAL_LOG).read_text()) if (run / EVAL_LOG).is_file() else []
+    log: list[dict[str, Any]] = (
+        read_json(run / EVAL_LOG, what="evaluation log", error=ConfigError) if (run / EVAL_LOG).is_file() else []
+    )
     trainer = _trainer_class()(model=net, args=args, train_dataset=features, data_collator=Collator(tok.pad_token_id))
     if not progress:  # the library does not print: drop the callback that prints loss dicts
         from transformers.trainer_callback import PrinterCallback, ProgressCallback

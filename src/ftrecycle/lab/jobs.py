@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from ftrecycle.delta.store import read_manifest
 from ftrecycle.evaluate.data import read_gsm8k
 from ftrecycle.io.output import atomic_directory
 
@@ -102,7 +103,7 @@ def compressed_job(
         )
         apply_delta(delta, target_base, model, force=True)
         (root / "done").write_text(json.dumps(d.provenance.get("compression")))
-    manifest = json.loads((delta / "ftrecycle-delta.json").read_text())
+    manifest = read_manifest(delta)
     stored = sum(f.stat().st_size for f in delta.glob("delta*.safetensors"))
     dense = sum(math.prod(e["shape"]) * 2 for e in manifest["tensors"].values())
     errors: list[float] = [

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ftrecycle.errors import ConfigError
+from ftrecycle.io.jsonfile import read_json_object
 from ftrecycle.io.output import check_output, os_error, output_lock
 from ftrecycle.lab import paper
 from ftrecycle.lab.aggregate import combine
@@ -60,7 +61,13 @@ def _cache_key(settings: dict[str, Any]) -> dict[str, Any]:
 
 def _check_config(out: Path, cfg: LabConfig, force: bool) -> None:
     f = out / CONFIG_FILE
-    if f.is_file() and _cache_key(json.loads(f.read_text())) != _cache_key(cfg.to_json()):
+    if out.is_dir() and not os.path.lexists(f) and any(out.iterdir()):
+        # --force discards a lab run, never a directory of something else (models, data, a home)
+        raise ConfigError(
+            f"--out {out} is not empty and holds no lab run ({CONFIG_FILE} is missing); choose a new or empty --out"
+        )
+    old = read_json_object(f, what="lab settings", error=ConfigError) if os.path.lexists(f) else None
+    if old is not None and _cache_key(old) != _cache_key(cfg.to_json()):
         if not force:
             raise ConfigError(
                 f"{out} holds a lab run with other settings ({f}); use another --out, or --force to discard it"
@@ -209,5 +216,5 @@ def rebuild_report(out: str | Path) -> Path:
     f = root / RESULTS
     if not f.is_file():
         raise ConfigError(f"{f} does not exist: run `ftrecycle lab run --out {out}` first")
-    _write_report(json.loads(f.read_text()), root)
+    _write_report(read_json_object(f, what="lab results", error=ConfigError), root)
     return root / REPORT

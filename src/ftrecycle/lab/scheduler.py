@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ftrecycle.errors import ConfigError, FtRecycleError
+from ftrecycle.io.jsonfile import read_json_object
 
 JobFn = Callable[..., dict[str, Any]]
 Progress = Callable[[int, int, str], None]
@@ -171,7 +172,7 @@ def run_jobs(
         f = cache / f"{j.id}.json"
         if f.is_file() and read_settings(cache / f"{j.id}.key.json") is not None:
             # a result with no key on record is not trusted: the job runs again
-            results[j.id] = json.loads(f.read_text())
+            results[j.id] = read_json_object(f, what="lab job result", error=ConfigError)
     total = len(jobs)
     if progress is not None:
         progress(len(results), total, "")
