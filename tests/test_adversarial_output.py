@@ -457,7 +457,9 @@ def _paused(
     return p
 
 
-@pytest.mark.parametrize("second", ["apply", "transfer", "transfer-compress", "export-lora", "diff"])
+@pytest.mark.parametrize(
+    "second", ["apply", "transfer", "transfer-compress", "export-lora", "diff", "finetune", "recycle-finetune"]
+)
 def test_a_second_writer_while_the_first_writes_gets_one_line(lab, tmp_path, second):
     """The first run is held mid-write (temp dir full, rename to come); the second must not race it."""
     out = tmp_path / "out"

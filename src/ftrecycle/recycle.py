@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 from collections.abc import Callable
@@ -14,7 +15,7 @@ from ftrecycle.errors import ConfigError
 from ftrecycle.finetune.config import FinetuneConfig
 from ftrecycle.finetune.train import FinetuneResult, finetune
 from ftrecycle.io.localpath import looks_local
-from ftrecycle.io.output import check_no_overlap, check_output, sibling_name, write_json
+from ftrecycle.io.output import check_no_overlap, check_output, output_lock, sibling_name, write_json
 from ftrecycle.io.state import (
     check_settings,
     file_identity,
@@ -69,96 +70,102 @@ def recycle_finetune(
 
     inputs = [source_base, source_finetuned, target_base, data, eval_data]
 
+    held = contextlib.ExitStack()
+
     def prepare() -> tuple[Path, Path]:
         out = check_output(output, inputs, force=force)
+        held.enter_context(output_lock(out))
         start = out.parent / sibling_name(out, ".ftrecycle-start")
         return out, check_no_overlap(start, inputs, what="work directory")
 
-    out, start = on_main(prepare)
-    # Passed to transfer as they are recorded, so the provenance says what ran.
-    transfer_settings: dict[str, Any] = {
-        "compute_dtype": "float32",
-        "out_dtype": None,
-        "config_from": "target",
-        "tokenizer_from": "target",
-        "vocab": "error",
-        "on_missing": "error",
-        "tie_mismatch": "error",
-    }
-    model_key = {
-        "recycled_from": {
-            "source_base": _model_key(source_base),
-            "source_finetuned": _model_key(source_finetuned),
-            "target_base": _model_key(target_base),
-            "alpha": alpha,
-            "transfer": transfer_settings,
+    # the main process holds OUT's lock from its checks to the end: a second run for OUT is refused
+    # before it writes a start model (finetune takes the same lock again, re-entrantly)
+    with held:
+        out, start = on_main(prepare)
+        # Passed to transfer as they are recorded, so the provenance says what ran.
+        transfer_settings: dict[str, Any] = {
+            "compute_dtype": "float32",
+            "out_dtype": None,
+            "config_from": "target",
+            "tokenizer_from": "target",
+            "vocab": "error",
+            "on_missing": "error",
+            "tie_mismatch": "error",
         }
-    }
-    run = work_dir(out)
-    start_key = start.parent / f"{start.name}.json"
+        model_key = {
+            "recycled_from": {
+                "source_base": _model_key(source_base),
+                "source_finetuned": _model_key(source_finetuned),
+                "target_base": _model_key(target_base),
+                "alpha": alpha,
+                "transfer": transfer_settings,
+            }
+        }
+        run = work_dir(out)
+        start_key = start.parent / f"{start.name}.json"
 
-    def merge() -> None:
-        if resume and not force and run.exists():
-            # Refuse before redoing any transfer: the unfinished run must be continued with what made it.
-            check_settings(
-                read_settings(run / RUN_SETTINGS),
-                run_settings(model_key, data, eval_data, (config or FinetuneConfig()).validate()),
-                what=f"the unfinished run for {out} in {run}",
-                fix="rerun with its settings, or pass --force to start over",
-            )
-        # one process writes the start model; under `accelerate launch` the others wait for it
-        if not (resume and _complete(start) and read_settings(start_key) == model_key):
+        def merge() -> None:
+            if resume and not force and run.exists():
+                # Refuse before redoing any transfer: the unfinished run must be continued with what made it.
+                check_settings(
+                    read_settings(run / RUN_SETTINGS),
+                    run_settings(model_key, data, eval_data, (config or FinetuneConfig()).validate()),
+                    what=f"the unfinished run for {out} in {run}",
+                    fix="rerun with its settings, or pass --force to start over",
+                )
+            # one process writes the start model; under `accelerate launch` the others wait for it
+            if not (resume and _complete(start) and read_settings(start_key) == model_key):
+                shutil.rmtree(start, ignore_errors=True)
+                start_key.unlink(missing_ok=True)
+                transfer(
+                    source_base,
+                    source_finetuned,
+                    target_base,
+                    start,
+                    alpha=alpha,
+                    force=True,
+                    allow_pickle=allow_pickle,
+                    **transfer_settings,
+                )
+                write_settings(start_key, model_key)
+
+        on_main(merge)
+        result = finetune(
+            str(start),
+            data,
+            out,
+            config=config,
+            eval_data=eval_data,
+            resume=resume,
+            force=force,
+            progress=progress,
+            allow_pickle=False,  # the start is written by transfer, as safetensors
+            operation="recycle-finetune",
+            model_key=model_key,
+            extra_provenance={
+                "inputs": {
+                    "model": None,  # the merged start is temporary: the sources below identify it
+                    "source_base": _describe(source_base, allow_pickle),
+                    "source_finetuned": _describe(source_finetuned, allow_pickle),
+                    "target_base": _describe(target_base, allow_pickle),
+                },
+                "alpha": alpha,
+                "transfer": transfer_settings,
+                "recycled_from": {  # as given (kept for readers of earlier records)
+                    "source_base": source_base,
+                    "source_finetuned": source_finetuned,
+                    "target_base": target_base,
+                    "alpha": alpha,
+                },
+            },
+        )
+
+        def cleanup() -> None:
             shutil.rmtree(start, ignore_errors=True)
             start_key.unlink(missing_ok=True)
-            transfer(
-                source_base,
-                source_finetuned,
-                target_base,
-                start,
-                alpha=alpha,
-                force=True,
-                allow_pickle=allow_pickle,
-                **transfer_settings,
-            )
-            write_settings(start_key, model_key)
 
-    on_main(merge)
-    result = finetune(
-        str(start),
-        data,
-        out,
-        config=config,
-        eval_data=eval_data,
-        resume=resume,
-        force=force,
-        progress=progress,
-        allow_pickle=False,  # the start is written by transfer, as safetensors
-        operation="recycle-finetune",
-        model_key=model_key,
-        extra_provenance={
-            "inputs": {
-                "model": None,  # the merged start is temporary: the sources below identify it
-                "source_base": _describe(source_base, allow_pickle),
-                "source_finetuned": _describe(source_finetuned, allow_pickle),
-                "target_base": _describe(target_base, allow_pickle),
-            },
-            "alpha": alpha,
-            "transfer": transfer_settings,
-            "recycled_from": {  # as given (kept for readers of earlier records)
-                "source_base": source_base,
-                "source_finetuned": source_finetuned,
-                "target_base": target_base,
-                "alpha": alpha,
-            },
-        },
-    )
-
-    def cleanup() -> None:
-        shutil.rmtree(start, ignore_errors=True)
-        start_key.unlink(missing_ok=True)
-
-    on_main(cleanup)
-    return result
+        on_main(cleanup)
+        return result
 
 
 def _describe(ref: str, allow_pickle: bool) -> dict[str, Any]:

@@ -8,6 +8,7 @@ only when training is complete.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
 from collections.abc import Callable
@@ -24,7 +25,14 @@ from ftrecycle.io.checkpoint import open_checkpoint
 from ftrecycle.io.hf_load import load_causal_lm
 from ftrecycle.io.jsonfile import read_json
 from ftrecycle.io.model_files import TOKENIZER_FILES, copy_files
-from ftrecycle.io.output import atomic_directory, check_no_overlap, check_output, sibling_name, write_json
+from ftrecycle.io.output import (
+    atomic_directory,
+    check_no_overlap,
+    check_output,
+    output_lock,
+    sibling_name,
+    write_json,
+)
 from ftrecycle.io.provenance import base_record, describe_input
 from ftrecycle.io.state import (
     check_settings,
@@ -250,140 +258,152 @@ def finetune(
     loaded: list[tuple[Any, list[dict[str, Any]], list[dict[str, Any]] | None]] = []
     settings: dict[str, Any] = {}
 
+    held = contextlib.ExitStack()
+
     def prepare() -> None:
         # the main process alone checks the output and owns the run directory; under
         # `accelerate launch` the others wait here and raise the same error if it refuses
         loaded.append(load())
         inputs: list[str | Path | None] = [loaded[0][0].path, model, data, eval_data]
         check_output(out, inputs, force=force)
+        held.enter_context(output_lock(out))
         check_no_overlap(run, inputs, what="work directory")
         settings.update(run_settings(model_key if model_key is not None else loaded[0][0].path, data, eval_data, cfg))
         # a resume is refused (naming what changed) unless the run was made with these settings and inputs
         _prepare_run_dir(run, out, settings, resume=resume, force=force)
 
-    on_main(prepare)
-    src, rows, eval_items = loaded[0] if loaded else load()
-    if not settings:
-        settings.update(run_settings(model_key if model_key is not None else src.path, data, eval_data, cfg))
+    # the main process holds OUT's lock from its checks to the final rename: a second run for OUT is
+    # refused at once instead of fighting over the run directory
+    with held:
+        on_main(prepare)
+        src, rows, eval_items = loaded[0] if loaded else load()
+        if not settings:
+            settings.update(run_settings(model_key if model_key is not None else src.path, data, eval_data, cfg))
 
-    import torch
-    from transformers import AutoTokenizer, TrainingArguments
+        import torch
+        from transformers import AutoTokenizer, TrainingArguments
 
-    tok = AutoTokenizer.from_pretrained(src.path, trust_remote_code=trust_remote_code)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    features = [f for r in rows if (f := encode(r, tok, cfg.max_length)) is not None]
-    if not features:
-        raise DataError(f"{data}: no example keeps any completion token within --max-length {cfg.max_length}")
-    saved_dtype = getattr(
-        torch, str(src.config.get("torch_dtype") or src.config.get("dtype") or "float32"), torch.float32
-    )
-    net = load_causal_lm(src.path, dtype=torch.float32, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
-    dropout_off = _no_dropout(net)
-    if cfg.gradient_checkpointing:
-        net.gradient_checkpointing_enable()
-    use_bf16 = cfg.bf16 == "on" or (cfg.bf16 == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+        tok = AutoTokenizer.from_pretrained(src.path, trust_remote_code=trust_remote_code)
+        if tok.pad_token_id is None:
+            tok.pad_token = tok.eos_token
+        features = [f for r in rows if (f := encode(r, tok, cfg.max_length)) is not None]
+        if not features:
+            raise DataError(f"{data}: no example keeps any completion token within --max-length {cfg.max_length}")
+        saved_dtype = getattr(
+            torch, str(src.config.get("torch_dtype") or src.config.get("dtype") or "float32"), torch.float32
+        )
+        net = load_causal_lm(
+            src.path, dtype=torch.float32, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code
+        )
+        dropout_off = _no_dropout(net)
+        if cfg.gradient_checkpointing:
+            net.gradient_checkpointing_enable()
+        use_bf16 = cfg.bf16 == "on" or (
+            cfg.bf16 == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        )
 
-    args = TrainingArguments(
-        output_dir=str(run),
-        max_steps=cfg.max_steps,
-        num_train_epochs=cfg.epochs,
-        per_device_train_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum,
-        learning_rate=cfg.learning_rate,
-        lr_scheduler_type="linear",
-        warmup_steps=cfg.warmup_ratio,
-        weight_decay=cfg.weight_decay,
-        optim="adamw_torch",
-        logging_steps=cfg.logging_every,
-        logging_first_step=True,
-        save_strategy="steps",
-        save_steps=cfg.save_every,
-        save_total_limit=2,
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        bf16=use_bf16,
-        report_to="none",
-        disable_tqdm=not progress,
-        dataloader_num_workers=0,
-        remove_unused_columns=False,
-        ddp_find_unused_parameters=False,  # a causal LM uses every parameter; skip the extra graph walk
-        use_cpu=not torch.cuda.is_available(),
-    )
-    log: list[dict[str, Any]] = (
-        read_json(run / EVAL_LOG, what="evaluation log", error=ConfigError) if (run / EVAL_LOG).is_file() else []
-    )
-    trainer = _trainer_class()(model=net, args=args, train_dataset=features, data_collator=Collator(tok.pad_token_id))
-    if not progress:  # the library does not print: drop the callback that prints loss dicts
-        from transformers.trainer_callback import PrinterCallback, ProgressCallback
+        args = TrainingArguments(
+            output_dir=str(run),
+            max_steps=cfg.max_steps,
+            num_train_epochs=cfg.epochs,
+            per_device_train_batch_size=cfg.batch_size,
+            gradient_accumulation_steps=cfg.grad_accum,
+            learning_rate=cfg.learning_rate,
+            lr_scheduler_type="linear",
+            warmup_steps=cfg.warmup_ratio,
+            weight_decay=cfg.weight_decay,
+            optim="adamw_torch",
+            logging_steps=cfg.logging_every,
+            logging_first_step=True,
+            save_strategy="steps",
+            save_steps=cfg.save_every,
+            save_total_limit=2,
+            seed=cfg.seed,
+            data_seed=cfg.seed,
+            bf16=use_bf16,
+            report_to="none",
+            disable_tqdm=not progress,
+            dataloader_num_workers=0,
+            remove_unused_columns=False,
+            ddp_find_unused_parameters=False,  # a causal LM uses every parameter; skip the extra graph walk
+            use_cpu=not torch.cuda.is_available(),
+        )
+        log: list[dict[str, Any]] = (
+            read_json(run / EVAL_LOG, what="evaluation log", error=ConfigError) if (run / EVAL_LOG).is_file() else []
+        )
+        trainer = _trainer_class()(
+            model=net, args=args, train_dataset=features, data_collator=Collator(tok.pad_token_id)
+        )
+        if not progress:  # the library does not print: drop the callback that prints loss dicts
+            from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-        trainer.remove_callback(PrinterCallback)
-        trainer.remove_callback(ProgressCallback)
-    if eval_items is not None:
-        shots = [{"question": r["question"], "answer": r["answer"]} for r in rows if r["_kind"] == "gsm8k"][
-            : cfg.eval_shots
-        ]
-        trainer.add_callback(_eval_callback(run, lambda: (trainer.model, tok), eval_items, shots, cfg, log))
-    checkpoints = sorted(run.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    t_train = time.perf_counter()
-    start_step = 0
-    if resume and checkpoints:
-        start_step = int(checkpoints[-1].name.split("-")[1])
-    trainer.train(resume_from_checkpoint=str(checkpoints[-1]) if resume and checkpoints else None)
-    steps = trainer.state.global_step
-    per_step = (time.perf_counter() - t_train) / max(1, steps - start_step)
-    losses = [(int(e["step"]), float(e["loss"])) for e in trainer.state.log_history if "loss" in e]
+            trainer.remove_callback(PrinterCallback)
+            trainer.remove_callback(ProgressCallback)
+        if eval_items is not None:
+            shots = [{"question": r["question"], "answer": r["answer"]} for r in rows if r["_kind"] == "gsm8k"][
+                : cfg.eval_shots
+            ]
+            trainer.add_callback(_eval_callback(run, lambda: (trainer.model, tok), eval_items, shots, cfg, log))
+        checkpoints = sorted(run.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+        t_train = time.perf_counter()
+        start_step = 0
+        if resume and checkpoints:
+            start_step = int(checkpoints[-1].name.split("-")[1])
+        trainer.train(resume_from_checkpoint=str(checkpoints[-1]) if resume and checkpoints else None)
+        steps = trainer.state.global_step
+        per_step = (time.perf_counter() - t_train) / max(1, steps - start_step)
+        losses = [(int(e["step"]), float(e["loss"])) for e in trainer.state.log_history if "loss" in e]
 
-    record = base_record(operation)
-    record.update(
-        {
-            "inputs": {
-                "model": describe_input(src),
-                "data": settings["data"],
-                "examples": len(features),
-                "eval_data": settings["eval_data"],
-            },
-            "config": asdict(cfg),
-            "settings_sha256": settings_hash(settings),
-            "resumed_from_step": start_step,
-            "steps": steps,
-            "processes": world().size,
-            "distributed": str(trainer.accelerator.distributed_type.value),
-            "global_batch": cfg.batch_size * cfg.grad_accum * world().size,
-            "losses": losses,
-            "dropout_disabled": dropout_off,
-            "bf16": use_bf16,
-            "eval_log": log,
-        }
-    )
-    for key, value in (extra_provenance or {}).items():
-        if key == "inputs":
-            merged = {**record["inputs"], **value}
-            record["inputs"] = {k: v for k, v in merged.items() if v is not None}
-        else:
-            record[key] = value
-    # Under FSDP or ZeRO-3 every process holds a shard: gathering the full state dict is a
-    # collective call, so every rank makes it; only the main process receives the tensors.
-    state = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+        record = base_record(operation)
+        record.update(
+            {
+                "inputs": {
+                    "model": describe_input(src),
+                    "data": settings["data"],
+                    "examples": len(features),
+                    "eval_data": settings["eval_data"],
+                },
+                "config": asdict(cfg),
+                "settings_sha256": settings_hash(settings),
+                "resumed_from_step": start_step,
+                "steps": steps,
+                "processes": world().size,
+                "distributed": str(trainer.accelerator.distributed_type.value),
+                "global_batch": cfg.batch_size * cfg.grad_accum * world().size,
+                "losses": losses,
+                "dropout_disabled": dropout_off,
+                "bf16": use_bf16,
+                "eval_log": log,
+            }
+        )
+        for key, value in (extra_provenance or {}).items():
+            if key == "inputs":
+                merged = {**record["inputs"], **value}
+                record["inputs"] = {k: v for k, v in merged.items() if v is not None}
+            else:
+                record[key] = value
+        # Under FSDP or ZeRO-3 every process holds a shard: gathering the full state dict is a
+        # collective call, so every rank makes it; only the main process receives the tensors.
+        state = trainer.accelerator.get_state_dict(trainer.model_wrapped)
 
-    def write() -> None:
-        net_out = trainer.accelerator.unwrap_model(trainer.model)
-        # the gathered dict holds tied weights (lm_head = embed_tokens) under both names, and the cast
-        # copies no longer share storage: drop the tied ones as save_pretrained would
-        tied = set(getattr(net_out, "all_tied_weights_keys", None) or {})
-        weights = {k: v.detach().to("cpu", saved_dtype) for k, v in state.items() if k not in tied}
-        with atomic_directory(out, force=force) as tmp:
-            net_out.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
-            # save_pretrained records the dtype of the (float32, possibly sharded) training copy
-            net_out.config.dtype = str(saved_dtype).removeprefix("torch.")
-            net_out.config.save_pretrained(tmp)
-            copy_files(src.path, tmp, TOKENIZER_FILES)
-            if (src.path / "generation_config.json").is_file() and not (tmp / "generation_config.json").exists():
-                shutil.copyfile(src.path / "generation_config.json", tmp / "generation_config.json")
-            write_json(tmp / PROVENANCE, record)
-            if log:
-                write_json(tmp / EVAL_LOG, log)
-        shutil.rmtree(run, ignore_errors=True)
+        def write() -> None:
+            net_out = trainer.accelerator.unwrap_model(trainer.model)
+            # the gathered dict holds tied weights (lm_head = embed_tokens) under both names, and the cast
+            # copies no longer share storage: drop the tied ones as save_pretrained would
+            tied = set(getattr(net_out, "all_tied_weights_keys", None) or {})
+            weights = {k: v.detach().to("cpu", saved_dtype) for k, v in state.items() if k not in tied}
+            with atomic_directory(out, force=force) as tmp:
+                net_out.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
+                # save_pretrained records the dtype of the (float32, possibly sharded) training copy
+                net_out.config.dtype = str(saved_dtype).removeprefix("torch.")
+                net_out.config.save_pretrained(tmp)
+                copy_files(src.path, tmp, TOKENIZER_FILES)
+                if (src.path / "generation_config.json").is_file() and not (tmp / "generation_config.json").exists():
+                    shutil.copyfile(src.path / "generation_config.json", tmp / "generation_config.json")
+                write_json(tmp / PROVENANCE, record)
+                if log:
+                    write_json(tmp / EVAL_LOG, log)
+            shutil.rmtree(run, ignore_errors=True)
 
-    on_main(write)
-    return FinetuneResult(out, steps, losses, log, time.perf_counter() - t0, per_step, start_step)
+        on_main(write)
+        return FinetuneResult(out, steps, losses, log, time.perf_counter() - t0, per_step, start_step)
