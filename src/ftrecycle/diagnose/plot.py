@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import tempfile
 from pathlib import Path
 
 from ftrecycle.diagnose.geometry import Geometry
+from ftrecycle.io.output import os_error
 
 
 def plot_layers(geo: Geometry, out: str | Path) -> Path:
-    """Draw ``geo.by_layer`` into ``out`` (PNG); returns the path."""
+    """Draw ``geo.by_layer`` into ``out`` (PNG); returns the path.
+
+    The PNG is drawn into a hidden file beside ``out`` and renamed over it, so that a failed
+    draw leaves no half file and an ``out`` hard-linked elsewhere is replaced, not rewritten.
+
+    Raises:
+        OutputError: the PNG could not be written (the path and the OS's cause).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -27,6 +38,18 @@ def plot_layers(geo: Geometry, out: str | Path) -> Path:
         ax.set_xticks(range(len(names)), names, rotation=60, fontsize=7)
     fig.tight_layout()
     path = Path(out)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    tmp: str | None = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.png", dir=path.parent)
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, dpi=100, format="png")
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as e:
+        raise os_error(e, path) from e
+    finally:
+        plt.close(fig)
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
     return path
