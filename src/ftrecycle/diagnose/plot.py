@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
 from pathlib import Path
 
 from ftrecycle.diagnose.geometry import Geometry
-from ftrecycle.io.output import os_error
+from ftrecycle.io.output import replaced_file
 
 
 def plot_layers(geo: Geometry, out: str | Path) -> Path:
@@ -38,18 +35,9 @@ def plot_layers(geo: Geometry, out: str | Path) -> Path:
         ax.set_xticks(range(len(names)), names, rotation=60, fontsize=7)
     fig.tight_layout()
     path = Path(out)
-    tmp: str | None = None
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.png", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
+        with replaced_file(path) as f:
             fig.savefig(f, dpi=100, format="png")
-        os.replace(tmp, path)
-        tmp = None
-    except OSError as e:
-        raise os_error(e, path) from e
     finally:
         plt.close(fig)
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
     return path
