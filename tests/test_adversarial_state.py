@@ -491,7 +491,9 @@ def _job_other(value: int, data: str) -> dict[str, Any]:
     return {"value": -value, "lines": 0}
 
 
-@pytest.mark.parametrize("change", ["argument", "data_file_content", "function", "no_key_on_record"])
+@pytest.mark.parametrize(
+    "change", ["argument", "data_file_content", "function", "no_key_on_record", "unreadable_result", "result_a_list"]
+)
 def test_lab_job_cache_is_keyed_by_arguments_and_input_files(tmp_path, change):
     from ftrecycle.lab.scheduler import Job, run_jobs
 
@@ -506,6 +508,10 @@ def test_lab_job_cache_is_keyed_by_arguments_and_input_files(tmp_path, change):
         (cache / "j.json").write_text('{"value": 7, "lines": 0}')
         assert run_jobs([Job("j", fn, kwargs)], cache)["j"] == {"value": 1, "lines": 2}
         return
+    if change in ("unreadable_result", "result_a_list"):  # cut short or edited by hand: computed again
+        (cache / "j.json").write_text('{"value": 7, "li' if change == "unreadable_result" else "[7]")
+        assert run_jobs([Job("j", fn, kwargs)], cache)["j"] == {"value": 1, "lines": 2}
+        return
     if change == "argument":
         kwargs["value"] = 2
     elif change == "data_file_content":
@@ -515,3 +521,39 @@ def test_lab_job_cache_is_keyed_by_arguments_and_input_files(tmp_path, change):
     with pytest.raises(ConfigError, match=r"lab job j .* other inputs") as e:
         run_jobs([Job("j", fn, kwargs)], cache)
     assert isinstance(e.value, FtRecycleError) and "\n" not in str(e.value)
+
+
+#: (file in the run directory, its crafted content, the lab command that reads it back)
+RUN = ["run", "--preset", "smoke", "--quiet"]
+LAB_FILES: dict[str, tuple[str, bytes, list[str]]] = {
+    "results: empty object": ("results.json", b"{}", ["report"]),
+    "results: a list": ("results.json", b"[]", ["report"]),
+    "results: mean is null": ("results.json", b'{"config": {"seeds": [0]}, "mean": null}', ["report"]),
+    "results: findings a number": (
+        "results.json",
+        b'{"config": {"preset": "tiny", "seeds": [0]}, "findings": 3, "mean": {}, "paper": {}}',
+        ["report"],
+    ),
+    "results: not JSON": ("results.json", b"{x", ["report"]),
+    "results: not UTF-8": ("results.json", b"\xff\xfe{}", ["report"]),
+    "results: NaN alone": ("results.json", b"NaN", ["report"]),
+    "settings: not JSON": ("lab-config.json", b"{x", RUN),
+    "settings: a list": ("lab-config.json", b"[]", RUN),
+    "settings: 100k deep": ("lab-config.json", b"[" * 100_000 + b"]" * 100_000, RUN),
+}
+
+
+@pytest.mark.parametrize("case", list(LAB_FILES))
+def test_lab_files_read_back_are_checked(tmp_path, capsys, case):
+    """A run directory's own files, edited or cut short, read back by `lab report` and `lab run`."""
+    name, content, argv = LAB_FILES[case]
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / name).write_bytes(content)
+    out = ["--out", str(run)] if argv[0] == "run" else [str(run)]
+    code = main(["lab", *argv, *out])
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("ftrecycle: error: "), err
+    assert str(run / name) in lines[0], lines[0]
+    assert sorted(p.name for p in run.iterdir()) == [name] and (run / name).read_bytes() == content

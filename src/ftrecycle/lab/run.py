@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from dataclasses import dataclass
@@ -10,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from ftrecycle.errors import ConfigError
-from ftrecycle.io.output import check_output, os_error, output_lock
+from ftrecycle.io.jsonfile import read_json_object
+from ftrecycle.io.output import check_output, os_error, output_lock, replaced_file
 from ftrecycle.lab import paper
 from ftrecycle.lab.aggregate import combine
 from ftrecycle.lab.config import NOT_EVIDENCE, LabConfig
@@ -58,9 +58,20 @@ def _cache_key(settings: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in settings.items() if k not in ("seeds", "workers", "preset")}
 
 
+_DISCARD = "use another --out, or --force to discard the run there"
+
+
 def _check_config(out: Path, cfg: LabConfig, force: bool) -> None:
     f = out / CONFIG_FILE
-    if f.is_file() and _cache_key(json.loads(f.read_text())) != _cache_key(cfg.to_json()):
+    old: dict[str, Any] | None = None
+    if f.is_file():
+        try:
+            old = read_json_object(f, what="lab run settings", error=ConfigError, fix=_DISCARD, allow_nan=True)
+        except ConfigError:
+            if not force:
+                raise
+            # unreadable settings are other settings: --force discards the run below
+    if f.is_file() and (old is None or _cache_key(old) != _cache_key(cfg.to_json())):
         if not force:
             raise ConfigError(
                 f"{out} holds a lab run with other settings ({f}); use another --out, or --force to discard it"
@@ -191,11 +202,11 @@ def _run_locked(cfg: LabConfig, root: Path, force: bool, progress: Progress | No
 
 
 def _write_report(results: dict[str, Any], root: Path) -> list[Path]:
-    """The plots, then report.md (atomically); returns the plots' paths."""
+    """The plots, then report.md (each file atomically); returns the plots' paths."""
+    text = render(results)
     pngs = plots(results, root)
-    tmp = root / f".{REPORT}.tmp"
-    tmp.write_text(render(results))
-    tmp.replace(root / REPORT)
+    with replaced_file(root / REPORT) as f:
+        f.write(text.encode())
     return pngs
 
 
@@ -203,11 +214,20 @@ def rebuild_report(out: str | Path) -> Path:
     """Rewrite report.md and the plots of a finished run from its results.json.
 
     Raises:
-        ConfigError: no results.json in ``out``.
+        ConfigError: no results.json in ``out``, or one that is not a lab run's results (not
+            JSON, or missing or mistyped fields: it is read back as the lab wrote it).
+        OutputError: the report or a plot could not be written.
     """
     root = Path(out).expanduser()
     f = root / RESULTS
     if not f.is_file():
         raise ConfigError(f"{f} does not exist: run `ftrecycle lab run --out {out}` first")
-    _write_report(json.loads(f.read_text()), root)
+    fix = f"rerun `ftrecycle lab run --out {out}` to remake it"
+    # the lab writes NaN for a spread it could not measure, so NaN is read back
+    results = read_json_object(f, what="lab results", error=ConfigError, fix=fix, allow_nan=True)
+    try:
+        _write_report(results, root)
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
+        # every field is read where it is drawn: a missing or mistyped one surfaces here, before report.md
+        raise ConfigError(f"{f}: not the results of a lab run of this version ({type(e).__name__}: {e}); {fix}") from e
     return root / REPORT
