@@ -115,16 +115,8 @@ def _models(source_base: str, source_finetuned: str, target_base: str, device: s
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
 
     def load(p: str) -> Any:
-        from transformers.utils import logging as hf_logging
-
-        bars = hf_logging.is_progress_bar_enabled()
-        hf_logging.disable_progress_bar()  # the library does not print
-        try:
-            # safetensors only: open_checkpoint above refused pickles, and transformers must not fall back to them
-            model: Any = load_causal_lm(p, dtype=torch.float32)
-        finally:
-            if bars:
-                hf_logging.enable_progress_bar()
+        # safetensors only: open_checkpoint above refused pickles, and transformers must not fall back to them
+        model: Any = load_causal_lm(p, dtype=torch.float32)
         return model.to(dev).eval()
 
     work = load(paths[2])

@@ -8,10 +8,30 @@ here and passes ``use_safetensors=True`` unless ``allow_pickle``.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from ftrecycle.errors import CheckpointError
+
+
+@contextlib.contextmanager
+def no_progress_bars() -> Iterator[None]:
+    """Silence transformers' own progress bars ("Loading weights") for the block, then restore them.
+
+    The library does not print: a bar left on stderr before an error makes the CLI's one-line
+    error three lines.
+    """
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def load_causal_lm(
@@ -20,6 +40,7 @@ def load_causal_lm(
     dtype: Any = "auto",
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
+    progress: bool = False,
 ) -> Any:
     """``AutoModelForCausalLM.from_pretrained`` restricted to safetensors (pickles only with ``allow_pickle``).
 
@@ -28,6 +49,7 @@ def load_causal_lm(
         dtype: the dtype to load in ("auto": the checkpoint's).
         allow_pickle: let transformers read ``pytorch_model.bin`` when there is no safetensors file.
         trust_remote_code: run model code from the directory (off unless the user asked).
+        progress: show transformers' loading bar (off: the library does not print).
 
     Returns:
         The model.
@@ -39,12 +61,13 @@ def load_causal_lm(
     from transformers import AutoModelForCausalLM
 
     try:
-        return AutoModelForCausalLM.from_pretrained(
-            str(path),
-            dtype=dtype,
-            trust_remote_code=trust_remote_code,
-            use_safetensors=None if allow_pickle else True,
-        )
+        with contextlib.nullcontext() if progress else no_progress_bars():
+            return AutoModelForCausalLM.from_pretrained(
+                str(path),
+                dtype=dtype,
+                trust_remote_code=trust_remote_code,
+                use_safetensors=None if allow_pickle else True,
+            )
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         fix = (
             "it has no model.safetensors (or model.safetensors.index.json) that transformers can load; pickle "
