@@ -277,6 +277,52 @@ def test_recycle_finetune_provenance_names_its_sources(versions, tmp_path, alpha
 # --- 4. no pickle is unpickled without --allow-pickle, through transformers either -------------------------
 
 
+@pytest.fixture(scope="module")
+def unfinished(versions, tmp_path_factory) -> dict[str, Path]:
+    """A fine-tune stopped after its step-2 checkpoint and its first evaluations, to be damaged per case."""
+    from ftrecycle.finetune.train import finetune
+
+    root = tmp_path_factory.mktemp("unfinished")
+    data = _write_items(root / "train.jsonl", 40, seed=1)
+    test = _write_items(root / "test.jsonl", 4, seed=2)
+    cfg = FinetuneConfig(**{**TINY_FT, "max_steps": 6, "save_every": 2, "eval_every": 2})
+    model = str(versions["llama"]["source_base"])
+    _interrupted(lambda: finetune(model, data, root / "out", config=cfg, eval_data=test))
+    run = root / ".out.ftrecycle-run"
+    assert (run / "checkpoint-2").is_dir() and (run / "eval_log.json").is_file()
+    return {"root": root, "run": run, "data": data, "test": test, "model": Path(model)}
+
+
+#: what is damaged in the unfinished run's work directory, and the file the refusal must name
+DAMAGED: dict[str, tuple[Callable[[Path], Any], str]] = {
+    "eval log: not JSON": (lambda r: (r / "eval_log.json").write_text('[{"step": 2, "acc'), "eval_log.json"),
+    "eval log: an object": (lambda r: (r / "eval_log.json").write_text('{"step": 2}'), "eval_log.json"),
+    "eval log: not UTF-8": (lambda r: (r / "eval_log.json").write_bytes(b"\xff[]"), "eval_log.json"),
+    "eval log: 100k deep": (lambda r: (r / "eval_log.json").write_text("[" * 100_000 + "]" * 100_000), "eval_log.json"),
+    "checkpoint-abc": (lambda r: (r / "checkpoint-abc").mkdir(), "checkpoint-abc"),
+    "checkpoint-9 empty": (lambda r: (r / "checkpoint-9").mkdir(), "checkpoint-9"),
+    "checkpoint-9 a file": (lambda r: (r / "checkpoint-9").write_text("x"), "checkpoint-9"),
+    "checkpoint-9 a link": (lambda r: (r / "checkpoint-9").symlink_to(r / "checkpoint-2"), "checkpoint-9"),
+    "weights gone": (lambda r: (r / "checkpoint-2" / "model.safetensors").unlink(), "checkpoint-2"),
+    "trainer state cut": (lambda r: (r / "checkpoint-2" / "trainer_state.json").write_text('{"glo'), "trainer_state"),
+}
+
+
+@pytest.mark.parametrize("case", list(DAMAGED))
+def test_a_damaged_unfinished_run_is_refused_in_one_line(unfinished, tmp_path, capsys, case):
+    """--resume over a work directory cut short or edited by hand: one line naming the file, nothing written."""
+    run = tmp_path / ".out.ftrecycle-run"
+    shutil.copytree(unfinished["run"], run, symlinks=True)
+    damage, needle = DAMAGED[case]
+    damage(run)
+    flags = _ft_flags({**TINY_FT, "max_steps": 6, "save_every": 2, "eval_every": 2})
+    args = ["finetune", "--model", str(unfinished["model"]), "--data", str(unfinished["data"])]
+    args += ["--eval-data", str(unfinished["test"]), "-o", str(tmp_path / "out"), "--resume", *flags]
+    line = _one_line_error(capsys, main(args))
+    assert needle in line and "--force" in line, line
+    assert not (tmp_path / "out").exists() and (run / "run-settings.json").is_file()
+
+
 def _pickle_dirs(versions: dict[str, dict[str, Path]], root: Path) -> dict[str, Path]:
     """``mixed``: unindexed safetensors shards beside a pytorch_model.bin (ftrecycle reads the shards,
     transformers falls back to the pickle); ``pickle``: only pytorch_model.bin and config.json."""

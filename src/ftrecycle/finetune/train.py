@@ -8,7 +8,7 @@ only when training is complete.
 
 from __future__ import annotations
 
-import json
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -23,6 +23,7 @@ from ftrecycle.finetune.config import FinetuneConfig
 from ftrecycle.finetune.data import Collator, encode, load_examples
 from ftrecycle.io.checkpoint import open_checkpoint
 from ftrecycle.io.hf_load import load_causal_lm
+from ftrecycle.io.jsonfile import read_json
 from ftrecycle.io.model_files import TOKENIZER_FILES, copy_files
 from ftrecycle.io.output import atomic_directory, check_no_overlap, check_output, sibling_name, write_json
 from ftrecycle.io.provenance import base_record, describe_input
@@ -120,6 +121,48 @@ def _prepare_run_dir(run: Path, out: Path, settings: dict[str, Any], *, resume: 
     run.mkdir(parents=True)
     write_settings(run / RUN_SETTINGS, settings)
     return False
+
+
+_DAMAGED = "remove it, or pass --force to start the run over"
+
+
+def _read_eval_log(run: Path) -> list[dict[str, Any]]:
+    """The evaluation log an unfinished run kept (empty when there is none).
+
+    Raises:
+        ConfigError: it is not a list of objects (cut short, or edited by hand), naming the file.
+    """
+    f = run / EVAL_LOG
+    if not os.path.lexists(f):
+        return []
+    log = read_json(f, what="evaluation log", error=ConfigError, fix=_DAMAGED, allow_nan=True)
+    if not isinstance(log, list) or not all(isinstance(e, dict) for e in log):
+        raise ConfigError(f"{f}: not an evaluation log (a list of objects); {_DAMAGED}")
+    return log
+
+
+def _last_checkpoint(run: Path) -> Path | None:
+    """The checkpoint a resumed run continues from: the highest step, checked to be complete.
+
+    Raises:
+        ConfigError: a ``checkpoint-*`` entry this run did not write, or a last checkpoint without
+            its weights or with an unreadable trainer state (the Trainer would fail deep inside).
+    """
+    steps: dict[int, Path] = {}
+    for p in run.glob("checkpoint-*"):
+        tail = p.name[len("checkpoint-") :]
+        if not (tail.isascii() and tail.isdigit()) or p.is_symlink() or not p.is_dir():
+            raise ConfigError(f"{p}: not a checkpoint of this run (a directory checkpoint-STEP); {_DAMAGED}")
+        steps[int(tail)] = p
+    if not steps:
+        return None
+    last = steps[max(steps)]
+    if not any((last / w).is_file() for w in ("model.safetensors", "model.safetensors.index.json")):
+        raise ConfigError(f"{last}: an incomplete checkpoint (no model.safetensors); {_DAMAGED}")
+    state = read_json(last / "trainer_state.json", what="trainer state", error=ConfigError, fix=_DAMAGED)
+    if not isinstance(state, dict):
+        raise ConfigError(f"{last / 'trainer_state.json'}: not a trainer state (a JSON object); {_DAMAGED}")
+    return last
 
 
 def _no_dropout(model: Any) -> list[str]:
@@ -278,7 +321,9 @@ def finetune(
     saved_dtype = getattr(
         torch, str(src.config.get("torch_dtype") or src.config.get("dtype") or "float32"), torch.float32
     )
-    net = load_causal_lm(src.path, dtype=torch.float32, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    net = load_causal_lm(
+        src.path, dtype=torch.float32, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, progress=progress
+    )
     dropout_off = _no_dropout(net)
     if cfg.gradient_checkpointing:
         net.gradient_checkpointing_enable()
@@ -310,7 +355,7 @@ def finetune(
         ddp_find_unused_parameters=False,  # a causal LM uses every parameter; skip the extra graph walk
         use_cpu=not torch.cuda.is_available(),
     )
-    log: list[dict[str, Any]] = json.loads((run / EVAL_LOG).read_text()) if (run / EVAL_LOG).is_file() else []
+    log = _read_eval_log(run)
     trainer = _trainer_class()(model=net, args=args, train_dataset=features, data_collator=Collator(tok.pad_token_id))
     if not progress:  # the library does not print: drop the callback that prints loss dicts
         from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -322,12 +367,10 @@ def finetune(
             : cfg.eval_shots
         ]
         trainer.add_callback(_eval_callback(run, lambda: (trainer.model, tok), eval_items, shots, cfg, log))
-    checkpoints = sorted(run.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    last = _last_checkpoint(run) if resume else None
     t_train = time.perf_counter()
-    start_step = 0
-    if resume and checkpoints:
-        start_step = int(checkpoints[-1].name.split("-")[1])
-    trainer.train(resume_from_checkpoint=str(checkpoints[-1]) if resume and checkpoints else None)
+    start_step = int(last.name.split("-")[1]) if last is not None else 0
+    trainer.train(resume_from_checkpoint=str(last) if last is not None else None)
     steps = trainer.state.global_step
     per_step = (time.perf_counter() - t_train) / max(1, steps - start_step)
     losses = [(int(e["step"]), float(e["loss"])) for e in trainer.state.log_history if "loss" in e]
