@@ -195,7 +195,7 @@ def loading(path: str, what: str = "model") -> Iterator[None]:
         yield
     except FtRecycleError:
         raise
-    except (ValueError, OSError, RuntimeError, KeyError, TypeError, ImportError) as e:
+    except (ValueError, OSError, RuntimeError, KeyError, TypeError, AttributeError, ImportError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise CheckpointError(f"{path}: transformers cannot load the {what} ({type(e).__name__}: {first[:300]})") from e
 

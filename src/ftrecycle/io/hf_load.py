@@ -13,7 +13,34 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ftrecycle.errors import CheckpointError
+from ftrecycle.errors import CheckpointError, FtRecycleError
+from ftrecycle.io.jsonfile import read_json_object
+
+#: JSON files transformers reads beside the weights, and silently ignores or fails deep inside on
+#: when they are broken (a cut-short generation_config.json is dropped: generation falls back to defaults)
+MODEL_JSON_FILES = (
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+)
+
+
+def check_model_json(path: str | Path) -> None:
+    """Read every JSON file of :data:`MODEL_JSON_FILES` in ``path`` strictly, before transformers does.
+
+    Raises:
+        CheckpointError: one is not a regular file, not UTF-8, not JSON, nested too deeply or not an
+            object, naming the file.
+    """
+    for name in MODEL_JSON_FILES:
+        f = Path(path) / name
+        if f.exists() or f.is_symlink():
+            read_json_object(
+                f, what=name, error=CheckpointError, fix=f"repair or remove {name} (copy it from the model's source)"
+            )
 
 
 @contextlib.contextmanager
@@ -60,6 +87,7 @@ def load_causal_lm(
     """
     from transformers import AutoModelForCausalLM
 
+    check_model_json(path)
     try:
         with contextlib.nullcontext() if progress else no_progress_bars():
             return AutoModelForCausalLM.from_pretrained(
@@ -77,3 +105,25 @@ def load_causal_lm(
         )
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: cannot load the model ({first[:200]}); {fix}") from e
+
+
+def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False) -> Any:
+    """``AutoTokenizer.from_pretrained`` on a local model directory whose JSON files are checked first.
+
+    Raises:
+        CheckpointError: a broken tokenizer file, or transformers cannot load the tokenizer, naming
+            the directory.
+    """
+    from transformers import AutoTokenizer
+
+    check_model_json(path)
+    try:
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except FtRecycleError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError, ImportError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CheckpointError(
+            f"{path}: transformers cannot load the tokenizer ({type(e).__name__}: {first[:200]}); "
+            "check its tokenizer files"
+        ) from e
