@@ -603,3 +603,42 @@ def test_lab_files_read_back_are_checked(tmp_path, capsys, case):
     assert code == 2 and len(lines) == 1 and lines[0].startswith("ftrecycle: error: "), err
     assert str(run / name) in lines[0], lines[0]
     assert sorted(p.name for p in run.iterdir()) == [name] and (run / name).read_bytes() == content
+
+
+#: a JSON file transformers reads beside the weights, damaged; (file, content)
+MODEL_JSON: dict[str, tuple[str, bytes]] = {
+    "tokenizer.json cut short": ("tokenizer.json", b'{"version": "1.0", "trunc'),
+    "tokenizer.json 100k deep": ("tokenizer.json", b"[" * 100_000 + b"]" * 100_000),
+    "tokenizer.json not UTF-8": ("tokenizer.json", b"\xff\xfe{}"),
+    "tokenizer.json without its fields": ("tokenizer.json", b'{"version": "1.0"}'),
+    "tokenizer_config.json a list": ("tokenizer_config.json", b"[]"),
+    "special_tokens_map.json not JSON": ("special_tokens_map.json", b"{x"),
+    "generation_config.json cut short": ("generation_config.json", b'{"bos_token_id": 1, "eos'),
+}
+
+
+@pytest.mark.parametrize("command", ["finetune", "eval"])
+@pytest.mark.parametrize("case", list(MODEL_JSON))
+def test_broken_tokenizer_and_generation_files_are_one_line(versions, tmp_path, capsys, case, command):
+    """transformers read these unchecked: an internal error, or (generation_config) silently dropped, exit 0."""
+    model = tmp_path / "model"
+    shutil.copytree(versions["llama"]["source_base"], model)
+    name, content = MODEL_JSON[case]
+    (model / name).write_bytes(content)
+    data = _write_items(tmp_path / "train.jsonl", 8, seed=3)
+    if command == "finetune":
+        args = ["finetune", "--model", str(model), "--data", str(data), "-o", str(tmp_path / "o"), "--max-steps", "1"]
+    else:
+        args = ["eval", "--model", str(model), "--builtin", str(data), "--limit", "1", "--max-new-tokens", "2"]
+    line = _one_line_error(capsys, main([*args, "--device", "cpu"] if command == "eval" else args))
+    assert str(model) in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "train.jsonl"], "a failed run left its work dir"
+
+
+def test_a_run_that_fails_before_training_leaves_no_work_dir(versions, tmp_path, capsys):
+    data = _write_items(tmp_path / "train.jsonl", 8, seed=3)
+    for extra in ([], ["--resume"]):
+        args = ["finetune", "--model", str(versions["llama"]["source_base"]), "--data", str(data)]
+        line = _one_line_error(capsys, main([*args, "-o", str(tmp_path / "o"), "--max-length", "1", *extra]))
+        assert "--max-length" in line, line
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["train.jsonl"], extra

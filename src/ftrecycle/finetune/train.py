@@ -22,7 +22,7 @@ from ftrecycle.evaluate.data import read_gsm8k
 from ftrecycle.finetune.config import FinetuneConfig
 from ftrecycle.finetune.data import Collator, encode, load_examples
 from ftrecycle.io.checkpoint import open_checkpoint
-from ftrecycle.io.hf_load import load_causal_lm
+from ftrecycle.io.hf_load import check_model_json, load_causal_lm, load_tokenizer
 from ftrecycle.io.jsonfile import read_json
 from ftrecycle.io.model_files import TOKENIZER_FILES, copy_files
 from ftrecycle.io.output import atomic_directory, check_no_overlap, check_output, sibling_name, write_json
@@ -90,14 +90,17 @@ def run_settings(
     }
 
 
-def _prepare_run_dir(run: Path, out: Path, settings: dict[str, Any], *, resume: bool, force: bool) -> bool:
-    """Make (or check, to resume) the work directory; returns whether an earlier run is continued.
+def _check_run_dir(run: Path, out: Path, settings: dict[str, Any], *, resume: bool, force: bool) -> bool:
+    """Whether an earlier run in the work directory is continued (True) or a new one starts (False).
+
+    Nothing is written here: the new run's directory is made by :func:`_start_run_dir` only once the
+    model, tokenizer and data have loaded, so a run that fails before training leaves nothing behind.
 
     Raises:
         ConfigError: an unfinished run without resume/force, or one made with other settings (naming
             what changed) without force.
     """
-    if run.exists():
+    if os.path.lexists(run):
         if resume:
             try:
                 check_settings(
@@ -114,13 +117,17 @@ def _prepare_run_dir(run: Path, out: Path, settings: dict[str, Any], *, resume: 
             raise ConfigError(
                 f"an unfinished run for {out} is in {run}: pass --resume to continue it, or --force to start over"
             )
-        if run.is_dir() and not run.is_symlink():
-            shutil.rmtree(run)
-        else:  # a file or a link where the work directory should be: remove the name, never what it points to
-            run.unlink()
+    return False
+
+
+def _start_run_dir(run: Path, settings: dict[str, Any]) -> None:
+    """Replace whatever is at the work directory's name by a new run's directory and its settings."""
+    if run.is_dir() and not run.is_symlink():
+        shutil.rmtree(run)
+    elif os.path.lexists(run):  # a file or a link: remove the name, never what it points to
+        run.unlink()
     run.mkdir(parents=True)
     write_settings(run / RUN_SETTINGS, settings)
-    return False
 
 
 _DAMAGED = "remove it, or pass --force to start the run over"
@@ -288,12 +295,13 @@ def finetune(
     def load() -> tuple[Any, list[dict[str, Any]], list[dict[str, Any]] | None]:
         src = open_checkpoint(model, allow_pickle=allow_pickle)
         src.close()
+        check_model_json(src.path)  # before the run directory is made
         return src, load_examples(data), read_gsm8k(eval_data) if eval_data is not None else None
 
     loaded: list[tuple[Any, list[dict[str, Any]], list[dict[str, Any]] | None]] = []
     settings: dict[str, Any] = {}
 
-    def prepare() -> None:
+    def prepare() -> bool:
         # the main process alone checks the output and owns the run directory; under
         # `accelerate launch` the others wait here and raise the same error if it refuses
         loaded.append(load())
@@ -302,17 +310,17 @@ def finetune(
         check_no_overlap(run, inputs, what="work directory")
         settings.update(run_settings(model_key if model_key is not None else loaded[0][0].path, data, eval_data, cfg))
         # a resume is refused (naming what changed) unless the run was made with these settings and inputs
-        _prepare_run_dir(run, out, settings, resume=resume, force=force)
+        return _check_run_dir(run, out, settings, resume=resume, force=force)
 
-    on_main(prepare)
+    resuming = on_main(prepare)  # the main process's decision, on every rank
     src, rows, eval_items = loaded[0] if loaded else load()
     if not settings:
         settings.update(run_settings(model_key if model_key is not None else src.path, data, eval_data, cfg))
 
     import torch
-    from transformers import AutoTokenizer, TrainingArguments
+    from transformers import TrainingArguments
 
-    tok = AutoTokenizer.from_pretrained(src.path, trust_remote_code=trust_remote_code)
+    tok = load_tokenizer(src.path, trust_remote_code=trust_remote_code)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     features = [f for r in rows if (f := encode(r, tok, cfg.max_length)) is not None]
@@ -355,7 +363,11 @@ def finetune(
         ddp_find_unused_parameters=False,  # a causal LM uses every parameter; skip the extra graph walk
         use_cpu=not torch.cuda.is_available(),
     )
-    log = _read_eval_log(run)
+    # a new run's directory is made only now, when everything has loaded (on the main process;
+    # under `accelerate launch` the others wait for it); a continued one is checked first
+    if not resuming:
+        on_main(lambda: _start_run_dir(run, settings))
+    log = _read_eval_log(run) if resuming else []
     trainer = _trainer_class()(model=net, args=args, train_dataset=features, data_collator=Collator(tok.pad_token_id))
     if not progress:  # the library does not print: drop the callback that prints loss dicts
         from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -367,7 +379,7 @@ def finetune(
             : cfg.eval_shots
         ]
         trainer.add_callback(_eval_callback(run, lambda: (trainer.model, tok), eval_items, shots, cfg, log))
-    last = _last_checkpoint(run) if resume else None
+    last = _last_checkpoint(run) if resuming else None
     t_train = time.perf_counter()
     start_step = int(last.name.split("-")[1]) if last is not None else 0
     trainer.train(resume_from_checkpoint=str(last) if last is not None else None)
