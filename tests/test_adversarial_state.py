@@ -642,3 +642,23 @@ def test_a_run_that_fails_before_training_leaves_no_work_dir(versions, tmp_path,
         line = _one_line_error(capsys, main([*args, "-o", str(tmp_path / "o"), "--max-length", "1", *extra]))
         assert "--max-length" in line, line
         assert sorted(p.name for p in tmp_path.iterdir()) == ["train.jsonl"], extra
+
+
+def test_a_run_started_meanwhile_keeps_its_work_dir(versions, tmp_path, capsys, monkeypatch):
+    """Two finetunes for one OUT: the one that checked first and loads slower must not remove the other's run."""
+    import ftrecycle.finetune.train as train_mod
+
+    data = _write_items(tmp_path / "train.jsonl", 8, seed=3)
+    other = tmp_path / ".o.ftrecycle-run"
+    real = train_mod.load_tokenizer
+
+    def slow_load(*a: Any, **k: Any) -> Any:  # the other run makes its work dir while this one loads
+        other.mkdir()
+        (other / "checkpoint-1").mkdir()
+        return real(*a, **k)
+
+    monkeypatch.setattr(train_mod, "load_tokenizer", slow_load)
+    args = ["finetune", "--model", str(versions["llama"]["source_base"]), "--data", str(data)]
+    line = _one_line_error(capsys, main([*args, "-o", str(tmp_path / "o"), "--max-steps", "1"]))
+    assert "another run" in line and str(other) in line, line
+    assert (other / "checkpoint-1").is_dir() and not (tmp_path / "o").exists()

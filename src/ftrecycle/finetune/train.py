@@ -120,13 +120,27 @@ def _check_run_dir(run: Path, out: Path, settings: dict[str, Any], *, resume: bo
     return False
 
 
-def _start_run_dir(run: Path, settings: dict[str, Any]) -> None:
-    """Replace whatever is at the work directory's name by a new run's directory and its settings."""
-    if run.is_dir() and not run.is_symlink():
-        shutil.rmtree(run)
-    elif os.path.lexists(run):  # a file or a link: remove the name, never what it points to
-        run.unlink()
-    run.mkdir(parents=True)
+def _start_run_dir(run: Path, out: Path, settings: dict[str, Any], *, replace: bool) -> None:
+    """Make a new run's work directory and record its settings.
+
+    Args:
+        replace: what was at the work directory's name when the run was checked goes first (the
+            run was checked to start over); otherwise nothing may be there now.
+
+    Raises:
+        ConfigError: a work directory appeared since the check: another run for ``out`` started.
+    """
+    if replace:
+        if run.is_dir() and not run.is_symlink():
+            shutil.rmtree(run)
+        elif os.path.lexists(run):  # a file or a link: remove the name, never what it points to
+            run.unlink()
+    try:
+        run.mkdir(parents=True)
+    except FileExistsError as e:
+        raise ConfigError(
+            f"another run for {out} started meanwhile (its work directory {run} appeared); wait for it to end"
+        ) from e
     write_settings(run / RUN_SETTINGS, settings)
 
 
@@ -301,7 +315,7 @@ def finetune(
     loaded: list[tuple[Any, list[dict[str, Any]], list[dict[str, Any]] | None]] = []
     settings: dict[str, Any] = {}
 
-    def prepare() -> bool:
+    def prepare() -> tuple[bool, bool]:
         # the main process alone checks the output and owns the run directory; under
         # `accelerate launch` the others wait here and raise the same error if it refuses
         loaded.append(load())
@@ -310,9 +324,9 @@ def finetune(
         check_no_overlap(run, inputs, what="work directory")
         settings.update(run_settings(model_key if model_key is not None else loaded[0][0].path, data, eval_data, cfg))
         # a resume is refused (naming what changed) unless the run was made with these settings and inputs
-        return _check_run_dir(run, out, settings, resume=resume, force=force)
+        return _check_run_dir(run, out, settings, resume=resume, force=force), os.path.lexists(run)
 
-    resuming = on_main(prepare)  # the main process's decision, on every rank
+    resuming, existed = on_main(prepare)  # the main process's decisions, on every rank
     src, rows, eval_items = loaded[0] if loaded else load()
     if not settings:
         settings.update(run_settings(model_key if model_key is not None else src.path, data, eval_data, cfg))
@@ -366,7 +380,7 @@ def finetune(
     # a new run's directory is made only now, when everything has loaded (on the main process;
     # under `accelerate launch` the others wait for it); a continued one is checked first
     if not resuming:
-        on_main(lambda: _start_run_dir(run, settings))
+        on_main(lambda: _start_run_dir(run, out, settings, replace=existed))
     log = _read_eval_log(run) if resuming else []
     trainer = _trainer_class()(model=net, args=args, train_dataset=features, data_collator=Collator(tok.pad_token_id))
     if not progress:  # the library does not print: drop the callback that prints loss dicts
