@@ -199,6 +199,8 @@ ITERATE_CASES = {
     "version_rewritten": ({"rewrite": "M2"}, "base.files"),
     "eval_data_content": ({"edit": "test.jsonl"}, None),
     "force_recomputes": ({"finetune": {"max_steps": 3}, "force": True}, None),
+    "scores_cache_a_list": ({"scores": "list"}, None),
+    "scores_cache_entries_edited": ({"scores": "no_strict"}, None),
 }
 
 
@@ -222,6 +224,12 @@ def test_iterate_reuses_only_what_the_same_settings_and_inputs_made(chain_root, 
         if "rewrite" in change:
             shutil.rmtree(root / "models" / change["rewrite"])
             save(perturbed(make_model(tiny_config("llama"), seed=7), seed=50, scale=0.01), root / "models" / "M2")
+        if change.get("scores") == "list":
+            (root / "chain" / "scores.json").write_text('{"version": 2, "scores": [0.9]}')
+        elif "scores" in change:
+            held = json.loads((root / "chain" / "scores.json").read_text())
+            held["scores"] = {k: {"model": v["model"], "strict": "0.9"} for k, v in held["scores"].items()}
+            (root / "chain" / "scores.json").write_text(json.dumps(held))
         before = (root / "chain" / "summary.json").read_text()
         capsys.readouterr()
         code = main(["iterate", str(root / "chain.yaml"), *(["--force"] if change.get("force") else [])])
@@ -232,7 +240,7 @@ def test_iterate_reuses_only_what_the_same_settings_and_inputs_made(chain_root, 
         else:
             out = capsys.readouterr().out
             assert code == 0, out
-            if case == "eval_data_content":
+            if case == "eval_data_content" or "scores" in change:
                 assert len(calls) == 5, calls  # M1, M2, M2 + Δ1, M*1, M*2 scored again, on the new data
             else:
                 rec = json.loads((root / "chain" / "M1-star" / "ftrecycle.json").read_text())

@@ -490,7 +490,13 @@ def _score(
     # every rank evaluates its share of the items (see evaluate_gsm8k); the main process owns the cache
     stored = on_main(lambda: read_settings(cache) or {})
     # Keyed by what decides a score: the model's content key, the eval data's sha256, the generation settings.
-    scores: dict[str, Any] = stored.get("scores", {}) if stored.get("version") == 2 else {}
+    held = stored.get("scores") if stored.get("version") == 2 else None
+    # a score is reused only in the shape this code writes; anything else (edited, cut short) is scored again
+    scores: dict[str, Any] = {
+        k: v
+        for k, v in (held.items() if isinstance(held, dict) else ())
+        if isinstance(v, dict) and isinstance(v.get("strict"), float)
+    }
     evaluation = {
         "eval_data": file_identity(spec.eval_data),
         "batch_size": spec.finetune.eval_batch_size,
@@ -503,7 +509,7 @@ def _score(
                 continue
             model_key = keys.get(path) or settings_hash(version_key(path))
             score_key = settings_hash({"model": model_key, **evaluation})
-            if not isinstance(scores.get(score_key), dict):
+            if score_key not in scores:
                 model, tok = load_for_eval(path)
                 strict = evaluate_gsm8k(
                     model,
