@@ -643,10 +643,17 @@ def test_broken_tokenizer_and_generation_files_are_one_line(versions, tmp_path, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "train.jsonl"], "a failed run left its work dir"
 
 
-def test_a_run_that_fails_before_training_leaves_no_work_dir(versions, tmp_path, capsys):
+@pytest.mark.parametrize("command", ["finetune", "recycle-finetune"])
+def test_a_run_that_fails_before_training_leaves_no_work_dir(versions, tmp_path, capsys, command):
+    """Nothing to resume, so no .OUT.ftrecycle-run (nor recycle-finetune's .OUT.ftrecycle-start) is left."""
     data = _write_items(tmp_path / "train.jsonl", 8, seed=3)
+    v = versions["llama"]
+    models = ["--model", str(v["source_base"])]
+    if command == "recycle-finetune":
+        models = ["--source-base", str(v["source_base"]), "--source-finetuned", str(v["source_finetuned"])]
+        models += ["--target-base", str(v["target_base"])]
     for extra in ([], ["--resume"]):
-        args = ["finetune", "--model", str(versions["llama"]["source_base"]), "--data", str(data)]
+        args = [command, *models, "--data", str(data)]
         line = _one_line_error(capsys, main([*args, "-o", str(tmp_path / "o"), "--max-length", "1", *extra]))
         assert "--max-length" in line, line
         assert sorted(p.name for p in tmp_path.iterdir()) == ["train.jsonl"], extra

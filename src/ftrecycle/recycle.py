@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -123,39 +124,47 @@ def recycle_finetune(
             write_settings(start_key, model_key)
 
     on_main(merge)
-    result = finetune(
-        str(start),
-        data,
-        out,
-        config=config,
-        eval_data=eval_data,
-        resume=resume,
-        force=force,
-        progress=progress,
-        allow_pickle=False,  # the start is written by transfer, as safetensors
-        operation="recycle-finetune",
-        model_key=model_key,
-        extra_provenance={
-            "inputs": {
-                "model": None,  # the merged start is temporary: the sources below identify it
-                "source_base": _describe(source_base, allow_pickle),
-                "source_finetuned": _describe(source_finetuned, allow_pickle),
-                "target_base": _describe(target_base, allow_pickle),
-            },
-            "alpha": alpha,
-            "transfer": transfer_settings,
-            "recycled_from": {  # as given (kept for readers of earlier records)
-                "source_base": source_base,
-                "source_finetuned": source_finetuned,
-                "target_base": target_base,
-                "alpha": alpha,
-            },
-        },
-    )
 
     def cleanup() -> None:
         shutil.rmtree(start, ignore_errors=True)
         start_key.unlink(missing_ok=True)
+
+    try:
+        result = finetune(
+            str(start),
+            data,
+            out,
+            config=config,
+            eval_data=eval_data,
+            resume=resume,
+            force=force,
+            progress=progress,
+            allow_pickle=False,  # the start is written by transfer, as safetensors
+            operation="recycle-finetune",
+            model_key=model_key,
+            extra_provenance={
+                "inputs": {
+                    "model": None,  # the merged start is temporary: the sources below identify it
+                    "source_base": _describe(source_base, allow_pickle),
+                    "source_finetuned": _describe(source_finetuned, allow_pickle),
+                    "target_base": _describe(target_base, allow_pickle),
+                },
+                "alpha": alpha,
+                "transfer": transfer_settings,
+                "recycled_from": {  # as given (kept for readers of earlier records)
+                    "source_base": source_base,
+                    "source_finetuned": source_finetuned,
+                    "target_base": target_base,
+                    "alpha": alpha,
+                },
+            },
+        )
+    except BaseException:
+        # A run that failed before training made no work directory: there is nothing to resume, so the
+        # start goes too (with a work directory, --resume reuses it, as may a run for OUT started meanwhile)
+        if is_main() and not os.path.lexists(run):
+            cleanup()
+        raise
 
     on_main(cleanup)
     return result
