@@ -314,6 +314,11 @@ def _eval_case(case: str, v: dict[str, Path], tmp: Path) -> tuple[list[str], str
         return [E, "--model", c, "--tasks", "gsm8k,gsm8k"], "twice"
     if case == "missing-task-dir":
         return [E, "--model", c, "--tasks", "mine", "--task-dir", str(tmp / "nowhere")], "--task-dir"
+    if case == "task-yaml-data-missing":  # real lm-eval: its warnings and the loading bar came before the error
+        (tmp / "tasks").mkdir()
+        yaml = "task: mine\ndataset_path: json\ndataset_kwargs:\n  data_files: {test: nope.jsonl}\n"
+        (tmp / "tasks" / "mine.yaml").write_text(yaml + "output_type: generate_until\ndoc_to_text: q\n")
+        return [E, "--model", c, "--tasks", "mine", "--task-dir", str(tmp / "tasks"), "--device", "cpu"], "nope.jsonl"
     raise AssertionError(case)
 
 
@@ -339,6 +344,7 @@ EVAL_CASES = [
     "empty-tasks",
     "duplicate-tasks",
     "missing-task-dir",
+    "task-yaml-data-missing",
 ]
 
 

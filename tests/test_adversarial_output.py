@@ -499,3 +499,38 @@ def test_lab_never_writes_into_a_directory_that_is_not_a_lab_run(lab, capsys, tm
     line = _one_line(capsys.readouterr().err)
     assert code == 2 and "holds no lab run" in line, line
     assert tree_digest(models) == before and sorted(p.name for p in models.iterdir()) == listing
+
+
+#: (case, where diagnose runs, the --plot it is given, the exit code expected); every case aims at
+#: a PNG that belongs to an input (a model card's figure in A) or shares its inode
+PLOTS = {
+    "png-inside-a-model": lambda e: (e["root"], str(e["A"] / "figure.png"), 2),
+    "relative-from-inside-the-model": lambda e: (e["A"], "figure.png", 2),
+    "through-a-linked-parent": lambda e: (e["root"], "link-A/figure.png", 2),
+    "dotdot-back-into-the-model": lambda e: (e["root"] / "elsewhere", "../src/A/../A/figure.png", 2),
+    "hard-link-of-the-models-png": lambda e: (e["root"] / "elsewhere", "hard.png", 0),
+}
+
+
+@pytest.mark.parametrize("case", list(PLOTS))
+def test_a_plot_never_replaces_an_input(lab, capsys, monkeypatch, case):
+    """diagnose --plot wrote its PNG over any path, a file of a model directory included."""
+    e = lab
+    png = e["A"] / "figure.png"
+    if not png.exists():
+        png.write_bytes(b"a figure of the model card")
+        os.link(png, e["root"] / "elsewhere" / "hard.png")
+    if not (e["root"] / "link-A").is_symlink():
+        (e["root"] / "link-A").symlink_to(e["A"])
+    cwd, plot, expect = PLOTS[case](e)
+    before = tree_digest(e["src"])
+    monkeypatch.chdir(cwd)
+    models = ["--source-base", str(e["A"]), "--source-finetuned", str(e["B"]), "--target-base", str(e["C"])]
+    code = main(["diagnose", *models, "--plot", plot])
+    err = capsys.readouterr().err
+    assert code == expect, err
+    if expect == 2:
+        assert "overlaps input" in _one_line(err), err
+    assert tree_digest(e["src"]) == before, f"diagnose --plot {plot} changed an input"
+    assert png.read_bytes() == b"a figure of the model card"
+    assert not [p for p in (cwd.iterdir()) if p.name.startswith(".") and p.name.endswith(".png")]

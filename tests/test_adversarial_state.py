@@ -199,6 +199,8 @@ ITERATE_CASES = {
     "version_rewritten": ({"rewrite": "M2"}, "base.files"),
     "eval_data_content": ({"edit": "test.jsonl"}, None),
     "force_recomputes": ({"finetune": {"max_steps": 3}, "force": True}, None),
+    "scores_cache_a_list": ({"scores": "list"}, None),
+    "scores_cache_entries_edited": ({"scores": "no_strict"}, None),
 }
 
 
@@ -222,6 +224,12 @@ def test_iterate_reuses_only_what_the_same_settings_and_inputs_made(chain_root, 
         if "rewrite" in change:
             shutil.rmtree(root / "models" / change["rewrite"])
             save(perturbed(make_model(tiny_config("llama"), seed=7), seed=50, scale=0.01), root / "models" / "M2")
+        if change.get("scores") == "list":
+            (root / "chain" / "scores.json").write_text('{"version": 2, "scores": [0.9]}')
+        elif "scores" in change:
+            held = json.loads((root / "chain" / "scores.json").read_text())
+            held["scores"] = {k: {"model": v["model"], "strict": "0.9"} for k, v in held["scores"].items()}
+            (root / "chain" / "scores.json").write_text(json.dumps(held))
         before = (root / "chain" / "summary.json").read_text()
         capsys.readouterr()
         code = main(["iterate", str(root / "chain.yaml"), *(["--force"] if change.get("force") else [])])
@@ -232,7 +240,7 @@ def test_iterate_reuses_only_what_the_same_settings_and_inputs_made(chain_root, 
         else:
             out = capsys.readouterr().out
             assert code == 0, out
-            if case == "eval_data_content":
+            if case == "eval_data_content" or "scores" in change:
                 assert len(calls) == 5, calls  # M1, M2, M2 + Δ1, M*1, M*2 scored again, on the new data
             else:
                 rec = json.loads((root / "chain" / "M1-star" / "ftrecycle.json").read_text())
@@ -275,6 +283,52 @@ def test_recycle_finetune_provenance_names_its_sources(versions, tmp_path, alpha
 
 
 # --- 4. no pickle is unpickled without --allow-pickle, through transformers either -------------------------
+
+
+@pytest.fixture(scope="module")
+def unfinished(versions, tmp_path_factory) -> dict[str, Path]:
+    """A fine-tune stopped after its step-2 checkpoint and its first evaluations, to be damaged per case."""
+    from ftrecycle.finetune.train import finetune
+
+    root = tmp_path_factory.mktemp("unfinished")
+    data = _write_items(root / "train.jsonl", 40, seed=1)
+    test = _write_items(root / "test.jsonl", 4, seed=2)
+    cfg = FinetuneConfig(**{**TINY_FT, "max_steps": 6, "save_every": 2, "eval_every": 2})
+    model = str(versions["llama"]["source_base"])
+    _interrupted(lambda: finetune(model, data, root / "out", config=cfg, eval_data=test))
+    run = root / ".out.ftrecycle-run"
+    assert (run / "checkpoint-2").is_dir() and (run / "eval_log.json").is_file()
+    return {"root": root, "run": run, "data": data, "test": test, "model": Path(model)}
+
+
+#: what is damaged in the unfinished run's work directory, and the file the refusal must name
+DAMAGED: dict[str, tuple[Callable[[Path], Any], str]] = {
+    "eval log: not JSON": (lambda r: (r / "eval_log.json").write_text('[{"step": 2, "acc'), "eval_log.json"),
+    "eval log: an object": (lambda r: (r / "eval_log.json").write_text('{"step": 2}'), "eval_log.json"),
+    "eval log: not UTF-8": (lambda r: (r / "eval_log.json").write_bytes(b"\xff[]"), "eval_log.json"),
+    "eval log: 100k deep": (lambda r: (r / "eval_log.json").write_text("[" * 100_000 + "]" * 100_000), "eval_log.json"),
+    "checkpoint-abc": (lambda r: (r / "checkpoint-abc").mkdir(), "checkpoint-abc"),
+    "checkpoint-9 empty": (lambda r: (r / "checkpoint-9").mkdir(), "checkpoint-9"),
+    "checkpoint-9 a file": (lambda r: (r / "checkpoint-9").write_text("x"), "checkpoint-9"),
+    "checkpoint-9 a link": (lambda r: (r / "checkpoint-9").symlink_to(r / "checkpoint-2"), "checkpoint-9"),
+    "weights gone": (lambda r: (r / "checkpoint-2" / "model.safetensors").unlink(), "checkpoint-2"),
+    "trainer state cut": (lambda r: (r / "checkpoint-2" / "trainer_state.json").write_text('{"glo'), "trainer_state"),
+}
+
+
+@pytest.mark.parametrize("case", list(DAMAGED))
+def test_a_damaged_unfinished_run_is_refused_in_one_line(unfinished, tmp_path, capsys, case):
+    """--resume over a work directory cut short or edited by hand: one line naming the file, nothing written."""
+    run = tmp_path / ".out.ftrecycle-run"
+    shutil.copytree(unfinished["run"], run, symlinks=True)
+    damage, needle = DAMAGED[case]
+    damage(run)
+    flags = _ft_flags({**TINY_FT, "max_steps": 6, "save_every": 2, "eval_every": 2})
+    args = ["finetune", "--model", str(unfinished["model"]), "--data", str(unfinished["data"])]
+    args += ["--eval-data", str(unfinished["test"]), "-o", str(tmp_path / "out"), "--resume", *flags]
+    line = _one_line_error(capsys, main(args))
+    assert needle in line and "--force" in line, line
+    assert not (tmp_path / "out").exists() and (run / "run-settings.json").is_file()
 
 
 def _pickle_dirs(versions: dict[str, dict[str, Path]], root: Path) -> dict[str, Path]:
@@ -491,7 +545,9 @@ def _job_other(value: int, data: str) -> dict[str, Any]:
     return {"value": -value, "lines": 0}
 
 
-@pytest.mark.parametrize("change", ["argument", "data_file_content", "function", "no_key_on_record"])
+@pytest.mark.parametrize(
+    "change", ["argument", "data_file_content", "function", "no_key_on_record", "unreadable_result", "result_a_list"]
+)
 def test_lab_job_cache_is_keyed_by_arguments_and_input_files(tmp_path, change):
     from ftrecycle.lab.scheduler import Job, run_jobs
 
@@ -506,6 +562,10 @@ def test_lab_job_cache_is_keyed_by_arguments_and_input_files(tmp_path, change):
         (cache / "j.json").write_text('{"value": 7, "lines": 0}')
         assert run_jobs([Job("j", fn, kwargs)], cache)["j"] == {"value": 1, "lines": 2}
         return
+    if change in ("unreadable_result", "result_a_list"):  # cut short or edited by hand: computed again
+        (cache / "j.json").write_text('{"value": 7, "li' if change == "unreadable_result" else "[7]")
+        assert run_jobs([Job("j", fn, kwargs)], cache)["j"] == {"value": 1, "lines": 2}
+        return
     if change == "argument":
         kwargs["value"] = 2
     elif change == "data_file_content":
@@ -515,3 +575,105 @@ def test_lab_job_cache_is_keyed_by_arguments_and_input_files(tmp_path, change):
     with pytest.raises(ConfigError, match=r"lab job j .* other inputs") as e:
         run_jobs([Job("j", fn, kwargs)], cache)
     assert isinstance(e.value, FtRecycleError) and "\n" not in str(e.value)
+
+
+#: (file in the run directory, its crafted content, the lab command that reads it back)
+RUN = ["run", "--preset", "smoke", "--quiet"]
+LAB_FILES: dict[str, tuple[str, bytes, list[str]]] = {
+    "results: empty object": ("results.json", b"{}", ["report"]),
+    "results: a list": ("results.json", b"[]", ["report"]),
+    "results: mean is null": ("results.json", b'{"config": {"seeds": [0]}, "mean": null}', ["report"]),
+    "results: findings a number": (
+        "results.json",
+        b'{"config": {"preset": "tiny", "seeds": [0]}, "findings": 3, "mean": {}, "paper": {}}',
+        ["report"],
+    ),
+    "results: not JSON": ("results.json", b"{x", ["report"]),
+    "results: not UTF-8": ("results.json", b"\xff\xfe{}", ["report"]),
+    "results: NaN alone": ("results.json", b"NaN", ["report"]),
+    "settings: not JSON": ("lab-config.json", b"{x", RUN),
+    "settings: a list": ("lab-config.json", b"[]", RUN),
+    "settings: 100k deep": ("lab-config.json", b"[" * 100_000 + b"]" * 100_000, RUN),
+}
+
+
+@pytest.mark.parametrize("case", list(LAB_FILES))
+def test_lab_files_read_back_are_checked(tmp_path, capsys, case):
+    """A run directory's own files, edited or cut short, read back by `lab report` and `lab run`."""
+    name, content, argv = LAB_FILES[case]
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / name).write_bytes(content)
+    out = ["--out", str(run)] if argv[0] == "run" else [str(run)]
+    code = main(["lab", *argv, *out])
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("ftrecycle: error: "), err
+    assert str(run / name) in lines[0], lines[0]
+    assert sorted(p.name for p in run.iterdir()) == [name] and (run / name).read_bytes() == content
+
+
+#: a JSON file transformers reads beside the weights, damaged; (file, content)
+MODEL_JSON: dict[str, tuple[str, bytes]] = {
+    "tokenizer.json cut short": ("tokenizer.json", b'{"version": "1.0", "trunc'),
+    "tokenizer.json 100k deep": ("tokenizer.json", b"[" * 100_000 + b"]" * 100_000),
+    "tokenizer.json not UTF-8": ("tokenizer.json", b"\xff\xfe{}"),
+    "tokenizer.json without its fields": ("tokenizer.json", b'{"version": "1.0"}'),
+    "tokenizer_config.json a list": ("tokenizer_config.json", b"[]"),
+    "special_tokens_map.json not JSON": ("special_tokens_map.json", b"{x"),
+    "generation_config.json cut short": ("generation_config.json", b'{"bos_token_id": 1, "eos'),
+}
+
+
+@pytest.mark.parametrize("command", ["finetune", "eval"])
+@pytest.mark.parametrize("case", list(MODEL_JSON))
+def test_broken_tokenizer_and_generation_files_are_one_line(versions, tmp_path, capsys, case, command):
+    """transformers read these unchecked: an internal error, or (generation_config) silently dropped, exit 0."""
+    model = tmp_path / "model"
+    shutil.copytree(versions["llama"]["source_base"], model)
+    name, content = MODEL_JSON[case]
+    (model / name).write_bytes(content)
+    data = _write_items(tmp_path / "train.jsonl", 8, seed=3)
+    if command == "finetune":
+        args = ["finetune", "--model", str(model), "--data", str(data), "-o", str(tmp_path / "o"), "--max-steps", "1"]
+    else:
+        args = ["eval", "--model", str(model), "--builtin", str(data), "--limit", "1", "--max-new-tokens", "2"]
+    line = _one_line_error(capsys, main([*args, "--device", "cpu"] if command == "eval" else args))
+    assert str(model) in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "train.jsonl"], "a failed run left its work dir"
+
+
+@pytest.mark.parametrize("command", ["finetune", "recycle-finetune"])
+def test_a_run_that_fails_before_training_leaves_no_work_dir(versions, tmp_path, capsys, command):
+    """Nothing to resume, so no .OUT.ftrecycle-run (nor recycle-finetune's .OUT.ftrecycle-start) is left."""
+    data = _write_items(tmp_path / "train.jsonl", 8, seed=3)
+    v = versions["llama"]
+    models = ["--model", str(v["source_base"])]
+    if command == "recycle-finetune":
+        models = ["--source-base", str(v["source_base"]), "--source-finetuned", str(v["source_finetuned"])]
+        models += ["--target-base", str(v["target_base"])]
+    for extra in ([], ["--resume"]):
+        args = [command, *models, "--data", str(data)]
+        line = _one_line_error(capsys, main([*args, "-o", str(tmp_path / "o"), "--max-length", "1", *extra]))
+        assert "--max-length" in line, line
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["train.jsonl"], extra
+
+
+def test_a_run_started_meanwhile_keeps_its_work_dir(versions, tmp_path, capsys, monkeypatch):
+    """Two finetunes for one OUT: the one that checked first and loads slower must not remove the other's run."""
+    import ftrecycle.finetune.train as train_mod
+
+    data = _write_items(tmp_path / "train.jsonl", 8, seed=3)
+    other = tmp_path / ".o.ftrecycle-run"
+    real = train_mod.load_tokenizer
+
+    def slow_load(*a: Any, **k: Any) -> Any:  # the other run makes its work dir while this one loads
+        other.mkdir()
+        (other / "checkpoint-1").mkdir()
+        return real(*a, **k)
+
+    monkeypatch.setattr(train_mod, "load_tokenizer", slow_load)
+    args = ["finetune", "--model", str(versions["llama"]["source_base"]), "--data", str(data)]
+    line = _one_line_error(capsys, main([*args, "-o", str(tmp_path / "o"), "--max-steps", "1"]))
+    assert "another run" in line and str(other) in line, line
+    assert (other / "checkpoint-1").is_dir() and not (tmp_path / "o").exists()

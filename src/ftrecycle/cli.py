@@ -429,6 +429,11 @@ def _diagnose(ns: argparse.Namespace) -> None:
         probe_only = [f for f, v in (("--device", ns.device), ("--max-examples", ns.max_examples)) if v is not None]
         if probe_only:
             raise ConfigError(f"{' and '.join(probe_only)} set(s) the loss probe, which needs --data CALIB")
+    if ns.plot:
+        from ftrecycle.io.output import check_no_overlap
+
+        # the plot replaces its path: it must not be, or be inside, a model or the data
+        check_no_overlap(ns.plot, [ns.source_base, ns.source_finetuned, ns.target_base, ns.data], what="plot")
     d = diagnose(
         ns.source_base,
         ns.source_finetuned,

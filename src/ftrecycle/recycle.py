@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -130,39 +131,47 @@ def recycle_finetune(
                 write_settings(start_key, model_key)
 
         on_main(merge)
-        result = finetune(
-            str(start),
-            data,
-            out,
-            config=config,
-            eval_data=eval_data,
-            resume=resume,
-            force=force,
-            progress=progress,
-            allow_pickle=False,  # the start is written by transfer, as safetensors
-            operation="recycle-finetune",
-            model_key=model_key,
-            extra_provenance={
-                "inputs": {
-                    "model": None,  # the merged start is temporary: the sources below identify it
-                    "source_base": _describe(source_base, allow_pickle),
-                    "source_finetuned": _describe(source_finetuned, allow_pickle),
-                    "target_base": _describe(target_base, allow_pickle),
-                },
-                "alpha": alpha,
-                "transfer": transfer_settings,
-                "recycled_from": {  # as given (kept for readers of earlier records)
-                    "source_base": source_base,
-                    "source_finetuned": source_finetuned,
-                    "target_base": target_base,
-                    "alpha": alpha,
-                },
-            },
-        )
 
         def cleanup() -> None:
             shutil.rmtree(start, ignore_errors=True)
             start_key.unlink(missing_ok=True)
+
+        try:
+            result = finetune(
+                str(start),
+                data,
+                out,
+                config=config,
+                eval_data=eval_data,
+                resume=resume,
+                force=force,
+                progress=progress,
+                allow_pickle=False,  # the start is written by transfer, as safetensors
+                operation="recycle-finetune",
+                model_key=model_key,
+                extra_provenance={
+                    "inputs": {
+                        "model": None,  # the merged start is temporary: the sources below identify it
+                        "source_base": _describe(source_base, allow_pickle),
+                        "source_finetuned": _describe(source_finetuned, allow_pickle),
+                        "target_base": _describe(target_base, allow_pickle),
+                    },
+                    "alpha": alpha,
+                    "transfer": transfer_settings,
+                    "recycled_from": {  # as given (kept for readers of earlier records)
+                        "source_base": source_base,
+                        "source_finetuned": source_finetuned,
+                        "target_base": target_base,
+                        "alpha": alpha,
+                    },
+                },
+            )
+        except BaseException:
+            # A run that failed before training made no work directory: there is nothing to resume, so the
+            # start goes too (with a work directory, --resume reuses it, as may a run for OUT started meanwhile)
+            if is_main() and not os.path.lexists(run):
+                cleanup()
+            raise
 
         on_main(cleanup)
         return result
@@ -497,7 +506,13 @@ def _score(
     # every rank evaluates its share of the items (see evaluate_gsm8k); the main process owns the cache
     stored = on_main(lambda: read_settings(cache) or {})
     # Keyed by what decides a score: the model's content key, the eval data's sha256, the generation settings.
-    scores: dict[str, Any] = stored.get("scores", {}) if stored.get("version") == 2 else {}
+    held = stored.get("scores") if stored.get("version") == 2 else None
+    # a score is reused only in the shape this code writes; anything else (edited, cut short) is scored again
+    scores: dict[str, Any] = {
+        k: v
+        for k, v in (held.items() if isinstance(held, dict) else ())
+        if isinstance(v, dict) and isinstance(v.get("strict"), float)
+    }
     evaluation = {
         "eval_data": file_identity(spec.eval_data),
         "batch_size": spec.finetune.eval_batch_size,
@@ -510,7 +525,7 @@ def _score(
                 continue
             model_key = keys.get(path) or settings_hash(version_key(path))
             score_key = settings_hash({"model": model_key, **evaluation})
-            if not isinstance(scores.get(score_key), dict):
+            if score_key not in scores:
                 model, tok = load_for_eval(path)
                 strict = evaluate_gsm8k(
                     model,

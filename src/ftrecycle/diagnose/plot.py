@@ -5,10 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 
 from ftrecycle.diagnose.geometry import Geometry
+from ftrecycle.io.output import replaced_file
 
 
 def plot_layers(geo: Geometry, out: str | Path) -> Path:
-    """Draw ``geo.by_layer`` into ``out`` (PNG); returns the path."""
+    """Draw ``geo.by_layer`` into ``out`` (PNG); returns the path.
+
+    The PNG is drawn into a hidden file beside ``out`` and renamed over it, so that a failed
+    draw leaves no half file and an ``out`` hard-linked elsewhere is replaced, not rewritten.
+
+    Raises:
+        OutputError: the PNG could not be written (the path and the OS's cause).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -27,6 +35,9 @@ def plot_layers(geo: Geometry, out: str | Path) -> Path:
         ax.set_xticks(range(len(names)), names, rotation=60, fontsize=7)
     fig.tight_layout()
     path = Path(out)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        with replaced_file(path) as f:
+            fig.savefig(f, dpi=100, format="png")
+    finally:
+        plt.close(fig)
     return path

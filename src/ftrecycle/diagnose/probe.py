@@ -102,10 +102,9 @@ def mean_loss(model: Any, batches: Sequence[dict[str, Any]]) -> float:
 @contextmanager
 def _models(source_base: str, source_finetuned: str, target_base: str, device: str | None) -> Iterator[Any]:
     import torch
-    from transformers import AutoTokenizer
 
     from ftrecycle.io.checkpoint import open_checkpoint
-    from ftrecycle.io.hf_load import load_causal_lm
+    from ftrecycle.io.hf_load import load_causal_lm, load_tokenizer
 
     paths = []
     for ref in (source_base, source_finetuned, target_base):
@@ -115,16 +114,8 @@ def _models(source_base: str, source_finetuned: str, target_base: str, device: s
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
 
     def load(p: str) -> Any:
-        from transformers.utils import logging as hf_logging
-
-        bars = hf_logging.is_progress_bar_enabled()
-        hf_logging.disable_progress_bar()  # the library does not print
-        try:
-            # safetensors only: open_checkpoint above refused pickles, and transformers must not fall back to them
-            model: Any = load_causal_lm(p, dtype=torch.float32)
-        finally:
-            if bars:
-                hf_logging.enable_progress_bar()
+        # safetensors only: open_checkpoint above refused pickles, and transformers must not fall back to them
+        model: Any = load_causal_lm(p, dtype=torch.float32)
         return model.to(dev).eval()
 
     work = load(paths[2])
@@ -137,7 +128,7 @@ def _models(source_base: str, source_finetuned: str, target_base: str, device: s
         if k in a and k in b and a[k].shape == c[k].shape == b[k].shape and a[k].is_floating_point()
     }
     del b
-    yield work, AutoTokenizer.from_pretrained(paths[2]), a, c, delta
+    yield work, load_tokenizer(paths[2]), a, c, delta
 
 
 def _set(work: Any, values: dict[str, Any]) -> None:

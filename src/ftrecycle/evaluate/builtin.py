@@ -230,11 +230,13 @@ def load_for_eval(path: str, *, device: str | None = None, trust_remote_code: bo
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ftrecycle.evaluate.harness import loading, resolve_eval_model
+    from ftrecycle.io.hf_load import check_model_json, no_progress_bars
 
     path = resolve_eval_model(path)
     # under `accelerate launch` each process evaluates its share of the items on its own GPU
     dev = device or (f"cuda:{world().local_rank}" if torch.cuda.is_available() else "cpu")
-    with loading(path):
+    check_model_json(path)
+    with loading(path), no_progress_bars():
         model: Any = AutoModelForCausalLM.from_pretrained(
             path, dtype="auto", use_safetensors=True, trust_remote_code=trust_remote_code
         )

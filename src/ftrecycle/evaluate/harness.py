@@ -195,7 +195,7 @@ def loading(path: str, what: str = "model") -> Iterator[None]:
         yield
     except FtRecycleError:
         raise
-    except (ValueError, OSError, RuntimeError, KeyError, TypeError, ImportError) as e:
+    except (ValueError, OSError, RuntimeError, KeyError, TypeError, AttributeError, ImportError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise CheckpointError(f"{path}: transformers cannot load the {what} ({type(e).__name__}: {first[:300]})") from e
 
@@ -301,6 +301,43 @@ def run_lm_eval(
         )
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     engine = choose_backend(backend)
+    with _lm_eval_quiet():
+        return _evaluate_all(
+            lm_eval, manager, models, paths, specs, engine, dev, batch_size, limit, log_samples, trust_remote_code
+        )
+
+
+@contextlib.contextmanager
+def _lm_eval_quiet() -> Iterator[None]:
+    """lm-eval's warnings (a task YAML without generation_kwargs...) and transformers' loading bar
+    off for the run: the library does not print, and an error after them would not be one line."""
+    import logging
+
+    from ftrecycle.io.hf_load import no_progress_bars
+
+    logger = logging.getLogger("lm_eval")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with no_progress_bars():
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def _evaluate_all(
+    lm_eval: Any,
+    manager: Any,
+    models: list[str],
+    paths: dict[str, str],
+    specs: dict[str, Any],
+    engine: str,
+    dev: str,
+    batch_size: int | str,
+    limit: int | None,
+    log_samples: bool,
+    trust_remote_code: bool,
+) -> dict[str, Any]:
     table: dict[str, dict[str, float | None]] = {}
     metrics: dict[str, dict[str, str]] = {}
     raw: dict[str, Any] = {}

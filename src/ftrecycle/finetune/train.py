@@ -9,6 +9,7 @@ only when training is complete.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -22,7 +23,7 @@ from ftrecycle.evaluate.data import read_gsm8k
 from ftrecycle.finetune.config import FinetuneConfig
 from ftrecycle.finetune.data import Collator, encode, load_examples
 from ftrecycle.io.checkpoint import open_checkpoint
-from ftrecycle.io.hf_load import load_causal_lm
+from ftrecycle.io.hf_load import check_model_json, load_causal_lm, load_tokenizer
 from ftrecycle.io.jsonfile import read_json
 from ftrecycle.io.model_files import TOKENIZER_FILES, copy_files
 from ftrecycle.io.output import (
@@ -97,14 +98,17 @@ def run_settings(
     }
 
 
-def _prepare_run_dir(run: Path, out: Path, settings: dict[str, Any], *, resume: bool, force: bool) -> bool:
-    """Make (or check, to resume) the work directory; returns whether an earlier run is continued.
+def _check_run_dir(run: Path, out: Path, settings: dict[str, Any], *, resume: bool, force: bool) -> bool:
+    """Whether an earlier run in the work directory is continued (True) or a new one starts (False).
+
+    Nothing is written here: the new run's directory is made by :func:`_start_run_dir` only once the
+    model, tokenizer and data have loaded, so a run that fails before training leaves nothing behind.
 
     Raises:
         ConfigError: an unfinished run without resume/force, or one made with other settings (naming
             what changed) without force.
     """
-    if run.exists():
+    if os.path.lexists(run):
         if resume:
             try:
                 check_settings(
@@ -121,13 +125,73 @@ def _prepare_run_dir(run: Path, out: Path, settings: dict[str, Any], *, resume: 
             raise ConfigError(
                 f"an unfinished run for {out} is in {run}: pass --resume to continue it, or --force to start over"
             )
+    return False
+
+
+def _start_run_dir(run: Path, out: Path, settings: dict[str, Any], *, replace: bool) -> None:
+    """Make a new run's work directory and record its settings.
+
+    Args:
+        replace: what was at the work directory's name when the run was checked goes first (the
+            run was checked to start over); otherwise nothing may be there now.
+
+    Raises:
+        ConfigError: a work directory appeared since the check: another run for ``out`` started.
+    """
+    if replace:
         if run.is_dir() and not run.is_symlink():
             shutil.rmtree(run)
-        else:  # a file or a link where the work directory should be: remove the name, never what it points to
+        elif os.path.lexists(run):  # a file or a link: remove the name, never what it points to
             run.unlink()
-    run.mkdir(parents=True)
+    try:
+        run.mkdir(parents=True)
+    except FileExistsError as e:
+        raise ConfigError(
+            f"another run for {out} started meanwhile (its work directory {run} appeared); wait for it to end"
+        ) from e
     write_settings(run / RUN_SETTINGS, settings)
-    return False
+
+
+_DAMAGED = "remove it, or pass --force to start the run over"
+
+
+def _read_eval_log(run: Path) -> list[dict[str, Any]]:
+    """The evaluation log an unfinished run kept (empty when there is none).
+
+    Raises:
+        ConfigError: it is not a list of objects (cut short, or edited by hand), naming the file.
+    """
+    f = run / EVAL_LOG
+    if not os.path.lexists(f):
+        return []
+    log = read_json(f, what="evaluation log", error=ConfigError, fix=_DAMAGED, allow_nan=True)
+    if not isinstance(log, list) or not all(isinstance(e, dict) for e in log):
+        raise ConfigError(f"{f}: not an evaluation log (a list of objects); {_DAMAGED}")
+    return log
+
+
+def _last_checkpoint(run: Path) -> Path | None:
+    """The checkpoint a resumed run continues from: the highest step, checked to be complete.
+
+    Raises:
+        ConfigError: a ``checkpoint-*`` entry this run did not write, or a last checkpoint without
+            its weights or with an unreadable trainer state (the Trainer would fail deep inside).
+    """
+    steps: dict[int, Path] = {}
+    for p in run.glob("checkpoint-*"):
+        tail = p.name[len("checkpoint-") :]
+        if not (tail.isascii() and tail.isdigit()) or p.is_symlink() or not p.is_dir():
+            raise ConfigError(f"{p}: not a checkpoint of this run (a directory checkpoint-STEP); {_DAMAGED}")
+        steps[int(tail)] = p
+    if not steps:
+        return None
+    last = steps[max(steps)]
+    if not any((last / w).is_file() for w in ("model.safetensors", "model.safetensors.index.json")):
+        raise ConfigError(f"{last}: an incomplete checkpoint (no model.safetensors); {_DAMAGED}")
+    state = read_json(last / "trainer_state.json", what="trainer state", error=ConfigError, fix=_DAMAGED)
+    if not isinstance(state, dict):
+        raise ConfigError(f"{last / 'trainer_state.json'}: not a trainer state (a JSON object); {_DAMAGED}")
+    return last
 
 
 def _no_dropout(model: Any) -> list[str]:
@@ -253,6 +317,7 @@ def finetune(
     def load() -> tuple[Any, list[dict[str, Any]], list[dict[str, Any]] | None]:
         src = open_checkpoint(model, allow_pickle=allow_pickle)
         src.close()
+        check_model_json(src.path)  # before the run directory is made
         return src, load_examples(data), read_gsm8k(eval_data) if eval_data is not None else None
 
     loaded: list[tuple[Any, list[dict[str, Any]], list[dict[str, Any]] | None]] = []
@@ -260,7 +325,7 @@ def finetune(
 
     held = contextlib.ExitStack()
 
-    def prepare() -> None:
+    def prepare() -> tuple[bool, bool]:
         # the main process alone checks the output and owns the run directory; under
         # `accelerate launch` the others wait here and raise the same error if it refuses
         loaded.append(load())
@@ -270,20 +335,20 @@ def finetune(
         check_no_overlap(run, inputs, what="work directory")
         settings.update(run_settings(model_key if model_key is not None else loaded[0][0].path, data, eval_data, cfg))
         # a resume is refused (naming what changed) unless the run was made with these settings and inputs
-        _prepare_run_dir(run, out, settings, resume=resume, force=force)
+        return _check_run_dir(run, out, settings, resume=resume, force=force), os.path.lexists(run)
 
     # the main process holds OUT's lock from its checks to the final rename: a second run for OUT is
     # refused at once instead of fighting over the run directory
     with held:
-        on_main(prepare)
+        resuming, existed = on_main(prepare)  # the main process's decisions, on every rank
         src, rows, eval_items = loaded[0] if loaded else load()
         if not settings:
             settings.update(run_settings(model_key if model_key is not None else src.path, data, eval_data, cfg))
 
         import torch
-        from transformers import AutoTokenizer, TrainingArguments
+        from transformers import TrainingArguments
 
-        tok = AutoTokenizer.from_pretrained(src.path, trust_remote_code=trust_remote_code)
+        tok = load_tokenizer(src.path, trust_remote_code=trust_remote_code)
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token
         features = [f for r in rows if (f := encode(r, tok, cfg.max_length)) is not None]
@@ -293,7 +358,11 @@ def finetune(
             torch, str(src.config.get("torch_dtype") or src.config.get("dtype") or "float32"), torch.float32
         )
         net = load_causal_lm(
-            src.path, dtype=torch.float32, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code
+            src.path,
+            dtype=torch.float32,
+            allow_pickle=allow_pickle,
+            trust_remote_code=trust_remote_code,
+            progress=progress,
         )
         dropout_off = _no_dropout(net)
         if cfg.gradient_checkpointing:
@@ -328,9 +397,11 @@ def finetune(
             ddp_find_unused_parameters=False,  # a causal LM uses every parameter; skip the extra graph walk
             use_cpu=not torch.cuda.is_available(),
         )
-        log: list[dict[str, Any]] = (
-            read_json(run / EVAL_LOG, what="evaluation log", error=ConfigError) if (run / EVAL_LOG).is_file() else []
-        )
+        # a new run's directory is made only now, when everything has loaded (on the main process;
+        # under `accelerate launch` the others wait for it); a continued one is checked first
+        if not resuming:
+            on_main(lambda: _start_run_dir(run, out, settings, replace=existed))
+        log = _read_eval_log(run) if resuming else []
         trainer = _trainer_class()(
             model=net, args=args, train_dataset=features, data_collator=Collator(tok.pad_token_id)
         )
@@ -344,12 +415,10 @@ def finetune(
                 : cfg.eval_shots
             ]
             trainer.add_callback(_eval_callback(run, lambda: (trainer.model, tok), eval_items, shots, cfg, log))
-        checkpoints = sorted(run.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+        last = _last_checkpoint(run) if resuming else None
         t_train = time.perf_counter()
-        start_step = 0
-        if resume and checkpoints:
-            start_step = int(checkpoints[-1].name.split("-")[1])
-        trainer.train(resume_from_checkpoint=str(checkpoints[-1]) if resume and checkpoints else None)
+        start_step = int(last.name.split("-")[1]) if last is not None else 0
+        trainer.train(resume_from_checkpoint=str(last) if last is not None else None)
         steps = trainer.state.global_step
         per_step = (time.perf_counter() - t_train) / max(1, steps - start_step)
         losses = [(int(e["step"]), float(e["loss"])) for e in trainer.state.log_history if "loss" in e]

@@ -12,6 +12,7 @@ import os
 import re
 import secrets
 import shutil
+import tempfile
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -542,6 +543,32 @@ def _fsync_dir(path: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+@contextlib.contextmanager
+def replaced_file(path: Path) -> Iterator[Any]:
+    """A binary file to write ``path``'s new content into; it replaces ``path`` only when complete.
+
+    The content goes to a hidden temp file beside ``path``, renamed over it at the end: a failed
+    write leaves the old file (or none) and no temp, and a ``path`` that is a hard link or a
+    symbolic link is replaced, never written through.
+
+    Raises:
+        OutputError: the OS refused the write (the path, the cause, the fix).
+    """
+    tmp: str | None = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:64]}.", suffix=TMP_MARK + "file", dir=path.parent)
+        with os.fdopen(fd, "wb") as f:
+            yield f
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as e:
+        raise os_error(e, path) from e
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
 
 def write_json(path: Path, data: Any) -> None:

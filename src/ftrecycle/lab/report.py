@@ -378,6 +378,14 @@ def render(results: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def _save(fig: Any, path: Path, *, dpi: int) -> None:
+    """One PNG, replacing ``path`` only when complete (a link planted in the run directory is not followed)."""
+    from ftrecycle.io.output import replaced_file
+
+    with replaced_file(path) as f:
+        fig.savefig(f, dpi=dpi, format="png")
+
+
 def plots(results: dict[str, Any], out: Path) -> list[Path]:
     """Write the PNG plots into ``out``; returns their paths."""
     import matplotlib
@@ -401,7 +409,7 @@ def plots(results: dict[str, Any], out: Path) -> list[Path]:
     fig.colorbar(im, ax=ax, label="points")
     fig.tight_layout()
     written.append(out / PLOTS["transfer_matrix"])
-    fig.savefig(written[-1], dpi=110)
+    _save(fig, written[-1], dpi=110)
     plt.close(fig)
 
     fig, axes = plt.subplots(1, 5, figsize=(18, 3.6), sharey=True)
@@ -418,7 +426,7 @@ def plots(results: dict[str, Any], out: Path) -> list[Path]:
     axes[0].set_ylabel("accuracy (%)")
     fig.tight_layout()
     written.append(out / PLOTS["recycle_curves"])
-    fig.savefig(written[-1], dpi=100)
+    _save(fig, written[-1], dpi=100)
     plt.close(fig)
 
     iters = m["iterative"]
@@ -437,7 +445,7 @@ def plots(results: dict[str, Any], out: Path) -> list[Path]:
     axes[0].set_ylabel("accuracy (%)")
     fig.tight_layout()
     written.append(out / PLOTS["iterative_curves"])
-    fig.savefig(written[-1], dpi=100)
+    _save(fig, written[-1], dpi=100)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
@@ -450,7 +458,7 @@ def plots(results: dict[str, Any], out: Path) -> list[Path]:
     ax.legend()
     fig.tight_layout()
     written.append(out / PLOTS["direct_ft_curves"])
-    fig.savefig(written[-1], dpi=100)
+    _save(fig, written[-1], dpi=100)
     plt.close(fig)
 
     if "diagnostics_summary" in results:
@@ -469,7 +477,7 @@ def plots(results: dict[str, Any], out: Path) -> list[Path]:
         axes[0].set_ylabel("measured gain of Mj + Δi over Mj (points)")
         fig.tight_layout()
         written.append(out / PLOTS["diagnostics"])
-        fig.savefig(written[-1], dpi=100)
+        _save(fig, written[-1], dpi=100)
         plt.close(fig)
 
     if "compressed" in m:
@@ -495,6 +503,6 @@ def plots(results: dict[str, Any], out: Path) -> list[Path]:
         ax.legend(fontsize=6, ncol=2)
         fig.tight_layout()
         written.append(out / PLOTS["compression"])
-        fig.savefig(written[-1], dpi=100)
+        _save(fig, written[-1], dpi=100)
         plt.close(fig)
     return written

@@ -11,7 +11,7 @@ from typing import Any
 
 from ftrecycle.errors import ConfigError
 from ftrecycle.io.jsonfile import read_json_object
-from ftrecycle.io.output import check_output, os_error, output_lock
+from ftrecycle.io.output import check_output, os_error, output_lock, replaced_file
 from ftrecycle.lab import paper
 from ftrecycle.lab.aggregate import combine
 from ftrecycle.lab.config import NOT_EVIDENCE, LabConfig
@@ -59,6 +59,9 @@ def _cache_key(settings: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in settings.items() if k not in ("seeds", "workers", "preset")}
 
 
+_DISCARD = "use another --out, or --force to discard the run there"
+
+
 def _check_config(out: Path, cfg: LabConfig, force: bool) -> None:
     f = out / CONFIG_FILE
     if out.is_dir() and not os.path.lexists(f) and any(out.iterdir()):
@@ -66,8 +69,15 @@ def _check_config(out: Path, cfg: LabConfig, force: bool) -> None:
         raise ConfigError(
             f"--out {out} is not empty and holds no lab run ({CONFIG_FILE} is missing); choose a new or empty --out"
         )
-    old = read_json_object(f, what="lab settings", error=ConfigError) if os.path.lexists(f) else None
-    if old is not None and _cache_key(old) != _cache_key(cfg.to_json()):
+    old: dict[str, Any] | None = None
+    if os.path.lexists(f):
+        try:
+            old = read_json_object(f, what="lab run settings", error=ConfigError, fix=_DISCARD, allow_nan=True)
+        except ConfigError:
+            if not force:
+                raise
+            # unreadable settings are other settings: --force discards the run below
+    if os.path.lexists(f) and (old is None or _cache_key(old) != _cache_key(cfg.to_json())):
         if not force:
             raise ConfigError(
                 f"{out} holds a lab run with other settings ({f}); use another --out, or --force to discard it"
@@ -198,11 +208,11 @@ def _run_locked(cfg: LabConfig, root: Path, force: bool, progress: Progress | No
 
 
 def _write_report(results: dict[str, Any], root: Path) -> list[Path]:
-    """The plots, then report.md (atomically); returns the plots' paths."""
+    """The plots, then report.md (each file atomically); returns the plots' paths."""
+    text = render(results)
     pngs = plots(results, root)
-    tmp = root / f".{REPORT}.tmp"
-    tmp.write_text(render(results))
-    tmp.replace(root / REPORT)
+    with replaced_file(root / REPORT) as f:
+        f.write(text.encode())
     return pngs
 
 
@@ -210,11 +220,20 @@ def rebuild_report(out: str | Path) -> Path:
     """Rewrite report.md and the plots of a finished run from its results.json.
 
     Raises:
-        ConfigError: no results.json in ``out``.
+        ConfigError: no results.json in ``out``, or one that is not a lab run's results (not
+            JSON, or missing or mistyped fields: it is read back as the lab wrote it).
+        OutputError: the report or a plot could not be written.
     """
     root = Path(out).expanduser()
     f = root / RESULTS
     if not f.is_file():
         raise ConfigError(f"{f} does not exist: run `ftrecycle lab run --out {out}` first")
-    _write_report(read_json_object(f, what="lab results", error=ConfigError), root)
+    fix = f"rerun `ftrecycle lab run --out {out}` to remake it"
+    # the lab writes NaN for a spread it could not measure, so NaN is read back
+    results = read_json_object(f, what="lab results", error=ConfigError, fix=fix, allow_nan=True)
+    try:
+        _write_report(results, root)
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
+        # every field is read where it is drawn: a missing or mistyped one surfaces here, before report.md
+        raise ConfigError(f"{f}: not the results of a lab run of this version ({type(e).__name__}: {e}); {fix}") from e
     return root / REPORT

@@ -171,8 +171,12 @@ def run_jobs(
     for j in jobs:
         f = cache / f"{j.id}.json"
         if f.is_file() and read_settings(cache / f"{j.id}.key.json") is not None:
-            # a result with no key on record is not trusted: the job runs again
-            results[j.id] = read_json_object(f, what="lab job result", error=ConfigError)
+            # a result with no key on record is not trusted: the job runs again; so does one that
+            # cannot be read back (cut short, or edited by hand)
+            try:
+                results[j.id] = read_json_object(f, what="lab job result", error=ConfigError, allow_nan=True)
+            except ConfigError:
+                pass
     total = len(jobs)
     if progress is not None:
         progress(len(results), total, "")
