@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ftrecycle.errors import CheckpointError, HubError
+from ftrecycle.io.localpath import looks_local
 
 HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[\w./-]+))?$")
 
@@ -30,22 +31,6 @@ class ResolvedRef:
     path: Path
     repo_id: str | None = None
     revision: str | None = None
-
-
-def looks_local(ref: str) -> bool:
-    """Whether a missing model argument was meant as a local path rather than a hub id.
-
-    It was when it starts with ``/``, ``.`` or ``~``, holds a backslash, more than one
-    ``/`` before any ``@revision`` or ends with one, or when its first component exists
-    here (``models/M9`` with a local ``models/`` directory): a typo there must say
-    "no such directory", not "cannot reach the hub".
-    """
-    if ref.startswith(("/", ".", "~")) or "\\" in ref or ref.endswith("/"):
-        return True
-    name = ref.split("@", 1)[0]
-    if name.count("/") != 1:
-        return True
-    return Path(name.split("/", 1)[0]).exists()
 
 
 def containment_root(path: Path) -> Path:

@@ -11,15 +11,16 @@ LOCAL_SUFFIXES = (".jsonl", ".json", ".yaml", ".yml", ".txt", ".csv", ".parquet"
 def looks_local(ref: str, base: Path | None = None) -> bool:
     """Whether ``ref`` is meant as a local path (so a missing one is an error, not a hub lookup).
 
-    True for absolute, home and dot-relative paths, backslashes, more than one ``/`` before any
-    ``@revision`` or ``:split``, a file ending such as ``.jsonl``, or a first component that is an
-    existing local directory (``models/M9`` beside a ``models/`` folder).
+    True for absolute, home and dot-relative paths, backslashes, a trailing ``/``, more than one
+    ``/`` before any ``@revision`` or ``:split``, a file ending such as ``.jsonl``, or a first
+    component that exists locally (``models/M9`` beside a ``models/`` folder). A bare name
+    (``gsm8k``) may be a hub data set, so it is not taken as local.
 
     Args:
         ref: the argument as given.
         base: the directory relative paths are taken from (default: the working directory).
     """
-    if ref.startswith((".", "/", "~")) or "\\" in ref:
+    if ref.startswith((".", "/", "~")) or "\\" in ref or ref.endswith("/"):
         return True
     name = ref.partition("@")[0].partition(":")[0]
     if name.count("/") != 1:
@@ -27,4 +28,4 @@ def looks_local(ref: str, base: Path | None = None) -> bool:
     if name.lower().endswith(LOCAL_SUFFIXES):
         return True
     first = name.split("/", 1)[0]
-    return (Path(base or ".") / first).is_dir()
+    return (Path(base or ".") / first).exists()
