@@ -467,13 +467,20 @@ def scratch_directory(out: str | Path) -> Iterator[Path]:
         OutputError: the directory cannot be made, or another run writes ``out``.
     """
     o = output_path(out)
+    with _guarded(o), _temp_directory(o) as tmp:
+        yield tmp
+
+
+@contextlib.contextmanager
+def _guarded(o: Path) -> Iterator[None]:
+    """Around a write of ``o``: its missing parents made (and removed again on failure), its lock
+    held, stale temporaries of killed runs removed, and an OS error turned into one OutputError."""
     made = _make_parents(o.parent, o)
     ok = False
     try:
         with output_lock(o):
             _remove_stale(o)
-            with _temp_directory(o) as tmp:
-                yield tmp
+            yield
         ok = True
     except BaseException as e:
         if _is_write_error(e):
@@ -500,40 +507,27 @@ def atomic_directory(out: str | Path, *, force: bool = False) -> Iterator[Path]:
     """
     o = output_path(out)
     parent = o.parent
-    made = _make_parents(parent, o)
-    ok = False
-    try:
-        with output_lock(o):
-            _remove_stale(o)
-            with _temp_directory(o) as tmp:
-                yield tmp
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp / LOCK_MARK)  # our lock stays held on the open descriptor
-                _fsync_dir(tmp)
-                if os.path.lexists(o):
-                    if not force:
-                        raise OutputError(f"output {out} appeared while writing; pass --force to replace it")
-                    if o.is_symlink() or not o.is_dir():
-                        raise OutputError(f"output {out} is not a directory; remove it or choose another path")
-                    trash = parent / f"{sibling_name(o, TMP_MARK)}{secrets.token_hex(8)}-old"
-                    os.rename(o, trash)
-                    try:
-                        os.rename(tmp, o)
-                    except BaseException:
-                        os.rename(trash, o)
-                        raise
-                    shutil.rmtree(trash, ignore_errors=True)
-                else:
-                    os.rename(tmp, o)
-                _fsync_dir(parent)
-        ok = True
-    except BaseException as e:
-        if _is_write_error(e):
-            raise os_error(e, o) from e  # type: ignore[arg-type]
-        raise
-    finally:
-        if not ok:
-            _remove_dirs(made)
+    with _guarded(o), _temp_directory(o) as tmp:
+        yield tmp
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp / LOCK_MARK)  # our lock stays held on the open descriptor
+        _fsync_dir(tmp)
+        if os.path.lexists(o):
+            if not force:
+                raise OutputError(f"output {out} appeared while writing; pass --force to replace it")
+            if o.is_symlink() or not o.is_dir():
+                raise OutputError(f"output {out} is not a directory; remove it or choose another path")
+            trash = parent / f"{sibling_name(o, TMP_MARK)}{secrets.token_hex(8)}-old"
+            os.rename(o, trash)
+            try:
+                os.rename(tmp, o)
+            except BaseException:
+                os.rename(trash, o)
+                raise
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.rename(tmp, o)
+        _fsync_dir(parent)
 
 
 def _fsync_dir(path: Path) -> None:
