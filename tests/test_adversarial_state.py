@@ -677,3 +677,17 @@ def test_a_run_started_meanwhile_keeps_its_work_dir(versions, tmp_path, capsys, 
     line = _one_line_error(capsys, main([*args, "-o", str(tmp_path / "o"), "--max-steps", "1"]))
     assert "another run" in line and str(other) in line, line
     assert (other / "checkpoint-1").is_dir() and not (tmp_path / "o").exists()
+
+
+def test_a_chain_base_that_cannot_be_found_leaves_no_output(versions, tmp_path, capsys, monkeypatch):
+    """Every base of a chain is found (or fetched) before the output directory is made."""
+    (tmp_path / "models").mkdir()
+    shutil.copytree(versions["llama"]["source_base"], tmp_path / "models" / "M1")
+    _write_items(tmp_path / "train.jsonl", 4, seed=9)
+    chain = tmp_path / "chain.yaml"
+    # a hub-shaped id with no network (HF_HUB_OFFLINE): the second base fails, before any step
+    chain.write_text("versions: [models/M1, acme/no-such-model]\ndata: train.jsonl\noutput: out\n")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    line = _one_line_error(capsys, main(["iterate", str(chain)]))
+    assert "acme/no-such-model" in line, line
+    assert not (tmp_path / "out").exists()

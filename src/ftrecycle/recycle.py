@@ -15,6 +15,7 @@ from ftrecycle.distributed import barrier, is_main, on_main
 from ftrecycle.errors import ConfigError
 from ftrecycle.finetune.config import FinetuneConfig
 from ftrecycle.finetune.train import FinetuneResult, finetune
+from ftrecycle.io.hub import resolve_ref
 from ftrecycle.io.localpath import looks_local
 from ftrecycle.io.output import check_no_overlap, check_output, output_lock, sibling_name, write_json
 from ftrecycle.io.state import (
@@ -373,6 +374,8 @@ def iterate(spec: ChainSpec, *, progress: bool = False, force: bool = False) -> 
 
     def prepare() -> None:
         check_no_overlap(out, inputs, what="iterate output")
+        for v in spec.versions:  # every base is found (or fetched) before anything is written
+            resolve_ref(v)
         out.mkdir(parents=True, exist_ok=True)
 
     on_main(prepare)
