@@ -33,6 +33,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -82,25 +83,15 @@ def _sh(cmd: list[str], env: dict[str, str], what: str) -> str:
 
 def _versions(root: Path, *, cpu: bool) -> dict[str, Path]:
     import torch
-    from transformers import LlamaConfig
 
     from ftrecycle.lab.config import PRESETS
+    from ftrecycle.lab.pretrain import llama_config
     from ftrecycle.tiny import make_model, perturbed, save
 
     spec = PRESETS["gpu"].model
-    cfg = LlamaConfig(
-        vocab_size=96,
-        hidden_size=spec.hidden,
-        intermediate_size=spec.intermediate,
-        num_hidden_layers=spec.layers if not cpu else 1,
-        num_attention_heads=spec.heads,
-        num_key_value_heads=spec.heads,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
+    if cpu:  # the smoke run: one layer of the same width
+        spec = replace(spec, layers=1)
+    cfg = llama_config(spec, vocab_size=96)  # the lab's own model config (96: the tiny word tokenizer)
     base = make_model(cfg, seed=0, dtype=torch.bfloat16)
     return {
         "source_base": save(base, root / "source_base", max_shard_size="2GB"),
