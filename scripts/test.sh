@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 .venv/bin/ruff format --check src tests benchmarks
 .venv/bin/mypy
 .venv/bin/python -m pytest -q "$@"
-for kernel in Haswell Sandybridge; do
+for kernel in Haswell Zen Sandybridge; do
     echo "numerics tests again under OPENBLAS_CORETYPE=$kernel"
     OPENBLAS_CORETYPE=$kernel .venv/bin/python -m pytest -q -p no:cacheprovider \
         tests/test_determinism.py tests/test_compress.py tests/test_exact.py
