@@ -122,6 +122,16 @@ def _write(f: Path, got: object) -> None:
         f.write_text(got if isinstance(got, str) else json.dumps(got))
 
 
+def _edit_json(name: str, mutate: Callable[[dict], object]) -> Callable[[World], None]:
+    """A setup: a copy of C whose JSON file ``name`` is rewritten by ``mutate``."""
+
+    def setup(w: World) -> None:
+        f = w.copy(w.c, "C") / name
+        _write(f, mutate(json.loads(f.read_text())))
+
+    return setup
+
+
 def _first_tensor(h: dict) -> str:
     return next(k for k in h if k != "__metadata__")
 
@@ -186,13 +196,7 @@ def _header_cases() -> list[Case]:
 
 def _index_cases() -> list[Case]:
     def idx(mutate: Callable[[dict], object]) -> Callable[[World], None]:
-        def setup(w: World) -> None:
-            d = w.copy(w.c, "C")
-            f = d / "model.safetensors.index.json"
-            got = mutate(json.loads(f.read_text()))
-            _write(f, got)
-
-        return setup
+        return _edit_json("model.safetensors.index.json", mutate)
 
     muts: dict[str, Callable[[dict], object]] = {
         "weight-map-empty": lambda j: {**j, "weight_map": {}},
@@ -225,13 +229,7 @@ def _index_cases() -> list[Case]:
 
 def _config_cases() -> list[Case]:
     def cfg(mutate: Callable[[dict], object]) -> Callable[[World], None]:
-        def setup(w: World) -> None:
-            d = w.copy(w.c, "C")
-            f = d / "config.json"
-            got = mutate(json.loads(f.read_text()))
-            _write(f, got)
-
-        return setup
+        return _edit_json("config.json", mutate)
 
     muts: dict[str, Callable[[dict], object]] = {
         "config-deep": lambda j: _deep(),
