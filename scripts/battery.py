@@ -672,32 +672,19 @@ def _data_cases() -> list[Case]:
         return ["finetune", "--model", w.a, "--data", data, "-o", w.out(), "--max-steps", "1"]
 
     good = b'{"question": "What is 1 + 1 ?", "answer": "1 + 1 = 2 . #### 2"}\n'
+    # (case, bytes of d.jsonl): one good line, then the bad one
+    bad_lines = {
+        "jsonl-not-utf8": good + b'{"question": "\xff\xfe", "answer": "x #### 1"}\n',
+        "jsonl-deep": good + _deep().encode() + b"\n",
+        "jsonl-bad-json": good + b"{oops\n",
+        "jsonl-array-line": good + b"[1, 2]\n",
+        "jsonl-empty": b"",
+    }
     cases = [
-        Case(
-            "data files",
-            "jsonl-not-utf8",
-            lambda w: ft(w, str(w.case / "d.jsonl")),
-            setup=write("d.jsonl", good + b'{"question": "\xff\xfe", "answer": "x #### 1"}\n'),
-        ),
-        Case(
-            "data files",
-            "jsonl-deep",
-            lambda w: ft(w, str(w.case / "d.jsonl")),
-            setup=write("d.jsonl", good + _deep().encode() + b"\n"),
-        ),
-        Case(
-            "data files",
-            "jsonl-bad-json",
-            lambda w: ft(w, str(w.case / "d.jsonl")),
-            setup=write("d.jsonl", good + b"{oops\n"),
-        ),
-        Case(
-            "data files",
-            "jsonl-array-line",
-            lambda w: ft(w, str(w.case / "d.jsonl")),
-            setup=write("d.jsonl", good + b"[1, 2]\n"),
-        ),
-        Case("data files", "jsonl-empty", lambda w: ft(w, str(w.case / "d.jsonl")), setup=write("d.jsonl", b"")),
+        Case("data files", n, lambda w: ft(w, str(w.case / "d.jsonl")), setup=write("d.jsonl", content))
+        for n, content in bad_lines.items()
+    ]
+    cases += [
         Case("data files", "jsonl-typo-path", lambda w: ft(w, "data/trian.jsonl")),
         Case(
             "data files",
