@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ftrecycle.synthetic import LLAMA_3_2_1B, llama_config, llama_layout, write_synthetic
+import _paths  # noqa: F401  (tests/fixtures on sys.path)
+from fixtures.synthetic import LLAMA_3_2_1B, llama_config, llama_layout, write_synthetic
 
 LAYOUTS = {
     "1b": dict(LLAMA_3_2_1B),

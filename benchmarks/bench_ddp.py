@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import _paths  # noqa: F401  (tests/fixtures on sys.path)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -52,7 +54,8 @@ def main() -> None:
     from transformers import LlamaConfig
 
     from ftrecycle.finetune.data import encode, load_examples
-    from ftrecycle.tiny import make_model, save, word_tokenizer
+
+    from fixtures.tiny import make_model, save, word_tokenizer
 
     with tempfile.TemporaryDirectory() as d:
         root = Path(d)

@@ -20,7 +20,9 @@ from pathlib import Path
 from ftrecycle.evaluate.builtin import evaluate_gsm8k, load_for_eval
 from ftrecycle.evaluate.data import read_gsm8k
 from ftrecycle.evaluate.harness import run_lm_eval, write_gsm8k_task
-from ftrecycle.tiny import make_versions
+
+import _paths  # noqa: F401  (tests/fixtures on sys.path)
+from fixtures.tiny import make_versions
 
 
 def main() -> None:

@@ -37,6 +37,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import _paths  # noqa: F401  (tests/fixtures on sys.path)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -86,7 +88,8 @@ def _versions(root: Path, *, cpu: bool) -> dict[str, Path]:
 
     from ftrecycle.lab.config import PRESETS
     from ftrecycle.lab.pretrain import llama_config
-    from ftrecycle.tiny import make_model, perturbed, save
+
+    from fixtures.tiny import make_model, perturbed, save
 
     spec = PRESETS["gpu"].model
     if cpu:  # the smoke run: one layer of the same width
@@ -170,7 +173,8 @@ def main() -> None:
     per_step = float(m.group(1)) if m else wall / steps
 
     from ftrecycle.finetune.data import encode, load_examples
-    from ftrecycle.tiny import word_tokenizer
+
+    from fixtures.tiny import word_tokenizer
 
     tok = word_tokenizer(96)
     lengths = [len(f["input_ids"]) for r in load_examples(train)[:200] if (f := encode(r, tok, 2048)) is not None]

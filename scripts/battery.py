@@ -32,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the test fixtures (tests/fixtures)
 TIME = shutil.which("time", path="/usr/bin:/bin") or "/usr/bin/time"  # GNU time (Debian package "time")
 
 # Cases ------------------------------------------------------------------------------------------
@@ -58,8 +59,9 @@ class World:
         self.case = root  # the current case's scratch directory (inside root)
 
     def build(self) -> None:
-        from ftrecycle.delta.compute import diff
-        from ftrecycle.tiny import make_versions
+        from ftrecycle.ops.diff import diff
+
+        from fixtures.tiny import make_versions
 
         v = make_versions("llama", self.root / "models")
         self.a, self.b, self.c = (str(v[k]) for k in ("source_base", "source_finetuned", "target_base"))

@@ -14,7 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from ftrecycle.tiny import FAMILIES, make_versions
+from fixtures.tiny import FAMILIES, make_versions
 
 
 @pytest.fixture(scope="session")

@@ -416,7 +416,7 @@ UNEXPECTED = [
     ("exc", "code", "needle"), UNEXPECTED, ids=[f"{type(e).__name__}{i}" for i, (e, _, _) in enumerate(UNEXPECTED)]
 )
 def test_anything_unexpected_is_one_line(tmp_path, capsys, monkeypatch, exc, code, needle):
-    import ftrecycle.delta.inspect as inspect_mod
+    import ftrecycle.ops.inspect as inspect_mod
 
     def boom(*args, **kwargs):
         raise exc
@@ -434,7 +434,7 @@ def test_anything_unexpected_is_one_line(tmp_path, capsys, monkeypatch, exc, cod
 
 def test_a_closed_stdout_is_not_an_error(tmp_path, capsys, monkeypatch):
     """`ftrecycle inspect D | head`: the reader went away; no traceback, no error line, exit 141 like SIGPIPE."""
-    import ftrecycle.delta.inspect as inspect_mod
+    import ftrecycle.ops.inspect as inspect_mod
 
     def closed(*args, **kwargs):
         raise BrokenPipeError(errno.EPIPE, "Broken pipe")

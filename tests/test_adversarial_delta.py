@@ -21,14 +21,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ftrecycle.cli import main
-from ftrecycle.delta.compute import diff
-from ftrecycle.delta.inspect import inspect_delta
 from ftrecycle.delta.store import MANIFEST, checksums, open_delta
 from ftrecycle.errors import FtRecycleError
 from ftrecycle.io.safetensors_format import read_header
-from ftrecycle.tiny import make_model, save, tiny_config
+from ftrecycle.ops.diff import diff
+from ftrecycle.ops.inspect import inspect_delta
 
 from conftest import load_dir, tree_digest
+from fixtures.tiny import make_model, save, tiny_config
 
 DEEP = "[" * 100_000 + "]" * 100_000
 Q = "model.layers.0.self_attn.q_proj.weight"  # (32, 32)

@@ -22,11 +22,11 @@ from pathlib import Path
 import pytest
 
 from ftrecycle.cli import main
-from ftrecycle.delta.compute import diff
 from ftrecycle.io.output import LOCK_MARK, TMP_MARK
-from ftrecycle.tiny import make_versions
+from ftrecycle.ops.diff import diff
 
 from conftest import load_dir, tree_digest
+from fixtures.tiny import make_versions
 
 # ADV_SRC runs the subprocess cases against another checkout (how these tests were seen to fail on the old code)
 SRC = os.environ.get("ADV_SRC") or str(Path(__file__).resolve().parents[1] / "src")

@@ -23,7 +23,8 @@ import torch
 from ftrecycle.cli import main
 from ftrecycle.errors import CheckpointError, ConfigError, FtRecycleError
 from ftrecycle.finetune.config import FinetuneConfig
-from ftrecycle.tiny import make_model, perturbed, save, tiny_config
+
+from fixtures.tiny import make_model, perturbed, save, tiny_config
 
 TINY_FT = {"batch_size": 4, "learning_rate": 3e-3, "logging_every": 1, "eval_max_new_tokens": 4, "eval_batch_size": 8}
 

@@ -12,17 +12,17 @@ import pytest
 import torch
 
 from ftrecycle.cli import main
-from ftrecycle.delta import encode as encode_mod
-from ftrecycle.delta.codecs import decode, parse_compression
-from ftrecycle.delta.compute import diff
-from ftrecycle.delta.inspect import inspect_delta
-from ftrecycle.delta.lora import export_lora
+from ftrecycle.codecs import decode, parse_compression
+from ftrecycle.codecs import encode as encode_mod
 from ftrecycle.delta.store import open_delta
 from ftrecycle.errors import CheckpointError, ConfigError
-from ftrecycle.tiny import make_model, save, tiny_config
-from ftrecycle.transfer import apply_delta, transfer
+from ftrecycle.ops.diff import diff
+from ftrecycle.ops.export import export_lora
+from ftrecycle.ops.inspect import inspect_delta
+from ftrecycle.ops.transfer import apply_delta, transfer
 
 from conftest import bits, load_dir
+from fixtures.tiny import make_model, save, tiny_config
 
 SPECS = [
     "lowrank:rank=4",

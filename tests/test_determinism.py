@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from ftrecycle import settings
-from ftrecycle.delta.codecs import decode
-from ftrecycle.delta.compute import diff
+from ftrecycle import pipeline as settings
+from ftrecycle.codecs import decode
 from ftrecycle.delta.store import open_delta
-from ftrecycle.transfer import apply_delta
+from ftrecycle.ops.diff import diff
+from ftrecycle.ops.transfer import apply_delta
 
 from conftest import bits, load_dir
 

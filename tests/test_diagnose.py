@@ -17,10 +17,10 @@ from ftrecycle.cli import main
 from ftrecycle.diagnose.geometry import geometry, module_type
 from ftrecycle.diagnose.probe import calibration_batches, mean_loss, probe
 from ftrecycle.diagnose.verdict import diagnose
-from ftrecycle.tiny import make_versions
 from test_streaming import ARCH, CHILD, _trio
 
 from conftest import load_dir
+from fixtures.tiny import make_versions
 
 
 @pytest.fixture(scope="module")

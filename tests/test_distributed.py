@@ -24,9 +24,9 @@ import torch
 
 from ftrecycle.finetune.config import FinetuneConfig
 from ftrecycle.finetune.train import finetune, work_dir
-from ftrecycle.tiny import make_versions
 
 from conftest import tree_digest
+from fixtures.tiny import make_versions
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "examples" / "accelerate"

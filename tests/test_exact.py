@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from ftrecycle import apply_delta, diff, transfer
-from ftrecycle.tiny import FAMILIES, make_versions
 
 from conftest import bits, load_dir, reference
+from fixtures.tiny import FAMILIES, make_versions
 
 
 def _assert_same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:

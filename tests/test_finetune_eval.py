@@ -17,9 +17,9 @@ from ftrecycle.evaluate.data import read_gsm8k
 from ftrecycle.finetune.config import FinetuneConfig
 from ftrecycle.finetune.train import finetune
 from ftrecycle.recycle import ChainSpec, iterate, recycle_finetune
-from ftrecycle.tiny import make_model, perturbed, save, tiny_config
 
 from conftest import bits, load_dir
+from fixtures.tiny import make_model, perturbed, save, tiny_config
 
 FAST = dict(max_steps=20, batch_size=8, learning_rate=2e-3, logging_every=1, save_every=10, eval_max_new_tokens=24)
 

@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ftrecycle import IncompatibleModelsError, transfer
-from ftrecycle.tiny import make_model, perturbed, save, tiny_config
 
 from conftest import bits, load_dir, reference
+from fixtures.tiny import make_model, perturbed, save, tiny_config
 
 EMB = "model.embed_tokens.weight"
 

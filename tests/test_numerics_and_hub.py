@@ -12,9 +12,9 @@ from ftrecycle import ConfigError, HubError, MemoryBudgetError, apply_delta, dif
 from ftrecycle.dtypes import BF16, F16, F32, F64, from_torch
 from ftrecycle.engine import MIN_CHUNK, Buffers, chunk_for_budget, narrow, widen
 from ftrecycle.io import hub
-from ftrecycle.tiny import make_versions
 
 from conftest import bits, load_dir, reference
+from fixtures.tiny import make_versions
 
 
 @pytest.mark.parametrize("dst", [torch.bfloat16, torch.float16])

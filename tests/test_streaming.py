@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from ftrecycle.io.output import TMP_MARK
-from ftrecycle.synthetic import llama_config, write_synthetic
+
+from fixtures.synthetic import llama_config, write_synthetic
 
 # The child reports its own peak: VmHWM is per address space, so (unlike ru_maxrss after fork+exec)
 # it does not include the parent's size.

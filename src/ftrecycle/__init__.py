@@ -7,9 +7,6 @@ Development through Recycling Fine-tuning").
 
 __version__ = "0.1.0"
 
-from ftrecycle.delta.compute import diff
-from ftrecycle.delta.inspect import inspect_delta
-from ftrecycle.delta.lora import ExportResult, export_lora
 from ftrecycle.diagnose.verdict import Diagnosis, best_alpha, diagnose
 from ftrecycle.errors import (
     CheckpointError,
@@ -22,7 +19,10 @@ from ftrecycle.errors import (
     NonFiniteError,
     OutputError,
 )
-from ftrecycle.transfer import TransferResult, apply_delta, transfer
+from ftrecycle.ops.diff import diff
+from ftrecycle.ops.export import ExportResult, export_lora
+from ftrecycle.ops.inspect import inspect_delta
+from ftrecycle.ops.transfer import TransferResult, apply_delta, transfer
 
 __all__ = [
     "CheckpointError",

@@ -1,7 +1,7 @@
 """The argparse side of option checking: `type=` validators and a parser whose errors are one line.
 
 Every numeric flag of every subcommand gets one of these (a test walks the parser to hold it);
-the ranges themselves are data in :mod:`ftrecycle.values`, shared with the typed configs.
+the ranges themselves are data in :mod:`ftrecycle.options`, shared with the typed configs.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 from ftrecycle.errors import ConfigError
-from ftrecycle.values import FINITE, MAX_SEED, POSITIVE_INT, THREADS, TOKENS, Bound
+from ftrecycle.options import FINITE, MAX_SEED, POSITIVE_INT, THREADS, TOKENS, Bound
 
 
 class UsageError(ConfigError):
@@ -65,8 +65,8 @@ def size_type(flag: str) -> Callable[[str], int]:
 
 
 def compression_type(text: str) -> str:
-    """A ``--compress`` SPEC, checked by :func:`ftrecycle.delta.codecs.parse_compression`; kept as text."""
-    from ftrecycle.delta.codecs import parse_compression
+    """A ``--compress`` SPEC, checked by :func:`ftrecycle.codecs.parse_compression`; kept as text."""
+    from ftrecycle.codecs import parse_compression
 
     try:
         parse_compression(text)

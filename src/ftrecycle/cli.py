@@ -35,8 +35,8 @@ from ftrecycle.argtypes import (
     token_count,
 )
 from ftrecycle.errors import ConfigError, FtRecycleError
-from ftrecycle.settings import DEFAULT_MAX_MEMORY, DEFAULT_SHARD_SIZE
-from ftrecycle.values import Bound
+from ftrecycle.options import Bound
+from ftrecycle.pipeline import DEFAULT_MAX_MEMORY, DEFAULT_SHARD_SIZE
 
 MODEL_HELP = "a local model directory, or a Hugging Face Hub id org/name[@revision]"
 INTERNAL_ERROR_EXIT = 3
@@ -743,7 +743,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(ns: argparse.Namespace, got: list[int]) -> int:
     try:
         if ns.command == "transfer":
-            from ftrecycle.transfer import transfer
+            from ftrecycle.ops.transfer import transfer
 
             _report(
                 transfer(
@@ -761,7 +761,7 @@ def _run(ns: argparse.Namespace, got: list[int]) -> int:
                 )
             )
         elif ns.command == "diff":
-            from ftrecycle.delta.compute import diff
+            from ftrecycle.ops.diff import diff
 
             _report(
                 diff(
@@ -774,8 +774,8 @@ def _run(ns: argparse.Namespace, got: list[int]) -> int:
                 )
             )
         elif ns.command == "inspect":
-            from ftrecycle.delta.inspect import format_inspection, inspect_delta
             from ftrecycle.engine import default_threads
+            from ftrecycle.ops.inspect import format_inspection, inspect_delta
 
             found = inspect_delta(ns.delta, check=not ns.no_verify, threads=default_threads())
             if ns.json:
@@ -783,7 +783,7 @@ def _run(ns: argparse.Namespace, got: list[int]) -> int:
             else:
                 print(format_inspection(found, limit=None if ns.all else 40), end="")
         elif ns.command == "export-lora":
-            from ftrecycle.delta.lora import export_lora
+            from ftrecycle.ops.export import export_lora
 
             res = export_lora(ns.delta, ns.output, rank=ns.rank, dtype=ns.dtype, threads=ns.threads, force=ns.force)
             print(
@@ -791,7 +791,7 @@ def _run(ns: argparse.Namespace, got: list[int]) -> int:
                 f"MiB in {res.seconds:.1f} s; left out {len(res.left_out)} tensors (see ftrecycle.json)"
             )
         elif ns.command == "apply":
-            from ftrecycle.transfer import apply_delta
+            from ftrecycle.ops.transfer import apply_delta
 
             if ns.alpha == "auto":
                 raise ConfigError("--alpha auto needs the source models: use `ftrecycle transfer`")

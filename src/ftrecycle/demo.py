@@ -12,6 +12,36 @@ from ftrecycle.errors import OutputError
 DEMO_ENTRIES = frozenset({"models", "recycled"})
 
 
+def _make_versions(root: Path) -> dict[str, Path]:
+    """A small random Llama (the lab's architecture and tokenizer), a fine-tuned copy and a newer base.
+
+    The copies move every weight by Gaussian noise — what fine-tuning and continued
+    pretraining look like in parameter space; the demo shows the mechanics, the lab the effect.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ftrecycle.lab.pretrain import ModelSpec, llama_config
+    from ftrecycle.lab.world import tokenizer
+
+    tok = tokenizer()
+    config = llama_config(ModelSpec(hidden=32, layers=2, heads=4, intermediate=64), len(tok))
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16).eval()
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    paths = {}
+    for name, seed, scale in (("source_base", 0, 0.0), ("source_finetuned", 1, 0.01), ("target_base", 2, 0.02)):
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for key, p in model.state_dict().items():
+                noise = torch.randn(p.shape, generator=gen) * scale
+                p.copy_((base[key].float() + noise).to(p.dtype))
+        paths[name] = root / name
+        model.save_pretrained(paths[name], max_shard_size="40KB")
+        tok.save_pretrained(paths[name])
+    return paths
+
+
 def run_demo(out: str | Path, *, force: bool = False) -> Iterator[str]:
     """Make tiny versions, transfer, load the result with transformers and generate.
 
@@ -25,8 +55,7 @@ def run_demo(out: str | Path, *, force: bool = False) -> Iterator[str]:
     from transformers import AutoModelForCausalLM
 
     from ftrecycle.io.output import check_output, os_error, output_lock
-    from ftrecycle.tiny import make_versions
-    from ftrecycle.transfer import transfer
+    from ftrecycle.ops.transfer import transfer
 
     root = check_output(out, [], force=force, what="--out")
     try:
@@ -42,7 +71,7 @@ def run_demo(out: str | Path, *, force: bool = False) -> Iterator[str]:
                     "--force replaces only an earlier demo: choose another --out"
                 )
             shutil.rmtree(root)
-        models = make_versions("llama", root / "models", max_shard_size="40KB")
+        models = _make_versions(root / "models")
         yield f"made tiny Llama versions under {root / 'models'}: " + ", ".join(models)
         result = transfer(
             str(models["source_base"]), str(models["source_finetuned"]), str(models["target_base"]), root / "recycled"

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from ftrecycle.delta.codecs import decode
+from ftrecycle.codecs import decode
 from ftrecycle.dtypes import BF16, F32, F64, DType
 from ftrecycle.errors import MemoryBudgetError, NonFiniteError
 from ftrecycle.io.output import ShardedWriter, Slot

@@ -26,7 +26,7 @@ from ftrecycle.io.state import (
     settings_hash,
     write_settings,
 )
-from ftrecycle.transfer import transfer
+from ftrecycle.ops.transfer import transfer
 
 
 def _complete(path: Path) -> bool:
@@ -66,7 +66,7 @@ def recycle_finetune(
 
     Raises:
         ConfigError: ``resume`` of a run made with other models, alpha or settings (without ``force``).
-        As :func:`ftrecycle.transfer` and :func:`ftrecycle.finetune.train.finetune`.
+        As :func:`ftrecycle.ops.transfer` and :func:`ftrecycle.finetune.train.finetune`.
     """
     from ftrecycle.finetune.train import RUN_SETTINGS, run_settings, work_dir
 
@@ -365,8 +365,8 @@ def iterate(spec: ChainSpec, *, progress: bool = False, force: bool = False) -> 
     Raises:
         ConfigError: a finished product was made with other settings (naming what changed) and not ``force``.
     """
-    from ftrecycle.delta.compute import diff
-    from ftrecycle.transfer import apply_delta
+    from ftrecycle.ops.diff import diff
+    from ftrecycle.ops.transfer import apply_delta
 
     spec.check_files()
     out = spec.output

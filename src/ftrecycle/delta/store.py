@@ -7,7 +7,7 @@ Layout (format version 2)::
     ftrecycle-delta.json                  the manifest (see docs/delta-format.md)
     finetuned/config.json, tokenizer...   the fine-tuned model's non-weight files
 
-Version 2 adds compressed tensors (stored as parts, see :mod:`ftrecycle.delta.codecs`),
+Version 2 adds compressed tensors (stored as parts, see :mod:`ftrecycle.codecs`),
 per-tensor norms and errors, and a SHA-256 of every stored tensor's bytes. Version 1
 directories (dense, no checksums) are still read.
 """
@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from ftrecycle.delta.codecs import METHODS, SEP, Packed, part_name
-from ftrecycle.delta.encode import from_storage
+from ftrecycle.codecs import METHODS, SEP, Packed, part_name
+from ftrecycle.codecs.encode import from_storage
 from ftrecycle.dtypes import ALL, BY_NAME, F32, I8, I32, I64, U8, U16
 from ftrecycle.errors import CheckpointError, ConfigError, IncompatibleModelsError
 from ftrecycle.io.checkpoint import Checkpoint, open_checkpoint

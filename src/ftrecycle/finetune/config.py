@@ -6,7 +6,7 @@ from dataclasses import Field, dataclass, field, fields
 from typing import Any
 
 from ftrecycle.errors import ConfigError
-from ftrecycle.values import (
+from ftrecycle.options import (
     MAX_COUNT,
     NONNEGATIVE_INT,
     POSITIVE_INT,

@@ -67,7 +67,7 @@ def transfer_job(
     source_base: str, source_finetuned: str, target_base: str, out: str, test: str, max_new_tokens: int
 ) -> dict[str, Any]:
     """Write ``target + (finetuned - base)`` and score it."""
-    from ftrecycle.transfer import transfer
+    from ftrecycle.ops.transfer import transfer
 
     path = Path(out)
     if not path.is_dir():
@@ -87,8 +87,8 @@ def compressed_job(
     """Store Δ as a bf16 delta compressed by ``spec`` ("none": dense), apply it to the target, score it."""
     import statistics
 
-    from ftrecycle.delta.compute import diff
-    from ftrecycle.transfer import apply_delta
+    from ftrecycle.ops.diff import diff
+    from ftrecycle.ops.transfer import apply_delta
 
     root = Path(out)
     delta, model = root / "delta", root / "model"
@@ -189,7 +189,7 @@ def auto_alpha_job(
 ) -> dict[str, Any]:
     """``transfer --alpha auto`` (α chosen on calibration data), then score it."""
     from ftrecycle.diagnose.verdict import best_alpha
-    from ftrecycle.transfer import transfer
+    from ftrecycle.ops.transfer import transfer
 
     path = Path(out)
     pr = best_alpha(source_base, source_finetuned, target_base, calibration, max_examples=CALIBRATION_ITEMS)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ftrecycle.delta.codecs import Compression, layout
+from ftrecycle.codecs import Compression, layout
 from ftrecycle.dtypes import BF16, DType
 
 #: Matrices with at most this many elements get an exact SVD in memory ...
@@ -326,7 +326,7 @@ def encode(
     *,
     rank: int | None = None,
 ) -> Encoded:
-    """Compress one diff tensor laid out by :func:`~ftrecycle.delta.codecs.layout` (non-empty)."""
+    """Compress one diff tensor laid out by :func:`~ftrecycle.codecs.layout` (non-empty)."""
     parts = layout(spec, shape, dtype, rank=rank)
     if spec.method == "lowrank":
         return lowrank(read, write, shape, parts["a"][1][1], dtype, ct, name, block)

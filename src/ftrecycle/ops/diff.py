@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 
 from ftrecycle.arch import check_compatible
-from ftrecycle.delta.codecs import Compression, PartSpec, layout, parse_compression, part_name
-from ftrecycle.delta.encode import encode, energy_rank, state_bytes
+from ftrecycle.codecs import Compression, PartSpec, layout, parse_compression, part_name
+from ftrecycle.codecs.encode import encode, energy_rank, state_bytes
 from ftrecycle.delta.store import FINETUNED_DIR, FORMAT, INDEX, MANIFEST, PREFIX, VERSION, check_names, checksums
 from ftrecycle.dtypes import DType, parse_dtype
 from ftrecycle.engine import Buffers, Engine, read_term
@@ -26,9 +26,9 @@ from ftrecycle.io.model_files import CONFIG_FILES, TOKENIZER_FILES, copy_files
 from ftrecycle.io.output import ShardedWriter, check_output, write_json
 from ftrecycle.io.provenance import base_record, describe_input
 from ftrecycle.io.safetensors_format import pwrite_all
+from ftrecycle.ops.transfer import TransferResult
+from ftrecycle.pipeline import DEFAULT_MAX_MEMORY, DEFAULT_SHARD_SIZE, ProgressFn, WriteSettings, write_plan
 from ftrecycle.plan import MissingPolicy, OutTensor, Term, VocabPolicy, plan_diff, source_terms
-from ftrecycle.settings import DEFAULT_MAX_MEMORY, DEFAULT_SHARD_SIZE, ProgressFn, WriteSettings, write_plan
-from ftrecycle.transfer import TransferResult
 
 
 def diff(
@@ -65,17 +65,17 @@ def diff(
         delta_dtype: ``float32`` (default), ``float64``, ``bfloat16`` or ``float16``.
         compress: store 2-D tensors compressed: ``lowrank:rank=R``, ``lowrank:energy=E``,
             ``lowrank:ratio=X``, ``sparse:density=D``, ``sparse:ratio=X``, ``int8`` or ``sign``
-            (see :mod:`ftrecycle.delta.codecs`); 1-D tensors, and matrices the method would not
+            (see :mod:`ftrecycle.codecs`); 1-D tensors, and matrices the method would not
             make smaller, stay dense.
-        Others: as :func:`ftrecycle.transfer`.
+        Others: as :func:`ftrecycle.ops.transfer`.
 
     Returns:
         What was written.
 
     Raises:
-        As :func:`ftrecycle.transfer`.
+        As :func:`ftrecycle.ops.transfer`.
     """
-    from ftrecycle.delta.lora import adapter_terms, is_adapter
+    from ftrecycle.delta.adapter import adapter_terms, is_adapter
 
     t0 = time.perf_counter()
     settings = WriteSettings.parse(

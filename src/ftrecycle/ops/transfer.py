@@ -14,15 +14,15 @@ from pathlib import Path
 from typing import Any
 
 from ftrecycle.arch import check_compatible
-from ftrecycle.delta.lora import adapter_terms, is_adapter
+from ftrecycle.delta.adapter import adapter_terms, is_adapter
 from ftrecycle.delta.store import finetuned_files, open_delta
 from ftrecycle.dtypes import DType, parse_dtype
 from ftrecycle.io.checkpoint import Checkpoint, open_checkpoint
 from ftrecycle.io.model_files import CONFIG_FILES, TOKENIZER_FILES, check_source, copy_files, model_card, patch_config
 from ftrecycle.io.output import check_output, scratch_directory, write_json
 from ftrecycle.io.provenance import base_record, describe_input
+from ftrecycle.pipeline import DEFAULT_MAX_MEMORY, DEFAULT_SHARD_SIZE, ProgressFn, WriteSettings, write_plan
 from ftrecycle.plan import MissingPolicy, Plan, Term, TiePolicy, VocabPolicy, plan_transfer, source_terms
-from ftrecycle.settings import DEFAULT_MAX_MEMORY, DEFAULT_SHARD_SIZE, ProgressFn, WriteSettings, write_plan
 
 PROVENANCE = "ftrecycle.json"
 
@@ -341,8 +341,8 @@ def transfer(
 def _transfer_compressed(
     source_base: str, source_finetuned: str, target_base: str, out: Path, compress: str, opts: dict[str, Any]
 ) -> TransferResult:
-    from ftrecycle.delta.codecs import parse_compression
-    from ftrecycle.delta.compute import diff
+    from ftrecycle.codecs import parse_compression
+    from ftrecycle.ops.diff import diff
 
     parse_compression(compress)  # a bad spec fails before any work
     inputs: list[str | Path | None] = [source_base, source_finetuned, target_base]

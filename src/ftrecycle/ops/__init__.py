@@ -1,0 +1,1 @@
+"""The operations on models and deltas: transfer, diff, apply, export, inspect."""

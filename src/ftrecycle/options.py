@@ -1,0 +1,448 @@
+"""Every option of every command, declared once: typed groups whose fields carry their default,
+choices or range, and help.
+
+The command line is generated from these declarations (:mod:`ftrecycle.cli`), the public API
+takes the same groups, and both validate a value the same way, where it enters — the API in
+``__post_init__``, the CLI while parsing. A group is a frozen dataclass; a command takes a set
+of groups (sometimes a subset of a group's fields, e.g. ``diff`` has no ``--tie-mismatch``).
+
+Field metadata (see :func:`option`):
+
+- ``help``: the CLI help and the API documentation of the field;
+- ``choices``: allowed values (a ``Literal`` type says the same to the type checker);
+- ``bound``: an int/float range (:class:`Bound`);
+- ``check``: a function ``(value, flag) -> value`` for values with a grammar (sizes, dtypes,
+  compression specs), raising :class:`~ftrecycle.errors.ConfigError`;
+- ``flag``/``metavar``: the CLI spelling when it is not ``--field-name``;
+- ``path``: the value names a file, directory or model (never empty).
+"""
+
+from __future__ import annotations
+
+import math
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import MISSING, Field, dataclass, field, fields
+from typing import Any, Literal, TypeVar
+
+from ftrecycle.codecs import parse_compression
+from ftrecycle.errors import ConfigError
+from ftrecycle.io.output import parse_size
+
+MAX_THREADS = 1024
+MAX_COUNT = 2**31 - 1
+MAX_TOKENS = 131072
+MAX_SEED = 2**32 - 1
+DEFAULT_MAX_MEMORY = "512MiB"
+DEFAULT_SHARD_SIZE = "5GB"
+
+
+# --------------------------------------------------------------------------------------------- ranges
+
+
+@dataclass(frozen=True)
+class Bound:
+    """An int or float option's allowed range.
+
+    Attributes:
+        kind: ``int`` or ``float``.
+        lo: smallest allowed value (``None``: no lower bound).
+        hi: largest allowed value (``None``: no upper bound; floats must still be finite).
+        lo_open: ``lo`` itself is refused (``x > lo``).
+        hi_open: ``hi`` itself is refused (``x < hi``).
+        also: values allowed outside the range (``-1`` for "unset").
+    """
+
+    kind: type
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    also: tuple[float, ...] = ()
+
+    def describe(self) -> str:
+        """The range in words, for messages and help."""
+        what = "an integer" if self.kind is int else "a finite number"
+
+        def num(x: float) -> str:
+            return str(int(x)) if self.kind is int else f"{x:g}"
+
+        parts = []
+        if self.lo is not None:
+            parts.append(f"{'>' if self.lo_open else '>='} {num(self.lo)}")
+        if self.hi is not None:
+            parts.append(f"{'<' if self.hi_open else '<='} {num(self.hi)}")
+        text = what + (" " + " and ".join(parts) if parts else "")
+        if self.also:
+            text += " (or " + ", ".join(num(a) for a in self.also) + ")"
+        return text
+
+    def check(self, value: object, name: str) -> int | float:
+        """``value`` (already a number, or text) as ``kind``, within the range.
+
+        Raises:
+            ConfigError: not a number of the kind, not finite, or out of range; names ``name``.
+        """
+        got = _number(value, self, name)
+        if got in self.also:
+            return got
+        too_low = self.lo is not None and (got <= self.lo if self.lo_open else got < self.lo)
+        too_high = self.hi is not None and (got >= self.hi if self.hi_open else got > self.hi)
+        if too_low or too_high:
+            raise ConfigError(f"{name} must be {self.describe()}, got {value!r}")
+        return got
+
+
+def _number(value: object, bound: Bound, name: str) -> int | float:
+    bad = ConfigError(f"{name} must be {bound.describe()}, got {value!r}")
+    if isinstance(value, bool):
+        raise bad
+    got: object = value
+    if isinstance(value, str):
+        try:
+            got = int(value.strip(), 10) if bound.kind is int else float(value)
+        except ValueError:
+            raise bad from None
+    if bound.kind is int:
+        if isinstance(got, float) and math.isfinite(got) and got.is_integer():
+            got = int(got)
+        if not isinstance(got, int):
+            raise bad
+        return got
+    if not isinstance(got, int | float) or not math.isfinite(got):
+        raise bad
+    return float(got)
+
+
+POSITIVE_INT = Bound(int, lo=1, hi=MAX_COUNT)
+NONNEGATIVE_INT = Bound(int, lo=0, hi=MAX_COUNT)
+THREADS = Bound(int, lo=1, hi=MAX_THREADS)
+TOKENS = Bound(int, lo=1, hi=MAX_TOKENS)
+SEED = Bound(int, lo=0, hi=MAX_SEED)
+FINITE = Bound(float)
+POSITIVE_FLOAT = Bound(float, lo=0, lo_open=True)
+NONNEGATIVE_FLOAT = Bound(float, lo=0)
+FRACTION = Bound(float, lo=0, hi=1, hi_open=True)
+
+
+# --------------------------------------------------------------------------------------------- fields
+
+Check = Callable[[Any, str], Any]
+
+
+def option(
+    default: Any,
+    help: str,
+    *,
+    choices: tuple[str, ...] | None = None,
+    bound: Bound | None = None,
+    check: Check | None = None,
+    flag: str | None = None,
+    metavar: str | None = None,
+    path: bool = False,
+) -> Any:
+    """A dataclass field that is also a command-line option (see the module docstring)."""
+    meta = {
+        "help": help,
+        "choices": choices,
+        "bound": bound,
+        "check": check,
+        "flag": flag,
+        "metavar": metavar,
+        "path": path,
+    }
+    return field(default=default, metadata=meta)
+
+
+def flag_of(f: Field[Any]) -> str:
+    """The command-line flag of a field: ``compute_dtype`` -> ``--compute-dtype``."""
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def check_value(f: Field[Any], value: Any) -> Any:
+    """One field's value, checked against its declared choices, range, grammar or bool type.
+
+    Raises:
+        ConfigError: naming the field's flag and what it must be.
+    """
+    name = flag_of(f)
+    bound: Bound | None = f.metadata.get("bound")
+    choices: tuple[str, ...] | None = f.metadata.get("choices")
+    check: Check | None = f.metadata.get("check")
+    default = f.default if f.default is not MISSING else None
+    if value is None and default is None:
+        return None  # "not set" is always allowed where the default is unset
+    if bound is not None:
+        return bound.check(value, name)
+    if choices is not None:
+        if value not in choices:
+            raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+        return value
+    if check is not None:
+        return check(value, name)
+    if isinstance(default, bool) and not isinstance(value, bool):
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
+    return value
+
+
+class OptionGroup:
+    """Base of the option groups: checks every field once, when the group is made."""
+
+    def __post_init__(self) -> None:
+        for f in fields(self):  # type: ignore[arg-type]
+            object.__setattr__(self, f.name, check_value(f, getattr(self, f.name)))
+
+
+G = TypeVar("G", bound=OptionGroup)
+
+
+def group_from(cls: type[G], values: Mapping[str, Any], *, where: str = "options") -> G:
+    """A group from a mapping (a YAML section, a namespace's dict), refusing unknown keys.
+
+    Raises:
+        ConfigError: an unknown key, a wrong type or a value out of range, prefixed by ``where``.
+    """
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"{where}: expected a mapping of settings, got a {type(values).__name__}")
+    known = [f.name for f in fields(cls)]  # type: ignore[arg-type]
+    unknown = sorted(str(k) for k in set(values) - set(known))
+    if unknown:
+        raise ConfigError(f"{where}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    try:
+        return cls(**values)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from e
+
+
+# --------------------------------------------------------------------------------------------- value grammars
+
+
+def check_size(value: Any, flag: str) -> int:
+    """A byte size (``5GB``, ``512MiB`` or a count) as bytes."""
+    return parse_size(value, flag=flag)
+
+
+def check_alpha(value: Any, flag: str) -> float | str:
+    """A finite scale, or ``auto`` (chosen on calibration data by the layer that has it)."""
+    if value == "auto":
+        return "auto"
+    try:
+        return float(FINITE.check(value, flag))
+    except ConfigError:
+        raise ConfigError(f"{flag} must be a finite number or 'auto', got {value!r}") from None
+
+
+def check_compression(value: Any, flag: str) -> str:
+    """A compression SPEC (``lowrank:rank=R``, ``int8``, ...), kept as text."""
+    if not isinstance(value, str):
+        raise ConfigError(f"{flag} must be a compression spec such as lowrank:rank=16, got {value!r}")
+    parse_compression(value)
+    return value
+
+
+# --------------------------------------------------------------------------------------------- groups
+
+ComputeDtype = Literal["float32", "float64"]
+StoreDtype = Literal["float32", "float64", "bfloat16", "float16"]
+VocabPolicy = Literal["error", "overlap"]
+MissingPolicy = Literal["error", "keep-target"]
+TiePolicy = Literal["error", "untie", "embed-only"]
+FilesFrom = Literal["target", "finetuned"]
+COMPUTE_DTYPES = ("float32", "float64")
+STORE_DTYPES = ("float32", "float64", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class Scaling(OptionGroup):
+    """How much of the diff is added."""
+
+    alpha: float | Literal["auto"] = option(
+        1.0,
+        "scale of the diff: out = target + alpha * diff (default 1.0); 'auto': the alpha of lowest loss "
+        "on --calibration data (see `ftrecycle diagnose`)",
+        check=check_alpha,
+    )
+    calibration: str | None = option(
+        None,
+        "with --alpha auto: JSONL examples of the task (fine-tuning formats) to choose alpha on",
+        metavar="CALIB",
+        path=True,
+    )
+
+
+@dataclass(frozen=True)
+class Precision(OptionGroup):
+    """The arithmetic and the dtype of what is written."""
+
+    compute_dtype: ComputeDtype = option(
+        "float32", "dtype of the arithmetic; each operation is rounded to it (default float32)", choices=COMPUTE_DTYPES
+    )
+    out_dtype: StoreDtype | None = option(
+        None, "dtype of floating output tensors (default: each target tensor's own dtype)", choices=STORE_DTYPES
+    )
+    allow_nonfinite: bool = option(False, "write results containing NaN or infinity instead of failing")
+
+
+@dataclass(frozen=True)
+class DeltaStorage(OptionGroup):
+    """How a diff vector is stored (or, for `transfer --compress`, shipped)."""
+
+    delta_dtype: StoreDtype = option(
+        "float32",
+        "dtype the diff is stored in; float32 makes `apply` to the base give back the fine-tuned bf16/fp16 "
+        "model bit for bit (default float32)",
+        choices=STORE_DTYPES,
+    )
+    compress: str | None = option(
+        None,
+        "compress each 2-D tensor: lowrank:rank=R, lowrank:energy=E (smallest rank keeping that share of "
+        "the squared norm), lowrank:ratio=X or sparse:ratio=X (X times smaller than dense), sparse:density=D "
+        "(largest-magnitude entries), int8 (per-row scale) or sign (1 bit + one scale, as BitDelta); 1-D "
+        "tensors stay dense. `diff` stores it so; `transfer` applies the diff as it would be shipped (bf16 "
+        "parts), to show what a compressed delta costs before you share one (default: dense)",
+        check=check_compression,
+        metavar="SPEC",
+    )
+
+
+@dataclass(frozen=True)
+class Policies(OptionGroup):
+    """What to do where the models do not match; every adaptation is recorded."""
+
+    vocab: VocabPolicy = option(
+        "error",
+        "when embedding/lm_head rows differ (a vocabulary that grew): 'error' (default) or 'overlap': apply "
+        "the diff to the shared rows and keep the target's other rows; recorded",
+        choices=("error", "overlap"),
+    )
+    on_missing: MissingPolicy = option(
+        "error",
+        "when tensor names differ: 'error' (default, lists them) or 'keep-target': copy target-only tensors, "
+        "drop diff-only ones; recorded",
+        choices=("error", "keep-target"),
+    )
+    tie_mismatch: TiePolicy = option(
+        "error",
+        "when the source has its own lm_head but the target ties it to the embedding: 'untie' writes "
+        "lm_head = target embedding + its diff and sets tie_word_embeddings false; 'embed-only' keeps the "
+        "target tied and drops lm_head's diff (default: error)",
+        choices=("error", "untie", "embed-only"),
+    )
+
+
+@dataclass(frozen=True)
+class ModelFiles(OptionGroup):
+    """Where the output's non-weight files come from."""
+
+    config_from: FilesFrom = option(
+        "target",
+        "copy config.json and generation_config.json from the target (default: right rope and context "
+        "settings of the new version) or from the fine-tuned model",
+        choices=("target", "finetuned"),
+    )
+    tokenizer_from: FilesFrom = option(
+        "target",
+        "copy tokenizer files from the target (default) or the fine-tuned model; for an instruct source, "
+        "'finetuned' brings its chat template, which is often what you want",
+        choices=("target", "finetuned"),
+    )
+
+
+@dataclass(frozen=True)
+class Resources(OptionGroup):
+    """Memory and threads."""
+
+    max_memory: str | int = option(
+        DEFAULT_MAX_MEMORY,
+        f"memory the operation's buffers may use, e.g. 512MiB (default {DEFAULT_MAX_MEMORY}); the command "
+        "line reads it as the command's peak resident memory and passes what is left after what the process "
+        "already holds",
+        check=check_size,
+    )
+    threads: int | None = option(None, "worker threads (default: available cores, at most 1024)", bound=THREADS)
+
+
+@dataclass(frozen=True)
+class Output(OptionGroup):
+    """How the output directory is written."""
+
+    shard_size: str | int = option(
+        DEFAULT_SHARD_SIZE,
+        f"largest output shard, e.g. 5GB or 500MiB (default {DEFAULT_SHARD_SIZE})",
+        check=check_size,
+    )
+    force: bool = option(False, "replace the output directory if it exists (never an input)")
+    fsync: bool = option(False, "flush the output to disk before the final rename")
+
+
+@dataclass(frozen=True)
+class Inputs(OptionGroup):
+    """What kinds of input files are accepted."""
+
+    allow_pickle: bool = option(
+        False,
+        "accept .bin/.pt weights, loaded with torch.load(weights_only=True); off because pickles can run code",
+    )
+
+
+# --------------------------------------------------------------------------------------------- bundles
+
+
+class Bundle:
+    """The groups one operation takes; :meth:`of` builds it from flat keywords (the API's conveniences)."""
+
+    @classmethod
+    def of(cls, **flat: Any) -> Any:
+        """A bundle whose groups take ``flat``'s values by field name, e.g. ``TransferOptions.of(alpha=0.5)``.
+
+        Raises:
+            ConfigError: a keyword no group of this operation has, or a bad value.
+        """
+        groups: dict[str, Any] = {}
+        rest = dict(flat)
+        for g in fields(cls):  # type: ignore[arg-type]
+            group_type = _group_type(cls, g.name)
+            names = {f.name for f in fields(group_type)}
+            mine = {k: rest.pop(k) for k in list(rest) if k in names}
+            groups[g.name] = group_type(**mine)
+        if rest:
+            raise ConfigError(f"unknown option(s) {', '.join(sorted(rest))} for {cls.__name__}")
+        return cls(**groups)
+
+    def flat(self) -> dict[str, Any]:
+        """Every field of every group by name (the inverse of :meth:`of`)."""
+        out: dict[str, Any] = {}
+        for g in fields(self):  # type: ignore[arg-type]
+            group = getattr(self, g.name)
+            out.update({f.name: getattr(group, f.name) for f in fields(group)})
+        return out
+
+
+def _group_type(bundle: type, name: str) -> type:
+    return typing.get_type_hints(bundle)[name]
+
+
+@dataclass(frozen=True)
+class TransferOptions(Bundle):
+    """What ``transfer`` takes besides its models (``storage``: only ``compress`` applies)."""
+
+    scaling: Scaling = field(default_factory=Scaling)
+    precision: Precision = field(default_factory=Precision)
+    storage: DeltaStorage = field(default_factory=DeltaStorage)
+    policies: Policies = field(default_factory=Policies)
+    files: ModelFiles = field(default_factory=ModelFiles)
+    resources: Resources = field(default_factory=Resources)
+    output: Output = field(default_factory=Output)
+    inputs: Inputs = field(default_factory=Inputs)
+
+
+@dataclass(frozen=True)
+class DiffOptions(Bundle):
+    """What ``diff`` takes besides its models (``precision.out_dtype`` and ``policies.tie_mismatch`` do not apply)."""
+
+    precision: Precision = field(default_factory=Precision)
+    storage: DeltaStorage = field(default_factory=DeltaStorage)
+    policies: Policies = field(default_factory=Policies)
+    resources: Resources = field(default_factory=Resources)
+    output: Output = field(default_factory=Output)
+    inputs: Inputs = field(default_factory=Inputs)
