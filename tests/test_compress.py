@@ -16,10 +16,11 @@ from ftrecycle.codecs import decode, parse_compression
 from ftrecycle.codecs import encode as encode_mod
 from ftrecycle.delta.store import open_delta
 from ftrecycle.errors import CheckpointError, ConfigError
+from ftrecycle.ops.apply import apply_delta
 from ftrecycle.ops.diff import diff
 from ftrecycle.ops.export import export_lora
 from ftrecycle.ops.inspect import inspect_delta
-from ftrecycle.ops.transfer import apply_delta, transfer
+from ftrecycle.ops.transfer import transfer
 
 from conftest import bits, load_dir
 from fixtures.tiny import make_model, save, tiny_config

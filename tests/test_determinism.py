@@ -16,8 +16,8 @@ import torch
 from ftrecycle import pipeline as settings
 from ftrecycle.codecs import decode
 from ftrecycle.delta.store import open_delta
+from ftrecycle.ops.apply import apply_delta
 from ftrecycle.ops.diff import diff
-from ftrecycle.ops.transfer import apply_delta
 
 from conftest import bits, load_dir
 

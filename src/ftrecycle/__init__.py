@@ -3,9 +3,12 @@
 The diff vector ``delta = finetuned - base`` of one model version, added to the next
 version's base, approximates fine-tuning that new base ("Efficient Model
 Development through Recycling Fine-tuning").
-"""
 
-__version__ = "0.1.0"
+The operations (:func:`transfer`, :func:`diff`, :func:`apply_delta`) take their options as
+flat keywords (``transfer(a, b, c, out, alpha=0.5, vocab="overlap")``) or as typed groups
+(``transfer(a, b, c, out, options=TransferOptions(scaling=Scaling(alpha=0.5)))``); keywords
+override the groups' fields. Every option is declared once, in :mod:`ftrecycle.options`.
+"""
 
 from ftrecycle.diagnose.verdict import Diagnosis, best_alpha, diagnose
 from ftrecycle.errors import (
@@ -19,23 +22,51 @@ from ftrecycle.errors import (
     NonFiniteError,
     OutputError,
 )
-from ftrecycle.ops.diff import diff
+from ftrecycle.ops._model import TransferResult
+from ftrecycle.ops.apply import apply_delta
+from ftrecycle.ops.diff import DiffResult, diff
 from ftrecycle.ops.export import ExportResult, export_lora
 from ftrecycle.ops.inspect import inspect_delta
-from ftrecycle.ops.transfer import TransferResult, apply_delta, transfer
+from ftrecycle.ops.transfer import transfer
+from ftrecycle.options import (
+    ApplyOptions,
+    DeltaStorage,
+    DiffOptions,
+    Inputs,
+    ModelFiles,
+    Output,
+    Policies,
+    Precision,
+    Resources,
+    Scaling,
+    TransferOptions,
+)
+from ftrecycle.version import __version__
 
 __all__ = [
+    "ApplyOptions",
     "CheckpointError",
     "ConfigError",
     "DataError",
+    "DeltaStorage",
     "Diagnosis",
+    "DiffOptions",
+    "DiffResult",
     "ExportResult",
     "FtRecycleError",
     "HubError",
     "IncompatibleModelsError",
+    "Inputs",
     "MemoryBudgetError",
+    "ModelFiles",
     "NonFiniteError",
+    "Output",
     "OutputError",
+    "Policies",
+    "Precision",
+    "Resources",
+    "Scaling",
+    "TransferOptions",
     "TransferResult",
     "__version__",
     "apply_delta",

@@ -35,8 +35,7 @@ from ftrecycle.argtypes import (
     token_count,
 )
 from ftrecycle.errors import ConfigError, FtRecycleError
-from ftrecycle.options import Bound
-from ftrecycle.pipeline import DEFAULT_MAX_MEMORY, DEFAULT_SHARD_SIZE
+from ftrecycle.options import DEFAULT_MAX_MEMORY, DEFAULT_SHARD_SIZE, Bound
 
 MODEL_HELP = "a local model directory, or a Hugging Face Hub id org/name[@revision]"
 INTERNAL_ERROR_EXIT = 3
@@ -791,7 +790,7 @@ def _run(ns: argparse.Namespace, got: list[int]) -> int:
                 f"MiB in {res.seconds:.1f} s; left out {len(res.left_out)} tensors (see ftrecycle.json)"
             )
         elif ns.command == "apply":
-            from ftrecycle.ops.transfer import apply_delta
+            from ftrecycle.ops.apply import apply_delta
 
             if ns.alpha == "auto":
                 raise ConfigError("--alpha auto needs the source models: use `ftrecycle transfer`")

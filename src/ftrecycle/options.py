@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import typing
 from collections.abc import Callable, Mapping
-from dataclasses import MISSING, Field, dataclass, field, fields
+from dataclasses import MISSING, Field, dataclass, field, fields, replace
 from typing import Any, Literal, TypeVar
 
 from ftrecycle.codecs import parse_compression
@@ -269,6 +269,20 @@ class Scaling(OptionGroup):
         path=True,
     )
 
+    def resolved_alpha(self) -> float:
+        """``alpha`` as a number, for an operation that adds the diff.
+
+        Raises:
+            ConfigError: ``alpha`` is still ``auto``: the layer that has calibration data chooses it
+                first (``ftrecycle.best_alpha``, or the command line's ``--alpha auto``).
+        """
+        if self.alpha == "auto":
+            raise ConfigError(
+                "--alpha auto must be resolved to a number before the operation runs: choose it with "
+                "ftrecycle.best_alpha on calibration data (as `ftrecycle transfer --alpha auto` does)"
+            )
+        return float(self.alpha)
+
 
 @dataclass(frozen=True)
 class Precision(OptionGroup):
@@ -388,26 +402,50 @@ class Inputs(OptionGroup):
 # --------------------------------------------------------------------------------------------- bundles
 
 
+B = TypeVar("B", bound="Bundle")
+
+
 class Bundle:
-    """The groups one operation takes; :meth:`of` builds it from flat keywords (the API's conveniences)."""
+    """The groups one operation takes.
+
+    :meth:`of` builds a bundle from flat keywords (the API's conveniences), :meth:`with_` overrides
+    fields of one, :meth:`merged` does what an operation does with its ``options`` and keywords.
+    """
 
     @classmethod
-    def of(cls, **flat: Any) -> Any:
+    def of(cls: type[B], **flat: Any) -> B:
         """A bundle whose groups take ``flat``'s values by field name, e.g. ``TransferOptions.of(alpha=0.5)``.
 
         Raises:
             ConfigError: a keyword no group of this operation has, or a bad value.
         """
-        groups: dict[str, Any] = {}
-        rest = dict(flat)
-        for g in fields(cls):  # type: ignore[arg-type]
-            group_type = _group_type(cls, g.name)
-            names = {f.name for f in fields(group_type)}
-            mine = {k: rest.pop(k) for k in list(rest) if k in names}
-            groups[g.name] = group_type(**mine)
-        if rest:
-            raise ConfigError(f"unknown option(s) {', '.join(sorted(rest))} for {cls.__name__}")
-        return cls(**groups)
+        by_group = _by_group(cls, flat)
+        return cls(**{name: _group_type(cls, name)(**values) for name, values in by_group.items()})
+
+    def with_(self: B, **flat: Any) -> B:
+        """This bundle with ``flat``'s values replacing fields of its groups, e.g. ``opts.with_(alpha=0.5)``.
+
+        Only the groups named by a keyword are rebuilt (and so checked again).
+
+        Raises:
+            ConfigError: a keyword no group of this operation has, or a bad value.
+        """
+        by_group = _by_group(type(self), flat)
+        changed = {name: replace(getattr(self, name), **values) for name, values in by_group.items() if values}
+        return replace(self, **changed) if changed else self  # type: ignore[type-var]
+
+    @classmethod
+    def merged(cls: type[B], options: B | None, flat: Mapping[str, Any]) -> B:
+        """``options`` (default: every default) with the flat keywords ``flat`` overriding its fields.
+
+        Raises:
+            ConfigError: ``options`` is another operation's bundle, a keyword no group has, or a bad value.
+        """
+        if options is None:
+            return cls.of(**flat)
+        if not isinstance(options, cls):
+            raise ConfigError(f"options must be a {cls.__name__}, got a {type(options).__name__}")
+        return options.with_(**flat)
 
     def flat(self) -> dict[str, Any]:
         """Every field of every group by name (the inverse of :meth:`of`)."""
@@ -420,6 +458,22 @@ class Bundle:
 
 def _group_type(bundle: type, name: str) -> type:
     return typing.get_type_hints(bundle)[name]
+
+
+def _by_group(bundle: type, flat: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """``flat`` split by the group each name belongs to (every group present, maybe empty).
+
+    Raises:
+        ConfigError: a name no group of ``bundle`` has.
+    """
+    rest = dict(flat)
+    out: dict[str, dict[str, Any]] = {}
+    for g in fields(bundle):
+        names = {f.name for f in fields(_group_type(bundle, g.name))}
+        out[g.name] = {k: rest.pop(k) for k in list(rest) if k in names}
+    if rest:
+        raise ConfigError(f"unknown option(s) {', '.join(sorted(rest))} for {bundle.__name__}")
+    return out
 
 
 @dataclass(frozen=True)
@@ -443,6 +497,20 @@ class DiffOptions(Bundle):
     precision: Precision = field(default_factory=Precision)
     storage: DeltaStorage = field(default_factory=DeltaStorage)
     policies: Policies = field(default_factory=Policies)
+    resources: Resources = field(default_factory=Resources)
+    output: Output = field(default_factory=Output)
+    inputs: Inputs = field(default_factory=Inputs)
+
+
+@dataclass(frozen=True)
+class ApplyOptions(Bundle):
+    """What ``apply`` takes besides its delta and target: those of ``transfer`` but the storage
+    (the delta is already stored); ``files`` "finetuned" means the fine-tuned files kept in the delta."""
+
+    scaling: Scaling = field(default_factory=Scaling)
+    precision: Precision = field(default_factory=Precision)
+    policies: Policies = field(default_factory=Policies)
+    files: ModelFiles = field(default_factory=ModelFiles)
     resources: Resources = field(default_factory=Resources)
     output: Output = field(default_factory=Output)
     inputs: Inputs = field(default_factory=Inputs)

@@ -1,28 +1,28 @@
-"""Options shared by the commands that write tensors, validated once up front."""
+"""The write pipeline shared by the operations that write tensors: settings, engine, shards, atomic output."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ftrecycle.dtypes import COMPUTE_DTYPES, DType, parse_dtype
+from ftrecycle.dtypes import BY_NAME, DType
 from ftrecycle.engine import Engine, chunk_for_budget, default_threads
-from ftrecycle.errors import ConfigError
-from ftrecycle.io.output import ShardedWriter, parse_size
+from ftrecycle.io.output import ShardedWriter, atomic_directory, check_free_space
+from ftrecycle.options import Output, Precision, Resources, Scaling
 from ftrecycle.plan import OutTensor
 
 #: Called with (bytes just written, total bytes to write).
 ProgressFn = Callable[[int, int], None]
 
-DEFAULT_MAX_MEMORY = "512MiB"
-DEFAULT_SHARD_SIZE = "5GB"
-
 
 @dataclass(frozen=True)
 class WriteSettings:
-    """Validated settings of one tensor-writing run."""
+    """The settings of one tensor-writing run, in the engine's terms (sizes in bytes, dtypes resolved).
+
+    Built from option groups that were checked when they were made (:meth:`of`); nothing here
+    checks them again.
+    """
 
     alpha: float
     compute_dtype: DType
@@ -31,36 +31,26 @@ class WriteSettings:
     threads: int
     allow_nonfinite: bool
     fsync: bool
+    force: bool
 
     @classmethod
-    def parse(
-        cls,
-        *,
-        alpha: float = 1.0,
-        compute_dtype: str = "float32",
-        max_memory: str | int = DEFAULT_MAX_MEMORY,
-        shard_size: str | int = DEFAULT_SHARD_SIZE,
-        threads: int | None = None,
-        allow_nonfinite: bool = False,
-        fsync: bool = False,
+    def of(
+        cls, precision: Precision, resources: Resources, output: Output, scaling: Scaling | None = None
     ) -> WriteSettings:
-        """Validate user values.
+        """The settings of a run from its option groups (no ``scaling``: alpha 1, as for ``diff``).
 
         Raises:
-            ConfigError: any value out of range.
+            ConfigError: ``scaling.alpha`` is still ``auto``.
         """
-        if not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-            raise ConfigError(f"--alpha must be a finite number, got {alpha!r}")
-        if threads is not None and threads < 1:
-            raise ConfigError(f"--threads must be at least 1, got {threads}")
         return cls(
-            alpha=float(alpha),
-            compute_dtype=parse_dtype(compute_dtype, allowed=COMPUTE_DTYPES, flag="--compute-dtype"),
-            max_memory=parse_size(max_memory, flag="--max-memory"),
-            shard_size=parse_size(shard_size, flag="--shard-size"),
-            threads=threads or default_threads(),
-            allow_nonfinite=allow_nonfinite,
-            fsync=fsync,
+            alpha=1.0 if scaling is None else scaling.resolved_alpha(),
+            compute_dtype=BY_NAME[precision.compute_dtype],
+            max_memory=int(resources.max_memory),
+            shard_size=int(output.shard_size),
+            threads=resources.threads or default_threads(),
+            allow_nonfinite=precision.allow_nonfinite,
+            fsync=output.fsync,
+            force=output.force,
         )
 
     def engine(self, total: int, progress: ProgressFn | None) -> Engine:
@@ -101,15 +91,20 @@ def write_plan(
     *,
     settings: WriteSettings,
     prefix: str,
-    force: bool,
     progress: ProgressFn | None,
     finish: Callable[[Path], None],
     extra: Callable[[ShardedWriter, Engine], None] | None = None,
 ) -> int:
     """Compute ``tensors`` into shards of a new directory ``out``, atomically.
 
-    ``finish`` writes the non-weight files into the temporary directory before the rename;
-    ``extra`` fills the tensors that have no pieces (compressed parts) after the engine ran.
+    Args:
+        tensors: what to write, with the pieces each is computed from.
+        out: the directory to create (replaced when ``settings.force``).
+        settings: the run's settings.
+        prefix: the shards' file name prefix.
+        progress: called with (bytes written, total bytes).
+        finish: writes the non-weight files into the temporary directory before the rename.
+        extra: fills the tensors that have no pieces (compressed parts) after the engine ran.
 
     Returns:
         The number of tensor bytes written.
@@ -119,12 +114,10 @@ def write_plan(
         MemoryBudgetError: the budget cannot hold the minimal buffers.
         NonFiniteError, CheckpointError: from the engine; nothing is left under ``out``.
     """
-    from ftrecycle.io.output import atomic_directory, check_free_space
-
     total = sum(t.nbytes for t in tensors)
     check_free_space(existing_ancestor(out.parent), total)
     engine = settings.engine(total, progress)
-    with atomic_directory(out, force=force) as tmp:
+    with atomic_directory(out, force=settings.force) as tmp:
         writer = make_writer(tmp, tensors, settings, prefix)
         writer.open()
         try:

@@ -365,8 +365,8 @@ def iterate(spec: ChainSpec, *, progress: bool = False, force: bool = False) -> 
     Raises:
         ConfigError: a finished product was made with other settings (naming what changed) and not ``force``.
     """
+    from ftrecycle.ops.apply import apply_delta
     from ftrecycle.ops.diff import diff
-    from ftrecycle.ops.transfer import apply_delta
 
     spec.check_files()
     out = spec.output

@@ -1,4 +1,4 @@
-"""What every written artifact records about its inputs and how it was made."""
+"""What every written artifact records about its inputs and how it was made, and the files it is kept in."""
 
 from __future__ import annotations
 
@@ -8,9 +8,14 @@ import platform
 import sys
 from typing import Any
 
-from ftrecycle import __version__
 from ftrecycle.arch import signature
 from ftrecycle.io.checkpoint import Checkpoint
+from ftrecycle.version import __version__
+
+#: The provenance record written into every model or adapter directory ftrecycle makes.
+PROVENANCE = "ftrecycle.json"
+#: A delta directory's manifest: its provenance plus the stored tensors' layout.
+DELTA_MANIFEST = "ftrecycle-delta.json"
 
 
 def describe_input(ckpt: Checkpoint) -> dict[str, Any]:

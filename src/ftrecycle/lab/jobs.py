@@ -87,8 +87,8 @@ def compressed_job(
     """Store Δ as a bf16 delta compressed by ``spec`` ("none": dense), apply it to the target, score it."""
     import statistics
 
+    from ftrecycle.ops.apply import apply_delta
     from ftrecycle.ops.diff import diff
-    from ftrecycle.ops.transfer import apply_delta
 
     root = Path(out)
     delta, model = root / "delta", root / "model"

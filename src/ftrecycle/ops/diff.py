@@ -6,29 +6,49 @@ import contextlib
 import math
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ftrecycle.arch import check_compatible
 from ftrecycle.codecs import Compression, PartSpec, layout, parse_compression, part_name
 from ftrecycle.codecs.encode import encode, energy_rank, state_bytes
-from ftrecycle.delta.store import FINETUNED_DIR, FORMAT, INDEX, MANIFEST, PREFIX, VERSION, check_names, checksums
-from ftrecycle.dtypes import DType, parse_dtype
-from ftrecycle.engine import Buffers, Engine, read_term
-from ftrecycle.errors import MemoryBudgetError, NonFiniteError
-from ftrecycle.io.checkpoint import _index_safetensors, open_checkpoint
+from ftrecycle.delta.store import FINETUNED_DIR, FORMAT, INDEX, PREFIX, VERSION, check_names, checksums
+from ftrecycle.dtypes import BY_NAME, DType
+from ftrecycle.engine import RESERVE_BYTES, Buffers, Engine, _bytes_per_element, read_term
+from ftrecycle.errors import CheckpointError, MemoryBudgetError, NonFiniteError
+from ftrecycle.io.checkpoint import Checkpoint, _index_safetensors, open_checkpoint
 from ftrecycle.io.model_files import CONFIG_FILES, TOKENIZER_FILES, copy_files
 from ftrecycle.io.output import ShardedWriter, check_output, write_json
-from ftrecycle.io.provenance import base_record, describe_input
+from ftrecycle.io.provenance import DELTA_MANIFEST, base_record, describe_input
 from ftrecycle.io.safetensors_format import pwrite_all
-from ftrecycle.ops.transfer import TransferResult
-from ftrecycle.pipeline import DEFAULT_MAX_MEMORY, DEFAULT_SHARD_SIZE, ProgressFn, WriteSettings, write_plan
-from ftrecycle.plan import MissingPolicy, OutTensor, Term, VocabPolicy, plan_diff, source_terms
+from ftrecycle.ops._sources import SourceDiff, source_diff
+from ftrecycle.options import DiffOptions, Policies
+from ftrecycle.pipeline import ProgressFn, WriteSettings, write_plan
+from ftrecycle.plan import OutTensor, Term, plan_diff
+
+
+@dataclass
+class DiffResult:
+    """What :func:`diff` wrote.
+
+    Attributes:
+        output: the new delta directory.
+        bytes_written: tensor bytes written (compressed parts as stored).
+        seconds: wall time.
+        records: every tensor that was adapted or left alone while reading the diff, and why.
+        provenance: the delta's full manifest (``ftrecycle-delta.json``).
+    """
+
+    output: Path
+    bytes_written: int
+    seconds: float
+    records: list[dict[str, str]] = field(default_factory=list)
+    provenance: dict[str, Any] = field(default_factory=dict)
 
 
 def diff(
@@ -36,20 +56,10 @@ def diff(
     finetuned: str,
     output: str | Path,
     *,
-    delta_dtype: str = "float32",
-    compress: str | Compression | None = None,
-    compute_dtype: str = "float32",
-    shard_size: str | int = DEFAULT_SHARD_SIZE,
-    vocab: VocabPolicy = "error",
-    on_missing: MissingPolicy = "error",
-    max_memory: str | int = DEFAULT_MAX_MEMORY,
-    threads: int | None = None,
-    force: bool = False,
-    allow_nonfinite: bool = False,
-    allow_pickle: bool = False,
-    fsync: bool = False,
+    options: DiffOptions | None = None,
     progress: ProgressFn | None = None,
-) -> TransferResult:
+    **keywords: Any,
+) -> DiffResult:
     """Write the diff vector ``finetuned - base`` as a delta directory.
 
     Each floating tensor is ``cast(fl(B) - fl(A))`` in ``compute_dtype``, stored in
@@ -62,154 +72,264 @@ def diff(
         finetuned: the fine-tuned model, or a PEFT LoRA adapter over ``base`` (its merged update
             is the diff, computed tensor by tensor).
         output: delta directory to create.
-        delta_dtype: ``float32`` (default), ``float64``, ``bfloat16`` or ``float16``.
-        compress: store 2-D tensors compressed: ``lowrank:rank=R``, ``lowrank:energy=E``,
-            ``lowrank:ratio=X``, ``sparse:density=D``, ``sparse:ratio=X``, ``int8`` or ``sign``
-            (see :mod:`ftrecycle.codecs`); 1-D tensors, and matrices the method would not
-            make smaller, stay dense.
-        Others: as :func:`ftrecycle.ops.transfer`.
+        options: every option, as groups (:class:`ftrecycle.DiffOptions`); default: the defaults.
+        progress: called with (bytes written, total bytes).
+        **keywords: any field of ``options``' groups by name, overriding it: ``delta_dtype``
+            (``float32`` by default, ``float64``, ``bfloat16`` or ``float16``), ``compress`` (store
+            2-D tensors compressed: ``lowrank:rank=R``, ``lowrank:energy=E``, ``lowrank:ratio=X``,
+            ``sparse:density=D``, ``sparse:ratio=X``, ``int8`` or ``sign``, see
+            :mod:`ftrecycle.codecs`; 1-D tensors, and matrices the method would not make smaller,
+            stay dense), and ``compute_dtype``, ``shard_size``, ``vocab``, ``on_missing``,
+            ``max_memory``, ``threads``, ``force``, ``allow_nonfinite``, ``allow_pickle``, ``fsync``
+            as in :func:`ftrecycle.transfer`.
 
     Returns:
         What was written.
 
     Raises:
-        As :func:`ftrecycle.ops.transfer`.
+        As :func:`ftrecycle.transfer`.
     """
-    from ftrecycle.delta.adapter import adapter_terms, is_adapter
-
-    t0 = time.perf_counter()
-    settings = WriteSettings.parse(
-        compute_dtype=compute_dtype,
-        max_memory=max_memory,
-        shard_size=shard_size,
-        threads=threads,
-        allow_nonfinite=allow_nonfinite,
-        fsync=fsync,
-    )
-    ddt = parse_dtype(delta_dtype, flag="--delta-dtype")
-    spec = parse_compression(compress)
+    started = time.perf_counter()
+    opts = DiffOptions.merged(options, keywords)
+    settings = WriteSettings.of(opts.precision, opts.resources, opts.output)
     out = Path(output).expanduser()
     with contextlib.ExitStack() as stack:
-        # the indexes count toward --max-memory (as in transfer); the encoders and buffers get the rest
-        meta = settings.max_memory
-        a = stack.enter_context(open_checkpoint(base, allow_pickle=allow_pickle, max_metadata_bytes=meta))
-        meta -= a.metadata_bytes
-        if is_adapter(finetuned):
-            terms, aliases, records, fin_desc, fin_files = adapter_terms(a, finetuned)
-        else:
-            b = stack.enter_context(open_checkpoint(finetuned, allow_pickle=allow_pickle, max_metadata_bytes=meta))
-            meta -= b.metadata_bytes
-            check_compatible({"base": a.config, "fine-tuned": b.config})
-            terms, aliases, records = source_terms(a, b, vocab=vocab, on_missing=on_missing)
-            fin_desc, fin_files = describe_input(b), b.path
-        adapter = [Path(finetuned).expanduser()] if is_adapter(finetuned) else []
-        check_names([*terms, *aliases], a.path)
-        out = check_output(out, [a.path, fin_files, *adapter, base, finetuned], force=force)
-        settings = replace(settings, max_memory=meta)
-        plan = plan_diff(terms, ddt)
-        engine = settings.engine(0, None)
-        ranks = _energy_ranks(spec, terms, ddt, settings, engine.chunk) if spec and spec.energy else {}
-        packed: dict[str, dict[str, PartSpec]] = {}
-        if spec is not None:
-            for t in plan.tensors:
-                if spec.energy is not None and t.name not in ranks:
-                    continue  # no rank smaller than dense keeps the energy
-                parts = layout(spec, t.shape, ddt, rank=ranks.get(t.name))
-                if parts:
-                    packed[t.name] = parts
-        stored: list[OutTensor] = []
-        entries: dict[str, dict[str, Any]] = {}
-        for t in plan.tensors:
-            entry: dict[str, Any] = {"shape": list(t.shape), "dtype": ddt.name, "compression": None}
-            if t.name in packed:
-                entry["compression"] = {"method": spec.method if spec else None}
-                entry["parts"] = {k: part_name(t.name, k) for k in packed[t.name]}
-                for k, (pdt, pshape) in packed[t.name].items():
-                    stored.append(OutTensor(part_name(t.name, k), pdt, pshape, []))
+        return _diff(stack, (base, finetuned), out, opts, settings, progress, started)
+
+
+def _diff(
+    stack: contextlib.ExitStack,
+    refs: tuple[str, str],
+    out: Path,
+    opts: DiffOptions,
+    settings: WriteSettings,
+    progress: ProgressFn | None,
+    started: float,
+) -> DiffResult:
+    """Open the models (kept open by ``stack``), plan the stored layout and write the delta."""
+    base, finetuned = refs
+    # the indexes count toward --max-memory (as in transfer); the encoders and buffers get the rest
+    a = stack.enter_context(
+        open_checkpoint(base, allow_pickle=opts.inputs.allow_pickle, max_metadata_bytes=settings.max_memory)
+    )
+    src = source_diff(
+        stack,
+        a,
+        finetuned,
+        roles=("base", "fine-tuned"),
+        others={},
+        policies=opts.policies,
+        allow_pickle=opts.inputs.allow_pickle,
+        meta_left=settings.max_memory - a.metadata_bytes,
+    )
+    check_names([*src.terms, *src.aliases], a.path)
+    out = check_output(out, [a.path, *src.paths, *refs], force=settings.force)
+    settings = replace(settings, max_memory=src.meta_left)
+    job = _DeltaJob.planned(a, src, opts, settings, progress)
+    written = write_plan(
+        job.stored, out, settings=settings, prefix=PREFIX, progress=progress, finish=job.finish, extra=job.compress
+    )
+    return DiffResult(out, written, time.perf_counter() - started, src.records, job.manifest)
+
+
+@dataclass
+class _DeltaJob:
+    """One delta being written: its stored layout, what compressing it finds, then its manifest.
+
+    Attributes:
+        base: the opened base model.
+        source: the diff and its source.
+        spec: the compression (None: dense).
+        dtype: the delta's dtype.
+        settings: the run's settings.
+        policies: recorded in the manifest.
+        tensors: the diff's tensors as the plan has them (dense).
+        packed: compressed tensors -> their parts' dtypes and shapes.
+        ranks: ``lowrank:energy``'s rank of each compressed tensor.
+        progress: called with (bytes written, total bytes).
+        found: compressed tensors -> what their encoder measured (norm, error, rank, ...).
+        manifest: the manifest, once written.
+    """
+
+    base: Checkpoint
+    source: SourceDiff
+    spec: Compression | None
+    dtype: DType
+    settings: WriteSettings
+    policies: Policies
+    tensors: list[OutTensor]
+    packed: dict[str, dict[str, PartSpec]]
+    ranks: dict[str, int]
+    progress: ProgressFn | None
+    found: dict[str, dict[str, Any]] = field(default_factory=dict)
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def planned(
+        cls,
+        base: Checkpoint,
+        source: SourceDiff,
+        opts: DiffOptions,
+        settings: WriteSettings,
+        progress: ProgressFn | None,
+    ) -> _DeltaJob:
+        """The job's layout: which tensors are compressed, into which parts."""
+        spec = parse_compression(opts.storage.compress)
+        ddt = BY_NAME[opts.storage.delta_dtype]
+        plan = plan_diff(source.terms, ddt)
+        chunk = settings.engine(0, None).chunk
+        ranks = _energy_ranks(spec, source.terms, ddt, settings, chunk) if spec and spec.energy else {}
+        packed = _packed(spec, plan.tensors, ddt, ranks)
+        return cls(base, source, spec, ddt, settings, opts.policies, plan.tensors, packed, ranks, progress)
+
+    @property
+    def stored(self) -> list[OutTensor]:
+        """What the shards hold: dense tensors, and the (engine-less) parts of compressed ones."""
+        out: list[OutTensor] = []
+        for t in self.tensors:
+            if t.name in self.packed:
+                out += [OutTensor(part_name(t.name, k), d, s, []) for k, (d, s) in self.packed[t.name].items()]
             else:
-                stored.append(t)
-            entries[t.name] = entry
-        manifest = base_record("diff")
-        manifest.update(
-            {
-                "format": FORMAT,
-                "version": VERSION,
-                "base": describe_input(a),
-                "finetuned": fin_desc,
-                "base_config": a.config,
-                "dtype": ddt.name,
-                "compute_dtype": settings.compute_dtype.name,
-                "compression": None if spec is None else {"spec": str(spec)},
-                "aliases": aliases,
-                "policies": {"vocab": vocab, "on_missing": on_missing},
-                "records": records,
-                "tensors": entries,
-            }
+                out.append(t)
+        return out
+
+    def compress(self, writer: ShardedWriter, engine: Engine) -> None:
+        """Encode the compressed tensors into their parts' slots, in parallel within the memory budget."""
+        if self.spec is None or not self.packed:
+            return
+        terms = self.source.terms
+        needs, budget = _needs(
+            self.spec, {n: (terms[n].shape, self.packed[n]) for n in self.packed}, self.settings, engine.chunk
         )
-        dense_names = [t.name for t in plan.tensors if t.name not in packed]
+        total = sum(o.nbytes for o in self.stored)
+        one = partial(self._encode, self.spec, writer, engine.chunk, _Budget(budget), needs, total)
+        # largest first, so that small tensors fill the gaps beside them
+        names = sorted(self.packed, key=lambda n: -needs[n])
+        with ThreadPoolExecutor(self.settings.threads) as pool:
+            self.found = dict(pool.map(one, names))
 
-        def compress_all(writer: ShardedWriter, eng: Engine) -> None:
-            if spec is None or not packed:
-                return
-            total = sum(o.nbytes for o in stored)
-            jobs = [terms[name] for name in packed]
-            ct = np.dtype(settings.compute_dtype.storage)
+    def _encode(
+        self,
+        spec: Compression,
+        writer: ShardedWriter,
+        chunk: int,
+        shared: _Budget,
+        needs: dict[str, int],
+        total: int,
+        name: str,
+    ) -> tuple[str, dict[str, Any]]:
+        """Encode tensor ``name`` once its memory estimate fits in ``shared``."""
+        with shared.hold(needs[name]):
+            parts = self.packed[name]
+            compute = self.settings.compute_dtype
+            term = self.source.terms[name]
+            info = _compress_one(spec, term, parts, writer, self.dtype, compute, chunk, self.ranks.get(name))
+            if self.progress is not None:
+                self.progress(sum(math.prod(s) * d.itemsize for d, s in parts.values()), total)
+        return name, info
 
-            def one(term: Term) -> None:
-                found = _compress_one(spec, term, packed[term.name], writer, ddt, ct, eng.chunk, ranks.get(term.name))
-                entries[term.name]["compression"].update(found)
-                if progress is not None:
-                    progress(sum(math.prod(s) * d.itemsize for d, s in packed[term.name].values()), total)
-
-            needs, budget = _needs(spec, {n: (terms[n].shape, packed[n]) for n in packed}, settings, eng.chunk)
-            shared = _Budget(budget)
-
-            def held(term: Term) -> None:
-                with shared.hold(needs[term.name]):
-                    one(term)
-
-            # largest first, so that small tensors fill the gaps beside them
-            jobs.sort(key=lambda t: -needs[t.name])
-            with ThreadPoolExecutor(settings.threads) as pool:
-                list(pool.map(held, jobs))
-
-        def finish(tmp: Path) -> None:
-            found = _index_safetensors(tmp, INDEX, PREFIX)
-            assert found is not None
-            infos = found[0]
-            manifest["checksums"], norms = checksums(infos, settings.threads, norms=frozenset(dense_names))
-            for name in dense_names:
-                entries[name].update(norm=norms[name], error=None)
-            for e in entries.values():
-                e["bytes"] = sum(infos[p].nbytes for p in e["parts"].values()) if e.get("parts") else None
-            for name in dense_names:
-                entries[name]["bytes"] = infos[name].nbytes
-            dense_total = sum(math.prod(e["shape"]) * ddt.itemsize for e in entries.values())
-            stored_total = sum(i.nbytes for i in infos.values())
-            if spec is not None:
-                manifest["compression"].update(
-                    {"bytes": stored_total, "dense_bytes": dense_total, "ratio": dense_total / max(stored_total, 1)}
-                )
-            (tmp / FINETUNED_DIR).mkdir()
-            copy_files(fin_files, tmp / FINETUNED_DIR, CONFIG_FILES + TOKENIZER_FILES)
-            write_json(tmp / MANIFEST, manifest)
-
-        written = write_plan(
-            stored,
-            out,
-            settings=settings,
-            prefix=PREFIX,
-            force=force,
-            progress=progress,
-            finish=finish,
-            extra=compress_all,
+    def finish(self, tmp: Path) -> None:
+        """Write the manifest and the fine-tuned model's files into the delta's temporary directory."""
+        self.manifest = _write_manifest(
+            tmp,
+            base=self.base,
+            source=self.source,
+            spec=self.spec,
+            dtype=self.dtype,
+            compute_dtype=self.settings.compute_dtype,
+            policies=self.policies,
+            tensors=self.tensors,
+            packed=self.packed,
+            found=self.found,
+            threads=self.settings.threads,
         )
-    return TransferResult(out, written, time.perf_counter() - t0, records, manifest)
+
+
+def _packed(
+    spec: Compression | None, tensors: list[OutTensor], ddt: DType, ranks: dict[str, int]
+) -> dict[str, dict[str, PartSpec]]:
+    """The tensors stored compressed, and their parts' dtypes and shapes."""
+    packed: dict[str, dict[str, PartSpec]] = {}
+    if spec is None:
+        return packed
+    for t in tensors:
+        if spec.energy is not None and t.name not in ranks:
+            continue  # no rank smaller than dense keeps the energy
+        parts = layout(spec, t.shape, ddt, rank=ranks.get(t.name))
+        if parts:
+            packed[t.name] = parts
+    return packed
+
+
+def _write_manifest(
+    tmp: Path,
+    *,
+    base: Checkpoint,
+    source: SourceDiff,
+    spec: Compression | None,
+    dtype: DType,
+    compute_dtype: DType,
+    policies: Policies,
+    tensors: list[OutTensor],
+    packed: dict[str, dict[str, PartSpec]],
+    found: dict[str, dict[str, Any]],
+    threads: int,
+) -> dict[str, Any]:
+    """Build the manifest of the delta written into ``tmp`` (its checksums read back from the shards),
+    copy the fine-tuned model's files beside it, and write it.
+
+    Returns:
+        The manifest.
+    """
+    entries: dict[str, dict[str, Any]] = {}
+    for t in tensors:
+        entry: dict[str, Any] = {"shape": list(t.shape), "dtype": dtype.name, "compression": None}
+        if t.name in packed:
+            entry["compression"] = {"method": spec.method if spec else None, **found.get(t.name, {})}
+            entry["parts"] = {k: part_name(t.name, k) for k in packed[t.name]}
+        entries[t.name] = entry
+    manifest = base_record("diff")
+    manifest.update(
+        {
+            "format": FORMAT,
+            "version": VERSION,
+            "base": describe_input(base),
+            "finetuned": source.finetuned,
+            "base_config": base.config,
+            "dtype": dtype.name,
+            "compute_dtype": compute_dtype.name,
+            "compression": None if spec is None else {"spec": str(spec)},
+            "aliases": source.aliases,
+            "policies": {"vocab": policies.vocab, "on_missing": policies.on_missing},
+            "records": source.records,
+            "tensors": entries,
+        }
+    )
+    found_index = _index_safetensors(tmp, INDEX, PREFIX)
+    if found_index is None:  # write_plan has just written the index
+        raise CheckpointError(f"{tmp}: the delta's shard index {INDEX} is missing after writing it")
+    infos = found_index[0]
+    dense_names = [t.name for t in tensors if t.name not in packed]
+    manifest["checksums"], norms = checksums(infos, threads, norms=frozenset(dense_names))
+    for name in dense_names:
+        entries[name].update(norm=norms[name], error=None)
+    for e in entries.values():
+        e["bytes"] = sum(infos[p].nbytes for p in e["parts"].values()) if e.get("parts") else None
+    for name in dense_names:
+        entries[name]["bytes"] = infos[name].nbytes
+    if spec is not None:
+        dense_total = sum(math.prod(e["shape"]) * dtype.itemsize for e in entries.values())
+        stored_total = sum(i.nbytes for i in infos.values())
+        manifest["compression"].update(
+            {"bytes": stored_total, "dense_bytes": dense_total, "ratio": dense_total / max(stored_total, 1)}
+        )
+    (tmp / FINETUNED_DIR).mkdir()
+    copy_files(source.files, tmp / FINETUNED_DIR, CONFIG_FILES + TOKENIZER_FILES)
+    write_json(tmp / DELTA_MANIFEST, manifest)
+    return manifest
 
 
 def _reader_bytes(chunk: int, compute: DType) -> int:
-    from ftrecycle.engine import _bytes_per_element
-
     return chunk * (_bytes_per_element(compute) + 2 * compute.itemsize)
 
 
@@ -224,8 +344,6 @@ def _needs(
     Raises:
         MemoryBudgetError: one tensor's encoder alone does not fit.
     """
-    from ftrecycle.engine import RESERVE_BYTES
-
     budget = settings.max_memory - RESERVE_BYTES
     it = settings.compute_dtype.itemsize
     needs = {}
@@ -264,7 +382,7 @@ class _Budget:
                 self.cond.notify_all()
 
 
-def _reader(term: Term, chunk: int, ct: np.dtype, compute: DType) -> Any:
+def term_reader(term: Term, chunk: int, ct: np.dtype, compute: DType) -> Callable[[int, int], np.ndarray]:
     """``read(start, count)``: elements of the dense diff in the compute dtype, ``chunk`` at a time."""
     bufs = Buffers(chunk, compute)
 
@@ -284,12 +402,17 @@ def _compress_one(
     parts: dict[str, PartSpec],
     writer: ShardedWriter,
     ddt: DType,
-    ct: np.dtype,
+    compute: DType,
     chunk: int,
     rank: int | None,
 ) -> dict[str, Any]:
-    compute = parse_dtype(ct.name, allowed=("float32", "float64"))
-    read = _reader(term, chunk, ct, compute)
+    """Encode one tensor's diff into its parts' slots; what the encoder measured, for the manifest.
+
+    Raises:
+        NonFiniteError: the diff holds NaN or infinity.
+    """
+    ct = np.dtype(compute.storage)
+    read = term_reader(term, chunk, ct, compute)
 
     def write(part: str, start: int, values: np.ndarray) -> None:
         pdt = parts[part][0]
@@ -318,15 +441,13 @@ def _energy_ranks(
     ct = np.dtype(settings.compute_dtype.storage)
     mats = [t for t in terms.values() if len(t.shape) == 2 and 0 not in t.shape]
 
-    from ftrecycle.engine import RESERVE_BYTES
-
     share = (settings.max_memory - RESERVE_BYTES) // settings.threads - _reader_bytes(chunk, settings.compute_dtype)
     it = settings.compute_dtype.itemsize
 
     def one(t: Term) -> tuple[str, int | None]:
         m, n = t.shape
         max_k = max(0, share - 4 * max(chunk, n) * it - 16 * max(chunk, n)) // ((4 * m + 4 * n) * it)
-        read = _reader(t, chunk, ct, settings.compute_dtype)
+        read = term_reader(t, chunk, ct, settings.compute_dtype)
         return t.name, energy_rank(read, (m, n), spec.energy or 1.0, ddt, ct, t.name, chunk, max_k)
 
     with ThreadPoolExecutor(settings.threads) as pool:

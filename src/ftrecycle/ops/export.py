@@ -11,17 +11,25 @@ from __future__ import annotations
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ftrecycle.arch import EMBEDDING_NAMES, OUTPUT_EMBEDDING
-from ftrecycle.codecs.encode import Encoded
+from ftrecycle.codecs.encode import Encoded, lowrank
 from ftrecycle.delta.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CONV1D_MODULES, PEFT_PREFIX
-from ftrecycle.dtypes import DType, parse_dtype
+from ftrecycle.delta.store import open_delta
+from ftrecycle.dtypes import F32, DType, parse_dtype
+from ftrecycle.engine import chunk_for_budget, default_threads
 from ftrecycle.errors import ConfigError
-from ftrecycle.pipeline import DEFAULT_MAX_MEMORY
+from ftrecycle.io.checkpoint import Checkpoint
+from ftrecycle.io.output import atomic_directory, check_output, parse_size, write_json
+from ftrecycle.io.provenance import PROVENANCE, base_record, describe_input
+from ftrecycle.io.safetensors_format import PlannedTensor, build_header
+from ftrecycle.ops.diff import term_reader
+from ftrecycle.options import DEFAULT_MAX_MEMORY
 from ftrecycle.plan import Term
 
 #: 2-D weights that are not linear layers: left out of an exported adapter.
@@ -30,7 +38,16 @@ NOT_LINEAR = (*EMBEDDING_NAMES, OUTPUT_EMBEDDING, "transformer.wpe.weight", "emb
 
 @dataclass
 class ExportResult:
-    """What :func:`export_lora` wrote."""
+    """What :func:`export_lora` wrote.
+
+    Attributes:
+        output: the adapter directory.
+        modules: how many linear layers the adapter holds.
+        bytes_written: the adapter's tensor bytes.
+        seconds: wall time.
+        left_out: the diff tensors a LoRA cannot hold, with their shapes and norms.
+        errors: each exported matrix's relative error (Frobenius) at the rank.
+    """
 
     output: Path
     modules: int
@@ -70,20 +87,24 @@ def export_lora(
     the output head, norms and biases — are left out and listed, with their share of the
     diff's squared norm, in the adapter's ``ftrecycle.json``.
 
+    Args:
+        delta: the delta directory.
+        output: the adapter directory to create.
+        rank: the LoRA rank (matrices smaller than it keep their full rank).
+        dtype: the adapter's dtype.
+        threads: worker threads (default: available cores).
+        max_memory: the readers' buffers' budget, e.g. ``"512MiB"``.
+        force: replace an existing ``output``.
+
+    Returns:
+        What was written.
+
     Raises:
         ConfigError: a bad rank or dtype.
         CheckpointError: not a delta directory, or a corrupt one.
         OutputError: the output exists (without ``force``) or overlaps the delta.
     """
-    from ftrecycle.codecs.encode import lowrank
-    from ftrecycle.delta.store import open_delta
-    from ftrecycle.engine import chunk_for_budget, default_threads
-    from ftrecycle.io.output import atomic_directory, check_output, parse_size, write_json
-    from ftrecycle.io.provenance import base_record, describe_input
-    from ftrecycle.io.safetensors_format import PlannedTensor, build_header
-    from ftrecycle.ops.diff import _reader
-
-    t0 = time.perf_counter()
+    started = time.perf_counter()
     if rank < 1:
         raise ConfigError(f"--rank must be a positive integer, got {rank}")
     sdt: DType = parse_dtype(dtype, flag="--dtype")
@@ -92,92 +113,139 @@ def export_lora(
     ckpt, manifest, terms, _ = open_delta(delta, threads=workers)
     try:
         out = check_output(out, [ckpt.path, delta], force=force)
-        ct = np.dtype(np.float32)
-        compute = parse_dtype("float32")
-        chunk = chunk_for_budget(parse_size(max_memory, flag="--max-memory"), workers, compute)
+        chunk = chunk_for_budget(parse_size(max_memory, flag="--max-memory"), workers, F32)
         fan_in_fan_out = (manifest.get("base_config") or {}).get("model_type") == "gpt2"
         mats = {n: t for n, t in terms.items() if len(t.shape) == 2 and lora_module(n)}
-        left: list[dict[str, Any]] = []
-        for n, t in terms.items():
-            if n not in mats:
-                left.append(
-                    {"tensor": n, "shape": list(t.shape), "norm": _entry_norm(manifest["tensors"].get(n) or {})}
-                )
-
-        def one(item: tuple[str, Term]) -> tuple[str, np.ndarray, np.ndarray, Encoded]:
-            name, term = item
-            m, n = term.shape
-            read = _reader(term, chunk, ct, compute)
-            r = min(rank, m, n)
-            parts = {"a": np.empty(m * r, dtype=sdt.storage), "b": np.empty(r * n, dtype=sdt.storage)}
-
-            def write(part: str, start: int, values: np.ndarray) -> None:
-                parts[part][start : start + values.size] = values
-
-            enc = lowrank(read, write, (m, n), r, sdt, ct, name, chunk)  # error measured on the rounded factors
-            big, small = parts["a"].reshape(m, r), parts["b"].reshape(r, n)
-            if fan_in_fan_out and name.rsplit(".", 2)[-2] in CONV1D_MODULES:  # stored (in, out)
-                lora_b, lora_a = small.T, big.T
-            else:
-                lora_b, lora_a = big, small
-            return name, np.ascontiguousarray(lora_a), np.ascontiguousarray(lora_b), enc
-
+        left = _left_out(terms, mats, manifest)
+        factorise = partial(_factorise, rank=rank, dtype=sdt, chunk=chunk, fan_in_fan_out=fan_in_fan_out)
         with ThreadPoolExecutor(workers) as pool:
-            done = list(pool.map(one, sorted(mats.items())))
-        tensors: dict[str, np.ndarray] = {}
-        errors: dict[str, float] = {}
-        for name, lora_a, lora_b, enc in done:
-            module = PEFT_PREFIX + (lora_module(name) or "")
-            tensors[module + ".lora_A.weight"] = lora_a
-            tensors[module + ".lora_B.weight"] = lora_b
-            errors[name] = enc.error
-        planned, offset = [], 0
-        for key, arr in tensors.items():
-            planned.append(PlannedTensor(key, sdt, arr.shape, offset))
-            offset += arr.nbytes
-        base_ref = (manifest.get("base") or {}).get("repo_id") or (manifest.get("base") or {}).get("ref")
-        config = {
-            "peft_type": "LORA",
-            "task_type": "CAUSAL_LM",
-            "r": rank,
-            "lora_alpha": rank,
-            "lora_dropout": 0.0,
-            "bias": "none",
-            "fan_in_fan_out": fan_in_fan_out,
-            "target_modules": sorted(lora_module(n) or "" for n in mats),
-            "rank_pattern": {
-                (lora_module(n) or ""): min(rank, *mats[n].shape) for n in mats if min(mats[n].shape) < rank
-            },
-            "alpha_pattern": {
-                (lora_module(n) or ""): min(rank, *mats[n].shape) for n in mats if min(mats[n].shape) < rank
-            },
-            "use_rslora": False,
-            "use_dora": False,
-            "init_lora_weights": True,
-            "inference_mode": True,
-            "modules_to_save": None,
-            "base_model_name_or_path": base_ref,
-        }
-        total2 = sum(_entry_norm(e) ** 2 for e in manifest["tensors"].values())
-        left_sq = sum(float(e["norm"]) ** 2 for e in left)
-        record = base_record("export-lora")
-        record.update(
-            {
-                "delta": describe_input(ckpt),
-                "rank": rank,
-                "dtype": sdt.name,
-                "relative_error": errors,
-                "left_out": left,
-                "left_out_share_of_squared_norm": left_sq / total2 if total2 else 0.0,
-            }
-        )
-        with atomic_directory(out, force=force) as tmp:
-            with open(tmp / ADAPTER_WEIGHTS, "wb") as f:
-                f.write(build_header(planned, {"format": "pt"}))
-                for arr in tensors.values():
-                    f.write(arr.tobytes())
-            write_json(tmp / ADAPTER_CONFIG, config)
-            write_json(tmp / "ftrecycle.json", record)
-        return ExportResult(out, len(mats), offset, time.perf_counter() - t0, left, errors)
+            done = list(pool.map(factorise, sorted(mats.items())))
+        tensors = _adapter_tensors(done)
+        errors = {name: enc.error for name, _, _, enc in done}
+        config = _adapter_config(rank, mats, fan_in_fan_out, manifest)
+        record = _export_record(ckpt, manifest, rank, sdt, errors, left)
+        written = _write_adapter(out, tensors, sdt, config, record, force=force)
+        return ExportResult(out, len(mats), written, time.perf_counter() - started, left, errors)
     finally:
         ckpt.close()
+
+
+def _left_out(terms: dict[str, Term], mats: dict[str, Term], manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """The diff tensors a LoRA cannot hold, with their shapes and norms."""
+    return [
+        {"tensor": n, "shape": list(t.shape), "norm": _entry_norm(manifest["tensors"].get(n) or {})}
+        for n, t in terms.items()
+        if n not in mats
+    ]
+
+
+class _ArrayParts:
+    """The encoder's ``write(part, start, values)`` into two flat arrays ``a`` (m x r) and ``b`` (r x n)."""
+
+    def __init__(self, m: int, n: int, r: int, dtype: DType) -> None:
+        self.parts = {"a": np.empty(m * r, dtype=dtype.storage), "b": np.empty(r * n, dtype=dtype.storage)}
+
+    def __call__(self, part: str, start: int, values: np.ndarray) -> None:
+        self.parts[part][start : start + values.size] = values
+
+
+def _factorise(
+    item: tuple[str, Term], *, rank: int, dtype: DType, chunk: int, fan_in_fan_out: bool
+) -> tuple[str, np.ndarray, np.ndarray, Encoded]:
+    """One matrix's diff as LoRA factors: (name, lora_A, lora_B, what the encoder measured)."""
+    name, term = item
+    m, n = term.shape
+    read = term_reader(term, chunk, np.dtype(np.float32), F32)
+    r = min(rank, m, n)
+    sink = _ArrayParts(m, n, r, dtype)
+    enc = lowrank(read, sink, (m, n), r, dtype, np.dtype(np.float32), name, chunk)  # error of the rounded factors
+    big, small = sink.parts["a"].reshape(m, r), sink.parts["b"].reshape(r, n)
+    if fan_in_fan_out and name.rsplit(".", 2)[-2] in CONV1D_MODULES:  # stored (in, out)
+        lora_b, lora_a = small.T, big.T
+    else:
+        lora_b, lora_a = big, small
+    return name, np.ascontiguousarray(lora_a), np.ascontiguousarray(lora_b), enc
+
+
+def _adapter_tensors(done: list[tuple[str, np.ndarray, np.ndarray, Encoded]]) -> dict[str, np.ndarray]:
+    """The adapter's tensors by PEFT name."""
+    tensors: dict[str, np.ndarray] = {}
+    for name, lora_a, lora_b, _ in done:
+        module = PEFT_PREFIX + (lora_module(name) or "")
+        tensors[module + ".lora_A.weight"] = lora_a
+        tensors[module + ".lora_B.weight"] = lora_b
+    return tensors
+
+
+def _adapter_config(rank: int, mats: dict[str, Term], fan_in_fan_out: bool, manifest: dict[str, Any]) -> dict[str, Any]:
+    """``adapter_config.json``: PEFT's settings for the exported matrices."""
+    base = manifest.get("base") or {}
+    # a matrix smaller than the rank keeps its full rank, and its alpha so that PEFT's scaling stays 1
+    smaller = {(lora_module(n) or ""): min(rank, *mats[n].shape) for n in mats if min(mats[n].shape) < rank}
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": rank,
+        "lora_alpha": rank,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": fan_in_fan_out,
+        "target_modules": sorted(lora_module(n) or "" for n in mats),
+        "rank_pattern": smaller,
+        "alpha_pattern": dict(smaller),
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "base_model_name_or_path": base.get("repo_id") or base.get("ref"),
+    }
+
+
+def _export_record(
+    ckpt: Checkpoint,
+    manifest: dict[str, Any],
+    rank: int,
+    dtype: DType,
+    errors: dict[str, float],
+    left: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """The adapter's provenance: its delta, rank and dtype, each matrix's error, and what was left out."""
+    total2 = sum(_entry_norm(e) ** 2 for e in manifest["tensors"].values())
+    left_sq = sum(float(e["norm"]) ** 2 for e in left)
+    record = base_record("export-lora")
+    record.update(
+        {
+            "delta": describe_input(ckpt),
+            "rank": rank,
+            "dtype": dtype.name,
+            "relative_error": errors,
+            "left_out": left,
+            "left_out_share_of_squared_norm": left_sq / total2 if total2 else 0.0,
+        }
+    )
+    return record
+
+
+def _write_adapter(
+    out: Path,
+    tensors: dict[str, np.ndarray],
+    dtype: DType,
+    config: dict[str, Any],
+    record: dict[str, Any],
+    *,
+    force: bool,
+) -> int:
+    """Write the adapter directory atomically; the tensor bytes written."""
+    planned, offset = [], 0
+    for key, arr in tensors.items():
+        planned.append(PlannedTensor(key, dtype, arr.shape, offset))
+        offset += arr.nbytes
+    with atomic_directory(out, force=force) as tmp:
+        with open(tmp / ADAPTER_WEIGHTS, "wb") as f:
+            f.write(build_header(planned, {"format": "pt"}))
+            for arr in tensors.values():
+                f.write(arr.tobytes())
+        write_json(tmp / ADAPTER_CONFIG, config)
+        write_json(tmp / PROVENANCE, record)
+    return offset
