@@ -23,7 +23,7 @@ import math
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING, Field, dataclass, field, fields, replace
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 from ftrecycle.codecs import parse_compression
 from ftrecycle.errors import ConfigError
@@ -409,8 +409,15 @@ class Bundle:
     """The groups one operation takes.
 
     :meth:`of` builds a bundle from flat keywords (the API's conveniences), :meth:`with_` overrides
-    fields of one, :meth:`merged` does what an operation does with its ``options`` and keywords.
+    fields of one, :meth:`merged` does what an operation does with its ``options`` and keywords,
+    :meth:`sharing` takes another operation's groups.
+
+    Attributes:
+        not_applicable: fields of the bundle's groups that the operation does not use (its command
+            has no such flag, and :meth:`merged` refuses them as keywords).
     """
+
+    not_applicable: ClassVar[frozenset[str]] = frozenset()
 
     @classmethod
     def of(cls: type[B], **flat: Any) -> B:
@@ -441,11 +448,22 @@ class Bundle:
         Raises:
             ConfigError: ``options`` is another operation's bundle, a keyword no group has, or a bad value.
         """
+        unused = sorted(set(flat) & cls.not_applicable)
+        if unused:
+            raise ConfigError(f"option(s) {', '.join(unused)} do not apply to {cls.__name__}")
         if options is None:
             return cls.of(**flat)
         if not isinstance(options, cls):
             raise ConfigError(f"options must be a {cls.__name__}, got a {type(options).__name__}")
         return options.with_(**flat)
+
+    @classmethod
+    def sharing(cls: type[B], other: Bundle, **groups: OptionGroup) -> B:
+        """A bundle made of ``other``'s groups of the same names, ``groups`` replacing or adding some
+        (e.g. the diff and the apply steps of a compressed transfer)."""
+        names = [g.name for g in fields(cls)]  # type: ignore[arg-type]
+        taken = {n: getattr(other, n) for n in names if n not in groups and hasattr(other, n)}
+        return cls(**taken, **groups)
 
     def flat(self) -> dict[str, Any]:
         """Every field of every group by name (the inverse of :meth:`of`)."""
@@ -480,6 +498,8 @@ def _by_group(bundle: type, flat: Mapping[str, Any]) -> dict[str, dict[str, Any]
 class TransferOptions(Bundle):
     """What ``transfer`` takes besides its models (``storage``: only ``compress`` applies)."""
 
+    not_applicable: ClassVar[frozenset[str]] = frozenset({"delta_dtype", "calibration"})
+
     scaling: Scaling = field(default_factory=Scaling)
     precision: Precision = field(default_factory=Precision)
     storage: DeltaStorage = field(default_factory=DeltaStorage)
@@ -494,6 +514,8 @@ class TransferOptions(Bundle):
 class DiffOptions(Bundle):
     """What ``diff`` takes besides its models (``precision.out_dtype`` and ``policies.tie_mismatch`` do not apply)."""
 
+    not_applicable: ClassVar[frozenset[str]] = frozenset({"out_dtype", "tie_mismatch"})
+
     precision: Precision = field(default_factory=Precision)
     storage: DeltaStorage = field(default_factory=DeltaStorage)
     policies: Policies = field(default_factory=Policies)
@@ -506,6 +528,8 @@ class DiffOptions(Bundle):
 class ApplyOptions(Bundle):
     """What ``apply`` takes besides its delta and target: those of ``transfer`` but the storage
     (the delta is already stored); ``files`` "finetuned" means the fine-tuned files kept in the delta."""
+
+    not_applicable: ClassVar[frozenset[str]] = frozenset({"calibration"})
 
     scaling: Scaling = field(default_factory=Scaling)
     precision: Precision = field(default_factory=Precision)

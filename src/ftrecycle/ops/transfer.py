@@ -125,24 +125,13 @@ def _transfer(
 
 def _compressed_steps(opts: TransferOptions) -> tuple[DiffOptions, ApplyOptions]:
     """The options of the two steps of a compressed transfer: a bf16 compressed diff, then its apply."""
-    diff_options = DiffOptions(
+    diff_options = DiffOptions.sharing(
+        opts,
         precision=replace(opts.precision, out_dtype=None),
         storage=DeltaStorage(delta_dtype="bfloat16", compress=opts.storage.compress),
-        policies=opts.policies,
-        resources=opts.resources,
         output=Output(),  # a fresh scratch directory: the output's own settings do not apply
-        inputs=opts.inputs,
     )
-    apply_options = ApplyOptions(
-        scaling=opts.scaling,
-        precision=opts.precision,
-        policies=opts.policies,
-        files=opts.files,
-        resources=opts.resources,
-        output=opts.output,
-        inputs=opts.inputs,
-    )
-    return diff_options, apply_options
+    return diff_options, ApplyOptions.sharing(opts)
 
 
 def _transfer_compressed(
