@@ -19,7 +19,14 @@ DELTA_MANIFEST = "ftrecycle-delta.json"
 
 
 def describe_input(ckpt: Checkpoint) -> dict[str, Any]:
-    """Identify an input: as given, where it was read from, hub repo and commit, size and architecture."""
+    """Identify an input: as given, where it was read from, hub repo and commit, size and architecture.
+
+    Args:
+        ckpt: the opened input.
+
+    Returns:
+        A JSON-ready description.
+    """
     return {
         "ref": ckpt.source.ref,
         "path": str(ckpt.path),
@@ -41,7 +48,15 @@ def _version(package: str) -> str | None:
 
 
 def base_record(operation: str) -> dict[str, Any]:
-    """The fields every provenance record starts with."""
+    """The fields every provenance record starts with.
+
+    Args:
+        operation: what made the artifact (``transfer``, ``apply``, ``diff``, ``export-lora``, ...).
+
+    Returns:
+        The tool and its version, the operation, the time, the command line (when run as
+        ``ftrecycle``) and the versions of Python, NumPy and PyTorch.
+    """
     return {
         "tool": "ftrecycle",
         "ftrecycle_version": __version__,
