@@ -149,10 +149,10 @@ def imports_of(module: str, path: Path, known: set[str]) -> list[Import]:
             return
         inner_local = local or isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
         if isinstance(node, ast.If) and _is_type_checking(node.test):
-            for child in node.body:
-                visit(child, inner_local, True)
-            for child in node.orelse:
-                visit(child, inner_local, type_only)
+            for stmt in node.body:
+                visit(stmt, inner_local, True)
+            for stmt in node.orelse:
+                visit(stmt, inner_local, type_only)
             return
         for child in ast.iter_child_nodes(node):
             visit(child, inner_local, type_only)
