@@ -35,12 +35,14 @@ MARKER = re.compile(r"<!-- table:(?P<name>[\w-]+) -->\n(?P<body>.*?)<!-- /table:
 
 @dataclass(frozen=True)
 class Table:
-    """One generated table: the result file it is made from, the command that makes that file, and
-    the renderer (parsed JSON -> markdown lines)."""
+    """One generated table: the result file it is made from, the command that makes that file, the
+    renderer (parsed JSON -> markdown lines), and whether a missing file is explained in full here
+    (False for the second and later tables of one file on a page, which point to the first)."""
 
     source: str
     command: str
     render: Callable[[Any], list[str]]
+    explain: bool = True
 
 
 # ---- formatting -----------------------------------------------------------------------------------
@@ -257,18 +259,20 @@ def _bench(name: str, script: str, render: Callable[[Any], list[str]]) -> Table:
 
 TABLES: dict[str, Table] = {
     "transfer-1b": _bench("transfer-1b", "bench_transfer.py --rounds 5 --json ...", transfer_bench),
-    "transfer-1b-no-mergekit": _bench("transfer-1b-no-mergekit", "bench_transfer.py --json ...", transfer_bench),
+    "transfer-1b-no-mergekit": _bench(
+        "transfer-1b-no-mergekit", "bench_transfer.py --no-mergekit --json ...", transfer_bench
+    ),
     "compress-1b": _bench("compress-1b", "bench_compress.py --json ...", compress_bench),
     "diagnose-1b": _bench("diagnose-1b", "bench_diagnose.py --json ...", diagnose_bench),
     "ddp-cpu": _bench("ddp-cpu", "bench_ddp.py", ddp_bench),
     "lab-run": Table(LAB_TINY, LAB_COMMAND, lab_run),
-    "lab-findings": Table(LAB_TINY, LAB_COMMAND, lab_findings),
-    "lab-transfer": Table(LAB_TINY, LAB_COMMAND, lab_transfer),
-    "lab-recycle": Table(LAB_TINY, LAB_COMMAND, lab_recycle),
-    "lab-iterative": Table(LAB_TINY, LAB_COMMAND, lab_iterative),
-    "lab-language": Table(LAB_TINY, LAB_COMMAND, lab_language),
-    "lab-diagnostics": Table(LAB_TINY, LAB_COMMAND, lab_diagnostics),
-    "lab-compression": Table(LAB_TINY, LAB_COMMAND, lab_compression),
+    "lab-findings": Table(LAB_TINY, LAB_COMMAND, lab_findings, explain=False),
+    "lab-transfer": Table(LAB_TINY, LAB_COMMAND, lab_transfer, explain=False),
+    "lab-recycle": Table(LAB_TINY, LAB_COMMAND, lab_recycle, explain=False),
+    "lab-iterative": Table(LAB_TINY, LAB_COMMAND, lab_iterative, explain=False),
+    "lab-language": Table(LAB_TINY, LAB_COMMAND, lab_language, explain=False),
+    "lab-diagnostics": Table(LAB_TINY, LAB_COMMAND, lab_diagnostics, explain=False),
+    "lab-compression": Table(LAB_TINY, LAB_COMMAND, lab_compression, explain=False),
 }
 
 
@@ -283,9 +287,11 @@ def render(name: str, root: Path = ROOT) -> str:
     """
     t = TABLES[name]
     path = root / t.source
-    if not path.is_file():
+    if not path.is_file() and t.explain:
         lines = [f"_Not measured yet: `{t.source}` is not committed. Make it with {t.command}, then run "
                  "`python scripts/docs_tables.py`._"]  # fmt: skip
+    elif not path.is_file():
+        lines = [f"_Not measured yet (`{t.source}`, see above)._"]
     else:
         lines = [*t.render(json.loads(path.read_text())), "", f"<sub>Generated from `{t.source}`.</sub>"]
     return "\n".join(lines) + "\n"
