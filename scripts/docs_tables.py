@@ -161,7 +161,7 @@ def lab_run(r: dict[str, Any]) -> list[str]:
     rows = [
         ["preset", f"`{c['preset']}`"],
         ["seeds", ", ".join(map(str, c["seeds"]))],
-        ["model parameters", f"{r['parameters']:,} (hidden {c['model']['hidden']}, {c['model']['layers']} layers)"],
+        ["model parameters", f"{r['parameters']:,} (hidden {c['model']['hidden']}, layers {c['model']['layers']})"],
         ["fine-tuning / test problems", f"{c['train_items']:,} / {c['test_items']:,}"],
         ["one test problem", f"{100 / c['test_items']:.2f} points"],
         ["wall time (s)", _f(r["seconds"], 0)],
