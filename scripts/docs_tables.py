@@ -239,18 +239,19 @@ def lab_diagnostics(r: dict[str, Any]) -> list[str]:
 
 
 def lab_compression(r: dict[str, Any]) -> list[str]:
-    """Experiment (g): the stage-2 diffs stored compressed, size and accuracy against the full Δ."""
+    """Experiment (g) as finding (5) reads it: per stored form and stage-2 pair, how many times smaller
+    than the dense bf16 delta, and the points gained or lost against the full float32 Δ."""
     m = r["mean"]
-    comp = m["compressed"]
-    pairs = list(next(iter(comp.values())))
-    full = {p: m["transfer"][p[:2]][f"M{p[-1]}"] for p in pairs}
-    rows: list[list[Any]] = [["full Δ (float32)", "–", "–", *[full[p] for p in pairs]]]
-    for spec, by_pair in comp.items():
-        ratio = min(v["ratio"] for v in by_pair.values())
-        err = max(v["median_error"] for v in by_pair.values())
-        change = [f"{v['accuracy']:.1f} ({v['accuracy'] - full[p]:+.1f})" for p, v in by_pair.items()]
-        rows.append(["dense bf16" if spec == "none" else f"`{spec}`", f"{ratio:.1f}×", _f(err, 3), *change])
-    return _table(["Δ stored as", "× smaller", "median rel. error", *[f"{p} accuracy" for p in pairs]], rows)
+    rows: list[list[Any]] = []
+    for spec, by_pair in m["compressed"].items():
+        cells = [
+            f"{v['ratio']:.1f}× / {v['accuracy'] - m['transfer'][pair[:2]][f'M{pair[-1]}']:+.1f}"
+            for pair, v in by_pair.items()
+        ]
+        worst_error = max(v["median_error"] for v in by_pair.values())
+        rows.append(["dense bf16" if spec == "none" else f"`{spec}`", _f(worst_error, 3), *cells])
+    pairs = list(next(iter(m["compressed"].values())))
+    return _table(["Δ stored as", "median rel. error", *[f"{p}: × smaller / points vs full Δ" for p in pairs]], rows)
 
 
 def _bench(name: str, script: str, render: Callable[[Any], list[str]]) -> Table:
