@@ -1,0 +1,345 @@
+"""Write the measured-figure tables of README.md and docs/*.md from the committed result files.
+
+A table lives between ``<!-- table:NAME -->`` and ``<!-- /table:NAME -->`` markers; NAME is a key of
+TABLES below, which says which result file it is made from and how. A new measurement is then one
+command: rerun the benchmark (or the lab) into its result file, and run
+
+    python scripts/docs_tables.py            # rewrite every table
+    python scripts/docs_tables.py --check    # exit 1, naming them, when a doc is stale (tests/test_docs.py)
+
+A result file that is not committed yet gives a short note naming the command that makes it, never a
+number typed by hand. Only the standard library is used, so this runs before any install.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = "benchmarks/results"
+LAB_TINY = "docs/results/lab-tiny.json"
+LAB_COMMAND = (
+    "`ftrecycle lab run --preset tiny --out ftrecycle-lab` (what `bash scripts/demo.sh` runs), then "
+    f"`cp ftrecycle-lab/results.json {LAB_TINY}`"
+)
+V = ("M1", "M2", "M3", "M4", "M5")
+MARKER = re.compile(r"<!-- table:(?P<name>[\w-]+) -->\n(?P<body>.*?)<!-- /table:(?P=name) -->", re.S)
+
+
+@dataclass(frozen=True)
+class Table:
+    """One generated table: the result file it is made from, the command that makes that file, the
+    renderer (parsed JSON -> markdown lines), and whether a missing file is explained in full here
+    (False for the second and later tables of one file on a page, which point to the first)."""
+
+    source: str
+    command: str
+    render: Callable[[Any], list[str]]
+    explain: bool = True
+
+
+# ---- formatting -----------------------------------------------------------------------------------
+
+
+def _f(x: Any, digits: int = 1) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, bool):
+        return "yes" if x else "no"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return out + ["| " + " | ".join(c if isinstance(c, str) else _f(c) for c in row) + " |" for row in rows]
+
+
+# ---- benchmarks -----------------------------------------------------------------------------------
+
+_CONTENDERS = {
+    "io_floor": "I/O floor (`cat` the inputs, `cp` one model)",
+    "ftrecycle": "**ftrecycle**",
+    "mergekit_float32": "mergekit task_arithmetic, float32",
+    "mergekit_bfloat16": "mergekit task_arithmetic, bf16 (its default)",
+}
+
+
+def _exact(text: str | None) -> str:
+    if text is None:
+        return "–"
+    m = re.match(r"no: (\d+) of (\d+) elements differ \((.*)\)", text)
+    if not m:
+        return text
+    share = 100 * int(m[1]) / int(m[2])
+    return f"no: {share:.1f} % of elements differ ({m[3]})"
+
+
+def transfer_bench(d: dict[str, Any]) -> list[str]:
+    """bench_transfer.py's result: one row per contender, then the ratios."""
+    res = d["results"]
+    rows = [
+        [_CONTENDERS.get(k, k), _f(r["median_s"], 2), _f(r["peak_rss_mib"], 0), _exact(r.get("exact"))]
+        for k, r in res.items()
+    ]
+    lines = _table(["contender", "median wall (s)", "peak RSS (MiB)", "exact vs float32 reference"], rows)
+    tail = f"ftrecycle took {_f(d['ftrecycle_over_floor'], 2)} × the I/O floor"
+    if "mergekit_float32_over_ftrecycle" in d:
+        tail += f"; mergekit's float32 run took {_f(d['mergekit_float32_over_ftrecycle'])} × ftrecycle's time"
+    return [*lines, "", f"{tail} (layout `{d['layout']}`, medians of {d['rounds']} rounds after a warm-up)."]
+
+
+def compress_bench(d: dict[str, Any]) -> list[str]:
+    """bench_compress.py's result: one row per `diff --compress` setting."""
+    rows = [
+        [
+            "dense (no `--compress`)" if r["spec"] == "dense" else f"`--compress {r['spec']}`",
+            _f(r["wall_s"]),
+            _f(r["peak_rss_mib"], 0),
+            f"{r['stored_bytes'] / 2**20:.0f} MiB",
+            _f(1.0 if r["ratio_vs_dense_bf16"] is None else r["ratio_vs_dense_bf16"]),
+            _f(r["median_rel_error"], 3),
+        ]
+        for r in d["runs"]
+    ]
+    header = [
+        "`diff` setting",
+        "wall (s)",
+        "peak RSS (MiB)",
+        "stored",
+        "× smaller than dense bf16",
+        "median rel. error",
+    ]
+    return [*_table(header, rows), "", f"Layout `{d['layout']}`, `--max-memory {d['max_memory']}`."]
+
+
+def diagnose_bench(d: dict[str, Any]) -> list[str]:
+    """bench_diagnose.py's result: the geometry pass's time and memory."""
+    t = d["total"]
+    rows = [
+        ["elements per model", f"{d['elements']:,}"],
+        ["rounds (wall s)", ", ".join(_f(r["wall_s"], 2) for r in d["rounds"])],
+        ["median wall (s)", _f(d["median_wall_s"], 2)],
+        ["peak RSS (MiB)", _f(d["max_peak_rss_mib"])],
+        [
+            "drift / diff, cos, sign agreement",
+            f"{t['drift_over_delta']:.3f}, {t['cos']:.4f}, {t['sign_agreement']:.4f}",
+        ],
+        ["verdict", d["verdict"]],
+    ]
+    return _table(["`diagnose` on layout `" + d["layout"] + "`", "value"], rows)
+
+
+def ddp_bench(d: dict[str, Any]) -> list[str]:
+    """bench_ddp.py's result: training tokens/s per process, one process against two."""
+    rows = [
+        [name, _f(r["seconds_per_step"], 3), _f(r["tokens_per_second_per_process"])]
+        for name, r in (("1 process", d["one_process"]), ("2 processes (DDP, gloo)", d["two_processes"]))
+    ]
+    return [
+        *_table(["run", "seconds per step", "tokens/s per process"], rows),
+        "",
+        f"Two processes over one: {_f(d['ratio_two_over_one'], 3)} of the per-process throughput "
+        f"({d['machine']['cpus']} CPUs, {d['steps']} steps, batch {d['batch_per_process']} per process).",
+    ]
+
+
+# ---- the lab (results.json of `ftrecycle lab run`) ---------------------------------------------------
+
+
+def lab_run(r: dict[str, Any]) -> list[str]:
+    """What the committed lab run was: preset, seeds, model size, test set, time."""
+    c = r["config"]
+    rows = [
+        ["preset", f"`{c['preset']}`"],
+        ["seeds", ", ".join(map(str, c["seeds"]))],
+        ["model parameters", f"{r['parameters']:,} (hidden {c['model']['hidden']}, layers {c['model']['layers']})"],
+        ["fine-tuning / test problems", f"{c['train_items']:,} / {c['test_items']:,}"],
+        ["one test problem", f"{100 / c['test_items']:.2f} points"],
+        ["wall time (s)", _f(r["seconds"], 0)],
+        ["evidence", "yes" if r.get("evidence") else "**no** (a smoke run, or findings with no signal)"],
+    ]
+    return _table(["lab run", ""], rows)
+
+
+def lab_findings(r: dict[str, Any]) -> list[str]:
+    """The five findings, PASS/FAIL from the seed mean, and how many seeds pass alone."""
+    per_seed = r.get("findings_per_seed", {})
+    rows = []
+    for f in r["findings"]:
+        verdict = f"**{'PASS' if f['passed'] else 'FAIL'}**" + (" (no signal)" if f.get("no_signal") else "")
+        seeds = per_seed.get(str(f["id"]), [])
+        rows.append([str(f["id"]), f["claim"], verdict, f"{sum(seeds)} of {len(seeds)}"])
+    return _table(["#", "finding", "verdict (seed mean)", "seeds passing"], rows)
+
+
+def lab_transfer(r: dict[str, Any]) -> list[str]:
+    """Table 2's shape: Mj + Δi without training, the bases and direct fine-tuning."""
+    m = r["mean"]
+    rows: list[list[Any]] = [["base (zero-shot)", *[m["base"][j] for j in V]]]
+    rows += [[f"+ Δ{i[1]}", *[m["transfer"][j][i] if i != j else None for j in V]] for i in V]
+    rows.append([f"Direct FT ({r['config']['ft_steps']} steps)", *[m["direct_ft"][j]["final"] for j in V]])
+    return _table(["Mj + Δi, no training", *V], rows)
+
+
+def lab_recycle(r: dict[str, Any]) -> list[str]:
+    """Table 4's shape: FT(Mj + Δi) after the recycling steps."""
+    m = r["mean"]
+    rows: list[list[Any]] = [
+        [f"+ Δ{i[1]} → FT", *[m["recycle_ft"][j][i]["final"] if i != j else None for j in V]] for i in V
+    ]
+    rows.append(["Direct FT", *[m["direct_ft"][j]["final"] for j in V]])
+    return _table([f"FT(Mj + Δi), {r['config']['recycle_steps']} steps", *V], rows)
+
+
+def lab_iterative(r: dict[str, Any]) -> list[str]:
+    """Tables 6 and 11's shape: iterative against direct recycling, with and without fine-tuning."""
+    it = r["mean"]["iterative"]
+    keys = (
+        ("base", "base"),
+        ("+ Δ^dir", "dir_no_ft"),
+        ("+ Δ^iter", "iter_no_ft"),
+        ("+ Δ^dir → FT", "dir_ft"),
+        ("+ Δ^iter → FT", "iter_ft"),
+        ("Direct FT", "direct_ft"),
+    )
+    return _table(["", *it], [[name, *[v[k] for v in it.values()]] for name, k in keys])
+
+
+def lab_language(r: dict[str, Any]) -> list[str]:
+    """Table 3's shape: a second language's diff moved from FT(M4) to FT(M5)."""
+    ml = r["mean"]["multilingual"]
+    rows = [
+        ["FT(M4)", ml["M4_instruct"]],
+        ["FT(M4), fine-tuned on the language", ml["M4_instruct_ft"]],
+        ["FT(M5)", ml["M5_instruct"]],
+        ["FT(M5) + that Δ", ml["M5_instruct_plus_delta"]],
+    ]
+    return _table(["model", "accuracy, second language"], rows)
+
+
+def lab_diagnostics(r: dict[str, Any]) -> list[str]:
+    """Experiment (f): how well each diagnose signal ranks the measured gains, and --alpha auto."""
+    d = r["diagnostics_summary"]
+    rho = [[k, _f(v, 3)] for k, v in d["spearman"].items()]
+    auto = [[p, _f(v["alpha"], 2), v["accuracy"], v["accuracy_alpha_1"]] for p, v in d["alpha_auto"].items()]
+    return [
+        *_table(["signal", "Spearman ρ with the gain"], rho),
+        "",
+        *_table(["pair", "α chosen by `--alpha auto`", "accuracy, α auto", "accuracy, α = 1"], auto),
+    ]
+
+
+def lab_compression(r: dict[str, Any]) -> list[str]:
+    """Experiment (g) as finding (5) reads it: per stored form and stage-2 pair, how many times smaller
+    than the dense bf16 delta, and the points gained or lost against the full float32 Δ."""
+    m = r["mean"]
+    rows: list[list[Any]] = []
+    for spec, by_pair in m["compressed"].items():
+        cells = [
+            f"{v['ratio']:.1f}× / {v['accuracy'] - m['transfer'][pair[:2]][f'M{pair[-1]}']:+.1f}"
+            for pair, v in by_pair.items()
+        ]
+        worst_error = max(v["median_error"] for v in by_pair.values())
+        rows.append(["dense bf16" if spec == "none" else f"`{spec}`", _f(worst_error, 3), *cells])
+    pairs = list(next(iter(m["compressed"].values())))
+    return _table(["Δ stored as", "median rel. error", *[f"{p}: × smaller / points vs full Δ" for p in pairs]], rows)
+
+
+def _bench(name: str, script: str, render: Callable[[Any], list[str]]) -> Table:
+    return Table(f"{BENCH}/{name}.json", f"`.venv/bin/python benchmarks/{script}`", render)
+
+
+TABLES: dict[str, Table] = {
+    "transfer-1b": _bench("transfer-1b", "bench_transfer.py --rounds 5 --json ...", transfer_bench),
+    "transfer-1b-no-mergekit": _bench(
+        "transfer-1b-no-mergekit", "bench_transfer.py --no-mergekit --json ...", transfer_bench
+    ),
+    "compress-1b": _bench("compress-1b", "bench_compress.py --json ...", compress_bench),
+    "diagnose-1b": _bench("diagnose-1b", "bench_diagnose.py --json ...", diagnose_bench),
+    "ddp-cpu": _bench("ddp-cpu", "bench_ddp.py", ddp_bench),
+    "lab-run": Table(LAB_TINY, LAB_COMMAND, lab_run),
+    "lab-findings": Table(LAB_TINY, LAB_COMMAND, lab_findings, explain=False),
+    "lab-transfer": Table(LAB_TINY, LAB_COMMAND, lab_transfer, explain=False),
+    "lab-recycle": Table(LAB_TINY, LAB_COMMAND, lab_recycle, explain=False),
+    "lab-iterative": Table(LAB_TINY, LAB_COMMAND, lab_iterative, explain=False),
+    "lab-language": Table(LAB_TINY, LAB_COMMAND, lab_language, explain=False),
+    "lab-diagnostics": Table(LAB_TINY, LAB_COMMAND, lab_diagnostics, explain=False),
+    "lab-compression": Table(LAB_TINY, LAB_COMMAND, lab_compression, explain=False),
+}
+
+
+# ---- the command ----------------------------------------------------------------------------------
+
+
+def render(name: str, root: Path = ROOT) -> str:
+    """The text between the markers of table ``name``: the table, or a note when its file is missing.
+
+    Raises:
+        KeyError: ``name`` is not in TABLES.
+    """
+    t = TABLES[name]
+    path = root / t.source
+    if not path.is_file() and t.explain:
+        lines = [f"_Not measured yet: `{t.source}` is not committed. Make it with {t.command}, then run "
+                 "`python scripts/docs_tables.py`._"]  # fmt: skip
+    elif not path.is_file():
+        lines = [f"_Not measured yet (`{t.source}`, see above)._"]
+    else:
+        lines = [*t.render(json.loads(path.read_text())), "", f"<sub>Generated from `{t.source}`.</sub>"]
+    return "\n".join(lines) + "\n"
+
+
+def docs(root: Path = ROOT) -> list[Path]:
+    """The files that may hold tables: README.md and every page under docs/."""
+    return [root / "README.md", *sorted((root / "docs").rglob("*.md"))]
+
+
+def regenerate(text: str, root: Path = ROOT) -> tuple[str, list[str]]:
+    """``text`` with every marked table rewritten; returns it and the unknown table names found."""
+    unknown: list[str] = []
+
+    def fill(m: re.Match[str]) -> str:
+        name = m["name"]
+        if name not in TABLES:
+            unknown.append(name)
+            return m[0]
+        return f"<!-- table:{name} -->\n{render(name, root)}<!-- /table:{name} -->"
+
+    return MARKER.sub(fill, text), unknown
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Rewrite (or, with --check, compare) every doc's tables; returns the exit status."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--check", action="store_true", help="change nothing; exit 1 when a table is stale")
+    args = ap.parse_args(argv)
+    stale, problems = [], []
+    for path in docs():
+        text = path.read_text()
+        new, unknown = regenerate(text)
+        rel = path.relative_to(ROOT)
+        problems += [f"{rel}: unknown table `{n}` (known: {', '.join(TABLES)})" for n in unknown]
+        if new != text:
+            stale.append(str(rel))
+            if not args.check:
+                path.write_text(new)
+    for p in problems:
+        print(f"docs_tables: {p}", file=sys.stderr)
+    if args.check and stale:
+        print(f"docs_tables: stale tables in {', '.join(stale)}; run `python scripts/docs_tables.py`", file=sys.stderr)
+    elif stale:
+        print(f"docs_tables: rewrote {', '.join(stale)}")
+    return 1 if problems or (args.check and stale) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
