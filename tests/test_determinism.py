@@ -18,6 +18,7 @@ from ftrecycle.codecs import decode
 from ftrecycle.delta.store import open_delta
 from ftrecycle.ops.diff import diff
 from ftrecycle.ops.transfer import apply_delta
+from ftrecycle.terms import PackedTerm
 
 from conftest import bits, load_dir
 
@@ -49,9 +50,9 @@ def test_lowrank_decode_is_the_fixed_order_sum_for_cuts_inside_rows(deltas):
         ckpt, _, terms, _ = open_delta(deltas[spec])
         try:
             for term in terms.values():
-                p = term.packed
-                if p is None or p.method != "lowrank":
+                if not isinstance(term, PackedTerm) or term.packed.method != "lowrank":
                     continue
+                p = term.packed
                 m, n = term.shape
                 a = _widen(ckpt, p.parts["a"])
                 b = _widen(ckpt, p.parts["b"])

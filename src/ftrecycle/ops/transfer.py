@@ -23,6 +23,7 @@ from ftrecycle.io.output import check_output, scratch_directory, write_json
 from ftrecycle.io.provenance import base_record, describe_input
 from ftrecycle.pipeline import DEFAULT_MAX_MEMORY, DEFAULT_SHARD_SIZE, ProgressFn, WriteSettings, write_plan
 from ftrecycle.plan import MissingPolicy, Plan, Term, TiePolicy, VocabPolicy, plan_transfer, source_terms
+from ftrecycle.terms import Record
 
 PROVENANCE = "ftrecycle.json"
 
@@ -42,7 +43,7 @@ class TransferResult:
     output: Path
     bytes_written: int
     seconds: float
-    records: list[dict[str, str]] = field(default_factory=list)
+    records: list[Record] = field(default_factory=list)
     provenance: dict[str, Any] = field(default_factory=dict)
 
 
@@ -127,7 +128,7 @@ def _recycle(
     target: Checkpoint,
     terms: dict[str, Term],
     aliases: dict[str, str],
-    records: list[dict[str, str]],
+    records: list[Record],
     inputs: dict[str, Any],
     finetuned_files: Path,
     out: Path,
