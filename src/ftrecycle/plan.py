@@ -12,13 +12,14 @@ buffer — is decided here, refused unless a policy allows it, and recorded (an
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import get_args
 
 from ftrecycle.arch import EMBEDDING_NAMES, OUTPUT_EMBEDDING, embedding_name, ties_embeddings, vocab_size
 from ftrecycle.dtypes import DType
 from ftrecycle.errors import ConfigError, IncompatibleModelsError
 from ftrecycle.io.checkpoint import Checkpoint
 from ftrecycle.io.safetensors_format import TensorInfo
+from ftrecycle.options import MissingPolicy, TiePolicy, VocabPolicy
 from ftrecycle.terms import (
     Action,
     Add,
@@ -34,12 +35,10 @@ from ftrecycle.terms import (
     record,
 )
 
-VocabPolicy = Literal["error", "overlap"]
-MissingPolicy = Literal["error", "keep-target"]
-TiePolicy = Literal["error", "untie", "embed-only"]
-VOCAB_POLICIES: tuple[str, ...] = ("error", "overlap")
-MISSING_POLICIES: tuple[str, ...] = ("error", "keep-target")
-TIE_POLICIES: tuple[str, ...] = ("error", "untie", "embed-only")
+# the policies' values, as options.py declares them: checked again here for callers of the planner itself
+VOCAB_POLICIES: tuple[str, ...] = get_args(VocabPolicy)
+MISSING_POLICIES: tuple[str, ...] = get_args(MissingPolicy)
+TIE_POLICIES: tuple[str, ...] = get_args(TiePolicy)
 VOCAB_NAMES = frozenset((*EMBEDDING_NAMES, OUTPUT_EMBEDDING, "lm_head.bias", "embed_out.weight"))
 
 
