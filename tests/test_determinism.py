@@ -50,9 +50,9 @@ def test_lowrank_decode_is_the_fixed_order_sum_for_cuts_inside_rows(deltas):
         ckpt, _, terms, _ = open_delta(deltas[spec])
         try:
             for term in terms.values():
-                if not isinstance(term, PackedTerm) or term.packed.method != "lowrank":
+                p = term.packed if isinstance(term, PackedTerm) else None
+                if p is None or p.method != "lowrank":
                     continue
-                p = term.packed
                 m, n = term.shape
                 a = _widen(ckpt, p.parts["a"])
                 b = _widen(ckpt, p.parts["b"])

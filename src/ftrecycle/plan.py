@@ -50,6 +50,9 @@ def _check_policy(value: str, allowed: tuple[str, ...], flag: str) -> None:
 def logical_names(ckpt: Checkpoint) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """The checkpoint's tensors with tied aliases resolved.
 
+    Args:
+        ckpt: an indexed model.
+
     Returns:
         name -> stored tensor (``lm_head.weight`` maps to the embedding when the
         config ties them and it is not stored), and the aliases (alias -> stored name).
@@ -94,10 +97,18 @@ def source_terms(
 ) -> tuple[dict[str, Term], dict[str, str], list[Record]]:
     """The diff vector between a base and its fine-tuned model, as terms.
 
+    Args:
+        base: the source base model.
+        fin: the source fine-tuned model.
+        vocab: what to do when vocabulary rows differ.
+        on_missing: what to do with names on one side only.
+
     Returns:
-        terms by name, aliases (names the diff shares through tied embeddings), records.
+        terms by name (each a :class:`~ftrecycle.terms.Difference`), aliases (names the diff
+        shares through tied embeddings), records.
 
     Raises:
+        ConfigError: a policy that is not one of its values.
         IncompatibleModelsError: names on one side only (unless ``keep-target``), shape mismatches
             (a vocabulary mismatch unless ``overlap``).
     """
@@ -206,6 +217,7 @@ def plan_transfer(
         embeddings, and its vocabulary size.
 
     Raises:
+        ConfigError: a policy that is not one of its values.
         IncompatibleModelsError: a mismatch that no chosen policy allows.
     """
     _check_policy(vocab, VOCAB_POLICIES, "--vocab")
@@ -366,7 +378,15 @@ def _narrow(term: Term, rows: int) -> Term:
 
 
 def plan_diff(terms: dict[str, Term], delta_dtype: DType) -> Plan:
-    """Plan writing ``finetuned - base`` for every term, in ``delta_dtype``."""
+    """Plan writing ``finetuned - base`` for every term, in ``delta_dtype``.
+
+    Args:
+        terms: the diff vector (from :func:`source_terms` or a LoRA adapter).
+        delta_dtype: the stored dtype.
+
+    Returns:
+        One output tensor per term, each a single ``Sub`` piece.
+    """
     out = []
     for name in terms:
         t = terms[name]
