@@ -18,6 +18,7 @@ from ftrecycle.codecs import decode
 from ftrecycle.delta.store import open_delta
 from ftrecycle.ops.apply import apply_delta
 from ftrecycle.ops.diff import diff
+from ftrecycle.terms import PackedTerm
 
 from conftest import bits, load_dir
 
@@ -49,7 +50,7 @@ def test_lowrank_decode_is_the_fixed_order_sum_for_cuts_inside_rows(deltas):
         ckpt, _, terms, _ = open_delta(deltas[spec])
         try:
             for term in terms.values():
-                p = term.packed
+                p = term.packed if isinstance(term, PackedTerm) else None
                 if p is None or p.method != "lowrank":
                     continue
                 m, n = term.shape

@@ -23,7 +23,7 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, assert_never
 
 import numpy as np
 
@@ -32,7 +32,7 @@ from ftrecycle.dtypes import BF16, F32, F64, DType
 from ftrecycle.errors import MemoryBudgetError, NonFiniteError
 from ftrecycle.io.output import ShardedWriter, Slot
 from ftrecycle.io.safetensors_format import pwrite_all
-from ftrecycle.plan import OutTensor, Piece, Term
+from ftrecycle.terms import Add, Copy, Difference, OutTensor, PackedTerm, Piece, Stored, Sub, Term
 
 #: Elements per work item: large enough to amortise Python overhead, small enough to stay in L2.
 DEFAULT_CHUNK = 1 << 18
@@ -170,17 +170,18 @@ def first_nonfinite(out: np.ndarray, dtype: DType, b: Buffers) -> int | None:
 
 def read_term(term: Term, s: int, n: int, d: np.ndarray, b: Buffers) -> np.ndarray:
     """Elements ``[s, s + n)`` of a diff tensor into ``d`` (compute dtype), through ``b``'s buffers."""
-    if term.packed is not None:
-        return decode(term.packed, s, n, d, b.cache)
-    if term.delta is not None:
-        op = term.delta
-        return widen(op.ckpt.read(op.info, s, n, b.raw[1]), op.info.dtype, d, b)
-    if term.fin is not None and term.base is not None:
-        a = b.f[2][:n]
-        widen(term.fin.ckpt.read(term.fin.info, s, n, b.raw[1]), term.fin.info.dtype, d, b)
-        widen(term.base.ckpt.read(term.base.info, s, n, b.raw[2]), term.base.info.dtype, a, b)
-        return np.subtract(d, a, out=d)
-    raise AssertionError("term without operands")
+    match term:
+        case PackedTerm(packed=packed):
+            return decode(packed, s, n, d, b.cache)
+        case Stored(delta=op):
+            return widen(op.ckpt.read(op.info, s, n, b.raw[1]), op.info.dtype, d, b)
+        case Difference(fin=fin, base=base):
+            a = b.f[2][:n]
+            widen(fin.ckpt.read(fin.info, s, n, b.raw[1]), fin.info.dtype, d, b)
+            widen(base.ckpt.read(base.info, s, n, b.raw[2]), base.info.dtype, a, b)
+            return np.subtract(d, a, out=d)
+        case _:
+            assert_never(term)
 
 
 class Engine:
@@ -268,38 +269,32 @@ class Engine:
             raise errors[0]
 
     def _run_item(self, item: Item, b: Buffers) -> None:
-        p, n, s = item.piece, item.count, item.start
+        n, s = item.count, item.start
         dtype = item.tensor.dtype
         offset = item.slot.offset + s * dtype.itemsize
         out = b.raw[3][: n * dtype.itemsize].view(dtype.storage)
-        if p.kind == "copy":
-            src = p.target
-            if src is None:
-                raise AssertionError("copy piece without a source")
-            if src.info.dtype == dtype and src.ckpt.copy_into(src.info, s, n, item.slot.fd, offset):
-                self._done(n * dtype.itemsize)
-                return
-            x = src.ckpt.read(src.info, s, n, b.raw[0])
-            if src.info.dtype == dtype:
-                out = x
-            else:  # a float cast asked for by --out-dtype
-                narrow(widen(x, src.info.dtype, b.f[0][:n], b), dtype, out, b, nan_check=self.allow_nonfinite)
-        else:
-            term = p.term
-            if term is None:
-                raise AssertionError("arithmetic piece without a term")
-            d = read_term(term, s, n, b.f[1][:n], b)
-            if p.kind == "sub":
+        match item.piece:
+            case Copy(target=src):
+                if src.info.dtype == dtype and src.ckpt.copy_into(src.info, s, n, item.slot.fd, offset):
+                    self._done(n * dtype.itemsize)
+                    return
+                x = src.ckpt.read(src.info, s, n, b.raw[0])
+                if src.info.dtype == dtype:
+                    out = x
+                else:  # a float cast asked for by --out-dtype
+                    narrow(widen(x, src.info.dtype, b.f[0][:n], b), dtype, out, b, nan_check=self.allow_nonfinite)
+            case Sub(term=term):
+                d = read_term(term, s, n, b.f[1][:n], b)
                 narrow(d, dtype, out, b, nan_check=self.allow_nonfinite)
-            else:
-                tgt = p.target
-                if tgt is None:
-                    raise AssertionError("add piece without a target")
+            case Add(target=tgt, term=term):
+                d = read_term(term, s, n, b.f[1][:n], b)
                 c = widen(tgt.ckpt.read(tgt.info, s, n, b.raw[0]), tgt.info.dtype, b.f[0][:n], b)
                 if self.alpha != 1.0:
                     np.multiply(d, d.dtype.type(self.alpha), out=d)
                 np.add(c, d, out=c)
                 narrow(c, dtype, out, b, nan_check=self.allow_nonfinite)
+            case _:
+                assert_never(item.piece)
         if dtype.is_floating and not self.allow_nonfinite:
             bad = first_nonfinite(out, dtype, b)
             if bad is not None:

@@ -1,92 +1,45 @@
 """Decide, tensor by tensor, what each output tensor is made of — before any data is read.
 
-A *term* is one tensor of a diff vector: either ``finetuned - base`` (read from two
-checkpoints) or a stored delta tensor. A *plan* lists every output tensor as pieces
-over its flattened elements: ``add`` (target + alpha * term), ``sub`` (finetuned -
-base, for ``diff``) or ``copy`` (the target's own values). Every adaptation — a tied
-embedding, a grown vocabulary, a name on one side only, a non-floating buffer — is
-decided here, refused unless a policy allows it, and recorded.
+A *term* is one tensor of a diff vector: ``finetuned - base`` (read from two checkpoints),
+a stored delta tensor, or a packed one (see :mod:`ftrecycle.terms`). A *plan* lists every
+output tensor as pieces over its flattened elements: ``Add`` (target + alpha * term),
+``Sub`` (finetuned - base, for ``diff``) or ``Copy`` (the target's own values). Every
+adaptation — a tied embedding, a grown vocabulary, a name on one side only, a non-floating
+buffer — is decided here, refused unless a policy allows it, and recorded (an
+:class:`~ftrecycle.terms.Action`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import get_args
 
 from ftrecycle.arch import EMBEDDING_NAMES, OUTPUT_EMBEDDING, embedding_name, ties_embeddings, vocab_size
-from ftrecycle.codecs import Packed
 from ftrecycle.dtypes import DType
 from ftrecycle.errors import ConfigError, IncompatibleModelsError
 from ftrecycle.io.checkpoint import Checkpoint
 from ftrecycle.io.safetensors_format import TensorInfo
+from ftrecycle.options import MissingPolicy, TiePolicy, VocabPolicy
+from ftrecycle.terms import (
+    Action,
+    Add,
+    Copy,
+    Difference,
+    Operand,
+    OutTensor,
+    Piece,
+    Plan,
+    Record,
+    Sub,
+    Term,
+    record,
+)
 
-VocabPolicy = Literal["error", "overlap"]
-MissingPolicy = Literal["error", "keep-target"]
-TiePolicy = Literal["error", "untie", "embed-only"]
-VOCAB_POLICIES: tuple[str, ...] = ("error", "overlap")
-MISSING_POLICIES: tuple[str, ...] = ("error", "keep-target")
-TIE_POLICIES: tuple[str, ...] = ("error", "untie", "embed-only")
+# the policies' values, as options.py declares them: checked again here for callers of the planner itself
+VOCAB_POLICIES: tuple[str, ...] = get_args(VocabPolicy)
+MISSING_POLICIES: tuple[str, ...] = get_args(MissingPolicy)
+TIE_POLICIES: tuple[str, ...] = get_args(TiePolicy)
 VOCAB_NAMES = frozenset((*EMBEDDING_NAMES, OUTPUT_EMBEDDING, "lm_head.bias", "embed_out.weight"))
-
-
-@dataclass(frozen=True)
-class Operand:
-    """One stored tensor of one checkpoint."""
-
-    ckpt: Checkpoint
-    info: TensorInfo
-
-
-@dataclass(frozen=True)
-class Term:
-    """One tensor of a diff vector, of ``shape``: ``fin - base``, a stored dense ``delta``,
-    or a ``packed`` one (compressed parts, a LoRA's factors, or zeros)."""
-
-    name: str
-    shape: tuple[int, ...]
-    fin: Operand | None = None
-    base: Operand | None = None
-    delta: Operand | None = None
-    packed: Packed | None = None
-
-
-@dataclass(frozen=True)
-class Piece:
-    """A contiguous element range of one output tensor and how to compute it."""
-
-    start: int
-    count: int
-    kind: Literal["add", "sub", "copy"]
-    target: Operand | None = None
-    term: Term | None = None
-
-
-@dataclass
-class OutTensor:
-    """One tensor to write."""
-
-    name: str
-    dtype: DType
-    shape: tuple[int, ...]
-    pieces: list[Piece]
-
-    @property
-    def nbytes(self) -> int:
-        """Output size in bytes."""
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n * self.dtype.itemsize
-
-
-@dataclass
-class Plan:
-    """Everything to write, and what was adapted and why."""
-
-    tensors: list[OutTensor]
-    records: list[dict[str, str]] = field(default_factory=list)
-    ties_embeddings: bool | None = None
-    vocab_size: int | None = None
 
 
 def _check_policy(value: str, allowed: tuple[str, ...], flag: str) -> None:
@@ -96,6 +49,9 @@ def _check_policy(value: str, allowed: tuple[str, ...], flag: str) -> None:
 
 def logical_names(ckpt: Checkpoint) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """The checkpoint's tensors with tied aliases resolved.
+
+    Args:
+        ckpt: an indexed model.
 
     Returns:
         name -> stored tensor (``lm_head.weight`` maps to the embedding when the
@@ -131,15 +87,28 @@ def _vocab_error(name: str, a: tuple[int, ...], b: tuple[int, ...], roles: str) 
     )
 
 
+def _some(names: list[str]) -> str:
+    """Up to 20 names, for a message."""
+    return f"{', '.join(names[:20])}{' ...' if len(names) > 20 else ''}"
+
+
 def source_terms(
     base: Checkpoint, fin: Checkpoint, *, vocab: VocabPolicy = "error", on_missing: MissingPolicy = "error"
-) -> tuple[dict[str, Term], dict[str, str], list[dict[str, str]]]:
+) -> tuple[dict[str, Term], dict[str, str], list[Record]]:
     """The diff vector between a base and its fine-tuned model, as terms.
 
+    Args:
+        base: the source base model.
+        fin: the source fine-tuned model.
+        vocab: what to do when vocabulary rows differ.
+        on_missing: what to do with names on one side only.
+
     Returns:
-        terms by name, aliases (names the diff shares through tied embeddings), records.
+        terms by name (each a :class:`~ftrecycle.terms.Difference`), aliases (names the diff
+        shares through tied embeddings), records.
 
     Raises:
+        ConfigError: a policy that is not one of its values.
         IncompatibleModelsError: names on one side only (unless ``keep-target``), shape mismatches
             (a vocabulary mismatch unless ``overlap``).
     """
@@ -147,64 +116,77 @@ def source_terms(
     _check_policy(on_missing, MISSING_POLICIES, "--on-missing")
     bnames, baliases = logical_names(base)
     fnames, faliases = logical_names(fin)
-    records: list[dict[str, str]] = []
-    only_base = sorted(set(bnames) - set(fnames))
-    only_fin = sorted(set(fnames) - set(bnames))
-    if (only_base or only_fin) and on_missing == "error":
-        raise IncompatibleModelsError(
-            "tensor names differ between source base and source fine-tuned: "
-            + "; ".join(
-                f"only in {role}: {', '.join(ns[:20])}{' ...' if len(ns) > 20 else ''}"
-                for role, ns in (("source base", only_base), ("source fine-tuned", only_fin))
-                if ns
-            )
-            + "; pass --on-missing keep-target to leave those tensors out of the diff"
-        )
-    for n in only_base + only_fin:
-        records.append({"tensor": n, "action": "no-delta", "reason": "present in only one of the source models"})
-    vocabs = {v for v in (vocab_size(base.config), vocab_size(fin.config)) if v}
+    records = _one_sided_sources(bnames, fnames, on_missing)
     shared_aliases = {a: s for a, s in baliases.items() if faliases.get(a) == s}
-    for a, s in shared_aliases.items():
-        records.append(
-            {"tensor": a, "action": "tied", "reason": f"both source models tie it to {s}; its diff is {s}'s"}
-        )
-    for a in sorted(set(baliases) ^ set(faliases)):
-        records.append(
-            {
-                "tensor": a,
-                "action": "untied-diff",
-                "reason": "one source model ties it to the embedding; the diff uses the embedding as its value there",
-            }
-        )
+    records += _source_alias_records(shared_aliases, set(baliases) ^ set(faliases))
+    vocabs = {v for v in (vocab_size(base.config), vocab_size(fin.config)) if v}
     terms: dict[str, Term] = {}
     for name in [n for n in bnames if n in fnames]:
         if name in shared_aliases:
             continue
         b, f = bnames[name], fnames[name]
         if not (b.dtype.is_floating and f.dtype.is_floating):
-            records.append({"tensor": name, "action": "no-delta", "reason": f"non-floating ({b.dtype}); not diffed"})
+            records.append(record(name, Action.NO_DELTA, f"non-floating ({b.dtype}); not diffed"))
             continue
         if not (b.dtype.arithmetic and f.dtype.arithmetic):
             raise _float8_error(name, b.dtype if not b.dtype.arithmetic else f.dtype)
-        shape = b.shape
-        if b.shape != f.shape:
-            if not _is_vocab_tensor(name, b.shape, f.shape, vocabs):
-                raise IncompatibleModelsError(
-                    f"tensor {name!r} has shape {list(b.shape)} in the source base but {list(f.shape)} in the "
-                    "source fine-tuned model; these are not versions of one model"
-                )
-            if vocab == "error":
-                raise _vocab_error(name, b.shape, f.shape, "source base/source fine-tuned model")
-            shape = (min(b.shape[0], f.shape[0]), *b.shape[1:])
-            records.append(
-                {
-                    "tensor": name,
-                    "action": "vocab-overlap",
-                    "reason": f"diff over the {shape[0]} shared rows (base {b.shape[0]}, fine-tuned {f.shape[0]})",
-                }
-            )
-        terms[name] = Term(name, shape, fin=Operand(fin, f), base=Operand(base, b))
+        shape = _source_shape(name, b.shape, f.shape, vocab, vocabs, records)
+        terms[name] = Difference(name, shape, fin=Operand(fin, f), base=Operand(base, b))
     return terms, shared_aliases, records
+
+
+def _one_sided_sources(
+    bnames: dict[str, TensorInfo], fnames: dict[str, TensorInfo], on_missing: MissingPolicy
+) -> list[Record]:
+    """Records of the names in only one source model, or the error that refuses them."""
+    only_base = sorted(set(bnames) - set(fnames))
+    only_fin = sorted(set(fnames) - set(bnames))
+    if (only_base or only_fin) and on_missing == "error":
+        raise IncompatibleModelsError(
+            "tensor names differ between source base and source fine-tuned: "
+            + "; ".join(
+                f"only in {role}: {_some(ns)}"
+                for role, ns in (("source base", only_base), ("source fine-tuned", only_fin))
+                if ns
+            )
+            + "; pass --on-missing keep-target to leave those tensors out of the diff"
+        )
+    return [record(n, Action.NO_DELTA, "present in only one of the source models") for n in only_base + only_fin]
+
+
+def _source_alias_records(shared: dict[str, str], one_sided: set[str]) -> list[Record]:
+    """Records of the tied aliases: shared by both source models, or tied in only one."""
+    recs = [record(a, Action.TIED, f"both source models tie it to {s}; its diff is {s}'s") for a, s in shared.items()]
+    recs += [
+        record(
+            a,
+            Action.UNTIED_DIFF,
+            "one source model ties it to the embedding; the diff uses the embedding as its value there",
+        )
+        for a in sorted(one_sided)
+    ]
+    return recs
+
+
+def _source_shape(
+    name: str, b: tuple[int, ...], f: tuple[int, ...], vocab: VocabPolicy, vocabs: set[int], records: list[Record]
+) -> tuple[int, ...]:
+    """The shape of the diff of tensors of shapes ``b`` and ``f``: their shared vocabulary rows
+    (recorded) when a policy allows it."""
+    if b == f:
+        return b
+    if not _is_vocab_tensor(name, b, f, vocabs):
+        raise IncompatibleModelsError(
+            f"tensor {name!r} has shape {list(b)} in the source base but {list(f)} in the "
+            "source fine-tuned model; these are not versions of one model"
+        )
+    if vocab == "error":
+        raise _vocab_error(name, b, f, "source base/source fine-tuned model")
+    shape = (min(b[0], f[0]), *b[1:])
+    records.append(
+        record(name, Action.VOCAB_OVERLAP, f"diff over the {shape[0]} shared rows (base {b[0]}, fine-tuned {f[0]})")
+    )
+    return shape
 
 
 def plan_transfer(
@@ -216,7 +198,7 @@ def plan_transfer(
     vocab: VocabPolicy = "error",
     on_missing: MissingPolicy = "error",
     tie_mismatch: TiePolicy = "error",
-    records: list[dict[str, str]] | None = None,
+    records: list[Record] | None = None,
 ) -> Plan:
     """Plan ``target + alpha * diff`` for every tensor the target stores.
 
@@ -230,101 +212,127 @@ def plan_transfer(
         tie_mismatch: what to do when the source unties embeddings and the target ties them.
         records: earlier records to extend.
 
+    Returns:
+        The output tensors, the records (``records`` first), whether the output still ties its
+        embeddings, and its vocabulary size.
+
     Raises:
+        ConfigError: a policy that is not one of its values.
         IncompatibleModelsError: a mismatch that no chosen policy allows.
     """
     _check_policy(vocab, VOCAB_POLICIES, "--vocab")
     _check_policy(on_missing, MISSING_POLICIES, "--on-missing")
     _check_policy(tie_mismatch, TIE_POLICIES, "--tie-mismatch")
-    recs = list(records or [])
     tnames, taliases = logical_names(target)
     vocabs = {v for v in (vocab_size(target.config),) if v} | {t.shape[0] for n, t in terms.items() if n in VOCAB_NAMES}
-    used: set[str] = set()
-    missing: list[str] = []
-    out: list[OutTensor] = []
+    planner = _TransferPlanner(target, terms, source_aliases, out_dtype, vocab, vocabs, list(records or []))
+    out = [planner.tensor(name, info) for name, info in target.tensors.items()]
     ties = bool(taliases)
+    for alias, stored in taliases.items():
+        if planner.target_alias(alias, stored, tie_mismatch):
+            ties = False
+            out.append(planner.tensor(alias, tnames[alias]))
+    unused = sorted(set(terms) - planner.used)
+    planner.records += [record(n, Action.DROPPED, "not in the target model; its diff is not applied") for n in unused]
+    if on_missing == "error":
+        _check_same_names(planner.missing, unused)
+    emb = embedding_name(target.tensors)
+    vsize = target.tensors[emb].shape[0] if emb else None
+    return Plan(out, planner.records, ties_embeddings=ties, vocab_size=vsize)
 
-    def term_for(name: str) -> Term | None:
-        if name in terms:
-            used.add(name)
-            return terms[name]
-        alias = source_aliases.get(name)
-        if alias is not None and alias in terms:
-            used.add(alias)
-            recs.append(
-                {
-                    "tensor": name,
-                    "action": "tied-source",
-                    "reason": f"the source ties it to {alias}: {alias}'s diff applied to it",
-                }
+
+@dataclass
+class _TransferPlanner:
+    """One pass of :func:`plan_transfer`: its inputs, and what it has found so far — the records,
+    the terms it used, and the target tensors the diff has no term for."""
+
+    target: Checkpoint
+    terms: dict[str, Term]
+    source_aliases: dict[str, str]
+    out_dtype: DType | None
+    vocab: VocabPolicy
+    vocabs: set[int]
+    records: list[Record]
+    used: set[str] = field(default_factory=set)
+    missing: list[str] = field(default_factory=list)
+
+    def tensor(self, name: str, info: TensorInfo) -> OutTensor:
+        """The output tensor ``name``, stored in the target as ``info``."""
+        op = Operand(self.target, info)
+        dtype = self.out_dtype if (self.out_dtype is not None and info.dtype.arithmetic) else info.dtype
+        if not info.dtype.arithmetic:
+            if name in self.terms or name in self.source_aliases:
+                raise _float8_error(name, info.dtype)
+            self.records.append(record(name, Action.COPIED, f"{info.dtype}, no arithmetic; copied from target"))
+            return OutTensor(name, dtype, info.shape, [Copy(0, info.numel, op)])
+        term = self.term_for(name)
+        if term is None:
+            self.missing.append(name)
+            self.records.append(record(name, Action.COPIED, "no diff for it in the source; copied from target"))
+            return OutTensor(name, dtype, info.shape, [Copy(0, info.numel, op)])
+        return OutTensor(name, dtype, info.shape, self.pieces(name, op, term))
+
+    def term_for(self, name: str) -> Term | None:
+        """The diff's term for ``name``: its own, or that of the tensor the source ties it to."""
+        if name in self.terms:
+            self.used.add(name)
+            return self.terms[name]
+        alias = self.source_aliases.get(name)
+        if alias is not None and alias in self.terms:
+            self.used.add(alias)
+            self.records.append(
+                record(name, Action.TIED_SOURCE, f"the source ties it to {alias}: {alias}'s diff applied to it")
             )
-            return terms[alias]
+            return self.terms[alias]
         return None
 
-    def build(name: str, info: TensorInfo) -> OutTensor:
-        op = Operand(target, info)
+    def pieces(self, name: str, op: Operand, term: Term) -> list[Piece]:
+        """``op + alpha * term``; where the vocabularies differ (and ``overlap`` allows it), over
+        the shared rows, the target's other rows copied."""
+        info = op.info
         numel = info.numel
-        dtype = out_dtype if (out_dtype is not None and info.dtype.arithmetic) else info.dtype
-        if not info.dtype.arithmetic and (name in terms or name in source_aliases):
-            raise _float8_error(name, info.dtype)
-        if not info.dtype.arithmetic:
-            if name in terms:
-                used.add(name)
-            recs.append(
-                {"tensor": name, "action": "copied", "reason": f"{info.dtype}, no arithmetic; copied from target"}
-            )
-            return OutTensor(name, dtype, info.shape, [Piece(0, numel, "copy", op)])
-        term = term_for(name)
-        if term is None:
-            missing.append(name)
-            recs.append(
-                {"tensor": name, "action": "copied", "reason": "no diff for it in the source; copied from target"}
-            )
-            return OutTensor(name, dtype, info.shape, [Piece(0, numel, "copy", op)])
         if term.shape == info.shape:
-            return OutTensor(name, dtype, info.shape, [Piece(0, numel, "add", op, term)])
-        if not _is_vocab_tensor(name, term.shape, info.shape, vocabs):
+            return [Add(0, numel, op, term)]
+        if not _is_vocab_tensor(name, term.shape, info.shape, self.vocabs):
             raise IncompatibleModelsError(
                 f"tensor {name!r} has shape {list(info.shape)} in the target but {list(term.shape)} in the "
                 "diff; these are not versions of one model"
             )
-        if vocab == "error":
+        if self.vocab == "error":
             raise _vocab_error(name, term.shape, info.shape, "diff/target")
         rows = min(term.shape[0], info.shape[0])
         row = numel // info.shape[0] if info.shape[0] else 0
-        recs.append(
-            {
-                "tensor": name,
-                "action": "vocab-overlap",
-                "reason": f"diff applied to the {rows} shared rows; target rows {rows}..{info.shape[0] - 1} "
+        self.records.append(
+            record(
+                name,
+                Action.VOCAB_OVERLAP,
+                f"diff applied to the {rows} shared rows; target rows {rows}..{info.shape[0] - 1} "
                 f"kept (diff has {term.shape[0]} rows)",
-            }
+            )
         )
         if rows == info.shape[0]:
-            return OutTensor(name, dtype, info.shape, [Piece(0, numel, "add", op, _narrow(term, rows))])
+            return [Add(0, numel, op, _narrow(term, rows))]
         split = rows * row
-        return OutTensor(
-            name,
-            dtype,
-            info.shape,
-            [Piece(0, split, "add", op, _narrow(term, rows)), Piece(split, numel - split, "copy", op)],
-        )
+        return [Add(0, split, op, _narrow(term, rows)), Copy(split, numel - split, op)]
 
-    for name, info in target.tensors.items():
-        out.append(build(name, info))
-    for alias, stored in taliases.items():
-        term = terms.get(alias)
-        if term is None or alias in source_aliases:
-            if stored in terms or stored in source_aliases.values():
-                recs.append(
-                    {
-                        "tensor": alias,
-                        "action": "tied",
-                        "reason": f"the target ties it to {stored}; the diff is applied once, to the stored matrix",
-                    }
+    def target_alias(self, alias: str, stored: str, tie_mismatch: TiePolicy) -> bool:
+        """Decide a name the target ties to ``stored``; True when it is to be written as its own
+        tensor (``--tie-mismatch untie``).
+
+        Raises:
+            IncompatibleModelsError: the diff has a separate term for it and ``tie_mismatch`` is ``error``.
+        """
+        if alias not in self.terms or alias in self.source_aliases:
+            if stored in self.terms or stored in self.source_aliases.values():
+                self.records.append(
+                    record(
+                        alias,
+                        Action.TIED,
+                        f"the target ties it to {stored}; the diff is applied once, to the stored matrix",
+                    )
                 )
-            continue
-        used.add(alias)
+            return False
+        self.used.add(alias)
         if tie_mismatch == "error":
             raise IncompatibleModelsError(
                 f"the source has a separate {alias} but the target ties it to {stored}: pass --tie-mismatch untie "
@@ -332,56 +340,58 @@ def plan_transfer(
                 f"--tie-mismatch embed-only (keep the target tied; {alias}'s diff is dropped)"
             )
         if tie_mismatch == "embed-only":
-            recs.append(
-                {
-                    "tensor": alias,
-                    "action": "dropped",
-                    "reason": f"target ties it to {stored}; --tie-mismatch embed-only drops its diff",
-                }
+            self.records.append(
+                record(alias, Action.DROPPED, f"target ties it to {stored}; --tie-mismatch embed-only drops its diff")
             )
-            continue
-        ties = False
-        recs.append(
-            {
-                "tensor": alias,
-                "action": "untied",
-                "reason": f"target ties it to {stored}; --tie-mismatch "
-                f"untie writes it as target {stored} + its own diff",
-            }
+            return False
+        self.records.append(
+            record(
+                alias,
+                Action.UNTIED,
+                f"target ties it to {stored}; --tie-mismatch untie writes it as target {stored} + its own diff",
+            )
         )
-        out.append(build(alias, tnames[alias]))
-    unused = sorted(set(terms) - used)
-    for n in unused:
-        recs.append({"tensor": n, "action": "dropped", "reason": "not in the target model; its diff is not applied"})
-    if (missing or unused) and on_missing == "error":
-        parts = []
-        if missing:
-            parts.append(f"only in the target: {', '.join(sorted(missing)[:20])}{' ...' if len(missing) > 20 else ''}")
-        if unused:
-            parts.append(f"only in the diff: {', '.join(unused[:20])}{' ...' if len(unused) > 20 else ''}")
-        raise IncompatibleModelsError(
-            "tensor names differ between the diff and the target: "
-            + "; ".join(parts)
-            + "; pass --on-missing keep-target to copy target-only tensors and drop diff-only ones"
-        )
-    emb = embedding_name(target.tensors)
-    vsize = target.tensors[emb].shape[0] if emb else None
-    return Plan(out, recs, ties_embeddings=ties, vocab_size=vsize)
+        return True
+
+
+def _check_same_names(missing: list[str], unused: list[str]) -> None:
+    """Refuse names in only the target or only the diff (``--on-missing error``)."""
+    if not (missing or unused):
+        return
+    parts = []
+    if missing:
+        parts.append(f"only in the target: {_some(sorted(missing))}")
+    if unused:
+        parts.append(f"only in the diff: {_some(unused)}")
+    raise IncompatibleModelsError(
+        "tensor names differ between the diff and the target: "
+        + "; ".join(parts)
+        + "; pass --on-missing keep-target to copy target-only tensors and drop diff-only ones"
+    )
 
 
 def _narrow(term: Term, rows: int) -> Term:
+    """``term`` over its first ``rows`` rows (read as the first elements of its operands)."""
     if term.shape[0] == rows:
         return term
     return replace(term, shape=(rows, *term.shape[1:]))
 
 
 def plan_diff(terms: dict[str, Term], delta_dtype: DType) -> Plan:
-    """Plan writing ``finetuned - base`` for every term, in ``delta_dtype``."""
+    """Plan writing ``finetuned - base`` for every term, in ``delta_dtype``.
+
+    Args:
+        terms: the diff vector (from :func:`source_terms` or a LoRA adapter).
+        delta_dtype: the stored dtype.
+
+    Returns:
+        One output tensor per term, each a single ``Sub`` piece.
+    """
     out = []
     for name in terms:
         t = terms[name]
         n = 1
         for d in t.shape:
             n *= d
-        out.append(OutTensor(name, delta_dtype, t.shape, [Piece(0, n, "sub", None, t)]))
+        out.append(OutTensor(name, delta_dtype, t.shape, [Sub(0, n, t)]))
     return Plan(out)

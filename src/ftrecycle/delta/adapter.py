@@ -21,7 +21,8 @@ from ftrecycle.codecs.encode import from_storage
 from ftrecycle.errors import CheckpointError, IncompatibleModelsError
 from ftrecycle.io.checkpoint import Checkpoint, open_checkpoint
 from ftrecycle.io.safetensors_format import TensorInfo
-from ftrecycle.plan import Term, logical_names
+from ftrecycle.plan import logical_names
+from ftrecycle.terms import Action, PackedTerm, Record, Term, record
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -126,7 +127,7 @@ def _whole(ckpt: Checkpoint, info: TensorInfo) -> np.ndarray:
 
 def adapter_terms(
     base: Checkpoint, ref: str | Path
-) -> tuple[dict[str, Term], dict[str, str], list[dict[str, str]], dict[str, Any], Path]:
+) -> tuple[dict[str, Term], dict[str, str], list[Record], dict[str, Any], Path]:
     """The diff vector of ``base`` + a LoRA adapter, as terms.
 
     Returns:
@@ -152,7 +153,7 @@ def adapter_terms(
         found = _factors(ad, cfg, path, shapes, (base.config or {}).get("model_type"))
     finally:
         ad.close()
-    records: list[dict[str, str]] = []
+    records: list[Record] = []
     terms: dict[str, Term] = {}
     for target in found:
         if target not in names:
@@ -169,24 +170,22 @@ def adapter_terms(
         if name in aliases:
             continue
         if not info.dtype.arithmetic:
-            records.append({"tensor": name, "action": "no-delta", "reason": f"non-floating ({info.dtype}); not diffed"})
+            records.append(record(name, Action.NO_DELTA, f"non-floating ({info.dtype}); not diffed"))
             continue
         packed = found.get(name)
         if packed is None:
-            terms[name] = Term(name, info.shape, packed=Packed("zero", info.shape))
+            terms[name] = PackedTerm(name, info.shape, Packed("zero", info.shape))
             continue
         if packed.shape != info.shape:
             raise IncompatibleModelsError(
                 f"{path}: the adapter's update of {name!r} has shape {list(packed.shape)} but the base model's "
                 f"tensor is {list(info.shape)}; pass the base model the adapter was trained on"
             )
-        terms[name] = Term(name, info.shape, packed=packed)
+        terms[name] = PackedTerm(name, info.shape, packed)
     records.append(
-        {
-            "tensor": "*",
-            "action": "lora-source",
-            "reason": f"diff = the LoRA adapter's merged update on {len(found)} tensors; zero elsewhere",
-        }
+        record(
+            "*", Action.LORA_SOURCE, f"diff = the LoRA adapter's merged update on {len(found)} tensors; zero elsewhere"
+        )
     )
     desc = {
         "ref": str(ref),

@@ -30,7 +30,7 @@ from ftrecycle.errors import CheckpointError, ConfigError, IncompatibleModelsErr
 from ftrecycle.io.checkpoint import Checkpoint, open_checkpoint
 from ftrecycle.io.jsonfile import read_json, short
 from ftrecycle.io.safetensors_format import TensorInfo
-from ftrecycle.plan import Operand, Term
+from ftrecycle.terms import Operand, PackedTerm, Stored, Term
 
 MANIFEST = "ftrecycle-delta.json"
 FORMAT = "ftrecycle-delta"
@@ -259,7 +259,7 @@ def verify(ckpt: Checkpoint, manifest: dict[str, Any], threads: int, terms: dict
                 "changed); re-download or recreate the delta with `ftrecycle diff`"
             )
     for term in (terms or {}).values():
-        if term.packed is not None and term.packed.method == "sparse":
+        if isinstance(term, PackedTerm) and term.packed.method == "sparse":
             _check_indices(term.name, term.packed)
 
 
@@ -352,7 +352,7 @@ def _terms(p: Path, ckpt: Checkpoint, manifest: dict[str, Any]) -> dict[str, Ter
             packed = Packed(method, shape, ops)
             if method == "sparse":
                 _check_indptr(name, packed)
-            terms[name] = Term(name, shape, packed=packed)
+            terms[name] = PackedTerm(name, shape, packed)
             continue
         info = ckpt.tensors[name]
         if shape != info.shape:
@@ -361,10 +361,10 @@ def _terms(p: Path, ckpt: Checkpoint, manifest: dict[str, Any]) -> dict[str, Ter
                 f"{entry['shape']}; recreate the delta"
             )
         _check_dtype(info, entry.get("dtype"))
-        terms[name] = Term(name, info.shape, delta=Operand(ckpt, info))
+        terms[name] = Stored(name, info.shape, Operand(ckpt, info))
     for name in extra:  # version 1 lists every stored tensor; keep any it does not
         _check_dtype(ckpt.tensors[name], None)
-        terms[name] = Term(name, ckpt.tensors[name].shape, delta=Operand(ckpt, ckpt.tensors[name]))
+        terms[name] = Stored(name, ckpt.tensors[name].shape, Operand(ckpt, ckpt.tensors[name]))
     return terms
 
 

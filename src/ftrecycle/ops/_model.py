@@ -21,6 +21,7 @@ from ftrecycle.io.provenance import PROVENANCE, base_record
 from ftrecycle.options import ModelFiles, Policies, Precision
 from ftrecycle.pipeline import ProgressFn, WriteSettings, write_plan
 from ftrecycle.plan import Plan, Term, plan_transfer
+from ftrecycle.terms import Record
 
 
 @dataclass
@@ -38,7 +39,7 @@ class TransferResult:
     output: Path
     bytes_written: int
     seconds: float
-    records: list[dict[str, str]] = field(default_factory=list)
+    records: list[Record] = field(default_factory=list)
     provenance: dict[str, Any] = field(default_factory=dict)
 
 
@@ -56,7 +57,7 @@ class Addend:
 
     terms: dict[str, Term]
     aliases: dict[str, str]
-    records: list[dict[str, str]]
+    records: list[Record]
     inputs: dict[str, Any]
     finetuned_files: Path | None
 

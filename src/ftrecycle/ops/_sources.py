@@ -17,6 +17,7 @@ from ftrecycle.io.checkpoint import Checkpoint, open_checkpoint
 from ftrecycle.io.provenance import describe_input
 from ftrecycle.options import Policies
 from ftrecycle.plan import Term, source_terms
+from ftrecycle.terms import Record
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,7 @@ class SourceDiff:
 
     terms: dict[str, Term]
     aliases: dict[str, str]
-    records: list[dict[str, str]]
+    records: list[Record]
     finetuned: dict[str, Any]
     files: Path
     paths: list[Path]

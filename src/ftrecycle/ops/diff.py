@@ -30,6 +30,7 @@ from ftrecycle.ops._sources import SourceDiff, source_diff
 from ftrecycle.options import DiffOptions, Policies
 from ftrecycle.pipeline import ProgressFn, WriteSettings, write_plan
 from ftrecycle.plan import OutTensor, Term, plan_diff
+from ftrecycle.terms import Record
 
 
 @dataclass
@@ -47,7 +48,7 @@ class DiffResult:
     output: Path
     bytes_written: int
     seconds: float
-    records: list[dict[str, str]] = field(default_factory=list)
+    records: list[Record] = field(default_factory=list)
     provenance: dict[str, Any] = field(default_factory=dict)
 
 
