@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-from ftrecycle.arch import EMBEDDING_NAMES, OUTPUT_EMBEDDING, embedding_name, ties_embeddings, vocab_size
+from ftrecycle.arch import OUTPUT_EMBEDDING, VOCAB_NAMES, embedding_name, ties_embeddings, vocab_size
 from ftrecycle.codecs import Packed
 from ftrecycle.dtypes import DType
 from ftrecycle.errors import ConfigError, IncompatibleModelsError
@@ -26,7 +26,6 @@ TiePolicy = Literal["error", "untie", "embed-only"]
 VOCAB_POLICIES: tuple[str, ...] = ("error", "overlap")
 MISSING_POLICIES: tuple[str, ...] = ("error", "keep-target")
 TIE_POLICIES: tuple[str, ...] = ("error", "untie", "embed-only")
-VOCAB_NAMES = frozenset((*EMBEDDING_NAMES, OUTPUT_EMBEDDING, "lm_head.bias", "embed_out.weight"))
 
 
 @dataclass(frozen=True)

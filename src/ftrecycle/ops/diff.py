@@ -15,20 +15,29 @@ from typing import Any
 import numpy as np
 
 from ftrecycle.arch import check_compatible
-from ftrecycle.codecs import Compression, PartSpec, layout, parse_compression, part_name
-from ftrecycle.codecs.encode import encode, energy_rank, state_bytes
-from ftrecycle.delta.store import FINETUNED_DIR, FORMAT, INDEX, MANIFEST, PREFIX, VERSION, check_names, checksums
+from ftrecycle.codecs import (
+    Compression,
+    PartSpec,
+    encode,
+    energy_rank,
+    layout,
+    parse_compression,
+    part_name,
+    state_bytes,
+)
+from ftrecycle.delta.manifest import PREFIX
+from ftrecycle.delta.store import check_names
+from ftrecycle.delta.write import DeltaWriter
 from ftrecycle.dtypes import DType, parse_dtype
 from ftrecycle.engine import Buffers, Engine, read_term
 from ftrecycle.errors import MemoryBudgetError, NonFiniteError
-from ftrecycle.io.checkpoint import _index_safetensors, open_checkpoint
-from ftrecycle.io.model_files import CONFIG_FILES, TOKENIZER_FILES, copy_files
-from ftrecycle.io.output import ShardedWriter, check_output, write_json
-from ftrecycle.io.provenance import base_record, describe_input
+from ftrecycle.io.checkpoint import open_checkpoint
+from ftrecycle.io.output import ShardedWriter, check_output
+from ftrecycle.io.provenance import describe_input
 from ftrecycle.io.safetensors_format import pwrite_all
 from ftrecycle.ops.transfer import TransferResult
 from ftrecycle.pipeline import DEFAULT_MAX_MEMORY, DEFAULT_SHARD_SIZE, ProgressFn, WriteSettings, write_plan
-from ftrecycle.plan import MissingPolicy, OutTensor, Term, VocabPolicy, plan_diff, source_terms
+from ftrecycle.plan import MissingPolicy, Term, VocabPolicy, plan_diff, source_terms
 
 
 def diff(
@@ -117,36 +126,21 @@ def diff(
                 parts = layout(spec, t.shape, ddt, rank=ranks.get(t.name))
                 if parts:
                     packed[t.name] = parts
-        stored: list[OutTensor] = []
-        entries: dict[str, dict[str, Any]] = {}
-        for t in plan.tensors:
-            entry: dict[str, Any] = {"shape": list(t.shape), "dtype": ddt.name, "compression": None}
-            if t.name in packed:
-                entry["compression"] = {"method": spec.method if spec else None}
-                entry["parts"] = {k: part_name(t.name, k) for k in packed[t.name]}
-                for k, (pdt, pshape) in packed[t.name].items():
-                    stored.append(OutTensor(part_name(t.name, k), pdt, pshape, []))
-            else:
-                stored.append(t)
-            entries[t.name] = entry
-        manifest = base_record("diff")
-        manifest.update(
-            {
-                "format": FORMAT,
-                "version": VERSION,
-                "base": describe_input(a),
-                "finetuned": fin_desc,
-                "base_config": a.config,
-                "dtype": ddt.name,
-                "compute_dtype": settings.compute_dtype.name,
-                "compression": None if spec is None else {"spec": str(spec)},
-                "aliases": aliases,
-                "policies": {"vocab": vocab, "on_missing": on_missing},
-                "records": records,
-                "tensors": entries,
-            }
+        delta = DeltaWriter.start(
+            plan.tensors,
+            packed,
+            spec=spec,
+            dtype=ddt,
+            compute_dtype=settings.compute_dtype,
+            inputs={"base": describe_input(a), "finetuned": fin_desc},
+            base_config=a.config,
+            aliases=aliases,
+            policies={"vocab": vocab, "on_missing": on_missing},
+            records=records,
+            files=fin_files,
+            threads=settings.threads,
         )
-        dense_names = [t.name for t in plan.tensors if t.name not in packed]
+        stored, manifest = delta.stored, delta.manifest
 
         def compress_all(writer: ShardedWriter, eng: Engine) -> None:
             if spec is None or not packed:
@@ -157,7 +151,7 @@ def diff(
 
             def one(term: Term) -> None:
                 found = _compress_one(spec, term, packed[term.name], writer, ddt, ct, eng.chunk, ranks.get(term.name))
-                entries[term.name]["compression"].update(found)
+                delta.compressed(term.name, found)
                 if progress is not None:
                     progress(sum(math.prod(s) * d.itemsize for d, s in packed[term.name].values()), total)
 
@@ -173,27 +167,6 @@ def diff(
             with ThreadPoolExecutor(settings.threads) as pool:
                 list(pool.map(held, jobs))
 
-        def finish(tmp: Path) -> None:
-            found = _index_safetensors(tmp, INDEX, PREFIX)
-            assert found is not None
-            infos = found[0]
-            manifest["checksums"], norms = checksums(infos, settings.threads, norms=frozenset(dense_names))
-            for name in dense_names:
-                entries[name].update(norm=norms[name], error=None)
-            for e in entries.values():
-                e["bytes"] = sum(infos[p].nbytes for p in e["parts"].values()) if e.get("parts") else None
-            for name in dense_names:
-                entries[name]["bytes"] = infos[name].nbytes
-            dense_total = sum(math.prod(e["shape"]) * ddt.itemsize for e in entries.values())
-            stored_total = sum(i.nbytes for i in infos.values())
-            if spec is not None:
-                manifest["compression"].update(
-                    {"bytes": stored_total, "dense_bytes": dense_total, "ratio": dense_total / max(stored_total, 1)}
-                )
-            (tmp / FINETUNED_DIR).mkdir()
-            copy_files(fin_files, tmp / FINETUNED_DIR, CONFIG_FILES + TOKENIZER_FILES)
-            write_json(tmp / MANIFEST, manifest)
-
         written = write_plan(
             stored,
             out,
@@ -201,7 +174,7 @@ def diff(
             prefix=PREFIX,
             force=force,
             progress=progress,
-            finish=finish,
+            finish=delta.finish,
             extra=compress_all,
         )
     return TransferResult(out, written, time.perf_counter() - t0, records, manifest)

@@ -16,16 +16,13 @@ from typing import Any
 
 import numpy as np
 
-from ftrecycle.arch import EMBEDDING_NAMES, OUTPUT_EMBEDDING
-from ftrecycle.codecs.encode import Encoded
-from ftrecycle.delta.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CONV1D_MODULES, PEFT_PREFIX
+from ftrecycle.arch import CONV1D_MODULES, NOT_LINEAR
+from ftrecycle.codecs import Encoded
+from ftrecycle.delta.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX
 from ftrecycle.dtypes import DType, parse_dtype
 from ftrecycle.errors import ConfigError
 from ftrecycle.pipeline import DEFAULT_MAX_MEMORY
 from ftrecycle.plan import Term
-
-#: 2-D weights that are not linear layers: left out of an exported adapter.
-NOT_LINEAR = (*EMBEDDING_NAMES, OUTPUT_EMBEDDING, "transformer.wpe.weight", "embed_out.weight")
 
 
 @dataclass
@@ -75,7 +72,7 @@ def export_lora(
         CheckpointError: not a delta directory, or a corrupt one.
         OutputError: the output exists (without ``force``) or overlaps the delta.
     """
-    from ftrecycle.codecs.encode import lowrank
+    from ftrecycle.codecs.lowrank import factors as lowrank
     from ftrecycle.delta.store import open_delta
     from ftrecycle.engine import chunk_for_budget, default_threads
     from ftrecycle.io.output import atomic_directory, check_output, parse_size, write_json
