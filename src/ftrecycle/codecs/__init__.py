@@ -39,6 +39,7 @@ from ftrecycle.codecs.base import (
     Codec,
     Compression,
     Encoded,
+    Job,
     Packed,
     PartSpec,
     Reader,
@@ -58,6 +59,7 @@ __all__ = [
     "Codec",
     "Compression",
     "Encoded",
+    "Job",
     "Packed",
     "PartSpec",
     "Reader",
@@ -203,7 +205,7 @@ def encode(
         The diff's norm and the relative error of what was stored.
     """
     parts = layout(spec, shape, dtype, rank=rank)
-    return CODECS[spec.method].encode(read, write, shape, parts, dtype, ct, name, block)
+    return CODECS[spec.method].encode(Job(read, write, name, shape, parts, dtype, ct, block))
 
 
 def state_bytes(method: str, shape: tuple[int, int], rank: int, itemsize: int, block: int) -> int:

@@ -92,6 +92,31 @@ class Encoded:
 
 
 @dataclass(frozen=True)
+class Job:
+    """One diff tensor to encode, laid out by :func:`ftrecycle.codecs.layout` (non-empty).
+
+    Attributes:
+        read: the dense diff, by flat element range, in ``ct``.
+        write: where each part's values go.
+        name: the tensor's name.
+        shape: (m, n).
+        parts: the parts to write, as laid out.
+        dtype: the delta's dtype (of the float parts).
+        ct: the compute dtype.
+        block: elements per row block (memory is a few blocks plus the result).
+    """
+
+    read: Reader
+    write: Writer
+    name: str
+    shape: tuple[int, int]
+    parts: dict[str, PartSpec]
+    dtype: DType
+    ct: np.dtype[Any]
+    block: int
+
+
+@dataclass(frozen=True)
 class Codec:
     """One compression method, as the registry holds it.
 
@@ -101,7 +126,7 @@ class Codec:
         parts: the names of the parts it stores.
         layout: ``(spec, m, n, dtype, rank) -> parts`` for an (m, n) matrix, {} when it cannot
             store one (``rank``: the one found for ``lowrank:energy``).
-        encode: ``(read, write, shape, parts, dtype, ct, name, block) -> Encoded``.
+        encode: ``(job) -> Encoded``, the parts written through ``job.write``.
         decode: ``(packed, start, count, out, cache) -> out``, elements ``[start, start + count)``.
         state_bytes: ``(shape, rank, itemsize, block) -> bytes`` the encoder holds (an upper estimate).
     """
@@ -110,7 +135,7 @@ class Codec:
     params: tuple[str, ...]
     parts: frozenset[str]
     layout: Callable[[Compression, int, int, DType, int | None], dict[str, PartSpec]]
-    encode: Callable[[Reader, Writer, tuple[int, int], dict[str, PartSpec], DType, np.dtype[Any], str, int], Encoded]
+    encode: Callable[[Job], Encoded]
     decode: Callable[[Packed, int, int, np.ndarray, dict[Any, Any]], np.ndarray]
     state_bytes: Callable[[tuple[int, int], int, int, int], int]
 

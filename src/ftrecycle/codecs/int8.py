@@ -19,10 +19,9 @@ from ftrecycle.codecs.base import (
     Codec,
     Compression,
     Encoded,
+    Job,
     Packed,
     PartSpec,
-    Reader,
-    Writer,
     blocks,
     measured,
     read_part,
@@ -39,18 +38,9 @@ def layout(spec: Compression, m: int, n: int, dtype: DType, rank: int | None) ->
     return {"q": (I8, (m, n)), "scale": (F32, (m,))}
 
 
-def encode(
-    read: Reader,
-    write: Writer,
-    shape: tuple[int, int],
-    parts: dict[str, PartSpec],
-    dtype: DType,
-    ct: np.dtype[Any],
-    name: str,
-    block: int,
-) -> Encoded:
+def encode(job: Job) -> Encoded:
     """Quantize row block by row block; the scales are written last."""
-    m, n = shape
+    read, write, (m, n), ct, block = job.read, job.write, job.shape, job.ct, job.block
     scales = np.zeros(m, dtype=np.float32)
     total = err = 0.0
     for r0, r1 in blocks(m, n, block):

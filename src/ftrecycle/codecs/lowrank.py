@@ -26,6 +26,7 @@ from ftrecycle.codecs.base import (
     Codec,
     Compression,
     Encoded,
+    Job,
     Packed,
     PartSpec,
     Reader,
@@ -205,18 +206,9 @@ def factors(
     return measured(float(total), err, rank=rank)
 
 
-def encode(
-    read: Reader,
-    write: Writer,
-    shape: tuple[int, int],
-    parts: dict[str, PartSpec],
-    dtype: DType,
-    ct: np.dtype[Any],
-    name: str,
-    block: int,
-) -> Encoded:
-    """:func:`factors` at the rank of ``parts``."""
-    return factors(read, write, shape, parts["a"][1][1], dtype, ct, name, block)
+def encode(job: Job) -> Encoded:
+    """:func:`factors` at the rank of the job's parts."""
+    return factors(job.read, job.write, job.shape, job.parts["a"][1][1], job.dtype, job.ct, job.name, job.block)
 
 
 def decode(p: Packed, start: int, count: int, out: np.ndarray, cache: dict[Any, Any]) -> np.ndarray:

@@ -19,10 +19,9 @@ from ftrecycle.codecs.base import (
     Codec,
     Compression,
     Encoded,
+    Job,
     Packed,
     PartSpec,
-    Reader,
-    Writer,
     measured,
     read_part,
     row_block_bytes,
@@ -36,18 +35,10 @@ def layout(spec: Compression, m: int, n: int, dtype: DType, rank: int | None) ->
     return {"bits": (U8, ((m * n + 7) // 8,)), "scale": (F32, (1,))}
 
 
-def encode(
-    read: Reader,
-    write: Writer,
-    shape: tuple[int, int],
-    parts: dict[str, PartSpec],
-    dtype: DType,
-    ct: np.dtype[Any],
-    name: str,
-    block: int,
-) -> Encoded:
+def encode(job: Job) -> Encoded:
     """One pass for the mean magnitude, one for the bits (whole bytes per read)."""
-    numel = shape[0] * shape[1]
+    read, write, ct, block = job.read, job.write, job.ct, job.block
+    numel = job.shape[0] * job.shape[1]
     step = max(8, block - block % 8)
     total = absum = 0.0
     for s in range(0, numel, step):

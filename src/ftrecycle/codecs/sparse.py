@@ -26,10 +26,10 @@ from ftrecycle.codecs.base import (
     Codec,
     Compression,
     Encoded,
+    Job,
     Packed,
     PartSpec,
     Reader,
-    Writer,
     blocks,
     float_part,
     measured,
@@ -91,20 +91,11 @@ def _threshold(read: Reader, m: int, n: int, k: int, block: int) -> tuple[int, i
     return (hi << 16) | lo, ties, total
 
 
-def encode(
-    read: Reader,
-    write: Writer,
-    shape: tuple[int, int],
-    parts: dict[str, PartSpec],
-    dtype: DType,
-    ct: np.dtype[Any],
-    name: str,
-    block: int,
-) -> Encoded:
-    """Write the ``k`` largest magnitudes (``k`` from ``parts``) row block by row block."""
-    m, n = shape
-    k = parts["values"][1][0]
-    index = parts["indices"][0].storage
+def encode(job: Job) -> Encoded:
+    """Write the ``k`` largest magnitudes (``k`` from the job's parts) row block by row block."""
+    read, write, (m, n), dtype, ct, block = job.read, job.write, job.shape, job.dtype, job.ct, job.block
+    k = job.parts["values"][1][0]
+    index = job.parts["indices"][0].storage
     threshold, ties, total = _threshold(read, m, n, k, block)
     indptr = np.zeros(m + 1, dtype=np.int64)
     done, err = 0, 0.0
