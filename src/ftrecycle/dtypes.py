@@ -76,6 +76,9 @@ BOOL = DType("bool", "BOOL", 1, False, np.dtype(np.bool_))
 ALL = (F64, F32, F16, BF16, F8_E4M3, F8_E5M2, I64, I32, I16, I8, U16, U8, BOOL)
 BY_CODE: dict[str, DType] = {d.code: d for d in ALL}
 BY_NAME: dict[str, DType] = {d.name: d for d in ALL}
+#: The float dtypes the engine computes with (float8 is left out: it needs scales); a delta stores its
+#: dense diffs and its compressed tensors' float parts in one of them.
+FLOAT_DTYPES = frozenset(d for d in ALL if d.arithmetic)
 
 #: user-facing names accepted by ``--out-dtype`` and ``--delta-dtype``; ``--compute-dtype`` takes the first two.
 USER_DTYPES = ("float32", "float64", "bfloat16", "float16")

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from ftrecycle.dtypes import BF16, DType, bf16_to_float32
+from ftrecycle.io.safetensors_format import TensorInfo
 
 SEP = "::"
 
@@ -26,6 +27,8 @@ PartSpec = tuple[DType, tuple[int, ...]]
 Reader = Callable[[int, int], np.ndarray]
 #: ``write(part, start, values)``: values of a part at an element offset.
 Writer = Callable[[str, int, np.ndarray], None]
+#: Part name -> the dtypes and the shape a stored part may have.
+Expected = dict[str, tuple[frozenset[DType], tuple[int, ...]]]
 
 
 @dataclass(frozen=True)
@@ -129,6 +132,8 @@ class Codec:
         encode: ``(job) -> Encoded``, the parts written through ``job.write``.
         decode: ``(packed, start, count, out, cache) -> out``, elements ``[start, start + count)``.
         state_bytes: ``(shape, rank, itemsize, block) -> bytes`` the encoder holds (an upper estimate).
+        expect: ``(m, n, stored parts) -> Expected``: the dtypes and shape each stored part must
+            have (the rank or entry count read from the parts themselves), checked before any read.
     """
 
     name: str
@@ -138,6 +143,7 @@ class Codec:
     encode: Callable[[Job], Encoded]
     decode: Callable[[Packed, int, int, np.ndarray, dict[Any, Any]], np.ndarray]
     state_bytes: Callable[[tuple[int, int], int, int, int], int]
+    expect: Callable[[int, int, dict[str, TensorInfo]], Expected]
 
 
 def part_name(name: str, part: str) -> str:

@@ -19,6 +19,7 @@ from ftrecycle.codecs.base import (
     Codec,
     Compression,
     Encoded,
+    Expected,
     Job,
     Packed,
     PartSpec,
@@ -31,6 +32,7 @@ from ftrecycle.codecs.base import (
     squared,
 )
 from ftrecycle.dtypes import F32, I8, DType
+from ftrecycle.io.safetensors_format import TensorInfo
 
 
 def layout(spec: Compression, m: int, n: int, dtype: DType, rank: int | None) -> dict[str, PartSpec]:
@@ -72,4 +74,9 @@ def state_bytes(shape: tuple[int, int], rank: int, itemsize: int, block: int) ->
     return 4 * shape[0] + 2 * rows
 
 
-CODEC = Codec("int8", (), frozenset({"q", "scale"}), layout, encode, decode, state_bytes)
+def expect(m: int, n: int, parts: dict[str, TensorInfo]) -> Expected:
+    """``q`` (m, n) int8 and ``scale`` (m,) float32."""
+    return {"q": (frozenset({I8}), (m, n)), "scale": (frozenset({F32}), (m,))}
+
+
+CODEC = Codec("int8", (), frozenset({"q", "scale"}), layout, encode, decode, state_bytes, expect)

@@ -26,6 +26,7 @@ from ftrecycle.codecs.base import (
     Codec,
     Compression,
     Encoded,
+    Expected,
     Job,
     Packed,
     PartSpec,
@@ -40,7 +41,8 @@ from ftrecycle.codecs.base import (
     squared,
     whole,
 )
-from ftrecycle.dtypes import DType, from_storage, to_storage
+from ftrecycle.dtypes import FLOAT_DTYPES, DType, from_storage, to_storage
+from ftrecycle.io.safetensors_format import TensorInfo
 
 #: Matrices with at most this many elements get an exact SVD in memory ...
 EXACT_ELEMENTS = 1 << 18
@@ -264,4 +266,13 @@ def state_bytes(shape: tuple[int, int], rank: int, itemsize: int, block: int) ->
     return (3 * m + 4 * n) * k * itemsize + rows
 
 
-CODEC = Codec("lowrank", ("rank", "energy", "ratio"), frozenset({"a", "b"}), layout, encode, decode, state_bytes)
+def expect(m: int, n: int, parts: dict[str, TensorInfo]) -> Expected:
+    """``a`` (m, r) and ``b`` (r, n), one float dtype, r >= 1 (r read from ``a``)."""
+    a = parts["a"]
+    r = a.shape[1] if len(a.shape) == 2 else 0
+    return {"a": (FLOAT_DTYPES, (m, max(r, 1))), "b": (frozenset({a.dtype}), (r, n))}
+
+
+CODEC = Codec(
+    "lowrank", ("rank", "energy", "ratio"), frozenset({"a", "b"}), layout, encode, decode, state_bytes, expect
+)

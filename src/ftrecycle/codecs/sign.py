@@ -19,6 +19,7 @@ from ftrecycle.codecs.base import (
     Codec,
     Compression,
     Encoded,
+    Expected,
     Job,
     Packed,
     PartSpec,
@@ -28,6 +29,7 @@ from ftrecycle.codecs.base import (
     squared,
 )
 from ftrecycle.dtypes import F32, U8, DType
+from ftrecycle.io.safetensors_format import TensorInfo
 
 
 def layout(spec: Compression, m: int, n: int, dtype: DType, rank: int | None) -> dict[str, PartSpec]:
@@ -74,4 +76,9 @@ def state_bytes(shape: tuple[int, int], rank: int, itemsize: int, block: int) ->
     return 2 * rows
 
 
-CODEC = Codec("sign", (), frozenset({"bits", "scale"}), layout, encode, decode, state_bytes)
+def expect(m: int, n: int, parts: dict[str, TensorInfo]) -> Expected:
+    """``bits`` (ceil(mn/8),) uint8 and ``scale`` (1,) float32."""
+    return {"bits": (frozenset({U8}), ((m * n + 7) // 8,)), "scale": (frozenset({F32}), (1,))}
+
+
+CODEC = Codec("sign", (), frozenset({"bits", "scale"}), layout, encode, decode, state_bytes, expect)

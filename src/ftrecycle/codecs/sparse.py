@@ -26,6 +26,7 @@ from ftrecycle.codecs.base import (
     Codec,
     Compression,
     Encoded,
+    Expected,
     Job,
     Packed,
     PartSpec,
@@ -39,7 +40,8 @@ from ftrecycle.codecs.base import (
     rows_of,
     squared,
 )
-from ftrecycle.dtypes import I32, I64, U16, DType, from_storage, to_storage
+from ftrecycle.dtypes import FLOAT_DTYPES, I32, I64, U16, DType, from_storage, to_storage
+from ftrecycle.io.safetensors_format import TensorInfo
 
 
 def index_dtype(n: int) -> DType:
@@ -143,6 +145,24 @@ def state_bytes(shape: tuple[int, int], rank: int, itemsize: int, block: int) ->
     return 8 * (shape[0] + 1) + 3 * 8 * (1 << 16) + 3 * rows
 
 
+def expect(m: int, n: int, parts: dict[str, TensorInfo]) -> Expected:
+    """``indptr`` (m+1,) int64, ``indices`` (k,) uint16 (n <= 65536) or int32, ``values`` (k,)
+    float (k read from ``values``)."""
+    k = parts["values"].shape[0] if len(parts["values"].shape) == 1 else -1
+    return {
+        "indptr": (frozenset({I64}), (m + 1,)),
+        "indices": (frozenset({U16, I32} if n <= 1 << 16 else {I32}), (max(k, 0),)),
+        "values": (FLOAT_DTYPES, (max(k, 0),)),
+    }
+
+
 CODEC = Codec(
-    "sparse", ("density", "ratio"), frozenset({"indptr", "indices", "values"}), layout, encode, decode, state_bytes
+    "sparse",
+    ("density", "ratio"),
+    frozenset({"indptr", "indices", "values"}),
+    layout,
+    encode,
+    decode,
+    state_bytes,
+    expect,
 )

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ftrecycle.codecs import CODECS, METHODS, SEP, part_name
-from ftrecycle.dtypes import ALL, BY_NAME
+from ftrecycle.dtypes import BY_NAME, FLOAT_DTYPES
 from ftrecycle.errors import CheckpointError
 from ftrecycle.io.jsonfile import read_json, short
 
@@ -35,8 +35,6 @@ FINETUNED_DIR = "finetuned"
 
 #: A manifest larger than this is refused before it is parsed (a 100k-tensor model's is ~40 MiB).
 MAX_MANIFEST_BYTES = 256 << 20
-#: Stored float dtypes of dense tensors and of compressed tensors' float parts.
-FLOAT_DTYPES = frozenset(d for d in ALL if d.arithmetic)
 #: Each method's parts (the registry's); :func:`ftrecycle.delta.store.check_parts` checks their dtypes and shapes.
 PARTS: dict[str, frozenset[str]] = {name: codec.parts for name, codec in CODECS.items()}
 _HEX = frozenset("0123456789abcdef")

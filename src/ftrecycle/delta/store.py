@@ -17,17 +17,16 @@ from typing import Any
 import numpy as np
 
 from ftrecycle.arch import check_compatible
-from ftrecycle.codecs import SEP, Packed
+from ftrecycle.codecs import CODECS, SEP, Packed
 from ftrecycle.delta.manifest import (
     FINETUNED_DIR,
-    FLOAT_DTYPES,
     INDEX,
     PREFIX,
     dense_bytes,
     load_manifest,
     stored_names,
 )
-from ftrecycle.dtypes import BY_NAME, F32, I8, I32, I64, U8, U16, DType, from_storage
+from ftrecycle.dtypes import BY_NAME, FLOAT_DTYPES, DType, from_storage
 from ftrecycle.errors import CheckpointError, ConfigError, IncompatibleModelsError
 from ftrecycle.io.checkpoint import Checkpoint, open_checkpoint
 from ftrecycle.io.jsonfile import read_json
@@ -333,17 +332,22 @@ def _check_dtype(info: TensorInfo, listed: str | None) -> None:
 def check_parts(name: str, method: str, shape: tuple[int, ...], parts: dict[str, TensorInfo]) -> None:
     """Check every part's dtype and shape against its tensor's shape and method, before any read.
 
-    ``lowrank``: ``a`` (m, r) and ``b`` (r, n), one float dtype, r >= 1; ``int8``: ``q`` (m, n)
-    int8 and ``scale`` (m,) float32; ``sign``: ``bits`` (ceil(mn/8),) uint8 and ``scale`` (1,)
-    float32; ``sparse``: ``indptr`` (m+1,) int64, ``indices`` (k,) uint16 (n <= 65536) or int32,
-    ``values`` (k,) float.
+    What each method's parts must be is its codec's ``expect`` (see :mod:`ftrecycle.codecs`).
+
+    Args:
+        name: the tensor.
+        method: its compression method.
+        shape: its (dense) shape.
+        parts: part name -> the stored part.
 
     Raises:
         CheckpointError: a part of another dtype or shape (an exchanged or corrupt part), naming it.
     """
     m, n = shape
-
-    def want(part: str, dtypes: Any, pshape: tuple[int, ...]) -> None:
+    codec = CODECS.get(method)
+    if codec is None:  # load_manifest lets no other method through
+        raise CheckpointError(f"tensor {name!r}: unknown compression method {method!r}")
+    for part, (dtypes, pshape) in codec.expect(m, n, parts).items():
         info = parts[part]
         if info.dtype not in dtypes or info.shape != pshape:
             names = "/".join(sorted(d.name for d in dtypes)) if len(dtypes) < 4 else "float"
@@ -352,25 +356,6 @@ def check_parts(name: str, method: str, shape: tuple[int, ...], parts: dict[str,
                 f"{info.dtype} {list(info.shape)}, not {names} {list(pshape)}; the part is corrupt or belongs to "
                 "another tensor; recreate the delta with `ftrecycle diff`"
             )
-
-    if method == "lowrank":
-        a = parts["a"]
-        r = a.shape[1] if len(a.shape) == 2 else 0
-        want("a", FLOAT_DTYPES, (m, max(r, 1)))
-        want("b", {a.dtype}, (r, n))
-    elif method == "int8":
-        want("q", {I8}, (m, n))
-        want("scale", {F32}, (m,))
-    elif method == "sign":
-        want("bits", {U8}, ((m * n + 7) // 8,))
-        want("scale", {F32}, (1,))
-    elif method == "sparse":
-        k = parts["values"].shape[0] if len(parts["values"].shape) == 1 else -1
-        want("indptr", {I64}, (m + 1,))
-        want("indices", {U16, I32} if n <= 1 << 16 else {I32}, (max(k, 0),))
-        want("values", FLOAT_DTYPES, (max(k, 0),))
-    else:  # read_manifest lets no other method through
-        raise CheckpointError(f"tensor {name!r}: unknown compression method {method!r}")
 
 
 def _check_indptr(name: str, p: Packed) -> None:
