@@ -156,9 +156,8 @@ def float32_to_bf16(x: np.ndarray, out: np.ndarray | None = None, scratch: np.nd
     if out is None:
         out = np.empty(x.shape, dtype=np.uint16)
     np.copyto(out, t, casting="unsafe")
-    nan = np.isnan(x)
-    if nan.any():
-        out[nan] = BF16_NAN
+    if x.size and np.isnan(np.max(x)):  # max propagates NaN: one pass, no mask unless there is one
+        out[np.isnan(x)] = BF16_NAN
     return out
 
 
