@@ -69,7 +69,8 @@ class Delta:
         Raises:
             CheckpointError: not a delta directory, or a malformed manifest.
         """
-        return cls(Path(path).expanduser(), load_manifest(Path(path).expanduser()))
+        p = Path(path).expanduser()
+        return cls(p, load_manifest(p))
 
     @classmethod
     def open(
