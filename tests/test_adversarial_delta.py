@@ -21,7 +21,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ftrecycle.cli import main
-from ftrecycle.delta.store import MANIFEST, checksums, open_delta
+from ftrecycle.delta.manifest import MANIFEST
+from ftrecycle.delta.store import checksums, open_delta
 from ftrecycle.errors import FtRecycleError
 from ftrecycle.io.safetensors_format import read_header
 from ftrecycle.ops.diff import diff

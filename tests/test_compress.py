@@ -13,7 +13,7 @@ import torch
 
 from ftrecycle.cli import main
 from ftrecycle.codecs import decode, parse_compression
-from ftrecycle.codecs import encode as encode_mod
+from ftrecycle.codecs import lowrank as encode_mod
 from ftrecycle.delta.store import open_delta
 from ftrecycle.errors import CheckpointError, ConfigError
 from ftrecycle.ops.apply import apply_delta

@@ -1,7 +1,9 @@
-"""What config.json says about a model's architecture, checked before any tensor is read."""
+"""What config.json says about a model's architecture, checked before any tensor is read, and
+the tables of tensor and module names that tell a tensor's role across model families."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from ftrecycle.errors import CheckpointError, IncompatibleModelsError
@@ -28,6 +30,23 @@ EMBEDDING_NAMES = (
     "transformer.embedding.word_embeddings.weight",
 )
 OUTPUT_EMBEDDING = "lm_head.weight"
+#: Tensors with one row per vocabulary entry (their rows differ when a vocabulary grew).
+VOCAB_NAMES = frozenset((*EMBEDDING_NAMES, OUTPUT_EMBEDDING, "lm_head.bias", "embed_out.weight"))
+#: 2-D weights that are not linear layers: left out of an exported adapter.
+NOT_LINEAR = (*EMBEDDING_NAMES, OUTPUT_EMBEDDING, "transformer.wpe.weight", "embed_out.weight")
+#: GPT-2-style Conv1D modules store weights as (in, out); PEFT marks them fan_in_fan_out.
+CONV1D_MODULES = ("c_attn", "c_proj", "c_fc")
+#: Model types whose attention/MLP projections are transformers' ``Conv1D`` (weights stored (in, out)).
+CONV1D_MODEL_TYPES = ("gpt2", "openai-gpt", "imagegpt", "decision_transformer")
+#: Module types by tensor name, tried in order (``other`` when none matches).
+MODULE_TYPES = (
+    ("embeddings", re.compile(r"embed|lm_head|wte|wpe|shared")),
+    ("norms", re.compile(r"norm|ln_")),
+    ("attention", re.compile(r"attn|attention|q_proj|k_proj|v_proj|o_proj")),
+    ("mlp", re.compile(r"mlp|gate_proj|up_proj|down_proj|fc|c_proj")),
+)
+#: A transformer block's index in a tensor name (``model.layers.3.``, ``transformer.h.3.``).
+LAYER = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
 
 #: Sub-configs of composite (multimodal) models whose architecture is compared too: a Llava or
 #: Gemma 3 config keeps its language model's sizes under ``text_config``.

@@ -28,7 +28,7 @@ from typing import Any, assert_never
 import numpy as np
 
 from ftrecycle.codecs import decode
-from ftrecycle.dtypes import BF16, F32, F64, DType
+from ftrecycle.dtypes import BF16, F32, F64, DType, bf16_to_float32, float32_to_bf16
 from ftrecycle.errors import MemoryBudgetError, NonFiniteError
 from ftrecycle.io.output import ShardedWriter, Slot
 from ftrecycle.io.safetensors_format import pwrite_all
@@ -112,10 +112,7 @@ class Buffers:
 def widen(x: np.ndarray, src: DType, out: np.ndarray, b: Buffers) -> np.ndarray:
     """Convert storage values of ``src`` into ``out`` (float32 or float64), exactly where it widens."""
     if src is BF16:
-        f32 = out if out.dtype == np.float32 else b.f32[: out.size]
-        bits = f32.view(np.uint32)
-        np.copyto(bits, x, casting="unsafe")  # uint16 -> uint32
-        np.left_shift(bits, 16, out=bits)  # bf16 is the top half of a float32
+        f32 = bf16_to_float32(x, out if out.dtype == np.float32 else b.f32[: out.size])
         if f32 is not out:
             np.copyto(out, f32)
         return out
@@ -123,11 +120,10 @@ def widen(x: np.ndarray, src: DType, out: np.ndarray, b: Buffers) -> np.ndarray:
     return out
 
 
-def narrow(x: np.ndarray, dst: DType, out: np.ndarray, b: Buffers, *, nan_check: bool = False) -> np.ndarray:
+def narrow(x: np.ndarray, dst: DType, out: np.ndarray, b: Buffers) -> np.ndarray:
     """Round compute values ``x`` to ``dst`` (nearest-even) into ``out``, a storage view; return it.
 
-    ``nan_check`` writes NaNs as the canonical bfloat16 NaN (the bit trick alone would turn a
-    NaN whose payload sits in the low half into infinity); without it, NaNs must be refused later.
+    A NaN narrows to a NaN (bfloat16: the canonical 0x7FC0, see :func:`~ftrecycle.dtypes.float32_to_bf16`).
     """
     n = x.size
     if x.dtype == np.float64 and dst.itemsize == 2:
@@ -139,19 +135,7 @@ def narrow(x: np.ndarray, dst: DType, out: np.ndarray, b: Buffers, *, nan_check:
         with np.errstate(over="ignore", invalid="ignore"):  # overflow to inf is refused later, by choice
             np.copyto(out, x, casting="unsafe")
         return out
-    bits = x.view(np.uint32)
-    t = b.scratch(np.dtype(np.uint32), n)
-    np.right_shift(bits, 16, out=t)
-    np.bitwise_and(t, 1, out=t)
-    np.add(t, 0x7FFF, out=t)
-    np.add(t, bits, out=t)  # + 0x7FFF + lowest kept bit: ties go to even
-    np.right_shift(t, 16, out=t)
-    np.copyto(out, t, casting="unsafe")
-    if nan_check:
-        nan = np.isnan(x)
-        if nan.any():
-            out[nan] = 0x7FC0
-    return out
+    return float32_to_bf16(x, out, b.scratch(np.dtype(np.uint32), n))
 
 
 def first_nonfinite(out: np.ndarray, dtype: DType, b: Buffers) -> int | None:
@@ -282,17 +266,17 @@ class Engine:
                 if src.info.dtype == dtype:
                     out = x
                 else:  # a float cast asked for by --out-dtype
-                    narrow(widen(x, src.info.dtype, b.f[0][:n], b), dtype, out, b, nan_check=self.allow_nonfinite)
+                    narrow(widen(x, src.info.dtype, b.f[0][:n], b), dtype, out, b)
             case Sub(term=term):
                 d = read_term(term, s, n, b.f[1][:n], b)
-                narrow(d, dtype, out, b, nan_check=self.allow_nonfinite)
+                narrow(d, dtype, out, b)
             case Add(target=tgt, term=term):
                 d = read_term(term, s, n, b.f[1][:n], b)
                 c = widen(tgt.ckpt.read(tgt.info, s, n, b.raw[0]), tgt.info.dtype, b.f[0][:n], b)
                 if self.alpha != 1.0:
                     np.multiply(d, d.dtype.type(self.alpha), out=d)
                 np.add(c, d, out=c)
-                narrow(c, dtype, out, b, nan_check=self.allow_nonfinite)
+                narrow(c, dtype, out, b)
             case _:
                 assert_never(item.piece)
         if dtype.is_floating and not self.allow_nonfinite:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import get_args
 
-from ftrecycle.arch import EMBEDDING_NAMES, OUTPUT_EMBEDDING, embedding_name, ties_embeddings, vocab_size
+from ftrecycle.arch import OUTPUT_EMBEDDING, VOCAB_NAMES, embedding_name, ties_embeddings, vocab_size
 from ftrecycle.dtypes import DType
 from ftrecycle.errors import ConfigError, IncompatibleModelsError
 from ftrecycle.io.checkpoint import Checkpoint
@@ -39,7 +39,6 @@ from ftrecycle.terms import (
 VOCAB_POLICIES: tuple[str, ...] = get_args(VocabPolicy)
 MISSING_POLICIES: tuple[str, ...] = get_args(MissingPolicy)
 TIE_POLICIES: tuple[str, ...] = get_args(TiePolicy)
-VOCAB_NAMES = frozenset((*EMBEDDING_NAMES, OUTPUT_EMBEDDING, "lm_head.bias", "embed_out.weight"))
 
 
 def _check_policy(value: str, allowed: tuple[str, ...], flag: str) -> None:

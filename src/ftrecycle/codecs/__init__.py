@@ -1,10 +1,11 @@
-"""Compressed diff tensors: the specs users give, the stored parts, and decoding by element range.
+"""Compressed diff tensors: a registry of codecs, the specs users give, and decoding by element range.
 
 A compressed 2-D tensor of shape ``(m, n)`` is stored as *parts*, safetensors tensors
-named ``{name}::{part}``:
+named ``{name}::{part}``. Each method is one module holding its encoder and decoder, with
+its formula and paper reference:
 
 ================  ==========================================  ==================================
-method            parts                                       value of element ``(i, j)``
+method (module)   parts                                       value of element ``(i, j)``
 ================  ==========================================  ==================================
 ``lowrank``       ``a`` (m, r), ``b`` (r, n)                  ``sum_k a[i, k] * b[k, j]``
 ``sparse``        ``indptr`` (m+1,) int64, ``indices`` (k,)   ``values[e]`` where row ``i``'s
@@ -18,61 +19,101 @@ method            parts                                       value of element `
 Decoding works on any flat element range, so the transfer engine streams a
 compressed delta exactly as it streams a dense one: only the rows under the range
 (and, for ``lowrank``, the small ``b``) are read.
+
+Every encoder reads the dense diff through ``read(start, count)`` (flat element ranges,
+in the compute dtype), writes its parts through ``write(part, start, values)`` at element
+offsets, and returns the diff's norm and the relative error of what was stored
+(``||d - decoded|| / ||d||``, measured against the stored, rounded parts).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from ftrecycle.dtypes import BF16, F32, I8, I32, I64, U8, U16, DType
+from ftrecycle.codecs import int8, lowrank, sign, sparse
+from ftrecycle.codecs.base import (
+    SEP,
+    Codec,
+    Compression,
+    Encoded,
+    Job,
+    Packed,
+    PartSpec,
+    Reader,
+    Writer,
+    part_name,
+)
+from ftrecycle.codecs.lowrank import energy_rank
+from ftrecycle.dtypes import DType
 from ftrecycle.errors import ConfigError
 
-METHODS = ("lowrank", "sparse", "int8", "sign")
-SEP = "::"
+__all__ = [
+    "CODECS",
+    "MAX_RANK",
+    "MAX_RATIO",
+    "METHODS",
+    "SEP",
+    "Codec",
+    "Compression",
+    "Encoded",
+    "Job",
+    "Packed",
+    "PartSpec",
+    "Reader",
+    "Writer",
+    "decode",
+    "encode",
+    "energy_rank",
+    "layout",
+    "packed_nbytes",
+    "parse_compression",
+    "part_name",
+    "state_bytes",
+]
 
-
-@dataclass(frozen=True)
-class Compression:
-    """A ``--compress`` setting.
-
-    Attributes:
-        method: ``lowrank``, ``sparse``, ``int8`` or ``sign``.
-        rank: lowrank: the rank of every matrix.
-        energy: lowrank: the smallest rank keeping this fraction of each matrix's squared norm.
-        ratio: lowrank or sparse: the rank or density that makes each matrix this many times
-            smaller than it is dense in the delta's dtype.
-        density: sparse: the fraction of entries kept (largest magnitudes).
-    """
-
-    method: str
-    rank: int | None = None
-    energy: float | None = None
-    ratio: float | None = None
-    density: float | None = None
-
-    def __str__(self) -> str:
-        opts = [f"{k}={v:g}" for k, v in self.options().items()]
-        return self.method + (":" + ",".join(opts) if opts else "")
-
-    def options(self) -> dict[str, float]:
-        """The parameters that are set."""
-        found = {"rank": self.rank, "energy": self.energy, "ratio": self.ratio, "density": self.density}
-        return {k: v for k, v in found.items() if v is not None}
-
+#: The compression methods, by name.
+CODECS: dict[str, Codec] = {c.name: c for c in (lowrank.CODEC, sparse.CODEC, int8.CODEC, sign.CODEC)}
+METHODS = tuple(CODECS)
 
 #: the largest lowrank rank and compression ratio a spec may ask (beyond them a number is a typo)
 MAX_RANK = 2**20
 MAX_RATIO = 1e6
-_ALLOWED = {"lowrank": ("rank", "energy", "ratio"), "sparse": ("density", "ratio"), "int8": (), "sign": ()}
+
+
+def _options(text: str, method: str, rest: str) -> dict[str, float]:
+    """The ``key=value`` parameters of a spec, each allowed for its method, given once, finite."""
+    allowed = CODECS[method].params
+    opts: dict[str, float] = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or key not in allowed:
+            names = ", ".join(f"{k}=" for k in allowed) or "no parameters"
+            raise ConfigError(f"--compress {text!r}: {method} takes {names}")
+        if key in opts:
+            raise ConfigError(f"--compress {text!r}: {key} is given twice; give it once")
+        try:
+            opts[key] = float(value)
+        except ValueError as e:
+            raise ConfigError(f"--compress {text!r}: {key} must be a number") from e
+        if not math.isfinite(opts[key]):
+            raise ConfigError(f"--compress {text!r}: {key} must be a finite number")
+    if allowed and len(opts) != 1:
+        raise ConfigError(f"--compress {text!r}: give exactly one of {', '.join(allowed)}")
+    return opts
 
 
 def parse_compression(text: str | Compression | None) -> Compression | None:
     """Parse ``lowrank:rank=64``, ``lowrank:energy=0.9``, ``lowrank:ratio=16``, ``sparse:density=0.05``,
     ``sparse:ratio=16``, ``int8``, ``sign`` or ``none``.
+
+    Args:
+        text: the spec, a parsed one (returned as is), or None.
+
+    Returns:
+        The setting, or None for ``none``/None (store dense).
 
     Raises:
         ConfigError: an unknown method, a missing or extra parameter, or a value out of range.
@@ -82,24 +123,9 @@ def parse_compression(text: str | Compression | None) -> Compression | None:
     method, _, rest = text.strip().partition(":")
     if method == "none" and not rest:
         return None
-    if method not in _ALLOWED:
+    if method not in CODECS:
         raise ConfigError(f"--compress {text!r}: unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    opts: dict[str, float] = {}
-    for item in filter(None, rest.split(",")):
-        key, eq, value = item.partition("=")
-        if not eq or key not in _ALLOWED[method]:
-            allowed = ", ".join(f"{k}=" for k in _ALLOWED[method]) or "no parameters"
-            raise ConfigError(f"--compress {text!r}: {method} takes {allowed}")
-        if key in opts:
-            raise ConfigError(f"--compress {text!r}: {key} is given twice; give it once")
-        try:
-            opts[key] = float(value)
-        except ValueError as e:
-            raise ConfigError(f"--compress {text!r}: {key} must be a number") from e
-        if not math.isfinite(opts[key]):
-            raise ConfigError(f"--compress {text!r}: {key} must be a finite number")
-    if _ALLOWED[method] and len(opts) != 1:
-        raise ConfigError(f"--compress {text!r}: give exactly one of {', '.join(_ALLOWED[method])}")
+    opts = _options(text, method, rest)
     rank = opts.get("rank")
     if rank is not None and not (rank.is_integer() and 1 <= rank <= MAX_RANK):
         raise ConfigError(f"--compress {text!r}: rank must be a positive integer of at most {MAX_RANK}")
@@ -118,204 +144,98 @@ def parse_compression(text: str | Compression | None) -> Compression | None:
     return c
 
 
-def part_name(name: str, part: str) -> str:
-    """The stored name of one part of a compressed tensor."""
-    return f"{name}{SEP}{part}"
-
-
-PartSpec = tuple[DType, tuple[int, ...]]
-
-
 def _nbytes(parts: dict[str, PartSpec]) -> int:
     return sum(dt.itemsize * math.prod(shape) for dt, shape in parts.values())
-
-
-def lowrank_parts(m: int, n: int, rank: int, dtype: DType) -> dict[str, PartSpec]:
-    """Parts of a rank-``rank`` factorisation."""
-    return {"a": (dtype, (m, rank)), "b": (dtype, (rank, n))}
-
-
-def sparse_parts(m: int, n: int, k: int, dtype: DType) -> dict[str, PartSpec]:
-    """Parts of ``k`` kept entries in compressed-sparse-row form."""
-    return {"indptr": (I64, (m + 1,)), "indices": (U16 if n <= 2**16 else I32, (k,)), "values": (dtype, (k,))}
 
 
 def layout(spec: Compression, shape: tuple[int, ...], dtype: DType, *, rank: int | None = None) -> dict[str, PartSpec]:
     """The parts storing a tensor of ``shape`` under ``spec`` ({} when stored dense).
 
     A tensor stays dense when it is not 2-D or when the compressed form would not be
-    smaller. ``rank`` is the rank found for a ``lowrank:energy`` spec.
+    smaller.
+
+    Args:
+        spec: the setting.
+        shape: the tensor's shape.
+        dtype: the delta's dtype (of the float parts).
+        rank: the rank found for a ``lowrank:energy`` spec.
+
+    Returns:
+        Part name -> (dtype, shape).
+
+    Raises:
+        ConfigError: an unknown method.
     """
     if len(shape) != 2 or 0 in shape:
         return {}
-    m, n = shape
-    dense = m * n * dtype.itemsize
-    parts: dict[str, PartSpec]
-    if spec.method == "lowrank":
-        if spec.rank is not None:
-            r = spec.rank
-        elif spec.ratio is not None:
-            r = int(m * n / (spec.ratio * (m + n)))
-        elif rank is not None:
-            r = rank
-        else:
-            raise ValueError("lowrank:energy needs the rank found for the tensor")
-        r = min(r, m, n)
-        if r < 1:
-            return {}
-        parts = lowrank_parts(m, n, r, dtype)
-    elif spec.method == "sparse":
-        entry = (2 if n <= 2**16 else 4) + dtype.itemsize
-        if spec.density is not None:
-            k = max(1, round(spec.density * m * n))
-        else:
-            assert spec.ratio is not None
-            k = int((dense / spec.ratio - 8 * (m + 1)) // entry)
-        if k < 1:
-            return {}
-        parts = sparse_parts(m, n, min(k, m * n), dtype)
-    elif spec.method == "int8":
-        parts = {"q": (I8, (m, n)), "scale": (F32, (m,))}
-    elif spec.method == "sign":
-        parts = {"bits": (U8, ((m * n + 7) // 8,)), "scale": (F32, (1,))}
-    else:
+    codec = CODECS.get(spec.method)
+    if codec is None:
         raise ConfigError(f"unknown compression method {spec.method!r}")
-    return parts if _nbytes(parts) < dense else {}
+    m, n = shape
+    parts = codec.layout(spec, m, n, dtype, rank)
+    return parts if parts and _nbytes(parts) < m * n * dtype.itemsize else {}
 
 
-# ---------------------------------------------------------------- decoding
+def encode(
+    spec: Compression,
+    read: Reader,
+    write: Writer,
+    name: str,
+    shape: tuple[int, int],
+    dtype: DType,
+    ct: np.dtype[Any],
+    block: int,
+    *,
+    rank: int | None = None,
+) -> Encoded:
+    """Compress one diff tensor laid out by :func:`layout` (non-empty), streaming its rows.
 
+    Args:
+        spec: the setting.
+        read: the dense diff, by flat element range, in ``ct``.
+        write: where each part's values go.
+        name: the tensor's name.
+        shape: (m, n).
+        dtype: the delta's dtype.
+        ct: the compute dtype.
+        block: elements per row block (memory is a few blocks plus the result).
+        rank: the rank found for a ``lowrank:energy`` spec.
 
-@dataclass(frozen=True)
-class Packed:
-    """A diff tensor held in a form other than dense values.
-
-    Attributes:
-        method: ``lowrank``, ``sparse``, ``int8``, ``sign``, or ``zero`` (all zeros).
-        shape: the dense tensor's shape, ``(m, n)``.
-        parts: each part as a stored tensor (an ``Operand``) or an array in memory (a LoRA's factors).
-        scale: lowrank: a factor applied to ``a @ b`` (a LoRA's ``alpha / r``).
+    Returns:
+        The diff's norm and the relative error of what was stored.
     """
-
-    method: str
-    shape: tuple[int, ...]
-    parts: dict[str, Any] = field(default_factory=dict)
-    scale: float = 1.0
+    parts = layout(spec, shape, dtype, rank=rank)
+    return CODECS[spec.method].encode(Job(read, write, name, shape, parts, dtype, ct, block))
 
 
-def _part(p: Packed, name: str, start: int, count: int) -> np.ndarray:
-    """Elements ``[start, start + count)`` of a part, as its storage dtype (a fresh array)."""
-    src = p.parts[name]
-    if isinstance(src, np.ndarray):
-        return src.reshape(-1)[start : start + count]
-    raw = np.empty(count * src.info.dtype.itemsize, dtype=np.uint8)
-    return src.ckpt.read(src.info, start, count, raw)
-
-
-def _as_float(x: np.ndarray, dtype: DType | None, out_dtype: np.dtype[Any]) -> np.ndarray:
-    if dtype is BF16:
-        return (x.astype(np.uint32) << 16).view(np.float32).astype(out_dtype, copy=False)
-    return x.astype(out_dtype, copy=False)
-
-
-def _part_dtype(p: Packed, name: str) -> DType | None:
-    src = p.parts[name]
-    return None if isinstance(src, np.ndarray) else src.info.dtype
-
-
-def _whole(p: Packed, name: str, ct: np.dtype[Any], cache: dict[Any, Any]) -> np.ndarray:
-    """A whole (small) part widened to ``ct``, kept in the caller's one-entry cache."""
-    key = (id(p), name, ct.str)
-    got = cache.get(key)
-    if got is None:
-        src = p.parts[name]
-        shape = src.shape if isinstance(src, np.ndarray) else src.info.shape
-        got = _as_float(_part(p, name, 0, math.prod(shape)), _part_dtype(p, name), ct).reshape(shape)
-        cache.clear()
-        cache[key] = got
-    return got
+def state_bytes(method: str, shape: tuple[int, int], rank: int, itemsize: int, block: int) -> int:
+    """Bytes an encoder holds for one tensor, beyond the reader's buffers (an upper estimate)."""
+    return CODECS[method].state_bytes(shape, rank, itemsize, block)
 
 
 def decode(p: Packed, start: int, count: int, out: np.ndarray, cache: dict[Any, Any]) -> np.ndarray:
     """Write elements ``[start, start + count)`` of the dense tensor into ``out`` (float32/64).
 
-    ``cache`` is the caller's (one per thread) and keeps the last lowrank ``b`` between calls.
+    Args:
+        p: the packed tensor (``zero``: all zeros).
+        start: the first element, in row-major order.
+        count: how many.
+        out: where they go.
+        cache: the caller's (one per thread); keeps the last lowrank ``b`` between calls.
+
+    Returns:
+        ``out``.
+
+    Raises:
+        ValueError: an unknown method.
     """
-    ct = out.dtype
     if p.method == "zero":
         out.fill(0)
         return out
-    n = p.shape[1]
-    r0, r1 = start // n, -(-(start + count) // n)
-    skip = start - r0 * n
-    if p.method == "lowrank":
-        b = _whole(p, "b", ct, cache)
-        rank = b.shape[0]
-        a = _as_float(_part(p, "a", r0 * rank, (r1 - r0) * rank), _part_dtype(p, "a"), ct)
-        _lowrank_rows(a.reshape(r1 - r0, rank), b, skip, count, out)
-        if p.scale != 1.0:
-            np.multiply(out, ct.type(p.scale), out=out)
-    elif p.method == "int8":
-        q = _part(p, "q", start, count)
-        scale = _part(p, "scale", r0, r1 - r0)
-        rows = np.arange(start, start + count, dtype=np.int64) // n - r0
-        np.multiply(q, scale[rows], out=out, casting="unsafe")
-    elif p.method == "sign":
-        mag = float(_part(p, "scale", 0, 1)[0])
-        lo = start // 8
-        raw = _part(p, "bits", lo, (start + count + 7) // 8 - lo)
-        bits = np.unpackbits(raw, bitorder="little")[start - 8 * lo : start - 8 * lo + count]
-        np.multiply(bits, ct.type(2 * mag), out=out, casting="unsafe")
-        np.subtract(out, ct.type(mag), out=out)
-    elif p.method == "sparse":
-        ptr = _part(p, "indptr", r0, r1 - r0 + 1)
-        e0, e1 = int(ptr[0]), int(ptr[-1])
-        out.fill(0)
-        if e1 > e0:
-            cols = _part(p, "indices", e0, e1 - e0).astype(np.int64)
-            vals = _as_float(_part(p, "values", e0, e1 - e0), _part_dtype(p, "values"), ct)
-            rows = np.repeat(np.arange(r0, r1, dtype=np.int64), np.diff(ptr))
-            pos = rows * n + cols - start
-            keep = (pos >= 0) & (pos < count)
-            out[pos[keep]] = vals[keep]
-    else:
+    codec = CODECS.get(p.method)
+    if codec is None:
         raise ValueError(f"unknown packed method {p.method!r}")
-    return out
-
-
-# Elements of a row block of ``a @ b`` computed at once: two such blocks (the sum and one
-# product) stay in a core's L2 cache while the rank loop runs over them.
-_BLOCK_ELEMENTS = 1 << 16
-
-
-def _lowrank_rows(a: np.ndarray, b: np.ndarray, skip: int, count: int, out: np.ndarray) -> None:
-    """Write elements ``[skip, skip + count)`` of the row-major product ``a @ b`` into ``out``.
-
-    Not through BLAS: a GEMM's summation order (blocking, FMA, SIMD width) depends on the
-    matrix sizes, the thread count and the CPU's kernel, so a row decoded as part of a
-    small range could differ in its last bit from the same row decoded in a large one.
-    Here every element is ``fl(...fl(fl(a0*b0) + fl(a1*b1)) + ... + fl(ak*bk))``, one
-    correctly rounded multiply and add per rank in rank order, so its bits depend only on
-    the stored factors: the same for any range split, ``--threads``, ``--max-memory``, BLAS
-    kernel and IEEE-754 CPU.
-    """
-    n = b.shape[1]
-    if b.shape[0] == 0:
-        out[:count] = 0
-        return
-    rows = max(1, _BLOCK_ELEMENTS // n)
-    acc = np.empty((rows, n), dtype=out.dtype)
-    tmp = np.empty((rows, n), dtype=out.dtype)
-    first, last = skip // n, -(-(skip + count) // n)
-    for i in range(first, last, rows):
-        j = min(last, i + rows)
-        s, t = acc[: j - i], tmp[: j - i]
-        np.multiply(a[i:j, 0:1], b[0], out=s)
-        for k in range(1, b.shape[0]):
-            np.multiply(a[i:j, k : k + 1], b[k], out=t)
-            np.add(s, t, out=s)
-        lo, hi = max(i * n, skip), min(j * n, skip + count)
-        out[lo - skip : hi - skip] = s.reshape(-1)[lo - i * n : hi - i * n]
+    return codec.decode(p, start, count, out, cache)
 
 
 def packed_nbytes(p: Packed) -> int:

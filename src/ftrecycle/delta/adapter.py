@@ -16,10 +16,12 @@ from typing import Any
 
 import numpy as np
 
+from ftrecycle.arch import CONV1D_MODEL_TYPES, CONV1D_MODULES
 from ftrecycle.codecs import Packed
-from ftrecycle.codecs.encode import from_storage
+from ftrecycle.dtypes import from_storage
 from ftrecycle.errors import CheckpointError, IncompatibleModelsError
 from ftrecycle.io.checkpoint import Checkpoint, open_checkpoint
+from ftrecycle.io.jsonfile import read_json
 from ftrecycle.io.safetensors_format import TensorInfo
 from ftrecycle.plan import logical_names
 from ftrecycle.terms import Action, PackedTerm, Record, Term, record
@@ -27,8 +29,6 @@ from ftrecycle.terms import Action, PackedTerm, Record, Term, record
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
-#: GPT-2-style Conv1D modules store weights as (in, out); PEFT marks them fan_in_fan_out.
-CONV1D_MODULES = ("c_attn", "c_proj", "c_fc")
 
 
 def is_adapter(ref: str | Path) -> bool:
@@ -44,8 +44,6 @@ def _load_config(path: Path) -> dict[str, Any]:
     Raises:
         CheckpointError: unreadable, malformed, or an adapter ftrecycle does not read.
     """
-    from ftrecycle.io.jsonfile import read_json
-
     cpath = path / ADAPTER_CONFIG
     cfg = read_json(cpath, what="adapter config", fix="restore the file, or save the adapter again with PEFT")
     if not isinstance(cfg, dict):
@@ -197,8 +195,6 @@ def adapter_terms(
     return terms, aliases, records, desc, base.path
 
 
-#: Model types whose attention/MLP projections are transformers' ``Conv1D`` (weights stored (in, out)).
-CONV1D_MODEL_TYPES = ("gpt2", "openai-gpt", "imagegpt", "decision_transformer")
 _SUFFIXES = (
     ("linear", ".lora_A.weight", ".lora_B.weight"),
     ("embedding", ".lora_embedding_A", ".lora_embedding_B"),

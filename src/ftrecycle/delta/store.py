@@ -1,15 +1,8 @@
-"""The delta directory: safetensors shards of ``finetuned - base`` plus a manifest.
+"""Reading a delta directory: the :class:`Delta` owns its checked manifest, its shards and its terms.
 
-Layout (format version 2)::
-
-    delta.safetensors                     (or delta-0000i-of-0000N.safetensors
-    delta.safetensors.index.json           with this index when sharded)
-    ftrecycle-delta.json                  the manifest (see docs/delta-format.md)
-    finetuned/config.json, tokenizer...   the fine-tuned model's non-weight files
-
-Version 2 adds compressed tensors (stored as parts, see :mod:`ftrecycle.codecs`),
-per-tensor norms and errors, and a SHA-256 of every stored tensor's bytes. Version 1
-directories (dense, no checksums) are still read.
+The manifest's schema and file names are in :mod:`ftrecycle.delta.manifest`; writing a delta
+is :class:`ftrecycle.delta.write.DeltaWriter`. :func:`open_delta` and :func:`read_manifest`
+are the module-level conveniences over :class:`Delta`.
 """
 
 from __future__ import annotations
@@ -23,187 +16,185 @@ from typing import Any
 
 import numpy as np
 
-from ftrecycle.codecs import METHODS, SEP, Packed, part_name
-from ftrecycle.codecs.encode import from_storage
-from ftrecycle.dtypes import ALL, BY_NAME, F32, I8, I32, I64, U8, U16
+from ftrecycle.arch import check_compatible
+from ftrecycle.codecs import CODECS, SEP, Packed
+from ftrecycle.delta.manifest import (
+    FINETUNED_DIR,
+    INDEX,
+    PREFIX,
+    dense_bytes,
+    load_manifest,
+    stored_names,
+)
+from ftrecycle.dtypes import BY_NAME, FLOAT_DTYPES, DType, from_storage
 from ftrecycle.errors import CheckpointError, ConfigError, IncompatibleModelsError
 from ftrecycle.io.checkpoint import Checkpoint, open_checkpoint
-from ftrecycle.io.jsonfile import read_json, short
+from ftrecycle.io.jsonfile import read_json
+from ftrecycle.io.model_files import CONFIG_FILES, TOKENIZER_FILES
 from ftrecycle.io.safetensors_format import TensorInfo
 from ftrecycle.terms import Operand, PackedTerm, Stored, Term
 
-MANIFEST = "ftrecycle-delta.json"
-FORMAT = "ftrecycle-delta"
-VERSION = 2
-READS = (1, 2)
 HASH_BLOCK = 2 << 20  # bytes per read: a float64 copy of a bf16 block is 8 MiB
-PREFIX = "delta"
-INDEX = "delta.safetensors.index.json"
-FINETUNED_DIR = "finetuned"
 
 
-#: A manifest larger than this is refused before it is parsed (a 100k-tensor model's is ~40 MiB).
-MAX_MANIFEST_BYTES = 256 << 20
-#: Stored float dtypes of dense tensors and of compressed tensors' float parts.
-FLOAT_DTYPES = frozenset(d for d in ALL if d.arithmetic)
-#: Each method's parts and the checks :func:`check_parts` makes of them.
-PARTS: dict[str, frozenset[str]] = {
-    "lowrank": frozenset({"a", "b"}),
-    "sparse": frozenset({"indptr", "indices", "values"}),
-    "int8": frozenset({"q", "scale"}),
-    "sign": frozenset({"bits", "scale"}),
-}
-_HEX = frozenset("0123456789abcdef")
+class Delta:
+    """A delta directory: its checked manifest and, once opened, its indexed shards and terms.
 
+    Make one with :meth:`read` (the manifest only) or :meth:`open` (shards too); an opened
+    delta holds file handles until :meth:`close` (it is a context manager).
 
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+    Attributes:
+        path: the directory.
+        manifest: the manifest, checked against its schema.
+        ckpt: the indexed shards (opened deltas only).
+        terms: the diff's terms by tensor name (opened deltas only).
+    """
 
+    def __init__(
+        self,
+        path: Path,
+        manifest: dict[str, Any],
+        ckpt: Checkpoint | None = None,
+        terms: dict[str, Term] | None = None,
+    ) -> None:
+        self.path = path
+        self.manifest = manifest
+        self.ckpt = ckpt
+        self.terms: dict[str, Term] = terms or {}
 
-def _is_number(x: Any) -> bool:
-    return (isinstance(x, int | float) and not isinstance(x, bool)) and math.isfinite(x)
+    @classmethod
+    def read(cls, path: str | Path) -> Delta:
+        """The delta's manifest, checked; no shard is opened.
 
+        Raises:
+            CheckpointError: not a delta directory, or a malformed manifest.
+        """
+        p = Path(path).expanduser()
+        return cls(p, load_manifest(p))
 
-class _Bad:
-    """Raise a manifest error that names the file, the field and the fix."""
+    @classmethod
+    def open(
+        cls, path: str | Path, *, check: bool = True, threads: int = 1, max_metadata_bytes: int | None = None
+    ) -> Delta:
+        """Open a delta directory: its manifest, its shards, and its terms.
 
-    def __init__(self, mpath: Path) -> None:
-        self.mpath = mpath
+        Args:
+            path: the directory.
+            check: verify every tensor's checksum first (one read of the delta).
+            threads: threads for the checksums.
+            max_metadata_bytes: refuse shards whose index would take more memory than this
+                (see :func:`ftrecycle.io.checkpoint.open_checkpoint`).
 
-    def __call__(self, what: str) -> CheckpointError:
-        return CheckpointError(f"{self.mpath}: {what}; recreate the delta with `ftrecycle diff`")
+        Returns:
+            The opened delta.
+
+        Raises:
+            CheckpointError: not a delta, corrupt shards, or shards that disagree with the manifest.
+        """
+        p = Path(path).expanduser()
+        if not p.is_dir():
+            raise CheckpointError(f"{path}: no such delta directory")
+        manifest = load_manifest(p)
+        ckpt = open_checkpoint(
+            str(p), require_config=False, index_name=INDEX, prefix=PREFIX, max_metadata_bytes=max_metadata_bytes
+        )
+        ckpt.config = dict(manifest.get("base_config") or {})
+        try:
+            terms = _terms(p, ckpt, manifest)
+            if check:
+                verify(ckpt, manifest, threads, terms)
+        except BaseException:
+            ckpt.close()
+            raise
+        return cls(p, manifest, ckpt, terms)
+
+    @property
+    def aliases(self) -> dict[str, str]:
+        """Tied tensor name -> the stored tensor it shares."""
+        return {str(k): str(v) for k, v in (self.manifest.get("aliases") or {}).items()}
+
+    @property
+    def entries(self) -> dict[str, Any]:
+        """The manifest's entry of each listed tensor."""
+        return dict(self.manifest.get("tensors") or {})
+
+    @property
+    def dtype(self) -> DType:
+        """The dtype dense diffs are stored in (and compressed tensors' float parts)."""
+        return BY_NAME[self.manifest.get("dtype", "float32")]
+
+    def dense_bytes(self) -> int:
+        """Bytes the listed tensors would take stored dense in the delta's dtype."""
+        return dense_bytes(self.entries, self.dtype.itemsize)
+
+    def file_bytes(self) -> int:
+        """Bytes the shard files take on disk (headers included)."""
+        return sum(f.stat().st_size for f in self.path.glob(f"{PREFIX}*.safetensors"))
+
+    def compression_errors(self) -> list[float]:
+        """The relative error ``||d - decoded|| / ||d||`` of every compressed tensor."""
+        return [float(e["compression"]["error"]) for e in self.entries.values() if e.get("compression")]
+
+    def finetuned_files(self, *, config: bool, tokenizer: bool) -> Path:
+        """The delta's ``finetuned/`` directory, checked (see :func:`finetuned_files`)."""
+        return finetuned_files(self.path, self.manifest, config=config, tokenizer=tokenizer)
+
+    def shards(self) -> Checkpoint:
+        """The indexed shards of an opened delta.
+
+        Raises:
+            ConfigError: the delta was only read (:meth:`read`), not opened.
+        """
+        if self.ckpt is None:
+            raise ConfigError(f"{self.path}: the delta's manifest was read but its shards were not opened")
+        return self.ckpt
+
+    def close(self) -> None:
+        """Close the shards' files (an opened delta)."""
+        if self.ckpt is not None:
+            self.ckpt.close()
+
+    def __enter__(self) -> Delta:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def read_manifest(path: Path) -> dict[str, Any]:
     """Read a delta directory's manifest and check its schema (see docs/delta-format.md).
 
-    Every field a reader uses is checked for its type and range; a version 2 manifest must
-    name only the public compression methods and carry a checksum for every stored tensor.
+    Args:
+        path: the delta directory.
+
+    Returns:
+        The manifest (:attr:`Delta.manifest` of :meth:`Delta.read`).
 
     Raises:
         CheckpointError: missing, unreadable, of an unknown format or version, or malformed.
     """
-    mpath = path / MANIFEST
-    if not mpath.exists() and not mpath.is_symlink():
-        raise CheckpointError(f"{path}: not a delta directory (no {MANIFEST}); make one with `ftrecycle diff`")
-    manifest = read_json(
-        mpath, what="delta manifest", max_bytes=MAX_MANIFEST_BYTES, fix="recreate the delta with `ftrecycle diff`"
-    )
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise CheckpointError(
-            f'{mpath}: not an ftrecycle delta manifest (no "format": "{FORMAT}"); recreate the delta with '
-            "`ftrecycle diff`"
-        )
-    version = manifest.get("version")
-    if not _is_int(version) or version not in READS:
-        raise CheckpointError(
-            f"{mpath}: delta format version {short(version)} is not supported by this ftrecycle "
-            f"(reads versions {', '.join(map(str, READS))}); upgrade ftrecycle or recreate the delta"
-        )
-    _check_schema(mpath, manifest)
-    return manifest
+    return Delta.read(path).manifest
 
 
-def _check_schema(mpath: Path, m: dict[str, Any]) -> None:
-    bad = _Bad(mpath)
-    v2 = m["version"] >= 2
-    for key in ("base_config", "base", "finetuned", "compression", "policies"):
-        if m.get(key) is not None and not isinstance(m[key], dict):
-            raise bad(f"{key!r} must be an object, not {type(m[key]).__name__}")
-    if m.get("records") is not None and not (
-        isinstance(m["records"], list) and all(isinstance(r, dict) for r in m["records"])
-    ):
-        raise bad("'records' must be a list of objects")
-    for key in ("dtype", "compute_dtype"):
-        if key in m and not (isinstance(m[key], str) and m[key] in BY_NAME and BY_NAME[m[key]] in FLOAT_DTYPES):
-            raise bad(f"{key!r} is {short(m[key])}, not a float dtype name")
-    comp = m.get("compression")
-    if comp is not None and not isinstance(comp.get("spec", ""), str):
-        raise bad("'compression.spec' must be a string")
-    tensors = m.get("tensors")
-    if tensors is None and not v2:
-        tensors = {}
-    if not isinstance(tensors, dict) or (v2 and not tensors):
-        raise bad("'tensors' must be a non-empty object of tensor name -> entry")
-    for name, e in tensors.items():
-        _check_entry(bad, name, e, v2)
-    aliases = m.get("aliases")
-    if aliases is not None:
-        if not isinstance(aliases, dict) or not all(isinstance(v, str) for v in aliases.values()):
-            raise bad("'aliases' must be an object of tensor name -> tensor name")
-        for alias, target in aliases.items():
-            if alias in tensors or (v2 and target not in tensors):
-                raise bad(f"alias {short(alias)} -> {short(target)} must name a listed tensor and not be one")
-    if not v2 and ("checksums" in m or any(set(e) - {"shape", "dtype"} for e in tensors.values())):
-        # version 1 had neither: a version 2 delta relabelled 1 would skip its verification
-        raise bad("a version 1 manifest carries version 2 fields (checksums, norms...); its version was changed")
-    if v2:
-        sums = m.get("checksums")
-        if not isinstance(sums, dict) or not sums:
-            raise bad(
-                "a version 2 manifest has no 'checksums' (every stored tensor must have one; a delta without "
-                "them would apply a corrupted tensor unnoticed)"
-            )
-        for stored, h in sums.items():
-            if not (isinstance(h, str) and len(h) == 64 and set(h) <= _HEX):
-                raise bad(f"checksum of {short(stored)} is not a SHA-256 hex digest")
-        stored = stored_names(m)
-        unknown = sorted(set(sums) - stored)
-        if unknown:
-            raise bad(f"'checksums' names {short(unknown[0])}, which the manifest does not store")
-        missing = sorted(stored - set(sums))
-        if missing:
-            names = ", ".join(map(short, missing[:5]))
-            raise bad(f"no checksum for stored tensor(s) {names} (version 2 needs one for each)")
+def open_delta(
+    path: str | Path, *, check: bool = True, threads: int = 1, max_metadata_bytes: int | None = None
+) -> tuple[Checkpoint, dict[str, Any], dict[str, Term], dict[str, str]]:
+    """Open a delta directory (:meth:`Delta.open`), as a tuple.
 
+    Args:
+        path: the directory.
+        check: verify every tensor's checksum first (one read of the delta).
+        threads: threads for the checksums.
+        max_metadata_bytes: refuse shards whose index would take more memory than this.
 
-def _check_entry(bad: _Bad, name: str, e: Any, v2: bool) -> None:
-    if SEP in name:
-        raise bad(f"tensor name {short(name)} contains {SEP!r}, the separator of stored part names")
-    if not isinstance(e, dict):
-        raise bad(f"entry of tensor {short(name)} must be an object")
-    shape = e.get("shape")
-    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-        raise bad(f"tensor {short(name)}: 'shape' must be a list of non-negative integers, not {short(shape)}")
-    if "dtype" in e and not (isinstance(e["dtype"], str) and BY_NAME.get(e["dtype"]) in FLOAT_DTYPES):
-        raise bad(f"tensor {short(name)}: 'dtype' {short(e['dtype'])} is not a float dtype name")
-    for key in ("norm", "error"):
-        if e.get(key) is not None and not _is_number(e[key]):
-            raise bad(f"tensor {short(name)}: {key!r} must be a finite number")
-    if e.get("bytes") is not None and not (_is_int(e["bytes"]) and e["bytes"] >= 0):
-        raise bad(f"tensor {short(name)}: 'bytes' must be a non-negative integer")
-    comp, parts = e.get("compression"), e.get("parts")
-    if comp is None:
-        if parts:
-            raise bad(f"tensor {short(name)} lists parts but no compression method")
-        return
-    if not v2:
-        raise bad(f"tensor {short(name)} is compressed, which version 1 cannot be")
-    if not isinstance(comp, dict) or comp.get("method") not in METHODS:
-        method = comp.get("method") if isinstance(comp, dict) else comp
-        raise bad(f"tensor {short(name)}: compression method {short(method)} is not one of {', '.join(METHODS)}")
-    for key in ("norm", "error", "density"):
-        if comp.get(key) is not None and not _is_number(comp[key]):
-            raise bad(f"tensor {short(name)}: compression {key!r} must be a finite number")
-    for key in ("rank", "kept"):
-        if comp.get(key) is not None and not (_is_int(comp[key]) and comp[key] >= 0):
-            raise bad(f"tensor {short(name)}: compression {key!r} must be a non-negative integer")
-    if len(shape) != 2 or 0 in shape:
-        raise bad(f"tensor {short(name)} of shape {short(shape)} is compressed, but only non-empty matrices can be")
-    want = PARTS[comp["method"]]
-    if not isinstance(parts, dict) or set(parts) != want:
-        raise bad(f"tensor {short(name)} ({comp['method']}) must list exactly the parts {', '.join(sorted(want))}")
-    for k, stored in parts.items():
-        if stored != part_name(name, k):
-            raise bad(f"tensor {short(name)}: part {k!r} is stored as {short(stored)}, not {short(part_name(name, k))}")
+    Returns:
+        The indexed shards, the manifest, the diff's terms, and its tied aliases.
 
-
-def stored_names(manifest: dict[str, Any]) -> set[str]:
-    """The names a (checked) manifest says are stored in the shards: dense tensors and parts."""
-    out: set[str] = set()
-    for name, e in (manifest.get("tensors") or {}).items():
-        out |= set(e["parts"].values()) if e.get("compression") else {name}
-    return out
+    Raises:
+        CheckpointError: not a delta, corrupt shards, or shards that disagree with the manifest.
+    """
+    d = Delta.open(path, check=check, threads=threads, max_metadata_bytes=max_metadata_bytes)
+    return d.shards(), d.manifest, d.terms, d.aliases
 
 
 def digest(info: TensorInfo, *, norm: bool = False) -> tuple[str, float | None]:
@@ -242,7 +233,7 @@ def verify(ckpt: Checkpoint, manifest: dict[str, Any], threads: int, terms: dict
     """Check every stored tensor against the manifest's checksums (version 2), and the column
     indices of every sparse tensor in ``terms`` against its width.
 
-    :func:`read_manifest` has made sure a version 2 manifest has a checksum for every stored
+    :func:`~ftrecycle.delta.manifest.load_manifest` has made sure a version 2 manifest has a checksum for every stored
     tensor, and :func:`open_delta` that the shards store exactly those tensors.
 
     Raises:
@@ -279,43 +270,6 @@ def _check_indices(name: str, p: Packed) -> None:
                 f"{src.info.path}: {src.info.name!r} holds a column index outside [0, {n}) of tensor {name!r}; "
                 "recreate the delta with `ftrecycle diff`"
             )
-
-
-def open_delta(
-    path: str | Path, *, check: bool = True, threads: int = 1, max_metadata_bytes: int | None = None
-) -> tuple[Checkpoint, dict[str, Any], dict[str, Term], dict[str, str]]:
-    """Open a delta directory.
-
-    Args:
-        path: the directory.
-        check: verify every tensor's checksum first (one read of the delta).
-        threads: threads for the checksums.
-        max_metadata_bytes: refuse shards whose index would take more memory than this
-            (see :func:`ftrecycle.io.checkpoint.open_checkpoint`).
-
-    Returns:
-        The indexed shards, the manifest, the diff's terms, and its tied aliases.
-
-    Raises:
-        CheckpointError: not a delta, corrupt shards, or shards that disagree with the manifest.
-    """
-    p = Path(path).expanduser()
-    if not p.is_dir():
-        raise CheckpointError(f"{path}: no such delta directory")
-    manifest = read_manifest(p)
-    ckpt = open_checkpoint(
-        str(p), require_config=False, index_name=INDEX, prefix=PREFIX, max_metadata_bytes=max_metadata_bytes
-    )
-    ckpt.config = dict(manifest.get("base_config") or {})
-    try:
-        terms = _terms(p, ckpt, manifest)
-        if check:
-            verify(ckpt, manifest, threads, terms)
-    except BaseException:
-        ckpt.close()
-        raise
-    aliases = {str(k): str(v) for k, v in (manifest.get("aliases") or {}).items()}
-    return ckpt, manifest, terms, aliases
 
 
 def _terms(p: Path, ckpt: Checkpoint, manifest: dict[str, Any]) -> dict[str, Term]:
@@ -379,17 +333,22 @@ def _check_dtype(info: TensorInfo, listed: str | None) -> None:
 def check_parts(name: str, method: str, shape: tuple[int, ...], parts: dict[str, TensorInfo]) -> None:
     """Check every part's dtype and shape against its tensor's shape and method, before any read.
 
-    ``lowrank``: ``a`` (m, r) and ``b`` (r, n), one float dtype, r >= 1; ``int8``: ``q`` (m, n)
-    int8 and ``scale`` (m,) float32; ``sign``: ``bits`` (ceil(mn/8),) uint8 and ``scale`` (1,)
-    float32; ``sparse``: ``indptr`` (m+1,) int64, ``indices`` (k,) uint16 (n <= 65536) or int32,
-    ``values`` (k,) float.
+    What each method's parts must be is its codec's ``expect`` (see :mod:`ftrecycle.codecs`).
+
+    Args:
+        name: the tensor.
+        method: its compression method.
+        shape: its (dense) shape.
+        parts: part name -> the stored part.
 
     Raises:
         CheckpointError: a part of another dtype or shape (an exchanged or corrupt part), naming it.
     """
     m, n = shape
-
-    def want(part: str, dtypes: Any, pshape: tuple[int, ...]) -> None:
+    codec = CODECS.get(method)
+    if codec is None:  # load_manifest lets no other method through
+        raise CheckpointError(f"tensor {name!r}: unknown compression method {method!r}")
+    for part, (dtypes, pshape) in codec.expect(m, n, parts).items():
         info = parts[part]
         if info.dtype not in dtypes or info.shape != pshape:
             names = "/".join(sorted(d.name for d in dtypes)) if len(dtypes) < 4 else "float"
@@ -398,25 +357,6 @@ def check_parts(name: str, method: str, shape: tuple[int, ...], parts: dict[str,
                 f"{info.dtype} {list(info.shape)}, not {names} {list(pshape)}; the part is corrupt or belongs to "
                 "another tensor; recreate the delta with `ftrecycle diff`"
             )
-
-    if method == "lowrank":
-        a = parts["a"]
-        r = a.shape[1] if len(a.shape) == 2 else 0
-        want("a", FLOAT_DTYPES, (m, max(r, 1)))
-        want("b", {a.dtype}, (r, n))
-    elif method == "int8":
-        want("q", {I8}, (m, n))
-        want("scale", {F32}, (m,))
-    elif method == "sign":
-        want("bits", {U8}, ((m * n + 7) // 8,))
-        want("scale", {F32}, (1,))
-    elif method == "sparse":
-        k = parts["values"].shape[0] if len(parts["values"].shape) == 1 else -1
-        want("indptr", {I64}, (m + 1,))
-        want("indices", {U16, I32} if n <= 1 << 16 else {I32}, (max(k, 0),))
-        want("values", FLOAT_DTYPES, (max(k, 0),))
-    else:  # read_manifest lets no other method through
-        raise CheckpointError(f"tensor {name!r}: unknown compression method {method!r}")
 
 
 def _check_indptr(name: str, p: Packed) -> None:
@@ -453,9 +393,6 @@ def finetuned_files(path: Path, manifest: dict[str, Any], *, config: bool, token
         CheckpointError: a file there is a symlink or not a regular file.
         IncompatibleModelsError: its config.json is of another architecture than the delta's base.
     """
-    from ftrecycle.arch import check_compatible
-    from ftrecycle.io.model_files import CONFIG_FILES, TOKENIZER_FILES
-
     src = path / FINETUNED_DIR
     if not (config or tokenizer):
         return src

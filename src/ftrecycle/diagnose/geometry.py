@@ -13,26 +13,17 @@ to the diff) and fail across the stage boundary, where the drift dwarfs the diff
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from ftrecycle.arch import check_compatible
+from ftrecycle.arch import LAYER, MODULE_TYPES, check_compatible
 from ftrecycle.dtypes import F64
 from ftrecycle.engine import Buffers, widen
 from ftrecycle.io.checkpoint import Checkpoint, open_checkpoint
 
 CHUNK = 1 << 20  # elements per read; the engine's buffers for it are ~70 MiB in all
-
-MODULE_TYPES = (
-    ("embeddings", re.compile(r"embed|lm_head|wte|wpe|shared")),
-    ("norms", re.compile(r"norm|ln_")),
-    ("attention", re.compile(r"attn|attention|q_proj|k_proj|v_proj|o_proj")),
-    ("mlp", re.compile(r"mlp|gate_proj|up_proj|down_proj|fc|c_proj")),
-)
-LAYER = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
 
 
 def module_type(name: str) -> str:

@@ -7,11 +7,10 @@ back instead of recomputed, and an interrupted fine-tune resumes from its last c
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
-from ftrecycle.delta.store import read_manifest
+from ftrecycle.delta.store import Delta
 from ftrecycle.evaluate.data import read_gsm8k
 from ftrecycle.io.output import atomic_directory
 
@@ -103,12 +102,9 @@ def compressed_job(
         )
         apply_delta(delta, target_base, model, force=True)
         (root / "done").write_text(json.dumps(d.provenance.get("compression")))
-    manifest = read_manifest(delta)
-    stored = sum(f.stat().st_size for f in delta.glob("delta*.safetensors"))
-    dense = sum(math.prod(e["shape"]) * 2 for e in manifest["tensors"].values())
-    errors: list[float] = [
-        float(e["compression"]["error"]) for e in manifest["tensors"].values() if e.get("compression")
-    ]
+    stored_delta = Delta.read(delta)
+    stored, dense = stored_delta.file_bytes(), stored_delta.dense_bytes()
+    errors = stored_delta.compression_errors()
     return {
         "accuracy": evaluate_model(model, test, max_new_tokens=max_new_tokens),
         "ratio": dense / stored,

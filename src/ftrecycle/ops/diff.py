@@ -15,16 +15,25 @@ from typing import Any
 
 import numpy as np
 
-from ftrecycle.codecs import Compression, PartSpec, layout, parse_compression, part_name
-from ftrecycle.codecs.encode import encode, energy_rank, state_bytes
-from ftrecycle.delta.store import FINETUNED_DIR, FORMAT, INDEX, PREFIX, VERSION, check_names, checksums
+from ftrecycle.codecs import (
+    Compression,
+    PartSpec,
+    encode,
+    energy_rank,
+    layout,
+    parse_compression,
+    part_name,
+    state_bytes,
+)
+from ftrecycle.delta.manifest import PREFIX
+from ftrecycle.delta.store import check_names
+from ftrecycle.delta.write import DeltaWriter
 from ftrecycle.dtypes import BY_NAME, DType
 from ftrecycle.engine import RESERVE_BYTES, Buffers, Engine, _bytes_per_element, read_term
-from ftrecycle.errors import CheckpointError, MemoryBudgetError, NonFiniteError
-from ftrecycle.io.checkpoint import Checkpoint, _index_safetensors, open_checkpoint
-from ftrecycle.io.model_files import CONFIG_FILES, TOKENIZER_FILES, copy_files
-from ftrecycle.io.output import ShardedWriter, check_output, write_json
-from ftrecycle.io.provenance import DELTA_MANIFEST, base_record, describe_input
+from ftrecycle.errors import MemoryBudgetError, NonFiniteError
+from ftrecycle.io.checkpoint import Checkpoint, open_checkpoint
+from ftrecycle.io.output import ShardedWriter, check_output
+from ftrecycle.io.provenance import describe_input
 from ftrecycle.io.safetensors_format import pwrite_all
 from ftrecycle.ops._sources import SourceDiff, source_diff
 from ftrecycle.options import DiffOptions, Policies
@@ -148,8 +157,7 @@ class _DeltaJob:
         packed: compressed tensors -> their parts' dtypes and shapes.
         ranks: ``lowrank:energy``'s rank of each compressed tensor.
         progress: called with (bytes written, total bytes).
-        found: compressed tensors -> what their encoder measured (norm, error, rank, ...).
-        manifest: the manifest, once written.
+        writer: the delta's manifest, completed as the tensors are encoded and the shards written.
     """
 
     base: Checkpoint
@@ -162,8 +170,7 @@ class _DeltaJob:
     packed: dict[str, dict[str, PartSpec]]
     ranks: dict[str, int]
     progress: ProgressFn | None
-    found: dict[str, dict[str, Any]] = field(default_factory=dict)
-    manifest: dict[str, Any] = field(default_factory=dict)
+    writer: DeltaWriter
 
     @classmethod
     def planned(
@@ -181,18 +188,31 @@ class _DeltaJob:
         chunk = settings.engine(0, None).chunk
         ranks = _energy_ranks(spec, source.terms, ddt, settings, chunk) if spec and spec.energy else {}
         packed = _packed(spec, plan.tensors, ddt, ranks)
-        return cls(base, source, spec, ddt, settings, opts.policies, plan.tensors, packed, ranks, progress)
+        writer = DeltaWriter.start(
+            plan.tensors,
+            packed,
+            spec=spec,
+            dtype=ddt,
+            compute_dtype=settings.compute_dtype,
+            inputs={"base": describe_input(base), "finetuned": source.finetuned},
+            base_config=base.config,
+            aliases=source.aliases,
+            policies={"vocab": opts.policies.vocab, "on_missing": opts.policies.on_missing},
+            records=list(source.records),
+            files=source.files,
+            threads=settings.threads,
+        )
+        return cls(base, source, spec, ddt, settings, opts.policies, plan.tensors, packed, ranks, progress, writer)
 
     @property
     def stored(self) -> list[OutTensor]:
         """What the shards hold: dense tensors, and the (engine-less) parts of compressed ones."""
-        out: list[OutTensor] = []
-        for t in self.tensors:
-            if t.name in self.packed:
-                out += [OutTensor(part_name(t.name, k), d, s, []) for k, (d, s) in self.packed[t.name].items()]
-            else:
-                out.append(t)
-        return out
+        return self.writer.stored
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        """The delta's manifest (complete once :meth:`finish` ran)."""
+        return self.writer.manifest
 
     def compress(self, writer: ShardedWriter, engine: Engine) -> None:
         """Encode the compressed tensors into their parts' slots, in parallel within the memory budget."""
@@ -207,7 +227,8 @@ class _DeltaJob:
         # largest first, so that small tensors fill the gaps beside them
         names = sorted(self.packed, key=lambda n: -needs[n])
         with ThreadPoolExecutor(self.settings.threads) as pool:
-            self.found = dict(pool.map(one, names))
+            for name, found in pool.map(one, names):
+                self.writer.compressed(name, found)
 
     def _encode(
         self,
@@ -231,19 +252,7 @@ class _DeltaJob:
 
     def finish(self, tmp: Path) -> None:
         """Write the manifest and the fine-tuned model's files into the delta's temporary directory."""
-        self.manifest = _write_manifest(
-            tmp,
-            base=self.base,
-            source=self.source,
-            spec=self.spec,
-            dtype=self.dtype,
-            compute_dtype=self.settings.compute_dtype,
-            policies=self.policies,
-            tensors=self.tensors,
-            packed=self.packed,
-            found=self.found,
-            threads=self.settings.threads,
-        )
+        self.writer.finish(tmp)
 
 
 def _packed(
@@ -260,74 +269,6 @@ def _packed(
         if parts:
             packed[t.name] = parts
     return packed
-
-
-def _write_manifest(
-    tmp: Path,
-    *,
-    base: Checkpoint,
-    source: SourceDiff,
-    spec: Compression | None,
-    dtype: DType,
-    compute_dtype: DType,
-    policies: Policies,
-    tensors: list[OutTensor],
-    packed: dict[str, dict[str, PartSpec]],
-    found: dict[str, dict[str, Any]],
-    threads: int,
-) -> dict[str, Any]:
-    """Build the manifest of the delta written into ``tmp`` (its checksums read back from the shards),
-    copy the fine-tuned model's files beside it, and write it.
-
-    Returns:
-        The manifest.
-    """
-    entries: dict[str, dict[str, Any]] = {}
-    for t in tensors:
-        entry: dict[str, Any] = {"shape": list(t.shape), "dtype": dtype.name, "compression": None}
-        if t.name in packed:
-            entry["compression"] = {"method": spec.method if spec else None, **found.get(t.name, {})}
-            entry["parts"] = {k: part_name(t.name, k) for k in packed[t.name]}
-        entries[t.name] = entry
-    manifest = base_record("diff")
-    manifest.update(
-        {
-            "format": FORMAT,
-            "version": VERSION,
-            "base": describe_input(base),
-            "finetuned": source.finetuned,
-            "base_config": base.config,
-            "dtype": dtype.name,
-            "compute_dtype": compute_dtype.name,
-            "compression": None if spec is None else {"spec": str(spec)},
-            "aliases": source.aliases,
-            "policies": {"vocab": policies.vocab, "on_missing": policies.on_missing},
-            "records": source.records,
-            "tensors": entries,
-        }
-    )
-    found_index = _index_safetensors(tmp, INDEX, PREFIX)
-    if found_index is None:  # write_plan has just written the index
-        raise CheckpointError(f"{tmp}: the delta's shard index {INDEX} is missing after writing it")
-    infos = found_index[0]
-    dense_names = [t.name for t in tensors if t.name not in packed]
-    manifest["checksums"], norms = checksums(infos, threads, norms=frozenset(dense_names))
-    for name in dense_names:
-        entries[name].update(norm=norms[name], error=None)
-    for e in entries.values():
-        e["bytes"] = sum(infos[p].nbytes for p in e["parts"].values()) if e.get("parts") else None
-    for name in dense_names:
-        entries[name]["bytes"] = infos[name].nbytes
-    if spec is not None:
-        dense_total = sum(math.prod(e["shape"]) * dtype.itemsize for e in entries.values())
-        stored_total = sum(i.nbytes for i in infos.values())
-        manifest["compression"].update(
-            {"bytes": stored_total, "dense_bytes": dense_total, "ratio": dense_total / max(stored_total, 1)}
-        )
-    (tmp / FINETUNED_DIR).mkdir()
-    copy_files(source.files, tmp / FINETUNED_DIR, CONFIG_FILES + TOKENIZER_FILES)
-    write_json(tmp / DELTA_MANIFEST, manifest)
-    return manifest
 
 
 def _reader_bytes(chunk: int, compute: DType) -> int:

@@ -17,9 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from ftrecycle.arch import EMBEDDING_NAMES, OUTPUT_EMBEDDING
-from ftrecycle.codecs.encode import Encoded, lowrank
-from ftrecycle.delta.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CONV1D_MODULES, PEFT_PREFIX
+from ftrecycle.arch import CONV1D_MODULES, NOT_LINEAR
+from ftrecycle.codecs import Encoded
+from ftrecycle.codecs.lowrank import factors as lowrank
+from ftrecycle.delta.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX
 from ftrecycle.delta.store import open_delta
 from ftrecycle.dtypes import F32, DType, parse_dtype
 from ftrecycle.engine import chunk_for_budget, default_threads
@@ -31,9 +32,6 @@ from ftrecycle.io.safetensors_format import PlannedTensor, build_header
 from ftrecycle.ops.diff import term_reader
 from ftrecycle.options import DEFAULT_MAX_MEMORY
 from ftrecycle.plan import Term
-
-#: 2-D weights that are not linear layers: left out of an exported adapter.
-NOT_LINEAR = (*EMBEDDING_NAMES, OUTPUT_EMBEDDING, "transformer.wpe.weight", "embed_out.weight")
 
 
 @dataclass

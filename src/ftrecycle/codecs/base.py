@@ -1,0 +1,231 @@
+"""What every codec shares: the ``--compress`` setting, a packed tensor, part names, and the
+streaming helpers its encoder and decoder are written with.
+
+A codec (one module per method, registered in :mod:`ftrecycle.codecs`) is a :class:`Codec`:
+the spec parameters it takes, the parts it stores, and four functions — ``layout`` (the
+parts for a matrix), ``encode`` (streamed by row blocks through a :data:`Reader` and a
+:data:`Writer`), ``decode`` (any flat element range) and ``state_bytes`` (the encoder's memory).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ftrecycle.dtypes import BF16, DType, bf16_to_float32
+from ftrecycle.io.safetensors_format import TensorInfo
+
+SEP = "::"
+
+#: A part's storage dtype and shape.
+PartSpec = tuple[DType, tuple[int, ...]]
+#: ``read(start, count)``: elements of the dense diff, in the compute dtype.
+Reader = Callable[[int, int], np.ndarray]
+#: ``write(part, start, values)``: values of a part at an element offset.
+Writer = Callable[[str, int, np.ndarray], None]
+#: Part name -> the dtypes and the shape a stored part may have.
+Expected = dict[str, tuple[frozenset[DType], tuple[int, ...]]]
+
+
+@dataclass(frozen=True)
+class Compression:
+    """A ``--compress`` setting.
+
+    Attributes:
+        method: ``lowrank``, ``sparse``, ``int8`` or ``sign``.
+        rank: lowrank: the rank of every matrix.
+        energy: lowrank: the smallest rank keeping this fraction of each matrix's squared norm.
+        ratio: lowrank or sparse: the rank or density that makes each matrix this many times
+            smaller than it is dense in the delta's dtype.
+        density: sparse: the fraction of entries kept (largest magnitudes).
+    """
+
+    method: str
+    rank: int | None = None
+    energy: float | None = None
+    ratio: float | None = None
+    density: float | None = None
+
+    def __str__(self) -> str:
+        opts = [f"{k}={v:g}" for k, v in self.options().items()]
+        return self.method + (":" + ",".join(opts) if opts else "")
+
+    def options(self) -> dict[str, float]:
+        """The parameters that are set."""
+        found = {"rank": self.rank, "energy": self.energy, "ratio": self.ratio, "density": self.density}
+        return {k: v for k, v in found.items() if v is not None}
+
+
+@dataclass(frozen=True)
+class Packed:
+    """A diff tensor held in a form other than dense values.
+
+    Attributes:
+        method: ``lowrank``, ``sparse``, ``int8``, ``sign``, or ``zero`` (all zeros).
+        shape: the dense tensor's shape, ``(m, n)``.
+        parts: each part as a stored tensor (an ``Operand``) or an array in memory (a LoRA's factors).
+        scale: lowrank: a factor applied to ``a @ b`` (a LoRA's ``alpha / r``).
+    """
+
+    method: str
+    shape: tuple[int, ...]
+    parts: dict[str, Any] = field(default_factory=dict)
+    scale: float = 1.0
+
+
+@dataclass
+class Encoded:
+    """What one encoder measured.
+
+    Attributes:
+        norm: the diff's Frobenius norm.
+        error: ``||d - decoded|| / ||d||``, measured against the stored, rounded parts.
+        rank: lowrank: the rank stored.
+        kept: sparse: the entries stored.
+    """
+
+    norm: float
+    error: float
+    rank: int | None = None
+    kept: int | None = None
+
+
+@dataclass(frozen=True)
+class Job:
+    """One diff tensor to encode, laid out by :func:`ftrecycle.codecs.layout` (non-empty).
+
+    Attributes:
+        read: the dense diff, by flat element range, in ``ct``.
+        write: where each part's values go.
+        name: the tensor's name.
+        shape: (m, n).
+        parts: the parts to write, as laid out.
+        dtype: the delta's dtype (of the float parts).
+        ct: the compute dtype.
+        block: elements per row block (memory is a few blocks plus the result).
+    """
+
+    read: Reader
+    write: Writer
+    name: str
+    shape: tuple[int, int]
+    parts: dict[str, PartSpec]
+    dtype: DType
+    ct: np.dtype[Any]
+    block: int
+
+
+@dataclass(frozen=True)
+class Codec:
+    """One compression method, as the registry holds it.
+
+    Attributes:
+        name: the method's name in ``--compress`` and in the manifest.
+        params: the spec parameters it takes (exactly one of them when any).
+        parts: the names of the parts it stores.
+        layout: ``(spec, m, n, dtype, rank) -> parts`` for an (m, n) matrix, {} when it cannot
+            store one (``rank``: the one found for ``lowrank:energy``).
+        encode: ``(job) -> Encoded``, the parts written through ``job.write``.
+        decode: ``(packed, start, count, out, cache) -> out``, elements ``[start, start + count)``.
+        state_bytes: ``(shape, rank, itemsize, block) -> bytes`` the encoder holds (an upper estimate).
+        expect: ``(m, n, stored parts) -> Expected``: the dtypes and shape each stored part must
+            have (the rank or entry count read from the parts themselves), checked before any read.
+    """
+
+    name: str
+    params: tuple[str, ...]
+    parts: frozenset[str]
+    layout: Callable[[Compression, int, int, DType, int | None], dict[str, PartSpec]]
+    encode: Callable[[Job], Encoded]
+    decode: Callable[[Packed, int, int, np.ndarray, dict[Any, Any]], np.ndarray]
+    state_bytes: Callable[[tuple[int, int], int, int, int], int]
+    expect: Callable[[int, int, dict[str, TensorInfo]], Expected]
+
+
+def part_name(name: str, part: str) -> str:
+    """The stored name of one part of a compressed tensor."""
+    return f"{name}{SEP}{part}"
+
+
+# ---------------------------------------------------------------- encoding helpers
+
+
+def blocks(m: int, n: int, block: int) -> Iterator[tuple[int, int]]:
+    """Row ranges ``[r0, r1)`` of an (m, n) matrix holding about ``block`` elements each."""
+    rows = max(1, block // max(n, 1))
+    for r0 in range(0, m, rows):
+        yield r0, min(m, r0 + rows)
+
+
+def rows_of(read: Reader, n: int, r0: int, r1: int) -> np.ndarray:
+    """Rows ``[r0, r1)`` of the dense diff, as an (r1 - r0, n) array."""
+    return read(r0 * n, (r1 - r0) * n).reshape(r1 - r0, n)
+
+
+def measured(total: float, err: float, **extra: int) -> Encoded:
+    """An :class:`Encoded` from the squared norm and the squared error."""
+    norm = math.sqrt(total)
+    return Encoded(norm, math.sqrt(err) / norm if norm else 0.0, **extra)
+
+
+def row_block_bytes(itemsize: int, block: int) -> int:
+    """Bytes of a row block of ``block`` elements, its products and index arrays (for ``state_bytes``)."""
+    return 4 * block * itemsize + 16 * block
+
+
+def squared(x: np.ndarray) -> float:
+    """The sum of squares of ``x``, accumulated in float64."""
+    return float(np.sum(np.square(x, dtype=np.float64)))
+
+
+# ---------------------------------------------------------------- decoding helpers
+
+
+def read_part(p: Packed, name: str, start: int, count: int) -> np.ndarray:
+    """Elements ``[start, start + count)`` of a part, as its storage dtype (a fresh array)."""
+    src = p.parts[name]
+    if isinstance(src, np.ndarray):
+        return src.reshape(-1)[start : start + count]
+    raw = np.empty(count * src.info.dtype.itemsize, dtype=np.uint8)
+    return src.ckpt.read(src.info, start, count, raw)
+
+
+def as_float(x: np.ndarray, dtype: DType | None, out_dtype: np.dtype[Any]) -> np.ndarray:
+    """Storage values of ``dtype`` (None: an in-memory array) widened to ``out_dtype``."""
+    if dtype is BF16:
+        return bf16_to_float32(x).astype(out_dtype, copy=False)
+    return x.astype(out_dtype, copy=False)
+
+
+def part_dtype(p: Packed, name: str) -> DType | None:
+    """A stored part's dtype (None for an array in memory)."""
+    src = p.parts[name]
+    return None if isinstance(src, np.ndarray) else src.info.dtype
+
+
+def float_part(p: Packed, name: str, start: int, count: int, ct: np.dtype[Any]) -> np.ndarray:
+    """Elements of a float part widened to ``ct``."""
+    return as_float(read_part(p, name, start, count), part_dtype(p, name), ct)
+
+
+def whole(p: Packed, name: str, ct: np.dtype[Any], cache: dict[Any, Any]) -> np.ndarray:
+    """A whole (small) part widened to ``ct``, kept in the caller's one-entry cache."""
+    key = (id(p), name, ct.str)
+    got = cache.get(key)
+    if got is None:
+        src = p.parts[name]
+        shape = src.shape if isinstance(src, np.ndarray) else src.info.shape
+        got = float_part(p, name, 0, math.prod(shape), ct).reshape(shape)
+        cache.clear()
+        cache[key] = got
+    return got
+
+
+def row_span(p: Packed, start: int, count: int) -> tuple[int, int, int]:
+    """The rows ``[r0, r1)`` under elements ``[start, start + count)``, and the row length n."""
+    n = p.shape[1]
+    return start // n, -(-(start + count) // n), n
