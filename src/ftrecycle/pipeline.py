@@ -10,7 +10,7 @@ from ftrecycle.dtypes import BY_NAME, DType
 from ftrecycle.engine import Engine, chunk_for_budget, default_threads
 from ftrecycle.io.output import ShardedWriter, atomic_directory, check_free_space
 from ftrecycle.options import Output, Precision, Resources, Scaling
-from ftrecycle.plan import OutTensor
+from ftrecycle.terms import OutTensor
 
 #: Called with (bytes just written, total bytes to write).
 ProgressFn = Callable[[int, int], None]

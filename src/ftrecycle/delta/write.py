@@ -20,8 +20,7 @@ from ftrecycle.io.model_files import CONFIG_FILES, TOKENIZER_FILES, copy_files
 from ftrecycle.io.output import write_json
 from ftrecycle.io.provenance import base_record
 from ftrecycle.io.safetensors_format import TensorInfo
-from ftrecycle.plan import OutTensor
-from ftrecycle.terms import Record
+from ftrecycle.terms import OutTensor, Record
 
 
 class DeltaWriter:

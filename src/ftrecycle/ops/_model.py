@@ -20,8 +20,8 @@ from ftrecycle.io.output import write_json
 from ftrecycle.io.provenance import PROVENANCE, base_record
 from ftrecycle.options import ModelFiles, Policies, Precision
 from ftrecycle.pipeline import ProgressFn, WriteSettings, write_plan
-from ftrecycle.plan import Plan, Term, plan_transfer
-from ftrecycle.terms import Record
+from ftrecycle.plan import plan_transfer
+from ftrecycle.terms import Plan, Record, Term
 
 
 @dataclass

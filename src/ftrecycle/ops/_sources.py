@@ -16,8 +16,8 @@ from ftrecycle.delta.adapter import adapter_terms, is_adapter
 from ftrecycle.io.checkpoint import Checkpoint, open_checkpoint
 from ftrecycle.io.provenance import describe_input
 from ftrecycle.options import Policies
-from ftrecycle.plan import Term, source_terms
-from ftrecycle.terms import Record
+from ftrecycle.plan import source_terms
+from ftrecycle.terms import Record, Term
 
 
 @dataclass(frozen=True)

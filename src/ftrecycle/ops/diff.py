@@ -38,8 +38,8 @@ from ftrecycle.io.safetensors_format import pwrite_all
 from ftrecycle.ops._sources import SourceDiff, source_diff
 from ftrecycle.options import DiffOptions, Policies
 from ftrecycle.pipeline import ProgressFn, WriteSettings, write_plan
-from ftrecycle.plan import OutTensor, Term, plan_diff
-from ftrecycle.terms import Record
+from ftrecycle.plan import plan_diff
+from ftrecycle.terms import OutTensor, Record, Term
 
 
 @dataclass

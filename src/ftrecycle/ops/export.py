@@ -31,7 +31,7 @@ from ftrecycle.io.provenance import PROVENANCE, base_record, describe_input
 from ftrecycle.io.safetensors_format import PlannedTensor, build_header
 from ftrecycle.ops.diff import term_reader
 from ftrecycle.options import DEFAULT_MAX_MEMORY
-from ftrecycle.plan import Term
+from ftrecycle.terms import Term
 
 
 @dataclass
