@@ -6,8 +6,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from ftrecycle.errors import CheckpointError, IncompatibleModelsError
-from ftrecycle.io.jsonfile import short
+from ftrecycle.errors import CheckpointError, IncompatibleModelsError, short
 
 #: Signature fields and the config keys that spell them across model families.
 SIGNATURE_KEYS: dict[str, tuple[str, ...]] = {

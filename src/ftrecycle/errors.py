@@ -8,6 +8,16 @@ Library code raises these and never prints or exits; the command line catches
 from __future__ import annotations
 
 import errno
+import reprlib
+from typing import Any
+
+_REPR = reprlib.Repr()
+_REPR.maxstring, _REPR.maxother, _REPR.maxlist, _REPR.maxdict, _REPR.maxlevel = 80, 80, 8, 4, 3
+
+
+def short(value: Any) -> str:
+    """A repr for error messages that stays short: hostile values can be megabytes long or nested 900 deep."""
+    return _REPR.repr(value)
 
 
 class FtRecycleError(Exception):

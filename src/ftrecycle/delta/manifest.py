@@ -21,8 +21,8 @@ from typing import Any
 
 from ftrecycle.codecs import CODECS, METHODS, SEP, part_name
 from ftrecycle.dtypes import BY_NAME, FLOAT_DTYPES
-from ftrecycle.errors import CheckpointError
-from ftrecycle.io.jsonfile import read_json, short
+from ftrecycle.errors import CheckpointError, short
+from ftrecycle.io.jsonfile import read_json
 
 MANIFEST = "ftrecycle-delta.json"
 FORMAT = "ftrecycle-delta"

@@ -18,9 +18,9 @@ import numpy as np
 
 from ftrecycle.arch import check_config_types
 from ftrecycle.dtypes import from_torch
-from ftrecycle.errors import CheckpointError, MemoryBudgetError
+from ftrecycle.errors import CheckpointError, MemoryBudgetError, short
 from ftrecycle.io.hub import ResolvedRef, containment_root, inside, link_target, resolve_ref
-from ftrecycle.io.jsonfile import open_regular, read_json_object, short
+from ftrecycle.io.jsonfile import open_regular, read_json_object
 from ftrecycle.io.safetensors_format import (
     TensorInfo,
     count_entries,

@@ -50,7 +50,7 @@ def no_progress_bars() -> Iterator[None]:
     The library does not print: a bar left on stderr before an error makes the CLI's one-line
     error three lines.
     """
-    from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging  # heavy: kept off the transfer path
 
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
@@ -85,7 +85,7 @@ def load_causal_lm(
         CheckpointError: transformers cannot load the directory (e.g. only pickle weights without
             ``allow_pickle``), naming the directory and the fix.
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # heavy: kept off the transfer path
 
     check_model_json(path)
     try:
@@ -114,7 +114,7 @@ def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False) -> Any:
         CheckpointError: a broken tokenizer file, or transformers cannot load the tokenizer, naming
             the directory.
     """
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # heavy: kept off the transfer path
 
     check_model_json(path)
     try:

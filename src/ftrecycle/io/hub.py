@@ -89,7 +89,7 @@ def resolve_ref(ref: str, *, allow_pickle: bool = False) -> ResolvedRef:
         )
     repo_id, revision = m.group("repo"), m.group("rev")
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import snapshot_download  # heavy: only for hub ids
 
         local = snapshot_download(
             repo_id,

@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import json
 import os
-import reprlib
 import stat
 from pathlib import Path
 from typing import Any
 
-from ftrecycle.errors import CheckpointError, FtRecycleError, os_reason
+from ftrecycle.errors import CheckpointError, FtRecycleError, os_reason, short
 
 #: Deepest nesting of arrays/objects accepted; real configs and manifests stay under 10.
 MAX_DEPTH = 64
@@ -27,13 +26,6 @@ MAX_DEPTH = 64
 DEFAULT_MAX_BYTES = 64 << 20
 
 _FIX = "restore or re-download the file"
-_REPR = reprlib.Repr()
-_REPR.maxstring, _REPR.maxother, _REPR.maxlist, _REPR.maxdict, _REPR.maxlevel = 80, 80, 8, 4, 3
-
-
-def short(value: Any) -> str:
-    """A repr for error messages that stays short: hostile values can be megabytes long or nested 900 deep."""
-    return _REPR.repr(value)
 
 
 def _kind(mode: int) -> str:

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ftrecycle.dtypes import BY_CODE, DType
-from ftrecycle.errors import CheckpointError, os_reason
-from ftrecycle.io.jsonfile import loads_json, open_regular, short
+from ftrecycle.errors import CheckpointError, os_reason, short
+from ftrecycle.io.jsonfile import loads_json, open_regular
 
 #: Headers larger than this are refused as corrupt (safetensors itself caps at 100 MB).
 MAX_HEADER_BYTES = 100_000_000
