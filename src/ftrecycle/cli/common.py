@@ -81,6 +81,18 @@ def write_progress(quiet: bool) -> ProgressBar | None:
     return ProgressBar("writing", "B", unit_scale=True, unit_divisor=1024, disable=None)
 
 
+def add_models(p: argparse.ArgumentParser) -> None:
+    """The three models of a transfer: A and B of the source version, C the new version's base."""
+    p.add_argument("--source-base", required=True, metavar="A", help=f"the source version's base model: {MODEL_HELP}")
+    p.add_argument(
+        "--source-finetuned",
+        required=True,
+        metavar="B",
+        help="the source version's fine-tuned model, or a PEFT LoRA adapter directory over A",
+    )
+    p.add_argument("--target-base", required=True, metavar="C", help="the new version's base model")
+
+
 def add_quiet(p: argparse.ArgumentParser) -> None:
     """``-q/--quiet`` of the writing commands."""
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

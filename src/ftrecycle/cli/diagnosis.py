@@ -6,7 +6,7 @@ import argparse
 import json
 
 from ftrecycle.cli.args import device_type, png_path, positive_int
-from ftrecycle.cli.common import MODEL_HELP, Command
+from ftrecycle.cli.common import Command, add_models
 from ftrecycle.diagnose.plot import plot_layers
 from ftrecycle.diagnose.verdict import diagnose, format_diagnosis
 from ftrecycle.errors import ConfigError
@@ -17,9 +17,7 @@ DEFAULT_PROBE_EXAMPLES = 256
 
 
 def _arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--source-base", required=True, metavar="A", help=f"the source's base model: {MODEL_HELP}")
-    p.add_argument("--source-finetuned", required=True, metavar="B", help="the source's fine-tuned model")
-    p.add_argument("--target-base", required=True, metavar="C", help="the new base model")
+    add_models(p)
     p.add_argument("--data", default=None, metavar="CALIB", help="calibration JSONL (enables the loss probe)")
     p.add_argument("--max-examples", type=positive_int, default=None, help="calibration examples used (default 256)")
     p.add_argument("--device", type=device_type, default=None, help="the probe's device (default: CUDA when available)")

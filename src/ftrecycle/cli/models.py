@@ -14,6 +14,7 @@ from ftrecycle.cli.args import add_group, bundle_from_args, positive_int
 from ftrecycle.cli.common import (
     MODEL_HELP,
     Command,
+    add_models,
     add_quiet,
     add_resources,
     keywords,
@@ -62,14 +63,7 @@ def add_write_groups(p: argparse.ArgumentParser) -> None:
 
 
 def _transfer_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--source-base", required=True, metavar="A", help=f"the source version's base model: {MODEL_HELP}")
-    p.add_argument(
-        "--source-finetuned",
-        required=True,
-        metavar="B",
-        help="the source version's fine-tuned model, or a PEFT LoRA adapter directory over A",
-    )
-    p.add_argument("--target-base", required=True, metavar="C", help="the new version's base model")
+    add_models(p)
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="the directory to create")
     add_group(p, Scaling)
     add_group(p, Precision)

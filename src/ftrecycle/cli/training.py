@@ -10,7 +10,7 @@ import argparse
 from typing import Any
 
 from ftrecycle.cli.args import add_group, bundle_from_args, group_from_args
-from ftrecycle.cli.common import MODEL_HELP, Command, add_resources, resolve_alpha, resources
+from ftrecycle.cli.common import MODEL_HELP, Command, add_models, add_resources, resolve_alpha, resources
 from ftrecycle.evaluate.builtin import check_new_tokens
 from ftrecycle.finetune.config import FinetuneConfig
 from ftrecycle.finetune.train import finetune
@@ -59,6 +59,17 @@ def finetune_config(ns: argparse.Namespace, model: str) -> FinetuneConfig:
     return cfg
 
 
+def _run_keywords(ns: argparse.Namespace) -> dict[str, Any]:
+    """The run-control keywords :func:`_run_arguments` parsed, as finetune and recycle_finetune take them."""
+    return {
+        "eval_data": ns.eval_data,
+        "resume": ns.resume,
+        "force": ns.force,
+        "progress": ns.progress,
+        "allow_pickle": ns.allow_pickle,
+    }
+
+
 def _finetune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help=f"the model to fine-tune: {MODEL_HELP}")
     _run_arguments(p, allow_pickle=True)
@@ -70,19 +81,13 @@ def _finetune(ns: argparse.Namespace) -> None:
         ns.data,
         ns.output,
         config=finetune_config(ns, ns.model),
-        eval_data=ns.eval_data,
-        resume=ns.resume,
-        force=ns.force,
-        progress=ns.progress,
-        allow_pickle=ns.allow_pickle,
+        **_run_keywords(ns),
     )
     report(result)
 
 
 def _recycle_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--source-base", required=True, metavar="A", help=f"source base: {MODEL_HELP}")
-    p.add_argument("--source-finetuned", required=True, metavar="B", help="source fine-tuned model")
-    p.add_argument("--target-base", required=True, metavar="C", help="the new base model")
+    add_models(p)
     add_group(p, Scaling)
     add_group(p, Precision)
     add_group(p, Policies)
@@ -108,11 +113,7 @@ def _recycle(ns: argparse.Namespace) -> None:
         alpha=alpha,
         transfer=options,
         config=config,
-        eval_data=ns.eval_data,
-        resume=ns.resume,
-        force=ns.force,
-        progress=ns.progress,
-        allow_pickle=ns.allow_pickle,
+        **_run_keywords(ns),
     )
     report(result)
 
