@@ -81,15 +81,18 @@ def write_progress(quiet: bool) -> ProgressBar | None:
     return ProgressBar("writing", "B", unit_scale=True, unit_divisor=1024, disable=None)
 
 
-def add_models(p: argparse.ArgumentParser) -> None:
-    """The three models of a transfer: A and B of the source version, C the new version's base."""
+def add_models(p: argparse.ArgumentParser, *, adapter: bool = False) -> None:
+    """The three models of a transfer: A and B of the source version, C the new version's base.
+
+    Args:
+        p: the subcommand's parser.
+        adapter: B may be a PEFT LoRA adapter over A (the commands that read B through ``transfer``).
+    """
     p.add_argument("--source-base", required=True, metavar="A", help=f"the source version's base model: {MODEL_HELP}")
-    p.add_argument(
-        "--source-finetuned",
-        required=True,
-        metavar="B",
-        help="the source version's fine-tuned model, or a PEFT LoRA adapter directory over A",
-    )
+    finetuned = "the source version's fine-tuned model"
+    if adapter:
+        finetuned += ", or a PEFT LoRA adapter directory over A"
+    p.add_argument("--source-finetuned", required=True, metavar="B", help=finetuned)
     p.add_argument("--target-base", required=True, metavar="C", help="the new version's base model")
 
 

@@ -63,7 +63,7 @@ def add_write_groups(p: argparse.ArgumentParser) -> None:
 
 
 def _transfer_arguments(p: argparse.ArgumentParser) -> None:
-    add_models(p)
+    add_models(p, adapter=True)
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="the directory to create")
     add_group(p, Scaling)
     add_group(p, Precision)
