@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from ftrecycle import argtypes
 from ftrecycle.cli import INTERNAL_ERROR_EXIT, build_parser, main
+from ftrecycle.cli import args as argtypes
 from ftrecycle.errors import ConfigError
 from ftrecycle.finetune.config import FinetuneConfig
 

@@ -1,0 +1,67 @@
+"""``ftrecycle diagnose``: will a transfer help? Geometry of the diff and the drift, and a loss probe."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from ftrecycle.cli.args import device_type, png_path, positive_int
+from ftrecycle.cli.common import Command, add_models
+from ftrecycle.diagnose.plot import plot_layers
+from ftrecycle.diagnose.verdict import diagnose, format_diagnosis
+from ftrecycle.errors import ConfigError
+from ftrecycle.io.output import check_no_overlap
+
+#: `diagnose --data`'s default --max-examples
+DEFAULT_PROBE_EXAMPLES = 256
+
+
+def _arguments(p: argparse.ArgumentParser) -> None:
+    add_models(p)
+    p.add_argument("--data", default=None, metavar="CALIB", help="calibration JSONL (enables the loss probe)")
+    p.add_argument("--max-examples", type=positive_int, default=None, help="calibration examples used (default 256)")
+    p.add_argument("--device", type=device_type, default=None, help="the probe's device (default: CUDA when available)")
+    p.add_argument(
+        "--plot",
+        type=png_path,
+        default=None,
+        metavar="PNG",
+        help="also draw drift, diff size and cos by layer into this PNG (its directory must exist)",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON instead of markdown")
+
+
+def _run(ns: argparse.Namespace) -> None:
+    if ns.data is None:
+        probe_only = [f for f, v in (("--device", ns.device), ("--max-examples", ns.max_examples)) if v is not None]
+        if probe_only:
+            raise ConfigError(f"{' and '.join(probe_only)} set(s) the loss probe, which needs --data CALIB")
+    if ns.plot:
+        # the plot replaces its path: it must not be, or be inside, a model or the data
+        check_no_overlap(ns.plot, [ns.source_base, ns.source_finetuned, ns.target_base, ns.data], what="plot")
+    d = diagnose(
+        ns.source_base,
+        ns.source_finetuned,
+        ns.target_base,
+        data=ns.data,
+        max_examples=DEFAULT_PROBE_EXAMPLES if ns.max_examples is None else ns.max_examples,
+        device=ns.device,
+    )
+    if ns.plot:
+        plot_layers(d.geometry, ns.plot)
+    print(json.dumps(d.to_json(), indent=1) if ns.json else format_diagnosis(d), end="" if not ns.json else "\n")
+
+
+COMMANDS = (
+    Command(
+        "diagnose",
+        "predict whether a transfer will help, before evaluating it",
+        "Measure how the source's diff relates to the version drift (streamed, bounded memory): relative "
+        "drift |C-A|/|A|, diff size |B-A|/|A|, cos(diff, drift) and sign agreement, in total, by module type "
+        "and by layer. With --data (a few hundred examples of your task, in a fine-tuning format) also probe "
+        "the loss along the straight path A -> C (barrier) and the loss of C + alpha*diff on a grid of alpha. "
+        "Prints a verdict (likely helps / uncertain / likely hurts) with its reasons.",
+        _arguments,
+        _run,
+    ),
+)

@@ -1,0 +1,118 @@
+"""``ftrecycle eval``: tasks through lm-evaluation-harness, or GSM8K-format JSONL with the built-in scorer."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Any
+
+from ftrecycle.cli.args import batch_size, device_type, positive_int, token_count
+from ftrecycle.cli.common import Command
+from ftrecycle.errors import ConfigError
+from ftrecycle.evaluate import builtin  # looked up per call: tests substitute evaluate_gsm8k
+from ftrecycle.evaluate.data import read_gsm8k
+from ftrecycle.evaluate.harness import format_table, resolve_eval_model, run_lm_eval
+
+#: `eval --builtin`'s default --max-new-tokens (lm-eval's default generation length)
+DEFAULT_NEW_TOKENS = 256
+
+
+def _arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", action="append", required=True, help="a model (repeat for a side-by-side table)")
+    p.add_argument("--tasks", default="", help="comma-separated task names")
+    p.add_argument("--task-dir", default=None, help="directory of lm-eval task YAMLs (offline use)")
+    p.add_argument(
+        "--builtin",
+        default=None,
+        metavar="FILE",
+        help="score GSM8K-format JSONL with the built-in evaluator instead of lm-eval",
+    )
+    p.add_argument("--batch-size", type=batch_size, default=16, help="generation batch size (at most 65536)")
+    p.add_argument("--limit", type=positive_int, default=None, help="only the first N items of each task")
+    p.add_argument(
+        "--max-new-tokens",
+        type=token_count,
+        default=None,
+        help="built-in evaluator: most new tokens (default 256; at most 131072, and less than the model's "
+        "context); lm-eval tasks keep their own generation length",
+    )
+    p.add_argument("--device", type=device_type, default=None, help="cpu, cuda, ... (default: CUDA when available)")
+    p.add_argument(
+        "--backend",
+        default="auto",
+        choices=["auto", "hf", "vllm"],
+        help="lm-eval model backend: auto takes vLLM when it is installed and a GPU is present",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON instead of a markdown table")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off)")
+
+
+def _builtin(ns: argparse.Namespace) -> dict[str, Any]:
+    """Score every model on the --builtin file in process."""
+    given = (("--tasks", ns.tasks), ("--task-dir", ns.task_dir), ("--backend", ns.backend != "auto"))
+    ignored = [flag for flag, value in given if value]
+    if ignored:
+        raise ConfigError(
+            f"{', '.join(ignored)} with --builtin: the built-in evaluator scores only the --builtin FILE; "
+            "drop --builtin to run tasks through lm-eval, or drop " + " and ".join(ignored)
+        )
+    items = read_gsm8k(ns.builtin)[: ns.limit]
+    paths = {m: resolve_eval_model(m) for m in ns.model}  # every model checked before the first loads
+    max_new_tokens = DEFAULT_NEW_TOKENS if ns.max_new_tokens is None else ns.max_new_tokens
+    for path in paths.values():
+        builtin.check_new_tokens(path, max_new_tokens)
+    table = {}
+    for m in ns.model:
+        model, tok = builtin.load_for_eval(paths[m], device=ns.device, trust_remote_code=ns.trust_remote_code)
+        rep = builtin.evaluate_gsm8k(model, tok, items, batch_size=ns.batch_size, max_gen_toks=max_new_tokens)
+        table[m] = {"strict": rep.strict, "flexible": rep.flexible}
+    return {"table": table}
+
+
+def _harness(ns: argparse.Namespace) -> dict[str, Any]:
+    """Run the named tasks through lm-eval."""
+    tasks = [t.strip() for t in ns.tasks.split(",") if t.strip()]
+    if len(set(tasks)) != len(tasks):
+        raise ConfigError(f"--tasks {ns.tasks!r} names a task twice")
+    if not tasks:
+        raise ConfigError("--tasks is empty: name tasks (e.g. gsm8k,mmlu) or use --builtin FILE")
+    if ns.max_new_tokens is not None:
+        raise ConfigError(
+            "--max-new-tokens is for --builtin only: lm-eval tasks use their own generation length "
+            "(the paper's); drop it, or use --builtin FILE"
+        )
+    if ns.task_dir is not None and not os.path.isdir(ns.task_dir):
+        raise ConfigError(f"--task-dir {ns.task_dir}: no such directory of task YAMLs")
+    return run_lm_eval(
+        ns.model,
+        tasks,
+        backend=ns.backend,
+        task_dir=ns.task_dir,
+        batch_size=ns.batch_size,
+        limit=ns.limit,
+        device=ns.device,
+        trust_remote_code=ns.trust_remote_code,
+    )
+
+
+def _run(ns: argparse.Namespace) -> None:
+    result = _builtin(ns) if ns.builtin else _harness(ns)
+    if ns.json:
+        print(json.dumps({k: v for k, v in result.items() if k != "samples"}, indent=2, default=str))
+    else:
+        print(format_table(result["table"]), end="")
+
+
+COMMANDS = (
+    Command(
+        "eval",
+        "benchmarks through lm-evaluation-harness, or the fast built-in GSM8K scorer",
+        "Evaluate models with lm-eval's Python API using the paper's settings (gsm8k: 8-shot CoT; math500: "
+        "4-shot; arc_challenge: 25-shot; gpqa: 0-shot diamond; mmlu: 5-shot; ifeval; global_mmlu:LANG), or "
+        "tasks defined in --task-dir YAMLs over local files. --builtin FILE scores GSM8K-format JSONL in "
+        "process instead. Prints models as rows and tasks as columns.",
+        _arguments,
+        _run,
+    ),
+)
