@@ -83,7 +83,7 @@ def calibration_batches(
 
 def mean_loss(model: Any, batches: Sequence[dict[str, Any]]) -> float:
     """Mean cross-entropy over every completion token of the batches."""
-    import torch
+    import torch  # heavy: kept off the transfer path
 
     device = next(model.parameters()).device
     total, count = 0.0, 0
@@ -130,7 +130,7 @@ def _models(source_base: str, source_finetuned: str, target_base: str, device: s
 
 
 def _set(work: Any, values: dict[str, Any]) -> None:
-    import torch
+    import torch  # heavy: kept off the transfer path
 
     with torch.no_grad():
         state = work.state_dict()

@@ -59,7 +59,7 @@ class _StopOnStrings:
         self.tokenizer, self.stops, self.start = tokenizer, stops, start
 
     def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-        import torch
+        import torch  # heavy: kept off the transfer path
 
         done = []
         for row in input_ids[:, self.start :].tolist():
@@ -112,7 +112,7 @@ def generate(
     progress: Callable[[int, int], None] | None = None,
 ) -> list[str]:
     """Greedy continuations of ``prompts``, cut at the stop strings, in input order."""
-    import torch
+    import torch  # heavy: kept off the transfer path
 
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

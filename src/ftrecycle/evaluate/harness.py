@@ -235,10 +235,10 @@ def choose_backend(backend: str) -> str:
 
 def _load_lm(backend: str, model: str, *, batch_size: int | str, device: str, trust_remote_code: bool) -> Any:
     if backend == "vllm":
-        from lm_eval.models.vllm_causallms import VLLM
+        from lm_eval.models.vllm_causallms import VLLM  # heavy: kept off the transfer path
 
         return VLLM(pretrained=model, dtype="auto", batch_size="auto", trust_remote_code=trust_remote_code)
-    from lm_eval.models.huggingface import HFLM
+    from lm_eval.models.huggingface import HFLM  # heavy: kept off the transfer path
 
     return HFLM(
         pretrained=model, dtype="auto", batch_size=batch_size, device=device, trust_remote_code=trust_remote_code
