@@ -52,13 +52,10 @@ def recycle_finetune(
 ) -> FinetuneResult:
     """FT(target + alpha * (finetuned - base)) in one call.
 
-    The merged starting point is kept in ``.OUT.ftrecycle-start`` beside the output
-    until fine-tuning completes, so ``resume`` skips a finished transfer and
-    continues fine-tuning from its last checkpoint — only when the sources, target,
-    alpha, transfer options, data and settings are the ones the unfinished run was made with.
-
-    The output's provenance says ``operation: recycle-finetune`` and records the
-    source models, target, alpha and transfer options (not the temporary start directory).
+    The merged start is kept in ``.OUT.ftrecycle-start`` beside the output until fine-tuning completes, so
+    ``resume`` skips a finished transfer and continues from the last checkpoint — only when the models,
+    alpha, transfer options, data and settings are the ones the unfinished run was made with. The output's
+    provenance (``operation: recycle-finetune``) records the sources, target, alpha and transfer options.
 
     Args:
         source_base: the source version's base model (directory or hub id).
@@ -67,9 +64,8 @@ def recycle_finetune(
         data: training data (JSONL or hub dataset id).
         output: directory to create when fine-tuning completes.
         transfer: the merge's options, as for :func:`ftrecycle.ops.transfer.transfer` (``vocab="overlap"``
-            for a grown vocabulary, ``alpha="auto"`` with ``calibration``, ...); the output options
-            (``shard_size``, ``fsync``) do not apply, as the merged start is temporary; its ``force`` is
-            the same as ``force=``.
+            for a grown vocabulary, ``alpha="auto"`` with ``calibration``, ...); ``shard_size`` and ``fsync``
+            do not apply (the start is temporary), ``force`` is ``force=``.
         alpha: scale of the diff, a number or ``"auto"`` (overrides ``transfer.scaling.alpha``).
         config: fine-tuning hyperparameters.
         eval_data: GSM8K-format data scored during fine-tuning.
@@ -82,10 +78,9 @@ def recycle_finetune(
         What fine-tuning did.
 
     Raises:
-        ConfigError: ``resume`` of a run made with other models, alpha or settings (without ``force``);
-            output options in ``transfer``; ``alpha="auto"`` without calibration data.
-        As :func:`ftrecycle.ops.transfer.transfer`, :func:`ftrecycle.diagnose.verdict.resolve_alpha` and
-        :func:`ftrecycle.finetune.train.finetune`.
+        ConfigError: ``resume`` of another run (without ``force``); ``shard_size``/``fsync`` in ``transfer``;
+            ``alpha="auto"`` without calibration data.
+        As :func:`ftrecycle.ops.transfer.transfer`, :func:`~ftrecycle.diagnose.verdict.resolve_alpha`, finetune.
     """
     start = _Start.plan(source_base, source_finetuned, target_base, _options(transfer, alpha, allow_pickle))
     force = force or start.options.output.force
