@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import ftrecycle.recycle as recycle_mod
+import ftrecycle.recycle.chain as recycle_mod
 from ftrecycle import ConfigError, transfer
 from ftrecycle.cli import build_parser, main
 from ftrecycle.evaluate.builtin import evaluate_gsm8k, load_for_eval

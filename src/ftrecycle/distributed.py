@@ -77,12 +77,12 @@ def active() -> bool:
     """Initialise the process group once (as accelerate would, so Trainer shares it); False when alone."""
     if world().size == 1:
         return False
-    import torch.distributed as dist
+    import torch.distributed as dist  # heavy: kept off the transfer path
 
     if not dist.is_initialized():
         # PartialState picks the backend accelerate's launcher configured (gloo on CPU, nccl on GPUs)
         # and is the same singleton Trainer and Accelerator use later.
-        from accelerate import PartialState
+        from accelerate import PartialState  # heavy: kept off the transfer path
 
         PartialState()
     return dist.is_initialized()
@@ -91,7 +91,7 @@ def active() -> bool:
 def barrier() -> None:
     """Wait until every process gets here (a no-op without a launcher)."""
     if active():
-        import torch.distributed as dist
+        import torch.distributed as dist  # heavy: kept off the transfer path
 
         dist.barrier()
 
@@ -100,7 +100,7 @@ def broadcast(value: T) -> T:
     """The main process's ``value`` on every process (a no-op without a launcher)."""
     if not active():
         return value
-    import torch.distributed as dist
+    import torch.distributed as dist  # heavy: kept off the transfer path
 
     box = [value]
     dist.broadcast_object_list(box, src=0)
@@ -111,7 +111,7 @@ def gather(value: T) -> list[T]:
     """Every process's ``value``, in rank order, on every process (``[value]`` without a launcher)."""
     if not active():
         return [value]
-    import torch.distributed as dist
+    import torch.distributed as dist  # heavy: kept off the transfer path
 
     out: list[Any] = [None] * world().size
     dist.all_gather_object(out, value)
@@ -145,7 +145,7 @@ def exit_together(e: BaseException, code: int) -> None:
     """
     if not (getattr(e, "agreed", False) and active()):
         return
-    import torch.distributed as dist
+    import torch.distributed as dist  # heavy: kept off the transfer path
 
     dist.barrier()
     sys.stdout.flush()

@@ -17,10 +17,10 @@ def plot_layers(geo: Geometry, out: str | Path) -> Path:
     Raises:
         OutputError: the PNG could not be written (the path and the OS's cause).
     """
-    import matplotlib
+    import matplotlib  # heavy: kept off the transfer path
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy: kept off the transfer path
 
     names = list(geo.by_layer)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.6))

@@ -19,6 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from ftrecycle.errors import DataError
+from ftrecycle.finetune.data import Collator, encode, load_examples
+from ftrecycle.io.checkpoint import open_checkpoint
+from ftrecycle.io.hf_load import load_causal_lm, load_tokenizer
 
 ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
 PATH = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -67,8 +70,6 @@ def calibration_batches(
     Raises:
         DataError: a missing or malformed file (naming the file and line), or no usable example.
     """
-    from ftrecycle.finetune.data import Collator, encode, load_examples
-
     if not Path(path).is_file():
         raise DataError(f"calibration file {path} does not exist")
     rows = load_examples(path)[:max_examples]
@@ -82,7 +83,7 @@ def calibration_batches(
 
 def mean_loss(model: Any, batches: Sequence[dict[str, Any]]) -> float:
     """Mean cross-entropy over every completion token of the batches."""
-    import torch
+    import torch  # heavy: kept off the transfer path
 
     device = next(model.parameters()).device
     total, count = 0.0, 0
@@ -101,10 +102,7 @@ def mean_loss(model: Any, batches: Sequence[dict[str, Any]]) -> float:
 
 @contextmanager
 def _models(source_base: str, source_finetuned: str, target_base: str, device: str | None) -> Iterator[Any]:
-    import torch
-
-    from ftrecycle.io.checkpoint import open_checkpoint
-    from ftrecycle.io.hf_load import load_causal_lm, load_tokenizer
+    import torch  # heavy: kept off the transfer path (the package root imports diagnose)
 
     paths = []
     for ref in (source_base, source_finetuned, target_base):
@@ -132,7 +130,7 @@ def _models(source_base: str, source_finetuned: str, target_base: str, device: s
 
 
 def _set(work: Any, values: dict[str, Any]) -> None:
-    import torch
+    import torch  # heavy: kept off the transfer path
 
     with torch.no_grad():
         state = work.state_dict()

@@ -18,6 +18,7 @@ from typing import Any
 
 from ftrecycle.diagnose.geometry import Geometry, geometry
 from ftrecycle.diagnose.probe import ALPHAS, Probe, probe
+from ftrecycle.errors import ConfigError
 
 HELP_LOSS = 0.05
 HURT_LOSS = 0.0
@@ -161,6 +162,73 @@ def best_alpha(
         max_examples=max_examples,
         device=device,
     )
+
+
+@dataclass(frozen=True)
+class AlphaChoice:
+    """The alpha an operation uses, and how it was chosen.
+
+    Attributes:
+        alpha: the scale to apply.
+        probe: the calibration search that chose it (None: the alpha was given as a number).
+    """
+
+    alpha: float
+    probe: Probe | None = None
+
+    def describe(self) -> str:
+        """One line for a log: the chosen alpha and the calibration loss at each grid point."""
+        if self.probe is None:
+            return f"alpha {self.alpha:g}"
+        losses = ", ".join(f"{a:g}: {lo:.4f}" for a, lo in self.probe.alphas)
+        return f"alpha auto: {self.alpha:g} (calibration loss by alpha: {losses})"
+
+
+def check_alpha_request(alpha: float | str, calibration: str | Path | None) -> None:
+    """Refuse an alpha/calibration pair that cannot be resolved, before any model is read.
+
+    Raises:
+        ConfigError: ``auto`` without calibration data, or calibration data with a numeric alpha.
+    """
+    if alpha != "auto" and calibration is not None:
+        raise ConfigError("--calibration is only used with --alpha auto")
+    if alpha == "auto" and calibration is None:
+        raise ConfigError("--alpha auto needs --calibration CALIB (JSONL examples of the task)")
+
+
+def resolve_alpha(
+    source_base: str,
+    source_finetuned: str,
+    target_base: str,
+    alpha: float | str,
+    calibration: str | Path | None = None,
+    *,
+    max_examples: int = 256,
+    device: str | None = None,
+) -> AlphaChoice:
+    """The alpha to use: ``alpha`` itself, or for ``"auto"`` the grid point of lowest calibration loss.
+
+    The one implementation of ``--alpha auto`` (``transfer``, ``recycle-finetune``, ``iterate``).
+
+    Args:
+        source_base: A. source_finetuned: B. target_base: C (directories or hub ids).
+        alpha: a number, or ``"auto"``.
+        calibration: JSONL examples of the task (fine-tuning formats); required with ``"auto"`` only.
+        max_examples: calibration examples used by the search.
+        device: the search's device (default CUDA when available).
+
+    Returns:
+        The alpha, with the search that chose it when it was ``"auto"``.
+
+    Raises:
+        ConfigError: see :func:`check_alpha_request`.
+        CheckpointError, IncompatibleModelsError, DataError: as :func:`best_alpha`.
+    """
+    check_alpha_request(alpha, calibration)
+    if alpha != "auto" or calibration is None:  # (auto without calibration was refused above)
+        return AlphaChoice(float(alpha))
+    pr = best_alpha(source_base, source_finetuned, target_base, calibration, max_examples=max_examples, device=device)
+    return AlphaChoice(pr.best_alpha, pr)
 
 
 def format_diagnosis(d: Diagnosis) -> str:

@@ -9,14 +9,18 @@ training steps.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ftrecycle.distributed import active, gather, world
 from ftrecycle.errors import ConfigError
 from ftrecycle.evaluate.gsm8k import STOP, Scored, build_prompt, score, truncate_at_stop
+from ftrecycle.evaluate.harness import loading, resolve_eval_model
+from ftrecycle.io.hf_load import check_model_json, no_progress_bars
 
 DEFAULT_MAX_LENGTH = 2048
 
@@ -55,7 +59,7 @@ class _StopOnStrings:
         self.tokenizer, self.stops, self.start = tokenizer, stops, start
 
     def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-        import torch
+        import torch  # heavy: kept off the transfer path
 
         done = []
         for row in input_ids[:, self.start :].tolist():
@@ -70,9 +74,6 @@ def check_new_tokens(path: str, max_gen_toks: int, *, flag: str = "--max-new-tok
     Raises:
         ConfigError: ``max_gen_toks`` is not below the context length config.json gives.
     """
-    import json
-    from pathlib import Path
-
     try:
         cfg = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError):
@@ -111,7 +112,7 @@ def generate(
     progress: Callable[[int, int], None] | None = None,
 ) -> list[str]:
     """Greedy continuations of ``prompts``, cut at the stop strings, in input order."""
-    import torch
+    import torch  # heavy: kept off the transfer path
 
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -226,11 +227,8 @@ def load_for_eval(path: str, *, device: str | None = None, trust_remote_code: bo
     Raises:
         CheckpointError: ``path`` is not a model directory with safetensors weights (checked first).
     """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from ftrecycle.evaluate.harness import loading, resolve_eval_model
-    from ftrecycle.io.hf_load import check_model_json, no_progress_bars
+    import torch  # heavy: kept off the transfer path
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # heavy: kept off the transfer path
 
     path = resolve_eval_model(path)
     # under `accelerate launch` each process evaluates its share of the items on its own GPU

@@ -9,13 +9,19 @@ with the last number extracted; MATH500 4-shot; ARC-Challenge 25-shot; GPQA
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ftrecycle.errors import CheckpointError, ConfigError, DataError, FtRecycleError
+from ftrecycle.io.checkpoint import open_checkpoint
+from ftrecycle.io.hf_load import no_progress_bars
+from ftrecycle.io.hub import ResolvedRef, resolve_ref
+from ftrecycle.io.model_files import TOKENIZER_FILES
 
 
 @dataclass(frozen=True)
@@ -145,8 +151,6 @@ def resolve_eval_model(ref: str) -> str:
         CheckpointError: not a directory, a PEFT adapter, no config.json, or no safetensors weights.
         HubError: a hub id that cannot be fetched.
     """
-    from ftrecycle.io.hub import resolve_ref
-
     p = Path(ref).expanduser()
     if not p.exists():
         first = Path(ref).parts[0] if Path(ref).parts else ref
@@ -168,10 +172,6 @@ def resolve_eval_model(ref: str) -> str:
                 "safetensors first (e.g. ftrecycle transfer ... --allow-pickle writes safetensors)"
             )
         raise CheckpointError(f"{ref}: no weights (*.safetensors) in the model directory")
-    from ftrecycle.io.checkpoint import open_checkpoint
-    from ftrecycle.io.hub import ResolvedRef
-    from ftrecycle.io.model_files import TOKENIZER_FILES
-
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
         raise CheckpointError(
             f"{ref}: no tokenizer files (tokenizer.json, tokenizer.model...); copy the tokenizer of its base model"
@@ -221,11 +221,9 @@ def choose_backend(backend: str) -> str:
     Raises:
         ConfigError: an unknown backend, or ``vllm`` asked for where it is not installed.
     """
-    import importlib.util
-
     has_vllm = importlib.util.find_spec("vllm") is not None
     if backend == "auto":
-        import torch
+        import torch  # heavy: kept off the transfer path
 
         return "vllm" if has_vllm and torch.cuda.is_available() else "hf"
     if backend == "vllm" and not has_vllm:
@@ -237,10 +235,10 @@ def choose_backend(backend: str) -> str:
 
 def _load_lm(backend: str, model: str, *, batch_size: int | str, device: str, trust_remote_code: bool) -> Any:
     if backend == "vllm":
-        from lm_eval.models.vllm_causallms import VLLM
+        from lm_eval.models.vllm_causallms import VLLM  # heavy: kept off the transfer path
 
         return VLLM(pretrained=model, dtype="auto", batch_size="auto", trust_remote_code=trust_remote_code)
-    from lm_eval.models.huggingface import HFLM
+    from lm_eval.models.huggingface import HFLM  # heavy: kept off the transfer path
 
     return HFLM(
         pretrained=model, dtype="auto", batch_size=batch_size, device=device, trust_remote_code=trust_remote_code
@@ -284,11 +282,11 @@ def run_lm_eval(
     """
     paths = {m: resolve_eval_model(m) for m in models}  # before lm-eval's slow start: bad paths fail at once
     try:
-        import lm_eval
-        from lm_eval.tasks import TaskManager
+        import lm_eval  # heavy: kept off the transfer path
+        from lm_eval.tasks import TaskManager  # heavy: kept off the transfer path
     except ImportError as e:
         raise ConfigError("lm-eval is not installed: pip install 'lm-eval[hf]'") from e
-    import torch
+    import torch  # heavy: kept off the transfer path
 
     specs = {t: resolve_task(t) for t in tasks}
     needs_builtin = task_dir is None or any(t in PAPER_TASKS or t.startswith(GLOBAL_MMLU) for t in tasks)
@@ -311,10 +309,6 @@ def run_lm_eval(
 def _lm_eval_quiet() -> Iterator[None]:
     """lm-eval's warnings (a task YAML without generation_kwargs...) and transformers' loading bar
     off for the run: the library does not print, and an error after them would not be one line."""
-    import logging
-
-    from ftrecycle.io.hf_load import no_progress_bars
-
     logger = logging.getLogger("lm_eval")
     level = logger.level
     logger.setLevel(logging.ERROR)

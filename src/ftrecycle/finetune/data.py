@@ -18,6 +18,8 @@ from typing import Any
 from ftrecycle.errors import DataError
 from ftrecycle.evaluate.data import read_jsonl
 from ftrecycle.evaluate.gsm8k import TARGET_DELIMITER, doc_to_text
+from ftrecycle.io.hub import HUB_ID
+from ftrecycle.io.localpath import looks_local
 
 IGNORE_INDEX = -100
 
@@ -55,7 +57,7 @@ def _hub_rows(ref: str) -> list[dict[str, Any]]:
     name, _, split = ref.partition(":")
     repo, _, revision = name.partition("@")
     try:
-        from datasets import load_dataset
+        from datasets import load_dataset  # heavy: kept off the transfer path
 
         ds = load_dataset(repo, split=split or "train", revision=revision or None)
     except Exception as e:  # datasets raises many types for "offline" and "not found"
@@ -74,9 +76,6 @@ def load_examples(path: str | Path) -> list[dict[str, Any]]:
     Raises:
         DataError: naming the file and line (or dataset and row) of the first bad example.
     """
-    from ftrecycle.io.hub import HUB_ID
-    from ftrecycle.io.localpath import looks_local
-
     ref = str(path)
     if not Path(ref).exists() and looks_local(ref):
         raise DataError(f"{ref}: no such data file (a local path; hub datasets are named org/name[:split])")
@@ -140,7 +139,7 @@ class Collator:
         self.pad_id = pad_id
 
     def __call__(self, batch: list[dict[str, list[int]]]) -> dict[str, Any]:
-        import torch
+        import torch  # heavy: kept off the transfer path
 
         n = max(len(b["input_ids"]) for b in batch)
         ids = torch.full((len(batch), n), self.pad_id, dtype=torch.long)

@@ -12,17 +12,17 @@ import contextlib
 import os
 import shutil
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ftrecycle.distributed import is_main, on_main, world
 from ftrecycle.errors import ConfigError, DataError
+from ftrecycle.evaluate import builtin
 from ftrecycle.evaluate.data import read_gsm8k
 from ftrecycle.finetune.config import FinetuneConfig
 from ftrecycle.finetune.data import Collator, encode, load_examples
-from ftrecycle.io.checkpoint import open_checkpoint
+from ftrecycle.io.checkpoint import Checkpoint, open_checkpoint
 from ftrecycle.io.hf_load import check_model_json, load_causal_lm, load_tokenizer
 from ftrecycle.io.jsonfile import read_json
 from ftrecycle.io.model_files import TOKENIZER_FILES, copy_files
@@ -195,7 +195,7 @@ def _last_checkpoint(run: Path) -> Path | None:
 
 
 def _no_dropout(model: Any) -> list[str]:
-    import torch
+    import torch  # heavy: kept off the transfer path
 
     changed = []
     for key, value in list(model.config.to_dict().items()):
@@ -209,7 +209,7 @@ def _no_dropout(model: Any) -> list[str]:
 
 
 def _trainer_class() -> Any:
-    from transformers import Trainer
+    from transformers import Trainer  # heavy: kept off the transfer path
 
     class RecycleTrainer(Trainer):
         """Trainer whose weight decay also spares embeddings (as open-instruct does)."""
@@ -228,24 +228,27 @@ def _trainer_class() -> Any:
 
 
 def _eval_callback(
-    run: Path,
-    model_tok: Callable[[], tuple[Any, Any]],
-    items: list[dict[str, Any]],
-    shots: list[dict[str, Any]],
-    cfg: FinetuneConfig,
-    log: list[dict[str, Any]],
+    run: Path, trainer: Any, tok: Any, inputs: _Inputs, cfg: FinetuneConfig, log: list[dict[str, Any]]
 ) -> Any:
-    from transformers import TrainerCallback
+    """A callback scoring the model in training on the eval items (first, every ``eval_every`` steps, last),
+    appending to ``log`` and keeping it in the work directory."""
+    from transformers import TrainerCallback  # heavy: kept off the transfer path
 
-    from ftrecycle.evaluate.builtin import evaluate_gsm8k
+    items = inputs.eval_items or []
+    shots = [{"question": r["question"], "answer": r["answer"]} for r in inputs.rows if r["_kind"] == "gsm8k"]
+    shots = shots[: cfg.eval_shots]
 
     class EvalEvery(TrainerCallback):
         def _run(self, step: int) -> None:
             if any(e["step"] == step for e in log):
                 return
-            model, tok = model_tok()
-            rep = evaluate_gsm8k(
-                model, tok, items, shots=shots, batch_size=cfg.eval_batch_size, max_gen_toks=cfg.eval_max_new_tokens
+            rep = builtin.evaluate_gsm8k(
+                trainer.model,
+                tok,
+                items,
+                shots=shots,
+                batch_size=cfg.eval_batch_size,
+                max_gen_toks=cfg.eval_max_new_tokens,
             )
             log.append({"step": step, **rep.summary()})
             if is_main():
@@ -310,169 +313,268 @@ def finetune(
         OutputError: the output exists without ``force``.
     """
     t0 = time.perf_counter()
-    cfg = (config or FinetuneConfig()).validate()
-    out = Path(output).expanduser()
-    run = work_dir(out)
-
-    def load() -> tuple[Any, list[dict[str, Any]], list[dict[str, Any]] | None]:
-        src = open_checkpoint(model, allow_pickle=allow_pickle)
-        src.close()
-        check_model_json(src.path)  # before the run directory is made
-        return src, load_examples(data), read_gsm8k(eval_data) if eval_data is not None else None
-
-    loaded: list[tuple[Any, list[dict[str, Any]], list[dict[str, Any]] | None]] = []
-    settings: dict[str, Any] = {}
-
-    held = contextlib.ExitStack()
-
-    def prepare() -> tuple[bool, bool]:
-        # the main process alone checks the output and owns the run directory; under
-        # `accelerate launch` the others wait here and raise the same error if it refuses
-        loaded.append(load())
-        inputs: list[str | Path | None] = [loaded[0][0].path, model, data, eval_data]
-        check_output(out, inputs, force=force)
-        held.enter_context(output_lock(out))
-        check_no_overlap(run, inputs, what="work directory")
-        settings.update(run_settings(model_key if model_key is not None else loaded[0][0].path, data, eval_data, cfg))
-        # a resume is refused (naming what changed) unless the run was made with these settings and inputs
-        return _check_run_dir(run, out, settings, resume=resume, force=force), os.path.lexists(run)
-
+    job = _Job(
+        model=model,
+        data=data,
+        out=Path(output).expanduser(),
+        cfg=(config or FinetuneConfig()).validate(),
+        eval_data=eval_data,
+        allow_pickle=allow_pickle,
+        model_key=model_key,
+    )
     # the main process holds OUT's lock from its checks to the final rename: a second run for OUT is
     # refused at once instead of fighting over the run directory
-    with held:
-        resuming, existed = on_main(prepare)  # the main process's decisions, on every rank
-        src, rows, eval_items = loaded[0] if loaded else load()
-        if not settings:
-            settings.update(run_settings(model_key if model_key is not None else src.path, data, eval_data, cfg))
-
-        import torch
-        from transformers import TrainingArguments
-
-        tok = load_tokenizer(src.path, trust_remote_code=trust_remote_code)
+    with contextlib.ExitStack() as held:
+        # the main process alone checks the output and owns the run directory; under
+        # `accelerate launch` the others wait here and raise the same error if it refuses
+        resuming, existed = on_main(lambda: job.claim(held, resume=resume, force=force))
+        inputs = job.loaded()
+        settings = job.decided()
+        tok = load_tokenizer(inputs.src.path, trust_remote_code=trust_remote_code)
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token
-        features = [f for r in rows if (f := encode(r, tok, cfg.max_length)) is not None]
-        if not features:
-            raise DataError(f"{data}: no example keeps any completion token within --max-length {cfg.max_length}")
-        saved_dtype = getattr(
-            torch, str(src.config.get("torch_dtype") or src.config.get("dtype") or "float32"), torch.float32
-        )
-        net = load_causal_lm(
-            src.path,
-            dtype=torch.float32,
-            allow_pickle=allow_pickle,
-            trust_remote_code=trust_remote_code,
-            progress=progress,
-        )
-        dropout_off = _no_dropout(net)
-        if cfg.gradient_checkpointing:
-            net.gradient_checkpointing_enable()
-        use_bf16 = cfg.bf16 == "on" or (
-            cfg.bf16 == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-        )
-
-        args = TrainingArguments(
-            output_dir=str(run),
-            max_steps=cfg.max_steps,
-            num_train_epochs=cfg.epochs,
-            per_device_train_batch_size=cfg.batch_size,
-            gradient_accumulation_steps=cfg.grad_accum,
-            learning_rate=cfg.learning_rate,
-            lr_scheduler_type="linear",
-            warmup_steps=cfg.warmup_ratio,
-            weight_decay=cfg.weight_decay,
-            optim="adamw_torch",
-            logging_steps=cfg.logging_every,
-            logging_first_step=True,
-            save_strategy="steps",
-            save_steps=cfg.save_every,
-            save_total_limit=2,
-            seed=cfg.seed,
-            data_seed=cfg.seed,
-            bf16=use_bf16,
-            report_to="none",
-            disable_tqdm=not progress,
-            dataloader_num_workers=0,
-            remove_unused_columns=False,
-            ddp_find_unused_parameters=False,  # a causal LM uses every parameter; skip the extra graph walk
-            use_cpu=not torch.cuda.is_available(),
-        )
+        features = _features(inputs.rows, tok, job.cfg, data)
+        net, saved_dtype, dropout_off = _load_model(inputs.src, job.cfg, allow_pickle, trust_remote_code, progress)
+        args, use_bf16 = _training_args(job.run, job.cfg, progress)
         # a new run's directory is made only now, when everything has loaded (on the main process;
         # under `accelerate launch` the others wait for it); a continued one is checked first
         if not resuming:
-            on_main(lambda: _start_run_dir(run, out, settings, replace=existed))
-        log = _read_eval_log(run) if resuming else []
-        trainer = _trainer_class()(
-            model=net, args=args, train_dataset=features, data_collator=Collator(tok.pad_token_id)
-        )
-        if not progress:  # the library does not print: drop the callback that prints loss dicts
-            from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
-            trainer.remove_callback(PrinterCallback)
-            trainer.remove_callback(ProgressCallback)
-        if eval_items is not None:
-            shots = [{"question": r["question"], "answer": r["answer"]} for r in rows if r["_kind"] == "gsm8k"][
-                : cfg.eval_shots
-            ]
-            trainer.add_callback(_eval_callback(run, lambda: (trainer.model, tok), eval_items, shots, cfg, log))
-        last = _last_checkpoint(run) if resuming else None
-        t_train = time.perf_counter()
-        start_step = int(last.name.split("-")[1]) if last is not None else 0
-        trainer.train(resume_from_checkpoint=str(last) if last is not None else None)
+            on_main(lambda: _start_run_dir(job.run, job.out, settings, replace=existed))
+        log = _read_eval_log(job.run) if resuming else []
+        trainer = _trainer(net, args, features, tok, progress)
+        if inputs.eval_items is not None:
+            trainer.add_callback(_eval_callback(job.run, trainer, tok, inputs, job.cfg, log))
+        start_step, per_step = _train(trainer, _last_checkpoint(job.run) if resuming else None)
         steps = trainer.state.global_step
-        per_step = (time.perf_counter() - t_train) / max(1, steps - start_step)
         losses = [(int(e["step"]), float(e["loss"])) for e in trainer.state.log_history if "loss" in e]
+        record = job.record(operation, trainer, len(features), start_step, losses, dropout_off, use_bf16, log)
+        _merge_provenance(record, extra_provenance or {})
+        # Under FSDP or ZeRO-3 every process holds a shard: gathering the full state dict is a
+        # collective call, so every rank makes it; only the main process receives the tensors.
+        state = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+        on_main(lambda: _write_output(trainer, state, job, saved_dtype, record, log, force=force))
+        return FinetuneResult(job.out, steps, losses, log, time.perf_counter() - t0, per_step, start_step)
 
+
+@dataclass
+class _Inputs:
+    """A run's loaded inputs: the start model's checkpoint (closed), the training rows, the eval items."""
+
+    src: Checkpoint
+    rows: list[dict[str, Any]]
+    eval_items: list[dict[str, Any]] | None
+
+
+@dataclass
+class _Job:
+    """One fine-tuning run: what it reads and writes, and what decides its result."""
+
+    model: str
+    data: str | Path
+    out: Path
+    cfg: FinetuneConfig
+    eval_data: str | Path | None
+    allow_pickle: bool
+    model_key: dict[str, Any] | None
+    inputs: _Inputs | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def run(self) -> Path:
+        """The run's work directory."""
+        return work_dir(self.out)
+
+    def loaded(self) -> _Inputs:
+        """The inputs, loaded once (the main process loads them while it checks; the others after)."""
+        if self.inputs is None:
+            src = open_checkpoint(self.model, allow_pickle=self.allow_pickle)
+            src.close()
+            check_model_json(src.path)  # before the run directory is made
+            items = read_gsm8k(self.eval_data) if self.eval_data is not None else None
+            self.inputs = _Inputs(src, load_examples(self.data), items)
+        return self.inputs
+
+    def decided(self) -> dict[str, Any]:
+        """What decides the run's result (:func:`run_settings`), computed once."""
+        if not self.settings:
+            key = self.model_key if self.model_key is not None else self.loaded().src.path
+            self.settings = run_settings(key, self.data, self.eval_data, self.cfg)
+        return self.settings
+
+    def claim(self, held: contextlib.ExitStack, *, resume: bool, force: bool) -> tuple[bool, bool]:
+        """Check the output and the work directory and take OUT's lock into ``held`` (main process only).
+
+        Returns:
+            Whether an earlier run is continued, and whether something is at the work directory's name.
+
+        Raises:
+            ConfigError, OutputError: as :func:`finetune`.
+        """
+        src = self.loaded().src
+        inputs: list[str | Path | None] = [src.path, self.model, self.data, self.eval_data]
+        check_output(self.out, inputs, force=force)
+        held.enter_context(output_lock(self.out))
+        check_no_overlap(self.run, inputs, what="work directory")
+        # a resume is refused (naming what changed) unless the run was made with these settings and inputs
+        resuming = _check_run_dir(self.run, self.out, self.decided(), resume=resume, force=force)
+        return resuming, os.path.lexists(self.run)
+
+    def record(
+        self,
+        operation: str,
+        trainer: Any,
+        examples: int,
+        start_step: int,
+        losses: list[tuple[int, float]],
+        dropout_off: list[str],
+        use_bf16: bool,
+        log: list[dict[str, Any]],
+    ) -> dict[str, Any]:
+        """The output's provenance."""
         record = base_record(operation)
         record.update(
             {
                 "inputs": {
-                    "model": describe_input(src),
-                    "data": settings["data"],
-                    "examples": len(features),
-                    "eval_data": settings["eval_data"],
+                    "model": describe_input(self.loaded().src),
+                    "data": self.settings["data"],
+                    "examples": examples,
+                    "eval_data": self.settings["eval_data"],
                 },
-                "config": asdict(cfg),
-                "settings_sha256": settings_hash(settings),
+                "config": asdict(self.cfg),
+                "settings_sha256": settings_hash(self.settings),
                 "resumed_from_step": start_step,
-                "steps": steps,
+                "steps": trainer.state.global_step,
                 "processes": world().size,
                 "distributed": str(trainer.accelerator.distributed_type.value),
-                "global_batch": cfg.batch_size * cfg.grad_accum * world().size,
+                "global_batch": self.cfg.batch_size * self.cfg.grad_accum * world().size,
                 "losses": losses,
                 "dropout_disabled": dropout_off,
                 "bf16": use_bf16,
                 "eval_log": log,
             }
         )
-        for key, value in (extra_provenance or {}).items():
-            if key == "inputs":
-                merged = {**record["inputs"], **value}
-                record["inputs"] = {k: v for k, v in merged.items() if v is not None}
-            else:
-                record[key] = value
-        # Under FSDP or ZeRO-3 every process holds a shard: gathering the full state dict is a
-        # collective call, so every rank makes it; only the main process receives the tensors.
-        state = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+        return record
 
-        def write() -> None:
-            net_out = trainer.accelerator.unwrap_model(trainer.model)
-            # the gathered dict holds tied weights (lm_head = embed_tokens) under both names, and the cast
-            # copies no longer share storage: drop the tied ones as save_pretrained would
-            tied = set(getattr(net_out, "all_tied_weights_keys", None) or {})
-            weights = {k: v.detach().to("cpu", saved_dtype) for k, v in state.items() if k not in tied}
-            with atomic_directory(out, force=force) as tmp:
-                net_out.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
-                # save_pretrained records the dtype of the (float32, possibly sharded) training copy
-                net_out.config.dtype = str(saved_dtype).removeprefix("torch.")
-                net_out.config.save_pretrained(tmp)
-                copy_files(src.path, tmp, TOKENIZER_FILES)
-                if (src.path / "generation_config.json").is_file() and not (tmp / "generation_config.json").exists():
-                    shutil.copyfile(src.path / "generation_config.json", tmp / "generation_config.json")
-                write_json(tmp / PROVENANCE, record)
-                if log:
-                    write_json(tmp / EVAL_LOG, log)
-            shutil.rmtree(run, ignore_errors=True)
 
-        on_main(write)
-        return FinetuneResult(out, steps, losses, log, time.perf_counter() - t0, per_step, start_step)
+def _merge_provenance(record: dict[str, Any], extra: dict[str, Any]) -> None:
+    """Add a caller's fields (an ``inputs`` mapping is merged; an input set to None is left out)."""
+    for key, value in extra.items():
+        if key == "inputs":
+            merged = {**record["inputs"], **value}
+            record["inputs"] = {k: v for k, v in merged.items() if v is not None}
+        else:
+            record[key] = value
+
+
+def _features(rows: list[dict[str, Any]], tok: Any, cfg: FinetuneConfig, data: str | Path) -> list[dict[str, Any]]:
+    """The tokenized training examples.
+
+    Raises:
+        DataError: no example keeps a completion token within ``max_length``.
+    """
+    features = [f for r in rows if (f := encode(r, tok, cfg.max_length)) is not None]
+    if not features:
+        raise DataError(f"{data}: no example keeps any completion token within --max-length {cfg.max_length}")
+    return features
+
+
+def _load_model(
+    src: Checkpoint, cfg: FinetuneConfig, allow_pickle: bool, trust_remote_code: bool, progress: bool
+) -> tuple[Any, Any, list[str]]:
+    """The model to train (float32, dropout off), the dtype it was saved in, and the dropout settings turned off."""
+    import torch  # heavy: kept off the transfer path
+
+    saved_dtype = getattr(
+        torch, str(src.config.get("torch_dtype") or src.config.get("dtype") or "float32"), torch.float32
+    )
+    net = load_causal_lm(
+        src.path, dtype=torch.float32, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, progress=progress
+    )
+    dropout_off = _no_dropout(net)
+    if cfg.gradient_checkpointing:
+        net.gradient_checkpointing_enable()
+    return net, saved_dtype, dropout_off
+
+
+def _training_args(run: Path, cfg: FinetuneConfig, progress: bool) -> tuple[Any, bool]:
+    """The Trainer's arguments for ``cfg``, and whether bf16 mixed precision is on."""
+    import torch  # heavy: kept off the transfer path
+    from transformers import TrainingArguments  # heavy: kept off the transfer path
+
+    use_bf16 = cfg.bf16 == "on" or (cfg.bf16 == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    args = TrainingArguments(
+        output_dir=str(run),
+        max_steps=cfg.max_steps,
+        num_train_epochs=cfg.epochs,
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type="linear",
+        warmup_steps=cfg.warmup_ratio,
+        weight_decay=cfg.weight_decay,
+        optim="adamw_torch",
+        logging_steps=cfg.logging_every,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=cfg.save_every,
+        save_total_limit=2,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        bf16=use_bf16,
+        report_to="none",
+        disable_tqdm=not progress,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        ddp_find_unused_parameters=False,  # a causal LM uses every parameter; skip the extra graph walk
+        use_cpu=not torch.cuda.is_available(),
+    )
+    return args, use_bf16
+
+
+def _trainer(net: Any, args: Any, features: list[dict[str, Any]], tok: Any, progress: bool) -> Any:
+    trainer = _trainer_class()(model=net, args=args, train_dataset=features, data_collator=Collator(tok.pad_token_id))
+    if not progress:  # the library does not print: drop the callback that prints loss dicts
+        from transformers.trainer_callback import PrinterCallback, ProgressCallback  # heavy: off the transfer path
+
+        trainer.remove_callback(PrinterCallback)
+        trainer.remove_callback(ProgressCallback)
+    return trainer
+
+
+def _train(trainer: Any, last: Path | None) -> tuple[int, float]:
+    """Train (from checkpoint ``last``, if any); returns the step it started from and the seconds per step."""
+    t_train = time.perf_counter()
+    start_step = int(last.name.split("-")[1]) if last is not None else 0
+    trainer.train(resume_from_checkpoint=str(last) if last is not None else None)
+    return start_step, (time.perf_counter() - t_train) / max(1, trainer.state.global_step - start_step)
+
+
+def _write_output(
+    trainer: Any,
+    state: dict[str, Any],
+    job: _Job,
+    saved_dtype: Any,
+    record: dict[str, Any],
+    log: list[dict[str, Any]],
+    *,
+    force: bool,
+) -> None:
+    """Write the fine-tuned model (in its saved dtype), its tokenizer and provenance; remove the work directory."""
+    src = job.loaded().src
+    net_out = trainer.accelerator.unwrap_model(trainer.model)
+    # the gathered dict holds tied weights (lm_head = embed_tokens) under both names, and the cast
+    # copies no longer share storage: drop the tied ones as save_pretrained would
+    tied = set(getattr(net_out, "all_tied_weights_keys", None) or {})
+    weights = {k: v.detach().to("cpu", saved_dtype) for k, v in state.items() if k not in tied}
+    with atomic_directory(job.out, force=force) as tmp:
+        net_out.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
+        # save_pretrained records the dtype of the (float32, possibly sharded) training copy
+        net_out.config.dtype = str(saved_dtype).removeprefix("torch.")
+        net_out.config.save_pretrained(tmp)
+        copy_files(src.path, tmp, TOKENIZER_FILES)
+        if (src.path / "generation_config.json").is_file() and not (tmp / "generation_config.json").exists():
+            shutil.copyfile(src.path / "generation_config.json", tmp / "generation_config.json")
+        write_json(tmp / PROVENANCE, record)
+        if log:
+            write_json(tmp / EVAL_LOG, log)
+    shutil.rmtree(job.run, ignore_errors=True)
