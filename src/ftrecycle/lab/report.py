@@ -150,8 +150,7 @@ def _diagnostics(results: dict[str, Any]) -> list[str]:
         "α auto at least as accurate as α = 1 on every stage-2 pair: "
         f"**{'yes' if d['alpha_auto_not_worse'] else 'no'}**.",
         "",
-        f"![diagnostics]({PLOTS['diagnostics']})",
-        "",
+        *_figure("diagnostics", "diagnostics"),
     ]
 
 
@@ -182,8 +181,7 @@ def _compression(m: dict[str, Any]) -> list[str]:
         "",
         *_table(["Δ stored as", "ratio", "median rel. error", *[f"{p} accuracy" for p in pairs]], rows),
         "",
-        f"![compression]({PLOTS['compression']})",
-        "",
+        *_figure("compression", "compression"),
     ]
 
 
@@ -237,6 +235,16 @@ def _intro(results: dict[str, Any]) -> list[str]:
     ]
 
 
+def _figure(alt: str, key: str, caption: str | None = None) -> list[str]:
+    """A section's plot, and the paper's caption of the figure it mirrors."""
+    return [f"![{alt}]({PLOTS[key]})", "", *([caption, ""] if caption is not None else [])]
+
+
+def _paper(label: str, header: list[str], rows: list[list[Any]]) -> list[str]:
+    """The paper's table that a section mirrors, under our own."""
+    return [f"{label}:", "", *_table(header, rows), ""]
+
+
 def _paper_rows(table: dict[str, Any], columns: list[str], names: tuple[tuple[str, str], ...]) -> list[list[Any]]:
     """Rows of a paper table: one per (label, key), one cell per column."""
     return [[name, *[table[k][c] for c in columns]] for name, k in names]
@@ -249,15 +257,12 @@ def _direct(m: dict[str, Any], paper: dict[str, Any]) -> list[str]:
         "",
         *_table(["step", *V], [[s, *[dict(map(tuple, m["direct_ft"][v]["curve"])).get(s) for v in V]] for s in steps]),
         "",
-        "Paper Table 12:",
-        "",
-        *_table(
+        *_paper(
+            "Paper Table 12",
             ["step", *V],
             [[s, *[paper["table12"]["accuracy"][v][k] for v in V]] for k, s in enumerate(paper["table12"]["steps"])],
         ),
-        "",
-        f"![direct fine-tuning]({PLOTS['direct_ft_curves']})",
-        "",
+        *_figure("direct fine-tuning", "direct_ft_curves"),
     ]
 
 
@@ -267,12 +272,8 @@ def _transfer(m: dict[str, Any], paper: dict[str, Any]) -> list[str]:
         "",
         *_table(["", *V], _transfer_table(m)),
         "",
-        "Paper Table 2:",
-        "",
-        *_table(["", *V], _paper_transfer_table(paper["table2"])),
-        "",
-        f"![transfer matrix]({PLOTS['transfer_matrix']})",
-        "",
+        *_paper("Paper Table 2", ["", *V], _paper_transfer_table(paper["table2"])),
+        *_figure("transfer matrix", "transfer_matrix"),
     ]
 
 
@@ -294,14 +295,8 @@ def _recycle(m: dict[str, Any], paper: dict[str, Any], recycle_steps: int) -> li
             + [["Direct FT", *[m["direct_ft"][j]["final"] for j in V]]],
         ),
         "",
-        "Paper Table 4:",
-        "",
-        *_table(["", *V], [[f"+ Δ{i[1]} → FT", *[paper["table4"][i].get(j) for j in V]] for i in V]),
-        "",
-        f"![recycling-then-fine-tuning curves]({PLOTS['recycle_curves']})",
-        "",
-        paper["figures"]["figure2"],
-        "",
+        *_paper("Paper Table 4", ["", *V], [[f"+ Δ{i[1]} → FT", *[paper["table4"][i].get(j) for j in V]] for i in V]),
+        *_figure("recycling-then-fine-tuning curves", "recycle_curves", paper["figures"]["figure2"]),
     ]
 
 
@@ -325,9 +320,8 @@ def _iterative(m: dict[str, Any], paper: dict[str, Any]) -> list[str]:
             ),
         ),
         "",
-        "Paper Table 6:",
-        "",
-        *_table(
+        *_paper(
+            "Paper Table 6",
             theirs,
             _paper_rows(
                 paper["table6"],
@@ -335,24 +329,18 @@ def _iterative(m: dict[str, Any], paper: dict[str, Any]) -> list[str]:
                 (("OLMo 2 7B", "base"), ("+ Δ^dir", "dir"), ("+ Δ^iter", "iter"), ("Direct FT", "direct_ft")),
             ),
         ),
-        "",
         "Without fine-tuning (Table 11):",
         "",
         *_table(ours, rows((("base", "base"), ("+ Δ^dir", "dir_no_ft"), ("+ Δ^iter", "iter_no_ft")))),
         "",
-        "Paper Table 11:",
-        "",
-        *_table(
+        *_paper(
+            "Paper Table 11",
             theirs,
             _paper_rows(
                 paper["table11"], theirs[1:], (("OLMo 2 7B", "base"), ("+ Δ^dir", "dir"), ("+ Δ^iter", "iter"))
             ),
         ),
-        "",
-        f"![iterative vs direct]({PLOTS['iterative_curves']})",
-        "",
-        paper["figures"]["figure3"],
-        "",
+        *_figure("iterative vs direct", "iterative_curves", paper["figures"]["figure3"]),
     ]
 
 
@@ -375,9 +363,8 @@ def _language(m: dict[str, Any], paper: dict[str, Any]) -> list[str]:
             ],
         ),
         "",
-        "Paper Table 3 (Global-MMLU):",
-        "",
-        *_table(
+        *_paper(
+            "Paper Table 3 (Global-MMLU)",
             ["model", *t3],
             [
                 [name, *[t3[lang][k] for lang in t3]]
@@ -389,7 +376,6 @@ def _language(m: dict[str, Any], paper: dict[str, Any]) -> list[str]:
                 )
             ],
         ),
-        "",
     ]
 
 
@@ -431,19 +417,25 @@ def _transfer_matrix(plt: Any, results: dict[str, Any]) -> Any:
     return fig
 
 
+def _panel(ax: Any, title: str, curves: list[tuple[list[list[float]], str, dict[str, Any]]], legend: int) -> None:
+    """One subplot of accuracy against fine-tuning steps: each curve with its format and line settings."""
+    for curve, fmt, kw in curves:
+        xs, ys = _xy(curve)
+        ax.plot(xs, ys, fmt, **kw)
+    ax.set_title(title)
+    ax.set_xlabel("fine-tuning steps")
+    ax.legend(fontsize=legend)
+
+
 def _recycle_curves(plt: Any, results: dict[str, Any]) -> Any:
     m = results["mean"]
     fig, axes = plt.subplots(1, 5, figsize=(18, 3.6), sharey=True)
     for ax, j in zip(axes, V, strict=True):
-        xs, ys = _xy(m["direct_ft"][j]["curve"])
-        ax.plot(xs, ys, "k-o", lw=2, ms=3, label=f"FT({j})")
-        for i in V:
-            if i != j:
-                xs, ys = _xy(m["recycle_ft"][j][i]["curve"])
-                ax.plot(xs, ys, "-", marker=".", label=f"FT({j}+Δ{i[1]})")
-        ax.set_title(j)
-        ax.set_xlabel("fine-tuning steps")
-        ax.legend(fontsize=7)
+        direct = (m["direct_ft"][j]["curve"], "k-o", {"lw": 2, "ms": 3, "label": f"FT({j})"})
+        recycled = [
+            (m["recycle_ft"][j][i]["curve"], "-", {"marker": ".", "label": f"FT({j}+Δ{i[1]})"}) for i in V if i != j
+        ]
+        _panel(ax, j, [direct, *recycled], legend=7)
     axes[0].set_ylabel("accuracy (%)")
     return fig
 
@@ -451,17 +443,9 @@ def _recycle_curves(plt: Any, results: dict[str, Any]) -> Any:
 def _iterative_curves(plt: Any, results: dict[str, Any]) -> Any:
     iters = results["mean"]["iterative"]
     fig, axes = plt.subplots(1, len(iters), figsize=(5 * len(iters), 3.6), sharey=True)
+    styles = (("direct_curve", "k-o", "direct FT"), ("dir_curve", "b-s", "Δ^dir"), ("iter_curve", "r-^", "Δ^iter"))
     for ax, (v, r) in zip(axes, iters.items(), strict=True):
-        for key, style, label in (
-            ("direct_curve", "k-o", "direct FT"),
-            ("dir_curve", "b-s", "Δ^dir"),
-            ("iter_curve", "r-^", "Δ^iter"),
-        ):
-            xs, ys = _xy(r[key])
-            ax.plot(xs, ys, style, ms=3, label=label)
-        ax.set_title(v)
-        ax.set_xlabel("fine-tuning steps")
-        ax.legend(fontsize=8)
+        _panel(ax, v, [(r[key], style, {"ms": 3, "label": label}) for key, style, label in styles], legend=8)
     axes[0].set_ylabel("accuracy (%)")
     return fig
 
