@@ -64,46 +64,64 @@ def _paper_transfer_table(p: dict[str, Any]) -> list[list[Any]]:
     return rows
 
 
+def _recovery_text(n: dict[str, Any]) -> str:
+    return "; ".join(
+        f"{r['target']}+Δ{r['source'][1]}: {_f(r['transfer'])} vs {r['target']} {_f(r['base'])} and "
+        f"FT({r['target']}) {_f(r['direct_ft'])} → {_f(r['recovered_pct'])} % recovered"
+        for r in n["pairs"]
+    )
+
+
+def _grouping_text(n: dict[str, Any]) -> str:
+    w = n["worst_cross"]
+    return (
+        f"mean gain within {_f(n['mean_gain_within'])}, across {_f(n['mean_gain_across'])}; "
+        f"{n['cross_pairs_below_target']} cross-stage transfers below their target "
+        f"(worst {w['target']}+Δ{w['source'][1]}: {_f(w['gain'])})"
+    )
+
+
+def _convergence_text(n: dict[str, Any]) -> str:
+    w = n["worst"]
+    return (
+        f"{n['held']} of {n['comparisons']} equal-step comparisons hold "
+        f"(worst FT({w['target']}+Δ{w['source'][1]}) at step {w['step']}: {_f(w['margin'])}); "
+        f"{n['pairs'] - n['pairs_too_slow']} of {n['pairs']} pairs reach FT(Mj)'s final accuracy within "
+        f"{n['third_of_steps']} steps (median {_f(n['median_steps_to_reach'])})"
+    )
+
+
+def _iterative_text(n: dict[str, Any]) -> str:
+    return f"iterative {_f(n['iterative'])}, direct {_f(n['direct'])} (difference {_f(n['difference'])})"
+
+
+def _compression_text(n: dict[str, Any]) -> str:
+    b = n["best"]
+    if b is not None:
+        return f"`{b['spec']}`: {_f(b['ratio'])}× smaller, loses at most {_f(b['max_loss'])} points"
+    near = [r for r in n["settings"] if r["ratio"] >= n["ratio_required"]]
+    low = min(near, key=lambda r: r["max_loss"]) if near else None
+    return "no setting qualifies" + (
+        f"; the least loss at ≥ {n['ratio_required']}×: `{low['spec']}` ({_f(low['ratio'])}×) loses "
+        f"{_f(low['max_loss'])} points"
+        if low
+        else ""
+    )
+
+
+#: How each finding's numbers read in the findings table, by finding id (5 and any later: compression).
+_FINDING_TEXT: dict[int, Callable[[dict[str, Any]], str]] = {
+    1: _recovery_text,
+    2: _grouping_text,
+    3: _convergence_text,
+    4: _iterative_text,
+}
+
+
 def _findings(findings: list[dict[str, Any]], per_seed: dict[str, list[bool]]) -> list[str]:
     lines = ["| # | finding | verdict | numbers |", "|---|---|---|---|"]
     for f in findings:
-        n = f["numbers"]
-        if f["id"] == 1:
-            txt = "; ".join(
-                f"{r['target']}+Δ{r['source'][1]}: {_f(r['transfer'])} vs {r['target']} {_f(r['base'])} and "
-                f"FT({r['target']}) {_f(r['direct_ft'])} → {_f(r['recovered_pct'])} % recovered"
-                for r in n["pairs"]
-            )
-        elif f["id"] == 2:
-            w = n["worst_cross"]
-            txt = (
-                f"mean gain within {_f(n['mean_gain_within'])}, across {_f(n['mean_gain_across'])}; "
-                f"{n['cross_pairs_below_target']} cross-stage transfers below their target "
-                f"(worst {w['target']}+Δ{w['source'][1]}: {_f(w['gain'])})"
-            )
-        elif f["id"] == 3:
-            w = n["worst"]
-            txt = (
-                f"{n['held']} of {n['comparisons']} equal-step comparisons hold "
-                f"(worst FT({w['target']}+Δ{w['source'][1]}) at step {w['step']}: {_f(w['margin'])}); "
-                f"{n['pairs'] - n['pairs_too_slow']} of {n['pairs']} pairs reach FT(Mj)'s final accuracy within "
-                f"{n['third_of_steps']} steps (median {_f(n['median_steps_to_reach'])})"
-            )
-        elif f["id"] == 4:
-            txt = f"iterative {_f(n['iterative'])}, direct {_f(n['direct'])} (difference {_f(n['difference'])})"
-        else:
-            b = n["best"]
-            if b is None:
-                near = [r for r in n["settings"] if r["ratio"] >= n["ratio_required"]]
-                low = min(near, key=lambda r: r["max_loss"]) if near else None
-                txt = "no setting qualifies" + (
-                    f"; the least loss at ≥ {n['ratio_required']}×: `{low['spec']}` ({_f(low['ratio'])}×) loses "
-                    f"{_f(low['max_loss'])} points"
-                    if low
-                    else ""
-                )
-            else:
-                txt = f"`{b['spec']}`: {_f(b['ratio'])}× smaller, loses at most {_f(b['max_loss'])} points"
+        txt = _FINDING_TEXT.get(f["id"], _compression_text)(f["numbers"])
         seeds = per_seed.get(str(f["id"]), [])
         tail = f"; passes in {sum(seeds)} of {len(seeds)} seeds" if len(seeds) > 1 else ""
         verdict = f"**{'PASS' if f['passed'] else 'FAIL'}**" + (" (no signal)" if f.get("no_signal") else "")
