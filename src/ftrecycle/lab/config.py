@@ -20,7 +20,8 @@ class LabConfig:
         train_items: fine-tuning problems (GSM8K format).
         test_items: held-out test problems; each accuracy is over all of them.
         ft_steps: fine-tuning steps of direct fine-tuning (experiment a).
-        recycle_steps: steps of every recycling-then-fine-tuning run (c, d).
+        recycle_steps: steps of every recycling-then-fine-tuning run (c, d); (d)'s chain starts from (a)'s
+            M*1 = FT(M1), passed to ``iterate`` as its ``finetuned`` model.
         ft_batch: fine-tuning batch size.
         ft_lr: peak learning rate (linear decay) of fine-tuning from a base (a, e).
         recycle_lr: peak learning rate of fine-tuning from Mj + Δi (c, d). Lower than ``ft_lr``: such a

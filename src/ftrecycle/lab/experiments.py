@@ -7,8 +7,9 @@ Naming (directories under ``seed-S/models`` and job ids):
 * ``Mj+di``: Mj + Δi with Δi = ft-Mi − Mi (experiment b);
 * ``ft-Mj+di``: fine-tuning started from Mj + Δi (experiment c; with j = i + 1 it is the
   paper's direct recycling-then-fine-tuning Δ^dir of experiment d);
-* ``Mi+iter`` / ``ft-Mi+iter``: Algorithm 1's Mi + Δ^iter_{i-1} before and after fine-tuning,
-  for i ≥ 3 (for i = 2 it is ``ft-M2+d1``, as in the paper);
+* ``iterative``: Algorithm 1 over M1..M5 (experiment d), run by ``ftrecycle.recycle.iterate`` into
+  ``iterative/`` (``delta-1``, ``M2-plus-delta-1``, ``M2-star``, ...), starting from ``ft-M1`` as M*1
+  and fine-tuning with the recycling runs' settings; its Mi + Δ^iter_{i-1} and M*i are scored for i ≥ 3;
 * ``diag-Mj+di``: ``diagnose`` of the pair; ``Mj+diauto``: Mj + α·Δi with α chosen on calibration
   data (experiment f, for the diagnostics);
 * ``Mj+di@SPEC``: Mj + Δi with Δi stored as a bf16 delta compressed by SPEC (``none``: dense bf16),
@@ -20,6 +21,7 @@ Naming (directories under ``seed-S/models`` and job ids):
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from itertools import permutations
 from pathlib import Path
 from typing import Any
@@ -31,11 +33,12 @@ from ftrecycle.lab.jobs import (
     diagnose_job,
     eval_job,
     finetune_job,
+    iterative_job,
     pretrain_job,
     transfer_job,
 )
 from ftrecycle.lab.pretrain import VERSIONS
-from ftrecycle.lab.scheduler import Job
+from ftrecycle.lab.scheduler import Job, JobFn
 
 GROUPS = (("M1", "M2", "M3"), ("M4", "M5"))
 STAGE2_PAIRS = (("M4", "M5"), ("M5", "M4"))
@@ -73,140 +76,189 @@ def _pretrain_threads(cfg: LabConfig) -> int:
     return cores if len(cfg.seeds) == 1 else max(1, cores // max(1, cfg.workers))
 
 
-def seed_jobs(cfg: LabConfig, seed: int, root: Path, data: dict[str, Path]) -> list[Job]:
-    """Every job of one seed, in a good submission order (longest dependency chains first)."""
-    m = root / "models"
-    base = {v: str(m / "pretrain" / v) for v in VERSIONS}
-    test, train = str(data["test"]), str(data["train"])
-    prefix = f"s{seed}:"
-    settings = {
-        "batch_size": cfg.ft_batch,
-        "learning_rate": cfg.ft_lr,
-        "warmup_ratio": cfg.warmup_ratio,
-        "eval_every": cfg.eval_every,
-        "eval_batch_size": 128,
-        "eval_max_new_tokens": cfg.max_new_tokens,
-        "max_length": 256,
-        "save_every": max(cfg.eval_every, 100),
-        "logging_every": cfg.eval_every,
-        "bf16": "off",
+@dataclass(frozen=True)
+class _Seed:
+    """One seed's run directory, data and fine-tuning settings: what every job of the seed is made from."""
+
+    cfg: LabConfig
+    seed: int
+    models: Path
+    data: dict[str, Path]
+
+    @property
+    def prefix(self) -> str:
+        return f"s{self.seed}:"
+
+    @property
+    def test(self) -> str:
+        return str(self.data["test"])
+
+    @property
+    def train(self) -> str:
+        return str(self.data["train"])
+
+    def base(self, v: str) -> str:
+        """The pretrained version ``v``."""
+        return str(self.models / "pretrain" / v)
+
+    def model(self, name: str) -> str:
+        """The model directory a job named ``name`` writes."""
+        return str(self.models / name)
+
+    def settings(self, lr: float) -> dict[str, Any]:
+        """Every fine-tuning job's settings (see :func:`ftrecycle.lab.jobs.finetune_config`) at peak rate ``lr``."""
+        cfg = self.cfg
+        return {
+            "batch_size": cfg.ft_batch,
+            "learning_rate": lr,
+            "warmup_ratio": cfg.warmup_ratio,
+            "eval_every": cfg.eval_every,
+            "eval_batch_size": 128,
+            "eval_max_new_tokens": cfg.max_new_tokens,
+            "max_length": 256,
+            "save_every": max(cfg.eval_every, 100),
+            "logging_every": cfg.eval_every,
+            "bf16": "off",
+        }
+
+    def job(
+        self, name: str, fn: JobFn, kwargs: dict[str, Any], deps: tuple[str, ...], threads: int | None = None
+    ) -> Job:
+        """A job of this seed (its id and its dependencies' ids carry the seed's prefix)."""
+        return Job(self.prefix + name, fn, kwargs, tuple(self.prefix + d for d in deps), threads=threads)
+
+    def ft(self, name: str, start: str, steps: int, deps: tuple[str, ...], *, train: str = "", test: str = "") -> Job:
+        """Fine-tune ``start`` into ``name`` (recycling runs, named ``...+...``, at the recycling rate)."""
+        lr = self.cfg.recycle_lr if "+" in name else self.cfg.ft_lr
+        kwargs = {
+            "start": start,
+            "train": train or self.train,
+            "test": test or self.test,
+            "out": self.model(name),
+            "steps": steps,
+            "settings": self.settings(lr),
+            "seed": self.seed,
+        }
+        return self.job(name, finetune_job, kwargs, deps)
+
+    def pair(self, i: str, j: str) -> dict[str, str]:
+        """The models of Mj + Δi: Δi = ft-Mi − Mi (direct fine-tuning), carried to Mj."""
+        return {"source_base": self.base(i), "source_finetuned": self.model(f"ft-{i}"), "target_base": self.base(j)}
+
+    def xfer(self, name: str, models: dict[str, str], deps: tuple[str, ...], *, test: str = "") -> Job:
+        """Write ``target_base + (source_finetuned - source_base)`` of ``models`` into ``name`` and score it."""
+        kwargs = {
+            **models,
+            "out": self.model(name),
+            "test": test or self.test,
+            "max_new_tokens": self.cfg.max_new_tokens,
+        }
+        return self.job(name, transfer_job, kwargs, deps)
+
+
+def _pretrain(s: _Seed) -> list[Job]:
+    cfg = s.cfg
+    kwargs = {"out": s.model("pretrain"), "model": vars(cfg.model), "spec": vars(cfg.pretrain), "seed": s.seed}
+    return [s.job("pretrain", pretrain_job, kwargs, (), threads=_pretrain_threads(cfg))]
+
+
+def _iterative(s: _Seed) -> list[Job]:
+    """(d) Algorithm 1 over M1..M5 by ``iterate``: M*1 is (a)'s ``ft-M1``, later M*i use the recycling settings."""
+    cfg = s.cfg
+    kwargs = {
+        "versions": [s.base(v) for v in VERSIONS],
+        "first": s.model("ft-M1"),
+        "train": s.train,
+        "test": s.test,
+        "out": s.model("iterative"),
+        "steps": cfg.recycle_steps,
+        "settings": s.settings(cfg.recycle_lr),
+        "seed": s.seed,
+        "max_new_tokens": cfg.max_new_tokens,
     }
+    return [s.job("iterative", iterative_job, kwargs, ("pretrain", "ft-M1"))]
 
-    def ft(name: str, start: str, steps: int, deps: tuple[str, ...], *, tr: str = train, te: str = test) -> Job:
-        lr = cfg.recycle_lr if "+" in name else cfg.ft_lr
-        return Job(
-            prefix + name,
-            finetune_job,
-            {
-                "start": start,
-                "train": tr,
-                "test": te,
-                "out": str(m / name),
-                "steps": steps,
-                "settings": {**settings, "learning_rate": lr},
-                "seed": seed,
-            },
-            tuple(prefix + d for d in deps),
-        )
 
-    def xfer(name: str, sb: str, sf: str, tb: str, deps: tuple[str, ...], *, te: str = test) -> Job:
-        return Job(
-            prefix + name,
-            transfer_job,
-            {
-                "source_base": sb,
-                "source_finetuned": sf,
-                "target_base": tb,
-                "out": str(m / name),
-                "test": te,
-                "max_new_tokens": cfg.max_new_tokens,
-            },
-            tuple(prefix + d for d in deps),
-        )
+def _direct(s: _Seed) -> list[Job]:
+    """(a) direct fine-tuning of every version."""
+    return [s.ft(f"ft-{v}", s.base(v), s.cfg.ft_steps, ("pretrain",)) for v in VERSIONS]
 
-    jobs = [
-        Job(
-            prefix + "pretrain",
-            pretrain_job,
-            {"out": str(m / "pretrain"), "model": vars(cfg.model), "spec": vars(cfg.pretrain), "seed": seed},
-            threads=_pretrain_threads(cfg),
-        ),
+
+def _transfers(s: _Seed) -> list[Job]:
+    """(b) Mj + Δi for every pair."""
+    return [s.xfer(f"{j}+d{i[1]}", s.pair(i, j), (f"ft-{i}",)) for i, j in pairs()]
+
+
+def _recycled(s: _Seed) -> list[Job]:
+    """(c) fine-tuning from Mj + Δi for every pair (with j = i + 1, the direct recycling of d)."""
+    return [
+        s.ft(f"ft-{j}+d{i[1]}", s.model(f"{j}+d{i[1]}"), s.cfg.recycle_steps, (f"{j}+d{i[1]}",)) for i, j in pairs()
     ]
-    jobs += [ft(f"ft-{v}", base[v], cfg.ft_steps, ("pretrain",)) for v in VERSIONS]
-    # Algorithm 1 is a chain: queue it early so it overlaps the all-pairs runs.
-    chain = [
-        xfer("M2+d1", base["M1"], str(m / "ft-M1"), base["M2"], ("ft-M1",)),
-        ft("ft-M2+d1", str(m / "M2+d1"), cfg.recycle_steps, ("M2+d1",)),
+
+
+def _language(s: _Seed) -> list[Job]:
+    """(e) ft-M4 fine-tuned on the second language, and that diff carried to ft-M5."""
+    lt, lte = str(s.data["language_train"]), str(s.data["language_test"])
+    eval_m5 = {"model": s.model("ft-M5"), "test": lte, "max_new_tokens": s.cfg.max_new_tokens}
+    carried = {
+        "source_base": s.model("ft-M4"),
+        "source_finetuned": s.model("lang-ft-M4"),
+        "target_base": s.model("ft-M5"),
+    }
+    return [
+        s.ft("lang-ft-M4", s.model("ft-M4"), s.cfg.language_steps, ("ft-M4",), train=lt, test=lte),
+        s.job("lang-eval-ft-M5", eval_job, eval_m5, ("ft-M5",)),
+        s.xfer("ft-M5+dlang", carried, ("lang-ft-M4", "ft-M5"), test=lte),
     ]
-    prev_star, prev_job = str(m / "ft-M2+d1"), "ft-M2+d1"
-    for k in range(2, len(VERSIONS)):
-        prev, cur = VERSIONS[k - 1], VERSIONS[k]
-        chain.append(xfer(f"{cur}+iter", base[prev], prev_star, base[cur], (prev_job,)))
-        chain.append(ft(f"ft-{cur}+iter", str(m / f"{cur}+iter"), cfg.recycle_steps, (f"{cur}+iter",)))
-        prev_star, prev_job = str(m / f"ft-{cur}+iter"), f"ft-{cur}+iter"
-    jobs += chain
-    for i, j in pairs():
-        if (i, j) == ("M1", "M2"):
-            continue
-        jobs.append(xfer(f"{j}+d{i[1]}", base[i], str(m / f"ft-{i}"), base[j], (f"ft-{i}",)))
-    for i, j in pairs():
-        if (i, j) != ("M1", "M2"):
-            jobs.append(ft(f"ft-{j}+d{i[1]}", str(m / f"{j}+d{i[1]}"), cfg.recycle_steps, (f"{j}+d{i[1]}",)))
-    lt, lte = str(data["language_train"]), str(data["language_test"])
-    jobs.append(ft("lang-ft-M4", str(m / "ft-M4"), cfg.language_steps, ("ft-M4",), tr=lt, te=lte))
-    jobs.append(
-        Job(
-            prefix + "lang-eval-ft-M5",
-            eval_job,
-            {"model": str(m / "ft-M5"), "test": lte, "max_new_tokens": cfg.max_new_tokens},
-            (prefix + "ft-M5",),
-        )
-    )
-    jobs.append(
-        xfer("ft-M5+dlang", str(m / "ft-M4"), str(m / "lang-ft-M4"), str(m / "ft-M5"), ("lang-ft-M4", "ft-M5"), te=lte)
-    )
-    # (f) diagnostics of every pair (calibration: the first training problems), --alpha auto on stage 2
-    for i, j in pairs():
-        args = {"source_base": base[i], "source_finetuned": str(m / f"ft-{i}"), "target_base": base[j]}
-        jobs.append(
-            Job(f"{prefix}diag-{j}+d{i[1]}", diagnose_job, {**args, "calibration": train}, (f"{prefix}ft-{i}",))
-        )
-    # (g) compressed deltas on the stage-2 pairs
+
+
+def _diagnostics(s: _Seed) -> list[Job]:
+    """(f) ``diagnose`` of every pair (calibration: the first training problems)."""
+    return [
+        s.job(f"diag-{j}+d{i[1]}", diagnose_job, {**s.pair(i, j), "calibration": s.train}, (f"ft-{i}",))
+        for i, j in pairs()
+    ]
+
+
+def _auto_alpha(s: _Seed) -> list[Job]:
+    """(f) ``transfer --alpha auto`` on the stage-2 pairs."""
+    jobs = []
+    for i, j in STAGE2_PAIRS:
+        name = f"{j}+d{i[1]}auto"
+        kwargs = {
+            **s.pair(i, j),
+            "out": s.model(name),
+            "test": s.test,
+            "calibration": s.train,
+            "max_new_tokens": s.cfg.max_new_tokens,
+        }
+        jobs.append(s.job(name, auto_alpha_job, kwargs, (f"ft-{i}",)))
+    return jobs
+
+
+def _compressed(s: _Seed) -> list[Job]:
+    """(g) Δ stored compressed by each of :data:`COMPRESSIONS`, on the stage-2 pairs."""
+    jobs = []
     for i, j in STAGE2_PAIRS:
         for spec in COMPRESSIONS:
             name = f"{j}+d{i[1]}@{spec}"
-            args = {"source_base": base[i], "source_finetuned": str(m / f"ft-{i}"), "target_base": base[j]}
-            jobs.append(
-                Job(
-                    prefix + name,
-                    compressed_job,
-                    {
-                        **args,
-                        "out": str(m / "compressed" / name.replace(":", "-").replace("=", "")),
-                        "spec": spec,
-                        "test": test,
-                        "max_new_tokens": cfg.max_new_tokens,
-                    },
-                    (f"{prefix}ft-{i}",),
-                )
-            )
-    for i, j in STAGE2_PAIRS:
-        args = {"source_base": base[i], "source_finetuned": str(m / f"ft-{i}"), "target_base": base[j]}
-        jobs.append(
-            Job(
-                f"{prefix}{j}+d{i[1]}auto",
-                auto_alpha_job,
-                {
-                    **args,
-                    "out": str(m / f"{j}+d{i[1]}auto"),
-                    "test": test,
-                    "calibration": train,
-                    "max_new_tokens": cfg.max_new_tokens,
-                },
-                (f"{prefix}ft-{i}",),
-            )
-        )
+            kwargs = {
+                **s.pair(i, j),
+                "out": str(s.models / "compressed" / name.replace(":", "-").replace("=", "")),
+                "spec": spec,
+                "test": s.test,
+                "max_new_tokens": s.cfg.max_new_tokens,
+            }
+            jobs.append(s.job(name, compressed_job, kwargs, (f"ft-{i}",)))
     return jobs
+
+
+def seed_jobs(cfg: LabConfig, seed: int, root: Path, data: dict[str, Path]) -> list[Job]:
+    """Every job of one seed, in a good submission order (longest dependency chains first)."""
+    s = _Seed(cfg, seed, root / "models", data)
+    # Algorithm 1 is the longest chain: queued first, it overlaps everything else.
+    steps = (_pretrain, _iterative, _direct, _transfers, _recycled, _language, _diagnostics, _compressed, _auto_alpha)
+    return [job for step in steps for job in step(s)]
 
 
 def collect_seed(cfg: LabConfig, seed: int, res: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -230,12 +282,12 @@ def collect_seed(cfg: LabConfig, seed: int, res: dict[str, dict[str, Any]]) -> d
         iterative[v] = {
             "base": base[v],
             "dir_no_ft": transfer[v][prev],
-            "iter_no_ft": r[f"{v}+iter"]["accuracy"],
+            "iter_no_ft": r["iterative"][v]["accuracy"],
             "dir_ft": recycle[v][prev]["final"],
-            "iter_ft": r[f"ft-{v}+iter"]["final"],
+            "iter_ft": r["iterative"][v]["final"],
             "direct_ft": direct[v]["final"],
             "dir_curve": recycle[v][prev]["curve"],
-            "iter_curve": r[f"ft-{v}+iter"]["curve"],
+            "iter_curve": r["iterative"][v]["curve"],
             "direct_curve": direct[v]["curve"],
         }
     lang = r["lang-ft-M4"]

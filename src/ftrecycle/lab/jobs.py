@@ -7,12 +7,25 @@ back instead of recomputed, and an interrupted fine-tune resumes from its last c
 from __future__ import annotations
 
 import json
+import random
+import statistics
 from pathlib import Path
 from typing import Any
 
 from ftrecycle.delta.store import Delta
+from ftrecycle.diagnose.verdict import best_alpha, diagnose
+from ftrecycle.evaluate.builtin import evaluate_gsm8k, load_for_eval
 from ftrecycle.evaluate.data import read_gsm8k
+from ftrecycle.finetune.config import FinetuneConfig
+from ftrecycle.finetune.train import EVAL_LOG, finetune
 from ftrecycle.io.output import atomic_directory
+from ftrecycle.lab import world
+from ftrecycle.lab.pretrain import VERSIONS, ModelSpec, PretrainSpec, pretrain
+from ftrecycle.lab.scheduler import write_json_atomic
+from ftrecycle.ops.apply import apply_delta
+from ftrecycle.ops.diff import diff
+from ftrecycle.ops.transfer import transfer
+from ftrecycle.recycle import ChainSpec, iterate
 
 CALIBRATION_ITEMS = 200  # the first training problems: the "few hundred examples of the task" diagnose uses
 
@@ -23,8 +36,6 @@ def _pct(x: float) -> float:
 
 def evaluate_model(model: str | Path, test: str | Path, *, max_new_tokens: int, batch_size: int = 128) -> float:
     """Zero-shot accuracy (lm-eval's flexible-extract) of ``model`` on a GSM8K-format file, in percent."""
-    from ftrecycle.evaluate.builtin import evaluate_gsm8k, load_for_eval
-
     net, tok = load_for_eval(str(model), device=None)
     report = evaluate_gsm8k(net, tok, read_gsm8k(test), batch_size=batch_size, max_gen_toks=max_new_tokens)
     return _pct(report.flexible)
@@ -32,8 +43,6 @@ def evaluate_model(model: str | Path, test: str | Path, *, max_new_tokens: int, 
 
 def pretrain_job(out: str, model: dict[str, Any], spec: dict[str, Any], seed: int) -> dict[str, Any]:
     """Pretrain and save M1..M5 under ``out`` (appears only when all five are written)."""
-    from ftrecycle.lab.pretrain import ModelSpec, PretrainSpec, pretrain
-
     path = Path(out)
     if (path / "pretrain.json").is_file():
         return dict(json.loads((path / "pretrain.json").read_text()))
@@ -43,35 +52,95 @@ def pretrain_job(out: str, model: dict[str, Any], spec: dict[str, Any], seed: in
     return record
 
 
+def finetune_config(steps: int, settings: dict[str, Any], seed: int) -> FinetuneConfig:
+    """The fine-tuning settings of a lab run of ``steps`` steps (one recipe for every fine-tuning job)."""
+    return FinetuneConfig(max_steps=steps, seed=seed, **settings)
+
+
+def _curve(run: Path) -> dict[str, Any]:
+    """A fine-tuned model's logged accuracy against steps, with its first (start) and last (final) value."""
+    log = json.loads((run / EVAL_LOG).read_text())
+    curve = [[int(e["step"]), _pct(e["flexible"])] for e in sorted(log, key=lambda e: e["step"])]
+    return {"curve": curve, "final": curve[-1][1], "start": curve[0][1]}
+
+
 def finetune_job(
     start: str, train: str, test: str, out: str, steps: int, settings: dict[str, Any], seed: int
 ) -> dict[str, Any]:
     """Fine-tune ``start`` for ``steps`` steps, logging zero-shot accuracy against steps."""
-    from ftrecycle.finetune.config import FinetuneConfig
-    from ftrecycle.finetune.train import EVAL_LOG, finetune
-
     path = Path(out)
     if not (path / EVAL_LOG).is_file():
-        cfg = FinetuneConfig(max_steps=steps, seed=seed, **settings)
+        cfg = finetune_config(steps, settings, seed)
         result = finetune(start, train, path, config=cfg, eval_data=test, resume=True)
         seconds = round(result.seconds, 1)
     else:
         seconds = None
-    log = json.loads((path / EVAL_LOG).read_text())
-    curve = [[int(e["step"]), _pct(e["flexible"])] for e in sorted(log, key=lambda e: e["step"])]
-    return {"curve": curve, "final": curve[-1][1], "start": curve[0][1], "seconds": seconds}
+    return {**_curve(path), "seconds": seconds}
+
+
+def iterative_job(
+    versions: list[str],
+    first: str,
+    train: str,
+    test: str,
+    out: str,
+    steps: int,
+    settings: dict[str, Any],
+    seed: int,
+    max_new_tokens: int,
+) -> dict[str, Any]:
+    """Algorithm 1 over ``versions`` by :func:`ftrecycle.recycle.iterate`, each Mi + Δ^iter_{i-1} and M*i scored.
+
+    M*1 is ``first`` (experiment a's ``ft-M1``, fine-tuned at the direct runs' settings); the chain
+    fine-tunes every later M*i with the recycling runs' settings (``steps``, ``settings``, ``seed``), as
+    :func:`finetune_job` does, so M*i is what a ``ft-Mi+...`` job started from Mi + Δ^iter_{i-1} would be.
+    iterate keeps every product under ``out`` and skips finished ones, so an interrupted job resumes.
+
+    Returns:
+        Per version from the third on (M*2 is experiment c's ``ft-M2+d1``): the accuracy of Mi + Δ^iter_{i-1}
+        and the fine-tuning curve of M*i, as :func:`transfer_job` and :func:`finetune_job` report them.
+    """
+    spec = ChainSpec(
+        versions=list(versions),
+        data=Path(train),
+        output=Path(out),
+        mode="iterative",
+        eval_data=Path(test),
+        finetune=finetune_config(steps, settings, seed),
+        finetuned=first,
+    )
+    rows = iterate(spec)
+    return {
+        VERSIONS[k]: {
+            "accuracy": evaluate_model(rows[k]["start"], test, max_new_tokens=max_new_tokens),
+            **_curve(Path(rows[k]["finetuned"])),
+        }
+        for k in range(2, len(rows))
+    }
+
+
+def _transferred(
+    source_base: str, source_finetuned: str, target_base: str, path: Path, test: str, max_new_tokens: int, alpha: float
+) -> float:
+    """Write ``target + alpha * (finetuned - base)`` at ``path`` (unless a finished one is there) and score it."""
+    # outputs appear by an atomic rename: a directory that exists is complete
+    if not path.is_dir():
+        transfer(
+            source_base=source_base,
+            source_finetuned=source_finetuned,
+            target_base=target_base,
+            output=path,
+            alpha=alpha,
+        )
+    return evaluate_model(path, test, max_new_tokens=max_new_tokens)
 
 
 def transfer_job(
     source_base: str, source_finetuned: str, target_base: str, out: str, test: str, max_new_tokens: int
 ) -> dict[str, Any]:
     """Write ``target + (finetuned - base)`` and score it."""
-    from ftrecycle.ops.transfer import transfer
-
-    path = Path(out)
-    if not path.is_dir():
-        transfer(source_base=source_base, source_finetuned=source_finetuned, target_base=target_base, output=path)
-    return {"accuracy": evaluate_model(path, test, max_new_tokens=max_new_tokens)}
+    args = (source_base, source_finetuned, target_base, Path(out), test, max_new_tokens)
+    return {"accuracy": _transferred(*args, alpha=1.0)}
 
 
 def compressed_job(
@@ -84,11 +153,6 @@ def compressed_job(
     max_new_tokens: int,
 ) -> dict[str, Any]:
     """Store Δ as a bf16 delta compressed by ``spec`` ("none": dense), apply it to the target, score it."""
-    import statistics
-
-    from ftrecycle.ops.apply import apply_delta
-    from ftrecycle.ops.diff import diff
-
     root = Path(out)
     delta, model = root / "delta", root / "model"
     if not (root / "done").is_file():
@@ -119,11 +183,6 @@ def eval_job(model: str, test: str, max_new_tokens: int) -> dict[str, Any]:
 
 def data_files(root: Path, *, seed: int, train_items: int, test_items: int, language_items: int) -> dict[str, Path]:
     """Write the seed's fine-tuning and test sets (English and the second language) once."""
-    import random
-
-    from ftrecycle.lab import world
-    from ftrecycle.lab.scheduler import write_json_atomic
-
     root.mkdir(parents=True, exist_ok=True)
     # Test sets are the same for every seed; training sets are drawn per seed and never repeat a test question.
     files = {
@@ -154,8 +213,6 @@ def data_files(root: Path, *, seed: int, train_items: int, test_items: int, lang
 
 def diagnose_job(source_base: str, source_finetuned: str, target_base: str, calibration: str) -> dict[str, Any]:
     """``diagnose`` with calibration data: geometry totals, probe numbers, verdict and score."""
-    from ftrecycle.diagnose.verdict import diagnose
-
     d = diagnose(source_base, source_finetuned, target_base, data=calibration, max_examples=CALIBRATION_ITEMS)
     g, pr = d.geometry.total, d.probe
     if pr is None:  # diagnose runs the probe whenever data is given
@@ -184,17 +241,6 @@ def auto_alpha_job(
     max_new_tokens: int,
 ) -> dict[str, Any]:
     """``transfer --alpha auto`` (α chosen on calibration data), then score it."""
-    from ftrecycle.diagnose.verdict import best_alpha
-    from ftrecycle.ops.transfer import transfer
-
-    path = Path(out)
     pr = best_alpha(source_base, source_finetuned, target_base, calibration, max_examples=CALIBRATION_ITEMS)
-    if not path.is_dir():
-        transfer(
-            source_base=source_base,
-            source_finetuned=source_finetuned,
-            target_base=target_base,
-            output=path,
-            alpha=pr.best_alpha,
-        )
-    return {"alpha": pr.best_alpha, "accuracy": evaluate_model(path, test, max_new_tokens=max_new_tokens)}
+    args = (source_base, source_finetuned, target_base, Path(out), test, max_new_tokens)
+    return {"alpha": pr.best_alpha, "accuracy": _transferred(*args, alpha=pr.best_alpha)}

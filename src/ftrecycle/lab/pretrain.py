@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import random
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +47,7 @@ class PretrainSpec:
 
 def llama_config(spec: ModelSpec, vocab_size: int) -> Any:
     """The transformers config of the lab model (tied embeddings, no dropout)."""
-    from transformers import LlamaConfig
+    from transformers import LlamaConfig  # heavy: kept off the CLI's start-up path
 
     return LlamaConfig(
         vocab_size=vocab_size,
@@ -104,10 +105,8 @@ def pretrain(
     Returns:
         The loss curve ``{"stage1": [(step, loss)], "stage2": [...]}`` and seconds taken.
     """
-    import time
-
-    import torch
-    from transformers import AutoModelForCausalLM
+    import torch  # heavy: kept off the CLI's start-up path
+    from transformers import AutoModelForCausalLM  # heavy: as torch
 
     t0 = time.perf_counter()
     tok = world.tokenizer()

@@ -7,8 +7,13 @@ report can be rebuilt from ``results.json`` without rerunning anything.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from ftrecycle.io.output import replaced_file
+from ftrecycle.lab.config import NOT_EVIDENCE
+from ftrecycle.lab.signals import SIGNALS
 
 V = ("M1", "M2", "M3", "M4", "M5")
 PLOTS = {
@@ -59,46 +64,64 @@ def _paper_transfer_table(p: dict[str, Any]) -> list[list[Any]]:
     return rows
 
 
+def _recovery_text(n: dict[str, Any]) -> str:
+    return "; ".join(
+        f"{r['target']}+Δ{r['source'][1]}: {_f(r['transfer'])} vs {r['target']} {_f(r['base'])} and "
+        f"FT({r['target']}) {_f(r['direct_ft'])} → {_f(r['recovered_pct'])} % recovered"
+        for r in n["pairs"]
+    )
+
+
+def _grouping_text(n: dict[str, Any]) -> str:
+    w = n["worst_cross"]
+    return (
+        f"mean gain within {_f(n['mean_gain_within'])}, across {_f(n['mean_gain_across'])}; "
+        f"{n['cross_pairs_below_target']} cross-stage transfers below their target "
+        f"(worst {w['target']}+Δ{w['source'][1]}: {_f(w['gain'])})"
+    )
+
+
+def _convergence_text(n: dict[str, Any]) -> str:
+    w = n["worst"]
+    return (
+        f"{n['held']} of {n['comparisons']} equal-step comparisons hold "
+        f"(worst FT({w['target']}+Δ{w['source'][1]}) at step {w['step']}: {_f(w['margin'])}); "
+        f"{n['pairs'] - n['pairs_too_slow']} of {n['pairs']} pairs reach FT(Mj)'s final accuracy within "
+        f"{n['third_of_steps']} steps (median {_f(n['median_steps_to_reach'])})"
+    )
+
+
+def _iterative_text(n: dict[str, Any]) -> str:
+    return f"iterative {_f(n['iterative'])}, direct {_f(n['direct'])} (difference {_f(n['difference'])})"
+
+
+def _compression_text(n: dict[str, Any]) -> str:
+    b = n["best"]
+    if b is not None:
+        return f"`{b['spec']}`: {_f(b['ratio'])}× smaller, loses at most {_f(b['max_loss'])} points"
+    near = [r for r in n["settings"] if r["ratio"] >= n["ratio_required"]]
+    low = min(near, key=lambda r: r["max_loss"]) if near else None
+    return "no setting qualifies" + (
+        f"; the least loss at ≥ {n['ratio_required']}×: `{low['spec']}` ({_f(low['ratio'])}×) loses "
+        f"{_f(low['max_loss'])} points"
+        if low
+        else ""
+    )
+
+
+#: How each finding's numbers read in the findings table, by finding id (5 and any later: compression).
+_FINDING_TEXT: dict[int, Callable[[dict[str, Any]], str]] = {
+    1: _recovery_text,
+    2: _grouping_text,
+    3: _convergence_text,
+    4: _iterative_text,
+}
+
+
 def _findings(findings: list[dict[str, Any]], per_seed: dict[str, list[bool]]) -> list[str]:
     lines = ["| # | finding | verdict | numbers |", "|---|---|---|---|"]
     for f in findings:
-        n = f["numbers"]
-        if f["id"] == 1:
-            txt = "; ".join(
-                f"{r['target']}+Δ{r['source'][1]}: {_f(r['transfer'])} vs {r['target']} {_f(r['base'])} and "
-                f"FT({r['target']}) {_f(r['direct_ft'])} → {_f(r['recovered_pct'])} % recovered"
-                for r in n["pairs"]
-            )
-        elif f["id"] == 2:
-            w = n["worst_cross"]
-            txt = (
-                f"mean gain within {_f(n['mean_gain_within'])}, across {_f(n['mean_gain_across'])}; "
-                f"{n['cross_pairs_below_target']} cross-stage transfers below their target "
-                f"(worst {w['target']}+Δ{w['source'][1]}: {_f(w['gain'])})"
-            )
-        elif f["id"] == 3:
-            w = n["worst"]
-            txt = (
-                f"{n['held']} of {n['comparisons']} equal-step comparisons hold "
-                f"(worst FT({w['target']}+Δ{w['source'][1]}) at step {w['step']}: {_f(w['margin'])}); "
-                f"{n['pairs'] - n['pairs_too_slow']} of {n['pairs']} pairs reach FT(Mj)'s final accuracy within "
-                f"{n['third_of_steps']} steps (median {_f(n['median_steps_to_reach'])})"
-            )
-        elif f["id"] == 4:
-            txt = f"iterative {_f(n['iterative'])}, direct {_f(n['direct'])} (difference {_f(n['difference'])})"
-        else:
-            b = n["best"]
-            if b is None:
-                near = [r for r in n["settings"] if r["ratio"] >= n["ratio_required"]]
-                low = min(near, key=lambda r: r["max_loss"]) if near else None
-                txt = "no setting qualifies" + (
-                    f"; the least loss at ≥ {n['ratio_required']}×: `{low['spec']}` ({_f(low['ratio'])}×) loses "
-                    f"{_f(low['max_loss'])} points"
-                    if low
-                    else ""
-                )
-            else:
-                txt = f"`{b['spec']}`: {_f(b['ratio'])}× smaller, loses at most {_f(b['max_loss'])} points"
+        txt = _FINDING_TEXT.get(f["id"], _compression_text)(f["numbers"])
         seeds = per_seed.get(str(f["id"]), [])
         tail = f"; passes in {sum(seeds)} of {len(seeds)} seeds" if len(seeds) > 1 else ""
         verdict = f"**{'PASS' if f['passed'] else 'FAIL'}**" + (" (no signal)" if f.get("no_signal") else "")
@@ -107,8 +130,6 @@ def _findings(findings: list[dict[str, Any]], per_seed: dict[str, list[bool]]) -
 
 
 def _diagnostics(results: dict[str, Any]) -> list[str]:
-    from ftrecycle.lab.signals import SIGNALS
-
     d = results["diagnostics_summary"]
     rows = [
         [
@@ -147,8 +168,7 @@ def _diagnostics(results: dict[str, Any]) -> list[str]:
         "α auto at least as accurate as α = 1 on every stage-2 pair: "
         f"**{'yes' if d['alpha_auto_not_worse'] else 'no'}**.",
         "",
-        f"![diagnostics]({PLOTS['diagnostics']})",
-        "",
+        *_figure("diagnostics", "diagnostics"),
     ]
 
 
@@ -179,15 +199,12 @@ def _compression(m: dict[str, Any]) -> list[str]:
         "",
         *_table(["Δ stored as", "ratio", "median rel. error", *[f"{p} accuracy" for p in pairs]], rows),
         "",
-        f"![compression]({PLOTS['compression']})",
-        "",
+        *_figure("compression", "compression"),
     ]
 
 
 def not_evidence(results: dict[str, Any]) -> str | None:
     """Why a run's numbers are not evidence (None when they may be): a smoke run, or findings with no signal."""
-    from ftrecycle.lab.config import NOT_EVIDENCE
-
     preset = results["config"].get("preset")
     if preset in NOT_EVIDENCE:
         return (
@@ -210,12 +227,10 @@ def _banner(results: dict[str, Any]) -> list[str]:
     return [f"> **NOT EVIDENCE** — {why}.", ""]
 
 
-def render(results: dict[str, Any]) -> str:
-    """The markdown report of a lab run (headed by a NOT EVIDENCE warning for smoke runs and flat numbers)."""
-    cfg, m, paper = results["config"], results["mean"], results["paper"]
-    steps = sorted({s for s, _ in m["direct_ft"]["M1"]["curve"]})
+def _intro(results: dict[str, Any]) -> list[str]:
+    cfg = results["config"]
     seeds = cfg["seeds"]
-    out = [
+    return [
         f"# ftrecycle lab report: preset `{cfg['preset']}`",
         "",
         *_banner(results),
@@ -235,112 +250,121 @@ def render(results: dict[str, Any]) -> str:
         *_banner(results),
         *_findings(results["findings"], results.get("findings_per_seed", {})),
         "",
+    ]
+
+
+def _figure(alt: str, key: str, caption: str | None = None) -> list[str]:
+    """A section's plot, and the paper's caption of the figure it mirrors."""
+    return [f"![{alt}]({PLOTS[key]})", "", *([caption, ""] if caption is not None else [])]
+
+
+def _paper(label: str, header: list[str], rows: list[list[Any]]) -> list[str]:
+    """The paper's table that a section mirrors, under our own."""
+    return [f"{label}:", "", *_table(header, rows), ""]
+
+
+def _paper_rows(table: dict[str, Any], columns: list[str], names: tuple[tuple[str, str], ...]) -> list[list[Any]]:
+    """Rows of a paper table: one per (label, key), one cell per column."""
+    return [[name, *[table[k][c] for c in columns]] for name, k in names]
+
+
+def _direct(m: dict[str, Any], paper: dict[str, Any]) -> list[str]:
+    steps = sorted({s for s, _ in m["direct_ft"]["M1"]["curve"]})
+    return [
         "## (a) Direct fine-tuning: accuracy against steps (paper Table 12)",
         "",
         *_table(["step", *V], [[s, *[dict(map(tuple, m["direct_ft"][v]["curve"])).get(s) for v in V]] for s in steps]),
         "",
-        "Paper Table 12:",
-        "",
-        *_table(
+        *_paper(
+            "Paper Table 12",
             ["step", *V],
             [[s, *[paper["table12"]["accuracy"][v][k] for v in V]] for k, s in enumerate(paper["table12"]["steps"])],
         ),
-        "",
-        f"![direct fine-tuning]({PLOTS['direct_ft_curves']})",
-        "",
+        *_figure("direct fine-tuning", "direct_ft_curves"),
+    ]
+
+
+def _transfer(m: dict[str, Any], paper: dict[str, Any]) -> list[str]:
+    return [
         "## (b) Transfer matrix Mj + Δi, no training (paper Table 2)",
         "",
         *_table(["", *V], _transfer_table(m)),
         "",
-        "Paper Table 2:",
-        "",
-        *_table(["", *V], _paper_transfer_table(paper["table2"])),
-        "",
-        f"![transfer matrix]({PLOTS['transfer_matrix']})",
-        "",
+        *_paper("Paper Table 2", ["", *V], _paper_transfer_table(paper["table2"])),
+        *_figure("transfer matrix", "transfer_matrix"),
+    ]
+
+
+def _recycle(m: dict[str, Any], paper: dict[str, Any], recycle_steps: int) -> list[str]:
+    def cell(i: str, j: str) -> str | None:
+        if i == j:
+            return None
+        r = m["recycle_ft"][j][i]["final"]
+        return _sub(r, r - m["transfer"][j][i])
+
+    return [
         "## (c) Recycling-then-fine-tuning FT(Mj + Δi) (paper Table 4, Figure 2)",
         "",
-        f"After {cfg['recycle_steps']} steps; in brackets the gain over Mj + Δi before training.",
+        f"After {recycle_steps} steps; in brackets the gain over Mj + Δi before training.",
         "",
         *_table(
             ["", *V],
-            [
-                [
-                    f"+ Δ{i[1]} → FT",
-                    *[
-                        _sub(m["recycle_ft"][j][i]["final"], m["recycle_ft"][j][i]["final"] - m["transfer"][j][i])
-                        if i != j
-                        else None
-                        for j in V
-                    ],
-                ]
-                for i in V
-            ]
+            [[f"+ Δ{i[1]} → FT", *[cell(i, j) for j in V]] for i in V]
             + [["Direct FT", *[m["direct_ft"][j]["final"] for j in V]]],
         ),
         "",
-        "Paper Table 4:",
-        "",
-        *_table(["", *V], [[f"+ Δ{i[1]} → FT", *[paper["table4"][i].get(j) for j in V]] for i in V]),
-        "",
-        f"![recycling-then-fine-tuning curves]({PLOTS['recycle_curves']})",
-        "",
-        paper["figures"]["figure2"],
-        "",
+        *_paper("Paper Table 4", ["", *V], [[f"+ Δ{i[1]} → FT", *[paper["table4"][i].get(j) for j in V]] for i in V]),
+        *_figure("recycling-then-fine-tuning curves", "recycle_curves", paper["figures"]["figure2"]),
+    ]
+
+
+def _iterative(m: dict[str, Any], paper: dict[str, Any]) -> list[str]:
+    it = m["iterative"]
+    ours = ["", *list(it)]
+    theirs = ["", "M3", "M4", "M5"]
+
+    def rows(names: tuple[tuple[str, str], ...]) -> list[list[Any]]:
+        return [[name, *[r[k] for r in it.values()]] for name, k in names]
+
+    return [
         "## (d) Iterative vs direct recycling (paper Tables 6 and 11, Figure 3)",
         "",
         "With fine-tuning (Table 6):",
         "",
         *_table(
-            ["", *list(m["iterative"])],
-            [
-                ["base", *[r["base"] for r in m["iterative"].values()]],
-                ["+ Δ^dir → FT", *[r["dir_ft"] for r in m["iterative"].values()]],
-                ["+ Δ^iter → FT", *[r["iter_ft"] for r in m["iterative"].values()]],
-                ["Direct FT", *[r["direct_ft"] for r in m["iterative"].values()]],
-            ],
+            ours,
+            rows(
+                (("base", "base"), ("+ Δ^dir → FT", "dir_ft"), ("+ Δ^iter → FT", "iter_ft"), ("Direct FT", "direct_ft"))
+            ),
         ),
         "",
-        "Paper Table 6:",
-        "",
-        *_table(
-            ["", "M3", "M4", "M5"],
-            [
-                [name, *[paper["table6"][k][v] for v in ("M3", "M4", "M5")]]
-                for name, k in (
-                    ("OLMo 2 7B", "base"),
-                    ("+ Δ^dir", "dir"),
-                    ("+ Δ^iter", "iter"),
-                    ("Direct FT", "direct_ft"),
-                )
-            ],
+        *_paper(
+            "Paper Table 6",
+            theirs,
+            _paper_rows(
+                paper["table6"],
+                theirs[1:],
+                (("OLMo 2 7B", "base"), ("+ Δ^dir", "dir"), ("+ Δ^iter", "iter"), ("Direct FT", "direct_ft")),
+            ),
         ),
-        "",
         "Without fine-tuning (Table 11):",
         "",
-        *_table(
-            ["", *list(m["iterative"])],
-            [
-                ["base", *[r["base"] for r in m["iterative"].values()]],
-                ["+ Δ^dir", *[r["dir_no_ft"] for r in m["iterative"].values()]],
-                ["+ Δ^iter", *[r["iter_no_ft"] for r in m["iterative"].values()]],
-            ],
+        *_table(ours, rows((("base", "base"), ("+ Δ^dir", "dir_no_ft"), ("+ Δ^iter", "iter_no_ft")))),
+        "",
+        *_paper(
+            "Paper Table 11",
+            theirs,
+            _paper_rows(
+                paper["table11"], theirs[1:], (("OLMo 2 7B", "base"), ("+ Δ^dir", "dir"), ("+ Δ^iter", "iter"))
+            ),
         ),
-        "",
-        "Paper Table 11:",
-        "",
-        *_table(
-            ["", "M3", "M4", "M5"],
-            [
-                [name, *[paper["table11"][k][v] for v in ("M3", "M4", "M5")]]
-                for name, k in (("OLMo 2 7B", "base"), ("+ Δ^dir", "dir"), ("+ Δ^iter", "iter"))
-            ],
-        ),
-        "",
-        f"![iterative vs direct]({PLOTS['iterative_curves']})",
-        "",
-        paper["figures"]["figure3"],
-        "",
+        *_figure("iterative vs direct", "iterative_curves", paper["figures"]["figure3"]),
+    ]
+
+
+def _language(m: dict[str, Any], paper: dict[str, Any]) -> list[str]:
+    ml, t3 = m["multilingual"], paper["table3"]
+    return [
         "## (e) A second language (paper Table 3)",
         "",
         "The instruction-tuned versions are FT(M4) and FT(M5). FT(M4) is fine-tuned further on the task written "
@@ -350,19 +374,18 @@ def render(results: dict[str, Any]) -> str:
         *_table(
             ["model", "second language"],
             [
-                ['FT(M4) ("3.0 Instruct")', m["multilingual"]["M4_instruct"]],
-                ["+ FT on the language", m["multilingual"]["M4_instruct_ft"]],
-                ['FT(M5) ("3.1 Instruct")', m["multilingual"]["M5_instruct"]],
-                ["+ Δ (language)", m["multilingual"]["M5_instruct_plus_delta"]],
+                ['FT(M4) ("3.0 Instruct")', ml["M4_instruct"]],
+                ["+ FT on the language", ml["M4_instruct_ft"]],
+                ['FT(M5) ("3.1 Instruct")', ml["M5_instruct"]],
+                ["+ Δ (language)", ml["M5_instruct_plus_delta"]],
             ],
         ),
         "",
-        "Paper Table 3 (Global-MMLU):",
-        "",
-        *_table(
-            ["model", *paper["table3"]],
+        *_paper(
+            "Paper Table 3 (Global-MMLU)",
+            ["model", *t3],
             [
-                [name, *[paper["table3"][lang][k] for lang in paper["table3"]]]
+                [name, *[t3[lang][k] for lang in t3]]
                 for name, k in (
                     ("Llama 3.0 8B Instruct", "old"),
                     ("+ FT", "old_ft"),
@@ -371,7 +394,19 @@ def render(results: dict[str, Any]) -> str:
                 )
             ],
         ),
-        "",
+    ]
+
+
+def render(results: dict[str, Any]) -> str:
+    """The markdown report of a lab run (headed by a NOT EVIDENCE warning for smoke runs and flat numbers)."""
+    m, paper = results["mean"], results["paper"]
+    out = [
+        *_intro(results),
+        *_direct(m, paper),
+        *_transfer(m, paper),
+        *_recycle(m, paper, results["config"]["recycle_steps"]),
+        *_iterative(m, paper),
+        *_language(m, paper),
         *(_diagnostics(results) if "diagnostics_summary" in results else []),
         *(_compression(m) if "compressed" in m else []),
     ]
@@ -380,22 +415,12 @@ def render(results: dict[str, Any]) -> str:
 
 def _save(fig: Any, path: Path, *, dpi: int) -> None:
     """One PNG, replacing ``path`` only when complete (a link planted in the run directory is not followed)."""
-    from ftrecycle.io.output import replaced_file
-
     with replaced_file(path) as f:
         fig.savefig(f, dpi=dpi, format="png")
 
 
-def plots(results: dict[str, Any], out: Path) -> list[Path]:
-    """Write the PNG plots into ``out``; returns their paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def _transfer_matrix(plt: Any, results: dict[str, Any]) -> Any:
     m = results["mean"]
-    written = []
-
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
     gain = [[m["transfer"][j][i] - m["base"][j] if i != j else 0.0 for j in V] for i in V]
     lim = max(1.0, max(abs(g) for row in gain for g in row))
@@ -407,47 +432,44 @@ def plots(results: dict[str, Any], out: Path) -> list[Path]:
     ax.set_yticks(range(5), [f"+Δ{v[1]}" for v in V])
     ax.set_title("Mj + Δi accuracy (colour: gain over Mj)")
     fig.colorbar(im, ax=ax, label="points")
-    fig.tight_layout()
-    written.append(out / PLOTS["transfer_matrix"])
-    _save(fig, written[-1], dpi=110)
-    plt.close(fig)
+    return fig
 
+
+def _panel(ax: Any, title: str, curves: list[tuple[list[list[float]], str, dict[str, Any]]], legend: int) -> None:
+    """One subplot of accuracy against fine-tuning steps: each curve with its format and line settings."""
+    for curve, fmt, kw in curves:
+        xs, ys = _xy(curve)
+        ax.plot(xs, ys, fmt, **kw)
+    ax.set_title(title)
+    ax.set_xlabel("fine-tuning steps")
+    ax.legend(fontsize=legend)
+
+
+def _recycle_curves(plt: Any, results: dict[str, Any]) -> Any:
+    m = results["mean"]
     fig, axes = plt.subplots(1, 5, figsize=(18, 3.6), sharey=True)
     for ax, j in zip(axes, V, strict=True):
-        xs, ys = _xy(m["direct_ft"][j]["curve"])
-        ax.plot(xs, ys, "k-o", lw=2, ms=3, label=f"FT({j})")
-        for i in V:
-            if i != j:
-                xs, ys = _xy(m["recycle_ft"][j][i]["curve"])
-                ax.plot(xs, ys, "-", marker=".", label=f"FT({j}+Δ{i[1]})")
-        ax.set_title(j)
-        ax.set_xlabel("fine-tuning steps")
-        ax.legend(fontsize=7)
+        direct = (m["direct_ft"][j]["curve"], "k-o", {"lw": 2, "ms": 3, "label": f"FT({j})"})
+        recycled = [
+            (m["recycle_ft"][j][i]["curve"], "-", {"marker": ".", "label": f"FT({j}+Δ{i[1]})"}) for i in V if i != j
+        ]
+        _panel(ax, j, [direct, *recycled], legend=7)
     axes[0].set_ylabel("accuracy (%)")
-    fig.tight_layout()
-    written.append(out / PLOTS["recycle_curves"])
-    _save(fig, written[-1], dpi=100)
-    plt.close(fig)
+    return fig
 
-    iters = m["iterative"]
+
+def _iterative_curves(plt: Any, results: dict[str, Any]) -> Any:
+    iters = results["mean"]["iterative"]
     fig, axes = plt.subplots(1, len(iters), figsize=(5 * len(iters), 3.6), sharey=True)
+    styles = (("direct_curve", "k-o", "direct FT"), ("dir_curve", "b-s", "Δ^dir"), ("iter_curve", "r-^", "Δ^iter"))
     for ax, (v, r) in zip(axes, iters.items(), strict=True):
-        for key, style, label in (
-            ("direct_curve", "k-o", "direct FT"),
-            ("dir_curve", "b-s", "Δ^dir"),
-            ("iter_curve", "r-^", "Δ^iter"),
-        ):
-            xs, ys = _xy(r[key])
-            ax.plot(xs, ys, style, ms=3, label=label)
-        ax.set_title(v)
-        ax.set_xlabel("fine-tuning steps")
-        ax.legend(fontsize=8)
+        _panel(ax, v, [(r[key], style, {"ms": 3, "label": label}) for key, style, label in styles], legend=8)
     axes[0].set_ylabel("accuracy (%)")
-    fig.tight_layout()
-    written.append(out / PLOTS["iterative_curves"])
-    _save(fig, written[-1], dpi=100)
-    plt.close(fig)
+    return fig
 
+
+def _direct_ft_curves(plt: Any, results: dict[str, Any]) -> Any:
+    m = results["mean"]
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for v in V:
         xs, ys = _xy(m["direct_ft"][v]["curve"])
@@ -456,53 +478,76 @@ def plots(results: dict[str, Any], out: Path) -> list[Path]:
     ax.set_ylabel("accuracy (%)")
     ax.set_title("direct fine-tuning")
     ax.legend()
-    fig.tight_layout()
-    written.append(out / PLOTS["direct_ft_curves"])
-    _save(fig, written[-1], dpi=100)
-    plt.close(fig)
+    return fig
 
-    if "diagnostics_summary" in results:
-        rows = results["diagnostics_summary"]["pairs"]
-        fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-        for ax, key, label in (
-            (axes[0], "score", "diagnose score (calibration loss drop at α = 1)"),
-            (axes[1], "geometry", "− drift / diff"),
-        ):
-            for r in rows:
-                stage2 = r["source"] in ("M4", "M5") and r["target"] in ("M4", "M5")
-                ax.scatter(r[key], r["gain"], c="C3" if stage2 else "C0", s=18)
-                ax.annotate(f"{r['target']}+Δ{r['source'][1]}", (r[key], r["gain"]), fontsize=6)
-            ax.set_xlabel(label)
-            ax.axhline(0, color="k", lw=0.5)
-        axes[0].set_ylabel("measured gain of Mj + Δi over Mj (points)")
-        fig.tight_layout()
-        written.append(out / PLOTS["diagnostics"])
-        _save(fig, written[-1], dpi=100)
-        plt.close(fig)
 
-    if "compressed" in m:
-        comp = m["compressed"]
-        fig, ax = plt.subplots(figsize=(6, 3.8))
-        for method, marker in (("lowrank", "o-"), ("sparse", "s-"), ("sign", "^"), ("int8", "D"), ("none", "*")):
-            specs = [s for s in comp if s.split(":")[0] == method]
-            for p, color in zip(next(iter(comp.values())), ("C0", "C3"), strict=False):
-                full = m["transfer"][p[:2]][f"M{p[-1]}"]
-                # sorted by size; a setting that left every matrix dense (ratio ~1) is the dense point's
-                pts = sorted(
-                    (comp[s][p]["ratio"], comp[s][p]["accuracy"] - full)
-                    for s in specs
-                    if method == "none" or comp[s][p]["ratio"] > 1.05
-                )
-                xs, ys = [x for x, _ in pts], [y for _, y in pts]
-                ax.plot(xs, ys, marker, color=color, ms=5, label=f"{method}, {p}")
-        ax.set_xscale("log", base=2)
+def _diagnostics_plot(plt: Any, results: dict[str, Any]) -> Any:
+    rows = results["diagnostics_summary"]["pairs"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, key, label in (
+        (axes[0], "score", "diagnose score (calibration loss drop at α = 1)"),
+        (axes[1], "geometry", "− drift / diff"),
+    ):
+        for r in rows:
+            stage2 = r["source"] in ("M4", "M5") and r["target"] in ("M4", "M5")
+            ax.scatter(r[key], r["gain"], c="C3" if stage2 else "C0", s=18)
+            ax.annotate(f"{r['target']}+Δ{r['source'][1]}", (r[key], r["gain"]), fontsize=6)
+        ax.set_xlabel(label)
         ax.axhline(0, color="k", lw=0.5)
-        ax.axhline(-1, color="k", lw=0.5, ls=":")
-        ax.set_xlabel("times smaller than the dense bf16 delta")
-        ax.set_ylabel("accuracy change vs full Δ (points)")
-        ax.legend(fontsize=6, ncol=2)
+    axes[0].set_ylabel("measured gain of Mj + Δi over Mj (points)")
+    return fig
+
+
+def _compression_plot(plt: Any, results: dict[str, Any]) -> Any:
+    m = results["mean"]
+    comp = m["compressed"]
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for method, marker in (("lowrank", "o-"), ("sparse", "s-"), ("sign", "^"), ("int8", "D"), ("none", "*")):
+        specs = [s for s in comp if s.split(":")[0] == method]
+        for p, color in zip(next(iter(comp.values())), ("C0", "C3"), strict=False):
+            full = m["transfer"][p[:2]][f"M{p[-1]}"]
+            # sorted by size; a setting that left every matrix dense (ratio ~1) is the dense point's
+            pts = sorted(
+                (comp[s][p]["ratio"], comp[s][p]["accuracy"] - full)
+                for s in specs
+                if method == "none" or comp[s][p]["ratio"] > 1.05
+            )
+            xs, ys = [x for x, _ in pts], [y for _, y in pts]
+            ax.plot(xs, ys, marker, color=color, ms=5, label=f"{method}, {p}")
+    ax.set_xscale("log", base=2)
+    ax.axhline(0, color="k", lw=0.5)
+    ax.axhline(-1, color="k", lw=0.5, ls=":")
+    ax.set_xlabel("times smaller than the dense bf16 delta")
+    ax.set_ylabel("accuracy change vs full Δ (points)")
+    ax.legend(fontsize=6, ncol=2)
+    return fig
+
+
+#: Each plot: its key in PLOTS, its drawing, its resolution, and whether a results record has its numbers.
+_PLOTTERS: tuple[tuple[str, Callable[[Any, dict[str, Any]], Any], int, Callable[[dict[str, Any]], bool]], ...] = (
+    ("transfer_matrix", _transfer_matrix, 110, lambda r: True),
+    ("recycle_curves", _recycle_curves, 100, lambda r: True),
+    ("iterative_curves", _iterative_curves, 100, lambda r: True),
+    ("direct_ft_curves", _direct_ft_curves, 100, lambda r: True),
+    ("diagnostics", _diagnostics_plot, 100, lambda r: "diagnostics_summary" in r),
+    ("compression", _compression_plot, 100, lambda r: "compressed" in r["mean"]),
+)
+
+
+def plots(results: dict[str, Any], out: Path) -> list[Path]:
+    """Write the PNG plots into ``out``; returns their paths."""
+    import matplotlib  # heavy: only a lab run draws
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # heavy: as matplotlib
+
+    written = []
+    for name, draw, dpi, drawn in _PLOTTERS:
+        if not drawn(results):
+            continue
+        fig = draw(plt, results)
         fig.tight_layout()
-        written.append(out / PLOTS["compression"])
-        _save(fig, written[-1], dpi=100)
+        written.append(out / PLOTS[name])
+        _save(fig, written[-1], dpi=dpi)
         plt.close(fig)
     return written

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ftrecycle.errors import ConfigError
+from ftrecycle.io.checkpoint import open_checkpoint
 from ftrecycle.io.jsonfile import read_json_object
 from ftrecycle.io.output import check_output, os_error, output_lock, replaced_file
 from ftrecycle.lab import paper
@@ -90,8 +91,6 @@ def _check_config(out: Path, cfg: LabConfig, force: bool) -> None:
 
 def parameters(model_dir: Path) -> int:
     """Parameter count of a saved model (from its safetensors headers)."""
-    from ftrecycle.io.checkpoint import open_checkpoint
-
     ck = open_checkpoint(str(model_dir))
     try:
         total = 0

@@ -19,6 +19,7 @@ from typing import Any
 
 from ftrecycle.errors import ConfigError, FtRecycleError
 from ftrecycle.io.jsonfile import read_json_object
+from ftrecycle.io.state import describe_changes, read_settings, sha256_file
 
 JobFn = Callable[..., dict[str, Any]]
 Progress = Callable[[int, int, str], None]
@@ -58,8 +59,6 @@ def job_key(job: Job) -> dict[str, Any]:
     An argument that names an existing file (the lab's data sets) is keyed by the file's sha256 too, so
     an edited data file does not reuse results computed from the old one.
     """
-    from ftrecycle.io.state import sha256_file
-
     files = {k: sha256_file(Path(v)) for k, v in sorted(job.kwargs.items()) if isinstance(v, str) and Path(v).is_file()}
     return {
         "fn": f"{job.fn.__module__}.{job.fn.__qualname__}",
@@ -70,8 +69,8 @@ def job_key(job: Job) -> dict[str, Any]:
 
 def _init_worker(threads: int) -> Callable[[], None]:
     """Set torch's threads and silence transformers' own progress bars; returns an undo."""
-    import torch
-    from transformers.utils import logging as hf_logging
+    import torch  # heavy: kept off the CLI's start-up path
+    from transformers.utils import logging as hf_logging  # heavy: as torch
 
     old_threads, bars_on, verbosity = (
         torch.get_num_threads(),
@@ -92,7 +91,7 @@ def _init_worker(threads: int) -> Callable[[], None]:
 
 
 def _call(fn: JobFn, kwargs: dict[str, Any], threads: int | None) -> dict[str, Any]:
-    import torch
+    import torch  # heavy: kept off the CLI's start-up path
 
     if threads is None:
         return fn(**kwargs)
@@ -110,8 +109,6 @@ def stale_jobs(jobs: list[Job], cache: Path) -> str | None:
     Returns:
         A message naming the job and what changed, or None.
     """
-    from ftrecycle.io.state import describe_changes, read_settings
-
     for j in jobs:
         if not (cache / f"{j.id}.json").is_file():
             continue
@@ -126,6 +123,113 @@ def write_json_atomic(path: Path, data: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(data, indent=1) + "\n")
     os.replace(tmp, path)
+
+
+def _check_graph(jobs: list[Job]) -> None:
+    """Refuse duplicate ids and unknown dependencies (cycles are found while running)."""
+    ids = {j.id for j in jobs}
+    if len(ids) != len(jobs):
+        raise ConfigError("lab jobs have duplicate ids")
+    for j in jobs:
+        missing = [d for d in j.deps if d not in ids]
+        if missing:
+            raise ConfigError(f"lab job {j.id} depends on unknown job(s) {', '.join(missing)}")
+
+
+def _cached(jobs: list[Job], cache: Path) -> dict[str, dict[str, Any]]:
+    """The finished jobs' results found in ``cache``."""
+    results: dict[str, dict[str, Any]] = {}
+    for j in jobs:
+        f = cache / f"{j.id}.json"
+        if f.is_file() and read_settings(cache / f"{j.id}.key.json") is not None:
+            # a result with no key on record is not trusted: the job runs again; so does one that
+            # cannot be read back (cut short, or edited by hand)
+            try:
+                results[j.id] = read_json_object(f, what="lab job result", error=ConfigError, allow_nan=True)
+            except ConfigError:
+                pass
+    return results
+
+
+@dataclass
+class _Run:
+    """The state of one :func:`run_jobs` call: the jobs still to run and the results so far."""
+
+    cache: Path
+    pending: list[Job]
+    results: dict[str, dict[str, Any]]
+    keys: dict[str, dict[str, Any]]
+    total: int
+    progress: Progress | None
+
+    def ready(self) -> list[Job]:
+        """Pending jobs whose dependencies have all finished, in submission order."""
+        return [j for j in self.pending if all(d in self.results for d in j.deps)]
+
+    def no_cycle(self, startable: bool) -> None:
+        """Raise if nothing can start while jobs are pending.
+
+        Raises:
+            ConfigError: naming the jobs in the cycle.
+        """
+        if not startable:
+            raise ConfigError(f"lab jobs have a dependency cycle among {', '.join(j.id for j in self.pending)}")
+
+    def finish(self, job: Job, result: dict[str, Any]) -> None:
+        """Record a finished job: its result and key in the cache, then progress."""
+        write_json_atomic(self.cache / f"{job.id}.json", result)
+        write_json_atomic(self.cache / f"{job.id}.key.json", self.keys[job.id])
+        self.results[job.id] = result
+        if self.progress is not None:
+            self.progress(len(self.results), self.total, job.id)
+
+
+def _run_here(run: _Run, threads: int) -> None:
+    """Run the pending jobs one after another in this process."""
+    undo = _init_worker(threads)
+    try:
+        while run.pending:
+            batch = run.ready()
+            run.no_cycle(bool(batch))
+            job = batch[0]
+            run.pending.remove(job)
+            try:
+                run.finish(job, _call(job.fn, job.kwargs, job.threads))
+            except FtRecycleError as e:
+                raise JobFailed(f"lab job {job.id} failed: {e}") from e
+    finally:
+        undo()
+
+
+def _run_pool(run: _Run, workers: int, threads: int) -> None:
+    """Run the pending jobs in ``workers`` worker processes, each job as soon as its dependencies are done."""
+    pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker, initargs=(threads,))
+    try:
+        running: dict[Future[dict[str, Any]], Job] = {}
+        while run.pending or running:
+            for job in run.ready():
+                if len(running) >= workers:
+                    break
+                run.pending.remove(job)
+                running[pool.submit(_call, job.fn, job.kwargs, job.threads)] = job
+            run.no_cycle(bool(running))
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for fut in done:
+                job = running.pop(fut)
+                try:
+                    result = fut.result()
+                except Exception as e:
+                    raise JobFailed(f"lab job {job.id} failed: {type(e).__name__}: {e}") from e
+                run.finish(job, result)
+    except BaseException:
+        # A failure or an interrupt stops the other workers too, instead of waiting for (or orphaning) their
+        # jobs: finished jobs are cached, and an unfinished one leaves only its temporary or resumable state.
+        # The executor has no public way to stop running work; _processes is its map of worker processes.
+        for proc in list(getattr(pool, "_processes", {}).values()):
+            proc.terminate()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
 
 
 def run_jobs(
@@ -153,89 +257,19 @@ def run_jobs(
         StaleCache: a cached result was computed from other arguments or input files (see :func:`job_key`).
         JobFailed: a job raised (the others are cancelled; finished ones stay cached).
     """
-    by_id = {j.id: j for j in jobs}
-    if len(by_id) != len(jobs):
-        raise ConfigError("lab jobs have duplicate ids")
-    for j in jobs:
-        missing = [d for d in j.deps if d not in by_id]
-        if missing:
-            raise ConfigError(f"lab job {j.id} depends on unknown job(s) {', '.join(missing)}")
-    from ftrecycle.io.state import read_settings
-
+    _check_graph(jobs)
     stale = stale_jobs(jobs, cache)
     if stale is not None:
         raise StaleCache(f"{stale}; use another --out, or --force to discard the run")
     cache.mkdir(parents=True, exist_ok=True)
-    results: dict[str, dict[str, Any]] = {}
+    results = _cached(jobs, cache)
     keys = {j.id: job_key(j) for j in jobs}
-    for j in jobs:
-        f = cache / f"{j.id}.json"
-        if f.is_file() and read_settings(cache / f"{j.id}.key.json") is not None:
-            # a result with no key on record is not trusted: the job runs again; so does one that
-            # cannot be read back (cut short, or edited by hand)
-            try:
-                results[j.id] = read_json_object(f, what="lab job result", error=ConfigError, allow_nan=True)
-            except ConfigError:
-                pass
-    total = len(jobs)
     if progress is not None:
-        progress(len(results), total, "")
-    pending = [j for j in jobs if j.id not in results]
+        progress(len(results), len(jobs), "")
+    run = _Run(cache, [j for j in jobs if j.id not in results], results, keys, len(jobs), progress)
     threads = threads or max(1, (os.cpu_count() or 1) // max(1, workers))
-
-    def finish(job: Job, result: dict[str, Any]) -> None:
-        write_json_atomic(cache / f"{job.id}.json", result)
-        write_json_atomic(cache / f"{job.id}.key.json", keys[job.id])
-        results[job.id] = result
-        if progress is not None:
-            progress(len(results), total, job.id)
-
-    def ready() -> list[Job]:
-        return [j for j in pending if all(d in results for d in j.deps)]
-
     if workers <= 1:
-        undo = _init_worker(threads)
-        try:
-            while pending:
-                batch = ready()
-                if not batch:
-                    raise ConfigError(f"lab jobs have a dependency cycle among {', '.join(j.id for j in pending)}")
-                job = batch[0]
-                pending.remove(job)
-                try:
-                    finish(job, _call(job.fn, job.kwargs, job.threads))
-                except FtRecycleError as e:
-                    raise JobFailed(f"lab job {job.id} failed: {e}") from e
-        finally:
-            undo()
-        return results
-
-    pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker, initargs=(threads,))
-    try:
-        running: dict[Future[dict[str, Any]], Job] = {}
-        while pending or running:
-            for job in ready():
-                if len(running) >= workers:
-                    break
-                pending.remove(job)
-                running[pool.submit(_call, job.fn, job.kwargs, job.threads)] = job
-            if not running:
-                raise ConfigError(f"lab jobs have a dependency cycle among {', '.join(j.id for j in pending)}")
-            done, _ = wait(running, return_when=FIRST_COMPLETED)
-            for fut in done:
-                job = running.pop(fut)
-                try:
-                    result = fut.result()
-                except Exception as e:
-                    raise JobFailed(f"lab job {job.id} failed: {type(e).__name__}: {e}") from e
-                finish(job, result)
-    except BaseException:
-        # A failure or an interrupt stops the other workers too, instead of waiting for (or orphaning) their
-        # jobs: finished jobs are cached, and an unfinished one leaves only its temporary or resumable state.
-        # The executor has no public way to stop running work; _processes is its map of worker processes.
-        for proc in list(getattr(pool, "_processes", {}).values()):
-            proc.terminate()
-        pool.shutdown(wait=False, cancel_futures=True)
-        raise
-    pool.shutdown()
+        _run_here(run, threads)
+    else:
+        _run_pool(run, workers, threads)
     return results

@@ -82,8 +82,8 @@ def vocabulary() -> list[str]:
 
 def tokenizer() -> Any:
     """A word-level fast tokenizer over :func:`vocabulary` (numbers are single tokens)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers  # heavy: kept off the CLI's start-up path
+    from transformers import PreTrainedTokenizerFast  # heavy: as tokenizers
 
     words = vocabulary()
     tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))

@@ -104,12 +104,12 @@ class _Chain:
     def inputs(self) -> list[str | Path | None]:
         """What no product may overlap (never removed, even with ``force``)."""
         s = self.spec
-        return [*s.versions, s.data, s.eval_data, s.transfer.scaling.calibration]
+        return [*s.versions, s.finetuned, s.data, s.eval_data, s.transfer.scaling.calibration]
 
     def prepare(self) -> None:
         """Check the output and find (or fetch) every base before anything is written."""
         check_no_overlap(self.out, self.inputs, what="iterate output")
-        for v in self.spec.versions:
+        for v in [*self.spec.versions, *filter(None, [self.spec.finetuned])]:
             resolve_ref(v)
         self.out.mkdir(parents=True, exist_ok=True)
 
@@ -118,22 +118,31 @@ class _Chain:
         spec, out = self.spec, self.out
         direct: list[Path] = []
         if spec.mode == "direct":
-            direct = [
-                self.ft(v, self.version_key(v), out / f"direct-FT-M{i}") for i, v in enumerate(spec.versions[:-1], 1)
+            direct = [self.first(out / "direct-FT-M1")] + [
+                self.ft(v, self.version_key(v), out / f"direct-FT-M{i}") for i, v in enumerate(spec.versions[1:-1], 2)
             ]
         for i, base in enumerate(spec.versions, 1):
             row: dict[str, Any] = {"version": f"M{i}", "base": base}
             if i == 1:
-                tuned = self.ft(base, self.version_key(base), out / "M1-star")
+                tuned = self.first(out / "M1-star")
             else:
                 previous = spec.versions[i - 2]
-                source = out / f"M{i - 1}-star" if spec.mode == "iterative" else direct[i - 2]
+                source = Path(self.rows[-1]["finetuned"]) if spec.mode == "iterative" else direct[i - 2]
                 carried = self.delta_of(source, previous, out / f"delta-{i - 1}")
                 start = self.plus_delta(carried, base, out / f"M{i}-plus-delta-{i - 1}", (previous, source))
                 row["start"] = str(start)
                 tuned = self.ft(str(start), self.keys[str(start)], out / f"M{i}-star")
             row["finetuned"] = str(tuned)
             self.rows.append(row)
+
+    def first(self, dest: Path) -> Path:
+        """M*1: the chain file's ``finetuned`` model as given, or M1 fine-tuned into ``dest``."""
+        spec = self.spec
+        if spec.finetuned is None:
+            return self.ft(spec.versions[0], self.version_key(spec.versions[0]), dest)
+        given = Path(spec.finetuned)  # a directory or hub id, read by diff as any model argument
+        self.keys[str(given)] = settings_hash(self.version_key(spec.finetuned))
+        return given
 
     def version_key(self, v: str) -> dict[str, Any]:
         """A base version's key: its full identity, so that a refusal names what changed in it."""

@@ -24,6 +24,7 @@ _CHAIN_KEYS: dict[str, tuple[type, ...]] = {
     "calibration": (str, type(None)),
     "finetune": (dict, type(None)),
     "transfer": (dict, type(None)),
+    "finetuned": (str, type(None)),
 }
 MAX_CHAIN_BYTES = 1 << 20  # a chain file is a few lines; a bigger one is a mistake or an attack
 MAX_CHAIN_DEPTH = 8  # versions and finetune are one level below the top: deeper nesting is never valid
@@ -107,14 +108,14 @@ def _versions(p: Path, raw: dict[str, Any]) -> list[str]:
     return [_local(p, v) for v in versions]
 
 
-def _local(p: Path, v: str) -> str:
+def _local(p: Path, v: str, key: str = "version") -> str:
     q = p.parent / v
     if q.exists():
         return str(q)
     if Path(v).expanduser().is_absolute() and Path(v).expanduser().exists():
         return v
     if looks_local(v, p.parent):
-        raise ConfigError(f"{p}: version {v}: no such model directory ({q}); check the path")
+        raise ConfigError(f"{p}: {key} {v}: no such model directory ({q}); check the path")
     return v
 
 
@@ -167,6 +168,9 @@ class ChainSpec:
         finetune: fine-tuning settings.
         source: the chain file it was read from (for messages).
         transfer: how each diff is computed and applied (the options of ``transfer``, less its output's).
+        finetuned: an existing fine-tuning of ``versions[0]`` (a directory or hub id) to use as M*1
+            instead of fine-tuning M1 with ``finetune`` (e.g. the model you already have, made with
+            other settings than the recycling runs').
     """
 
     versions: list[str]
@@ -178,6 +182,7 @@ class ChainSpec:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     source: Path | None = None
     transfer: TransferOptions = field(default_factory=TransferOptions)
+    finetuned: str | None = None
 
     def __post_init__(self) -> None:
         # alpha and transfer.scaling.alpha are one setting: whichever was given is copied to the other
@@ -231,6 +236,7 @@ class ChainSpec:
             finetune=FinetuneConfig.from_dict(raw.get("finetune") or {}, where=f"{p}: finetune"),
             source=p,
             transfer=options,
+            finetuned=_local(p, raw["finetuned"], "finetuned") if raw.get("finetuned") else None,
         )
 
     def check_files(self) -> None:
