@@ -8,14 +8,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from ftrecycle.diagnose.probe import ALPHAS
 from ftrecycle.diagnose.verdict import best_alpha, resolve_alpha
 from ftrecycle.errors import ConfigError, IncompatibleModelsError
 from ftrecycle.finetune.config import FinetuneConfig
+from ftrecycle.ops.diff import diff
 from ftrecycle.options import TransferOptions
 from ftrecycle.recycle import ChainSpec, iterate, recycle_finetune
 
+from conftest import bits, load_dir, tree_digest
 from fixtures.tiny import make_model, make_versions, perturbed, save, tiny_config
 
 TINY_FT = {"max_steps": 2, "batch_size": 4, "learning_rate": 3e-3, "logging_every": 1}
@@ -207,3 +210,25 @@ def test_chain_spec_built_in_code_keeps_its_fields(versions, data, tmp_path):
     assert spec.alpha == 0.25
     with pytest.raises(ConfigError, match="force"):
         ChainSpec(spec.versions, spec.data, spec.output, transfer=TransferOptions.of(force=True))
+
+
+@pytest.mark.parametrize("mode", ["iterative", "direct"])
+def test_chain_file_finetuned_is_used_as_m1_star_and_never_retrained(data, tmp_path, mode):
+    """`finetuned:` gives M*1: Δ1 is taken from it (bit for bit), nothing fine-tunes M1, the model is untouched."""
+    base = make_model(tiny_config("llama"), seed=9)
+    m1 = save(perturbed(base, seed=30, scale=0.005), tmp_path / "M1")
+    m2 = save(perturbed(base, seed=31, scale=0.01), tmp_path / "M2")
+    mine = save(perturbed(base, seed=32, scale=0.02), tmp_path / "my-ft-M1")
+    before = tree_digest(mine)
+    spec = ChainSpec.load(_chain(tmp_path, [m1, m2], data, mode=mode, finetuned="my-ft-M1"))
+    assert spec.finetuned == str(mine)
+    rows = iterate(spec)
+    assert rows[0]["finetuned"] == str(mine)
+    assert not (spec.output / "M1-star").exists() and not (spec.output / "direct-FT-M1").exists()
+    stored = load_dir(spec.output / "delta-1")
+    reference = load_dir(diff(str(m1), str(mine), tmp_path / "reference-delta").output)
+    assert stored.keys() == reference.keys()
+    assert all(torch.equal(bits(stored[k]), bits(reference[k])) for k in stored)
+    assert tree_digest(mine) == before
+    with pytest.raises(ConfigError, match="finetuned ./missing-dir: no such model directory"):
+        ChainSpec.load(_chain(tmp_path, [m1, m2], data, finetuned="./missing-dir"))

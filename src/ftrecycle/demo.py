@@ -7,6 +7,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ftrecycle.errors import OutputError
+from ftrecycle.io.output import check_output, os_error, output_lock
+from ftrecycle.lab.pretrain import ModelSpec, llama_config
+from ftrecycle.lab.world import tokenizer
+from ftrecycle.ops.transfer import transfer
 
 #: What a demo directory holds; --force replaces only a directory that holds nothing else.
 DEMO_ENTRIES = frozenset({"models", "recycled"})
@@ -18,11 +22,8 @@ def _make_versions(root: Path) -> dict[str, Path]:
     The copies move every weight by Gaussian noise — what fine-tuning and continued
     pretraining look like in parameter space; the demo shows the mechanics, the lab the effect.
     """
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from ftrecycle.lab.pretrain import ModelSpec, llama_config
-    from ftrecycle.lab.world import tokenizer
+    import torch  # heavy: kept off the transfer path
+    from transformers import AutoModelForCausalLM  # heavy: kept off the transfer path
 
     tok = tokenizer()
     config = llama_config(ModelSpec(hidden=32, layers=2, heads=4, intermediate=64), len(tok))
@@ -51,11 +52,8 @@ def run_demo(out: str | Path, *, force: bool = False) -> Iterator[str]:
     Raises:
         OutputError: ``out`` exists and ``force`` is not set, or it is not a demo directory.
     """
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from ftrecycle.io.output import check_output, os_error, output_lock
-    from ftrecycle.ops.transfer import transfer
+    import torch  # heavy: kept off the transfer path
+    from transformers import AutoModelForCausalLM  # heavy: kept off the transfer path
 
     root = check_output(out, [], force=force, what="--out")
     try:

@@ -20,12 +20,12 @@ import traceback
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from ftrecycle import __version__
 from ftrecycle.cli import diagnosis, evaluation, lab, models, training
 from ftrecycle.cli.args import Parser, check_paths
 from ftrecycle.cli.common import Command
 from ftrecycle.distributed import exit_together, is_main, reported_elsewhere
 from ftrecycle.errors import FtRecycleError
+from ftrecycle.version import __version__
 
 INTERNAL_ERROR_EXIT = 3
 DEBUG_ENV = "FTRECYCLE_DEBUG"

@@ -267,6 +267,16 @@ def _eval_callback(
     return EvalEvery()
 
 
+def _tokenized(
+    path: Path, rows: Any, cfg: FinetuneConfig, data: str | Path, trust_remote_code: bool
+) -> tuple[Any, Any]:
+    """The model's tokenizer (padding with EOS when it has no pad token) and the tokenized training rows."""
+    tok = load_tokenizer(path, trust_remote_code=trust_remote_code)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok, _features(rows, tok, cfg, data)
+
+
 def finetune(
     model: str,
     data: str | Path,
@@ -291,10 +301,8 @@ def finetune(
         output: directory to create when training completes.
         config: hyperparameters (defaults: the paper's recipe).
         eval_data: GSM8K-format JSONL; accuracy is logged against steps into ``eval_log.json``.
-        resume: continue an interrupted run from its last checkpoint; refused when the run was made with
-            other settings or inputs (the message names what changed).
-        force: replace an existing output, and discard an unfinished run (also one made with other
-            settings) instead of resuming it.
+        resume: continue an interrupted run from its last checkpoint (refused, naming what changed, if made otherwise).
+        force: replace an existing output and discard an unfinished run (also one made with other settings).
         progress: show the Trainer's progress bar.
         trust_remote_code: allow model code from the hub (off by default).
         allow_pickle: accept pickle weights (``pytorch_model.bin``); off because unpickling can run code.
@@ -322,18 +330,13 @@ def finetune(
         allow_pickle=allow_pickle,
         model_key=model_key,
     )
-    # the main process holds OUT's lock from its checks to the final rename: a second run for OUT is
-    # refused at once instead of fighting over the run directory
+    # The main process holds OUT's lock from its checks to the final rename (a second run for OUT is
+    # refused at once); it alone checks the output and owns the run directory, the others wait here.
     with contextlib.ExitStack() as held:
-        # the main process alone checks the output and owns the run directory; under
-        # `accelerate launch` the others wait here and raise the same error if it refuses
         resuming, existed = on_main(lambda: job.claim(held, resume=resume, force=force))
         inputs = job.loaded()
         settings = job.decided()
-        tok = load_tokenizer(inputs.src.path, trust_remote_code=trust_remote_code)
-        if tok.pad_token_id is None:
-            tok.pad_token = tok.eos_token
-        features = _features(inputs.rows, tok, job.cfg, data)
+        tok, features = _tokenized(inputs.src.path, inputs.rows, job.cfg, data, trust_remote_code)
         net, saved_dtype, dropout_off = _load_model(inputs.src, job.cfg, allow_pickle, trust_remote_code, progress)
         args, use_bf16 = _training_args(job.run, job.cfg, progress)
         # a new run's directory is made only now, when everything has loaded (on the main process;

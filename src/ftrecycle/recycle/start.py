@@ -63,9 +63,8 @@ def recycle_finetune(
         target_base: the new base model.
         data: training data (JSONL or hub dataset id).
         output: directory to create when fine-tuning completes.
-        transfer: the merge's options, as for :func:`ftrecycle.ops.transfer.transfer` (``vocab="overlap"``
-            for a grown vocabulary, ``alpha="auto"`` with ``calibration``, ...); ``shard_size`` and ``fsync``
-            do not apply (the start is temporary), ``force`` is ``force=``.
+        transfer: the merge's options, as :func:`ftrecycle.transfer`'s (``vocab="overlap"``, ``alpha="auto"``
+            with ``calibration``, ...); not ``shard_size``/``fsync`` (the start is temporary); ``force`` is ``force=``.
         alpha: scale of the diff, a number or ``"auto"`` (overrides ``transfer.scaling.alpha``).
         config: fine-tuning hyperparameters.
         eval_data: GSM8K-format data scored during fine-tuning.
@@ -78,22 +77,19 @@ def recycle_finetune(
         What fine-tuning did.
 
     Raises:
-        ConfigError: ``resume`` of another run (without ``force``); ``shard_size``/``fsync`` in ``transfer``;
-            ``alpha="auto"`` without calibration data.
+        ConfigError: ``resume`` of another run (without ``force``); ``alpha="auto"`` without calibration data.
         As :func:`ftrecycle.ops.transfer.transfer`, :func:`~ftrecycle.diagnose.verdict.resolve_alpha`, finetune.
     """
     start = _Start.plan(source_base, source_finetuned, target_base, _options(transfer, alpha, allow_pickle))
     force = force or start.options.output.force
     inputs = [source_base, source_finetuned, target_base, data, eval_data, start.options.scaling.calibration]
-    # the main process holds OUT's lock from its checks to the end: a second run for OUT is refused
-    # before it writes a start model (finetune takes the same lock again, re-entrantly)
+    # The main process holds OUT's lock from its checks to the end (finetune takes it again, re-entrantly),
+    # and refuses a resume of another run before redoing any transfer; the others wait for its start model.
     with contextlib.ExitStack() as held:
         out, start.path = on_main(lambda: _claim(output, inputs, force, held))
         run = work_dir(out)
         if resume and not force:
-            # Refuse before redoing any transfer: the unfinished run must be continued with what made it.
             on_main(lambda: start.check_resume(out, run, data, eval_data, config))
-        # one process writes the start model; under `accelerate launch` the others wait for it
         used_alpha = on_main(lambda: start.make(reuse=resume))
         try:
             result = finetune(
