@@ -230,5 +230,5 @@ def test_chain_file_finetuned_is_used_as_m1_star_and_never_retrained(data, tmp_p
     assert stored.keys() == reference.keys()
     assert all(torch.equal(bits(stored[k]), bits(reference[k])) for k in stored)
     assert tree_digest(mine) == before
-    with pytest.raises(ConfigError, match="finetuned ./missing-dir: no such model directory"):
+    with pytest.raises(ConfigError, match=r"finetuned ./missing-dir: no such model directory"):
         ChainSpec.load(_chain(tmp_path, [m1, m2], data, finetuned="./missing-dir"))

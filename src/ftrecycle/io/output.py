@@ -46,9 +46,13 @@ def parse_size(text: str | int, *, flag: str = "size") -> int:
     Raises:
         ConfigError: not a finite positive size, or one above ``MAX_SIZE`` (1 PiB).
     """
-    if isinstance(text, bool):
-        raise ConfigError(f"{flag} {text!r} is not a size like 5GB, 512MiB or 1000000")
+    if isinstance(text, bool) or not isinstance(text, str | int):
+        # a bool is an int to Python, and a float, None or a list from a config file has no .strip()
+        raise ConfigError(f"{flag} {text!r:.60} is not a size like 5GB, 512MiB or 1000000")
     if isinstance(text, int):
+        if text.bit_length() > 64:  # too long to print (a huge YAML integer): say how long it is
+            bits = text.bit_length()
+            raise ConfigError(f"{flag} (an integer of {bits} bits) is above the largest size accepted, 1PiB")
         value = text
     else:
         s = text.strip().upper().replace(" ", "")

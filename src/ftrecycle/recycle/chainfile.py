@@ -10,7 +10,7 @@ from ftrecycle.diagnose.verdict import check_alpha_request
 from ftrecycle.errors import ConfigError
 from ftrecycle.finetune.config import FinetuneConfig
 from ftrecycle.io.localpath import looks_local
-from ftrecycle.options import Scaling, TransferOptions, check_alpha
+from ftrecycle.options import Scaling, TransferOptions, check_alpha, check_path
 from ftrecycle.recycle.keys import OUTPUT_FIELDS, changed, refuse_output_options
 
 #: Keys of a chain file and the types each takes.
@@ -80,6 +80,8 @@ def _read_chain_yaml(p: Path) -> Any:
         where = f"{p}:{mark.line + 1}" if mark is not None else str(p)
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ConfigError(f"{where}: not valid YAML ({problem})") from e
+    except ValueError as e:  # an integer literal past Python's digit limit (int() refuses to parse it)
+        raise ConfigError(f"{p}: a number too long to read ({str(e).split(':')[0]})") from e
 
 
 def _check_keys(p: Path, raw: Any) -> dict[str, Any]:
@@ -185,6 +187,11 @@ class ChainSpec:
     finetuned: str | None = None
 
     def __post_init__(self) -> None:
+        if not isinstance(self.transfer, TransferOptions):
+            raise ConfigError(f"ChainSpec.transfer must be a TransferOptions, got a {type(self.transfer).__name__}")
+        if self.finetuned is not None:
+            self.finetuned = check_path(self.finetuned, "ChainSpec.finetuned")
+        self.alpha = check_alpha(self.alpha, "alpha")  # a bool or an overflowing int is no alpha
         # alpha and transfer.scaling.alpha are one setting: whichever was given is copied to the other
         given = self.transfer.scaling.alpha
         default = _DEFAULT_SCALING.alpha
