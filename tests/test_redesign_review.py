@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from ftrecycle import (
     ConfigError,
@@ -24,8 +25,11 @@ from ftrecycle import (
     transfer,
 )
 from ftrecycle.cli import main
+from ftrecycle.codecs import parse_compression
 from ftrecycle.finetune.config import FinetuneConfig
 from ftrecycle.recycle import ChainSpec, recycle_finetune
+
+from conftest import bits, load_dir
 
 
 def _sources(versions: dict[str, dict[str, Path]]) -> tuple[str, str, str]:
@@ -197,3 +201,14 @@ def test_resources_group_checks_like_the_flag():
     with pytest.raises(ConfigError) as err:
         Resources(max_memory=2.5e9)  # type: ignore[arg-type]
     _one_line(err, "--max-memory 2500000000.0 is not a size")
+
+
+@pytest.mark.parametrize("spec", ["lowrank:rank=4", "lowrank:energy=0.123456789", "sparse:ratio=16", "int8"])
+def test_diff_still_takes_a_parsed_compression(versions, tmp_path, spec):
+    # `diff(compress=...)` took a parsed Compression before the redesign; it was refused after it
+    a, b, _ = _sources(versions)
+    parsed = diff(a, b, tmp_path / "parsed", compress=parse_compression(spec))
+    text = diff(a, b, tmp_path / "text", compress=spec)
+    assert parsed.provenance["compression"] == text.provenance["compression"]
+    one, two = load_dir(parsed.output), load_dir(text.output)
+    assert one.keys() == two.keys() and all(torch.equal(bits(one[k]), bits(two[k])) for k in one)

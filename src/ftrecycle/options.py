@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import MISSING, Field, dataclass, field, fields, replace
 from typing import Any, ClassVar, Literal, TypeVar
 
-from ftrecycle.codecs import parse_compression
+from ftrecycle.codecs import Compression, parse_compression
 from ftrecycle.errors import ConfigError
 from ftrecycle.io.output import parse_size
 
@@ -260,7 +260,14 @@ def check_alpha(value: Any, flag: str) -> float | str:
 
 
 def check_compression(value: Any, flag: str) -> str:
-    """A compression SPEC (``lowrank:rank=R``, ``int8``, ...), kept as text."""
+    """A compression SPEC (``lowrank:rank=R``, ``int8``, ...), kept as text.
+
+    A parsed :class:`~ftrecycle.codecs.Compression` (which ``diff(compress=...)`` has always taken) is
+    written back as its spec, exactly (``repr`` of each number), so that keys and records stay JSON.
+    """
+    if isinstance(value, Compression):
+        params = ",".join(f"{k}={v!r}" for k, v in value.options().items())
+        value = value.method + (":" + params if params else "")
     if not isinstance(value, str):
         raise ConfigError(f"{flag} must be a compression spec such as lowrank:rank=16, got {shown(value)}")
     parse_compression(value)
