@@ -212,3 +212,13 @@ def test_diff_still_takes_a_parsed_compression(versions, tmp_path, spec):
     assert parsed.provenance["compression"] == text.provenance["compression"]
     one, two = load_dir(parsed.output), load_dir(text.output)
     assert one.keys() == two.keys() and all(torch.equal(bits(one[k]), bits(two[k])) for k in one)
+
+
+@pytest.mark.parametrize("rank", [True, 2.0, "4", 0])
+def test_export_lora_rank_of_the_wrong_type_is_a_config_error(versions, tmp_path, rank):
+    a, b, _ = _sources(versions)
+    delta = diff(a, b, tmp_path / "delta").output
+    with pytest.raises(ConfigError) as err:  # before: TypeError ("an integer is required") for True
+        export_lora(delta, tmp_path / "out", rank=rank)
+    _one_line(err, "--rank must be a positive integer, got")
+    assert not (tmp_path / "out").exists()
