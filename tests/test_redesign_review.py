@@ -5,6 +5,8 @@ never a traceback from deep inside, nor silently accepted; nothing is written on
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +29,9 @@ from ftrecycle import (
 from ftrecycle.cli import main
 from ftrecycle.codecs import parse_compression
 from ftrecycle.finetune.config import FinetuneConfig
-from ftrecycle.recycle import ChainSpec, recycle_finetune
+from ftrecycle.recycle import ChainSpec, iterate, recycle_finetune
 
-from conftest import bits, load_dir
+from conftest import bits, load_dir, tree_digest
 
 
 def _sources(versions: dict[str, dict[str, Path]]) -> tuple[str, str, str]:
@@ -222,3 +224,56 @@ def test_export_lora_rank_of_the_wrong_type_is_a_config_error(versions, tmp_path
         export_lora(delta, tmp_path / "out", rank=rank)
     _one_line(err, "--rank must be a positive integer, got")
     assert not (tmp_path / "out").exists()
+
+
+def test_chain_finetuned_naming_a_version_is_refused(versions, tmp_path):
+    a, _, c = _sources(versions)
+    for n, v in enumerate((a, c), 1):
+        with pytest.raises(ConfigError) as err:
+            ChainSpec.load(_chain(tmp_path, versions, finetuned=v))
+        _one_line(err, f"is versions[{n}] itself; give a fine-tuning of versions[1] (M1)")
+    (tmp_path / "link").symlink_to(a)
+    with pytest.raises(ConfigError) as err:  # the same directory through a link
+        ChainSpec.load(_chain(tmp_path, versions, finetuned="link"))
+    _one_line(err, "is versions[1] itself")
+    with pytest.raises(ConfigError) as err:
+        ChainSpec([a, c], tmp_path / "train.jsonl", tmp_path / "out", finetuned=a)
+    _one_line(err, "finetuned")
+
+
+@pytest.mark.parametrize("kind", ["file", "fifo"])
+def test_chain_finetuned_that_is_not_a_model_directory_is_one_line_and_writes_nothing(versions, tmp_path, capsys, kind):
+    given = tmp_path / "given"
+    if kind == "file":
+        given.write_text("{}")
+    else:
+        os.mkfifo(given)
+    path = _chain(tmp_path, versions, finetuned="given", finetune={"max_steps": 1, "batch_size": 2})
+    assert main(["iterate", str(path), "--force"]) == 2
+    line = capsys.readouterr().err.strip()
+    assert "\n" not in line and str(given) in line and "pass the model's directory" in line, line
+    assert not (tmp_path / "out").exists()
+
+
+def test_iterate_force_never_removes_the_finetuned_model(versions, tmp_path, capsys):
+    _, b, _ = _sources(versions)
+    mine = tmp_path / "mine"
+    shutil.copytree(b, mine)
+    before = tree_digest(mine)
+    tiny = {"max_steps": 1, "batch_size": 2}
+    path = _chain(tmp_path, versions, finetuned="mine", finetune=tiny)
+    rows = iterate(ChainSpec.load(path))
+    assert rows[0]["finetuned"] == str(mine)
+    # settings changed: --force recomputes what depends on M*1, and leaves M*1 itself alone
+    path = _chain(tmp_path, versions, finetuned="mine", finetune=tiny, alpha=0.5)
+    assert main(["iterate", str(path), "--force"]) == 0
+    capsys.readouterr()
+    assert json.loads((tmp_path / "out" / "M2-plus-delta-1" / "ftrecycle.json").read_text())["alpha"] == 0.5
+    assert tree_digest(mine) == before
+    # M*1 inside the chain's output: refused before anything is removed, even with --force
+    made = tmp_path / "out" / "M2-star"
+    path = _chain(tmp_path, versions, finetuned="out/M2-star", finetune=tiny)
+    assert main(["iterate", str(path), "--force"]) == 2
+    line = capsys.readouterr().err.strip()
+    assert "\n" not in line and "overlaps input" in line, line
+    assert made.is_dir() and tree_digest(mine) == before

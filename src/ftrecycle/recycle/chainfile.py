@@ -155,6 +155,28 @@ def _transfer_options(p: Path, raw: dict[str, Any]) -> TransferOptions:
     return options
 
 
+def _same_model(a: str, b: str) -> bool:
+    """Whether two model arguments name one model: the same directory (through links), or the same hub id."""
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    if pa.exists() and pb.exists():
+        return pa.resolve() == pb.resolve()
+    return a == b
+
+
+def _not_a_version(finetuned: str, versions: list[str], source: Path | None) -> None:
+    """Refuse ``finetuned`` naming a base version: M*1 would then be a base model, not a fine-tuning of M1.
+
+    Raises:
+        ConfigError: naming the version.
+    """
+    for n, v in enumerate(versions, 1):
+        if _same_model(finetuned, v):
+            where = f"{source}: " if source is not None else ""
+            raise ConfigError(
+                f"{where}finetuned {finetuned} is versions[{n}] itself; give a fine-tuning of versions[1] (M1)"
+            )
+
+
 @dataclass
 class ChainSpec:
     """An ``iterate`` chain file.
@@ -191,6 +213,7 @@ class ChainSpec:
             raise ConfigError(f"ChainSpec.transfer must be a TransferOptions, got a {type(self.transfer).__name__}")
         if self.finetuned is not None:
             self.finetuned = check_path(self.finetuned, "ChainSpec.finetuned")
+            _not_a_version(self.finetuned, self.versions, self.source)
         self.alpha = check_alpha(self.alpha, "alpha")  # a bool or an overflowing int is no alpha
         # alpha and transfer.scaling.alpha are one setting: whichever was given is copied to the other
         given = self.transfer.scaling.alpha
