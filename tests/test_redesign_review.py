@@ -277,3 +277,24 @@ def test_iterate_force_never_removes_the_finetuned_model(versions, tmp_path, cap
     line = capsys.readouterr().err.strip()
     assert "\n" not in line and "overlaps input" in line, line
     assert made.is_dir() and tree_digest(mine) == before
+
+
+@pytest.mark.parametrize("key", ["data", "output"])
+def test_chain_file_empty_data_or_output_is_refused(versions, tmp_path, key):
+    # an empty output was the chain file's own directory, products written beside the chain and its data
+    with pytest.raises(ConfigError) as err:
+        ChainSpec.load(_chain(tmp_path, versions, **{key: ""}))
+    _one_line(err, f"{key} is empty; give a path")
+
+
+@pytest.mark.parametrize("key", ["compress", "max_memory", "shard_size"])
+def test_a_long_bad_value_is_cut_in_the_message(versions, tmp_path, key):
+    extra = {"transfer": {key: "x" * 5000}} if key != "shard_size" else {}
+    if extra:
+        with pytest.raises(ConfigError) as err:
+            ChainSpec.load(_chain(tmp_path, versions, **extra))
+    else:
+        a, b, c = _sources(versions)
+        with pytest.raises(ConfigError) as err:
+            transfer(a, b, c, tmp_path / "out", shard_size="x" * 5000)
+    _one_line(err, "'xxxx")

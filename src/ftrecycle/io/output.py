@@ -62,14 +62,14 @@ def parse_size(text: str | int, *, flag: str = "size") -> int:
             number = float(num)
             factor = _UNITS[unit]
         except (ValueError, KeyError) as e:
-            raise ConfigError(f"{flag} {text!r} is not a size like 5GB, 512MiB or 1000000") from e
+            raise ConfigError(f"{flag} {text!r:.80} is not a size like 5GB, 512MiB or 1000000") from e
         if not math.isfinite(number) or number * factor > MAX_SIZE:
-            raise ConfigError(f"{flag} {text!r} is not a finite size of at most 1PiB")
+            raise ConfigError(f"{flag} {text!r:.80} is not a finite size of at most 1PiB")
         value = int(number * factor)
     if value <= 0:
-        raise ConfigError(f"{flag} must be positive, got {text!r}")
+        raise ConfigError(f"{flag} must be positive, got {text!r:.80}")
     if value > MAX_SIZE:
-        raise ConfigError(f"{flag} {text!r} is above the largest size accepted, 1PiB")
+        raise ConfigError(f"{flag} {text!r:.80} is above the largest size accepted, 1PiB")
     return value
 
 

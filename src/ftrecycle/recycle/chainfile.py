@@ -251,6 +251,9 @@ class ChainSpec:
             raise ConfigError(f"{p}: mode must be iterative or direct, got {mode!r:.60}")
         if "data" not in raw or (output is None and "output" not in raw):
             raise ConfigError(f"{p}: 'data' and 'output' are required")
+        for key in ("data", "output"):  # "" would be the chain file's own directory
+            if raw.get(key) == "":
+                raise ConfigError(f"{p}: {key} is empty; give a path (use . for the chain file's directory)")
         options = _transfer_options(p, raw)
         scaling = options.scaling
         if (scaling.alpha == "auto") != (scaling.calibration is not None):
