@@ -298,3 +298,8 @@ def test_a_long_bad_value_is_cut_in_the_message(versions, tmp_path, key):
         with pytest.raises(ConfigError) as err:
             transfer(a, b, c, tmp_path / "out", shard_size="x" * 5000)
     _one_line(err, "'xxxx")
+
+
+def test_chain_file_empty_output_is_fine_when_the_command_line_gives_one(versions, tmp_path):
+    spec = ChainSpec.load(_chain(tmp_path, versions, output=""), output=tmp_path / "elsewhere")
+    assert spec.output == tmp_path / "elsewhere"

@@ -170,7 +170,7 @@ def _not_a_version(finetuned: str, versions: list[str], source: Path | None) -> 
         ConfigError: naming the version.
     """
     for n, v in enumerate(versions, 1):
-        if _same_model(finetuned, v):
+        if _same_model(finetuned, str(v)):
             where = f"{source}: " if source is not None else ""
             raise ConfigError(
                 f"{where}finetuned {finetuned} is versions[{n}] itself; give a fine-tuning of versions[1] (M1)"
@@ -251,7 +251,7 @@ class ChainSpec:
             raise ConfigError(f"{p}: mode must be iterative or direct, got {mode!r:.60}")
         if "data" not in raw or (output is None and "output" not in raw):
             raise ConfigError(f"{p}: 'data' and 'output' are required")
-        for key in ("data", "output"):  # "" would be the chain file's own directory
+        for key in ("data", "output") if output is None else ("data",):  # "" would be the chain file's directory
             if raw.get(key) == "":
                 raise ConfigError(f"{p}: {key} is empty; give a path (use . for the chain file's directory)")
         options = _transfer_options(p, raw)
