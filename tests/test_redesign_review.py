@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -303,3 +304,16 @@ def test_a_long_bad_value_is_cut_in_the_message(versions, tmp_path, key):
 def test_chain_file_empty_output_is_fine_when_the_command_line_gives_one(versions, tmp_path):
     spec = ChainSpec.load(_chain(tmp_path, versions, output=""), output=tmp_path / "elsewhere")
     assert spec.output == tmp_path / "elsewhere"
+
+
+def test_numpy_numbers_are_taken_as_the_keywords_took_them(versions, tmp_path):
+    # threads=np.int64(2) was accepted by transfer before the option groups, then refused by them
+    a, b, c = _sources(versions)
+    res = transfer(a, b, c, tmp_path / "out", threads=np.int64(2), alpha=np.float32(0.5), shard_size=np.int64(10**5))
+    assert res.provenance["alpha"] == 0.5 and type(res.provenance["alpha"]) is float
+    assert Resources(threads=np.int32(3)).threads == 3
+    for bad in ({"threads": np.True_}, {"max_memory": np.True_}):
+        with pytest.raises(ConfigError):
+            Resources(**bad)
+    with pytest.raises(ConfigError):
+        Scaling(alpha=np.float32("nan"))

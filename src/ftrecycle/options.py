@@ -20,6 +20,7 @@ Field metadata (see :func:`option`):
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import typing
 from collections.abc import Callable, Mapping
@@ -103,6 +104,13 @@ def _number(value: object, bound: Bound, name: str) -> int | float:
         try:
             got = int(value.strip(), 10) if bound.kind is int else float(value)
         except ValueError:
+            raise bad from None
+    elif isinstance(value, numbers.Integral) and not isinstance(value, int):
+        got = int(value)  # numpy's integers, as the keywords took them before the option groups
+    elif isinstance(value, numbers.Real) and not isinstance(value, float | int):
+        try:
+            got = float(value)  # numpy's floats, fractions
+        except OverflowError:
             raise bad from None
     if bound.kind is int:
         if isinstance(got, float) and math.isfinite(got) and got.is_integer():

@@ -8,6 +8,7 @@ import fcntl
 import hashlib
 import json
 import math
+import numbers
 import os
 import re
 import secrets
@@ -46,6 +47,8 @@ def parse_size(text: str | int, *, flag: str = "size") -> int:
     Raises:
         ConfigError: not a finite positive size, or one above ``MAX_SIZE`` (1 PiB).
     """
+    if isinstance(text, numbers.Integral) and not isinstance(text, bool | int):
+        text = int(text)  # numpy's integers
     if isinstance(text, bool) or not isinstance(text, str | int):
         # a bool is an int to Python, and a float, None or a list from a config file has no .strip()
         raise ConfigError(f"{flag} {text!r:.60} is not a size like 5GB, 512MiB or 1000000")
