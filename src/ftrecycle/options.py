@@ -20,12 +20,14 @@ Field metadata (see :func:`option`):
 from __future__ import annotations
 
 import math
+import numbers
+import os
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING, Field, dataclass, field, fields, replace
 from typing import Any, ClassVar, Literal, TypeVar
 
-from ftrecycle.codecs import parse_compression
+from ftrecycle.codecs import Compression, parse_compression
 from ftrecycle.errors import ConfigError
 from ftrecycle.io.output import parse_size
 
@@ -89,12 +91,12 @@ class Bound:
         too_low = self.lo is not None and (got <= self.lo if self.lo_open else got < self.lo)
         too_high = self.hi is not None and (got >= self.hi if self.hi_open else got > self.hi)
         if too_low or too_high:
-            raise ConfigError(f"{name} must be {self.describe()}, got {value!r}")
+            raise ConfigError(f"{name} must be {self.describe()}, got {shown(value)}")
         return got
 
 
 def _number(value: object, bound: Bound, name: str) -> int | float:
-    bad = ConfigError(f"{name} must be {bound.describe()}, got {value!r}")
+    bad = ConfigError(f"{name} must be {bound.describe()}, got {shown(value)}")
     if isinstance(value, bool):
         raise bad
     got: object = value
@@ -103,15 +105,37 @@ def _number(value: object, bound: Bound, name: str) -> int | float:
             got = int(value.strip(), 10) if bound.kind is int else float(value)
         except ValueError:
             raise bad from None
+    elif isinstance(value, numbers.Integral) and not isinstance(value, int):
+        got = int(value)  # numpy's integers, as the keywords took them before the option groups
+    elif isinstance(value, numbers.Real) and not isinstance(value, float | int):
+        try:
+            got = float(value)  # numpy's floats, fractions
+        except OverflowError:
+            raise bad from None
     if bound.kind is int:
         if isinstance(got, float) and math.isfinite(got) and got.is_integer():
             got = int(got)
         if not isinstance(got, int):
             raise bad
         return got
-    if not isinstance(got, int | float) or not math.isfinite(got):
+    if not isinstance(got, int | float):
         raise bad
-    return float(got)
+    try:
+        number = float(got)
+    except OverflowError:  # an int too large for a float (10**400 in a config file)
+        raise bad from None
+    if not math.isfinite(number):
+        raise bad
+    return number
+
+
+def shown(value: object, limit: int = 60) -> str:
+    """``repr(value)`` for a one-line message: cut at ``limit`` characters (a config file's value may be huge)."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int past Python's digit limit for str()
+        return f"an integer of {value.bit_length() if isinstance(value, int) else '?'} bits"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 POSITIVE_INT = Bound(int, lo=1, hi=MAX_COUNT)
@@ -176,12 +200,14 @@ def check_value(f: Field[Any], value: Any) -> Any:
         return bound.check(value, name)
     if choices is not None:
         if value not in choices:
-            raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+            raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {shown(value)}")
         return value
     if check is not None:
         return check(value, name)
+    if f.metadata.get("path"):
+        return check_path(value, name)
     if isinstance(default, bool) and not isinstance(value, bool):
-        raise ConfigError(f"{name} must be true or false, got {value!r}")
+        raise ConfigError(f"{name} must be true or false, got {shown(value)}")
     return value
 
 
@@ -222,6 +248,15 @@ def check_size(value: Any, flag: str) -> int:
     return parse_size(value, flag=flag)
 
 
+def check_path(value: Any, flag: str) -> str:
+    """A file, directory or model named by a non-empty path (a number or a mapping is no path)."""
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{flag} must be a non-empty path, got {value!r:.60}")
+    return value
+
+
 def check_alpha(value: Any, flag: str) -> float | str:
     """A finite scale, or ``auto`` (chosen on calibration data by the layer that has it)."""
     if value == "auto":
@@ -229,13 +264,20 @@ def check_alpha(value: Any, flag: str) -> float | str:
     try:
         return float(FINITE.check(value, flag))
     except ConfigError:
-        raise ConfigError(f"{flag} must be a finite number or 'auto', got {value!r}") from None
+        raise ConfigError(f"{flag} must be a finite number or 'auto', got {shown(value)}") from None
 
 
 def check_compression(value: Any, flag: str) -> str:
-    """A compression SPEC (``lowrank:rank=R``, ``int8``, ...), kept as text."""
+    """A compression SPEC (``lowrank:rank=R``, ``int8``, ...), kept as text.
+
+    A parsed :class:`~ftrecycle.codecs.Compression` (which ``diff(compress=...)`` has always taken) is
+    written back as its spec, exactly (``repr`` of each number), so that keys and records stay JSON.
+    """
+    if isinstance(value, Compression):
+        params = ",".join(f"{k}={v!r}" for k, v in value.options().items())
+        value = value.method + (":" + params if params else "")
     if not isinstance(value, str):
-        raise ConfigError(f"{flag} must be a compression spec such as lowrank:rank=16, got {value!r}")
+        raise ConfigError(f"{flag} must be a compression spec such as lowrank:rank=16, got {shown(value)}")
     parse_compression(value)
     return value
 
@@ -419,6 +461,16 @@ class Bundle:
 
     not_applicable: ClassVar[frozenset[str]] = frozenset()
 
+    def __post_init__(self) -> None:
+        # a group of the wrong kind would fail far from here, as an AttributeError on one of its fields
+        for g in fields(self):  # type: ignore[arg-type]
+            want = _group_type(type(self), g.name)
+            got = getattr(self, g.name)
+            if not isinstance(got, want):
+                raise ConfigError(
+                    f"{type(self).__name__}.{g.name} must be a {want.__name__} group, got a {type(got).__name__}"
+                )
+
     @classmethod
     def of(cls: type[B], **flat: Any) -> B:
         """A bundle whose groups take ``flat``'s values by field name, e.g. ``TransferOptions.of(alpha=0.5)``.
@@ -446,7 +498,8 @@ class Bundle:
         """``options`` (default: every default) with the flat keywords ``flat`` overriding its fields.
 
         Raises:
-            ConfigError: ``options`` is another operation's bundle, a keyword no group has, or a bad value.
+            ConfigError: ``options`` is another operation's bundle, a keyword no group has, a bad value,
+                or an option that does not apply to this operation (as a keyword, or set in ``options``).
         """
         unused = sorted(set(flat) & cls.not_applicable)
         if unused:
@@ -455,15 +508,26 @@ class Bundle:
             return cls.of(**flat)
         if not isinstance(options, cls):
             raise ConfigError(f"options must be a {cls.__name__}, got a {type(options).__name__}")
+        # set in a group but never read by this operation: refused, as the same keyword is, not ignored
+        defaults = cls().flat()
+        ignored = sorted(k for k, v in options.flat().items() if k in cls.not_applicable and v != defaults[k])
+        if ignored:
+            raise ConfigError(f"option(s) {', '.join(ignored)} do not apply to {cls.__name__}; leave them unset")
         return options.with_(**flat)
 
     @classmethod
     def sharing(cls: type[B], other: Bundle, **groups: OptionGroup) -> B:
         """A bundle made of ``other``'s groups of the same names, ``groups`` replacing or adding some
-        (e.g. the diff and the apply steps of a compressed transfer)."""
+        (e.g. the diff and the apply steps of a compressed transfer). The options that do not apply to
+        ``cls`` are left at their defaults (``cls`` would refuse them: see :meth:`merged`)."""
         names = [g.name for g in fields(cls)]  # type: ignore[arg-type]
         taken = {n: getattr(other, n) for n in names if n not in groups and hasattr(other, n)}
-        return cls(**taken, **groups)
+        made = {**taken, **groups}
+        for name, group in made.items():
+            reset = {f.name: f.default for f in fields(group) if f.name in cls.not_applicable}
+            if any(getattr(group, k) != v for k, v in reset.items()):
+                made[name] = replace(group, **reset)
+        return cls(**made)
 
     def flat(self) -> dict[str, Any]:
         """Every field of every group by name (the inverse of :meth:`of`)."""

@@ -155,7 +155,9 @@ COMMANDS = (
         "iterate",
         "Algorithm 1: recycling-then-fine-tuning along a chain of versions",
         "Run the paper's iterative recycling-then-fine-tuning over versions M1..Mn named in CHAIN.yaml "
-        "(keys: versions, data, output, mode: iterative|direct, eval_data, alpha, finetune: {settings}). "
+        "(keys: versions, data, output, mode: iterative|direct, eval_data, alpha: a number or auto with "
+        "calibration: FILE, finetune: {settings}, transfer: {`ftrecycle transfer`'s options}, finetuned: an "
+        "existing fine-tuning of M1 to use as M*1). "
         "Every M*i and delta is kept; rerunning resumes at the first unfinished version; summary.md/json "
         "tabulate the chain.",
         _iterate_arguments,

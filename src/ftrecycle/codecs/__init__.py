@@ -91,17 +91,17 @@ def _options(text: str, method: str, rest: str) -> dict[str, float]:
         key, eq, value = item.partition("=")
         if not eq or key not in allowed:
             names = ", ".join(f"{k}=" for k in allowed) or "no parameters"
-            raise ConfigError(f"--compress {text!r}: {method} takes {names}")
+            raise ConfigError(f"--compress {text!r:.80}: {method} takes {names}")
         if key in opts:
-            raise ConfigError(f"--compress {text!r}: {key} is given twice; give it once")
+            raise ConfigError(f"--compress {text!r:.80}: {key} is given twice; give it once")
         try:
             opts[key] = float(value)
         except ValueError as e:
-            raise ConfigError(f"--compress {text!r}: {key} must be a number") from e
+            raise ConfigError(f"--compress {text!r:.80}: {key} must be a number") from e
         if not math.isfinite(opts[key]):
-            raise ConfigError(f"--compress {text!r}: {key} must be a finite number")
+            raise ConfigError(f"--compress {text!r:.80}: {key} must be a finite number")
     if allowed and len(opts) != 1:
-        raise ConfigError(f"--compress {text!r}: give exactly one of {', '.join(allowed)}")
+        raise ConfigError(f"--compress {text!r:.80}: give exactly one of {', '.join(allowed)}")
     return opts
 
 
@@ -124,23 +124,23 @@ def parse_compression(text: str | Compression | None) -> Compression | None:
     if method == "none" and not rest:
         return None
     if method not in CODECS:
-        raise ConfigError(f"--compress {text!r}: unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        raise ConfigError(f"--compress {text!r:.80}: unknown method {method!r:.40}; choose one of {', '.join(METHODS)}")
     opts = _options(text, method, rest)
     rank = opts.get("rank")
     if rank is not None and not (rank.is_integer() and 1 <= rank <= MAX_RANK):
-        raise ConfigError(f"--compress {text!r}: rank must be a positive integer of at most {MAX_RANK}")
+        raise ConfigError(f"--compress {text!r:.80}: rank must be a positive integer of at most {MAX_RANK}")
     ratio = opts.get("ratio")
     if ratio is not None and ratio > MAX_RATIO:
-        raise ConfigError(f"--compress {text!r}: ratio must be at most {MAX_RATIO:g}")
+        raise ConfigError(f"--compress {text!r:.80}: ratio must be at most {MAX_RATIO:g}")
     c = Compression(method, **{k: (int(v) if k == "rank" else v) for k, v in opts.items()})  # type: ignore[arg-type]
     if c.rank is not None and (c.rank < 1 or c.rank != opts.get("rank")):
-        raise ConfigError(f"--compress {text!r}: rank must be a positive integer")
+        raise ConfigError(f"--compress {text!r:.80}: rank must be a positive integer")
     if c.energy is not None and not 0 < c.energy <= 1:
-        raise ConfigError(f"--compress {text!r}: energy must be in (0, 1]")
+        raise ConfigError(f"--compress {text!r:.80}: energy must be in (0, 1]")
     if c.density is not None and not 0 < c.density < 1:
-        raise ConfigError(f"--compress {text!r}: density must be in (0, 1)")
+        raise ConfigError(f"--compress {text!r:.80}: density must be in (0, 1)")
     if c.ratio is not None and not c.ratio > 1:
-        raise ConfigError(f"--compress {text!r}: ratio must be above 1")
+        raise ConfigError(f"--compress {text!r:.80}: ratio must be above 1")
     return c
 
 

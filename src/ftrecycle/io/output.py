@@ -8,6 +8,7 @@ import fcntl
 import hashlib
 import json
 import math
+import numbers
 import os
 import re
 import secrets
@@ -46,9 +47,15 @@ def parse_size(text: str | int, *, flag: str = "size") -> int:
     Raises:
         ConfigError: not a finite positive size, or one above ``MAX_SIZE`` (1 PiB).
     """
-    if isinstance(text, bool):
-        raise ConfigError(f"{flag} {text!r} is not a size like 5GB, 512MiB or 1000000")
+    if isinstance(text, numbers.Integral) and not isinstance(text, bool | int):
+        text = int(text)  # numpy's integers
+    if isinstance(text, bool) or not isinstance(text, str | int):
+        # a bool is an int to Python, and a float, None or a list from a config file has no .strip()
+        raise ConfigError(f"{flag} {text!r:.60} is not a size like 5GB, 512MiB or 1000000")
     if isinstance(text, int):
+        if text.bit_length() > 64:  # too long to print (a huge YAML integer): say how long it is
+            bits = text.bit_length()
+            raise ConfigError(f"{flag} (an integer of {bits} bits) is above the largest size accepted, 1PiB")
         value = text
     else:
         s = text.strip().upper().replace(" ", "")
@@ -58,14 +65,14 @@ def parse_size(text: str | int, *, flag: str = "size") -> int:
             number = float(num)
             factor = _UNITS[unit]
         except (ValueError, KeyError) as e:
-            raise ConfigError(f"{flag} {text!r} is not a size like 5GB, 512MiB or 1000000") from e
+            raise ConfigError(f"{flag} {text!r:.80} is not a size like 5GB, 512MiB or 1000000") from e
         if not math.isfinite(number) or number * factor > MAX_SIZE:
-            raise ConfigError(f"{flag} {text!r} is not a finite size of at most 1PiB")
+            raise ConfigError(f"{flag} {text!r:.80} is not a finite size of at most 1PiB")
         value = int(number * factor)
     if value <= 0:
-        raise ConfigError(f"{flag} must be positive, got {text!r}")
+        raise ConfigError(f"{flag} must be positive, got {text!r:.80}")
     if value > MAX_SIZE:
-        raise ConfigError(f"{flag} {text!r} is above the largest size accepted, 1PiB")
+        raise ConfigError(f"{flag} {text!r:.80} is above the largest size accepted, 1PiB")
     return value
 
 

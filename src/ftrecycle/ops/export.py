@@ -103,8 +103,9 @@ def export_lora(
         OutputError: the output exists (without ``force``) or overlaps the delta.
     """
     started = time.perf_counter()
-    if rank < 1:
-        raise ConfigError(f"--rank must be a positive integer, got {rank}")
+    # a bool is an int to Python, and a float or a string rank failed later as a TypeError
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ConfigError(f"--rank must be a positive integer, got {rank!r:.60}")
     sdt: DType = parse_dtype(dtype, flag="--dtype")
     workers = threads or default_threads()
     out = Path(output).expanduser()

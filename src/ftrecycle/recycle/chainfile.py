@@ -10,7 +10,7 @@ from ftrecycle.diagnose.verdict import check_alpha_request
 from ftrecycle.errors import ConfigError
 from ftrecycle.finetune.config import FinetuneConfig
 from ftrecycle.io.localpath import looks_local
-from ftrecycle.options import Scaling, TransferOptions, check_alpha
+from ftrecycle.options import Scaling, TransferOptions, check_alpha, check_path
 from ftrecycle.recycle.keys import OUTPUT_FIELDS, changed, refuse_output_options
 
 #: Keys of a chain file and the types each takes.
@@ -80,6 +80,8 @@ def _read_chain_yaml(p: Path) -> Any:
         where = f"{p}:{mark.line + 1}" if mark is not None else str(p)
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ConfigError(f"{where}: not valid YAML ({problem})") from e
+    except ValueError as e:  # an integer literal past Python's digit limit (int() refuses to parse it)
+        raise ConfigError(f"{p}: a number too long to read ({str(e).split(':')[0]})") from e
 
 
 def _check_keys(p: Path, raw: Any) -> dict[str, Any]:
@@ -153,6 +155,28 @@ def _transfer_options(p: Path, raw: dict[str, Any]) -> TransferOptions:
     return options
 
 
+def _same_model(a: str, b: str) -> bool:
+    """Whether two model arguments name one model: the same directory (through links), or the same hub id."""
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    if pa.exists() and pb.exists():
+        return pa.resolve() == pb.resolve()
+    return a == b
+
+
+def _not_a_version(finetuned: str, versions: list[str], source: Path | None) -> None:
+    """Refuse ``finetuned`` naming a base version: M*1 would then be a base model, not a fine-tuning of M1.
+
+    Raises:
+        ConfigError: naming the version.
+    """
+    for n, v in enumerate(versions, 1):
+        if _same_model(finetuned, str(v)):
+            where = f"{source}: " if source is not None else ""
+            raise ConfigError(
+                f"{where}finetuned {finetuned} is versions[{n}] itself; give a fine-tuning of versions[1] (M1)"
+            )
+
+
 @dataclass
 class ChainSpec:
     """An ``iterate`` chain file.
@@ -185,6 +209,12 @@ class ChainSpec:
     finetuned: str | None = None
 
     def __post_init__(self) -> None:
+        if not isinstance(self.transfer, TransferOptions):
+            raise ConfigError(f"ChainSpec.transfer must be a TransferOptions, got a {type(self.transfer).__name__}")
+        if self.finetuned is not None:
+            self.finetuned = check_path(self.finetuned, "ChainSpec.finetuned")
+            _not_a_version(self.finetuned, self.versions, self.source)
+        self.alpha = check_alpha(self.alpha, "alpha")  # a bool or an overflowing int is no alpha
         # alpha and transfer.scaling.alpha are one setting: whichever was given is copied to the other
         given = self.transfer.scaling.alpha
         default = _DEFAULT_SCALING.alpha
@@ -221,6 +251,9 @@ class ChainSpec:
             raise ConfigError(f"{p}: mode must be iterative or direct, got {mode!r:.60}")
         if "data" not in raw or (output is None and "output" not in raw):
             raise ConfigError(f"{p}: 'data' and 'output' are required")
+        for key in ("data", "output") if output is None else ("data",):  # "" would be the chain file's directory
+            if raw.get(key) == "":
+                raise ConfigError(f"{p}: {key} is empty; give a path (use . for the chain file's directory)")
         options = _transfer_options(p, raw)
         scaling = options.scaling
         if (scaling.alpha == "auto") != (scaling.calibration is not None):

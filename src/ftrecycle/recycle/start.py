@@ -122,6 +122,8 @@ def _options(given: TransferOptions | None, alpha: float | str | None, allow_pic
     Raises:
         ConfigError: output options set in ``given``, a bad alpha, or alpha/calibration that do not go together.
     """
+    if given is not None and not isinstance(given, TransferOptions):
+        raise ConfigError(f"recycle_finetune(transfer=...) must be a TransferOptions, got a {type(given).__name__}")
     options = given if given is not None else TransferOptions()
     # force is recycle_finetune's own (it replaces OUT); how the temporary start is written is not an option
     refuse_output_options(
