@@ -8,7 +8,7 @@ not where it was written.
 
 from __future__ import annotations
 
-from dataclasses import fields, replace
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -17,7 +17,6 @@ from ftrecycle.io.state import file_identity, model_identity
 from ftrecycle.options import (
     Bundle,
     DeltaStorage,
-    DiffOptions,
     ModelFiles,
     Output,
     Policies,
@@ -63,12 +62,11 @@ def weight_fields(bundle: type[Bundle]) -> tuple[str, ...]:
 def step_options(bundle: type[B], options: TransferOptions, alpha: float | None = None) -> B:
     """A chain's or a recycle run's transfer options as the bundle of one of its steps (a diff, an
     apply, the merged start's transfer): its own outputs (replaced, under its own name) and, once
-    resolved, alpha as a number."""
+    resolved, alpha as a number. Options the step does not take (a diff's ``out_dtype``) are left at
+    their defaults by :meth:`~ftrecycle.options.Bundle.sharing`."""
     groups: dict[str, Any] = {"output": Output(force=True)}
     if alpha is not None:
         groups["scaling"] = Scaling(alpha=alpha)
-    if bundle is DiffOptions:  # --out-dtype is the apply step's
-        groups["precision"] = replace(options.precision, out_dtype=None)
     return bundle.sharing(options, **groups)
 
 
