@@ -93,6 +93,10 @@ class World:
     def out(self, name: str = "out") -> str:
         return str(self.case / name)
 
+    def trio(self, command: str, *, b: str | None = None, c: str | None = None) -> list[str]:
+        """``command`` with the three model flags (A, B, C; B or C replaced when given)."""
+        return [command, "--source-base", self.a, "--source-finetuned", b or self.b, "--target-base", c or self.c]
+
 
 def _shards(d: Path) -> list[Path]:
     return sorted(d.glob("*.safetensors"))
@@ -151,7 +155,7 @@ def _set(key: str, value: object) -> Callable[[dict, bytes], tuple[dict, bytes]]
 
 
 def transfer_c(w: World, *extra: str) -> list[str]:
-    args = ["transfer", "--source-base", w.a, "--source-finetuned", w.b, "--target-base", str(w.case / "C")]
+    args = w.trio("transfer", c=str(w.case / "C"))
     return [*args, "-o", w.out(), *extra]
 
 
@@ -290,13 +294,7 @@ def _fifo_config(w: World) -> None:
 def _force_cases() -> list[Case]:
     def t(w: World, out: str, *extra: str) -> list[str]:
         return [
-            "transfer",
-            "--source-base",
-            w.a,
-            "--source-finetuned",
-            w.b,
-            "--target-base",
-            w.c,
+            *w.trio("transfer"),
             "-o",
             out,
             "--force",
@@ -310,7 +308,7 @@ def _force_cases() -> list[Case]:
 
     def rfa(w: World, out: str) -> list[str]:
         extra = [x.format(train=w.train) for x in rf]
-        args = ["recycle-finetune", "--source-base", w.a, "--source-finetuned", w.b, "--target-base", w.c]
+        args = w.trio("recycle-finetune")
         return [*args, *extra, "-o", out, "--force"]
 
     return [
@@ -507,13 +505,7 @@ def _adapter_cases() -> list[Case]:
 
     def t(w: World) -> list[str]:
         return [
-            "transfer",
-            "--source-base",
-            w.a,
-            "--source-finetuned",
-            str(w.case / "ad"),
-            "--target-base",
-            w.c,
+            *w.trio("transfer", b=str(w.case / "ad")),
             "-o",
             w.out(),
         ]
@@ -539,13 +531,7 @@ def _adapter_cases() -> list[Case]:
 def _option_cases() -> list[Case]:
     def t(w: World, *extra: str) -> list[str]:
         return [
-            "transfer",
-            "--source-base",
-            w.a,
-            "--source-finetuned",
-            w.b,
-            "--target-base",
-            w.c,
+            *w.trio("transfer"),
             "-o",
             w.out(),
             *extra,
@@ -583,26 +569,14 @@ def _option_cases() -> list[Case]:
         "eval-max-new-tokens-huge": lambda w: ev(w, "--max-new-tokens", "100000000"),
         "eval-limit-negative": lambda w: ev(w, "--limit=-1"),
         "diagnose-device-bogus": lambda w: [
-            "diagnose",
-            "--source-base",
-            w.a,
-            "--source-finetuned",
-            w.b,
-            "--target-base",
-            w.c,
+            *w.trio("diagnose"),
             "--device",
             "bogus",
             "--data",
             w.train,
         ],
         "diagnose-plot-missing-dir": lambda w: [
-            "diagnose",
-            "--source-base",
-            w.a,
-            "--source-finetuned",
-            w.b,
-            "--target-base",
-            w.c,
+            *w.trio("diagnose"),
             "--plot",
             str(w.case / "no" / "x.png"),
         ],
@@ -618,7 +592,7 @@ def _option_cases() -> list[Case]:
 
 def _os_cases() -> list[Case]:
     def t(w: World, out: str, *extra: str) -> list[str]:
-        return ["transfer", "--source-base", w.a, "--source-finetuned", w.b, "--target-base", w.c, "-o", out, *extra]
+        return [*w.trio("transfer"), "-o", out, *extra]
 
     def regular(w: World) -> None:
         (w.case / "file").write_text("x")
@@ -788,13 +762,7 @@ def _pickle_cases() -> list[Case]:
             "pickle",
             "transfer-target-bin",
             lambda w: [
-                "transfer",
-                "--source-base",
-                w.a,
-                "--source-finetuned",
-                w.b,
-                "--target-base",
-                p(w),
+                *w.trio("transfer", c=p(w)),
                 "-o",
                 w.out(),
             ],
@@ -816,13 +784,7 @@ def _pickle_cases() -> list[Case]:
             "pickle",
             "diagnose-probe-bin",
             lambda w: [
-                "diagnose",
-                "--source-base",
-                w.a,
-                "--source-finetuned",
-                w.b,
-                "--target-base",
-                p(w),
+                *w.trio("diagnose", c=p(w)),
                 "--data",
                 w.train,
             ],
