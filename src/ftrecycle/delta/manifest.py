@@ -23,8 +23,9 @@ from ftrecycle.codecs import CODECS, METHODS, SEP, part_name
 from ftrecycle.dtypes import BY_NAME, FLOAT_DTYPES
 from ftrecycle.errors import CheckpointError, short
 from ftrecycle.io.jsonfile import read_json
+from ftrecycle.io.provenance import DELTA_MANIFEST
 
-MANIFEST = "ftrecycle-delta.json"
+MANIFEST = DELTA_MANIFEST
 FORMAT = "ftrecycle-delta"
 VERSION = 2
 READS = (1, 2)

@@ -34,7 +34,7 @@ from ftrecycle.io.output import (
     sibling_name,
     write_json,
 )
-from ftrecycle.io.provenance import base_record, describe_input
+from ftrecycle.io.provenance import PROVENANCE, base_record, describe_input
 from ftrecycle.io.state import (
     check_settings,
     file_identity,
@@ -45,7 +45,6 @@ from ftrecycle.io.state import (
 )
 
 EVAL_LOG = "eval_log.json"
-PROVENANCE = "ftrecycle.json"
 RUN_SETTINGS = "run-settings.json"
 
 

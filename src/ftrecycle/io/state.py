@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ftrecycle.errors import ConfigError
+from ftrecycle.io.provenance import PROVENANCE
 
 _CHUNK = 1 << 20
 
@@ -54,7 +55,7 @@ def model_identity(path: str | Path) -> dict[str, Any]:
     for f in sorted(root.iterdir()):
         if not f.is_file() or f.name.startswith("."):
             continue
-        if f.suffix == ".json" and f.name != "ftrecycle.json":  # provenance holds a creation time, not content
+        if f.suffix == ".json" and f.name != PROVENANCE:  # provenance holds a creation time, not content
             files[f.name] = sha256_file(f)
         elif f.suffix in (".safetensors", ".bin", ".pt"):
             st = f.stat()
