@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ftrecycle.errors import OutputError
 from ftrecycle.io.output import check_output, os_error, output_lock
+from ftrecycle.io.provenance import PROVENANCE
 from ftrecycle.lab.pretrain import ModelSpec, llama_config
 from ftrecycle.lab.world import tokenizer
 from ftrecycle.ops.transfer import transfer
@@ -78,4 +79,4 @@ def run_demo(out: str | Path, *, force: bool = False) -> Iterator[str]:
     model = AutoModelForCausalLM.from_pretrained(result.output)
     ids = model.generate(torch.tensor([[1, 5, 6, 7]]), max_new_tokens=8, do_sample=False)
     yield f"transformers loaded it and generated token ids {ids[0].tolist()}"
-    yield f"provenance: {result.output / 'ftrecycle.json'}"
+    yield f"provenance: {result.output / PROVENANCE}"
