@@ -13,11 +13,14 @@ def combine(values: list[Any], how: str) -> Any:
     """Combine one field across seeds: ``how`` is ``mean`` or ``spread`` (max − min).
 
     Numbers combine directly, dicts key by key, curves step by step (steps every seed has);
-    anything else is taken from the first seed.
+    a value that is None in any seed is None; anything else is taken from the first seed.
     """
     first = values[0]
     if isinstance(first, bool) or first is None:
         return first
+    if any(v is None for v in values):
+        # a share undefined in one seed (its fine-tune gained nothing) has no mean or spread either
+        return None
     if isinstance(first, (int, float)):
         if how == "mean":
             return round(sum(values) / len(values), 4)

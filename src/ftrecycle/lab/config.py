@@ -33,6 +33,9 @@ class LabConfig:
         seeds: one full run per seed; tables show the mean and the spread.
         workers: fine-tuning and evaluation jobs run at once (each gets cores / workers threads).
         max_new_tokens: generation budget per test problem.
+        sweep_lr_scales: experiment (h): multipliers of ``ft_lr`` at which M4 and M5 are fine-tuned directly
+            (1.0 is (a)'s own ft-M4 and ft-M5, never run twice), so that ‖Δ‖/‖W‖ spans a range.
+        sweep_compressions: experiment (h): ``diff --compress`` specs applied to each scale's stage-2 transfers.
     """
 
     preset: str = "tiny"
@@ -52,6 +55,8 @@ class LabConfig:
     seeds: tuple[int, ...] = (0,)
     workers: int = 2
     max_new_tokens: int = 48
+    sweep_lr_scales: tuple[float, ...] = (0.2, 1.0, 5.0)
+    sweep_compressions: tuple[str, ...] = ("lowrank:ratio=4", "lowrank:ratio=8", "lowrank:ratio=16")
 
     def validate(self) -> LabConfig:
         """Check ranges.
@@ -77,12 +82,31 @@ class LabConfig:
             raise ConfigError("lab setting seeds must name at least one seed")
         if self.pretrain.stage1_steps < 3 or self.pretrain.stage2_steps < 2:
             raise ConfigError("pretraining needs at least 3 stage-1 and 2 stage-2 steps (five saved versions)")
+        self._validate_sweep()
         return self
+
+    def _validate_sweep(self) -> None:
+        """Check experiment (h)'s settings.
+
+        Raises:
+            ConfigError: a scale that is not a positive number, a repeated scale or spec, or an empty spec.
+        """
+        scales = self.sweep_lr_scales
+        if not scales or any(isinstance(x, bool) or not isinstance(x, (int, float)) or not x > 0 for x in scales):
+            raise ConfigError(f"lab setting sweep_lr_scales must be positive numbers, got {scales!r}")
+        # job names carry the scale as %g: two scales with one name would share their models
+        if len({f"{x:g}" for x in scales}) != len(scales):
+            raise ConfigError(f"lab setting sweep_lr_scales repeats a scale: {scales!r}")
+        specs = self.sweep_compressions
+        if any(not isinstance(c, str) or not c.strip() for c in specs) or len(set(specs)) != len(specs):
+            raise ConfigError(f"lab setting sweep_compressions must be distinct, non-empty specs, got {specs!r}")
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready form (recorded in results.json and used as the cache's key)."""
         d = asdict(self)
         d["seeds"] = list(self.seeds)
+        d["sweep_lr_scales"] = list(self.sweep_lr_scales)
+        d["sweep_compressions"] = list(self.sweep_compressions)
         return d
 
 

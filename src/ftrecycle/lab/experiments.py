@@ -15,7 +15,10 @@ Naming (directories under ``seed-S/models`` and job ids):
 * ``Mj+di@SPEC``: Mj + Δi with Δi stored as a bf16 delta compressed by SPEC (``none``: dense bf16),
   on the stage-2 pairs (experiment g);
 * ``lang-ft-M4``: the instruction-tuned M4 (ft-M4) fine-tuned on the second language;
-  ``ft-M5+dlang``: ft-M5 + (lang-ft-M4 − ft-M4) (experiment e).
+  ``ft-M5+dlang``: ft-M5 + (lang-ft-M4 − ft-M4) (experiment e);
+* ``ft-Mi@lrS``, ``Mj+di@lrS`` and ``Mj+di@lrS@SPEC``: experiment (h) at ``S`` × ``ft_lr`` (i, j in M4, M5);
+  scale 1 is (a)'s ``ft-Mi``, (b)'s ``Mj+di`` and (g)'s ``Mj+di@SPEC``, never run twice;
+* ``sizes``: ‖Δ‖/‖W‖ of every fine-tune and version step (one job per seed, after all of them).
 """
 
 from __future__ import annotations
@@ -36,9 +39,11 @@ from ftrecycle.lab.jobs import (
     iterative_job,
     pretrain_job,
     transfer_job,
+    update_sizes_job,
 )
 from ftrecycle.lab.pretrain import VERSIONS
 from ftrecycle.lab.scheduler import Job, JobFn
+from ftrecycle.lab.sizes import PUBLISHED, lr_ratios, safe_dir, scale_tag, sweep_pair
 
 GROUPS = (("M1", "M2", "M3"), ("M4", "M5"))
 STAGE2_PAIRS = (("M4", "M5"), ("M5", "M4"))
@@ -244,7 +249,7 @@ def _compressed(s: _Seed) -> list[Job]:
             name = f"{j}+d{i[1]}@{spec}"
             kwargs = {
                 **s.pair(i, j),
-                "out": str(s.models / "compressed" / name.replace(":", "-").replace("=", "")),
+                "out": str(s.models / "compressed" / safe_dir(name)),
                 "spec": spec,
                 "test": s.test,
                 "max_new_tokens": s.cfg.max_new_tokens,
@@ -253,11 +258,94 @@ def _compressed(s: _Seed) -> list[Job]:
     return jobs
 
 
+def _sweep_finetunes(s: _Seed) -> list[Job]:
+    """(h) M4 and M5 fine-tuned directly at each sweep scale other than 1 (that is (a)'s ft-M4, ft-M5)."""
+    cfg, jobs = s.cfg, []
+    for scale in cfg.sweep_lr_scales:
+        if not scale_tag(scale):
+            continue
+        for v in ("M4", "M5"):
+            name = f"ft-{v}{scale_tag(scale)}"
+            kwargs = {
+                "start": s.base(v),
+                "train": s.train,
+                "test": s.test,
+                "out": s.model(name),
+                "steps": cfg.ft_steps,
+                # the direct recipe with only the peak rate changed: the size of Δ is the variable
+                "settings": s.settings(round(scale * cfg.ft_lr, 12)),
+                "seed": s.seed,
+            }
+            jobs.append(s.job(name, finetune_job, kwargs, ("pretrain",)))
+    return jobs
+
+
+def _sweep_pair(s: _Seed, i: str, j: str, scale: float) -> dict[str, str]:
+    """The models of Mj + Δi(scale): Δi from Mi fine-tuned at ``scale`` × ``ft_lr``."""
+    return {**s.pair(i, j), "source_finetuned": s.model(f"ft-{i}{scale_tag(scale)}")}
+
+
+def _sweep_transfers(s: _Seed) -> list[Job]:
+    """(h) Mj + Δi(scale) on the stage-2 pairs, dense and with each sweep compression.
+
+    Scale 1's dense transfers are (b)'s, and its compressed ones are (g)'s where (g) has the spec.
+    """
+    cfg, jobs = s.cfg, []
+    for scale in cfg.sweep_lr_scales:
+        tag = scale_tag(scale)
+        for i, j in STAGE2_PAIRS:
+            models, source = _sweep_pair(s, i, j, scale), f"ft-{i}{tag}"
+            name = f"{j}+d{i[1]}{tag}"
+            if tag:
+                jobs.append(s.xfer(name, models, (source,)))
+            for spec in cfg.sweep_compressions:
+                if not tag and spec in COMPRESSIONS:
+                    continue
+                kwargs = {
+                    **models,
+                    "out": str(s.models / "compressed" / safe_dir(f"{name}@{spec}")),
+                    "spec": spec,
+                    "test": s.test,
+                    "max_new_tokens": cfg.max_new_tokens,
+                }
+                jobs.append(s.job(f"{name}@{spec}", compressed_job, kwargs, (source,)))
+    return jobs
+
+
+def _version_steps() -> list[tuple[str, str]]:
+    """Every (older, newer) pair of versions."""
+    return [(a, b) for k, a in enumerate(VERSIONS) for b in VERSIONS[k + 1 :]]
+
+
+def _sizes(s: _Seed) -> list[Job]:
+    """‖Δ‖/‖W‖ of every direct fine-tune, version step, the language fine-tune and (h)'s fine-tunes."""
+    entries = {f"ft-{v}": [s.base(v), s.model(f"ft-{v}")] for v in VERSIONS}
+    entries |= {f"{a}->{b}": [s.base(a), s.base(b)] for a, b in _version_steps()}
+    entries["lang-ft-M4"] = [s.model("ft-M4"), s.model("lang-ft-M4")]
+    sweep = {f"ft-{v}{scale_tag(x)}": v for x in s.cfg.sweep_lr_scales if scale_tag(x) for v in ("M4", "M5")}
+    entries |= {name: [s.base(v), s.model(name)] for name, v in sweep.items()}
+    deps = ("pretrain", *[f"ft-{v}" for v in VERSIONS], "lang-ft-M4", *sweep)
+    return [s.job("sizes", update_sizes_job, {"entries": entries}, deps)]
+
+
 def seed_jobs(cfg: LabConfig, seed: int, root: Path, data: dict[str, Path]) -> list[Job]:
     """Every job of one seed, in a good submission order (longest dependency chains first)."""
     s = _Seed(cfg, seed, root / "models", data)
     # Algorithm 1 is the longest chain: queued first, it overlaps everything else.
-    steps = (_pretrain, _iterative, _direct, _transfers, _recycled, _language, _diagnostics, _compressed, _auto_alpha)
+    steps = (
+        _pretrain,
+        _iterative,
+        _direct,
+        _sweep_finetunes,
+        _transfers,
+        _recycled,
+        _language,
+        _diagnostics,
+        _compressed,
+        _auto_alpha,
+        _sweep_transfers,
+        _sizes,
+    )
     return [job for step in steps for job in step(s)]
 
 
@@ -316,6 +404,8 @@ def collect_seed(cfg: LabConfig, seed: int, res: dict[str, dict[str, Any]]) -> d
     }
     pre = r["pretrain"]
     return {
+        "update_sizes": _collect_sizes(cfg, r),
+        "sweep": _collect_sweep(cfg, r, base),
         "compressed": compressed,
         "diagnostics": diagnostics,
         "alpha_auto": alpha_auto,
@@ -327,3 +417,34 @@ def collect_seed(cfg: LabConfig, seed: int, res: dict[str, dict[str, Any]]) -> d
         "multilingual": multilingual,
         "pretrain_loss": pre["loss"],
     }
+
+
+def _collect_sizes(cfg: LabConfig, r: dict[str, Any]) -> dict[str, Any]:
+    """‖Δ‖/‖W‖ in percent: direct fine-tunes, version steps, the language fine-tune; rates beside the paper's."""
+    sizes = r["sizes"]
+    return {
+        "finetunes": {f"ft-{v}": sizes[f"ft-{v}"] for v in VERSIONS},
+        "version_steps": {f"{a}->{b}": sizes[f"{a}->{b}"] for a, b in _version_steps()},
+        "language": sizes["lang-ft-M4"],
+        "lr": lr_ratios(cfg.ft_lr, cfg.pretrain.lr, cfg.pretrain.stage2_lr),
+        "published": PUBLISHED,
+    }
+
+
+def _collect_sweep(cfg: LabConfig, r: dict[str, Any], base: dict[str, float]) -> dict[str, Any]:
+    """(h): per scale (keyed ``%g``), its rate and per stage-2 pair the sizes, accuracies and shares."""
+    out: dict[str, Any] = {}
+    for scale in cfg.sweep_lr_scales:
+        tag = scale_tag(scale)
+        rows = {}
+        for i, j in STAGE2_PAIRS:
+            name = f"{j}+d{i[1]}{tag}"
+            compressed = {
+                spec: {k: r[f"{name}@{spec}"][k] for k in ("accuracy", "ratio")} for spec in cfg.sweep_compressions
+            }
+            size = r["sizes"][f"ft-{i}{tag}"]["total"]
+            rows[f"{j}+Δ{i[1]}"] = sweep_pair(
+                size, base[j], r[f"ft-{j}{tag}"]["final"], r[name]["accuracy"], compressed
+            )
+        out[f"{scale:g}"] = {"scale": scale, "lr": round(scale * cfg.ft_lr, 12), "pairs": rows}
+    return out

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ftrecycle.delta.store import Delta
+from ftrecycle.diagnose.geometry import geometry
 from ftrecycle.diagnose.verdict import best_alpha, diagnose
 from ftrecycle.evaluate.builtin import evaluate_gsm8k, load_for_eval
 from ftrecycle.evaluate.data import read_gsm8k
@@ -22,6 +23,7 @@ from ftrecycle.io.output import atomic_directory
 from ftrecycle.lab import world
 from ftrecycle.lab.pretrain import VERSIONS, ModelSpec, PretrainSpec, pretrain
 from ftrecycle.lab.scheduler import write_json_atomic
+from ftrecycle.lab.sizes import sizes_entry
 from ftrecycle.ops.apply import apply_delta
 from ftrecycle.ops.diff import diff
 from ftrecycle.ops.transfer import transfer
@@ -244,3 +246,20 @@ def auto_alpha_job(
     pr = best_alpha(source_base, source_finetuned, target_base, calibration, max_examples=CALIBRATION_ITEMS)
     args = (source_base, source_finetuned, target_base, Path(out), test, max_new_tokens)
     return {"alpha": pr.best_alpha, "accuracy": _transferred(*args, alpha=pr.best_alpha)}
+
+
+def update_sizes_job(entries: dict[str, list[str]]) -> dict[str, Any]:
+    """‖B − A‖/‖A‖ in percent, total and by module type, for each named (A, B) pair of models.
+
+    Args:
+        entries: name -> [A, B] (a base and its fine-tune, or an older and a newer version).
+
+    Returns:
+        name -> :func:`ftrecycle.lab.sizes.sizes_entry` of the pair.
+    """
+    out: dict[str, Any] = {}
+    for name, (a, b) in entries.items():
+        # geometry's third model only sets the drift, which is not wanted here: A itself makes it zero
+        g = geometry(a, b, a)
+        out[name] = sizes_entry(g.total, g.by_module)
+    return out

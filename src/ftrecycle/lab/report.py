@@ -23,7 +23,10 @@ PLOTS = {
     "direct_ft_curves": "direct_ft_curves.png",
     "diagnostics": "diagnostics.png",
     "compression": "compression.png",
+    "delta_size_sweep": "delta_size_sweep.png",
 }
+SIZE_COLUMNS = ("total", "embeddings", "attention", "mlp", "norms")
+STAGE2_LIMIT_PCT = 5.0  # issue 13: the default preset's stage-2 fine-tuning deltas at or below this
 
 
 def _f(x: Any) -> str:
@@ -200,6 +203,109 @@ def _compression(m: dict[str, Any]) -> list[str]:
         *_table(["Δ stored as", "ratio", "median rel. error", *[f"{p} accuracy" for p in pairs]], rows),
         "",
         *_figure("compression", "compression"),
+    ]
+
+
+def _p2(x: Any) -> str:
+    """A percentage of a relative norm: two decimals, since real fine-tuning deltas are a few percent or less."""
+    return "–" if x is None else f"{x:.2f}"
+
+
+def _sizes_text(results: dict[str, Any]) -> str:
+    """The comparison with published update sizes and rates, from this run's numbers."""
+    cfg, u = results["config"], results["mean"]["update_sizes"]
+    # rates and published values are the same in every seed; the seed mean rounds them to 4 decimals
+    first = next(iter(results["per_seed"].values()))["update_sizes"]
+    pub, lr = first["published"], first["lr"]
+    stage2 = {v: u["finetunes"][f"ft-{v}"]["total"] for v in ("M4", "M5")}
+    known = [x for x in stage2.values() if x is not None]
+    within = bool(known) and max(known) <= STAGE2_LIMIT_PCT
+    llama = pub["llama31_instruct_delta_pct"]["value"]
+    side = "–" if not known else ("below" if max(known) < llama else "not below")
+    return (
+        f"Stage-2 fine-tuning deltas: ‖FT(M4) − M4‖/‖M4‖ = {_p2(stage2['M4'])} %, ‖FT(M5) − M5‖/‖M5‖ = "
+        f"{_p2(stage2['M5'])} % — at or below {STAGE2_LIMIT_PCT:g} %: **{'yes' if within else 'no'}**; "
+        f"{side} the published {llama:g} % ({pub['llama31_instruct_delta_pct']['source']}; also "
+        f"{pub['sft_delta_entry_abs']['source']}). Rates: this lab fine-tunes at {cfg['ft_lr']:g}, "
+        f"{lr['ft_over_pretrain_peak']:.3g} × its stage-1 pretraining peak ({cfg['pretrain']['lr']:g}) and "
+        f"{lr['ft_over_stage2_peak']:.3g} × its stage-2 peak ({cfg['pretrain']['stage2_lr']:g}); the paper fine-tunes "
+        f"OLMo 2 7B at {pub['paper_ft_lr']['value']:g} ({pub['paper_ft_lr']['source']}), "
+        f"{lr['paper_ft_over_olmo2_peak']:.3g} × a pretraining peak of {pub['olmo2_7b_pretrain_peak_lr']['value']:g} "
+        f"({pub['olmo2_7b_pretrain_peak_lr']['source']})."
+    )
+
+
+def _sizes(results: dict[str, Any]) -> list[str]:
+    u = results["mean"]["update_sizes"]
+    rows: list[list[Any]] = [
+        [f"FT({name[3:]}) − {name[3:]}", *[_p2(e[k]) for k in SIZE_COLUMNS]] for name, e in u["finetunes"].items()
+    ]
+    rows += [
+        [f"{k.replace('->', ' → ')} (version step)", *[_p2(e[c]) for c in SIZE_COLUMNS]]
+        for k, e in u["version_steps"].items()
+    ]
+    rows.append(["lang-FT(M4) − FT(M4)", *[_p2(u["language"][c]) for c in SIZE_COLUMNS]])
+    return [
+        "## Update sizes ‖Δ‖/‖W‖",
+        "",
+        "Relative Frobenius norm ‖B − A‖/‖A‖ in percent, over all weights and by module type (streamed by "
+        "`ftrecycle.diagnose.geometry`): each direct fine-tune against its base, each version step Mi → Mj "
+        "against Mi, the second-language fine-tune against FT(M4). (h)'s fine-tunes are in its table.",
+        "",
+        *_table(["update", *[f"{c} (%)" for c in SIZE_COLUMNS]], rows),
+        "",
+        _sizes_text(results),
+        "",
+    ]
+
+
+def _sweep(m: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
+    sw = m["sweep"]
+    specs = list(cfg["sweep_compressions"])
+    rows: list[list[Any]] = []
+    for tag, sc in sw.items():
+        for pair, p in sc["pairs"].items():
+            comp = [
+                f"{_f(p['compressed'][c]['accuracy'])} ({_f(p['compressed'][c]['of_dense_pct'])} %, "
+                f"{p['compressed'][c]['ratio']:.2f}×)"
+                for c in specs
+            ]
+            rows.append(
+                [
+                    f"×{tag}",
+                    pair,
+                    _p2(p["delta_rel_pct"]),
+                    p["base"],
+                    p["finetuned"],
+                    p["transfer"],
+                    p["recovery_pct"],
+                    p["of_ft_pct"],
+                    *comp,
+                ]
+            )
+    header = [
+        "ft_lr ×",
+        "pair",
+        "‖Δi‖/‖Mi‖ (%)",
+        "Mj",
+        "FT(Mj) at this rate",
+        "Mj + Δi",
+        "gain recovered (%)",
+        "% of FT(Mj)",
+        *[f"`{c}`: accuracy (% of dense, × smaller)" for c in specs],
+    ]
+    return [
+        "## (h) Δ-size sweep (issue 13; no published study has it)",
+        "",
+        f"M4 and M5 fine-tuned directly with the recipe of (a) ({cfg['ft_steps']} steps) at each multiple of "
+        f"ft_lr {cfg['ft_lr']:g}; Mj + Δi carried between them without training, as in finding 1. Gain recovered: "
+        "(Mj + Δi − Mj) / (FT(Mj) − Mj), with FT(Mj) fine-tuned at the same rate; % of FT(Mj): Mj + Δi / FT(Mj) "
+        "(– where FT(Mj) gained nothing). Each compression stores Δi as a bf16 delta compressed by that spec; its "
+        "accuracy is shown with its share of the dense transfer's and its measured size ratio against dense bf16.",
+        "",
+        *_table(header, rows),
+        "",
+        *_figure("Δ-size sweep", "delta_size_sweep"),
     ]
 
 
@@ -409,6 +515,8 @@ def render(results: dict[str, Any]) -> str:
         *_language(m, paper),
         *(_diagnostics(results) if "diagnostics_summary" in results else []),
         *(_compression(m) if "compressed" in m else []),
+        *(_sizes(results) if "update_sizes" in m else []),
+        *(_sweep(m, results["config"]) if "sweep" in m else []),
     ]
     return "\n".join(out)
 
@@ -523,6 +631,44 @@ def _compression_plot(plt: Any, results: dict[str, Any]) -> Any:
     return fig
 
 
+def _sweep_plot(plt: Any, results: dict[str, Any]) -> Any:
+    sw = results["mean"]["sweep"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    scales = list(sw.values())
+    for pair in scales[0]["pairs"]:
+        rows = [sc["pairs"][pair] for sc in scales]
+        pts = sorted(
+            (r["delta_rel_pct"], r["recovery_pct"])
+            for r in rows
+            if r["delta_rel_pct"] is not None and r["recovery_pct"] is not None
+        )
+        axes[0].plot([x for x, _ in pts], [y for _, y in pts], "o-", label=pair)
+    for spec in results["config"]["sweep_compressions"]:
+        # one line per compression through both pairs' points, ordered by the size of the Δ compressed
+        pts = sorted(
+            (p["delta_rel_pct"], p["compressed"][spec]["of_dense_pct"])
+            for sc in scales
+            for p in sc["pairs"].values()
+            if p["delta_rel_pct"] is not None and p["compressed"][spec]["of_dense_pct"] is not None
+        )
+        axes[1].plot([x for x, _ in pts], [y for _, y in pts], "s-", ms=4, label=spec)
+    for ax, ylabel in (
+        (axes[0], "gain recovered by Mj + Δi (%)"),
+        (axes[1], "compressed accuracy, % of dense transfer"),
+    ):
+        if not any(len(line.get_xdata()) for line in ax.get_lines()):
+            # every share undefined: say so on the panel rather than leave it blank
+            ax.text(0.5, 0.5, "no defined point\n(fine-tuning gained nothing)", ha="center", transform=ax.transAxes)
+        ax.set_xscale("log")
+        ax.set_xlabel("‖Δi‖ / ‖Mi‖ (%)")
+        ax.set_ylabel(ylabel)
+        ax.axhline(100, color="k", lw=0.5, ls=":")
+        ax.legend(fontsize=7)
+    axes[0].set_title("transfer recovery against Δ size")
+    axes[1].set_title("compressibility against Δ size")
+    return fig
+
+
 #: Each plot: its key in PLOTS, its drawing, its resolution, and whether a results record has its numbers.
 _PLOTTERS: tuple[tuple[str, Callable[[Any, dict[str, Any]], Any], int, Callable[[dict[str, Any]], bool]], ...] = (
     ("transfer_matrix", _transfer_matrix, 110, lambda r: True),
@@ -531,6 +677,7 @@ _PLOTTERS: tuple[tuple[str, Callable[[Any, dict[str, Any]], Any], int, Callable[
     ("direct_ft_curves", _direct_ft_curves, 100, lambda r: True),
     ("diagnostics", _diagnostics_plot, 100, lambda r: "diagnostics_summary" in r),
     ("compression", _compression_plot, 100, lambda r: "compressed" in r["mean"]),
+    ("delta_size_sweep", _sweep_plot, 100, lambda r: "sweep" in r["mean"]),
 )
 
 

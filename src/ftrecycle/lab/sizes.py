@@ -1,0 +1,148 @@
+"""Update sizes ‖Δ‖/‖W‖ and experiment (h), the Δ-size sweep: job names, the arithmetic, the published ratios.
+
+The issue behind (h): compression and perhaps transfer depend on how far fine-tuning moves the weights
+relative to their norm, and published instruction deltas are far smaller than a toy lab's. (h)
+fine-tunes M4 and M5 at several multiples of the lab's fine-tuning rate, so that ‖Δ‖/‖W‖ spans a range,
+and measures at each size the transfer recovery of finding 1 and the accuracy of compressed transfers.
+
+Every share here is None when its reference is not positive: a fine-tune that did not gain over its
+base has no "share of the gain", and dividing by it would print a number that means nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+#: Module types of :func:`ftrecycle.diagnose.geometry.module_type` that the sizes table shows, in order.
+SIZE_COLUMNS = ("embeddings", "attention", "mlp", "norms")
+
+#: Published reference points the report compares the lab's update sizes and rates with. Each value
+#: says where it comes from; the paper itself does not state OLMo 2 7B's pretraining rate.
+PUBLISHED: dict[str, dict[str, Any]] = {
+    "llama31_instruct_delta_pct": {
+        "value": 2.0,
+        "source": "Llama 3.1 8B Instruct against its base, on average, as issue 13 gives it",
+    },
+    "sft_delta_entry_abs": {
+        "value": 0.002,
+        "source": "SFT delta entries typically lie within ±0.002 (issue 13)",
+    },
+    "paper_ft_lr": {
+        "value": 5e-8,
+        "source": "the paper's §3 setup reads 'a learning rate of 5e-8'; issue 13 quotes 5e-6",
+    },
+    "olmo2_7b_pretrain_peak_lr": {
+        "value": 3e-4,
+        "source": "OLMo 2's own report; the paper does not state it",
+    },
+}
+
+
+def scale_tag(scale: float) -> str:
+    """The ``@lrS`` suffix of a sweep job's name ("" for scale 1: those are the ordinary jobs).
+
+    Args:
+        scale: multiplier of ``ft_lr``.
+
+    Returns:
+        ``""`` or ``"@lr0.2"`` and the like (``%g`` keeps names short and filesystem-safe).
+    """
+    return "" if scale == 1.0 else f"@lr{scale:g}"
+
+
+def safe_dir(name: str) -> str:
+    """A job name as a directory name: ``:`` and ``=`` of compression specs dropped or replaced."""
+    return name.replace(":", "-").replace("=", "")
+
+
+def rel_pct(x: float | None) -> float | None:
+    """A relative norm (a fraction) in percent, to three decimals (None stays None)."""
+    return None if x is None else round(100.0 * x, 3)
+
+
+def gain_recovered_pct(transfer: float, base: float, finetuned: float) -> float | None:
+    """Finding 1's recovery: ``(transfer − base) / (finetuned − base)`` in percent.
+
+    Args:
+        transfer: accuracy of Mj + Δi.
+        base: accuracy of Mj.
+        finetuned: accuracy of Mj fine-tuned directly (at the same settings as Δi).
+
+    Returns:
+        The share in percent (one decimal), or None when fine-tuning did not gain over the base.
+    """
+    gain = finetuned - base
+    return round(100.0 * (transfer - base) / gain, 1) if gain > 0 else None
+
+
+def share_pct(value: float, reference: float) -> float | None:
+    """``value`` as a percentage of ``reference`` (one decimal); None when the reference is not positive."""
+    return round(100.0 * value / reference, 1) if reference > 0 else None
+
+
+def sizes_entry(total: dict[str, Any], by_module: dict[str, dict[str, Any]]) -> dict[str, float | None]:
+    """One measured update's ‖Δ‖/‖W‖ in percent: total and per module type (from a geometry's ``delta_rel``).
+
+    Args:
+        total: ``Geometry.total``.
+        by_module: ``Geometry.by_module``.
+
+    Returns:
+        ``{"total": ..., "embeddings": ..., ...}``; a module type the model lacks is None.
+    """
+    out = {"total": rel_pct(total["delta_rel"])}
+    for kind in SIZE_COLUMNS:
+        out[kind] = rel_pct(by_module[kind]["delta_rel"]) if kind in by_module else None
+    return out
+
+
+def sweep_pair(
+    size: float | None,
+    base: float,
+    finetuned: float,
+    transfer: float,
+    compressed: dict[str, dict[str, float]],
+) -> dict[str, Any]:
+    """One (scale, pair) row of (h): the source Δ's size, the accuracies and every share derived from them.
+
+    Args:
+        size: ‖Δi‖/‖Mi‖ in percent of the source fine-tune at this scale.
+        base: accuracy of the target Mj.
+        finetuned: accuracy of Mj fine-tuned directly at this scale.
+        transfer: accuracy of Mj + Δi (full float32 Δ).
+        compressed: per compression spec, ``{"accuracy", "ratio"}`` of Mj + Δi stored compressed.
+
+    Returns:
+        The inputs, ``recovery_pct`` (share of the gain), ``of_ft_pct`` (share of the fine-tuned score),
+        and per compression its accuracy, measured ratio and ``of_dense_pct`` (share of the dense transfer).
+    """
+    return {
+        "delta_rel_pct": size,
+        "base": base,
+        "finetuned": finetuned,
+        "transfer": transfer,
+        "recovery_pct": gain_recovered_pct(transfer, base, finetuned),
+        "of_ft_pct": share_pct(transfer, finetuned),
+        "compressed": {
+            spec: {
+                "accuracy": c["accuracy"],
+                "ratio": round(c["ratio"], 2),
+                "of_dense_pct": share_pct(c["accuracy"], transfer),
+            }
+            for spec, c in compressed.items()
+        },
+    }
+
+
+def lr_ratios(ft_lr: float, pretrain_lr: float, stage2_lr: float) -> dict[str, float]:
+    """The fine-tuning rate against the pretraining peaks, beside the paper's against OLMo 2's.
+
+    Returns:
+        ``ft_over_pretrain_peak``, ``ft_over_stage2_peak`` (this lab) and ``paper_ft_over_olmo2_peak``.
+    """
+    paper = PUBLISHED["paper_ft_lr"]["value"] / PUBLISHED["olmo2_7b_pretrain_peak_lr"]["value"]
+    return {
+        "ft_over_pretrain_peak": round(ft_lr / pretrain_lr, 6),
+        "ft_over_stage2_peak": round(ft_lr / stage2_lr, 6),
+        "paper_ft_over_olmo2_peak": round(paper, 8),
+    }
