@@ -254,6 +254,52 @@ def lab_compression(r: dict[str, Any]) -> list[str]:
     return _table(["Δ stored as", "median rel. error", *[f"{p}: × smaller / points vs full Δ" for p in pairs]], rows)
 
 
+NOT_IN_FILE = "_Not in this results file: rerun the lab._"
+SIZE_COLUMNS = ("total", "embeddings", "attention", "mlp", "norms")
+
+
+def _p2(x: Any) -> str:
+    return "–" if x is None else f"{x:.2f}"
+
+
+def lab_sizes(r: dict[str, Any]) -> list[str]:
+    """‖Δ‖/‖W‖ in percent of every direct fine-tune and version step, and the stage-2 check against 5 %."""
+    if "update_sizes" not in r["mean"]:
+        return [NOT_IN_FILE]
+    u = r["mean"]["update_sizes"]
+    rows: list[list[Any]] = [
+        [f"FT({k[3:]}) − {k[3:]}", *[_p2(e[c]) for c in SIZE_COLUMNS]] for k, e in u["finetunes"].items()
+    ]
+    rows += [[k.replace("->", " → "), *[_p2(e[c]) for c in SIZE_COLUMNS]] for k, e in u["version_steps"].items()]
+    rows.append(["second-language FT of FT(M4)", *[_p2(u["language"][c]) for c in SIZE_COLUMNS]])
+    stage2 = [u["finetunes"][f"ft-{v}"]["total"] for v in ("M4", "M5")]
+    known = [x for x in stage2 if x is not None]
+    c = r["config"]
+    return [
+        *_table(["‖B − A‖/‖A‖ (%)", *SIZE_COLUMNS], rows),
+        "",
+        f"Stage-2 fine-tuning deltas at or below 5 %: **{_f(bool(known) and max(known) <= 5.0)}** "
+        f"(fine-tuning at {c['ft_lr']:g} against pretraining peaks {c['pretrain']['lr']:g} and "
+        f"{c['pretrain']['stage2_lr']:g}).",
+    ]
+
+
+def lab_sweep(r: dict[str, Any]) -> list[str]:
+    """Experiment (h): per fine-tuning rate and stage-2 pair, Δ size, recovery, % of FT, compressed shares."""
+    if "sweep" not in r["mean"]:
+        return [NOT_IN_FILE]
+    specs = list(r["config"]["sweep_compressions"])
+    rows: list[list[Any]] = []
+    for tag, sc in r["mean"]["sweep"].items():
+        for pair, p in sc["pairs"].items():
+            shares = [_f(p["compressed"][c]["of_dense_pct"]) for c in specs]
+            rows.append([f"×{tag}", pair, _p2(p["delta_rel_pct"]), _f(p["transfer"]), _f(p["finetuned"]),
+                         _f(p["recovery_pct"]), _f(p["of_ft_pct"]), *shares])  # fmt: skip
+    header = ["ft_lr ×", "pair", "‖Δi‖/‖Mi‖ (%)", "Mj + Δi", "FT(Mj), same rate", "gain recovered (%)",
+              "% of FT(Mj)", *[f"`{c}`: % of dense" for c in specs]]  # fmt: skip
+    return _table(header, rows)
+
+
 def _bench(name: str, script: str, render: Callable[[Any], list[str]]) -> Table:
     return Table(f"{BENCH}/{name}.json", f"`.venv/bin/python benchmarks/{script}`", render)
 
@@ -274,6 +320,8 @@ TABLES: dict[str, Table] = {
     "lab-language": Table(LAB_TINY, LAB_COMMAND, lab_language, explain=False),
     "lab-diagnostics": Table(LAB_TINY, LAB_COMMAND, lab_diagnostics, explain=False),
     "lab-compression": Table(LAB_TINY, LAB_COMMAND, lab_compression, explain=False),
+    "lab-sizes": Table(LAB_TINY, LAB_COMMAND, lab_sizes, explain=False),
+    "lab-sweep": Table(LAB_TINY, LAB_COMMAND, lab_sweep, explain=False),
 }
 
 

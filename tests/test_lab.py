@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import random
 import re
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -15,12 +17,13 @@ from ftrecycle import ConfigError
 from ftrecycle.cli import main
 from ftrecycle.lab import preset, run_lab, world
 from ftrecycle.lab.aggregate import combine
-from ftrecycle.lab.experiments import COMPRESSIONS, pairs
+from ftrecycle.lab.experiments import COMPRESSIONS, pairs, seed_jobs
 from ftrecycle.lab.findings import all_findings, compression, convergence, grouping, iterative, recovery
 from ftrecycle.lab.report import render
 from ftrecycle.lab.run import rebuild_report
 from ftrecycle.lab.scheduler import Job, JobFailed, run_jobs
 from ftrecycle.lab.signals import spearman
+from ftrecycle.lab.sizes import gain_recovered_pct, share_pct, sizes_entry, sweep_pair
 
 V = ("M1", "M2", "M3", "M4", "M5")
 
@@ -227,6 +230,76 @@ def test_seed_mean_and_spread():
     assert combine([a, b], "spread") == {"x": 2.0, "c": [[0, 20.0], [5, 20.0]]}
 
 
+def test_seed_mean_of_a_share_undefined_in_one_seed_is_none():
+    assert combine([{"r": 50.0}, {"r": None}], "mean") == {"r": None}
+    assert combine([{"r": None}, {"r": 50.0}], "spread") == {"r": None}
+
+
+# --- update sizes and experiment (h), on hand-made numbers ------------------------------------------------
+
+
+def test_gain_recovered_and_share_of_ft():
+    assert gain_recovered_pct(transfer=50.0, base=20.0, finetuned=80.0) == 50.0
+    assert gain_recovered_pct(transfer=10.0, base=20.0, finetuned=80.0) == pytest.approx(-16.7)  # worse than base
+    assert gain_recovered_pct(transfer=90.0, base=20.0, finetuned=80.0) == pytest.approx(116.7)  # beyond FT
+    assert gain_recovered_pct(transfer=50.0, base=20.0, finetuned=20.0) is None  # no gain: no share of it
+    assert gain_recovered_pct(transfer=50.0, base=20.0, finetuned=15.0) is None  # fine-tuning lost
+    assert share_pct(45.0, 60.0) == 75.0
+    assert share_pct(45.0, 0.0) is None and share_pct(0.0, -1.0) is None
+
+
+def test_sweep_pair_derives_every_share_from_its_inputs():
+    comp = {"lowrank:ratio=8": {"accuracy": 30.0, "ratio": 7.912}, "lowrank:ratio=4": {"accuracy": 0.0, "ratio": 3.9}}
+    row = sweep_pair(1.25, base=10.0, finetuned=50.0, transfer=40.0, compressed=comp)
+    assert row["recovery_pct"] == 75.0 and row["of_ft_pct"] == 80.0 and row["delta_rel_pct"] == 1.25
+    assert row["compressed"]["lowrank:ratio=8"] == {"accuracy": 30.0, "ratio": 7.91, "of_dense_pct": 75.0}
+    assert row["compressed"]["lowrank:ratio=4"]["of_dense_pct"] == 0.0
+    flat = sweep_pair(1.25, base=0.0, finetuned=0.0, transfer=0.0, compressed=comp)
+    assert flat["recovery_pct"] is None and flat["of_ft_pct"] is None
+    assert all(c["of_dense_pct"] is None for c in flat["compressed"].values())
+
+
+def test_sizes_entry_is_in_percent_and_marks_a_missing_module_type():
+    total = {"delta_rel": 0.0123}
+    by_module = {"attention": {"delta_rel": 0.02}, "mlp": {"delta_rel": 0.01}, "embeddings": {"delta_rel": None}}
+    e = sizes_entry(total, by_module)
+    assert e == {"total": 1.23, "embeddings": None, "attention": 2.0, "mlp": 1.0, "norms": None}
+
+
+def test_sweep_jobs_reuse_scale_1_and_have_safe_distinct_directories(tmp_path):
+    cfg = preset("smoke", sweep_lr_scales=(0.5, 1.0, 3.0), sweep_compressions=("lowrank:ratio=8", "int8", "sign:x=1"))
+    data = {k: tmp_path / f"{k}.jsonl" for k in ("train", "test", "language_train", "language_test")}
+    jobs = {j.id[len("s0:") :]: j for j in seed_jobs(cfg, 0, tmp_path, data)}
+    assert {n for n in jobs if n.startswith("ft-M") and "@" in n} == {
+        f"ft-M{v}@lr{x}" for v in (4, 5) for x in (0.5, 3)
+    }
+    assert not any("@lr1" in n for n in jobs)  # scale 1 is (a), (b) and (g)'s own jobs
+    assert "M5+d4@lr0.5" in jobs and "M4+d5@lr3@int8" in jobs and "M4+d5@int8" in jobs  # (g) has int8
+    assert "M5+d4@sign:x=1" in jobs  # scale 1, a spec (g) lacks: made under (g)'s naming, once
+    assert jobs["M5+d4@lr0.5"].kwargs["source_finetuned"].endswith("ft-M4@lr0.5")
+    assert jobs["ft-M4@lr0.5"].kwargs["settings"]["learning_rate"] == pytest.approx(0.5 * cfg.ft_lr)
+    outs = [j.kwargs["out"] for j in jobs.values() if "out" in j.kwargs]
+    assert len(outs) == len(set(outs)) and not any(c in Path(o).name for o in outs for c in ":=")
+    sizes = jobs["sizes"]
+    assert set(sizes.deps) >= {"s0:ft-M4@lr0.5", "s0:ft-M5@lr3", "s0:lang-ft-M4", "s0:ft-M1"}
+    assert len([k for k in sizes.kwargs["entries"] if "->" in k]) == 10
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        {"sweep_lr_scales": ()},
+        {"sweep_lr_scales": (0.0,)},
+        {"sweep_lr_scales": (1.0, 1)},
+        {"sweep_compressions": ("",)},
+        {"sweep_compressions": ("int8", "int8")},
+    ],
+)
+def test_bad_sweep_settings_are_refused(override):
+    with pytest.raises(ConfigError, match="sweep_"):
+        preset("smoke", **override)
+
+
 # --- the whole pipeline -----------------------------------------------------------------------------------
 
 
@@ -241,7 +314,9 @@ def _numbers_in(obj: Any) -> set[str]:
     elif isinstance(obj, bool) or obj is None:
         pass
     elif isinstance(obj, (int, float)):
-        out |= {f"{obj:.1f}", f"{obj:+.1f}", str(obj)} | ({str(int(obj))} if float(obj).is_integer() else set())
+        out |= {f"{obj:.1f}", f"{obj:+.1f}", f"{obj:.2f}", str(obj)} | (
+            {str(int(obj))} if float(obj).is_integer() else set()
+        )
     return out
 
 
@@ -264,6 +339,8 @@ def test_lab_writes_report_plots_and_results(lab_run):
         "(e) A second language",
         "(f) Does `diagnose` predict the gain?",
         "(g) Compressed deltas",
+        "## Update sizes ‖Δ‖/‖W‖",
+        "(h) Δ-size sweep",
     ):
         assert heading in report
     for png in (
@@ -273,6 +350,7 @@ def test_lab_writes_report_plots_and_results(lab_run):
         "direct_ft_curves.png",
         "diagnostics.png",
         "compression.png",
+        "delta_size_sweep.png",
     ):
         assert (lab_run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"]({png})" in report
@@ -288,6 +366,21 @@ def test_lab_writes_report_plots_and_results(lab_run):
     assert set(comp) == set(COMPRESSIONS) and all(set(v) == {"M5+Δ4", "M4+Δ5"} for v in comp.values())
     assert comp["sign"]["M5+Δ4"]["ratio"] > 8 and comp["none"]["M5+Δ4"]["median_error"] == 0
     assert 1 < comp["int8"]["M4+Δ5"]["ratio"] <= 2  # 1 byte for 2, plus row scales and dense 1-D tensors
+    sizes = results["mean"]["update_sizes"]
+    assert set(sizes["finetunes"]) == {f"ft-{v}" for v in V} and len(sizes["version_steps"]) == 10
+    for e in [*sizes["finetunes"].values(), *sizes["version_steps"].values(), sizes["language"]]:
+        assert set(e) == {"total", "embeddings", "attention", "mlp", "norms"} and e["total"] > 0
+    cfg = results["config"]
+    sweep = results["mean"]["sweep"]
+    assert list(sweep) == [f"{x:g}" for x in cfg["sweep_lr_scales"]]
+    for pair in ("M5+Δ4", "M4+Δ5"):
+        # a larger rate moves the weights further: the sweep spans Δ sizes
+        grow = [sweep[k]["pairs"][pair]["delta_rel_pct"] for k in sweep]
+        assert grow == sorted(grow) and grow[-1] > 10 * grow[0], grow
+        assert set(sweep["1"]["pairs"][pair]["compressed"]) == set(cfg["sweep_compressions"])
+    # scale 1 is (a)'s fine-tune and (b)'s transfer, measured once
+    assert sweep["1"]["pairs"]["M5+Δ4"]["delta_rel_pct"] == sizes["finetunes"]["ft-M4"]["total"]
+    assert sweep["1"]["pairs"]["M5+Δ4"]["transfer"] == results["mean"]["transfer"]["M5"]["M4"]
 
 
 def test_every_number_in_the_report_comes_from_results_json(lab_run):
@@ -340,3 +433,24 @@ def test_presets_and_bad_settings():
         preset("tiny", ft_steps=0)
     with pytest.raises(ConfigError, match="bad lab setting"):
         preset("tiny", nonsense=1)
+
+
+def _docs_tables() -> Any:
+    path = Path(__file__).resolve().parents[1] / "scripts" / "docs_tables.py"
+    spec = importlib.util.spec_from_file_location("docs_tables", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["docs_tables"] = module  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_docs_tables_of_sizes_and_sweep_render_a_run_and_say_when_a_file_lacks_them(lab_run):
+    dt = _docs_tables()
+    results = json.loads((lab_run / "results.json").read_text())
+    sizes, sweep = dt.lab_sizes(results), dt.lab_sweep(results)
+    m = results["mean"]
+    assert f"| FT(M4) − M4 | {m['update_sizes']['finetunes']['ft-M4']['total']:.2f} |" in "\n".join(sizes)
+    assert len([r for r in sweep if r.startswith("| ×")]) == 2 * len(results["config"]["sweep_lr_scales"])
+    del m["update_sizes"], m["sweep"]
+    assert dt.lab_sizes(results) == dt.lab_sweep(results) == ["_Not in this results file: rerun the lab._"]
