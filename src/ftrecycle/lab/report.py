@@ -643,18 +643,21 @@ def _sweep_plot(plt: Any, results: dict[str, Any]) -> Any:
             if r["delta_rel_pct"] is not None and r["recovery_pct"] is not None
         )
         axes[0].plot([x for x, _ in pts], [y for _, y in pts], "o-", label=pair)
-    for spec in results["config"]["sweep_compressions"]:
-        # one line per compression through both pairs' points, ordered by the size of the Δ compressed
-        pts = sorted(
-            (p["delta_rel_pct"], p["compressed"][spec]["of_dense_pct"])
-            for sc in scales
-            for p in sc["pairs"].values()
-            if p["delta_rel_pct"] is not None and p["compressed"][spec]["of_dense_pct"] is not None
-        )
-        axes[1].plot([x for x, _ in pts], [y for _, y in pts], "s-", ms=4, label=spec)
+    pairs = list(scales[0]["pairs"])
+    for n, spec in enumerate(results["config"]["sweep_compressions"]):
+        # one colour per compression; each pair its own line style, so that the two sources' points do not zigzag
+        for pair, style in zip(pairs, ("-", "--"), strict=False):
+            rows = [sc["pairs"][pair] for sc in scales]
+            pts = sorted(
+                (r["delta_rel_pct"], r["compressed"][spec]["of_dense_pct"])
+                for r in rows
+                if r["delta_rel_pct"] is not None and r["compressed"][spec]["of_dense_pct"] is not None
+            )
+            label = spec if style == "-" else None
+            axes[1].plot([x for x, _ in pts], [y for _, y in pts], style, marker="s", ms=4, color=f"C{n}", label=label)
     for ax, ylabel in (
         (axes[0], "gain recovered by Mj + Δi (%)"),
-        (axes[1], "compressed accuracy, % of dense transfer"),
+        (axes[1], "compressed, % of dense accuracy"),
     ):
         if not any(len(line.get_xdata()) for line in ax.get_lines()):
             # every share undefined: say so on the panel rather than leave it blank
@@ -665,7 +668,7 @@ def _sweep_plot(plt: Any, results: dict[str, Any]) -> Any:
         ax.axhline(100, color="k", lw=0.5, ls=":")
         ax.legend(fontsize=7)
     axes[0].set_title("transfer recovery against Δ size")
-    axes[1].set_title("compressibility against Δ size")
+    axes[1].set_title(f"compressibility against Δ size\n({' solid, '.join(pairs[:2])} dashed)", fontsize=10)
     return fig
 
 
