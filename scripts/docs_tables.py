@@ -272,6 +272,7 @@ def lab_sizes(r: dict[str, Any]) -> list[str]:
     ]
     rows += [[k.replace("->", " → "), *[_p2(e[c]) for c in SIZE_COLUMNS]] for k, e in u["version_steps"].items()]
     rows.append(["second-language FT of FT(M4)", *[_p2(u["language"][c]) for c in SIZE_COLUMNS]])
+    rows += [[f"`{k}` − {k[3:5]} ((h))", *[_p2(e[c]) for c in SIZE_COLUMNS]] for k, e in u["sweep_finetunes"].items()]
     stage2 = [u["finetunes"][f"ft-{v}"]["total"] for v in ("M4", "M5")]
     known = [x for x in stage2 if x is not None]
     c = r["config"]

@@ -19,7 +19,7 @@ from ftrecycle.lab import preset, run_lab, world
 from ftrecycle.lab.aggregate import combine
 from ftrecycle.lab.experiments import COMPRESSIONS, pairs, seed_jobs
 from ftrecycle.lab.findings import all_findings, compression, convergence, grouping, iterative, recovery
-from ftrecycle.lab.report import render
+from ftrecycle.lab.report import plots, render
 from ftrecycle.lab.run import rebuild_report
 from ftrecycle.lab.scheduler import Job, JobFailed, run_jobs
 from ftrecycle.lab.signals import spearman
@@ -381,6 +381,9 @@ def test_lab_writes_report_plots_and_results(lab_run):
     # scale 1 is (a)'s fine-tune and (b)'s transfer, measured once
     assert sweep["1"]["pairs"]["M5+Δ4"]["delta_rel_pct"] == sizes["finetunes"]["ft-M4"]["total"]
     assert sweep["1"]["pairs"]["M5+Δ4"]["transfer"] == results["mean"]["transfer"]["M5"]["M4"]
+    assert set(sizes["sweep_finetunes"]) == {
+        f"ft-M{v}@lr{x:g}" for v in (4, 5) for x in cfg["sweep_lr_scales"] if x != 1
+    }
 
 
 def test_every_number_in_the_report_comes_from_results_json(lab_run):
@@ -454,3 +457,20 @@ def test_docs_tables_of_sizes_and_sweep_render_a_run_and_say_when_a_file_lacks_t
     assert len([r for r in sweep if r.startswith("| ×")]) == 2 * len(results["config"]["sweep_lr_scales"])
     del m["update_sizes"], m["sweep"]
     assert dt.lab_sizes(results) == dt.lab_sweep(results) == ["_Not in this results file: rerun the lab._"]
+
+
+def test_sizes_and_sweep_sections_follow_the_numbers(lab_run, tmp_path):
+    results = json.loads((lab_run / "results.json").read_text())
+    m = results["mean"]
+    pairs_1 = m["sweep"]["1"]["pairs"]
+    comp = {c: {"accuracy": 30.0, "ratio": v["ratio"]} for c, v in pairs_1["M5+Δ4"]["compressed"].items()}
+    pairs_1["M5+Δ4"] = sweep_pair(2.5, base=10.0, finetuned=50.0, transfer=40.0, compressed=comp)
+    m["update_sizes"]["finetunes"]["ft-M4"]["total"] = 4.99
+    text = render(results)
+    assert re.search(
+        r"^\| ×1 \| M5\+Δ4 \| 2\.50 \| 10\.0 \| 50\.0 \| 40\.0 \| 75\.0 \| 80\.0 \| 30\.0 \(75\.0 %", text, re.M
+    )
+    assert re.search(r"at or below 5 %: \*\*yes\*\*", text)
+    m["update_sizes"]["finetunes"]["ft-M4"]["total"] = 5.01
+    assert re.search(r"at or below 5 %: \*\*no\*\*", render(results))
+    assert tmp_path / "delta_size_sweep.png" in plots(results, tmp_path)

@@ -420,12 +420,18 @@ def collect_seed(cfg: LabConfig, seed: int, res: dict[str, dict[str, Any]]) -> d
 
 
 def _collect_sizes(cfg: LabConfig, r: dict[str, Any]) -> dict[str, Any]:
-    """‖Δ‖/‖W‖ in percent: direct fine-tunes, version steps, the language fine-tune; rates beside the paper's."""
+    """‖Δ‖/‖W‖ in percent: direct fine-tunes, version steps, the language and (h)'s fine-tunes; rates, published."""
     sizes = r["sizes"]
     return {
         "finetunes": {f"ft-{v}": sizes[f"ft-{v}"] for v in VERSIONS},
         "version_steps": {f"{a}->{b}": sizes[f"{a}->{b}"] for a, b in _version_steps()},
         "language": sizes["lang-ft-M4"],
+        "sweep_finetunes": {
+            f"ft-{v}{scale_tag(x)}": sizes[f"ft-{v}{scale_tag(x)}"]
+            for x in cfg.sweep_lr_scales
+            if scale_tag(x)
+            for v in ("M4", "M5")
+        },
         "lr": lr_ratios(cfg.ft_lr, cfg.pretrain.lr, cfg.pretrain.stage2_lr),
         "published": PUBLISHED,
     }

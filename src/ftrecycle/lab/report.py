@@ -245,12 +245,16 @@ def _sizes(results: dict[str, Any]) -> list[str]:
         for k, e in u["version_steps"].items()
     ]
     rows.append(["lang-FT(M4) − FT(M4)", *[_p2(u["language"][c]) for c in SIZE_COLUMNS]])
+    rows += [
+        [f"`{name}` − {name[3:5]}", *[_p2(e[c]) for c in SIZE_COLUMNS]] for name, e in u["sweep_finetunes"].items()
+    ]
     return [
         "## Update sizes ‖Δ‖/‖W‖",
         "",
         "Relative Frobenius norm ‖B − A‖/‖A‖ in percent, over all weights and by module type (streamed by "
         "`ftrecycle.diagnose.geometry`): each direct fine-tune against its base, each version step Mi → Mj "
-        "against Mi, the second-language fine-tune against FT(M4). (h)'s fine-tunes are in its table.",
+        "against Mi, the second-language fine-tune against FT(M4), and (h)'s fine-tunes at other rates "
+        "(`ft-Mi@lrS`: S × ft_lr).",
         "",
         *_table(["update", *[f"{c} (%)" for c in SIZE_COLUMNS]], rows),
         "",
