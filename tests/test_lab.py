@@ -23,7 +23,7 @@ from ftrecycle.lab.report import plots, render
 from ftrecycle.lab.run import rebuild_report
 from ftrecycle.lab.scheduler import Job, JobFailed, run_jobs
 from ftrecycle.lab.signals import spearman
-from ftrecycle.lab.sizes import gain_recovered_pct, share_pct, sizes_entry, sweep_pair
+from ftrecycle.lab.sizes import gain_recovered_pct, lr_ratios, share_pct, sizes_entry, sweep_pair
 
 V = ("M1", "M2", "M3", "M4", "M5")
 
@@ -264,6 +264,15 @@ def test_sizes_entry_is_in_percent_and_marks_a_missing_module_type():
     by_module = {"attention": {"delta_rel": 0.02}, "mlp": {"delta_rel": 0.01}, "embeddings": {"delta_rel": None}}
     e = sizes_entry(total, by_module)
     assert e == {"total": 1.23, "embeddings": None, "attention": 2.0, "mlp": 1.0, "norms": None}
+
+
+def test_rates_are_stated_as_peak_over_fine_tuning_rate():
+    # 5e-8 over 3e-4 would round to 0 in the seed mean (4 decimals); the inverse ratios survive it
+    assert lr_ratios(1e-3, 3e-3, 5e-4) == {
+        "pretrain_peak_over_ft": 3.0,
+        "stage2_peak_over_ft": 0.5,
+        "olmo2_peak_over_paper_ft": 6000.0,
+    }
 
 
 def test_sweep_jobs_reuse_scale_1_and_have_safe_distinct_directories(tmp_path):

@@ -214,9 +214,7 @@ def _p2(x: Any) -> str:
 def _sizes_text(results: dict[str, Any]) -> str:
     """The comparison with published update sizes and rates, from this run's numbers."""
     cfg, u = results["config"], results["mean"]["update_sizes"]
-    # rates and published values are the same in every seed; the seed mean rounds them to 4 decimals
-    first = next(iter(results["per_seed"].values()))["update_sizes"]
-    pub, lr = first["published"], first["lr"]
+    pub, lr = u["published"], u["lr"]
     stage2 = {v: u["finetunes"][f"ft-{v}"]["total"] for v in ("M4", "M5")}
     known = [x for x in stage2.values() if x is not None]
     within = bool(known) and max(known) <= STAGE2_LIMIT_PCT
@@ -226,12 +224,11 @@ def _sizes_text(results: dict[str, Any]) -> str:
         f"Stage-2 fine-tuning deltas: ‖FT(M4) − M4‖/‖M4‖ = {_p2(stage2['M4'])} %, ‖FT(M5) − M5‖/‖M5‖ = "
         f"{_p2(stage2['M5'])} % — at or below {STAGE2_LIMIT_PCT:g} %: **{'yes' if within else 'no'}**; "
         f"{side} the published {llama:g} % ({pub['llama31_instruct_delta_pct']['source']}; also "
-        f"{pub['sft_delta_entry_abs']['source']}). Rates: this lab fine-tunes at {cfg['ft_lr']:g}, "
-        f"{lr['ft_over_pretrain_peak']:.3g} × its stage-1 pretraining peak ({cfg['pretrain']['lr']:g}) and "
-        f"{lr['ft_over_stage2_peak']:.3g} × its stage-2 peak ({cfg['pretrain']['stage2_lr']:g}); the paper fine-tunes "
-        f"OLMo 2 7B at {pub['paper_ft_lr']['value']:g} ({pub['paper_ft_lr']['source']}), "
-        f"{lr['paper_ft_over_olmo2_peak']:.3g} × a pretraining peak of {pub['olmo2_7b_pretrain_peak_lr']['value']:g} "
-        f"({pub['olmo2_7b_pretrain_peak_lr']['source']})."
+        f"{pub['sft_delta_entry_abs']['source']}). Pretraining peak over fine-tuning rate ({cfg['ft_lr']:g}): "
+        f"{lr['pretrain_peak_over_ft']:g} for stage 1 ({cfg['pretrain']['lr']:g}), {lr['stage2_peak_over_ft']:g} for "
+        f"stage 2 ({cfg['pretrain']['stage2_lr']:g}); the paper's: {lr['olmo2_peak_over_paper_ft']:g}, OLMo 2 7B's "
+        f"peak {pub['olmo2_7b_pretrain_peak_lr']['value']} ({pub['olmo2_7b_pretrain_peak_lr']['source']}) over "
+        f"the paper's fine-tuning rate {pub['paper_ft_lr']['value']} ({pub['paper_ft_lr']['source']})."
     )
 
 
