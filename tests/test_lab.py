@@ -315,13 +315,17 @@ def test_findings_across_seeds_count_passes_and_give_mean_and_range():
     good, bad = _numbers(m5_plus_d4=68.0), _numbers(m5_plus_d4=40.0)
     for n in (good, bad):
         n["transfer"]["M4"]["M5"] = 66.0  # 36 of 40 = 90 %
-    seeds = [[recovery(good), iterative(good)], [recovery(bad), iterative(_numbers(iter_ft=60.0))]]
+    seeds = [[recovery(good), iterative(_numbers(iter_ft=71.0))], [recovery(bad), iterative(_numbers(iter_ft=60.0))]]
     got = across_seeds(seeds)
     assert got["1"]["passed"] == 1 and got["1"]["seeds"] == 2
     key = got["1"]["key"]["M5+Δ4 % of gain"]  # (68 − 32) / 40 = 90 %, (40 − 32) / 40 = 20 %
-    assert key == {"mean": 55.0, "min": 20.0, "max": 90.0, "seeds": 2}
+    assert key == {"mean": 55.0, "min": 20.0, "max": 90.0, "seeds": 2, "per_seed": [90.0, 20.0]}
     assert got["4"]["passed"] == 1 and got["4"]["key"]["iterative − direct"] == {
-        "mean": -5.0, "min": -10.0, "max": 0.0, "seeds": 2}  # fmt: skip
+        "mean": -4.5, "min": -10.0, "max": 1.0, "seeds": 2, "per_seed": [1.0, -10.0]}  # fmt: skip
+    undefined = _numbers()
+    undefined["direct_ft"]["M5"]["final"] = 20.0  # below M5's 32: no gain, so no share of it in this seed
+    got = across_seeds([[recovery(good)], [recovery(undefined)]])["1"]["key"]["M5+Δ4 % of gain"]
+    assert got == {"mean": 90.0, "min": 90.0, "max": 90.0, "seeds": 1, "per_seed": [90.0, None]}
 
 
 def test_spearman_matches_scipy_with_ties():

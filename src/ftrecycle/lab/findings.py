@@ -45,9 +45,22 @@ def _curve_values(curve: list[list[float]]) -> list[float]:
     return [float(a) for _, a in curve]
 
 
+def _ft_score(transfer: float, direct_ft: float) -> float | None:
+    return 100 * transfer / direct_ft if direct_ft > 0 else None
+
+
+def _gain(base: float, transfer: float, direct_ft: float) -> float | None:
+    gain = direct_ft - base
+    return 100 * (transfer - base) / gain if gain > 0 else None
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else _r(x)
+
+
 def pct_of_ft_score(transfer: float, direct_ft: float) -> float | None:
     """Mj + Δi as a percentage of FT(Mj)'s score (the field's first measure); None when FT(Mj) scored 0."""
-    return _r(100 * transfer / direct_ft) if direct_ft > 0 else None
+    return _round(_ft_score(transfer, direct_ft))
 
 
 def pct_of_gain(base: float, transfer: float, direct_ft: float) -> float | None:
@@ -55,11 +68,11 @@ def pct_of_gain(base: float, transfer: float, direct_ft: float) -> float | None:
 
     None when fine-tuning gained nothing (FT(Mj) ≤ Mj): the share is undefined there, never a division by zero.
     """
-    gain = direct_ft - base
-    return _r(100 * (transfer - base) / gain) if gain > 0 else None
+    return _round(_gain(base, transfer, direct_ft))
 
 
 def _mean_defined(values: list[float | None]) -> float | None:
+    # averaged unrounded: the mean of values rounded to 0.1 can be off by one in the last place
     known = [v for v in values if v is not None]
     return _r(sum(known) / len(known)) if known else None
 
@@ -77,19 +90,19 @@ def transfer_measures(m: dict[str, Any]) -> dict[str, Any]:
         "gain_defined"}}}``; a group's mean is over the pairs where the measure is defined (``gain_defined``
         of ``pairs`` for the gain), None when none is.
     """
-    rows: dict[str, dict[str, Any]] = {}
+    raw: dict[str, dict[str, Any]] = {}
     for i, j in pairs():
         b, t, f = m["base"][j], m["transfer"][j][i], m["direct_ft"][j]["final"]
-        rows[f"{j}+Δ{i[1]}"] = {
-            "source": i,
-            "target": j,
-            "ft_score_pct": pct_of_ft_score(t, f),
-            "gain_recovered_pct": pct_of_gain(b, t, f),
-        }
+        measured = {"ft_score_pct": _ft_score(t, f), "gain_recovered_pct": _gain(b, t, f)}
+        raw[f"{j}+Δ{i[1]}"] = {"source": i, "target": j, **measured}
+    rows = {
+        k: {**r, "ft_score_pct": _round(r["ft_score_pct"]), "gain_recovered_pct": _round(r["gain_recovered_pct"])}
+        for k, r in raw.items()
+    }
     groups = {
-        "stage2": [r for r in rows.values() if (r["source"], r["target"]) in STAGE2_PAIRS],
-        "within": [r for r in rows.values() if same_group(r["source"], r["target"])],
-        "across": [r for r in rows.values() if not same_group(r["source"], r["target"])],
+        "stage2": [r for r in raw.values() if (r["source"], r["target"]) in STAGE2_PAIRS],
+        "within": [r for r in raw.values() if same_group(r["source"], r["target"])],
+        "across": [r for r in raw.values() if not same_group(r["source"], r["target"])],
     }
     summary = {
         name: {
@@ -300,8 +313,9 @@ def across_seeds(per_seed: list[list[dict[str, Any]]]) -> dict[str, dict[str, An
         per_seed: :func:`all_findings` of each seed (same findings, same order).
 
     Returns:
-        Finding id -> ``{"passed": k, "seeds": n, "key": {name: {"mean", "min", "max", "seeds"}}}``; a key
-        number's statistics are over the seeds where it is defined (``seeds`` of them), None when none is.
+        Finding id -> ``{"passed": k, "seeds": n, "key": {name: {"mean", "min", "max", "seeds", "per_seed"}}}``;
+        a key number's statistics are over the seeds where it is defined (``seeds`` of them), None when none is;
+        ``per_seed`` lists its value in each seed, in the order given.
     """
     out: dict[str, dict[str, Any]] = {}
     for column in zip(*per_seed, strict=True):
@@ -314,6 +328,7 @@ def across_seeds(per_seed: list[list[dict[str, Any]]]) -> dict[str, dict[str, An
                 "min": min(known) if known else None,
                 "max": max(known) if known else None,
                 "seeds": len(known),
+                "per_seed": [k.get(name) for k in keys],
             }
         passed = sum(bool(f["passed"]) for f in column)
         out[str(column[0]["id"])] = {"passed": passed, "seeds": len(column), "key": stats}
