@@ -321,7 +321,7 @@ def _measures(m: dict[str, Any], spread: dict[str, Any], paper: dict[str, Any]) 
     if "measures" not in m:
         return []
     summ, sp = m["measures"]["summary"], spread.get("measures", {}).get("summary", {})
-    names = {"stage2": "stage-2 pairs (M4 ↔ M5)", "within": "within-stage pairs", "across": "cross-stage pairs"}
+    names = {"stage2": "second-stage pairs (M4 ↔ M5)", "within": "within-stage pairs", "across": "cross-stage pairs"}
     rows: list[list[Any]] = []
     for key, label in names.items():
         r, s = summ[key], sp.get(key, {})
