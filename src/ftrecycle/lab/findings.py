@@ -59,14 +59,29 @@ def _round(x: float | None) -> float | None:
 
 
 def pct_of_ft_score(transfer: float, direct_ft: float) -> float | None:
-    """Mj + Δi as a percentage of FT(Mj)'s score (the field's first measure); None when FT(Mj) scored 0."""
+    """Mj + Δi as a percentage of FT(Mj)'s score (the field's first measure).
+
+    Args:
+        transfer: accuracy of Mj + Δi.
+        direct_ft: accuracy of FT(Mj).
+
+    Returns:
+        The percentage to 0.1; None when FT(Mj) scored 0.
+    """
     return _round(_ft_score(transfer, direct_ft))
 
 
 def pct_of_gain(base: float, transfer: float, direct_ft: float) -> float | None:
     """The share of fine-tuning's gain that Mj + Δi recovers, (transfer − base) / (FT − base), in percent.
 
-    None when fine-tuning gained nothing (FT(Mj) ≤ Mj): the share is undefined there, never a division by zero.
+    Args:
+        base: accuracy of Mj.
+        transfer: accuracy of Mj + Δi.
+        direct_ft: accuracy of FT(Mj).
+
+    Returns:
+        The percentage to 0.1 (negative when the transfer hurt); None when fine-tuning gained nothing
+        (FT(Mj) ≤ Mj): the share is undefined there, never a division by zero.
     """
     return _round(_gain(base, transfer, direct_ft))
 

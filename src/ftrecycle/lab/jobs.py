@@ -65,8 +65,16 @@ def _curve(run: Path) -> dict[str, Any]:
 
 
 def eval_seconds(log: list[dict[str, Any]], after_step: int = -1) -> float:
-    """Seconds a fine-tune spent in its periodic evaluations logged after ``after_step`` (each entry's
-    ``seconds``, measured around the generation-based scoring)."""
+    """Seconds a fine-tune spent in its periodic evaluations.
+
+    Args:
+        log: a fine-tune's evaluation log (each entry's ``seconds`` is measured around its generation-based
+            scoring by :func:`ftrecycle.evaluate.builtin.evaluate_gsm8k`).
+        after_step: count only the evaluations logged after this step.
+
+    Returns:
+        Their seconds, summed, to 0.1.
+    """
     return round(sum(float(e.get("seconds", 0.0)) for e in log if int(e["step"]) > after_step), 1)
 
 

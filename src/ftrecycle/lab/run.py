@@ -124,7 +124,14 @@ SPLIT = ("train_s", "eval_s", "setup_s")
 
 
 def job_kind(job_id: str) -> str:
-    """The kind of a lab job, from its id (see :data:`JOB_KINDS`)."""
+    """The kind of a lab job, from its id.
+
+    Args:
+        job_id: a job id, with or without its ``sN:`` seed prefix.
+
+    Returns:
+        The first kind of :data:`JOB_KINDS` whose rule matches the name ("other" when none does).
+    """
     name = re.sub(r"^s\d+:", "", job_id)
     return next(kind for kind, rule in JOB_KINDS if re.fullmatch(rule, name))
 

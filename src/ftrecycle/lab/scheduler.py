@@ -109,7 +109,15 @@ def _call(fn: JobFn, kwargs: dict[str, Any], threads: int | None) -> tuple[dict[
 
 
 def time_file(cache: Path, job_id: str) -> Path:
-    """Where the wall seconds of job ``job_id`` are kept, beside its cached result."""
+    """Where the wall seconds of job ``job_id`` are kept, beside its cached result.
+
+    Args:
+        cache: the run's job cache directory.
+        job_id: the job's id.
+
+    Returns:
+        ``CACHE/<job id>.time.json`` (holding ``{"seconds": ...}``).
+    """
     return cache / f"{job_id}.time.json"
 
 
