@@ -181,6 +181,77 @@ def lab_findings(r: dict[str, Any]) -> list[str]:
     return _table(["#", "finding", "verdict (seed mean)", "seeds passing"], rows)
 
 
+NOT_IN_FILE = ["_Not in this results file: rerun the lab._"]
+
+
+def _across(key: dict[str, dict[str, Any]]) -> str:
+    """A finding's key numbers over the seeds: mean (min–max)."""
+    return "; ".join(
+        f"{name}: –" if st["mean"] is None else f"{name}: {_f(st['mean'])} ({_f(st['min'])}–{_f(st['max'])})"
+        for name, st in key.items()
+    )
+
+
+def lab_findings_seeds(r: dict[str, Any]) -> list[str]:
+    """Each finding over the seeds: seeds passing and its key numbers as mean of seeds (min–max)."""
+    across = r.get("findings_across_seeds")
+    if across is None:
+        return NOT_IN_FILE
+    rows = [[str(f["id"]), f"{across[str(f['id'])]['passed']} of {across[str(f['id'])]['seeds']}",
+             _across(across[str(f["id"])]["key"])] for f in r["findings"]]  # fmt: skip
+    n = len(r["config"]["seeds"])
+    return [
+        *_table(["#", "seeds passing", "key numbers: mean of the seeds (min–max over the seeds)"], rows),
+        "",
+        f"On {n} seed{'s' if n != 1 else ''} ({', '.join(map(str, r['config']['seeds']))}).",
+    ]
+
+
+def lab_measures(r: dict[str, Any]) -> list[str]:
+    """The transfer matrix (b) in the field's two measures, by group of pairs, beside the published ones."""
+    m = r["mean"].get("measures")
+    if m is None:
+        return NOT_IN_FILE
+    sp = r.get("spread", {}).get("measures", {}).get("summary", {})
+    names = {"stage2": "stage-2 pairs (M4 ↔ M5)", "within": "within-stage pairs", "across": "cross-stage pairs"}
+    rows = []
+    for key, label in names.items():
+        g, s = m["summary"][key], sp.get(key, {})
+        rows.append(
+            [
+                label,
+                f"{_f(g['ft_score_pct'])} (± {_f(s.get('ft_score_pct'))})",
+                f"{_f(g['gain_recovered_pct'])} (± {_f(s.get('gain_recovered_pct'))})",
+                f"{int(g['gain_defined'])} of {int(g['pairs'])}",
+            ]
+        )
+    rows += [
+        [f"published: {name}", _f(v["ft_score_pct"]), _f(v["gain_recovered_pct"]), "–"]
+        for name, v in r["paper"].get("field_measures", {}).items()
+    ]
+    return [
+        *_table(["Mj + Δi", "% of FT(Mj)'s score", "% of FT's gain recovered", "pairs with a gain"], rows),
+        "",
+        "Seed mean of each seed's mean over the group's pairs (± the spread, max − min over the seeds); the gain "
+        "share is undefined for a pair where FT(Mj) ≤ Mj and left out of its group's mean.",
+    ]
+
+
+def lab_timing(r: dict[str, Any]) -> list[str]:
+    """Where the lab's time goes: job seconds by kind, fine-tuning's split into training, evaluation, start-up."""
+    t = r.get("timing")
+    if t is None:
+        return NOT_IN_FILE
+    rows = [[k, str(v["jobs"]), v["seconds"], v["share_pct"], v["train_s"], v["eval_s"], v["setup_s"]]
+            for k, v in t["by_kind"].items()]  # fmt: skip
+    return [
+        *_table(["job kind", "jobs", "seconds", "% of job seconds", "training", "evaluation", "start-up"], rows),
+        "",
+        f"Wall time {_f(t['wall_s'], 0)} s with {t['workers']} worker(s); the jobs' own seconds add up to "
+        f"{_f(t['job_s'], 0)} s.",
+    ]
+
+
 def lab_transfer(r: dict[str, Any]) -> list[str]:
     """Table 2's shape: Mj + Δi without training, the bases and direct fine-tuning."""
     m = r["mean"]
@@ -323,27 +394,36 @@ TABLES: dict[str, Table] = {
     "lab-compression": Table(LAB_TINY, LAB_COMMAND, lab_compression, explain=False),
     "lab-sizes": Table(LAB_TINY, LAB_COMMAND, lab_sizes, explain=False),
     "lab-sweep": Table(LAB_TINY, LAB_COMMAND, lab_sweep, explain=False),
+    "lab-findings-seeds": Table(LAB_TINY, LAB_COMMAND, lab_findings_seeds, explain=False),
+    "lab-measures": Table(LAB_TINY, LAB_COMMAND, lab_measures, explain=False),
+    "lab-timing": Table(LAB_TINY, LAB_COMMAND, lab_timing, explain=False),
 }
 
 
 # ---- the command ----------------------------------------------------------------------------------
 
 
-def render(name: str, root: Path = ROOT) -> str:
+def render(name: str, root: Path = ROOT, source: Path | None = None) -> str:
     """The text between the markers of table ``name``: the table, or a note when its file is missing.
+
+    Args:
+        name: a key of TABLES.
+        root: the repository root the table's source is under.
+        source: read this result file instead of the table's own (to check a table on another run's results).
 
     Raises:
         KeyError: ``name`` is not in TABLES.
     """
     t = TABLES[name]
-    path = root / t.source
+    path = source if source is not None else root / t.source
     if not path.is_file() and t.explain:
         lines = [f"_Not measured yet: `{t.source}` is not committed. Make it with {t.command}, then run "
                  "`python scripts/docs_tables.py`._"]  # fmt: skip
     elif not path.is_file():
         lines = [f"_Not measured yet (`{t.source}`, see above)._"]
     else:
-        lines = [*t.render(json.loads(path.read_text())), "", f"<sub>Generated from `{t.source}`.</sub>"]
+        shown = t.source if source is None else str(source)
+        lines = [*t.render(json.loads(path.read_text())), "", f"<sub>Generated from `{shown}`.</sub>"]
     return "\n".join(lines) + "\n"
 
 
@@ -370,7 +450,18 @@ def main(argv: list[str] | None = None) -> int:
     """Rewrite (or, with --check, compare) every doc's tables; returns the exit status."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--check", action="store_true", help="change nothing; exit 1 when a table is stale")
+    ap.add_argument(
+        "--lab-results",
+        type=Path,
+        default=None,
+        help="print every lab table made from this results.json (a lab run's) instead; change nothing",
+    )
     args = ap.parse_args(argv)
+    if args.lab_results is not None:
+        for name, t in TABLES.items():
+            if t.source == LAB_TINY:
+                print(f"## {name}\n\n{render(name, source=args.lab_results)}")
+        return 0
     stale, problems = [], []
     for path in docs():
         text = path.read_text()

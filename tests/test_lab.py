@@ -18,10 +18,21 @@ from ftrecycle.cli import main
 from ftrecycle.lab import preset, run_lab, world
 from ftrecycle.lab.aggregate import combine
 from ftrecycle.lab.experiments import COMPRESSIONS, pairs, seed_jobs
-from ftrecycle.lab.findings import all_findings, compression, convergence, grouping, iterative, recovery
+from ftrecycle.lab.findings import (
+    across_seeds,
+    all_findings,
+    compression,
+    convergence,
+    grouping,
+    iterative,
+    pct_of_ft_score,
+    pct_of_gain,
+    recovery,
+    transfer_measures,
+)
 from ftrecycle.lab.report import plots, render
-from ftrecycle.lab.run import rebuild_report
-from ftrecycle.lab.scheduler import Job, JobFailed, run_jobs
+from ftrecycle.lab.run import JOB_KINDS, job_kind, rebuild_report, timing
+from ftrecycle.lab.scheduler import Job, JobFailed, job_seconds, run_jobs, time_file
 from ftrecycle.lab.signals import spearman
 from ftrecycle.lab.sizes import gain_recovered_pct, lr_ratios, share_pct, sizes_entry, sweep_pair
 
@@ -140,6 +151,69 @@ def test_job_runner_with_worker_processes(tmp_path):
         run_jobs([Job("bad", _boom, {})], tmp_path / "c2", workers=2, threads=1)
 
 
+def test_the_scheduler_records_each_jobs_wall_time_and_a_cached_job_keeps_it(tmp_path):
+    jobs = [Job("slow", _sleep, {"seconds": 0.3}), Job("fast", _job, {"name": "f", "value": 1}, ("slow",))]
+    run_jobs(jobs, tmp_path / "cache")
+    first = job_seconds(jobs, tmp_path / "cache")
+    assert first["slow"] is not None and 0.3 <= first["slow"] < 5, first
+    assert first["fast"] is not None and first["fast"] < first["slow"], first
+    run_jobs(jobs, tmp_path / "cache")  # from the cache: the times are those of the first run
+    assert job_seconds(jobs, tmp_path / "cache") == first
+    time_file(tmp_path / "cache", "fast").unlink()  # a result cached before times were kept
+    assert job_seconds(jobs, tmp_path / "cache")["fast"] is None
+
+
+def test_the_scheduler_times_jobs_in_worker_processes(tmp_path):
+    jobs = [Job("a", _sleep, {"seconds": 0.3}), Job("b", _sleep, {"seconds": 0.0})]
+    run_jobs(jobs, tmp_path / "cache", workers=2, threads=1)
+    secs = job_seconds(jobs, tmp_path / "cache")
+    # timed around the call in the worker: the worker's start-up (seconds, with torch) is not in it
+    assert secs["a"] is not None and 0.3 <= secs["a"] < 2, secs
+    assert secs["b"] is not None and secs["b"] < 0.3, secs
+
+
+def test_job_kinds_from_ids():
+    kinds = {
+        "s0:pretrain": "pretrain",
+        "s1:ft-M3": "direct fine-tune",
+        "s0:ft-M5+d4": "recycling fine-tune",
+        "s0:iterative": "iterative",
+        "s2:M5+d4": "transfer+score",
+        "s0:M4+d5@lowrank:ratio=8": "compressed",
+        "s0:diag-M2+d1": "diagnose",
+        "s0:M5+d4auto": "auto-alpha",
+        "s0:lang-ft-M4": "language",
+        "s0:lang-eval-ft-M5": "language",
+        "s0:ft-M5+dlang": "language",
+        "s0:something-new": "other",
+    }
+    assert {k: job_kind(k) for k in kinds} == kinds
+    assert {k for k, _ in JOB_KINDS} == set(kinds.values())
+
+
+def test_timing_sums_job_seconds_and_fine_tuning_splits_by_kind():
+    seconds = {"s0:pretrain": 10.0, "s0:ft-M1": 4.0, "s1:ft-M1": 6.0, "s0:ft-M2+d1": 3.0, "s0:M2+d1": 1.0,
+               "s0:iterative": 5.0, "s0:diag-M2+d1": None}  # fmt: skip
+    results = {
+        "s0:ft-M1": {"train_s": 2.0, "eval_s": 1.5, "setup_s": 0.5},
+        "s1:ft-M1": {"train_s": 3.0, "eval_s": 2.0, "setup_s": 1.0},
+        "s0:ft-M2+d1": {"train_s": None, "eval_s": None, "setup_s": None},  # its model was already written
+        "s0:iterative": {"eval_s": 2.5},
+    }
+    t = timing(seconds, results, wall_s=20.0, workers=2)
+    assert t["job_s"] == 29.0 and t["untimed_jobs"] == 1 and t["wall_s"] == 20.0 and t["workers"] == 2
+    by = t["by_kind"]
+    kinds = ["pretrain", "direct fine-tune", "recycling fine-tune", "iterative", "transfer+score", "diagnose"]
+    assert list(by) == kinds  # in the lab's order of kinds, only those with jobs
+    assert by["direct fine-tune"] == {"jobs": 2, "seconds": 10.0, "share_pct": round(1000 / 29, 1),
+                                      "train_s": 5.0, "eval_s": 3.5, "setup_s": 1.5}  # fmt: skip
+    assert by["recycling fine-tune"]["train_s"] is None and by["recycling fine-tune"]["jobs"] == 1
+    assert by["iterative"]["eval_s"] == 2.5 and by["iterative"]["train_s"] is None
+    assert by["diagnose"] == {"jobs": 1, "seconds": 0.0, "share_pct": 0.0, "train_s": None, "eval_s": None,
+                              "setup_s": None}  # fmt: skip
+    assert timing({}, {}, wall_s=0.0, workers=1)["by_kind"] == {}
+
+
 # --- the findings, on hand-made numbers -------------------------------------------------------------------
 
 
@@ -212,6 +286,48 @@ def test_finding_5_needs_8x_smaller_and_at_most_1_point_lost():
     assert compression(nums)["passed"] is False
     nums["compressed"]["sign"] = comp(7.9, 60.0, 50.0)  # not 8x smaller
     assert compression(nums)["passed"] is False
+
+
+def test_field_measures_never_divide_by_a_missing_gain():
+    assert pct_of_gain(30.0, 50.0, 70.0) == 50.0
+    assert pct_of_gain(30.0, 20.0, 70.0) == -25.0  # the transfer hurt: a negative share
+    assert pct_of_gain(30.0, 50.0, 30.0) is None  # fine-tuning gained nothing
+    assert pct_of_gain(30.0, 50.0, 25.0) is None  # fine-tuning lost: no gain to recover
+    assert pct_of_ft_score(35.0, 70.0) == 50.0 and pct_of_ft_score(0.0, 0.0) is None
+
+
+def test_transfer_measures_by_pair_and_group():
+    nums = _numbers()  # M5: base 32, FT 72, M5+Δ4 = 60; M4: base 30, FT 70, M4+Δ5 = 50
+    got = transfer_measures(nums)
+    assert got["pairs"]["M5+Δ4"] == {"source": "M4", "target": "M5", "ft_score_pct": 83.3, "gain_recovered_pct": 70.0}
+    assert got["pairs"]["M4+Δ5"]["gain_recovered_pct"] == 50.0 and got["pairs"]["M4+Δ5"]["ft_score_pct"] == 71.4
+    st2 = got["summary"]["stage2"]
+    assert st2 == {"ft_score_pct": 77.4, "gain_recovered_pct": 60.0, "pairs": 2, "gain_defined": 2}
+    # cross-stage transfers land at 5, below every target: every share of gain is negative
+    across = got["summary"]["across"]
+    assert across["pairs"] == 12 and across["gain_recovered_pct"] < 0
+    assert got["summary"]["within"]["pairs"] == 8
+    nums["direct_ft"]["M4"]["final"] = 30.0  # FT(M4) = M4: that pair's share is undefined, left out of the mean
+    st2 = transfer_measures(nums)["summary"]["stage2"]
+    assert st2["gain_defined"] == 1 and st2["gain_recovered_pct"] == 70.0
+    assert recovery(nums)["numbers"]["pairs"][1]["ft_score_pct"] == round(100 * 50 / 30, 1)
+
+
+def test_findings_across_seeds_count_passes_and_give_mean_and_range():
+    good, bad = _numbers(m5_plus_d4=68.0), _numbers(m5_plus_d4=40.0)
+    for n in (good, bad):
+        n["transfer"]["M4"]["M5"] = 66.0  # 36 of 40 = 90 %
+    seeds = [[recovery(good), iterative(_numbers(iter_ft=71.0))], [recovery(bad), iterative(_numbers(iter_ft=60.0))]]
+    got = across_seeds(seeds)
+    assert got["1"]["passed"] == 1 and got["1"]["seeds"] == 2
+    key = got["1"]["key"]["M5+Δ4 % of gain"]  # (68 − 32) / 40 = 90 %, (40 − 32) / 40 = 20 %
+    assert key == {"mean": 55.0, "min": 20.0, "max": 90.0, "seeds": 2, "per_seed": [90.0, 20.0]}
+    assert got["4"]["passed"] == 1 and got["4"]["key"]["iterative − direct"] == {
+        "mean": -4.5, "min": -10.0, "max": 1.0, "seeds": 2, "per_seed": [1.0, -10.0]}  # fmt: skip
+    undefined = _numbers()
+    undefined["direct_ft"]["M5"]["final"] = 20.0  # below M5's 32: no gain, so no share of it in this seed
+    got = across_seeds([[recovery(good)], [recovery(undefined)]])["1"]["key"]["M5+Δ4 % of gain"]
+    assert got == {"mean": 90.0, "min": 90.0, "max": 90.0, "seeds": 1, "per_seed": [90.0, None]}
 
 
 def test_spearman_matches_scipy_with_ties():
@@ -393,6 +509,29 @@ def test_lab_writes_report_plots_and_results(lab_run):
     assert set(sizes["sweep_finetunes"]) == {
         f"ft-M{v}@lr{x:g}" for v in (4, 5) for x in cfg["sweep_lr_scales"] if x != 1
     }
+    # where the time goes: every job timed, fine-tuning split, kinds from the job ids
+    t = results["timing"]
+    assert t["untimed_jobs"] == 0 and t["workers"] == 1 and t["job_s"] <= t["wall_s"]  # one worker: jobs in turn
+    by = t["by_kind"]
+    assert by["direct fine-tune"]["jobs"] == 5 and by["recycling fine-tune"]["jobs"] == 20
+    assert by["transfer+score"]["jobs"] == 20 and by["compressed"]["jobs"] == 2 * len(COMPRESSIONS)
+    assert sum(r["jobs"] for r in by.values()) == len(list((lab_run / "jobs").glob("*.time.json")))
+    ft = by["direct fine-tune"]
+    assert ft["eval_s"] > 0 and ft["train_s"] > 0 and ft["setup_s"] >= 0
+    assert ft["train_s"] + ft["eval_s"] + ft["setup_s"] <= ft["seconds"] + 1  # parts of the jobs' own time
+    assert by["iterative"]["eval_s"] > 0
+    assert "## Where the time goes" in report
+    # the field's two measures, per seed and on the mean; finding 1 shows both
+    meas = results["mean"]["measures"]
+    assert set(meas["summary"]) == {"stage2", "within", "across"} and len(meas["pairs"]) == 20
+    assert all("measures" in s for s in results["per_seed"].values()) and "measures" in results["spread"]
+    assert all("ft_score_pct" in r for r in results["findings"][0]["numbers"]["pairs"])
+    assert "% of FT score" in report and "% of gain recovered" in report and "Llama 3.1 + Δ3.0" in report
+    # the findings over the seeds
+    across = results["findings_across_seeds"]
+    assert set(across) == {str(f["id"]) for f in results["findings"]}
+    assert all(a["seeds"] == len(results["config"]["seeds"]) for a in across.values())
+    assert "The findings rest on **one seed**" in report
 
 
 def test_every_number_in_the_report_comes_from_results_json(lab_run):
@@ -405,12 +544,27 @@ def test_every_number_in_the_report_comes_from_results_json(lab_run):
     for row in rows:
         # names, not numbers: versions, diffs, the paper's model names
         cleaned = re.sub(
-            r"\b(M\d|FT\(M\d[^)]*\)|Δ\d(\.\d)?|Llama 3\.\d 8B|3\.\d Instruct)|`[^`]*`|bf16|float32", "", row
+            r"\b(M\d|FT\(M\d[^)]*\)|Δ\d(\.\d)?|Llama 3\.\d( 8B)?|3\.\d Instruct|\d+B\b)|`[^`]*`|bf16|float32", "", row
         )
         for num in re.findall(r"[+-]?\d+(?:\.\d+)?", cleaned):
             if num not in known and num.lstrip("+") not in known:
                 unknown.append((num, row[:80]))
     assert not unknown, unknown[:10]
+
+
+def test_docs_tables_render_a_fresh_runs_new_keys(lab_run, monkeypatch):
+    spec = importlib.util.spec_from_file_location("docs_tables", Path(__file__).parents[1] / "scripts/docs_tables.py")
+    assert spec is not None and spec.loader is not None
+    docs_tables = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "docs_tables", docs_tables)  # its dataclasses look their module up there
+    spec.loader.exec_module(docs_tables)
+    results = json.loads((lab_run / "results.json").read_text())
+    for name in ("lab-timing", "lab-measures", "lab-findings-seeds"):
+        text = docs_tables.render(name, source=lab_run / "results.json")
+        assert "Not in this results file" not in text and text.count("\n|") >= 3, (name, text)
+        old = {k: v for k, v in results.items() if k not in ("timing", "findings_across_seeds")}
+        old["mean"] = {k: v for k, v in results["mean"].items() if k != "measures"}
+        assert docs_tables.TABLES[name].render(old) == ["_Not in this results file: rerun the lab._"]
 
 
 def test_findings_are_recomputed_from_the_results_not_written_by_hand(lab_run, tmp_path):

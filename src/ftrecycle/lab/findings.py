@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ftrecycle.lab.experiments import GROUPS, pairs, same_group
+from ftrecycle.lab.experiments import GROUPS, STAGE2_PAIRS, pairs, same_group
 from ftrecycle.lab.pretrain import VERSIONS
 
 RECOVERY_PCT = 80  # finding 1's share of direct fine-tuning's gain
@@ -45,6 +45,92 @@ def _curve_values(curve: list[list[float]]) -> list[float]:
     return [float(a) for _, a in curve]
 
 
+def _ft_score(transfer: float, direct_ft: float) -> float | None:
+    return 100 * transfer / direct_ft if direct_ft > 0 else None
+
+
+def _gain(base: float, transfer: float, direct_ft: float) -> float | None:
+    gain = direct_ft - base
+    return 100 * (transfer - base) / gain if gain > 0 else None
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else _r(x)
+
+
+def pct_of_ft_score(transfer: float, direct_ft: float) -> float | None:
+    """Mj + Δi as a percentage of FT(Mj)'s score (the field's first measure).
+
+    Args:
+        transfer: accuracy of Mj + Δi.
+        direct_ft: accuracy of FT(Mj).
+
+    Returns:
+        The percentage to 0.1; None when FT(Mj) scored 0.
+    """
+    return _round(_ft_score(transfer, direct_ft))
+
+
+def pct_of_gain(base: float, transfer: float, direct_ft: float) -> float | None:
+    """The share of fine-tuning's gain that Mj + Δi recovers, (transfer − base) / (FT − base), in percent.
+
+    Args:
+        base: accuracy of Mj.
+        transfer: accuracy of Mj + Δi.
+        direct_ft: accuracy of FT(Mj).
+
+    Returns:
+        The percentage to 0.1 (negative when the transfer hurt); None when fine-tuning gained nothing
+        (FT(Mj) ≤ Mj): the share is undefined there, never a division by zero.
+    """
+    return _round(_gain(base, transfer, direct_ft))
+
+
+def _mean_defined(values: list[float | None]) -> float | None:
+    # averaged unrounded: the mean of values rounded to 0.1 can be off by one in the last place
+    known = [v for v in values if v is not None]
+    return _r(sum(known) / len(known)) if known else None
+
+
+def transfer_measures(m: dict[str, Any]) -> dict[str, Any]:
+    """The transfer matrix (b) in the field's two measures: % of the target's fine-tuned score and % of the
+    fine-tuning gain recovered, per ordered pair, and their means over the stage-2 pairs (M4 ↔ M5), the
+    within-stage pairs and the cross-stage pairs.
+
+    Args:
+        m: one seed's (or the seed-mean) numbers: ``base``, ``transfer`` and ``direct_ft``.
+
+    Returns:
+        ``{"pairs": {"Mj+Δi": {...}}, "summary": {group: {"ft_score_pct", "gain_recovered_pct", "pairs",
+        "gain_defined"}}}``; a group's mean is over the pairs where the measure is defined (``gain_defined``
+        of ``pairs`` for the gain), None when none is.
+    """
+    raw: dict[str, dict[str, Any]] = {}
+    for i, j in pairs():
+        b, t, f = m["base"][j], m["transfer"][j][i], m["direct_ft"][j]["final"]
+        measured = {"ft_score_pct": _ft_score(t, f), "gain_recovered_pct": _gain(b, t, f)}
+        raw[f"{j}+Δ{i[1]}"] = {"source": i, "target": j, **measured}
+    rows = {
+        k: {**r, "ft_score_pct": _round(r["ft_score_pct"]), "gain_recovered_pct": _round(r["gain_recovered_pct"])}
+        for k, r in raw.items()
+    }
+    groups = {
+        "stage2": [r for r in raw.values() if (r["source"], r["target"]) in STAGE2_PAIRS],
+        "within": [r for r in raw.values() if same_group(r["source"], r["target"])],
+        "across": [r for r in raw.values() if not same_group(r["source"], r["target"])],
+    }
+    summary = {
+        name: {
+            "ft_score_pct": _mean_defined([r["ft_score_pct"] for r in group]),
+            "gain_recovered_pct": _mean_defined([r["gain_recovered_pct"] for r in group]),
+            "pairs": len(group),
+            "gain_defined": sum(r["gain_recovered_pct"] is not None for r in group),
+        }
+        for name, group in groups.items()
+    }
+    return {"pairs": rows, "summary": summary}
+
+
 def recovery(m: dict[str, Any]) -> dict[str, Any]:
     """(1) Stage-2 pairs: Mj + Δi recovers ≥ 80 % of direct fine-tuning's gain over Mj."""
     rows = []
@@ -59,6 +145,7 @@ def recovery(m: dict[str, Any]) -> dict[str, Any]:
                 "transfer": t,
                 "direct_ft": f,
                 "recovered_pct": _r(100 * share) if share == share else None,
+                "ft_score_pct": pct_of_ft_score(t, f),
             }
         )
     passed = all(r["recovered_pct"] is not None and r["recovered_pct"] >= RECOVERY_PCT for r in rows)
@@ -67,7 +154,8 @@ def recovery(m: dict[str, Any]) -> dict[str, Any]:
         "claim": f"for M4 ↔ M5, Mj + Δi recovers at least {RECOVERY_PCT} % of direct fine-tuning's gain over Mj",
         "passed": passed,
         "numbers": {"pairs": rows, "threshold_pct": RECOVERY_PCT},
-        "detail": "recovered = (Mj+Δi − Mj) / (FT(Mj) − Mj); undefined (fail) when FT(Mj) ≤ Mj",
+        "detail": "recovered = (Mj+Δi − Mj) / (FT(Mj) − Mj); undefined (fail) when FT(Mj) ≤ Mj; "
+        "% of FT score = Mj+Δi / FT(Mj)",
     }
     return _verdict(finding, [v for r in rows for v in (r["base"], r["transfer"], r["direct_ft"])])
 
@@ -202,3 +290,61 @@ def all_findings(m: dict[str, Any], ft_steps: int) -> list[dict[str, Any]]:
     """The findings on the (seed-mean) numbers ``m``."""
     found = [recovery(m), grouping(m), convergence(m, ft_steps), iterative(m)]
     return found + ([compression(m)] if "compressed" in m else [])
+
+
+def key_numbers(finding: dict[str, Any]) -> dict[str, float | None]:
+    """The numbers a finding's verdict turns on, by name, to show as seed mean ± spread.
+
+    Args:
+        finding: one of :func:`all_findings`' records.
+
+    Returns:
+        Name -> value (None where the finding left it undefined).
+    """
+    n = finding["numbers"]
+    fid = finding["id"]
+    if fid == 1:
+        out: dict[str, float | None] = {}
+        for r in n["pairs"]:
+            name = f"{r['target']}+Δ{r['source'][1]}"
+            out[f"{name} % of gain"] = r["recovered_pct"]
+            out[f"{name} % of FT score"] = r.get("ft_score_pct")
+        return out
+    if fid == 2:
+        return {"mean gain within": n["mean_gain_within"], "mean gain across": n["mean_gain_across"]}
+    if fid == 3:
+        return {"comparisons held": float(n["held"]), "pairs too slow": float(n["pairs_too_slow"])}
+    if fid == 4:
+        return {"iterative − direct": n["difference"]}
+    # compression: the least loss among the settings at least COMPRESS_RATIO× smaller
+    near = [r["max_loss"] for r in n["settings"] if r["ratio"] >= n["ratio_required"]]
+    return {f"least loss at ≥ {n['ratio_required']}×": min(near) if near else None}
+
+
+def across_seeds(per_seed: list[list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Each finding over the seeds: how many pass alone, and its key numbers' mean, min and max.
+
+    Args:
+        per_seed: :func:`all_findings` of each seed (same findings, same order).
+
+    Returns:
+        Finding id -> ``{"passed": k, "seeds": n, "key": {name: {"mean", "min", "max", "seeds", "per_seed"}}}``;
+        a key number's statistics are over the seeds where it is defined (``seeds`` of them), None when none is;
+        ``per_seed`` lists its value in each seed, in the order given.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for column in zip(*per_seed, strict=True):
+        keys = [key_numbers(f) for f in column]
+        stats: dict[str, Any] = {}
+        for name in keys[0]:
+            known = [float(v) for k in keys if (v := k.get(name)) is not None]
+            stats[name] = {
+                "mean": _r(sum(known) / len(known)) if known else None,
+                "min": min(known) if known else None,
+                "max": max(known) if known else None,
+                "seeds": len(known),
+                "per_seed": [k.get(name) for k in keys],
+            }
+        passed = sum(bool(f["passed"]) for f in column)
+        out[str(column[0]["id"])] = {"passed": passed, "seeds": len(column), "key": stats}
+    return out

@@ -18,7 +18,7 @@ from ftrecycle.diagnose.verdict import best_alpha, diagnose
 from ftrecycle.evaluate.builtin import evaluate_gsm8k, load_for_eval
 from ftrecycle.evaluate.data import read_gsm8k
 from ftrecycle.finetune.config import FinetuneConfig
-from ftrecycle.finetune.train import EVAL_LOG, finetune
+from ftrecycle.finetune.train import EVAL_LOG, FinetuneResult, finetune
 from ftrecycle.io.output import atomic_directory
 from ftrecycle.lab import world
 from ftrecycle.lab.pretrain import VERSIONS, ModelSpec, PretrainSpec, pretrain
@@ -66,18 +66,59 @@ def _curve(run: Path) -> dict[str, Any]:
     return {"curve": curve, "final": curve[-1][1], "start": curve[0][1]}
 
 
+def eval_seconds(log: list[dict[str, Any]], after_step: int = -1) -> float:
+    """Seconds a fine-tune spent in its periodic evaluations.
+
+    Args:
+        log: a fine-tune's evaluation log (each entry's ``seconds`` is measured around its generation-based
+            scoring by :func:`ftrecycle.evaluate.builtin.evaluate_gsm8k`).
+        after_step: count only the evaluations logged after this step.
+
+    Returns:
+        Their seconds, summed, to 0.1.
+    """
+    return round(sum(float(e.get("seconds", 0.0)) for e in log if int(e["step"]) > after_step), 1)
+
+
+def time_split(result: FinetuneResult) -> dict[str, float]:
+    """Where one fine-tuning call's wall time went: the training loop less its evaluations (``train_s``),
+    the periodic evaluations (``eval_s``), and everything outside the loop (``setup_s``: loading the model
+    and data, tokenizing, writing the output).
+
+    Args:
+        result: what :func:`ftrecycle.finetune.train.finetune` returned.
+
+    Returns:
+        The three parts in seconds (they add up to ``result.seconds``, to rounding).
+    """
+    loop = result.seconds_per_step * max(1, result.steps - result.resumed_from_step)
+    # a resumed run's log holds the evaluations of the earlier call too; only this call's count here
+    ev = eval_seconds(result.eval_log, result.resumed_from_step if result.resumed_from_step else -1)
+    return {
+        "train_s": round(max(0.0, loop - ev), 1),
+        "eval_s": ev,
+        "setup_s": round(max(0.0, result.seconds - loop), 1),
+    }
+
+
 def finetune_job(
     start: str, train: str, test: str, out: str, steps: int, settings: dict[str, Any], seed: int
 ) -> dict[str, Any]:
-    """Fine-tune ``start`` for ``steps`` steps, logging zero-shot accuracy against steps."""
+    """Fine-tune ``start`` for ``steps`` steps, logging zero-shot accuracy against steps.
+
+    Returns:
+        The curve (see :func:`_curve`), the call's ``seconds`` and their split (:func:`time_split`); the
+        times are None when the model was already written (nothing was trained in this call).
+    """
     path = Path(out)
+    split: dict[str, float | None] = {"train_s": None, "eval_s": None, "setup_s": None}
+    seconds = None
     if not (path / EVAL_LOG).is_file():
         cfg = finetune_config(steps, settings, seed)
         result = finetune(start, train, path, config=cfg, eval_data=test, resume=True)
         seconds = round(result.seconds, 1)
-    else:
-        seconds = None
-    return {**_curve(path), "seconds": seconds}
+        split = {**time_split(result)}
+    return {**_curve(path), "seconds": seconds, **split}
 
 
 def iterative_job(
@@ -100,7 +141,8 @@ def iterative_job(
 
     Returns:
         Per version from the third on (M*2 is experiment c's ``ft-M2+d1``): the accuracy of Mi + Δ^iter_{i-1}
-        and the fine-tuning curve of M*i, as :func:`transfer_job` and :func:`finetune_job` report them.
+        and the fine-tuning curve of M*i, as :func:`transfer_job` and :func:`finetune_job` report them; and
+        ``eval_s``, the seconds the chain's fine-tunes spent in their periodic evaluations.
     """
     spec = ChainSpec(
         versions=list(versions),
@@ -112,13 +154,17 @@ def iterative_job(
         finetuned=first,
     )
     rows = iterate(spec)
-    return {
+    out_rows: dict[str, Any] = {
         VERSIONS[k]: {
             "accuracy": evaluate_model(rows[k]["start"], test, max_new_tokens=max_new_tokens),
             **_curve(Path(rows[k]["finetuned"])),
         }
         for k in range(2, len(rows))
     }
+    # the chain's periodic evaluations (M*2 on), for the lab's timing; M*1 is experiment a's ft-M1
+    logs = [Path(rows[k]["finetuned"]) / EVAL_LOG for k in range(1, len(rows))]
+    out_rows["eval_s"] = round(sum(eval_seconds(json.loads(f.read_text())) for f in logs if f.is_file()), 1)
+    return out_rows
 
 
 def _transferred(

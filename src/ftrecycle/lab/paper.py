@@ -60,6 +60,14 @@ TABLE3: dict[str, dict[str, float]] = {  # Global-MMLU; Llama 3.0 / 3.1 8B Instr
     "Turkish": {"old": 30.8, "old_ft": 43.2, "new": 27.7, "new_plus_delta": 43.2},
 }
 
+#: The field's two transfer measures for published recycled deltas, quoted as issue 13 states them (Llama 3.1
+#: + Δ3.0: 92 % of the fine-tuned score and 75 % of the fine-tuning gain on its six tasks; Param Δ: about 95 %
+#: at 70B). They are from the literature: neither figure is in the paper's text kept here (../shared/paper.txt).
+FIELD_MEASURES: dict[str, dict[str, float | None]] = {
+    "Llama 3.1 + Δ3.0 (six tasks)": {"ft_score_pct": 92.0, "gain_recovered_pct": 75.0},
+    "Param Δ, 70B": {"ft_score_pct": 95.0, "gain_recovered_pct": None},
+}
+
 FIGURES = {
     "figure2": "Paper Figure 2 (M3 and M5 on GSM8K): every FT(Mj + Δi) curve starts far above FT(Mj) "
     "and stays above it; FT(M5 + Δi) reaches FT(M5)'s 30K-step accuracy within the first few thousand steps.",
@@ -78,4 +86,5 @@ def as_json() -> dict[str, Any]:
         "table11": TABLE11,
         "table12": TABLE12,
         "figures": FIGURES,
+        "field_measures": FIELD_MEASURES,
     }

@@ -70,7 +70,8 @@ def _paper_transfer_table(p: dict[str, Any]) -> list[list[Any]]:
 def _recovery_text(n: dict[str, Any]) -> str:
     return "; ".join(
         f"{r['target']}+Δ{r['source'][1]}: {_f(r['transfer'])} vs {r['target']} {_f(r['base'])} and "
-        f"FT({r['target']}) {_f(r['direct_ft'])} → {_f(r['recovered_pct'])} % recovered"
+        f"FT({r['target']}) {_f(r['direct_ft'])} → {_f(r['recovered_pct'])} % of the gain recovered, "
+        f"{_f(r.get('ft_score_pct'))} % of FT's score"
         for r in n["pairs"]
     )
 
@@ -121,15 +122,45 @@ _FINDING_TEXT: dict[int, Callable[[dict[str, Any]], str]] = {
 }
 
 
-def _findings(findings: list[dict[str, Any]], per_seed: dict[str, list[bool]]) -> list[str]:
-    lines = ["| # | finding | verdict | numbers |", "|---|---|---|---|"]
+def _across_text(key: dict[str, dict[str, Any]]) -> str:
+    """A finding's key numbers over the seeds: mean (min–max over the seeds where each is defined)."""
+    parts = []
+    for name, st in key.items():
+        if st["mean"] is None:
+            parts.append(f"{name}: undefined in every seed")
+        else:
+            parts.append(f"{name}: {_f(st['mean'])} ({_f(st['min'])}–{_f(st['max'])}, {st['seeds']} seeds)")
+    return "; ".join(parts)
+
+
+def _findings(findings: list[dict[str, Any]], per_seed: dict[str, list[bool]], across: dict[str, Any]) -> list[str]:
+    head = ["#", "finding", "verdict (seed mean)", "seeds passing", "numbers (seed mean)"]
+    lines = ["| " + " | ".join([*head, "key numbers: mean of seeds (min–max)"]) + " |", "|---" * 6 + "|"]
     for f in findings:
         txt = _FINDING_TEXT.get(f["id"], _compression_text)(f["numbers"])
         seeds = per_seed.get(str(f["id"]), [])
-        tail = f"; passes in {sum(seeds)} of {len(seeds)} seeds" if len(seeds) > 1 else ""
         verdict = f"**{'PASS' if f['passed'] else 'FAIL'}**" + (" (no signal)" if f.get("no_signal") else "")
-        lines.append(f"| {f['id']} | {f['claim']} | {verdict} | {txt}{tail} |")
+        a = across.get(str(f["id"]))
+        spread = _across_text(a["key"]) if a is not None else "–"
+        lines.append(f"| {f['id']} | {f['claim']} | {verdict} | {sum(seeds)} of {len(seeds)} | {txt} | {spread} |")
     return lines
+
+
+def _seeds_note(results: dict[str, Any]) -> list[str]:
+    """How many seeds the findings rest on, and how their verdicts and spreads are made."""
+    n = len(results["config"]["seeds"])
+    if n == 1:
+        return [
+            "The findings rest on **one seed**: the verdict is that seed's, and there is no spread to show "
+            "(one fine-tuning run can swing by many points between seeds; read them as such).",
+            "",
+        ]
+    return [
+        f'The findings rest on **{n} seeds**. The verdict is computed on the seed-mean numbers; "seeds passing" '
+        "counts the seeds whose own numbers pass; the key numbers are the mean of the per-seed values with their "
+        "min–max range over the seeds.",
+        "",
+    ]
 
 
 def _diagnostics(results: dict[str, Any]) -> list[str]:
@@ -355,7 +386,8 @@ def _intro(results: dict[str, Any]) -> list[str]:
         "## Findings",
         "",
         *_banner(results),
-        *_findings(results["findings"], results.get("findings_per_seed", {})),
+        *_seeds_note(results),
+        *_findings(results["findings"], results.get("findings_per_seed", {}), results.get("findings_across_seeds", {})),
         "",
     ]
 
@@ -391,14 +423,83 @@ def _direct(m: dict[str, Any], paper: dict[str, Any]) -> list[str]:
     ]
 
 
-def _transfer(m: dict[str, Any], paper: dict[str, Any]) -> list[str]:
+def _measures(m: dict[str, Any], spread: dict[str, Any], paper: dict[str, Any]) -> list[str]:
+    """The transfer matrix in the field's two measures, beside the published ones."""
+    if "measures" not in m:
+        return []
+    summ, sp = m["measures"]["summary"], spread.get("measures", {}).get("summary", {})
+    names = {"stage2": "second-stage pairs (M4 ↔ M5)", "within": "within-stage pairs", "across": "cross-stage pairs"}
+    rows: list[list[Any]] = []
+    for key, label in names.items():
+        r, s = summ[key], sp.get(key, {})
+        rows.append(
+            [
+                label,
+                r["ft_score_pct"],
+                s.get("ft_score_pct"),
+                r["gain_recovered_pct"],
+                s.get("gain_recovered_pct"),
+                f"{int(r['gain_defined'])} of {int(r['pairs'])}",  # a seed mean of counts: the same in every seed
+            ]
+        )
+    field = paper.get("field_measures", {})
+    theirs = [[name, v["ft_score_pct"], v["gain_recovered_pct"]] for name, v in field.items()]
+    return [
+        "In the field's two measures: Mj + Δi as % of FT(Mj)'s score, and % of fine-tuning's gain recovered, "
+        "(Mj + Δi − Mj) / (FT(Mj) − Mj), undefined where FT(Mj) ≤ Mj. Each is computed per seed; the table shows "
+        "the mean of the seeds' values over the pairs where it is defined, and its spread (max − min over the seeds):",
+        "",
+        *_table(
+            ["pairs", "% of FT score", "spread", "% of gain recovered", "spread", "pairs with a gain"],
+            rows,
+        ),
+        "",
+        *(
+            _paper("Published (quoted in issue 13, from the literature)", ["", "% of FT score", "% of gain"], theirs)
+            if theirs
+            else []
+        ),
+    ]
+
+
+def _transfer(m: dict[str, Any], paper: dict[str, Any], spread: dict[str, Any] | None = None) -> list[str]:
     return [
         "## (b) Transfer matrix Mj + Δi, no training (paper Table 2)",
         "",
         *_table(["", *V], _transfer_table(m)),
         "",
+        *_measures(m, spread or {}, paper),
         *_paper("Paper Table 2", ["", *V], _paper_transfer_table(paper["table2"])),
         *_figure("transfer matrix", "transfer_matrix"),
+    ]
+
+
+def _timing(results: dict[str, Any]) -> list[str]:
+    """Where the time goes: job seconds by kind, with fine-tuning's split into training, evaluation, start-up."""
+    t = results.get("timing")
+    if t is None:
+        return []
+    # by_kind is in the lab's order of kinds (run.JOB_KINDS)
+    rows = [
+        [kind, r["jobs"], r["seconds"], r["share_pct"], r["train_s"], r["eval_s"], r["setup_s"]]
+        for kind, r in t["by_kind"].items()
+    ]
+    n = t["untimed_jobs"]
+    untimed = f" {n} jobs have no time on record (cached by an older version)." if n else ""
+    return [
+        "## Where the time goes",
+        "",
+        f"This call took {_f(t['wall_s'])} s of wall time with {t['workers']} worker(s); the jobs' own wall "
+        f"seconds (each timed in its worker, kept with its cached result, so a job reused from the cache counts "
+        f"the time it took when it ran) add up to {_f(t['job_s'])} s.{untimed} For fine-tuning jobs, training is the "
+        "training loop less its periodic evaluations, evaluation is the generation-based scoring every "
+        "`eval_every` steps, and start-up is everything else in the job (loading model and data, tokenizing, "
+        "writing the output); the iterative chain reports its evaluations only.",
+        "",
+        *_table(
+            ["kind", "jobs", "seconds", "% of job seconds", "training (s)", "evaluation (s)", "start-up (s)"], rows
+        ),
+        "",
     ]
 
 
@@ -509,8 +610,9 @@ def render(results: dict[str, Any]) -> str:
     m, paper = results["mean"], results["paper"]
     out = [
         *_intro(results),
+        *_timing(results),
         *_direct(m, paper),
-        *_transfer(m, paper),
+        *_transfer(m, paper, results.get("spread")),
         *_recycle(m, paper, results["config"]["recycle_steps"]),
         *_iterative(m, paper),
         *_language(m, paper),

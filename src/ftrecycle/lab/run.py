@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -17,10 +18,10 @@ from ftrecycle.lab import paper
 from ftrecycle.lab.aggregate import combine
 from ftrecycle.lab.config import NOT_EVIDENCE, LabConfig
 from ftrecycle.lab.experiments import collect_seed, seed_jobs
-from ftrecycle.lab.findings import all_findings
+from ftrecycle.lab.findings import across_seeds, all_findings, transfer_measures
 from ftrecycle.lab.jobs import data_files
 from ftrecycle.lab.report import not_evidence, plots, render
-from ftrecycle.lab.scheduler import Job, Progress, StaleCache, run_jobs, stale_jobs, write_json_atomic
+from ftrecycle.lab.scheduler import Job, Progress, StaleCache, job_seconds, run_jobs, stale_jobs, write_json_atomic
 from ftrecycle.lab.signals import diagnostics_summary
 
 CONFIG_FILE = "lab-config.json"
@@ -104,6 +105,80 @@ def parameters(model_dir: Path) -> int:
         ck.close()
 
 
+#: Job kinds for the timing table, each with the rule on a job's name (its id after the ``sN:`` prefix);
+#: the first rule that matches decides, and a name none matches is "other".
+JOB_KINDS: tuple[tuple[str, str], ...] = (
+    ("pretrain", r"pretrain"),
+    ("direct fine-tune", r"ft-M\d"),
+    ("Δ-size sweep", r"(ft-)?M\d(\+d\d)?@lr.+"),  # experiment (h)
+    ("update sizes", r"sizes"),
+    ("recycling fine-tune", r"ft-.*\+.*(?<!lang)"),  # not ft-M5+dlang: a transfer, of experiment (e)
+    ("iterative", r"iterative"),
+    ("transfer+score", r"M\d\+d\d"),
+    ("compressed", r"M\d\+d\d@.+"),
+    ("diagnose", r"diag-.+"),
+    ("auto-alpha", r"M\d\+d\dauto"),
+    ("language", r".*lang.*"),
+    ("other", r".*"),
+)
+#: The parts a fine-tuning job's time is split into (see :func:`ftrecycle.lab.jobs.time_split`).
+SPLIT = ("train_s", "eval_s", "setup_s")
+
+
+def job_kind(job_id: str) -> str:
+    """The kind of a lab job, from its id.
+
+    Args:
+        job_id: a job id, with or without its ``sN:`` seed prefix.
+
+    Returns:
+        The first kind of :data:`JOB_KINDS` whose rule matches the name ("other" when none does).
+    """
+    name = re.sub(r"^s\d+:", "", job_id)
+    return next(kind for kind, rule in JOB_KINDS if re.fullmatch(rule, name))
+
+
+def timing(
+    seconds: dict[str, float | None], results: dict[str, dict[str, Any]], *, wall_s: float, workers: int
+) -> dict[str, Any]:
+    """Where a lab run's time went: job seconds summed by kind, with fine-tuning's split.
+
+    Args:
+        seconds: job id -> wall seconds of the job when it ran (None: not on record).
+        results: job id -> the job's result (fine-tuning jobs carry ``train_s``/``eval_s``/``setup_s``,
+            the iterative job ``eval_s``).
+        wall_s: this call's wall time.
+        workers: jobs at once.
+
+    Returns:
+        ``{"wall_s", "workers", "job_s", "untimed_jobs", "by_kind": {kind: {"jobs", "seconds", "share_pct",
+        "train_s", "eval_s", "setup_s"}}}``; a split part is None for a kind none of whose jobs report it.
+    """
+    total = sum(s for s in seconds.values() if s is not None)
+    by_kind: dict[str, dict[str, Any]] = {}
+    for kind, _ in JOB_KINDS:
+        ids = [j for j in seconds if job_kind(j) == kind]
+        if not ids:
+            continue
+        secs = sum(seconds[j] or 0.0 for j in ids)
+        row: dict[str, Any] = {
+            "jobs": len(ids),
+            "seconds": round(secs, 1),
+            "share_pct": round(100 * secs / total, 1) if total > 0 else None,
+        }
+        for part in SPLIT:
+            known = [float(results[j][part]) for j in ids if results.get(j, {}).get(part) is not None]
+            row[part] = round(sum(known), 1) if known else None
+        by_kind[kind] = row
+    return {
+        "wall_s": round(wall_s, 1),
+        "workers": workers,
+        "job_s": round(total, 1),
+        "untimed_jobs": sum(s is None for s in seconds.values()),
+        "by_kind": by_kind,
+    }
+
+
 def _all_jobs(cfg: LabConfig, root: Path) -> list[Job]:
     """Every seed's data files (written once) and jobs."""
     jobs: list[Job] = []
@@ -172,13 +247,17 @@ def _run_locked(cfg: LabConfig, root: Path, force: bool, progress: Progress | No
     res = run_jobs(jobs, cache, workers=cfg.workers, progress=progress)
     jobs_run = len(jobs) - cached
     per_seed = {str(seed): collect_seed(cfg, seed, res) for seed in cfg.seeds}
+    for rec in per_seed.values():
+        rec["measures"] = transfer_measures(rec)
     seeds = list(per_seed.values())
     mean = combine(seeds, "mean")
     findings = all_findings(mean, cfg.ft_steps)
+    seed_findings = [all_findings(s, cfg.ft_steps) for s in seeds]
     by_seed: dict[str, list[bool]] = {str(f["id"]): [] for f in findings}
-    for s in seeds:
-        for f in all_findings(s, cfg.ft_steps):
+    for found in seed_findings:
+        for f in found:
             by_seed[str(f["id"])].append(bool(f["passed"]))
+    wall = time.perf_counter() - t0
     results = {
         "config": cfg.to_json(),
         "parameters": parameters(root / f"seed-{cfg.seeds[0]}" / "models" / "pretrain" / "M1"),
@@ -187,10 +266,12 @@ def _run_locked(cfg: LabConfig, root: Path, force: bool, progress: Progress | No
         "per_seed": per_seed,
         "findings": findings,
         "findings_per_seed": by_seed,
+        "findings_across_seeds": across_seeds(seed_findings),
+        "timing": timing(job_seconds(jobs, cache), res, wall_s=wall, workers=cfg.workers),
         "diagnostics_summary": diagnostics_summary(mean),
         "evidence": cfg.preset not in NOT_EVIDENCE and not any(f.get("no_signal") for f in findings),
         "paper": paper.as_json(),
-        "seconds": round(time.perf_counter() - t0, 1),
+        "seconds": round(wall, 1),
     }
     write_json_atomic(root / RESULTS, results)
     pngs = _write_report(results, root)

@@ -4,12 +4,15 @@ Each job is a module-level function returning a JSON-ready dict. A finished job'
 written (atomically) to ``CACHE/<job id>.json``; a rerun loads it instead of running the job.
 Independent jobs run at once in worker processes (``spawn``, each with its share of the
 cores), because the lab's models are too small for one process to keep two cores busy.
+Each job's wall seconds, measured around the call in the process that runs it, are kept in
+``CACHE/<job id>.time.json``; a cached job keeps the time it took when it ran.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -90,17 +93,46 @@ def _init_worker(threads: int) -> Callable[[], None]:
     return undo
 
 
-def _call(fn: JobFn, kwargs: dict[str, Any], threads: int | None) -> dict[str, Any]:
+def _call(fn: JobFn, kwargs: dict[str, Any], threads: int | None) -> tuple[dict[str, Any], float]:
+    """Run one job; returns its result and its wall seconds (timed here, in the process that runs it, so a
+    worker's queueing and the result's transfer back are not counted)."""
     import torch  # heavy: kept off the CLI's start-up path
 
-    if threads is None:
-        return fn(**kwargs)
     old = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    t0 = time.perf_counter()
     try:
-        return fn(**kwargs)
+        return fn(**kwargs), time.perf_counter() - t0
     finally:
         torch.set_num_threads(old)
+
+
+def time_file(cache: Path, job_id: str) -> Path:
+    """Where the wall seconds of job ``job_id`` are kept, beside its cached result.
+
+    Args:
+        cache: the run's job cache directory.
+        job_id: the job's id.
+
+    Returns:
+        ``CACHE/<job id>.time.json`` (holding ``{"seconds": ...}``).
+    """
+    return cache / f"{job_id}.time.json"
+
+
+def job_seconds(jobs: list[Job], cache: Path) -> dict[str, float | None]:
+    """The wall seconds each job took when it ran (None: not on record, e.g. cached by an older version).
+
+    Returns:
+        Job id -> seconds, for every job in ``jobs``.
+    """
+    out: dict[str, float | None] = {}
+    for j in jobs:
+        rec = read_settings(time_file(cache, j.id))
+        seconds = rec.get("seconds") if rec is not None else None
+        out[j.id] = float(seconds) if isinstance(seconds, (int, float)) else None
+    return out
 
 
 def stale_jobs(jobs: list[Job], cache: Path) -> str | None:
@@ -175,8 +207,10 @@ class _Run:
         if not startable:
             raise ConfigError(f"lab jobs have a dependency cycle among {', '.join(j.id for j in self.pending)}")
 
-    def finish(self, job: Job, result: dict[str, Any]) -> None:
-        """Record a finished job: its result and key in the cache, then progress."""
+    def finish(self, job: Job, result: dict[str, Any], seconds: float) -> None:
+        """Record a finished job: its time, result and key in the cache, then progress."""
+        # the time first: a result on record always has its time beside it
+        write_json_atomic(time_file(self.cache, job.id), {"seconds": round(seconds, 3)})
         write_json_atomic(self.cache / f"{job.id}.json", result)
         write_json_atomic(self.cache / f"{job.id}.key.json", self.keys[job.id])
         self.results[job.id] = result
@@ -194,7 +228,7 @@ def _run_here(run: _Run, threads: int) -> None:
             job = batch[0]
             run.pending.remove(job)
             try:
-                run.finish(job, _call(job.fn, job.kwargs, job.threads))
+                run.finish(job, *_call(job.fn, job.kwargs, job.threads))
             except FtRecycleError as e:
                 raise JobFailed(f"lab job {job.id} failed: {e}") from e
     finally:
@@ -205,7 +239,7 @@ def _run_pool(run: _Run, workers: int, threads: int) -> None:
     """Run the pending jobs in ``workers`` worker processes, each job as soon as its dependencies are done."""
     pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker, initargs=(threads,))
     try:
-        running: dict[Future[dict[str, Any]], Job] = {}
+        running: dict[Future[tuple[dict[str, Any], float]], Job] = {}
         while run.pending or running:
             for job in run.ready():
                 if len(running) >= workers:
@@ -217,10 +251,10 @@ def _run_pool(run: _Run, workers: int, threads: int) -> None:
             for fut in done:
                 job = running.pop(fut)
                 try:
-                    result = fut.result()
+                    result, seconds = fut.result()
                 except Exception as e:
                     raise JobFailed(f"lab job {job.id} failed: {type(e).__name__}: {e}") from e
-                run.finish(job, result)
+                run.finish(job, result, seconds)
     except BaseException:
         # A failure or an interrupt stops the other workers too, instead of waiting for (or orphaning) their
         # jobs: finished jobs are cached, and an unfinished one leaves only its temporary or resumable state.
