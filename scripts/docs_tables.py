@@ -325,7 +325,6 @@ def lab_compression(r: dict[str, Any]) -> list[str]:
     return _table(["Δ stored as", "median rel. error", *[f"{p}: × smaller / points vs full Δ" for p in pairs]], rows)
 
 
-NOT_IN_FILE = "_Not in this results file: rerun the lab._"
 SIZE_COLUMNS = ("total", "embeddings", "attention", "mlp", "norms")
 
 
@@ -336,7 +335,7 @@ def _p2(x: Any) -> str:
 def lab_sizes(r: dict[str, Any]) -> list[str]:
     """‖Δ‖/‖W‖ in percent of every direct fine-tune and version step, and the stage-2 check against 5 %."""
     if "update_sizes" not in r["mean"]:
-        return [NOT_IN_FILE]
+        return NOT_IN_FILE
     u = r["mean"]["update_sizes"]
     rows: list[list[Any]] = [
         [f"FT({k[3:]}) − {k[3:]}", *[_p2(e[c]) for c in SIZE_COLUMNS]] for k, e in u["finetunes"].items()
@@ -359,7 +358,7 @@ def lab_sizes(r: dict[str, Any]) -> list[str]:
 def lab_sweep(r: dict[str, Any]) -> list[str]:
     """Experiment (h): per fine-tuning rate and stage-2 pair, Δ size, recovery, % of FT, compressed shares."""
     if "sweep" not in r["mean"]:
-        return [NOT_IN_FILE]
+        return NOT_IN_FILE
     specs = list(r["config"]["sweep_compressions"])
     rows: list[list[Any]] = []
     for tag, sc in r["mean"]["sweep"].items():

@@ -30,7 +30,7 @@ from ftrecycle.lab.findings import (
     recovery,
     transfer_measures,
 )
-from ftrecycle.lab.report import plots, render
+from ftrecycle.lab.report import _targets, plots, render
 from ftrecycle.lab.run import JOB_KINDS, job_kind, rebuild_report, timing
 from ftrecycle.lab.scheduler import Job, JobFailed, job_seconds, run_jobs, time_file
 from ftrecycle.lab.signals import spearman
@@ -44,12 +44,12 @@ V = ("M1", "M2", "M3", "M4", "M5")
 
 def _check_solution(answer: str) -> int:
     """Recompute every ``a op b = c`` step of an SFT answer; return the final value."""
-    steps = re.findall(r"(\d+) ([+-]) (\d+) = (\d+)", answer)
+    steps = re.findall(r"(\d+) ([+*-]) (\d+) = (\d+)", answer)
     assert steps, answer
     prev = None
     for a, op, b, c in steps:
         a, b, c = int(a), int(b), int(c)
-        assert c == (a + b if op == "+" else a - b), answer
+        assert c == (a + b if op == "+" else a - b if op == "-" else a * b), answer
         assert prev is None or a == prev, f"a step does not start from the previous result: {answer}"
         prev = c
     final = int(answer.split("#### ")[1])
@@ -64,6 +64,37 @@ def test_problems_are_correct_and_in_range():
         assert 0 <= final <= world.MAX_NUMBER
         start = int(item["question"].split(" has ")[1].split()[0])
         assert item["answer"].startswith(f"{start} ")
+
+
+def _solve(question: str) -> int:
+    """Answer a problem from its text alone: follow the asked person's amount through the sentences."""
+    sentences = [t.strip() for t in question.split(" . ")]
+    asked = sentences[-1].split(" does ")[1].split()[0]
+    amount: dict[str, int] = {}
+    last = ""
+    for t in sentences[:-1]:
+        words = t.rstrip(" .").split()
+        who = words[1] if words[0] == "then" else words[0]
+        who = last if who in ("he", "she") else who
+        last = who if who not in ("he", "she") else last
+        if words[1] == "has":
+            amount[who] = int(words[2])
+        elif "doubles" in words:
+            amount[who] *= 2
+        else:
+            n = next(int(w) for w in words if w.isdigit())
+            amount[who] += n if "more" in words else -n
+    return amount[asked]
+
+
+def test_problems_are_solvable_from_their_text_with_distractors():
+    items = world.sft_items(random.Random(5), 400)
+    # the asked person's amount, not the other's, is the answer; some problems have a second person
+    assert all(_solve(i["question"]) == _check_solution(i["answer"]) for i in items)
+    with_other = [i for i in items if i["question"].count(" has ") == 2]
+    assert 0.3 < len(with_other) / len(items) < 0.7
+    lengths = {len(re.findall(r" = ", i["answer"])) for i in items}
+    assert lengths == set(world.TASK_STEPS)
 
 
 def test_tokenizer_covers_every_generated_text_without_unknowns():
@@ -185,6 +216,10 @@ def test_job_kinds_from_ids():
         "s0:lang-ft-M4": "language",
         "s0:lang-eval-ft-M5": "language",
         "s0:ft-M5+dlang": "language",
+        "s0:ft-M4@lr0.2": "Δ-size sweep",
+        "s1:M5+d4@lr5": "Δ-size sweep",
+        "s0:M4+d5@lr0.2@lowrank:ratio=8": "Δ-size sweep",
+        "s0:sizes": "update sizes",
         "s0:something-new": "other",
     }
     assert {k: job_kind(k) for k in kinds} == kinds
@@ -466,6 +501,7 @@ def test_lab_writes_report_plots_and_results(lab_run):
         "(g) Compressed deltas",
         "## Update sizes ‖Δ‖/‖W‖",
         "(h) Δ-size sweep",
+        "## Design targets (issue 13)",
     ):
         assert heading in report
     for png in (
@@ -637,3 +673,18 @@ def test_sizes_and_sweep_sections_follow_the_numbers(lab_run, tmp_path):
     m["update_sizes"]["finetunes"]["ft-M4"]["total"] = 5.01
     assert re.search(r"at or below 5 %: \*\*no\*\*", render(results))
     assert tmp_path / "delta_size_sweep.png" in plots(results, tmp_path)
+
+
+def _targets_results(finals: list[float], stage2: tuple[float, float], bases: list[float], seeds: int):
+    direct = {v: {"final": x} for v, x in zip(V, finals, strict=True)}
+    sizes = {"finetunes": {"ft-M4": {"total": stage2[0]}, "ft-M5": {"total": stage2[1]}}}
+    mean = {"direct_ft": direct, "base": dict(zip(V, bases, strict=True)), "update_sizes": sizes}
+    per_seed = {str(k): {"direct_ft": direct} for k in range(seeds)}
+    return {"mean": mean, "per_seed": per_seed, "config": {"seeds": list(range(seeds))}}
+
+
+def test_design_targets_are_judged_from_the_numbers():
+    good = "\n".join(_targets(_targets_results([41, 50, 60, 80, 89.9], (4.9, 3.0), [1, 2, 3, 4, 5], 2)))
+    assert good.count("**met**") == 4 and "not met" not in good
+    bad = "\n".join(_targets(_targets_results([39.9, 50, 60, 80, 90.1], (5.1, 3.0), [0, 2, 3, 4, 5], 1)))
+    assert bad.count("**not met**") == 4

@@ -29,6 +29,7 @@ from itertools import permutations
 from pathlib import Path
 from typing import Any
 
+from ftrecycle.lab import world
 from ftrecycle.lab.config import LabConfig
 from ftrecycle.lab.jobs import (
     auto_alpha_job,
@@ -163,7 +164,13 @@ class _Seed:
 
 def _pretrain(s: _Seed) -> list[Job]:
     cfg = s.cfg
-    kwargs = {"out": s.model("pretrain"), "model": vars(cfg.model), "spec": vars(cfg.pretrain), "seed": s.seed}
+    kwargs = {
+        "out": s.model("pretrain"),
+        "model": vars(cfg.model),
+        "spec": vars(cfg.pretrain),
+        "seed": s.seed,
+        "world_id": world.fingerprint(),
+    }
     return [s.job("pretrain", pretrain_job, kwargs, (), threads=_pretrain_threads(cfg))]
 
 

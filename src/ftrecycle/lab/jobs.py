@@ -43,8 +43,12 @@ def evaluate_model(model: str | Path, test: str | Path, *, max_new_tokens: int, 
     return _pct(report.flexible)
 
 
-def pretrain_job(out: str, model: dict[str, Any], spec: dict[str, Any], seed: int) -> dict[str, Any]:
-    """Pretrain and save M1..M5 under ``out`` (appears only when all five are written)."""
+def pretrain_job(out: str, model: dict[str, Any], spec: dict[str, Any], seed: int, world_id: str) -> dict[str, Any]:
+    """Pretrain and save M1..M5 under ``out`` (appears only when all five are written).
+
+    ``world_id`` is :func:`ftrecycle.lab.world.fingerprint`, recorded so that the job's cache key changes
+    with the texts it trains on; a run of another world is refused as stale.
+    """
     path = Path(out)
     if (path / "pretrain.json").is_file():
         return dict(json.loads((path / "pretrain.json").read_text()))

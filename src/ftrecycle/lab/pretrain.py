@@ -1,7 +1,7 @@
 """Pretraining of the lab's model: one small Llama, five saved versions along two stages.
 
 Stage 1 (general text, cosine decay to ``min_lr_ratio`` of the peak) saves M1, M2 and M3 at
-a third, two thirds and its end; stage 2 (math-rich text, a linear anneal to zero as in
+half, three quarters and its end; stage 2 (math-rich text, a linear anneal to zero as in
 OLMo 2's mid-training) continues from M3 and saves M4 halfway and M5 at its end.
 """
 
@@ -36,8 +36,8 @@ class PretrainSpec:
 
     stage1_steps: int = 1200
     stage2_steps: int = 900
-    batch: int = 32
-    seq_len: int = 64
+    batch: int = 16
+    seq_len: int = 128  # a whole problem with its worked answer fits in one block
     lr: float = 3e-3
     min_lr_ratio: float = 0.25
     stage2_lr: float = 5e-4
@@ -123,8 +123,8 @@ def pretrain(
     )
     total = spec.stage1_steps + spec.stage2_steps
     saves = {
-        spec.stage1_steps // 3: "M1",
-        2 * spec.stage1_steps // 3: "M2",
+        spec.stage1_steps // 2: "M1",
+        3 * spec.stage1_steps // 4: "M2",
         spec.stage1_steps: "M3",
         spec.stage1_steps + spec.stage2_steps // 2: "M4",
         total: "M5",

@@ -605,11 +605,56 @@ def _language(m: dict[str, Any], paper: dict[str, Any]) -> list[str]:
     ]
 
 
+#: Issue 13's targets for the default preset: direct fine-tuning ends inside this band on every version.
+NO_CEILING_BAND = (40.0, 90.0)
+
+
+def _targets(results: dict[str, Any]) -> list[str]:
+    """Whether this run meets the lab's design targets: no ceiling, small stage-2 deltas, bases above 0, seeds."""
+    m, cfg = results["mean"], results["config"]
+    targets = results.get("targets", {})
+    lo, hi = targets.get("no_ceiling_band", NO_CEILING_BAND)
+    limit = targets.get("stage2_limit_pct", STAGE2_LIMIT_PCT)
+    finals = {v: m["direct_ft"][v]["final"] for v in m["direct_ft"]}
+    per_seed = [x for s in results["per_seed"].values() for x in (d["final"] for d in s["direct_ft"].values())]
+    sizes = m.get("update_sizes", {}).get("finetunes", {})
+    stage2 = [sizes[k]["total"] for k in ("ft-M4", "ft-M5") if k in sizes and sizes[k]["total"] is not None]
+    bases = list(m["base"].values())
+
+    def mark(ok: bool) -> str:
+        return "**met**" if ok else "**not met**"
+
+    rows = [
+        [
+            f"no ceiling: direct fine-tuning of every Mi ends within {lo:g}–{hi:g} (seed mean)",
+            ", ".join(f"{v} {_f(x)}" for v, x in finals.items()) + f" (single seeds {_f(min(per_seed))}–"
+            f"{_f(max(per_seed))})",
+            mark(all(lo <= x <= hi for x in finals.values())),
+        ],
+        [
+            f"fine-tuning deltas of the stage 2 versions, ‖Δ‖/‖W‖ ≤ {limit:g} %",
+            ", ".join(_p2(x) for x in stage2) + " %" if stage2 else "–",
+            mark(bool(stage2) and max(stage2) <= limit),
+        ],
+        ["bases' zero-shot scores above 0", ", ".join(_f(x) for x in bases), mark(min(bases) > 0)],
+        ["findings on at least 2 seeds", str(len(cfg["seeds"])), mark(len(cfg["seeds"]) >= 2)],
+    ]
+    return [
+        "## Design targets (issue 13)",
+        "",
+        "What makes the lab able to tell methods apart, checked on this run's numbers.",
+        "",
+        *_table(["target", "this run", ""], rows),
+        "",
+    ]
+
+
 def render(results: dict[str, Any]) -> str:
     """The markdown report of a lab run (headed by a NOT EVIDENCE warning for smoke runs and flat numbers)."""
     m, paper = results["mean"], results["paper"]
     out = [
         *_intro(results),
+        *_targets(results),
         *_timing(results),
         *_direct(m, paper),
         *_transfer(m, paper, results.get("spread")),

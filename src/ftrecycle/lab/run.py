@@ -20,7 +20,7 @@ from ftrecycle.lab.config import NOT_EVIDENCE, LabConfig
 from ftrecycle.lab.experiments import collect_seed, seed_jobs
 from ftrecycle.lab.findings import across_seeds, all_findings, transfer_measures
 from ftrecycle.lab.jobs import data_files
-from ftrecycle.lab.report import not_evidence, plots, render
+from ftrecycle.lab.report import NO_CEILING_BAND, STAGE2_LIMIT_PCT, not_evidence, plots, render
 from ftrecycle.lab.scheduler import Job, Progress, StaleCache, job_seconds, run_jobs, stale_jobs, write_json_atomic
 from ftrecycle.lab.signals import diagnostics_summary
 
@@ -271,6 +271,7 @@ def _run_locked(cfg: LabConfig, root: Path, force: bool, progress: Progress | No
         "diagnostics_summary": diagnostics_summary(mean),
         "evidence": cfg.preset not in NOT_EVIDENCE and not any(f.get("no_signal") for f in findings),
         "paper": paper.as_json(),
+        "targets": {"no_ceiling_band": list(NO_CEILING_BAND), "stage2_limit_pct": STAGE2_LIMIT_PCT},
         "seconds": round(wall, 1),
     }
     write_json_atomic(root / RESULTS, results)

@@ -1,22 +1,26 @@
 """The lab's small world: a vocabulary, a tokenizer and every text the lab trains or tests on.
 
 Everything is generated from a seed. The task is GSM8K-format multi-step arithmetic
-word problems (``"... #### N"``); the pretraining corpora talk about the same people
-and things, stage 2 with far more arithmetic (OLMo 2's math-rich mid-training, in
-miniature). A second "language" is a fixed word-for-word cipher of the English words
-(numbers and the answer format kept), used for the multilingual experiment.
+word problems (``"... #### N"``), made hard enough that no version reaches a ceiling:
+2–4 steps, amounts 0..MAX_NUMBER, sometimes a doubling, and in half the problems a second
+person with the same items whose own amounts are a distractor. The pretraining corpora talk
+about the same people and things, stage 2 with far more arithmetic (OLMo 2's math-rich
+mid-training, in miniature). A second "language" is a fixed word-for-word cipher of the
+English words (numbers and the answer format kept), used for the multilingual experiment.
 
 Texts use the wordings below on purpose:
 
-* SFT answers: ``"Mia starts with 12 pens . 12 + 5 = 17 . 17 - 3 = 14 . #### 14"``;
-* stage-2 question/answer text: ``"... Answer: 12 and 5 make 17 , 17 take 3 is 14 . #### 14"``
-  (the format appears in pretraining, as GSM-style data does in real mixes, so bases can be
-  evaluated few-shot, but the solution wording differs from the fine-tuning data);
-* stories: ``"Mia had 12 pens and bought 5 more , so Mia had 17 pens ."``.
+* SFT answers: ``"12 + 5 = 17 . 17 - 3 = 14 . #### 14"``;
+* question/answer text in pretraining: ``"Question: ... Answer: ..."`` solved either in the SFT
+  wording (a share ``Mix.sft_format``: GSM-style data sits in real pretraining mixes) or in
+  other words, ``"12 and 5 is 17 , 17 take 3 is 14 . #### 14"``; so the bases score above 0
+  zero-shot and a fine-tune of realistic size aligns what pretraining taught;
+* stories: ``"Mia had 12 pens . then she bought 5 more , so Mia had 17 pens ."``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -39,6 +43,13 @@ FUNCTION_WORDS = (
 FORMAT = ("Question:", "Answer:", "####", "+", "-", "*", "=")
 SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")
 MAX_NUMBER = 20
+MAX_AMOUNT = 5  # a step adds or takes 1..MAX_AMOUNT
+DOUBLING = 0.10  # share of steps that double the amount (when it fits)
+TASK_STEPS = (2, 3, 4)  # steps of a fine-tuning or test problem, drawn uniformly
+DISTRACTOR = 0.5  # share of problems with a second person holding the same items (a distractor amount)
+# the second person's own steps (fewest, most), told between the asked person's; (0, 0): only their amount.
+# Steps for them too made the task too hard for the tiny preset's model (zero-shot 24-33 % at M5, measured).
+DISTRACTOR_STEPS = (0, 0)
 HE = {n: ("she" if i % 2 == 0 else "he") for i, n in enumerate(NAMES)}
 
 
@@ -100,56 +111,93 @@ def tokenizer() -> Any:
 
 @dataclass(frozen=True)
 class Problem:
-    """One multi-step word problem: a start amount and a list of (op, amount) steps."""
+    """One multi-step word problem: a start amount and a list of (op, amount, verb) steps.
+
+    ``other`` is a distractor: a second person with the same kind of item, their own start amount
+    and steps, told interleaved with the asked person's (``order``: 0 = the next step of the asked
+    person, 1 = the next step of the other). The question asks about ``name`` only.
+    """
 
     name: str
     item: str
     start: int
     steps: tuple[tuple[str, int, str], ...]  # (op "+", "-" or "*", amount, verb)
+    other: str | None = None
+    other_start: int = 0
+    other_steps: tuple[tuple[str, int, str], ...] = ()
+    order: tuple[int, ...] = ()
 
     def values(self) -> list[int]:
         """The running amount after each step, starting value first."""
-        vals = [self.start]
-        for op, b, _ in self.steps:
-            v = vals[-1]
-            vals.append(v + b if op == "+" else v - b if op == "-" else v * b)
-        return vals
+        return _run(self.start, self.steps)
 
     @property
     def answer_value(self) -> int:
         return self.values()[-1]
 
 
-def sample_problem(rng: random.Random, n_steps: int) -> Problem:
-    """A problem whose every amount stays within 0..MAX_NUMBER (steps add or take 1..9)."""
-    while True:
-        name, item = rng.choice(NAMES), rng.choice(ITEMS)
-        v = start = rng.randint(2, MAX_NUMBER - 5)
-        steps = []
-        for _ in range(n_steps):
-            b = rng.randint(1, 5)
-            if rng.random() < 0.5 and v + b <= MAX_NUMBER:
-                steps.append(("+", b, rng.choice(ADD_VERBS)))
-                v += b
-            elif v - b >= 0:
-                steps.append(("-", b, rng.choice(SUB_VERBS)))
-                v -= b
-        if len(steps) == n_steps:
-            return Problem(name, item, start, tuple(steps))
+def _run(start: int, steps: tuple[tuple[str, int, str], ...]) -> list[int]:
+    vals = [start]
+    for op, b, _ in steps:
+        v = vals[-1]
+        vals.append(v + b if op == "+" else v - b if op == "-" else v * b)
+    return vals
+
+
+def _steps(rng: random.Random, start: int, n_steps: int) -> tuple[tuple[str, int, str], ...]:
+    """``n_steps`` steps from ``start`` that keep the amount within 0..MAX_NUMBER (doubling when it fits)."""
+    v, steps = start, []
+    while len(steps) < n_steps:
+        r, b = rng.random(), rng.randint(1, MAX_AMOUNT)
+        if r < DOUBLING and 0 < v <= MAX_NUMBER // 2:
+            steps.append(("*", 2, "doubles"))
+            v *= 2
+        elif r < 0.55 and v + b <= MAX_NUMBER:
+            steps.append(("+", b, rng.choice(ADD_VERBS)))
+            v += b
+        elif v - b >= 0:
+            steps.append(("-", b, rng.choice(SUB_VERBS)))
+            v -= b
+    return tuple(steps)
+
+
+def sample_problem(rng: random.Random, n_steps: int, *, distractor: float = 0.0) -> Problem:
+    """A problem whose every amount stays within 0..MAX_NUMBER; with probability ``distractor``, a second person."""
+    name, item = rng.choice(NAMES), rng.choice(ITEMS)
+    start = rng.randint(2, MAX_NUMBER - 5)
+    steps = _steps(rng, start, n_steps)
+    if rng.random() >= distractor:
+        return Problem(name, item, start, steps)
+    other = rng.choice([n for n in NAMES if n != name])
+    other_start = rng.randint(2, MAX_NUMBER - 5)
+    other_steps = _steps(rng, other_start, rng.randint(*DISTRACTOR_STEPS))
+    order = [0] * n_steps + [1] * len(other_steps)
+    rng.shuffle(order)
+    return Problem(name, item, start, steps, other, other_start, other_steps, tuple(order))
+
+
+def _step_text(who: str, item: str, step: tuple[str, int, str]) -> str:
+    op, b, verb = step
+    if op == "*":
+        return f"{who} doubles the {item} ."
+    if op == "+":
+        return f"{who} {verb} {b} more {item} ."
+    return f"{who} {verb} {b} {item} ."
 
 
 def question(p: Problem) -> str:
-    """The problem statement."""
-    he = HE[p.name]
+    """The problem statement (people named in every step, so a distractor's steps are unambiguous)."""
     parts = [f"{p.name} has {p.start} {p.item} ."]
-    for k, (op, b, verb) in enumerate(p.steps):
-        lead = he if k == 0 else f"then {he}"
-        if op == "*":
-            parts.append(f"{lead} doubles the {p.item} .")
-        elif op == "+":
-            parts.append(f"{lead} {verb} {b} more {p.item} .")
-        else:
-            parts.append(f"{lead} {verb} {b} {p.item} .")
+    if p.other is None:
+        he = HE[p.name]
+        for k, step in enumerate(p.steps):
+            parts.append(_step_text(he if k == 0 else f"then {he}", p.item, step))
+    else:
+        parts.append(f"{p.other} has {p.other_start} {p.item} .")
+        mine, theirs = iter(p.steps), iter(p.other_steps)
+        for who in p.order:
+            name, step = (p.name, next(mine)) if who == 0 else (p.other, next(theirs))
+            parts.append(_step_text(name, p.item, step))
     parts.append(f"how many {p.item} does {p.name} have now ?")
     return " ".join(parts)
 
@@ -184,12 +232,17 @@ def story(p: Problem) -> str:
 
 
 def fact(rng: random.Random) -> str:
-    """One arithmetic fact, as an equation or in words."""
-    a, b = rng.randint(0, MAX_NUMBER - 5), rng.randint(1, 5)
+    """One arithmetic fact (a sum, a difference or a doubling), as an equation or in words."""
+    b = rng.randint(1, MAX_AMOUNT)
     equation = rng.random() < 0.5
-    if rng.random() < 0.5:
+    kind = rng.random()
+    if kind < DOUBLING:
+        a = rng.randint(1, MAX_NUMBER // 2)
+        return f"{a} * 2 = {2 * a} ." if equation else f"{a} times 2 is {2 * a} ."
+    if kind < 0.55:
+        a = rng.randint(0, MAX_NUMBER - b)
         return f"{a} + {b} = {a + b} ." if equation else f"{a} and {b} make {a + b} ."
-    a += b
+    a = rng.randint(b, MAX_NUMBER)
     return f"{a} - {b} = {a - b} ." if equation else f"{a} take {b} is {a - b} ."
 
 
@@ -220,10 +273,11 @@ class Mix:
     stories: float
     qa: float
     second_language: float
+    sft_format: float = 0.0  # share of question/answer documents solved in the fine-tuning data's wording
 
 
-STAGE1 = Mix(filler=0.70, facts=0.15, stories=0.07, qa=0.02, second_language=0.06)
-STAGE2 = Mix(filler=0.15, facts=0.30, stories=0.25, qa=0.25, second_language=0.05)
+STAGE1 = Mix(filler=0.25, facts=0.30, stories=0.10, qa=0.30, second_language=0.05, sft_format=0.5)
+STAGE2 = Mix(filler=0.10, facts=0.20, stories=0.25, qa=0.40, second_language=0.05, sft_format=0.5)
 
 
 def documents(rng: random.Random, mix: Mix) -> Iterator[str]:
@@ -238,24 +292,38 @@ def documents(rng: random.Random, mix: Mix) -> Iterator[str]:
         elif kind == "facts":
             yield " ".join(fact(rng) for _ in range(rng.randint(2, 5)))
         elif kind == "stories":
-            yield story(sample_problem(rng, rng.randint(1, 3)))
+            yield story(sample_problem(rng, rng.randint(1, 4)))
         elif kind == "qa":
-            p = sample_problem(rng, rng.randint(1, 3))
-            yield f"Question: {question(p)}\nAnswer: {pretrain_answer(p)}"
+            p = sample_problem(rng, rng.randint(1, 4), distractor=DISTRACTOR)
+            answer = sft_answer(p) if rng.random() < mix.sft_format else pretrain_answer(p)
+            yield f"Question: {question(p)}\nAnswer: {answer}"
         else:
             yield translate(" ".join(filler(rng) for _ in range(rng.randint(2, 4))), table)
 
 
 def sft_items(
-    rng: random.Random, n: int, *, steps: tuple[int, ...] = (2, 3), language: bool = False
+    rng: random.Random, n: int, *, steps: tuple[int, ...] = TASK_STEPS, language: bool = False
 ) -> list[dict[str, str]]:
     """``n`` GSM8K-format items ``{"question", "answer"}`` (optionally in the second language)."""
     table = cipher() if language else None
     out = []
     for _ in range(n):
-        p = sample_problem(rng, rng.choice(steps))
+        p = sample_problem(rng, rng.choice(steps), distractor=DISTRACTOR)
         q, a = question(p), sft_answer(p)
         if table is not None:
             q, a = translate(q, table), translate(a, table)
         out.append({"question": q, "answer": a})
     return out
+
+
+def fingerprint() -> str:
+    """A digest of what this world generates (vocabulary, both corpora, the task), for the lab's job cache.
+
+    Pretraining is keyed by it, so a changed generator is never served models pretrained on the old texts.
+    """
+    h = hashlib.sha256("\n".join(vocabulary()).encode())
+    for mix in (STAGE1, STAGE2):
+        docs = documents(random.Random(0), mix)
+        h.update("\n".join(next(docs) for _ in range(200)).encode())
+    h.update(repr(sft_items(random.Random(0), 100)).encode())
+    return h.hexdigest()[:16]
