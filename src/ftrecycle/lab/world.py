@@ -146,7 +146,7 @@ def _run(start: int, steps: tuple[tuple[str, int, str], ...]) -> list[int]:
 
 def _steps(rng: random.Random, start: int, n_steps: int) -> tuple[tuple[str, int, str], ...]:
     """``n_steps`` steps from ``start`` that keep the amount within 0..MAX_NUMBER (doubling when it fits)."""
-    v, steps = start, []
+    v, steps = start, list[tuple[str, int, str]]()
     while len(steps) < n_steps:
         r, b = rng.random(), rng.randint(1, MAX_AMOUNT)
         if r < DOUBLING and 0 < v <= MAX_NUMBER // 2:
