@@ -55,7 +55,7 @@ class LabConfig:
     seeds: tuple[int, ...] = (0,)
     workers: int = 2
     max_new_tokens: int = 40
-    sweep_lr_scales: tuple[float, ...] = (0.2, 1.0, 5.0)
+    sweep_lr_scales: tuple[float, ...] = (0.1, 1.0, 5.0)
     sweep_compressions: tuple[str, ...] = ("lowrank:ratio=4", "lowrank:ratio=8", "lowrank:ratio=16")
 
     def validate(self) -> LabConfig:

@@ -1,7 +1,7 @@
 """Pretraining of the lab's model: one small Llama, five saved versions along two stages.
 
 Stage 1 (general text, cosine decay to ``min_lr_ratio`` of the peak) saves M1, M2 and M3 at
-half, three quarters and its end; stage 2 (math-rich text, a linear anneal to zero as in
+three fifths, four fifths and its end; stage 2 (math-rich text, a linear anneal to zero as in
 OLMo 2's mid-training) continues from M3 and saves M4 halfway and M5 at its end.
 """
 
@@ -35,7 +35,7 @@ class PretrainSpec:
     """Both pretraining stages."""
 
     stage1_steps: int = 1200
-    stage2_steps: int = 900
+    stage2_steps: int = 600
     batch: int = 16
     seq_len: int = 128  # a whole problem with its worked answer fits in one block
     lr: float = 3e-3
@@ -123,8 +123,8 @@ def pretrain(
     )
     total = spec.stage1_steps + spec.stage2_steps
     saves = {
-        spec.stage1_steps // 2: "M1",
-        3 * spec.stage1_steps // 4: "M2",
+        3 * spec.stage1_steps // 5: "M1",
+        4 * spec.stage1_steps // 5: "M2",
         spec.stage1_steps: "M3",
         spec.stage1_steps + spec.stage2_steps // 2: "M4",
         total: "M5",

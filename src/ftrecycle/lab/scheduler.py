@@ -63,11 +63,14 @@ def job_key(job: Job) -> dict[str, Any]:
     an edited data file does not reuse results computed from the old one.
     """
     files = {k: sha256_file(Path(v)) for k, v in sorted(job.kwargs.items()) if isinstance(v, str) and Path(v).is_file()}
-    return {
+    key = {
         "fn": f"{job.fn.__module__}.{job.fn.__qualname__}",
         "kwargs": json.loads(json.dumps(job.kwargs, sort_keys=True, default=str)),
         "files": files,
     }
+    if job.threads is not None:  # float sums depend on the thread count: another count is another result
+        key["threads"] = job.threads
+    return key
 
 
 def _init_worker(threads: int) -> Callable[[], None]:

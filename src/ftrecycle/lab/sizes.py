@@ -115,7 +115,8 @@ def sweep_pair(
 
     Returns:
         The inputs, ``recovery_pct`` (share of the gain), ``of_ft_pct`` (share of the fine-tuned score),
-        and per compression its accuracy, measured ratio and ``of_dense_pct`` (share of the dense transfer).
+        and per compression its accuracy, measured ratio and ``of_dense_pct`` (share of the dense transfer's
+        gain over the base that it keeps; None when the dense transfer gains nothing).
     """
     return {
         "delta_rel_pct": size,
@@ -128,7 +129,9 @@ def sweep_pair(
             spec: {
                 "accuracy": c["accuracy"],
                 "ratio": round(c["ratio"], 2),
-                "of_dense_pct": share_pct(c["accuracy"], transfer),
+                # the share of the dense transfer's gain over the target that the compressed one keeps: a
+                # ratio of accuracies would sit near 100 % whenever Δ does little, whatever the compression
+                "of_dense_pct": gain_recovered_pct(c["accuracy"], base, transfer),
             }
             for spec, c in compressed.items()
         },
