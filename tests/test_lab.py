@@ -34,7 +34,7 @@ from ftrecycle.lab.report import design_targets, plots, render
 from ftrecycle.lab.run import JOB_KINDS, job_kind, rebuild_report, timing
 from ftrecycle.lab.scheduler import Job, JobFailed, job_seconds, run_jobs, time_file
 from ftrecycle.lab.signals import spearman
-from ftrecycle.lab.sizes import gain_recovered_pct, lr_ratios, share_pct, sizes_entry, sweep_pair
+from ftrecycle.lab.sizes import gain_recovered_pct, lr_ratios, noise_points, share_pct, sizes_entry, sweep_pair
 
 V = ("M1", "M2", "M3", "M4", "M5")
 
@@ -95,6 +95,15 @@ def test_problems_are_solvable_from_their_text_with_distractors():
     assert 0.3 < len(with_other) / len(items) < 0.7
     lengths = {len(re.findall(r" = ", i["answer"])) for i in items}
     assert lengths == set(world.TASK_STEPS)
+
+
+def test_distractor_steps_told_in_between_keep_problems_solvable(monkeypatch):
+    # the shipped setting gives the second person only an amount; their own steps, interleaved, must
+    # still leave the asked person's answer recoverable from the text
+    monkeypatch.setattr(world, "DISTRACTOR_STEPS", (1, 2))
+    items = world.sft_items(random.Random(9), 300)
+    assert all(_solve(i["question"]) == _check_solution(i["answer"]) for i in items)
+    assert sum(i["question"].count("more") + i["question"].count(" away ") for i in items) > 300
 
 
 def test_tokenizer_covers_every_generated_text_without_unknowns():
@@ -395,6 +404,10 @@ def test_gain_recovered_and_share_of_ft():
     assert gain_recovered_pct(transfer=90.0, base=20.0, finetuned=80.0) == pytest.approx(116.7)  # beyond FT
     assert gain_recovered_pct(transfer=50.0, base=20.0, finetuned=20.0) is None  # no gain: no share of it
     assert gain_recovered_pct(transfer=50.0, base=20.0, finetuned=15.0) is None  # fine-tuning lost
+    # a gain within two binomial standard errors of the base is test noise: no share of it
+    assert noise_points(50.0, 400) == pytest.approx(5.0)
+    assert gain_recovered_pct(transfer=45.0, base=46.2, finetuned=47.5, floor=noise_points(46.2, 400)) is None
+    assert gain_recovered_pct(transfer=60.0, base=46.2, finetuned=75.2, floor=noise_points(46.2, 400)) == 47.6
     assert share_pct(45.0, 60.0) == 75.0
     assert share_pct(45.0, 0.0) is None and share_pct(0.0, -1.0) is None
 

@@ -22,8 +22,6 @@ def combine(values: list[Any], how: str) -> Any:
         # a share undefined in one seed (its fine-tune gained nothing) has no mean or spread either
         return None
     if isinstance(first, (int, float)):
-        if any(v is None for v in values):
-            return None  # undefined in some seed (e.g. a share of a gain that was not there): no mean, no spread
         if how == "mean":
             return round(sum(values) / len(values), 4)
         return round(max(values) - min(values), 4)

@@ -46,8 +46,8 @@ class LabConfig:
     ft_steps: int = 480
     recycle_steps: int = 160
     ft_batch: int = 16
-    ft_lr: float = 1.2e-4
-    recycle_lr: float = 1.2e-4
+    ft_lr: float = 1.1e-4
+    recycle_lr: float = 1.1e-4
     warmup_ratio: float = 0.1
     eval_every: int = 80
     language_items: int = 2000

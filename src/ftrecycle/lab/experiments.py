@@ -43,7 +43,7 @@ from ftrecycle.lab.jobs import (
 )
 from ftrecycle.lab.pretrain import VERSIONS
 from ftrecycle.lab.scheduler import Job, JobFn
-from ftrecycle.lab.sizes import PUBLISHED, lr_ratios, safe_dir, scale_tag, sweep_pair
+from ftrecycle.lab.sizes import PUBLISHED, lr_ratios, noise_points, safe_dir, scale_tag, sweep_pair
 
 GROUPS = (("M1", "M2", "M3"), ("M4", "M5"))
 STAGE2_PAIRS = (("M4", "M5"), ("M5", "M4"))
@@ -453,7 +453,12 @@ def _collect_sweep(cfg: LabConfig, r: dict[str, Any], base: dict[str, float]) ->
             }
             size = r["sizes"][f"ft-{i}{tag}"]["total"]
             rows[f"{j}+Δ{i[1]}"] = sweep_pair(
-                size, base[j], r[f"ft-{j}{tag}"]["final"], r[name]["accuracy"], compressed
+                size,
+                base[j],
+                r[f"ft-{j}{tag}"]["final"],
+                r[name]["accuracy"],
+                compressed,
+                floor=noise_points(base[j], cfg.test_items),
             )
         out[f"{scale:g}"] = {"scale": scale, "lr": round(scale * cfg.ft_lr, 12), "pairs": rows}
     return out

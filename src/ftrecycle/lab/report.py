@@ -237,7 +237,7 @@ def _compression(m: dict[str, Any]) -> list[str]:
     ]
 
 
-def _p2(x: Any) -> str:
+def pct2(x: Any) -> str:
     """A percentage of a relative norm: two decimals, since real fine-tuning deltas are a few percent or less."""
     return "–" if x is None else f"{x:.2f}"
 
@@ -252,8 +252,8 @@ def _sizes_text(results: dict[str, Any]) -> str:
     llama = pub["llama31_instruct_delta_pct"]["value"]
     side = "–" if not known else ("below" if max(known) < llama else "not below")
     return (
-        f"Stage-2 fine-tuning deltas: ‖FT(M4) − M4‖/‖M4‖ = {_p2(stage2['M4'])} %, ‖FT(M5) − M5‖/‖M5‖ = "
-        f"{_p2(stage2['M5'])} % — at or below {STAGE2_LIMIT_PCT:g} %: **{'yes' if within else 'no'}**; "
+        f"Stage-2 fine-tuning deltas: ‖FT(M4) − M4‖/‖M4‖ = {pct2(stage2['M4'])} %, ‖FT(M5) − M5‖/‖M5‖ = "
+        f"{pct2(stage2['M5'])} % — at or below {STAGE2_LIMIT_PCT:g} %: **{'yes' if within else 'no'}**; "
         f"{side} the published {llama:g} % ({pub['llama31_instruct_delta_pct']['source']}; also "
         f"{pub['sft_delta_entry_abs']['source']}). Pretraining peak over fine-tuning rate ({cfg['ft_lr']:g}): "
         f"{lr['pretrain_peak_over_ft']:g} for stage 1 ({cfg['pretrain']['lr']:g}), {lr['stage2_peak_over_ft']:g} for "
@@ -266,15 +266,15 @@ def _sizes_text(results: dict[str, Any]) -> str:
 def _sizes(results: dict[str, Any]) -> list[str]:
     u = results["mean"]["update_sizes"]
     rows: list[list[Any]] = [
-        [f"FT({name[3:]}) − {name[3:]}", *[_p2(e[k]) for k in SIZE_COLUMNS]] for name, e in u["finetunes"].items()
+        [f"FT({name[3:]}) − {name[3:]}", *[pct2(e[k]) for k in SIZE_COLUMNS]] for name, e in u["finetunes"].items()
     ]
     rows += [
-        [f"{k.replace('->', ' → ')} (version step)", *[_p2(e[c]) for c in SIZE_COLUMNS]]
+        [f"{k.replace('->', ' → ')} (version step)", *[pct2(e[c]) for c in SIZE_COLUMNS]]
         for k, e in u["version_steps"].items()
     ]
-    rows.append(["lang-FT(M4) − FT(M4)", *[_p2(u["language"][c]) for c in SIZE_COLUMNS]])
+    rows.append(["lang-FT(M4) − FT(M4)", *[pct2(u["language"][c]) for c in SIZE_COLUMNS]])
     rows += [
-        [f"`{name}` − {name[3:5]}", *[_p2(e[c]) for c in SIZE_COLUMNS]] for name, e in u["sweep_finetunes"].items()
+        [f"`{name}` − {name[3:5]}", *[pct2(e[c]) for c in SIZE_COLUMNS]] for name, e in u["sweep_finetunes"].items()
     ]
     return [
         "## Update sizes ‖Δ‖/‖W‖",
@@ -306,7 +306,7 @@ def _sweep(m: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
                 [
                     f"×{tag}",
                     pair,
-                    _p2(p["delta_rel_pct"]),
+                    pct2(p["delta_rel_pct"]),
                     p["base"],
                     p["finetuned"],
                     p["transfer"],
@@ -654,13 +654,13 @@ def design_targets(results: dict[str, Any]) -> list[str]:
         ],
         [
             f"fine-tuning deltas of the stage 2 versions, ‖Δ‖/‖W‖ ≤ {t['stage2_limit_pct']:g} % (every seed)",
-            f"{_p2(min(stage2))}–{_p2(max(stage2))} %" if stage2 else "–",
+            f"{pct2(min(stage2))}–{pct2(max(stage2))} %" if stage2 else "–",
             mark(bool(stage2) and max(stage2) <= t["stage2_limit_pct"]),
         ],
         ["bases' zero-shot scores above 0 (every seed)", f"lowest {_f(min(bases))}", mark(min(bases) > 0)],
         [
             f"(h) Δ sizes span at least {t['sweep_span']:g}×",
-            f"{_p2(min(sizes))}–{_p2(max(sizes))} %" if span else "–",
+            f"{pct2(min(sizes))}–{pct2(max(sizes))} %" if span else "–",
             mark(span is not None and span >= t["sweep_span"]),
         ],
         ["findings on at least 2 seeds", str(len(cfg["seeds"])), mark(len(cfg["seeds"]) >= 2)],

@@ -11,6 +11,7 @@ base has no "share of the gain", and dividing by it would print a number that me
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 #: Module types of :func:`ftrecycle.diagnose.geometry.module_type` that the sizes table shows, in order.
@@ -61,19 +62,30 @@ def rel_pct(x: float | None) -> float | None:
     return None if x is None else round(100.0 * x, 3)
 
 
-def gain_recovered_pct(transfer: float, base: float, finetuned: float) -> float | None:
+def gain_recovered_pct(transfer: float, base: float, finetuned: float, floor: float = 0.0) -> float | None:
     """Finding 1's recovery: ``(transfer − base) / (finetuned − base)`` in percent.
 
     Args:
         transfer: accuracy of Mj + Δi.
         base: accuracy of Mj.
         finetuned: accuracy of Mj fine-tuned directly (at the same settings as Δi).
+        floor: the smallest gain (points) that counts as one (see :func:`noise_points`).
 
     Returns:
-        The share in percent (one decimal), or None when fine-tuning did not gain over the base.
+        The share in percent (one decimal), or None when fine-tuning gained no more than ``floor``.
     """
     gain = finetuned - base
-    return round(100.0 * (transfer - base) / gain, 1) if gain > 0 else None
+    return round(100.0 * (transfer - base) / gain, 1) if gain > max(floor, 0.0) else None
+
+
+def noise_points(accuracy: float, items: int) -> float:
+    """Two binomial standard errors of an accuracy (percent) measured on ``items`` problems, in points.
+
+    A fine-tuning gain below it is test noise: a share of it (a recovery of -167 % from a gain of 0.3
+    points, measured) would mean nothing.
+    """
+    p = min(max(accuracy / 100.0, 0.0), 1.0)
+    return 200.0 * math.sqrt(p * (1.0 - p) / max(items, 1))
 
 
 def share_pct(value: float, reference: float) -> float | None:
@@ -103,6 +115,7 @@ def sweep_pair(
     finetuned: float,
     transfer: float,
     compressed: dict[str, dict[str, float]],
+    floor: float = 0.0,
 ) -> dict[str, Any]:
     """One (scale, pair) row of (h): the source Δ's size, the accuracies and every share derived from them.
 
@@ -112,6 +125,7 @@ def sweep_pair(
         finetuned: accuracy of Mj fine-tuned directly at this scale.
         transfer: accuracy of Mj + Δi (full float32 Δ).
         compressed: per compression spec, ``{"accuracy", "ratio"}`` of Mj + Δi stored compressed.
+        floor: gains (of fine-tuning, or of the dense transfer) at or below it give no share (test noise).
 
     Returns:
         The inputs, ``recovery_pct`` (share of the gain), ``of_ft_pct`` (share of the fine-tuned score),
@@ -123,7 +137,7 @@ def sweep_pair(
         "base": base,
         "finetuned": finetuned,
         "transfer": transfer,
-        "recovery_pct": gain_recovered_pct(transfer, base, finetuned),
+        "recovery_pct": gain_recovered_pct(transfer, base, finetuned, floor),
         "of_ft_pct": share_pct(transfer, finetuned),
         "compressed": {
             spec: {
@@ -131,7 +145,7 @@ def sweep_pair(
                 "ratio": round(c["ratio"], 2),
                 # the share of the dense transfer's gain over the target that the compressed one keeps: a
                 # ratio of accuracies would sit near 100 % whenever Δ does little, whatever the compression
-                "of_dense_pct": gain_recovered_pct(c["accuracy"], base, transfer),
+                "of_dense_pct": gain_recovered_pct(c["accuracy"], base, transfer, floor),
             }
             for spec, c in compressed.items()
         },

@@ -133,6 +133,7 @@ class Problem:
 
     @property
     def answer_value(self) -> int:
+        """The asked person's amount at the end: the answer after ``####``."""
         return self.values()[-1]
 
 
