@@ -173,7 +173,7 @@ def lab_run(r: dict[str, Any]) -> list[str]:
         ["model parameters", f"{r['parameters']:,} (hidden {c['model']['hidden']}, layers {c['model']['layers']})"],
         ["fine-tuning / test problems", f"{c['train_items']:,} / {c['test_items']:,}"],
         ["one test problem", f"{100 / c['test_items']:.2f} points"],
-        ["wall time (s)", _f(r["seconds"], 0)],
+        ["wall time of the call that wrote it (s)", _f(r["seconds"], 0)],
         ["evidence", "yes" if r.get("evidence") else "**no** (a smoke run, or findings with no signal)"],
     ]
     return _table(["lab run", ""], rows)
@@ -241,8 +241,9 @@ def lab_measures(r: dict[str, Any]) -> list[str]:
     return [
         *_table(["Mj + Δi", "% of FT(Mj)'s score", "% of FT's gain recovered", "pairs with a gain"], rows),
         "",
-        "Seed mean of each seed's mean over the group's pairs (± the spread, max − min over the seeds); the gain "
-        "share is undefined for a pair where FT(Mj) ≤ Mj and left out of its group's mean.",
+        "Computed from the seed-mean accuracies, as the findings are, and averaged over the group's pairs (± the "
+        "spread, max − min of the same number computed on each seed alone); the gain share is undefined for a pair "
+        "where FT(Mj) ≤ Mj and left out of its group's mean.",
     ]
 
 
@@ -258,6 +259,18 @@ def lab_timing(r: dict[str, Any]) -> list[str]:
         "",
         f"Wall time {_f(t['wall_s'], 0)} s with {t['workers']} worker(s); the jobs' own seconds add up to "
         f"{_f(t['job_s'], 0)} s.",
+        "",
+        *_seeds_floor(t, len(r["config"]["seeds"])),
+    ]
+
+
+def _seeds_floor(t: dict[str, Any], seeds: int) -> list[str]:
+    """The least wall time more seeds can take: their jobs' seconds shared over the workers (one core each)."""
+    per_seed = t["job_s"] / seeds
+    floors = ", ".join(f"{n} seed{'s' * (n > 1)} ≥ {per_seed * n / t['workers']:.0f} s" for n in (1, 2, 3))
+    return [
+        f"One seed's jobs add up to {per_seed:.0f} s; with {t['workers']} workers on as many cores no run can take "
+        f"less than its jobs' seconds over the workers: {floors} (before installing and reporting)."
     ]
 
 
@@ -393,6 +406,7 @@ TABLES: dict[str, Table] = {
     "diagnose-1b": _bench("diagnose-1b", "bench_diagnose.py --json ...", diagnose_bench),
     "ddp-cpu": _bench("ddp-cpu", "bench_ddp.py", ddp_bench),
     "lab-run": Table(LAB_TINY, LAB_COMMAND, lab_run),
+    "lab-demo-targets": Table(LAB_TINY, LAB_COMMAND, lab_targets, explain=False),
     "lab-seeds-run": Table(LAB_SEEDS, LAB_SEEDS_COMMAND, lab_run),
     "lab-findings": Table(LAB_SEEDS, LAB_SEEDS_COMMAND, lab_findings, explain=False),
     "lab-transfer": Table(LAB_SEEDS, LAB_SEEDS_COMMAND, lab_transfer, explain=False),

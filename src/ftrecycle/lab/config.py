@@ -111,10 +111,11 @@ class LabConfig:
 
 
 PRESETS: dict[str, LabConfig] = {
-    # The README's main command, sized for a 2-core laptop: one seed within 15 minutes (docs/lab.md says why
-    # not two: measured, a second seed's jobs do not fit).
+    # The README's main command, sized for a 2-core laptop: one seed within 15 minutes. Not two: one seed's
+    # jobs add up to nearly that budget in seconds (docs/lab.md, "Where the time goes"), so two cannot fit.
     "tiny": LabConfig(),
-    # The tiny run on three seeds with a larger test set: the spread behind each finding (CPU, about an hour).
+    # The tiny run on three seeds with a larger test set: the spread behind each finding (CPU; three times the
+    # tiny run's job seconds over the cores, at least).
     "small": LabConfig(preset="small", test_items=1000, seeds=(0, 1, 2)),
     # One GPU: a wider, deeper model, longer pretraining and fine-tuning, five seeds (not validated on CPU).
     "gpu": LabConfig(

@@ -447,8 +447,9 @@ def _measures(m: dict[str, Any], spread: dict[str, Any], paper: dict[str, Any]) 
     theirs = [[name, v["ft_score_pct"], v["gain_recovered_pct"]] for name, v in field.items()]
     return [
         "In the field's two measures: Mj + Δi as % of FT(Mj)'s score, and % of fine-tuning's gain recovered, "
-        "(Mj + Δi − Mj) / (FT(Mj) − Mj), undefined where FT(Mj) ≤ Mj. Each is computed per seed; the table shows "
-        "the mean of the seeds' values over the pairs where it is defined, and its spread (max − min over the seeds):",
+        "(Mj + Δi − Mj) / (FT(Mj) − Mj), undefined where FT(Mj) ≤ Mj. The table computes them from the seed-mean "
+        "accuracies, as the findings are, averaged over the pairs where they are defined; the spread is max − min of "
+        "the same numbers computed on each seed alone:",
         "",
         *_table(
             ["pairs", "% of FT score", "spread", "% of gain recovered", "spread", "pairs with a gain"],
