@@ -34,7 +34,15 @@ from ftrecycle.lab.report import design_targets, plots, render
 from ftrecycle.lab.run import JOB_KINDS, job_kind, rebuild_report, timing
 from ftrecycle.lab.scheduler import Job, JobFailed, job_seconds, run_jobs, time_file
 from ftrecycle.lab.signals import spearman
-from ftrecycle.lab.sizes import gain_recovered_pct, lr_ratios, noise_points, share_pct, sizes_entry, sweep_pair
+from ftrecycle.lab.sizes import (
+    gain_recovered_pct,
+    lr_ratios,
+    noise_points,
+    share_pct,
+    sizes_entry,
+    sweep_of_means,
+    sweep_pair,
+)
 
 V = ("M1", "M2", "M3", "M4", "M5")
 
@@ -410,6 +418,18 @@ def test_gain_recovered_and_share_of_ft():
     assert gain_recovered_pct(transfer=60.0, base=46.2, finetuned=75.2, floor=noise_points(46.2, 400)) == 47.6
     assert share_pct(45.0, 60.0) == 75.0
     assert share_pct(45.0, 0.0) is None and share_pct(0.0, -1.0) is None
+
+
+def test_sweep_shares_of_the_mean_come_from_mean_accuracies():
+    comp = {"lowrank:ratio=8": {"accuracy": 30.0, "ratio": 7.9}}
+    seeds = [
+        sweep_pair(5.0, base=20.0, finetuned=60.0, transfer=40.0, compressed=comp),  # recovers 50 %
+        sweep_pair(5.0, base=40.0, finetuned=39.0, transfer=40.0, compressed=comp),  # no gain: undefined
+    ]
+    mean = combine([{"1": {"scale": 1.0, "lr": 1e-4, "pairs": {"M5+Δ4": r}}} for r in seeds], "mean")
+    assert mean["1"]["pairs"]["M5+Δ4"]["recovery_pct"] is None  # a mean of shares has no value here
+    row = sweep_of_means(mean, 400)["1"]["pairs"]["M5+Δ4"]
+    assert row["recovery_pct"] == pytest.approx(100 * (40 - 30) / (49.5 - 30), abs=0.05)  # from mean accuracies
 
 
 def test_sweep_pair_derives_every_share_from_its_inputs():

@@ -23,6 +23,7 @@ from ftrecycle.lab.jobs import data_files
 from ftrecycle.lab.report import TARGETS, not_evidence, plots, render
 from ftrecycle.lab.scheduler import Job, Progress, StaleCache, job_seconds, run_jobs, stale_jobs, write_json_atomic
 from ftrecycle.lab.signals import diagnostics_summary
+from ftrecycle.lab.sizes import sweep_of_means
 
 CONFIG_FILE = "lab-config.json"
 RESULTS = "results.json"
@@ -254,6 +255,8 @@ def _run_locked(cfg: LabConfig, root: Path, force: bool, progress: Progress | No
     # the measures of the mean are computed from the mean accuracies, as the findings are (a mean of per-seed
     # shares would skip a seed where a gain is undefined and disagree with finding 1 on the same pair)
     mean["measures"] = transfer_measures(mean)
+    if "sweep" in mean:
+        mean["sweep"] = sweep_of_means(mean["sweep"], cfg.test_items)
     findings = all_findings(mean, cfg.ft_steps)
     seed_findings = [all_findings(s, cfg.ft_steps) for s in seeds]
     by_seed: dict[str, list[bool]] = {str(f["id"]): [] for f in findings}

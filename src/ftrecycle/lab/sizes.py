@@ -152,6 +152,34 @@ def sweep_pair(
     }
 
 
+def sweep_of_means(sweep: dict[str, Any], items: int) -> dict[str, Any]:
+    """(h)'s shares recomputed from seed-mean accuracies, as the findings are (not a mean of per-seed shares,
+    which skips a seed where a share is undefined and disagrees with finding 1 on scale 1's pairs).
+
+    Args:
+        sweep: the seed mean of :func:`sweep_pair` rows, ``{scale: {"scale", "lr", "pairs": {pair: row}}}``.
+        items: test problems per accuracy (for the noise floor).
+
+    Returns:
+        The same structure with every share derived again from its row's mean accuracies.
+    """
+    out: dict[str, Any] = {}
+    for tag, sc in sweep.items():
+        pairs = {
+            name: sweep_pair(
+                p["delta_rel_pct"],
+                p["base"],
+                p["finetuned"],
+                p["transfer"],
+                {spec: {"accuracy": c["accuracy"], "ratio": c["ratio"]} for spec, c in p["compressed"].items()},
+                floor=noise_points(p["base"], items),
+            )
+            for name, p in sc["pairs"].items()
+        }
+        out[tag] = {**sc, "pairs": pairs}
+    return out
+
+
 def lr_ratios(ft_lr: float, pretrain_lr: float, stage2_lr: float) -> dict[str, float]:
     """How many times smaller than the pretraining peaks the fine-tuning rate is, beside the paper's.
 
