@@ -397,6 +397,11 @@ def _bench(name: str, script: str, render: Callable[[Any], list[str]]) -> Table:
     return Table(f"{BENCH}/{name}.json", f"`.venv/bin/python benchmarks/{script}`", render)
 
 
+def _two_seeds(render: Callable[[Any], list[str]]) -> Table:
+    """A table of the two-seed lab run, after the first one on its page."""
+    return Table(LAB_SEEDS, LAB_SEEDS_COMMAND, render, explain=False)
+
+
 TABLES: dict[str, Table] = {
     "transfer-1b": _bench("transfer-1b", "bench_transfer.py --rounds 5 --json ...", transfer_bench),
     "transfer-1b-no-mergekit": _bench(
@@ -408,18 +413,18 @@ TABLES: dict[str, Table] = {
     "lab-run": Table(LAB_TINY, LAB_COMMAND, lab_run),
     "lab-demo-targets": Table(LAB_TINY, LAB_COMMAND, lab_targets, explain=False),
     "lab-seeds-run": Table(LAB_SEEDS, LAB_SEEDS_COMMAND, lab_run),
-    "lab-findings": Table(LAB_SEEDS, LAB_SEEDS_COMMAND, lab_findings, explain=False),
-    "lab-transfer": Table(LAB_SEEDS, LAB_SEEDS_COMMAND, lab_transfer, explain=False),
-    "lab-recycle": Table(LAB_SEEDS, LAB_SEEDS_COMMAND, lab_recycle, explain=False),
-    "lab-iterative": Table(LAB_SEEDS, LAB_SEEDS_COMMAND, lab_iterative, explain=False),
-    "lab-language": Table(LAB_SEEDS, LAB_SEEDS_COMMAND, lab_language, explain=False),
-    "lab-diagnostics": Table(LAB_SEEDS, LAB_SEEDS_COMMAND, lab_diagnostics, explain=False),
-    "lab-compression": Table(LAB_SEEDS, LAB_SEEDS_COMMAND, lab_compression, explain=False),
-    "lab-targets": Table(LAB_SEEDS, LAB_SEEDS_COMMAND, lab_targets, explain=False),
-    "lab-sizes": Table(LAB_SEEDS, LAB_SEEDS_COMMAND, lab_sizes, explain=False),
-    "lab-sweep": Table(LAB_SEEDS, LAB_SEEDS_COMMAND, lab_sweep, explain=False),
-    "lab-findings-seeds": Table(LAB_SEEDS, LAB_SEEDS_COMMAND, lab_findings_seeds, explain=False),
-    "lab-measures": Table(LAB_SEEDS, LAB_SEEDS_COMMAND, lab_measures, explain=False),
+    "lab-findings": _two_seeds(lab_findings),
+    "lab-transfer": _two_seeds(lab_transfer),
+    "lab-recycle": _two_seeds(lab_recycle),
+    "lab-iterative": _two_seeds(lab_iterative),
+    "lab-language": _two_seeds(lab_language),
+    "lab-diagnostics": _two_seeds(lab_diagnostics),
+    "lab-compression": _two_seeds(lab_compression),
+    "lab-targets": _two_seeds(lab_targets),
+    "lab-sizes": _two_seeds(lab_sizes),
+    "lab-sweep": _two_seeds(lab_sweep),
+    "lab-findings-seeds": _two_seeds(lab_findings_seeds),
+    "lab-measures": _two_seeds(lab_measures),
     "lab-timing": Table(LAB_TINY, LAB_COMMAND, lab_timing, explain=False),
 }
 
