@@ -133,14 +133,17 @@ def _across_text(key: dict[str, dict[str, Any]]) -> str:
     return "; ".join(parts)
 
 
-def _findings(findings: list[dict[str, Any]], per_seed: dict[str, list[bool]], across: dict[str, Any]) -> list[str]:
+def _findings(
+    findings: list[dict[str, Any]], per_seed: dict[str, list[bool]], across: dict[str, Any] | None = None
+) -> list[str]:
+    """The findings table; ``across`` (results' ``findings_across_seeds``) adds each finding's key numbers."""
     head = ["#", "finding", "verdict (seed mean)", "seeds passing", "numbers (seed mean)"]
     lines = ["| " + " | ".join([*head, "key numbers: mean of seeds (min–max)"]) + " |", "|---" * 6 + "|"]
     for f in findings:
         txt = _FINDING_TEXT.get(f["id"], _compression_text)(f["numbers"])
         seeds = per_seed.get(str(f["id"]), [])
         verdict = f"**{'PASS' if f['passed'] else 'FAIL'}**" + (" (no signal)" if f.get("no_signal") else "")
-        a = across.get(str(f["id"]))
+        a = (across or {}).get(str(f["id"]))
         spread = _across_text(a["key"]) if a is not None else "–"
         lines.append(f"| {f['id']} | {f['claim']} | {verdict} | {sum(seeds)} of {len(seeds)} | {txt} | {spread} |")
     return lines
