@@ -42,6 +42,7 @@ from ftrecycle.codecs.base import (
     Job,
     Packed,
     PartSpec,
+    Probe,
     Reader,
     Writer,
     part_name,
@@ -62,15 +63,18 @@ __all__ = [
     "Job",
     "Packed",
     "PartSpec",
+    "Probe",
     "Reader",
     "Writer",
     "decode",
     "encode",
     "energy_rank",
     "layout",
+    "needs_first_pass",
     "packed_nbytes",
     "parse_compression",
     "part_name",
+    "resolve",
     "state_bytes",
 ]
 
@@ -83,10 +87,36 @@ MAX_RANK = 2**20
 MAX_RATIO = 1e6
 
 
-def _options(text: str, method: str, rest: str) -> dict[str, float]:
-    """The ``key=value`` parameters of a spec, each allowed for its method, given once, finite."""
-    allowed = CODECS[method].params
-    opts: dict[str, float] = {}
+#: parameters whose values are whole numbers, and those whose values are words
+INT_PARAMS = frozenset({"rank", "group"})
+WORD_PARAMS: dict[str, tuple[str, ...]] = {"axis": ("row", "col")}
+
+
+def _value(text: str, key: str, value: str) -> float | str:
+    """One parameter's value: a finite number, or one of the words the parameter takes."""
+    if key in WORD_PARAMS:
+        if value not in WORD_PARAMS[key]:
+            raise ConfigError(f"--compress {text!r:.80}: {key} must be one of {', '.join(WORD_PARAMS[key])}")
+        return value
+    try:
+        number = float(value)
+    except ValueError as e:
+        raise ConfigError(f"--compress {text!r:.80}: {key} must be a number") from e
+    if not math.isfinite(number):
+        raise ConfigError(f"--compress {text!r:.80}: {key} must be a finite number")
+    if key in INT_PARAMS and not (number.is_integer() and 1 <= number <= MAX_RANK):
+        raise ConfigError(f"--compress {text!r:.80}: {key} must be a positive integer of at most {MAX_RANK}")
+    return int(number) if key in INT_PARAMS else number
+
+
+def _options(text: str, method: str, rest: str) -> dict[str, float | str]:
+    """The ``key=value`` parameters of a spec, each allowed for its method, given once, valid.
+
+    Exactly one of the method's ``params`` (when it has any), any of its ``extra`` ones.
+    """
+    codec = CODECS[method]
+    allowed = codec.params + codec.extra
+    opts: dict[str, float | str] = {}
     for item in filter(None, rest.split(",")):
         key, eq, value = item.partition("=")
         if not eq or key not in allowed:
@@ -94,20 +124,18 @@ def _options(text: str, method: str, rest: str) -> dict[str, float]:
             raise ConfigError(f"--compress {text!r:.80}: {method} takes {names}")
         if key in opts:
             raise ConfigError(f"--compress {text!r:.80}: {key} is given twice; give it once")
-        try:
-            opts[key] = float(value)
-        except ValueError as e:
-            raise ConfigError(f"--compress {text!r:.80}: {key} must be a number") from e
-        if not math.isfinite(opts[key]):
-            raise ConfigError(f"--compress {text!r:.80}: {key} must be a finite number")
-    if allowed and len(opts) != 1:
-        raise ConfigError(f"--compress {text!r:.80}: give exactly one of {', '.join(allowed)}")
+        opts[key] = _value(text, key, value)
+    if codec.params and sum(k in opts for k in codec.params) != 1:
+        raise ConfigError(f"--compress {text!r:.80}: give exactly one of {', '.join(codec.params)}")
     return opts
 
 
 def parse_compression(text: str | Compression | None) -> Compression | None:
-    """Parse ``lowrank:rank=64``, ``lowrank:energy=0.9``, ``lowrank:ratio=16``, ``sparse:density=0.05``,
-    ``sparse:ratio=16``, ``int8``, ``sign`` or ``none``.
+    """Parse a ``--compress`` spec: ``METHOD`` or ``METHOD:key=value,...`` (see :data:`METHODS`
+    and each codec's module), or ``none``.
+
+    Examples: ``lowrank:rank=64``, ``lowrank:energy=0.9``, ``lowrank:ratio=16``,
+    ``sparse:density=0.05``, ``int8``, ``sign``, ``sign:axis=row``.
 
     Args:
         text: the spec, a parsed one (returned as is), or None.
@@ -126,21 +154,19 @@ def parse_compression(text: str | Compression | None) -> Compression | None:
     if method not in CODECS:
         raise ConfigError(f"--compress {text!r:.80}: unknown method {method!r:.40}; choose one of {', '.join(METHODS)}")
     opts = _options(text, method, rest)
-    rank = opts.get("rank")
-    if rank is not None and not (rank.is_integer() and 1 <= rank <= MAX_RANK):
-        raise ConfigError(f"--compress {text!r:.80}: rank must be a positive integer of at most {MAX_RANK}")
     ratio = opts.get("ratio")
-    if ratio is not None and ratio > MAX_RATIO:
-        raise ConfigError(f"--compress {text!r:.80}: ratio must be at most {MAX_RATIO:g}")
-    c = Compression(method, **{k: (int(v) if k == "rank" else v) for k, v in opts.items()})  # type: ignore[arg-type]
-    if c.rank is not None and (c.rank < 1 or c.rank != opts.get("rank")):
-        raise ConfigError(f"--compress {text!r:.80}: rank must be a positive integer")
+    if isinstance(ratio, float) and not 1 < ratio <= MAX_RATIO:
+        raise ConfigError(f"--compress {text!r:.80}: ratio must be above 1 and at most {MAX_RATIO:g}")
+    c = Compression(method, **opts)  # type: ignore[arg-type]
     if c.energy is not None and not 0 < c.energy <= 1:
         raise ConfigError(f"--compress {text!r:.80}: energy must be in (0, 1]")
     if c.density is not None and not 0 < c.density < 1:
         raise ConfigError(f"--compress {text!r:.80}: density must be in (0, 1)")
-    if c.ratio is not None and not c.ratio > 1:
-        raise ConfigError(f"--compress {text!r:.80}: ratio must be above 1")
+    if c.bits is not None and not 0 < c.bits <= 32:
+        raise ConfigError(f"--compress {text!r:.80}: bits must be in (0, 32]")
+    check = CODECS[method].check
+    if check is not None:
+        check(c)
     return c
 
 
@@ -148,17 +174,16 @@ def _nbytes(parts: dict[str, PartSpec]) -> int:
     return sum(dt.itemsize * math.prod(shape) for dt, shape in parts.values())
 
 
-def layout(spec: Compression, shape: tuple[int, ...], dtype: DType, *, rank: int | None = None) -> dict[str, PartSpec]:
+def layout(spec: Compression, shape: tuple[int, ...], dtype: DType) -> dict[str, PartSpec]:
     """The parts storing a tensor of ``shape`` under ``spec`` ({} when stored dense).
 
     A tensor stays dense when it is not 2-D or when the compressed form would not be
     smaller.
 
     Args:
-        spec: the setting.
+        spec: the setting, as :func:`resolve` gave it for this tensor.
         shape: the tensor's shape.
         dtype: the delta's dtype (of the float parts).
-        rank: the rank found for a ``lowrank:energy`` spec.
 
     Returns:
         Part name -> (dtype, shape).
@@ -172,7 +197,7 @@ def layout(spec: Compression, shape: tuple[int, ...], dtype: DType, *, rank: int
     if codec is None:
         raise ConfigError(f"unknown compression method {spec.method!r}")
     m, n = shape
-    parts = codec.layout(spec, m, n, dtype, rank)
+    parts = codec.layout(spec, m, n, dtype)
     return parts if parts and _nbytes(parts) < m * n * dtype.itemsize else {}
 
 
@@ -185,8 +210,6 @@ def encode(
     dtype: DType,
     ct: np.dtype[Any],
     block: int,
-    *,
-    rank: int | None = None,
 ) -> Encoded:
     """Compress one diff tensor laid out by :func:`layout` (non-empty), streaming its rows.
 
@@ -199,18 +222,36 @@ def encode(
         dtype: the delta's dtype.
         ct: the compute dtype.
         block: elements per row block (memory is a few blocks plus the result).
-        rank: the rank found for a ``lowrank:energy`` spec.
 
     Returns:
         The diff's norm and the relative error of what was stored.
     """
-    parts = layout(spec, shape, dtype, rank=rank)
+    parts = layout(spec, shape, dtype)
     return CODECS[spec.method].encode(Job(read, write, name, shape, parts, dtype, ct, block))
 
 
-def state_bytes(method: str, shape: tuple[int, int], rank: int, itemsize: int, block: int) -> int:
-    """Bytes an encoder holds for one tensor, beyond the reader's buffers (an upper estimate)."""
-    return CODECS[method].state_bytes(shape, rank, itemsize, block)
+def state_bytes(method: str, parts: dict[str, PartSpec], shape: tuple[int, int], itemsize: int, block: int) -> int:
+    """Bytes an encoder holds for one tensor laid out as ``parts``, beyond the reader's buffers (an upper estimate)."""
+    return CODECS[method].state_bytes(parts, shape, itemsize, block)
+
+
+def resolve(spec: Compression, probe: Probe) -> Compression | None:
+    """The setting of one tensor: its codec's first pass (``resolve``) where it has one, else ``spec``.
+
+    Args:
+        spec: the user's setting.
+        probe: the tensor.
+
+    Returns:
+        The tensor's concrete setting, or None to store it dense.
+    """
+    first = CODECS[spec.method].resolve
+    return spec if first is None else first(spec, probe)
+
+
+def needs_first_pass(spec: Compression) -> bool:
+    """Whether :func:`resolve` reads the tensors (a first pass before the layout is planned)."""
+    return CODECS[spec.method].resolve is not None
 
 
 def decode(p: Packed, start: int, count: int, out: np.ndarray, cache: dict[Any, Any]) -> np.ndarray:

@@ -35,13 +35,22 @@ Expected = dict[str, tuple[frozenset[DType], tuple[int, ...]]]
 class Compression:
     """A ``--compress`` setting.
 
+    A user's spec names a method and its parameters; the first pass over a tensor (a codec's
+    ``resolve``) may turn it into the concrete setting of that one tensor (``lowrank:energy``
+    -> the rank found; ``auto`` -> the method and parameters chosen; a variable-size codec ->
+    ``nbytes``).
+
     Attributes:
-        method: ``lowrank``, ``sparse``, ``int8`` or ``sign``.
-        rank: lowrank: the rank of every matrix.
+        method: a registered method (see :data:`ftrecycle.codecs.METHODS`).
+        rank: lowrank (and methods with a low-rank part): the rank of every matrix.
         energy: lowrank: the smallest rank keeping this fraction of each matrix's squared norm.
-        ratio: lowrank or sparse: the rank or density that makes each matrix this many times
-            smaller than it is dense in the delta's dtype.
+        ratio: the setting that makes each matrix this many times smaller than it is dense in
+            the delta's dtype.
         density: sparse: the fraction of entries kept (largest magnitudes).
+        bits: bits per stored value (quantizing methods), or per parameter on average (budgets).
+        group: quantizing methods: values sharing one scale.
+        axis: sign: ``row`` or ``col``, one scale per row or column (default: one per matrix).
+        nbytes: found by a first pass, not given by users: the bytes a variable-size part takes.
     """
 
     method: str
@@ -49,15 +58,51 @@ class Compression:
     energy: float | None = None
     ratio: float | None = None
     density: float | None = None
+    bits: float | None = None
+    group: int | None = None
+    axis: str | None = None
+    nbytes: int | None = None
 
     def __str__(self) -> str:
-        opts = [f"{k}={v:g}" for k, v in self.options().items()]
+        opts = [f"{k}={v:g}" if isinstance(v, float | int) else f"{k}={v}" for k, v in self.options().items()]
         return self.method + (":" + ",".join(opts) if opts else "")
 
-    def options(self) -> dict[str, float]:
-        """The parameters that are set."""
-        found = {"rank": self.rank, "energy": self.energy, "ratio": self.ratio, "density": self.density}
+    def options(self) -> dict[str, float | str]:
+        """The parameters that are set (``nbytes`` included)."""
+        found = {
+            "rank": self.rank,
+            "energy": self.energy,
+            "ratio": self.ratio,
+            "density": self.density,
+            "bits": self.bits,
+            "group": self.group,
+            "axis": self.axis,
+            "nbytes": self.nbytes,
+        }
         return {k: v for k, v in found.items() if v is not None}
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One tensor as a codec's first pass (``resolve``) sees it.
+
+    Attributes:
+        read: the dense diff, by flat element range, in ``ct``.
+        name: the tensor's name.
+        shape: (m, n).
+        dtype: the delta's dtype (of the float parts).
+        ct: the compute dtype.
+        block: elements per row block.
+        memory: bytes the first pass may hold for this tensor (beyond the reader's buffers).
+    """
+
+    read: Reader
+    name: str
+    shape: tuple[int, int]
+    dtype: DType
+    ct: np.dtype[Any]
+    block: int
+    memory: int
 
 
 @dataclass(frozen=True)
@@ -127,23 +172,35 @@ class Codec:
         name: the method's name in ``--compress`` and in the manifest.
         params: the spec parameters it takes (exactly one of them when any).
         parts: the names of the parts it stores.
-        layout: ``(spec, m, n, dtype, rank) -> parts`` for an (m, n) matrix, {} when it cannot
-            store one (``rank``: the one found for ``lowrank:energy``).
+        layout: ``(spec, m, n, dtype) -> parts`` for an (m, n) matrix, {} when it cannot store
+            one (the spec as :attr:`resolve` gave it for this tensor).
         encode: ``(job) -> Encoded``, the parts written through ``job.write``.
         decode: ``(packed, start, count, out, cache) -> out``, elements ``[start, start + count)``.
-        state_bytes: ``(shape, rank, itemsize, block) -> bytes`` the encoder holds (an upper estimate).
+        state_bytes: ``(parts, shape, itemsize, block) -> bytes`` the encoder holds (an upper estimate).
         expect: ``(m, n, stored parts) -> Expected``: the dtypes and shape each stored part must
             have (the rank or entry count read from the parts themselves), checked before any read.
+        extra: optional spec parameters, besides the one of ``params`` (``group``, ``axis``).
+        check: ``(spec) -> None`` raising :class:`~ftrecycle.errors.ConfigError` on parameter
+            values out of this method's range (the parser checks the common ones).
+        resolve: ``(spec, probe) -> spec or None``: a first pass over one tensor before the
+            layout is planned, giving its concrete setting (None: store it dense); absent: the
+            spec applies as is.
+
+    Decoding depends only on the stored parts (their dtypes, shapes and values), never on
+    the manifest's spec: a codec's parameters are read back from its parts.
     """
 
     name: str
     params: tuple[str, ...]
     parts: frozenset[str]
-    layout: Callable[[Compression, int, int, DType, int | None], dict[str, PartSpec]]
+    layout: Callable[[Compression, int, int, DType], dict[str, PartSpec]]
     encode: Callable[[Job], Encoded]
     decode: Callable[[Packed, int, int, np.ndarray, dict[Any, Any]], np.ndarray]
-    state_bytes: Callable[[tuple[int, int], int, int, int], int]
+    state_bytes: Callable[[dict[str, PartSpec], tuple[int, int], int, int], int]
     expect: Callable[[int, int, dict[str, TensorInfo]], Expected]
+    extra: tuple[str, ...] = ()
+    check: Callable[[Compression], None] | None = None
+    resolve: Callable[[Compression, Probe], Compression | None] | None = None
 
 
 def part_name(name: str, part: str) -> str:

@@ -35,7 +35,7 @@ from ftrecycle.dtypes import F32, I8, DType
 from ftrecycle.io.safetensors_format import TensorInfo
 
 
-def layout(spec: Compression, m: int, n: int, dtype: DType, rank: int | None) -> dict[str, PartSpec]:
+def layout(spec: Compression, m: int, n: int, dtype: DType) -> dict[str, PartSpec]:
     """Parts ``q`` (m, n) int8 and ``scale`` (m,) float32."""
     return {"q": (I8, (m, n)), "scale": (F32, (m,))}
 
@@ -68,7 +68,7 @@ def decode(p: Packed, start: int, count: int, out: np.ndarray, cache: dict[Any, 
     return out
 
 
-def state_bytes(shape: tuple[int, int], rank: int, itemsize: int, block: int) -> int:
+def state_bytes(parts: dict[str, PartSpec], shape: tuple[int, int], itemsize: int, block: int) -> int:
     """Bytes the encoder holds: the scales and row blocks."""
     rows = row_block_bytes(itemsize, block)
     return 4 * shape[0] + 2 * rows

@@ -30,6 +30,7 @@ from ftrecycle.codecs.base import (
     Job,
     Packed,
     PartSpec,
+    Probe,
     Reader,
     Writer,
     blocks,
@@ -55,16 +56,15 @@ POWER_ITERATIONS = 2
 _BLOCK_ELEMENTS = 1 << 16
 
 
-def layout(spec: Compression, m: int, n: int, dtype: DType, rank: int | None) -> dict[str, PartSpec]:
-    """Parts ``a`` (m, r) and ``b`` (r, n) for the rank the spec asks (or ``rank``, found for energy)."""
+def layout(spec: Compression, m: int, n: int, dtype: DType) -> dict[str, PartSpec]:
+    """Parts ``a`` (m, r) and ``b`` (r, n) for the rank the spec asks (``lowrank:energy`` is resolved
+    to a rank by :func:`resolve` first)."""
     if spec.rank is not None:
         r = spec.rank
     elif spec.ratio is not None:
         r = int(m * n / (spec.ratio * (m + n)))
-    elif rank is not None:
-        r = rank
     else:
-        raise ValueError("lowrank:energy needs the rank found for the tensor")
+        raise ValueError("lowrank:energy needs the rank found for the tensor (resolve it first)")
     r = min(r, m, n)
     return factor_parts(m, n, r, dtype) if r >= 1 else {}
 
@@ -256,9 +256,10 @@ def _lowrank_rows(a: np.ndarray, b: np.ndarray, skip: int, count: int, out: np.n
         out[lo - skip : hi - skip] = s.reshape(-1)[lo - i * n : hi - i * n]
 
 
-def state_bytes(shape: tuple[int, int], rank: int, itemsize: int, block: int) -> int:
+def state_bytes(parts: dict[str, PartSpec], shape: tuple[int, int], itemsize: int, block: int) -> int:
     """Bytes the encoder holds: the sketch and its QR factors, or the whole matrix for an exact SVD."""
     m, n = shape
+    rank = parts["a"][1][1]
     rows = row_block_bytes(itemsize, block)
     k = min(rank + OVERSAMPLE, m, n)
     if exact(m, n, k):
@@ -273,6 +274,26 @@ def expect(m: int, n: int, parts: dict[str, TensorInfo]) -> Expected:
     return {"a": (FLOAT_DTYPES, (m, max(r, 1))), "b": (frozenset({a.dtype}), (r, n))}
 
 
+def resolve(spec: Compression, probe: Probe) -> Compression | None:
+    """``lowrank:energy``: the rank found by :func:`energy_rank` within the probe's memory (None:
+    store the tensor dense); other specs as they are."""
+    if spec.energy is None:
+        return spec
+    m, n = probe.shape
+    it, wide = probe.ct.itemsize, max(probe.block, n)
+    max_k = max(0, probe.memory - 4 * wide * it - 16 * wide) // ((4 * m + 4 * n) * it)
+    r = energy_rank(probe.read, (m, n), spec.energy, probe.dtype, probe.ct, probe.name, probe.block, max_k)
+    return None if r is None else Compression("lowrank", rank=r)
+
+
 CODEC = Codec(
-    "lowrank", ("rank", "energy", "ratio"), frozenset({"a", "b"}), layout, encode, decode, state_bytes, expect
+    "lowrank",
+    ("rank", "energy", "ratio"),
+    frozenset({"a", "b"}),
+    layout,
+    encode,
+    decode,
+    state_bytes,
+    expect,
+    resolve=resolve,
 )

@@ -32,7 +32,7 @@ from ftrecycle.dtypes import F32, U8, DType
 from ftrecycle.io.safetensors_format import TensorInfo
 
 
-def layout(spec: Compression, m: int, n: int, dtype: DType, rank: int | None) -> dict[str, PartSpec]:
+def layout(spec: Compression, m: int, n: int, dtype: DType) -> dict[str, PartSpec]:
     """Parts ``bits`` (one bit per element) and ``scale`` (1,) float32."""
     return {"bits": (U8, ((m * n + 7) // 8,)), "scale": (F32, (1,))}
 
@@ -70,7 +70,7 @@ def decode(p: Packed, start: int, count: int, out: np.ndarray, cache: dict[Any, 
     return out
 
 
-def state_bytes(shape: tuple[int, int], rank: int, itemsize: int, block: int) -> int:
+def state_bytes(parts: dict[str, PartSpec], shape: tuple[int, int], itemsize: int, block: int) -> int:
     """Bytes the encoder holds: two row blocks."""
     rows = row_block_bytes(itemsize, block)
     return 2 * rows

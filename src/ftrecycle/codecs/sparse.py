@@ -49,7 +49,7 @@ def index_dtype(n: int) -> DType:
     return U16 if n <= 2**16 else I32
 
 
-def layout(spec: Compression, m: int, n: int, dtype: DType, rank: int | None) -> dict[str, PartSpec]:
+def layout(spec: Compression, m: int, n: int, dtype: DType) -> dict[str, PartSpec]:
     """Parts of the ``k`` entries the spec asks (none when ``k`` < 1)."""
     if spec.density is not None:
         k = max(1, round(spec.density * m * n))
@@ -139,7 +139,7 @@ def decode(p: Packed, start: int, count: int, out: np.ndarray, cache: dict[Any, 
     return out
 
 
-def state_bytes(shape: tuple[int, int], rank: int, itemsize: int, block: int) -> int:
+def state_bytes(parts: dict[str, PartSpec], shape: tuple[int, int], itemsize: int, block: int) -> int:
     """Bytes the encoder holds: the row pointers, the two histograms, and row blocks."""
     rows = row_block_bytes(itemsize, block)
     return 8 * (shape[0] + 1) + 3 * 8 * (1 << 16) + 3 * rows

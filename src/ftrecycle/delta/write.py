@@ -63,6 +63,7 @@ class DeltaWriter:
         packed: dict[str, dict[str, PartSpec]],
         *,
         spec: Compression | None,
+        specs: dict[str, Compression] | None = None,
         dtype: DType,
         compute_dtype: DType,
         inputs: dict[str, Any],
@@ -79,6 +80,7 @@ class DeltaWriter:
             tensors: the diff's tensors, as planned (dense).
             packed: the parts of each tensor stored compressed (the others stay dense).
             spec: the compression setting, if any.
+            specs: each compressed tensor's own setting, where it differs from ``spec`` (recorded).
             dtype: the delta's dtype.
             compute_dtype: the dtype the diff was computed in.
             inputs: descriptions of the ``base`` and ``finetuned`` inputs.
@@ -97,7 +99,10 @@ class DeltaWriter:
         for t in tensors:
             entry: dict[str, Any] = {"shape": list(t.shape), "dtype": dtype.name, "compression": None}
             if t.name in packed:
-                entry["compression"] = {"method": spec.method if spec else None}
+                own = (specs or {}).get(t.name, spec)
+                entry["compression"] = {"method": own.method if own else None}
+                if own is not None and own != spec:
+                    entry["compression"]["spec"] = str(own)
                 entry["parts"] = {k: part_name(t.name, k) for k in packed[t.name]}
                 for k, (pdt, pshape) in packed[t.name].items():
                     stored.append(OutTensor(part_name(t.name, k), pdt, pshape, []))

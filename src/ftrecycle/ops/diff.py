@@ -18,11 +18,13 @@ import numpy as np
 from ftrecycle.codecs import (
     Compression,
     PartSpec,
+    Probe,
     encode,
-    energy_rank,
     layout,
+    needs_first_pass,
     parse_compression,
     part_name,
+    resolve,
     state_bytes,
 )
 from ftrecycle.delta.manifest import PREFIX
@@ -155,7 +157,7 @@ class _DeltaJob:
         policies: recorded in the manifest.
         tensors: the diff's tensors as the plan has them (dense).
         packed: compressed tensors -> their parts' dtypes and shapes.
-        ranks: ``lowrank:energy``'s rank of each compressed tensor.
+        specs: compressed tensors -> their own setting (the spec, or what its first pass resolved it to).
         progress: called with (bytes written, total bytes).
         writer: the delta's manifest, completed as the tensors are encoded and the shards written.
     """
@@ -168,7 +170,7 @@ class _DeltaJob:
     policies: Policies
     tensors: list[OutTensor]
     packed: dict[str, dict[str, PartSpec]]
-    ranks: dict[str, int]
+    specs: dict[str, Compression]
     progress: ProgressFn | None
     writer: DeltaWriter
 
@@ -186,12 +188,14 @@ class _DeltaJob:
         ddt = BY_NAME[opts.storage.delta_dtype]
         plan = plan_diff(source.terms, ddt)
         chunk = settings.engine(0, None).chunk
-        ranks = _energy_ranks(spec, source.terms, ddt, settings, chunk) if spec and spec.energy else {}
-        packed = _packed(spec, plan.tensors, ddt, ranks)
+        specs = _resolved(spec, source.terms, ddt, settings, chunk) if spec else {}
+        packed = _packed(specs, plan.tensors, ddt)
+        specs = {name: specs[name] for name in packed}
         writer = DeltaWriter.start(
             plan.tensors,
             packed,
             spec=spec,
+            specs=specs,
             dtype=ddt,
             compute_dtype=settings.compute_dtype,
             inputs={"base": describe_input(base), "finetuned": source.finetuned},
@@ -202,7 +206,7 @@ class _DeltaJob:
             files=source.files,
             threads=settings.threads,
         )
-        return cls(base, source, spec, ddt, settings, opts.policies, plan.tensors, packed, ranks, progress, writer)
+        return cls(base, source, spec, ddt, settings, opts.policies, plan.tensors, packed, specs, progress, writer)
 
     @property
     def stored(self) -> list[OutTensor]:
@@ -220,10 +224,10 @@ class _DeltaJob:
             return
         terms = self.source.terms
         needs, budget = _needs(
-            self.spec, {n: (terms[n].shape, self.packed[n]) for n in self.packed}, self.settings, engine.chunk
+            {n: (self.specs[n], terms[n].shape, self.packed[n]) for n in self.packed}, self.settings, engine.chunk
         )
         total = sum(o.nbytes for o in self.stored)
-        one = partial(self._encode, self.spec, writer, engine.chunk, _Budget(budget), needs, total)
+        one = partial(self._encode, writer, engine.chunk, _Budget(budget), needs, total)
         # largest first, so that small tensors fill the gaps beside them
         names = sorted(self.packed, key=lambda n: -needs[n])
         with ThreadPoolExecutor(self.settings.threads) as pool:
@@ -232,7 +236,6 @@ class _DeltaJob:
 
     def _encode(
         self,
-        spec: Compression,
         writer: ShardedWriter,
         chunk: int,
         shared: _Budget,
@@ -245,7 +248,7 @@ class _DeltaJob:
             parts = self.packed[name]
             compute = self.settings.compute_dtype
             term = self.source.terms[name]
-            info = _compress_one(spec, term, parts, writer, self.dtype, compute, chunk, self.ranks.get(name))
+            info = _compress_one(self.specs[name], term, parts, writer, self.dtype, compute, chunk)
             if self.progress is not None:
                 self.progress(sum(math.prod(s) * d.itemsize for d, s in parts.values()), total)
         return name, info
@@ -255,17 +258,13 @@ class _DeltaJob:
         self.writer.finish(tmp)
 
 
-def _packed(
-    spec: Compression | None, tensors: list[OutTensor], ddt: DType, ranks: dict[str, int]
-) -> dict[str, dict[str, PartSpec]]:
-    """The tensors stored compressed, and their parts' dtypes and shapes."""
+def _packed(specs: dict[str, Compression], tensors: list[OutTensor], ddt: DType) -> dict[str, dict[str, PartSpec]]:
+    """The tensors stored compressed (those with a setting whose layout is smaller than dense), and
+    their parts' dtypes and shapes."""
     packed: dict[str, dict[str, PartSpec]] = {}
-    if spec is None:
-        return packed
     for t in tensors:
-        if spec.energy is not None and t.name not in ranks:
-            continue  # no rank smaller than dense keeps the energy
-        parts = layout(spec, t.shape, ddt, rank=ranks.get(t.name))
+        spec = specs.get(t.name)
+        parts = layout(spec, t.shape, ddt) if spec is not None else {}
         if parts:
             packed[t.name] = parts
     return packed
@@ -276,8 +275,7 @@ def _reader_bytes(chunk: int, compute: DType) -> int:
 
 
 def _needs(
-    spec: Compression,
-    tensors: dict[str, tuple[tuple[int, ...], dict[str, PartSpec]]],
+    tensors: dict[str, tuple[Compression, tuple[int, ...], dict[str, PartSpec]]],
     settings: WriteSettings,
     chunk: int,
 ) -> tuple[dict[str, int], int]:
@@ -289,17 +287,17 @@ def _needs(
     budget = settings.max_memory - RESERVE_BYTES
     it = settings.compute_dtype.itemsize
     needs = {}
-    for name, (shape, parts) in tensors.items():
-        rank = parts["a"][1][1] if "a" in parts else 0
+    for name, (spec, shape, parts) in tensors.items():
         needs[name] = _reader_bytes(chunk, settings.compute_dtype) + state_bytes(
-            spec.method, (shape[0], shape[1]), rank, it, max(chunk, shape[1])
+            spec.method, parts, (shape[0], shape[1]), it, max(chunk, shape[1])
         )
     worst = max(needs, key=lambda n: needs[n])
     if needs[worst] > budget:
+        spec = tensors[worst][0]
         raise MemoryBudgetError(
             f"compressing tensor {worst!r} ({spec}) needs about {math.ceil(needs[worst] / 2**20)} MiB but "
             f"--max-memory leaves {max(budget, 0) // 2**20} MiB; raise --max-memory"
-            + (" or lower the rank" if spec.method == "lowrank" else "")
+            + (" or lower the rank" if "a" in tensors[worst][2] else "")
         )
     return needs, budget
 
@@ -346,7 +344,6 @@ def _compress_one(
     ddt: DType,
     compute: DType,
     chunk: int,
-    rank: int | None,
 ) -> dict[str, Any]:
     """Encode one tensor's diff into its parts' slots; what the encoder measured, for the manifest.
 
@@ -363,7 +360,7 @@ def _compress_one(
         pwrite_all(slot.fd, data.view(np.uint8).data, slot.offset + start * pdt.itemsize)
 
     m, n = term.shape
-    found = encode(spec, read, write, term.name, (m, n), ddt, ct, chunk, rank=rank)
+    found = encode(spec, read, write, term.name, (m, n), ddt, ct, chunk)
     if not math.isfinite(found.norm) or not math.isfinite(found.error):
         raise NonFiniteError(f"tensor {term.name!r}: the diff holds NaN or infinity; check the inputs")
     info: dict[str, Any] = {"norm": found.norm, "error": found.error}
@@ -375,22 +372,21 @@ def _compress_one(
     return info
 
 
-def _energy_ranks(
+def _resolved(
     spec: Compression, terms: dict[str, Term], ddt: DType, settings: WriteSettings, chunk: int
-) -> dict[str, int]:
-    """The rank each 2-D tensor needs for ``lowrank:energy`` (a first pass; absent: store dense)."""
-    assert spec.energy is not None
-    ct = np.dtype(settings.compute_dtype.storage)
+) -> dict[str, Compression]:
+    """Each 2-D tensor's own setting: ``spec``, or what its codec's first pass resolves it to
+    (one pass over the tensors, in parallel; a tensor left out is stored dense)."""
     mats = [t for t in terms.values() if len(t.shape) == 2 and 0 not in t.shape]
-
+    if not needs_first_pass(spec):
+        return {t.name: spec for t in mats}
+    ct = np.dtype(settings.compute_dtype.storage)
     share = (settings.max_memory - RESERVE_BYTES) // settings.threads - _reader_bytes(chunk, settings.compute_dtype)
-    it = settings.compute_dtype.itemsize
 
-    def one(t: Term) -> tuple[str, int | None]:
+    def one(t: Term) -> tuple[str, Compression | None]:
         m, n = t.shape
-        max_k = max(0, share - 4 * max(chunk, n) * it - 16 * max(chunk, n)) // ((4 * m + 4 * n) * it)
         read = term_reader(t, chunk, ct, settings.compute_dtype)
-        return t.name, energy_rank(read, (m, n), spec.energy or 1.0, ddt, ct, t.name, chunk, max_k)
+        return t.name, resolve(spec, Probe(read, t.name, (m, n), ddt, ct, chunk, max(0, share)))
 
     with ThreadPoolExecutor(settings.threads) as pool:
         return {name: r for name, r in pool.map(one, mats) if r is not None}
