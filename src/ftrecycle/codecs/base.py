@@ -185,6 +185,12 @@ class Codec:
         resolve: ``(spec, probe) -> spec or None``: a first pass over one tensor before the
             layout is planned, giving its concrete setting (None: store it dense); absent: the
             spec applies as is.
+        gain: ``(parts, g) -> changed parts``, for calibration: the stored parts (arrays in their
+            storage dtypes, by part name) rescaled so that they decode to ``diag(g) @ D`` where they
+            decoded to ``D`` (up to rounding the changed parts to their dtypes); ``g`` is float64,
+            of shape (m,) when :attr:`row_gain`, else (1,) (one gain for the matrix). Absent: the
+            codec has nothing to calibrate (``lossless``).
+        row_gain: whether :attr:`gain` takes one gain per row (else one per matrix).
 
     Decoding depends only on the stored parts (their dtypes, shapes and values), never on
     the manifest's spec: a codec's parameters are read back from its parts.
@@ -201,6 +207,8 @@ class Codec:
     extra: tuple[str, ...] = ()
     check: Callable[[Compression], None] | None = None
     resolve: Callable[[Compression, Probe], Compression | None] | None = None
+    gain: Callable[[dict[str, np.ndarray], np.ndarray], dict[str, np.ndarray]] | None = None
+    row_gain: bool = False
 
 
 def part_name(name: str, part: str) -> str:

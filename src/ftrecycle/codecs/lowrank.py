@@ -220,13 +220,13 @@ def decode(p: Packed, start: int, count: int, out: np.ndarray, cache: dict[Any, 
     b = whole(p, "b", ct, cache)
     rank = b.shape[0]
     a = float_part(p, "a", r0 * rank, (r1 - r0) * rank, ct)
-    _lowrank_rows(a.reshape(r1 - r0, rank), b, start - r0 * n, count, out)
+    product_rows(a.reshape(r1 - r0, rank), b, start - r0 * n, count, out)
     if p.scale != 1.0:
         np.multiply(out, ct.type(p.scale), out=out)
     return out
 
 
-def _lowrank_rows(a: np.ndarray, b: np.ndarray, skip: int, count: int, out: np.ndarray) -> None:
+def product_rows(a: np.ndarray, b: np.ndarray, skip: int, count: int, out: np.ndarray) -> None:
     """Write elements ``[skip, skip + count)`` of the row-major product ``a @ b`` into ``out``.
 
     Not through BLAS: a GEMM's summation order (blocking, FMA, SIMD width) depends on the
