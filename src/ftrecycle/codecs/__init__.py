@@ -11,9 +11,15 @@ method (module)   parts                                       value of element `
 ``sparse``        ``indptr`` (m+1,) int64, ``indices`` (k,)   ``values[e]`` where row ``i``'s
                   uint16/int32 columns, ``values`` (k,)       entries ``e`` name column ``j``; else 0
 ``int8``          ``q`` (m, n) int8, ``scale`` (m,) float32   ``q[i, j] * scale[i]``
-``sign``          ``bits`` (ceil(mn/8),) uint8, ``scale``     ``+scale`` if bit ``i*n+j`` is set
-                  (1,) float32                                (little-endian in its byte) else
-                                                              ``-scale``
+``sign``          ``bits`` (ceil(mn/8),) uint8, ``scale``     ``+s`` if bit ``i*n+j`` is set
+                  float32: (1,) per matrix, (m, 1) per row,   (little-endian in its byte) else
+                  (1, n) per column (``axis=row|col``)        ``-s``; ``s`` the scale of the
+                                                              matrix, row ``i`` or column ``j``
+``kbit``          ``q`` (ceil(mn/8), K) uint8 bit planes,     ``(c_ij - (2^K-1)/2) * scale[i,
+                  ``scale`` (m, ceil(n/G)) bfloat16           j // g]``, ``c_ij`` the K-bit code
+                  (``bits=K`` in 2..8, ``group=G``)           (bit b: bit ``e % 8`` of ``q[e //
+                                                              8, b]``, ``e = i*n+j``),
+                                                              ``g = ceil(n / ceil(n/G))``
 ================  ==========================================  ==================================
 
 Decoding works on any flat element range, so the transfer engine streams a
@@ -33,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from ftrecycle.codecs import int8, lowrank, sign, sparse
+from ftrecycle.codecs import int8, kbit, lowrank, sign, sparse
 from ftrecycle.codecs.base import (
     SEP,
     Codec,
@@ -79,7 +85,7 @@ __all__ = [
 ]
 
 #: The compression methods, by name.
-CODECS: dict[str, Codec] = {c.name: c for c in (lowrank.CODEC, sparse.CODEC, int8.CODEC, sign.CODEC)}
+CODECS: dict[str, Codec] = {c.name: c for c in (lowrank.CODEC, sparse.CODEC, int8.CODEC, sign.CODEC, kbit.CODEC)}
 METHODS = tuple(CODECS)
 
 #: the largest lowrank rank and compression ratio a spec may ask (beyond them a number is a typo)
@@ -135,7 +141,7 @@ def parse_compression(text: str | Compression | None) -> Compression | None:
     and each codec's module), or ``none``.
 
     Examples: ``lowrank:rank=64``, ``lowrank:energy=0.9``, ``lowrank:ratio=16``,
-    ``sparse:density=0.05``, ``int8``, ``sign``, ``sign:axis=row``.
+    ``sparse:density=0.05``, ``int8``, ``sign``, ``sign:axis=row``, ``kbit:bits=3,group=128``.
 
     Args:
         text: the spec, a parsed one (returned as is), or None.

@@ -31,6 +31,7 @@ from ftrecycle.codecs.base import (
     rows_of,
     squared,
 )
+from ftrecycle.codecs.kbit import rescaled, row_gains
 from ftrecycle.dtypes import F32, I8, DType
 from ftrecycle.io.safetensors_format import TensorInfo
 
@@ -79,4 +80,16 @@ def expect(m: int, n: int, parts: dict[str, TensorInfo]) -> Expected:
     return {"q": (frozenset({I8}), (m, n)), "scale": (frozenset({F32}), (m,))}
 
 
-CODEC = Codec("int8", (), frozenset({"q", "scale"}), layout, encode, decode, state_bytes, expect)
+def gain(parts: dict[str, np.ndarray], g: np.ndarray) -> dict[str, np.ndarray]:
+    """The scale of row ``i`` times ``g[i]`` (the codes stay).
+
+    Raises:
+        ValueError: ``g`` is not one finite gain per row.
+    """
+    scale = parts["scale"]
+    return {"scale": rescaled(scale, row_gains(g, scale.shape[0]))}
+
+
+CODEC = Codec(
+    "int8", (), frozenset({"q", "scale"}), layout, encode, decode, state_bytes, expect, gain=gain, row_gain=True
+)

@@ -42,6 +42,7 @@ from ftrecycle.codecs.base import (
     squared,
     whole,
 )
+from ftrecycle.codecs.kbit import rescaled, row_gains
 from ftrecycle.dtypes import FLOAT_DTYPES, DType, from_storage, to_storage
 from ftrecycle.io.safetensors_format import TensorInfo
 
@@ -286,6 +287,16 @@ def resolve(spec: Compression, probe: Probe) -> Compression | None:
     return None if r is None else Compression("lowrank", rank=r)
 
 
+def gain(parts: dict[str, np.ndarray], g: np.ndarray) -> dict[str, np.ndarray]:
+    """Row ``i`` of ``a`` times ``g[i]``: ``diag(g) @ a @ b`` (``b`` stays).
+
+    Raises:
+        ValueError: ``g`` is not one finite gain per row.
+    """
+    a = parts["a"]
+    return {"a": rescaled(a, row_gains(g, a.shape[0])[:, None])}
+
+
 CODEC = Codec(
     "lowrank",
     ("rank", "energy", "ratio"),
@@ -296,4 +307,6 @@ CODEC = Codec(
     state_bytes,
     expect,
     resolve=resolve,
+    gain=gain,
+    row_gain=True,
 )

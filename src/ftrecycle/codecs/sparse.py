@@ -40,6 +40,7 @@ from ftrecycle.codecs.base import (
     rows_of,
     squared,
 )
+from ftrecycle.codecs.kbit import rescaled, row_gains
 from ftrecycle.dtypes import FLOAT_DTYPES, I32, I64, U16, DType, from_storage, to_storage
 from ftrecycle.io.safetensors_format import TensorInfo
 
@@ -156,6 +157,20 @@ def expect(m: int, n: int, parts: dict[str, TensorInfo]) -> Expected:
     }
 
 
+def gain(parts: dict[str, np.ndarray], g: np.ndarray) -> dict[str, np.ndarray]:
+    """Each kept value times its row's gain (rows from ``indptr``).
+
+    Raises:
+        ValueError: ``g`` is not one finite gain per row, or ``indptr`` is no row pointer of ``values``.
+    """
+    ptr, values = parts["indptr"].astype(np.int64), parts["values"]
+    g = row_gains(g, ptr.size - 1)
+    steps = np.diff(ptr)
+    if ptr.size == 0 or ptr[0] != 0 or ptr[-1] != values.size or bool(np.any(steps < 0)):
+        raise ValueError("indptr is not a row pointer of the values (it must start at 0, never decrease, end at k)")
+    return {"values": rescaled(values, np.repeat(g, steps))}
+
+
 CODEC = Codec(
     "sparse",
     ("density", "ratio"),
@@ -165,4 +180,6 @@ CODEC = Codec(
     decode,
     state_bytes,
     expect,
+    gain=gain,
+    row_gain=True,
 )
