@@ -134,7 +134,7 @@ def quantize(x: np.ndarray, k: int, g: int, c: int) -> tuple[np.ndarray, np.ndar
         bits = float32_to_bf16(np.ascontiguousarray(top * np.float32(ratio / h)))
         s = bf16_to_float32(bits).astype(ct)
         q = np.clip(np.rint(xg / np.where(s > 0, s, 1)[..., None] + h), 0, 2**k - 1)
-        err = np.sum(np.square((q - h) * s[..., None] - xg) * real, axis=2, dtype=np.float64)
+        err = np.sum(np.square((q - h) * s[..., None] - xg, dtype=np.float64) * real, axis=2)
         better = err < best_err
         best_err = np.where(better, err, best_err)
         best_scale = np.where(better, bits, best_scale)
