@@ -109,15 +109,17 @@ def pack(codes: np.ndarray, k: int) -> np.ndarray:
 
 def unpack(raw: np.ndarray, skip: int, count: int) -> np.ndarray:
     """Codes ``[skip, skip + count)`` of rows ``raw`` (r, k) of ``q``, as (count,) uint8."""
-    bits = np.unpackbits(raw, axis=0, bitorder="little")[skip : skip + count]
-    return np.packbits(bits, axis=1, bitorder="little").reshape(count)
+    codes = np.zeros(8 * raw.shape[0], dtype=np.uint8)
+    for b in range(raw.shape[1]):
+        codes |= np.left_shift(np.unpackbits(raw[:, b], bitorder="little"), np.uint8(b))
+    return codes[skip : skip + count]
 
 
 def quantize(x: np.ndarray, k: int, g: int, c: int) -> tuple[np.ndarray, np.ndarray, float]:
     """Rows ``x`` (r, n) as codes (r, n) uint8, scales (r, c) as bfloat16 bits, and the squared error.
 
     Each group keeps the candidate scale (of :data:`CLIP_RATIOS`, rounded to bfloat16) of least
-    squared error; the padding of a short last group counts for nothing.
+    squared error; the zero padding of a short last group counts for nothing.
     """
     r, n = x.shape
     ct = x.dtype
@@ -125,20 +127,27 @@ def quantize(x: np.ndarray, k: int, g: int, c: int) -> tuple[np.ndarray, np.ndar
     xg = np.zeros((r, c * g), dtype=ct)
     xg[:, :n] = x
     xg = xg.reshape(r, c, g)
-    real = (np.arange(c * g) < n).reshape(c, g)
     top = np.max(np.abs(xg), axis=2).astype(np.float32)
     best_err = np.full((r, c), np.inf)
     best_scale = np.zeros((r, c), dtype=np.uint16)
     best_q = np.zeros((r, c, g), dtype=np.uint8)
+    # three buffers for every candidate: codes, residual, its squares (float64: tiny diffs stay normal)
+    q, res, sq = np.empty_like(xg), np.empty_like(xg), np.empty(xg.shape)
     for ratio in CLIP_RATIOS:
         bits = float32_to_bf16(np.ascontiguousarray(top * np.float32(ratio / h)))
         s = bf16_to_float32(bits).astype(ct)
-        q = np.clip(np.rint(xg / np.where(s > 0, s, 1)[..., None] + h), 0, 2**k - 1)
-        err = np.sum(np.square((q - h) * s[..., None] - xg, dtype=np.float64) * real, axis=2)
+        np.divide(xg, np.where(s > 0, s, 1)[..., None], out=q)
+        np.add(q, ct.type(h), out=q)
+        np.clip(np.rint(q, out=q), 0, 2**k - 1, out=q)
+        np.subtract(q, ct.type(h), out=res)
+        np.multiply(res, s[..., None], out=res)
+        np.subtract(res, xg, out=res)
+        res.reshape(r, c * g)[:, n:] = 0
+        err = np.sum(np.square(res, out=sq, dtype=np.float64), axis=2)
         better = err < best_err
         best_err = np.where(better, err, best_err)
         best_scale = np.where(better, bits, best_scale)
-        best_q = np.where(better[..., None], q.astype(np.uint8), best_q)
+        np.copyto(best_q, q, casting="unsafe", where=better[..., None])
     codes = best_q.reshape(r, c * g)[:, :n]
     return codes, best_scale, float(np.sum(best_err[np.isfinite(best_err)]))
 
@@ -184,13 +193,12 @@ def decode(p: Packed, start: int, count: int, out: np.ndarray, cache: dict[Any, 
     g = -(-n // c)
     b0, b1 = start // 8, -(-(start + count) // 8)
     raw = read_part(p, "q", b0 * k, (b1 - b0) * k).reshape(b1 - b0, k)
-    scale = float_part(p, "scale", r0 * c, (r1 - r0) * c, ct)
-    e = np.arange(start, start + count, dtype=np.int64)
-    row = e // n
-    at = (row - r0) * c + (e - row * n) // g
+    scale = float_part(p, "scale", r0 * c, (r1 - r0) * c, ct).reshape(r1 - r0, c)
+    # each row's group scales spread over its values (the rows under the range only)
+    each = np.repeat(scale, g, axis=1)[:, :n].reshape(-1)[start - r0 * n : start - r0 * n + count]
     out[:count] = unpack(raw, start - 8 * b0, count)
     np.subtract(out[:count], ct.type((2**k - 1) / 2), out=out[:count])
-    np.multiply(out[:count], scale[at], out=out[:count])
+    np.multiply(out[:count], each, out=out[:count])
     return out
 
 

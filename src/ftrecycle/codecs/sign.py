@@ -109,12 +109,14 @@ def decode(p: Packed, start: int, count: int, out: np.ndarray, cache: dict[Any, 
     bits = np.unpackbits(raw, bitorder="little")[start - 8 * lo : start - 8 * lo + count].astype(bool)
     if axis is None:
         mag: Any = ct.type(float(read_part(p, "scale", 0, 1)[0]))
-    elif axis == "row":
-        r0 = start // n
-        rows = read_part(p, "scale", r0, -(-(start + count) // n) - r0).astype(ct)
-        mag = rows[np.arange(start, start + count, dtype=np.int64) // n - r0]
     else:
-        mag = whole(p, "scale", ct, cache).reshape(-1)[np.arange(start, start + count, dtype=np.int64) % n]
+        # the scales spread over the rows under the range, then cut to it
+        r0, r1 = start // n, -(-(start + count) // n)
+        if axis == "row":
+            each = np.repeat(read_part(p, "scale", r0, r1 - r0).astype(ct), n)
+        else:
+            each = np.tile(whole(p, "scale", ct, cache).reshape(-1), r1 - r0)
+        mag = each[start - r0 * n : start - r0 * n + count]
     np.copyto(out[:count], mag)
     np.negative(out[:count], out=out[:count], where=~bits)
     return out
