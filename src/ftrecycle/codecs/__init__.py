@@ -14,6 +14,11 @@ method (module)   parts                                       value of element `
 ``sign``          ``bits`` (ceil(mn/8),) uint8, ``scale``     ``+scale`` if bit ``i*n+j`` is set
                   (1,) float32                                (little-endian in its byte) else
                                                               ``-scale``
+``lossless``      ``data`` (nbytes,) uint8, ``offsets``       element ``i*n+j - f*F`` of frame
+                  (frames+1,) int64, ``dtype`` (0,) of the    ``f = (i*n+j) // F`` (``F = 2**16``
+                  values' dtype                               elements): ``data[offsets[f]:
+                                                              offsets[f+1]]`` inflated (zlib),
+                                                              byte planes regrouped; exact
 ================  ==========================================  ==================================
 
 Decoding works on any flat element range, so the transfer engine streams a
@@ -33,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from ftrecycle.codecs import int8, lowrank, sign, sparse
+from ftrecycle.codecs import int8, lossless, lowrank, sign, sparse
 from ftrecycle.codecs.base import (
     SEP,
     Codec,
@@ -79,7 +84,7 @@ __all__ = [
 ]
 
 #: The compression methods, by name.
-CODECS: dict[str, Codec] = {c.name: c for c in (lowrank.CODEC, sparse.CODEC, int8.CODEC, sign.CODEC)}
+CODECS: dict[str, Codec] = {c.name: c for c in (lowrank.CODEC, sparse.CODEC, int8.CODEC, sign.CODEC, lossless.CODEC)}
 METHODS = tuple(CODECS)
 
 #: the largest lowrank rank and compression ratio a spec may ask (beyond them a number is a typo)
