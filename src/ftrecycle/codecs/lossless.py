@@ -69,6 +69,8 @@ FRAME_BITS = range(10, 25)
 LEVEL = 1
 #: The dtypes a delta stores values in (the ``dtype`` part's).
 VALUE_DTYPES = frozenset(BY_NAME[d] for d in USER_DTYPES)
+#: Their storage dtypes are distinct (bfloat16's is uint16), so an array in memory names its dtype.
+BY_STORAGE = {d.storage: d for d in VALUE_DTYPES}
 
 
 def frame_size(total: int, frames: int) -> int | None:
@@ -228,12 +230,26 @@ def _offsets(p: Packed, cache: dict[Any, Any]) -> tuple[np.ndarray, int]:
     return got
 
 
+def _value_dtype(p: Packed) -> DType:
+    """The stored values' dtype: the ``dtype`` part's (an array in memory: its NumPy dtype's).
+
+    Raises:
+        ValueError: an array in memory of no delta value dtype.
+    """
+    dtype = part_dtype(p, "dtype")
+    if dtype is not None:
+        return dtype
+    held = p.parts["dtype"].dtype
+    found = BY_STORAGE.get(held)
+    if found is None:
+        raise ValueError(f"a lossless tensor's dtype part is a {held} array, not of a delta's value dtype")
+    return found
+
+
 def decode(p: Packed, start: int, count: int, out: np.ndarray, cache: dict[Any, Any]) -> np.ndarray:
     """Elements ``[start, start + count)`` into ``out``: only the frames under them are read and inflated."""
     offsets, frame = _offsets(p, cache)
-    dtype = part_dtype(p, "dtype")
-    if dtype is None:
-        raise ValueError("a lossless tensor's parts must be stored tensors (the values' dtype is a part's dtype)")
+    dtype = _value_dtype(p)
     total = math.prod(p.shape)
     done = 0
     for f in range(start // frame, -(-(start + count) // frame)):
