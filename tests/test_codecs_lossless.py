@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from ftrecycle import pipeline as settings
 from ftrecycle.cli import main
 from ftrecycle.codecs import Compression, Job, Packed, Probe, decode, layout, parse_compression, resolve
 from ftrecycle.codecs import lossless as codec
@@ -87,13 +88,17 @@ def _lossless_entries(delta: Path) -> dict[str, Any]:
     return {k: e["compression"] for k, e in manifest["tensors"].items() if e.get("compression")}
 
 
-def test_bf16_pair_round_trips_bit_for_bit_with_float32_delta(versions, tmp_path):
+def test_bf16_pair_round_trips_bit_for_bit_with_float32_delta(versions, tmp_path, monkeypatch):
     v = versions["llama"]
     d = diff(str(v["source_base"]), str(v["source_finetuned"]), tmp_path / "d", compress="lossless").output
     packed = _lossless_entries(d)
     assert packed and all(c["method"] == "lossless" and c["error"] == 0.0 for c in packed.values())
     back = apply_delta(d, str(v["source_base"]), tmp_path / "o").output
     _same(load_dir(back), load_dir(v["source_finetuned"]))
+    # work items of 999 elements cut frames at odd places, on two threads
+    monkeypatch.setattr(settings, "chunk_for_budget", lambda *_a: 999)
+    split = apply_delta(d, str(v["source_base"]), tmp_path / "s", threads=2).output
+    _same(load_dir(split), load_dir(v["source_finetuned"]))
 
 
 def test_float32_pair_round_trips_bit_for_bit_with_float64_delta(tmp_path):
@@ -176,6 +181,20 @@ def test_any_range_decodes_the_stored_values(dtype):
     for start, count in cuts:
         got = _decoded(p, start, count, ct)
         assert np.array_equal(got, want[start : start + count]), (start, count)
+
+
+def test_small_items_sharing_one_cache_decode_two_tensors_exactly():
+    """As an engine thread does: items of 999 elements, of two tensors in turn, through one cache."""
+    d1, d2 = _finetune_like(200, 700, seed=8, noise=1e-3), _finetune_like(150, 500, seed=9, noise=1e-3)
+    (p1, _, _), (p2, _, _) = _pack(d1), _pack(d2)
+    cache: dict[Any, Any] = {}
+    got1, got2 = np.empty(d1.size, np.float32), np.empty(d2.size, np.float32)
+    for s in range(0, d1.size, 999):
+        for p, got, d in ((p1, got1, d1), (p2, got2, d2)):
+            if s < d.size:
+                c = min(999, d.size - s)
+                decode(p, s, c, got[s : s + c], cache)
+    assert np.array_equal(got1, d1.reshape(-1)) and np.array_equal(got2, d2.reshape(-1))
 
 
 def test_random_bytes_stay_dense():

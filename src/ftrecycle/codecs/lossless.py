@@ -42,6 +42,7 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -228,31 +229,55 @@ def _inflate(blob: bytes, size: int, where: str) -> bytes:
     return raw
 
 
-def _offsets(p: Packed, cache: dict[Any, Any]) -> tuple[np.ndarray, int]:
-    """The checked offsets (start at 0, never decrease, end at the size of ``data``) and the
-    frame size, read once per tensor and kept in the caller's one-entry cache.
+@dataclass
+class _Reading:
+    """One lossless tensor as a decoding thread holds it: its checked frame index, and the last
+    frame it inflated (ranges cut inside a frame, as small work items are, inflate it once).
+
+    Attributes:
+        packed: the tensor.
+        offsets: the checked offsets.
+        frame: elements per frame.
+        dtype: the stored values' dtype.
+        where: the tensor's data part, for errors.
+        last: the frame in ``values`` (-1: none).
+        values: that frame's storage values.
+    """
+
+    packed: Packed
+    offsets: np.ndarray
+    frame: int
+    dtype: DType
+    where: str
+    last: int = -1
+    values: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.uint8))
+
+
+def _reading(p: Packed, cache: dict[Any, Any]) -> _Reading:
+    """The tensor's offsets, checked (start at 0, never decrease, end at the size of ``data``,
+    one per frame of a readable size) once per tensor, kept in the caller's one-entry cache.
 
     Raises:
         CheckpointError: offsets that are not a valid frame index of ``data``.
     """
-    key = (id(p), "lossless-offsets")
-    got = cache.get(key)
-    if got is None:
-        src = p.parts["offsets"]
-        shape = src.shape if isinstance(src, np.ndarray) else src.info.shape
-        size = p.parts["data"].shape[0] if isinstance(p.parts["data"], np.ndarray) else p.parts["data"].info.numel
-        total = math.prod(p.shape)
-        frame = frame_size(total, shape[0] - 1) if len(shape) == 1 else None
-        offsets = read_part(p, "offsets", 0, shape[0]) if frame is not None else np.zeros(0, dtype=np.int64)
-        if frame is None or int(offsets[0]) != 0 or int(offsets[-1]) != size or bool(np.any(np.diff(offsets) < 0)):
-            raise CheckpointError(
-                f"the offsets of a lossless tensor {list(p.shape)} are not a valid frame index of its {size} bytes "
-                "(they must start at 0, never decrease and end at the size of data, one per frame); "
-                "recreate the delta with `ftrecycle diff`"
-            )
-        got = (offsets, frame)
-        cache.clear()
-        cache[key] = got
+    got = cache.get("lossless")
+    if isinstance(got, _Reading) and got.packed is p:  # held, so no other tensor can take p's id
+        return got
+    src, data = p.parts["offsets"], p.parts["data"]
+    shape = src.shape if isinstance(src, np.ndarray) else src.info.shape
+    size = data.size if isinstance(data, np.ndarray) else data.info.numel
+    where = "a lossless tensor" if isinstance(data, np.ndarray) else f"{data.info.path}: {data.info.name!r}"
+    frame = frame_size(math.prod(p.shape), shape[0] - 1) if len(shape) == 1 else None
+    offsets = read_part(p, "offsets", 0, shape[0]) if frame is not None else np.zeros(0, dtype=np.int64)
+    if frame is None or int(offsets[0]) != 0 or int(offsets[-1]) != size or bool(np.any(np.diff(offsets) < 0)):
+        raise CheckpointError(
+            f"{where}: the offsets of this lossless tensor {list(p.shape)} are not a valid frame index of its "
+            f"{size} bytes (they must start at 0, never decrease and end at the size of data, one per frame); "
+            "recreate the delta with `ftrecycle diff`"
+        )
+    got = _Reading(p, offsets, frame, _value_dtype(p), where)
+    cache.clear()
+    cache["lossless"] = got
     return got
 
 
@@ -272,20 +297,25 @@ def _value_dtype(p: Packed) -> DType:
     return found
 
 
+def _frame(p: Packed, r: _Reading, f: int) -> np.ndarray:
+    """Frame ``f``'s storage values (the last one inflated is kept in ``r``)."""
+    if r.last != f:
+        o0, o1 = int(r.offsets[f]), int(r.offsets[f + 1])
+        size = min(r.frame, math.prod(p.shape) - f * r.frame)
+        raw = _inflate(read_part(p, "data", o0, o1 - o0).tobytes(), size * r.dtype.itemsize, f"{r.where} frame {f}")
+        r.last, r.values = f, _elements(raw, size, r.dtype)
+    return r.values
+
+
 def decode(p: Packed, start: int, count: int, out: np.ndarray, cache: dict[Any, Any]) -> np.ndarray:
     """Elements ``[start, start + count)`` into ``out``: only the frames under them are read and inflated."""
-    offsets, frame = _offsets(p, cache)
-    dtype = _value_dtype(p)
-    total = math.prod(p.shape)
+    r = _reading(p, cache)
     done = 0
-    for f in range(start // frame, -(-(start + count) // frame)):
-        f0 = f * frame
-        size = min(frame, total - f0)
-        o0, o1 = int(offsets[f]), int(offsets[f + 1])
-        raw = _inflate(read_part(p, "data", o0, o1 - o0).tobytes(), size * dtype.itemsize, f"frame {f}")
-        lo, hi = max(start, f0) - f0, min(start + count, f0 + size) - f0
-        values = _elements(raw, size, dtype)[lo:hi]
-        out[done : done + hi - lo] = from_storage(values, dtype, out.dtype)
+    for f in range(start // r.frame, -(-(start + count) // r.frame)):
+        f0 = f * r.frame
+        values = _frame(p, r, f)
+        lo, hi = max(start, f0) - f0, min(start + count, f0 + values.size) - f0
+        out[done : done + hi - lo] = from_storage(values[lo:hi], r.dtype, out.dtype)
         done += hi - lo
     return out
 
