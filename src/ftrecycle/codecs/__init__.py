@@ -20,6 +20,11 @@ method (module)   parts                                       value of element `
                   (``bits=K`` in 2..8, ``group=G``)           (bit b: bit ``e % 8`` of ``q[e //
                                                               8, b]``, ``e = i*n+j``),
                                                               ``g = ceil(n / ceil(n/G))``
+``lossless``      ``data`` (nbytes,) uint8, ``offsets``       element ``i*n+j - f*F`` of frame
+                  (frames+1,) int64, ``dtype`` (0,) of the    ``f = (i*n+j) // F`` (``F = 2**16``
+                  values' dtype                               elements): ``data[offsets[f]:
+                                                              offsets[f+1]]`` inflated (zlib),
+                                                              byte planes regrouped; exact
 ================  ==========================================  ==================================
 
 Decoding works on any flat element range, so the transfer engine streams a
@@ -39,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from ftrecycle.codecs import int8, kbit, lowrank, sign, sparse
+from ftrecycle.codecs import int8, kbit, lossless, lowrank, sign, sparse
 from ftrecycle.codecs.base import (
     SEP,
     Codec,
@@ -85,7 +90,17 @@ __all__ = [
 ]
 
 #: The compression methods, by name.
-CODECS: dict[str, Codec] = {c.name: c for c in (lowrank.CODEC, sparse.CODEC, int8.CODEC, sign.CODEC, kbit.CODEC)}
+CODECS: dict[str, Codec] = {
+    c.name: c
+    for c in (
+        lowrank.CODEC,
+        sparse.CODEC,
+        int8.CODEC,
+        sign.CODEC,
+        kbit.CODEC,
+        lossless.CODEC,
+    )
+}
 METHODS = tuple(CODECS)
 
 #: the largest lowrank rank and compression ratio a spec may ask (beyond them a number is a typo)
