@@ -473,6 +473,12 @@ def calibrate(
             raise ConfigError(f"{delta}: the delta has no compressed tensor; make it with `ftrecycle diff --compress`")
         teacher = _teacher_logprobs(fin_path, batches, scratch, dtype, dev)
         student = _student(_load(base_path, dtype, dev), d, dev)
+        if not student.gains:
+            methods = sorted({e["compression"]["method"] for e in d.entries.values() if e.get("compression")})
+            raise ConfigError(
+                f"{delta}: nothing to calibrate: the codecs of its compressed tensors ({', '.join(methods)}) "
+                "have no gain hook"
+            )
         starts = _starts(batches)
         before = _mean_kl(student, batches, teacher, starts, dev)
         _train(student, batches, teacher, steps=steps, lr=lr, device=dev)
