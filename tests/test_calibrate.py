@@ -111,7 +111,7 @@ def test_calibration_lowers_the_kl_and_holds_on_held_out_texts(
     v = models[family]
     src = _delta(v, tmp_path / "delta", spec, dtype)
     res = cal.calibrate(
-        src, v["source_base"], v["source_finetuned"], data["calib"], tmp_path / "cal", steps=steps, lr=0.05, batch_size=4
+        src, v["source_base"], v["source_finetuned"], data["calib"], tmp_path / "cal", steps=steps, lr=0.05
     )
     assert res.loss_after < ratio * res.loss_before, (res.loss_before, res.loss_after)
     kl = {}
