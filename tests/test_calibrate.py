@@ -196,6 +196,19 @@ def test_a_delta_with_nothing_to_calibrate_is_refused(models, data, tmp_path, mo
     assert not (tmp_path / "out").exists()
 
 
+def test_a_gain_hook_that_changes_a_part_s_shape_is_refused(models, data, tmp_path, monkeypatch):
+    v = models["llama"]
+    src = _delta(v, tmp_path / "delta", "sign")
+
+    def wrong(parts: dict[str, np.ndarray], g: np.ndarray) -> dict[str, np.ndarray]:
+        return {"scale": np.ones(2, dtype=np.float32)}
+
+    monkeypatch.setitem(CODECS, "sign", dataclasses.replace(CODECS["sign"], gain=wrong, row_gain=False))
+    with pytest.raises(ConfigError, match="keeps every tensor's dtype and shape"):
+        cal.calibrate(src, v["source_base"], v["source_finetuned"], data["calib"], tmp_path / "out", steps=1)
+    assert not (tmp_path / "out").exists()
+
+
 def test_calibration_refuses_to_overwrite_an_input(models, data, tmp_path):
     v = models["llama"]
     src = _delta(v, tmp_path / "delta", "sign")

@@ -177,13 +177,12 @@ def checkpoint_names(model: Any) -> dict[str, str]:
     """
     canonical = {id(p): n for n, p in model.named_parameters()}
     prefix = str(getattr(model, "base_model_prefix", "") or "")
-    names: dict[str, str] = {}
-    for n, p in model.named_parameters(remove_duplicate=False):
-        names[n] = canonical[id(p)]
-    for n, p in model.named_parameters(remove_duplicate=False):
-        alt = n.removeprefix(prefix + ".") if prefix and n.startswith(prefix + ".") else f"{prefix}.{n}"
-        if prefix:
-            names.setdefault(alt, canonical[id(p)])
+    every = list(model.named_parameters(remove_duplicate=False))
+    names = {n: canonical[id(p)] for n, p in every}
+    if prefix:  # the model's own names win over the other spelling of a name
+        for n, p in every:
+            other = n.removeprefix(prefix + ".") if n.startswith(prefix + ".") else f"{prefix}.{n}"
+            names.setdefault(other, canonical[id(p)])
     return names
 
 
@@ -478,6 +477,12 @@ def calibrate(
             raise ConfigError(
                 f"{delta}: nothing to calibrate: the codecs of its compressed tensors ({', '.join(methods)}) "
                 "have no gain hook"
+            )
+        vocab = int(student.net.get_output_embeddings().weight.shape[0])
+        if vocab != teacher.shape[1]:
+            raise IncompatibleModelsError(
+                f"{finetuned}: the fine-tuned model predicts {teacher.shape[1]} tokens but the base {vocab}; "
+                "calibration compares the two models' predictions token by token"
             )
         starts = _starts(batches)
         before = _mean_kl(student, batches, teacher, starts, dev)
