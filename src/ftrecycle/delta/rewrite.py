@@ -21,11 +21,12 @@ from ftrecycle.delta.store import HASH_BLOCK, Delta, checksums
 from ftrecycle.errors import CheckpointError, ConfigError
 from ftrecycle.io.checkpoint import _index_safetensors
 from ftrecycle.io.model_files import CONFIG_FILES, TOKENIZER_FILES, copy_files
-from ftrecycle.io.output import ShardedWriter, atomic_directory, write_json
+from ftrecycle.io.output import ShardedWriter, atomic_directory, parse_size, write_json
 from ftrecycle.io.safetensors_format import TensorInfo, pread_exact, pwrite_all
+from ftrecycle.options import DEFAULT_SHARD_SIZE
 
-#: The shard size of a rewritten delta when the caller gives none (as ``--shard-size``'s default).
-DEFAULT_SHARD_BYTES = 5 << 30
+#: The shard size of a rewritten delta when the caller gives none: ``--shard-size``'s default.
+DEFAULT_SHARD_BYTES = parse_size(DEFAULT_SHARD_SIZE)
 
 
 def _check_replacements(delta: Delta, replaced: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

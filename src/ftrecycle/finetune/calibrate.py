@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from ftrecycle.codecs import CODECS, decode, parse_compression, part_name
-from ftrecycle.delta.rewrite import rewrite_delta, stored_values
+from ftrecycle.delta.rewrite import DEFAULT_SHARD_BYTES, rewrite_delta, stored_values
 from ftrecycle.delta.store import Delta
 from ftrecycle.dtypes import from_storage, to_storage
 from ftrecycle.errors import CheckpointError, ConfigError, DataError, IncompatibleModelsError, NonFiniteError
@@ -416,6 +416,27 @@ def _record(calibration: str | Path, delta: str | Path, **settings: Any) -> dict
     }
 
 
+def _check_student(student: _Student, d: Delta, teacher_vocab: int, finetuned: str | Path) -> None:
+    """Something to calibrate, and a base that predicts the teacher's vocabulary.
+
+    Raises:
+        ConfigError: no compressed tensor's codec has a gain hook.
+        IncompatibleModelsError: the two models' vocabularies differ.
+    """
+    if not student.gains:
+        methods = sorted({e["compression"]["method"] for e in d.entries.values() if e.get("compression")})
+        raise ConfigError(
+            f"{d.path}: nothing to calibrate: the codecs of its compressed tensors ({', '.join(methods)}) "
+            "have no gain hook"
+        )
+    vocab = int(student.net.get_output_embeddings().weight.shape[0])
+    if vocab != teacher_vocab:
+        raise IncompatibleModelsError(
+            f"{finetuned}: the fine-tuned model predicts {teacher_vocab} tokens but the base {vocab}; "
+            "calibration compares the two models' predictions token by token"
+        )
+
+
 def calibrate(
     delta: str | Path,
     base: str | Path,
@@ -430,6 +451,7 @@ def calibrate(
     device: str | None = None,
     dtype: str = "float32",
     threads: int = 1,
+    shard_size: int = DEFAULT_SHARD_BYTES,
     force: bool = False,
 ) -> CalibrationResult:
     """Distil a compressed delta's scales on calibration texts (BitDelta) and write the calibrated delta.
@@ -447,6 +469,7 @@ def calibrate(
         device: ``cpu``, ``cuda``, ``cuda:1``... (default: cuda when available).
         dtype: the models' compute dtype, ``float32`` or ``bfloat16``.
         threads: threads for the checksums.
+        shard_size: the largest shard of the output, in bytes.
         force: replace an existing ``output``.
 
     Returns:
@@ -472,18 +495,7 @@ def calibrate(
             raise ConfigError(f"{delta}: the delta has no compressed tensor; make it with `ftrecycle diff --compress`")
         teacher = _teacher_logprobs(fin_path, batches, scratch, dtype, dev)
         student = _student(_load(base_path, dtype, dev), d, dev)
-        if not student.gains:
-            methods = sorted({e["compression"]["method"] for e in d.entries.values() if e.get("compression")})
-            raise ConfigError(
-                f"{delta}: nothing to calibrate: the codecs of its compressed tensors ({', '.join(methods)}) "
-                "have no gain hook"
-            )
-        vocab = int(student.net.get_output_embeddings().weight.shape[0])
-        if vocab != teacher.shape[1]:
-            raise IncompatibleModelsError(
-                f"{finetuned}: the fine-tuned model predicts {teacher.shape[1]} tokens but the base {vocab}; "
-                "calibration compares the two models' predictions token by token"
-            )
+        _check_student(student, d, teacher.shape[1], finetuned)
         starts = _starts(batches)
         before = _mean_kl(student, batches, teacher, starts, dev)
         _train(student, batches, teacher, steps=steps, lr=lr, device=dev)
@@ -494,7 +506,7 @@ def calibrate(
             replaced.update(gained_parts(d, name, g))
         record = _record(calibration, delta, steps=steps, lr=lr, max_length=max_length, batch_size=batch_size)
         record.update(dtype=dtype, loss_before=before, loss_after=after, tensors=sorted(student.tensors.values()))
-        rewrite_delta(d, out, replaced, {"calibration": record}, threads=threads, force=force)
+        rewrite_delta(d, out, replaced, {"calibration": record}, shard_size=shard_size, threads=threads, force=force)
     return CalibrationResult(out, steps, before, after, sorted(student.tensors.values()), time.perf_counter() - started)
 
 
@@ -645,6 +657,7 @@ def calibrated_diff(
             device=device,
             dtype=dtype,
             threads=opts.resources.threads or 1,
+            shard_size=int(opts.output.shard_size),
             force=opts.output.force,
         )
     return made, result
