@@ -22,6 +22,7 @@ from ftrecycle.errors import (
     NonFiniteError,
     OutputError,
 )
+from ftrecycle.finetune.calibrate import CalibrationResult, calibrate, calibrated_diff, sensitivity
 from ftrecycle.ops._model import TransferResult
 from ftrecycle.ops.apply import apply_delta
 from ftrecycle.ops.diff import DiffResult, diff
@@ -45,6 +46,7 @@ from ftrecycle.version import __version__
 
 __all__ = [
     "ApplyOptions",
+    "CalibrationResult",
     "CheckpointError",
     "ConfigError",
     "DataError",
@@ -71,9 +73,12 @@ __all__ = [
     "__version__",
     "apply_delta",
     "best_alpha",
+    "calibrate",
+    "calibrated_diff",
     "diagnose",
     "diff",
     "export_lora",
     "inspect_delta",
+    "sensitivity",
     "transfer",
 ]

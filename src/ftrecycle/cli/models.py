@@ -11,6 +11,7 @@ import json
 from typing import Any
 
 from ftrecycle.cli.args import add_group, bundle_from_args, positive_int
+from ftrecycle.cli.calibration import add_diff_calibration, diff_calibrated
 from ftrecycle.cli.common import (
     MODEL_HELP,
     Command,
@@ -101,9 +102,13 @@ def _diff_arguments(p: argparse.ArgumentParser) -> None:
     add_group(p, DeltaStorage)
     add_group(p, Policies, exclude=("tie_mismatch",))
     add_write_groups(p)
+    add_diff_calibration(p)
 
 
 def _diff(ns: argparse.Namespace) -> None:
+    if ns.calibration is not None:
+        diff_calibrated(ns)
+        return
     options = bundle_from_args(DiffOptions, ns, resources=resources(ns))
     result = diff(
         ns.base,
