@@ -80,6 +80,7 @@ __all__ = [
     "decode",
     "encode",
     "energy_rank",
+    "gains_per_row",
     "layout",
     "needs_first_pass",
     "packed_nbytes",
@@ -268,6 +269,13 @@ def resolve(spec: Compression, probe: Probe) -> Compression | None:
     """
     first = CODECS[spec.method].resolve
     return spec if first is None else first(spec, probe)
+
+
+def gains_per_row(method: str, shapes: dict[str, tuple[int, ...]]) -> bool:
+    """Whether calibration trains one gain per row of a tensor stored by ``method`` with parts of
+    ``shapes`` (else one per matrix); see :attr:`Codec.row_gain`."""
+    rg = CODECS[method].row_gain
+    return rg(shapes) if callable(rg) else rg
 
 
 def needs_first_pass(spec: Compression) -> bool:

@@ -190,7 +190,8 @@ class Codec:
             decoded to ``D`` (up to rounding the changed parts to their dtypes); ``g`` is float64,
             of shape (m,) when :attr:`row_gain`, else (1,) (one gain for the matrix). Absent: the
             codec has nothing to calibrate (``lossless``).
-        row_gain: whether :attr:`gain` takes one gain per row (else one per matrix).
+        row_gain: whether :attr:`gain` takes one gain per row (else one per matrix), or a function
+            of the stored parts' shapes saying it (see :func:`ftrecycle.codecs.gains_per_row`).
 
     Decoding depends only on the stored parts (their dtypes, shapes and values), never on
     the manifest's spec: a codec's parameters are read back from its parts.
@@ -208,7 +209,7 @@ class Codec:
     check: Callable[[Compression], None] | None = None
     resolve: Callable[[Compression, Probe], Compression | None] | None = None
     gain: Callable[[dict[str, np.ndarray], np.ndarray], dict[str, np.ndarray]] | None = None
-    row_gain: bool = False
+    row_gain: bool | Callable[[dict[str, tuple[int, ...]]], bool] = False
 
 
 def part_name(name: str, part: str) -> str:

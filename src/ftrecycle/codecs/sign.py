@@ -159,6 +159,13 @@ def gain(parts: dict[str, np.ndarray], g: np.ndarray) -> dict[str, np.ndarray]:
     return {"scale": rescaled(np.broadcast_to(scale, (g.size, 1)), g[:, None])}
 
 
+def row_gain(shapes: dict[str, tuple[int, ...]]) -> bool:
+    """Calibration trains one gain per row where the scales are per row (the (m, 1) format), else one
+    per matrix: the stored format, and so the delta's size, stays what the user chose."""
+    scale = shapes["scale"]
+    return len(scale) == 2 and scale[1] == 1
+
+
 CODEC = Codec(
     "sign",
     (),
@@ -170,5 +177,5 @@ CODEC = Codec(
     expect,
     extra=("axis",),
     gain=gain,
-    row_gain=True,
+    row_gain=row_gain,
 )

@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from ftrecycle.codecs import CODECS, decode, parse_compression, part_name
+from ftrecycle.codecs import CODECS, decode, gains_per_row, parse_compression, part_name
 from ftrecycle.delta.rewrite import DEFAULT_SHARD_BYTES, rewrite_delta, stored_values
 from ftrecycle.delta.store import Delta
 from ftrecycle.dtypes import from_storage, to_storage
@@ -286,12 +286,14 @@ def _student(net: Any, delta: Delta, device: str) -> _Student:
                 f"{delta.path}: tensor {name!r} is {list(term.shape)} in the delta but {list(p.shape)} in the base"
             )
         values = torch.from_numpy(_dense_values(term)).to(device=device, dtype=p.dtype)
-        codec = CODECS.get(term.packed.method) if isinstance(term, PackedTerm) else None
-        if codec is None or codec.gain is None:  # dense, or nothing to calibrate: the diff added as it is
+        packed = term.packed if isinstance(term, PackedTerm) else None
+        codec = CODECS.get(packed.method) if packed is not None else None
+        if packed is None or codec is None or codec.gain is None:  # dense, or nothing to calibrate: added as it is
             with torch.no_grad():
                 p.add_(values)
             continue
-        rows = term.shape[0] if codec.row_gain else 1
+        shapes = {k: tuple(v.shape if isinstance(v, np.ndarray) else v.info.shape) for k, v in packed.parts.items()}
+        rows = term.shape[0] if gains_per_row(packed.method, shapes) else 1
         student.base[pname] = p.detach()
         student.decoded[pname] = values
         student.gains[pname] = torch.ones(rows, dtype=p.dtype, device=device, requires_grad=True)
