@@ -16,11 +16,15 @@ from typing import Any
 import numpy as np
 
 from ftrecycle.codecs import (
+    AUTO,
+    Candidate,
     Compression,
     PartSpec,
     Probe,
+    auto,
     encode,
     layout,
+    measure,
     needs_first_pass,
     parse_compression,
     part_name,
@@ -32,8 +36,9 @@ from ftrecycle.delta.store import check_names
 from ftrecycle.delta.write import DeltaWriter
 from ftrecycle.dtypes import BY_NAME, DType
 from ftrecycle.engine import RESERVE_BYTES, Buffers, Engine, _bytes_per_element, read_term
-from ftrecycle.errors import MemoryBudgetError, NonFiniteError
+from ftrecycle.errors import ConfigError, MemoryBudgetError, NonFiniteError
 from ftrecycle.io.checkpoint import Checkpoint, open_checkpoint
+from ftrecycle.io.jsonfile import read_json
 from ftrecycle.io.output import ShardedWriter, check_output
 from ftrecycle.io.provenance import describe_input
 from ftrecycle.io.safetensors_format import pwrite_all
@@ -188,7 +193,8 @@ class _DeltaJob:
         ddt = BY_NAME[opts.storage.delta_dtype]
         plan = plan_diff(source.terms, ddt)
         chunk = settings.engine(0, None).chunk
-        specs = _resolved(spec, source.terms, ddt, settings, chunk) if spec else {}
+        weights = _weights(opts.storage.weights, spec, source)
+        specs = _resolved(spec, source.terms, ddt, settings, chunk, weights) if spec else {}
         packed = _packed(specs, plan.tensors, ddt)
         specs = {name: specs[name] for name in packed}
         writer = DeltaWriter.start(
@@ -372,21 +378,74 @@ def _compress_one(
     return info
 
 
+def _weights(path: str | None, spec: Compression | None, source: SourceDiff) -> dict[str, float] | None:
+    """The ``--weights`` file's weight of each 2-D tensor (None without a file).
+
+    Raises:
+        ConfigError: a file without a budget (``--compress auto:...``), or a file that is not a JSON
+            object of tensor name -> non-negative finite number covering every 2-D tensor of the diff
+            (see :mod:`ftrecycle.codecs.auto`); a huge or deeply nested file is refused unread or unparsed.
+    """
+    if path is None:
+        return None
+    if spec is None or spec.method != AUTO:
+        raise ConfigError("--weights applies to a size budget: give --compress auto:ratio=R or auto:bits=B")
+    fix = "give a JSON object of tensor name -> non-negative number"
+    raw = read_json(
+        Path(path).expanduser(), what="weights file", max_bytes=auto.MAX_WEIGHTS_BYTES, error=ConfigError, fix=fix
+    )
+    terms = source.terms.values()
+    mats = [t.name for t in terms if _is_matrix(t)]
+    others = [t.name for t in terms if not _is_matrix(t)] + list(source.aliases)
+    return auto.check_weights(raw, mats, others, path)
+
+
+def _is_matrix(t: Term) -> bool:
+    return len(t.shape) == 2 and 0 not in t.shape
+
+
 def _resolved(
-    spec: Compression, terms: dict[str, Term], ddt: DType, settings: WriteSettings, chunk: int
+    spec: Compression,
+    terms: dict[str, Term],
+    ddt: DType,
+    settings: WriteSettings,
+    chunk: int,
+    weights: dict[str, float] | None = None,
 ) -> dict[str, Compression]:
-    """Each 2-D tensor's own setting: ``spec``, or what its codec's first pass resolves it to
-    (one pass over the tensors, in parallel; a tensor left out is stored dense)."""
-    mats = [t for t in terms.values() if len(t.shape) == 2 and 0 not in t.shape]
+    """Each 2-D tensor's own setting: ``spec``, what its codec's first pass resolves it to, or (a
+    budget, ``auto``) what the allocation chose for it (one pass over the tensors, in parallel; a
+    tensor left out is stored dense). ``weights``: each 2-D tensor's, for a budget (default 1)."""
+    mats = [t for t in terms.values() if _is_matrix(t)]
     if not needs_first_pass(spec):
         return {t.name: spec for t in mats}
     ct = np.dtype(settings.compute_dtype.storage)
     share = (settings.max_memory - RESERVE_BYTES) // settings.threads - _reader_bytes(chunk, settings.compute_dtype)
 
-    def one(t: Term) -> tuple[str, Compression | None]:
-        m, n = t.shape
+    def probe(t: Term) -> Probe:
         read = term_reader(t, chunk, ct, settings.compute_dtype)
-        return t.name, resolve(spec, Probe(read, t.name, (m, n), ddt, ct, chunk, max(0, share)))
+        return Probe(read, t.name, (t.shape[0], t.shape[1]), ddt, ct, chunk, max(0, share))
 
     with ThreadPoolExecutor(settings.threads) as pool:
-        return {name: r for name, r in pool.map(one, mats) if r is not None}
+        if spec.method == AUTO:
+            table = list(pool.map(lambda t: measure(probe(t)), mats))
+            return _allocated(spec, mats, table, ddt, weights)
+        found = pool.map(lambda t: (t.name, resolve(spec, probe(t))), mats)
+        return {name: r for name, r in found if r is not None}
+
+
+def _allocated(
+    spec: Compression, mats: list[Term], table: list[list[Candidate]], ddt: DType, weights: dict[str, float] | None
+) -> dict[str, Compression]:
+    """The setting the budget gives each 2-D tensor (those left dense omitted).
+
+    Raises:
+        ConfigError: the budget is below what the smallest settings take.
+    """
+    budget = auto.budget_bytes(spec, [(t.shape[0], t.shape[1]) for t in mats], ddt.itemsize)
+    w = [1.0 if weights is None else weights[t.name] for t in mats]
+    try:
+        pick = auto.allocate(table, w, budget)
+    except ConfigError as e:
+        raise ConfigError(f"--compress {spec}: {e}") from e
+    chosen = {t.name: table[i][pick[i]].spec for i, t in enumerate(mats)}
+    return {name: c for name, c in chosen.items() if c is not None}
