@@ -141,21 +141,19 @@ def sample_rows(m: int, n: int, ranks: Sequence[int]) -> int:
 def sample_blocks(m: int, rows: int) -> list[tuple[int, int]]:
     """Row ranges ``[r0, r1)``, evenly spaced over ``m`` rows, holding ``rows`` rows in all.
 
-    At most :data:`SAMPLE_BLOCKS` blocks of ``ceil(rows / blocks)`` rows (the last one shorter),
-    so that a sample reads a few contiguous stretches, from the top to the bottom of the matrix.
+    :data:`SAMPLE_BLOCKS` blocks (fewer when ``rows`` is smaller) of equal size (within one row),
+    the first starting at row 0 and the last ending at row ``m``, the rows left out spread evenly
+    between them: a sample reads a few contiguous stretches, from the top to the bottom of the matrix.
     """
     if rows >= m:
         return [(0, m)]
-    count = min(SAMPLE_BLOCKS, rows)
-    size = -(-rows // count)
-    out, left = [], rows
+    count = max(1, min(SAMPLE_BLOCKS, rows))
+    out, taken = [], 0
     for i in range(count):
-        take = min(size, left)
-        if take <= 0:
-            break
-        r0 = min(m - take, (i * m) // count)
-        out.append((r0, r0 + take))
-        left -= take
+        size = rows // count + (1 if i < rows % count else 0)
+        gap = (i * (m - rows)) // (count - 1) if count > 1 else 0
+        out.append((taken + gap, taken + gap + size))
+        taken += size
     return out
 
 

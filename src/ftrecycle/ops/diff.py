@@ -390,7 +390,7 @@ def _weights(path: str | None, spec: Compression | None, source: SourceDiff) -> 
         return None
     if spec is None or spec.method != AUTO:
         raise ConfigError("--weights applies to a size budget: give --compress auto:ratio=R or auto:bits=B")
-    fix = "give a JSON object of tensor name -> non-negative number"
+    fix = "give --weights a JSON object of tensor name -> non-negative number"
     raw = read_json(
         Path(path).expanduser(), what="weights file", max_bytes=auto.MAX_WEIGHTS_BYTES, error=ConfigError, fix=fix
     )
