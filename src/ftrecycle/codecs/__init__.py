@@ -14,6 +14,7 @@ method (module)   parts                                       value of element `
 ``sign``          ``bits`` (ceil(mn/8),) uint8, ``scale``     ``+scale`` if bit ``i*n+j`` is set
                   (1,) float32                                (little-endian in its byte) else
                                                               ``-scale``
+``auto`` (auto)   those of the method chosen for the tensor   as that method decodes it
 ================  ==========================================  ==================================
 
 ``auto:ratio=R`` and ``auto:bits=B`` (:mod:`ftrecycle.codecs.auto`) are a size budget, not a

@@ -96,15 +96,20 @@ def diff(
             2-D tensors compressed: ``lowrank:rank=R``, ``lowrank:energy=E``, ``lowrank:ratio=X``,
             ``sparse:density=D``, ``sparse:ratio=X``, ``int8`` or ``sign``, see
             :mod:`ftrecycle.codecs`; 1-D tensors, and matrices the method would not make smaller,
-            stay dense), and ``compute_dtype``, ``shard_size``, ``vocab``, ``on_missing``,
-            ``max_memory``, ``threads``, ``force``, ``allow_nonfinite``, ``allow_pickle``, ``fsync``
-            as in :func:`ftrecycle.transfer`.
+            stay dense; or a size budget, ``auto:ratio=R`` / ``auto:bits=B``, each 2-D tensor's
+            setting chosen by rate-distortion, see :mod:`ftrecycle.codecs.auto`), ``weights`` (with a
+            budget: a JSON file of tensor name -> sensitivity, every 2-D tensor given one), and
+            ``compute_dtype``, ``shard_size``, ``vocab``, ``on_missing``, ``max_memory``, ``threads``,
+            ``force``, ``allow_nonfinite``, ``allow_pickle``, ``fsync`` as in :func:`ftrecycle.transfer`.
 
     Returns:
         What was written.
 
     Raises:
-        As :func:`ftrecycle.transfer`.
+        ConfigError: as :func:`ftrecycle.transfer`; a budget below what the smallest settings take; a
+            ``weights`` file without a budget, or not an object of non-negative numbers naming every
+            2-D tensor of the diff and nothing else.
+        FtRecycleError: otherwise as :func:`ftrecycle.transfer`.
     """
     started = time.perf_counter()
     opts = DiffOptions.merged(options, keywords)
