@@ -4,10 +4,12 @@ estimates against the real errors, end-to-end budgets measured from the stored f
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,10 +18,10 @@ import torch
 from ftrecycle.cli import main
 from ftrecycle.codecs import AUTO_MENU, CODECS, Probe, auto, encode, layout, measure, parse_compression, resolve
 from ftrecycle.codecs.auto import Candidate, allocate, objective
-from ftrecycle.dtypes import BF16
+from ftrecycle.dtypes import BF16, F32
 from ftrecycle.errors import ConfigError
 from ftrecycle.ops.apply import apply_delta
-from ftrecycle.ops.diff import diff
+from ftrecycle.ops.diff import _encodable, diff
 
 from conftest import load_dir
 from fixtures.tiny import make_model, save, tiny_config
@@ -305,6 +307,8 @@ def test_weights_buy_accuracy_for_the_heavy_tensor(pair, tmp_path):
     before = plain.provenance["tensors"][name]["compression"]
     after = heavy.provenance["tensors"][name]["compression"]
     assert after is None or after["error"] < before["error"]
+    recorded = heavy.provenance["compression"]["weights"]
+    assert recorded == {"file": str(wfile), "sha256": hashlib.sha256(wfile.read_bytes()).hexdigest()}
     assert main([*_cli(pair, tmp_path / "c"), "--weights", str(wfile)]) == 0
 
 
@@ -348,3 +352,14 @@ def test_hostile_weights_files_fail_with_a_clear_config_error(pair, tmp_path, ca
         diff(str(pair[0]), str(pair[1]), tmp_path / "x", compress="int8", weights=str(tmp_path / "deep.json"))
     assert main([*_cli(pair, tmp_path / "c"), "--weights", str(tmp_path / "unknown.json")]) != 0
     assert "model.nosuch.weight" in capsys.readouterr().err
+
+
+def test_a_setting_whose_encoder_exceeds_max_memory_is_never_offered():
+    shape = (128256, 2048)  # the 1B layout's embedding
+    cands = [Candidate(None, 2 * shape[0] * shape[1], 0.0)]
+    cands += [Candidate(parse_compression(t), 1, 1.0) for t in ("int8", "lowrank:ratio=2", "lowrank:ratio=16")]
+    settings = SimpleNamespace(max_memory=512 << 20, compute_dtype=F32)
+    kept = _encodable(cands, SimpleNamespace(shape=shape), BF16, settings, 1 << 20)  # type: ignore[arg-type]
+    assert [str(c.spec) for c in kept] == ["None", "int8", "lowrank:ratio=16"]
+    roomy = SimpleNamespace(max_memory=64 << 30, compute_dtype=F32)
+    assert len(_encodable(cands, SimpleNamespace(shape=shape), BF16, roomy, 1 << 20)) == 4  # type: ignore[arg-type]

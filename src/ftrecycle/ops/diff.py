@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import threading
 import time
@@ -38,7 +39,7 @@ from ftrecycle.dtypes import BY_NAME, DType
 from ftrecycle.engine import RESERVE_BYTES, Buffers, Engine, _bytes_per_element, read_term
 from ftrecycle.errors import ConfigError, MemoryBudgetError, NonFiniteError
 from ftrecycle.io.checkpoint import Checkpoint, open_checkpoint
-from ftrecycle.io.jsonfile import read_json
+from ftrecycle.io.jsonfile import loads_json, read_bytes
 from ftrecycle.io.output import ShardedWriter, check_output
 from ftrecycle.io.provenance import describe_input
 from ftrecycle.io.safetensors_format import pwrite_all
@@ -198,7 +199,7 @@ class _DeltaJob:
         ddt = BY_NAME[opts.storage.delta_dtype]
         plan = plan_diff(source.terms, ddt)
         chunk = settings.engine(0, None).chunk
-        weights = _weights(opts.storage.weights, spec, source)
+        weights, weights_file = _weights(opts.storage.weights, spec, source)
         specs = _resolved(spec, source.terms, ddt, settings, chunk, weights) if spec else {}
         packed = _packed(specs, plan.tensors, ddt)
         specs = {name: specs[name] for name in packed}
@@ -217,6 +218,8 @@ class _DeltaJob:
             files=source.files,
             threads=settings.threads,
         )
+        if weights_file is not None:  # the budget's allocation depends on the file: its provenance
+            writer.manifest["compression"]["weights"] = weights_file
         return cls(base, source, spec, ddt, settings, opts.policies, plan.tensors, packed, specs, progress, writer)
 
     @property
@@ -383,8 +386,11 @@ def _compress_one(
     return info
 
 
-def _weights(path: str | None, spec: Compression | None, source: SourceDiff) -> dict[str, float] | None:
-    """The ``--weights`` file's weight of each 2-D tensor (None without a file).
+def _weights(
+    path: str | None, spec: Compression | None, source: SourceDiff
+) -> tuple[dict[str, float] | None, dict[str, Any] | None]:
+    """The ``--weights`` file's weight of each 2-D tensor, and what the manifest records of the
+    file (its path and SHA-256); (None, None) without a file.
 
     Raises:
         ConfigError: a file without a budget (``--compress auto:...``), or a file that is not a JSON
@@ -392,17 +398,18 @@ def _weights(path: str | None, spec: Compression | None, source: SourceDiff) -> 
             (see :mod:`ftrecycle.codecs.auto`); a huge or deeply nested file is refused unread or unparsed.
     """
     if path is None:
-        return None
+        return None, None
     if spec is None or spec.method != AUTO:
         raise ConfigError("--weights applies to a size budget: give --compress auto:ratio=R or auto:bits=B")
     fix = "give --weights a JSON object of tensor name -> non-negative number"
-    raw = read_json(
-        Path(path).expanduser(), what="weights file", max_bytes=auto.MAX_WEIGHTS_BYTES, error=ConfigError, fix=fix
-    )
+    file = Path(path).expanduser()
+    raw = read_bytes(file, what="weights file", max_bytes=auto.MAX_WEIGHTS_BYTES, error=ConfigError)
+    value = loads_json(raw, source=str(file), error=ConfigError, fix=fix)
     terms = source.terms.values()
     mats = [t.name for t in terms if _is_matrix(t)]
     others = [t.name for t in terms if not _is_matrix(t)] + list(source.aliases)
-    return auto.check_weights(raw, mats, others, path)
+    record = {"file": str(file), "sha256": hashlib.sha256(raw).hexdigest()}
+    return auto.check_weights(value, mats, others, path), record
 
 
 def _is_matrix(t: Term) -> bool:
@@ -432,10 +439,24 @@ def _resolved(
 
     with ThreadPoolExecutor(settings.threads) as pool:
         if spec.method == AUTO:
-            table = list(pool.map(lambda t: measure(probe(t)), mats))
+            table = list(pool.map(lambda t: _encodable(measure(probe(t)), t, ddt, settings, chunk), mats))
             return _allocated(spec, mats, table, ddt, weights)
         found = pool.map(lambda t: (t.name, resolve(spec, probe(t))), mats)
         return {name: r for name, r in found if r is not None}
+
+
+def _encodable(cands: list[Candidate], t: Term, ddt: DType, settings: WriteSettings, chunk: int) -> list[Candidate]:
+    """The candidates whose encoder fits ``--max-memory`` on the whole tensor (as :func:`_needs`
+    will require of the one chosen), dense always among them."""
+    budget = settings.max_memory - RESERVE_BYTES - _reader_bytes(chunk, settings.compute_dtype)
+    shape = (t.shape[0], t.shape[1])
+    it = settings.compute_dtype.itemsize
+
+    def fits(c: Compression) -> bool:
+        parts = layout(c, shape, ddt)
+        return state_bytes(c.method, parts, shape, it, max(chunk, shape[1])) <= budget
+
+    return [c for c in cands if c.spec is None or fits(c.spec)]
 
 
 def _allocated(
