@@ -218,6 +218,8 @@ class _DeltaJob:
             files=source.files,
             threads=settings.threads,
         )
+        if spec is not None and spec.method == AUTO:
+            writer.manifest["compression"].update(_budget_record(spec, plan.tensors, packed, ddt))
         if weights_file is not None:  # the budget's allocation depends on the file: its provenance
             writer.manifest["compression"]["weights"] = weights_file
         return cls(base, source, spec, ddt, settings, opts.policies, plan.tensors, packed, specs, progress, writer)
@@ -282,6 +284,22 @@ def _packed(specs: dict[str, Compression], tensors: list[OutTensor], ddt: DType)
         if parts:
             packed[t.name] = parts
     return packed
+
+
+def _budget_record(
+    spec: Compression, tensors: list[OutTensor], packed: dict[str, dict[str, PartSpec]], ddt: DType
+) -> dict[str, int]:
+    """What a budget allowed and what its 2-D tensors take as laid out (their parts, or dense):
+    ``budget_bytes`` and ``matrix_bytes`` (the file-level ``ratio`` also counts the 1-D tensors)."""
+    mats = [t for t in tensors if len(t.shape) == 2 and 0 not in t.shape]
+    used = sum(
+        sum(d.itemsize * math.prod(s) for d, s in packed[t.name].values())
+        if t.name in packed
+        else math.prod(t.shape) * ddt.itemsize
+        for t in mats
+    )
+    budget = auto.budget_bytes(spec, [(t.shape[0], t.shape[1]) for t in mats], ddt.itemsize)
+    return {"budget_bytes": budget, "matrix_bytes": used}
 
 
 def _reader_bytes(chunk: int, compute: DType) -> int:
