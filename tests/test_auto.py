@@ -16,9 +16,20 @@ import pytest
 import torch
 
 from ftrecycle.cli import main
-from ftrecycle.codecs import AUTO_MENU, CODECS, Probe, auto, encode, layout, measure, parse_compression, resolve
+from ftrecycle.codecs import (
+    AUTO_MENU,
+    CODECS,
+    Compression,
+    Probe,
+    auto,
+    encode,
+    layout,
+    measure,
+    parse_compression,
+    resolve,
+)
 from ftrecycle.codecs.auto import Candidate, allocate, objective
-from ftrecycle.dtypes import BF16, F32
+from ftrecycle.dtypes import BF16, F32, U8
 from ftrecycle.errors import ConfigError
 from ftrecycle.ops.apply import apply_delta
 from ftrecycle.ops.diff import _encodable, diff
@@ -184,6 +195,23 @@ def test_sample_blocks_are_evenly_spread_disjoint_rows(m, rows):
     assert all(a[1] <= b[0] for a, b in itertools.pairwise(got))
     if rows < m and rows >= auto.SAMPLE_BLOCKS:
         assert got[0][0] == 0 and got[-1][0] >= m * (auto.SAMPLE_BLOCKS - 1) // auto.SAMPLE_BLOCKS - 1
+
+
+def test_a_sample_keeps_the_whole_tensors_rank_or_density_or_is_not_used():
+    m, n = 4096, 512
+    lr = parse_compression("lowrank:ratio=16")
+    parts = layout(lr, (m, n), BF16)  # type: ignore[arg-type]
+    assert auto.on_sample(lr, parts, m, n) == Compression("lowrank", rank=parts["a"][1][1])  # type: ignore[arg-type]
+    sp = parse_compression("sparse:ratio=8")
+    parts = layout(sp, (m, n), BF16)  # type: ignore[arg-type]
+    got = auto.on_sample(sp, parts, m, n)  # type: ignore[arg-type]
+    assert got is not None and got.density == parts["values"][1][0] / (m * n)
+    assert auto.on_sample(Compression("int8"), {}, m, n) == Compression("int8")
+    # a mixed-precision SVD's vector count follows the shape: measured whole or not at all
+    mixed = {"qa": (U8, (m, 40)), "qb": (U8, (n, 40)), "widths": (U8, (160,))}
+    assert auto.on_sample(Compression("mpsvd", bits=2), mixed, m, n) is None  # type: ignore[arg-type]
+    assert auto.rank_of(mixed) == 160  # type: ignore[arg-type]
+    assert auto.sample_rows(1024, 1024, [], whole=True) == 1024 < auto.sample_rows(4096, 1024, [], whole=True)
 
 
 def _probe(x: np.ndarray, memory: int = 1 << 30) -> Probe:

@@ -345,13 +345,17 @@ def _discard(part: str, start: int, values: np.ndarray) -> None:
 def _on_rows(spec: Compression, parts: dict[str, PartSpec], probe: Probe, sample: np.ndarray) -> float | None:
     """The squared error of ``spec`` (laid out as ``parts`` on the whole tensor) over the whole
     tensor, estimated from ``sample``: None where it cannot be measured there (a low-rank rank too
-    large for the sample, an encoder beyond the probe's memory, a variable-size setting)."""
+    large for the sample, a setting no spec fixes on a sample, an encoder beyond the probe's
+    memory, a variable-size setting)."""
     m, n = probe.shape
     rows = sample.shape[0]
     rank = auto.rank_of(parts)
     if rank is not None and rows < m and auto.LOWRANK_ROWS * rank > rows:
         return None
     on = auto.on_sample(spec, parts, m, n)
+    if on is None and rows < m:
+        return None
+    on = spec if on is None else on
     flat = sample.reshape(-1)
 
     def read(start: int, count: int) -> np.ndarray:
@@ -390,7 +394,8 @@ def measure(probe: Probe, menu: Sequence[Compression] = AUTO_MENU) -> list[Candi
     full = [(c, layout(c, (m, n), probe.dtype)) for c in menu]
     full = [(c, p) for c, p in full if p]
     ranks = sorted(r for _, p in full if (r := auto.rank_of(p)) is not None)
-    rows = auto.sample_rows(m, n, ranks)
+    whole = any(auto.on_sample(c, p, m, n) is None for c, p in full)
+    rows = auto.sample_rows(m, n, ranks, whole)
     if 2 * rows * n * probe.ct.itemsize > probe.memory:
         rows = auto.sample_rows(m, n, ())  # the low-rank candidates' larger sample does not fit
     if 2 * rows * n * probe.ct.itemsize > probe.memory:
