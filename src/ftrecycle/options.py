@@ -355,9 +355,19 @@ class DeltaStorage(OptionGroup):
         "the squared norm), lowrank:ratio=X or sparse:ratio=X (X times smaller than dense), sparse:density=D "
         "(largest-magnitude entries), int8 (per-row scale) or sign (1 bit + one scale, as BitDelta); 1-D "
         "tensors stay dense. `diff` stores it so; `transfer` applies the diff as it would be shipped (bf16 "
-        "parts), to show what a compressed delta costs before you share one (default: dense)",
+        "parts), to show what a compressed delta costs before you share one (default: dense). auto:ratio=R "
+        "or auto:bits=B: a size budget (2-D tensors R times smaller than dense, or B bits per element), each "
+        "tensor's method and parameters chosen by rate-distortion (see --weights)",
         check=check_compression,
         metavar="SPEC",
+    )
+    weights: str | None = option(
+        None,
+        "with --compress auto:ratio=R or auto:bits=B: a JSON object of tensor name -> non-negative weight "
+        "(a sensitivity, e.g. a diagonal-Fisher mean squared gradient), one for every 2-D tensor; the budget "
+        "minimises the weighted sum of squared errors (default: every weight 1)",
+        metavar="FILE",
+        path=True,
     )
 
 
@@ -562,7 +572,7 @@ def _by_group(bundle: type, flat: Mapping[str, Any]) -> dict[str, dict[str, Any]
 class TransferOptions(Bundle):
     """What ``transfer`` takes besides its models (``storage``: only ``compress`` applies)."""
 
-    not_applicable: ClassVar[frozenset[str]] = frozenset({"delta_dtype", "calibration"})
+    not_applicable: ClassVar[frozenset[str]] = frozenset({"delta_dtype", "calibration", "weights"})
 
     scaling: Scaling = field(default_factory=Scaling)
     precision: Precision = field(default_factory=Precision)

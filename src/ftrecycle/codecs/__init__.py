@@ -25,7 +25,12 @@ method (module)   parts                                       value of element `
                   values' dtype                               elements): ``data[offsets[f]:
                                                               offsets[f+1]]`` inflated (zlib),
                                                               byte planes regrouped; exact
+``auto`` (auto)   those of the method chosen for the tensor   as that method decodes it
 ================  ==========================================  ==================================
+
+``auto:ratio=R`` and ``auto:bits=B`` (:mod:`ftrecycle.codecs.auto`) are a size budget, not a
+method: each 2-D tensor gets one of the settings above (or stays dense), chosen by
+rate–distortion across the model's tensors (:func:`measure`, then :func:`auto.allocate`).
 
 Decoding works on any flat element range, so the transfer engine streams a
 compressed delta exactly as it streams a dense one: only the rows under the range
@@ -40,11 +45,13 @@ offsets, and returns the diff's norm and the relative error of what was stored
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from ftrecycle.codecs import int8, kbit, lossless, lowrank, sign, sparse
+from ftrecycle.codecs import auto, int8, kbit, lossless, lowrank, sign, sparse
+from ftrecycle.codecs.auto import AUTO, Candidate
 from ftrecycle.codecs.base import (
     SEP,
     Codec,
@@ -60,14 +67,17 @@ from ftrecycle.codecs.base import (
 )
 from ftrecycle.codecs.lowrank import energy_rank
 from ftrecycle.dtypes import DType
-from ftrecycle.errors import ConfigError
+from ftrecycle.errors import ConfigError, MemoryBudgetError, NonFiniteError
 
 __all__ = [
+    "AUTO",
+    "AUTO_MENU",
     "CODECS",
     "MAX_RANK",
     "MAX_RATIO",
     "METHODS",
     "SEP",
+    "Candidate",
     "Codec",
     "Compression",
     "Encoded",
@@ -82,6 +92,7 @@ __all__ = [
     "energy_rank",
     "gains_per_row",
     "layout",
+    "measure",
     "needs_first_pass",
     "packed_nbytes",
     "parse_compression",
@@ -131,13 +142,20 @@ def _value(text: str, key: str, value: str) -> float | str:
     return int(number) if key in INT_PARAMS else number
 
 
+def _takes(method: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """A method's parameters (exactly one of them when any) and its optional ones."""
+    if method == AUTO:
+        return auto.PARAMS, ()
+    return CODECS[method].params, CODECS[method].extra
+
+
 def _options(text: str, method: str, rest: str) -> dict[str, float | str]:
     """The ``key=value`` parameters of a spec, each allowed for its method, given once, valid.
 
     Exactly one of the method's ``params`` (when it has any), any of its ``extra`` ones.
     """
-    codec = CODECS[method]
-    allowed = codec.params + codec.extra
+    params, extra = _takes(method)
+    allowed = params + extra
     opts: dict[str, float | str] = {}
     for item in filter(None, rest.split(",")):
         key, eq, value = item.partition("=")
@@ -147,8 +165,8 @@ def _options(text: str, method: str, rest: str) -> dict[str, float | str]:
         if key in opts:
             raise ConfigError(f"--compress {text!r:.80}: {key} is given twice; give it once")
         opts[key] = _value(text, key, value)
-    if codec.params and sum(k in opts for k in codec.params) != 1:
-        raise ConfigError(f"--compress {text!r:.80}: give exactly one of {', '.join(codec.params)}")
+    if params and sum(k in opts for k in params) != 1:
+        raise ConfigError(f"--compress {text!r:.80}: give exactly one of {', '.join(params)}")
     return opts
 
 
@@ -157,7 +175,8 @@ def parse_compression(text: str | Compression | None) -> Compression | None:
     and each codec's module), or ``none``.
 
     Examples: ``lowrank:rank=64``, ``lowrank:energy=0.9``, ``lowrank:ratio=16``,
-    ``sparse:density=0.05``, ``int8``, ``sign``, ``sign:axis=row``, ``kbit:bits=3,group=128``.
+    ``sparse:density=0.05``, ``int8``, ``sign``, ``sign:axis=row``, ``kbit:bits=3,group=128``; the budgets
+    ``auto:ratio=8`` and ``auto:bits=2`` (:mod:`ftrecycle.codecs.auto`).
 
     Args:
         text: the spec, a parsed one (returned as is), or None.
@@ -173,8 +192,10 @@ def parse_compression(text: str | Compression | None) -> Compression | None:
     method, _, rest = text.strip().partition(":")
     if method == "none" and not rest:
         return None
-    if method not in CODECS:
-        raise ConfigError(f"--compress {text!r:.80}: unknown method {method!r:.40}; choose one of {', '.join(METHODS)}")
+    if method not in CODECS and method != AUTO:
+        raise ConfigError(
+            f"--compress {text!r:.80}: unknown method {method!r:.40}; choose one of {', '.join(METHODS)} or {AUTO}"
+        )
     opts = _options(text, method, rest)
     ratio = opts.get("ratio")
     if isinstance(ratio, float) and not 1 < ratio <= MAX_RATIO:
@@ -186,7 +207,7 @@ def parse_compression(text: str | Compression | None) -> Compression | None:
         raise ConfigError(f"--compress {text!r:.80}: density must be in (0, 1)")
     if c.bits is not None and not 0 < c.bits <= 32:
         raise ConfigError(f"--compress {text!r:.80}: bits must be in (0, 32]")
-    check = CODECS[method].check
+    check = CODECS[method].check if method != AUTO else None
     if check is not None:
         check(c)
     return c
@@ -266,7 +287,13 @@ def resolve(spec: Compression, probe: Probe) -> Compression | None:
 
     Returns:
         The tensor's concrete setting, or None to store it dense.
+
+    Raises:
+        ConfigError: ``spec`` is a budget (``auto``), which is allocated across tensors, not resolved
+            one at a time (:func:`measure`, then :func:`auto.allocate`).
     """
+    if spec.method == AUTO:
+        raise ConfigError(f"--compress {spec}: a budget is allocated across the tensors, not per tensor")
     first = CODECS[spec.method].resolve
     return spec if first is None else first(spec, probe)
 
@@ -279,8 +306,9 @@ def gains_per_row(method: str, shapes: dict[str, tuple[int, ...]]) -> bool:
 
 
 def needs_first_pass(spec: Compression) -> bool:
-    """Whether :func:`resolve` reads the tensors (a first pass before the layout is planned)."""
-    return CODECS[spec.method].resolve is not None
+    """Whether the settings of the tensors need a pass over them before the layout is planned
+    (a codec's :func:`resolve`, or a budget's :func:`measure`)."""
+    return spec.method == AUTO or CODECS[spec.method].resolve is not None
 
 
 def decode(p: Packed, start: int, count: int, out: np.ndarray, cache: dict[Any, Any]) -> np.ndarray:
@@ -311,3 +339,104 @@ def decode(p: Packed, start: int, count: int, out: np.ndarray, cache: dict[Any, 
 def packed_nbytes(p: Packed) -> int:
     """Bytes the parts take."""
     return sum(src.nbytes if isinstance(src, np.ndarray) else src.info.nbytes for src in p.parts.values())
+
+
+# ---------------------------------------------------------------- the budget's menu, measured
+
+#: The settings ``auto`` chooses from: :data:`auto.MENU`'s entries whose method is registered and
+#: takes every parameter they give (so a codec merged later joins the menu by its name).
+AUTO_MENU: tuple[Compression, ...] = tuple(
+    c
+    for c in (
+        parse_compression(t)
+        for t in auto.MENU
+        if auto.available(t, {name: codec.params + codec.extra for name, codec in CODECS.items()})
+    )
+    if c is not None
+)
+
+
+def _sample(probe: Probe, rows: int) -> np.ndarray:
+    """The rows of :func:`auto.sample_blocks` as one (rows, n) array in the compute dtype."""
+    m, n = probe.shape
+    out = np.empty((rows, n), dtype=probe.ct)
+    at = 0
+    for r0, r1 in auto.sample_blocks(m, rows):
+        out[at : at + r1 - r0] = probe.read(r0 * n, (r1 - r0) * n).reshape(r1 - r0, n)
+        at += r1 - r0
+    return out
+
+
+def _discard(part: str, start: int, values: np.ndarray) -> None:
+    """A writer that keeps nothing: a candidate is encoded for the error it measures."""
+
+
+def _on_rows(spec: Compression, parts: dict[str, PartSpec], probe: Probe, sample: np.ndarray) -> float | None:
+    """The squared error of ``spec`` (laid out as ``parts`` on the whole tensor) over the whole
+    tensor, estimated from ``sample``: None where it cannot be measured there (a low-rank rank too
+    large for the sample, a setting no spec fixes on a sample, an encoder beyond the probe's
+    memory, a variable-size setting)."""
+    m, n = probe.shape
+    rows = sample.shape[0]
+    rank = auto.rank_of(parts)
+    if rank is not None and rows < m and auto.LOWRANK_ROWS * rank > rows:
+        return None
+    on = auto.on_sample(spec, parts, m, n)
+    if on is None and rows < m:
+        return None
+    on = spec if on is None else on
+    flat = sample.reshape(-1)
+
+    def read(start: int, count: int) -> np.ndarray:
+        return flat[start : start + count].copy()
+
+    sub = Probe(read, probe.name, (rows, n), probe.dtype, probe.ct, probe.block, probe.memory)
+    codec = CODECS[on.method]
+    if codec.resolve is not None and codec.resolve(on, sub) != on:
+        return None  # its size is known only after a pass over the whole tensor
+    sparts = codec.layout(on, rows, n, probe.dtype)
+    need = sample.nbytes + codec.state_bytes(sparts, (rows, n), probe.ct.itemsize, max(probe.block, n))
+    if not sparts or need > probe.memory:
+        return None
+    found = codec.encode(Job(read, _discard, probe.name, (rows, n), sparts, probe.dtype, probe.ct, probe.block))
+    if not math.isfinite(found.norm) or not math.isfinite(found.error):
+        raise NonFiniteError(f"tensor {probe.name!r}: the diff holds NaN or infinity; check the inputs")
+    return (found.error * found.norm) ** 2 * (m / rows)
+
+
+def measure(probe: Probe, menu: Sequence[Compression] = AUTO_MENU) -> list[Candidate]:
+    """The candidates of one tensor for a budget: dense, and each setting of ``menu`` that makes it
+    smaller, with its bytes and its squared error estimated on a row sample (see :mod:`auto`).
+
+    Args:
+        probe: the tensor (``memory``: what the sample and one encoder may hold).
+        menu: the settings to try.
+
+    Returns:
+        Dense first (error 0), then the menu's settings in order (those that could be measured).
+
+    Raises:
+        MemoryBudgetError: even the smallest sample does not fit the probe's memory.
+        NonFiniteError: the diff holds NaN or infinity.
+    """
+    m, n = probe.shape
+    full = [(c, layout(c, (m, n), probe.dtype)) for c in menu]
+    full = [(c, p) for c, p in full if p]
+    ranks = sorted(r for _, p in full if (r := auto.rank_of(p)) is not None)
+    whole = any(auto.on_sample(c, p, m, n) is None for c, p in full)
+    rows = auto.sample_rows(m, n, ranks, whole)
+    if 2 * rows * n * probe.ct.itemsize > probe.memory:
+        rows = auto.sample_rows(m, n, ())  # the low-rank candidates' larger sample does not fit
+    if 2 * rows * n * probe.ct.itemsize > probe.memory:
+        raise MemoryBudgetError(
+            f"measuring tensor {probe.name!r} for --compress auto needs about "
+            f"{math.ceil(2 * rows * n * probe.ct.itemsize / 2**20)} MiB per thread; "
+            "raise --max-memory or lower --threads"
+        )
+    sample = _sample(probe, rows)
+    out = [Candidate(None, m * n * probe.dtype.itemsize, 0.0)]
+    for spec, parts in full:
+        err = _on_rows(spec, parts, probe, sample)
+        if err is not None:
+            out.append(Candidate(spec, _nbytes(parts), err))
+    return out

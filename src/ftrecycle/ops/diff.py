@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import threading
 import time
@@ -16,11 +17,15 @@ from typing import Any
 import numpy as np
 
 from ftrecycle.codecs import (
+    AUTO,
+    Candidate,
     Compression,
     PartSpec,
     Probe,
+    auto,
     encode,
     layout,
+    measure,
     needs_first_pass,
     parse_compression,
     part_name,
@@ -32,8 +37,9 @@ from ftrecycle.delta.store import check_names
 from ftrecycle.delta.write import DeltaWriter
 from ftrecycle.dtypes import BY_NAME, DType
 from ftrecycle.engine import RESERVE_BYTES, Buffers, Engine, _bytes_per_element, read_term
-from ftrecycle.errors import MemoryBudgetError, NonFiniteError
+from ftrecycle.errors import ConfigError, MemoryBudgetError, NonFiniteError
 from ftrecycle.io.checkpoint import Checkpoint, open_checkpoint
+from ftrecycle.io.jsonfile import loads_json, read_bytes
 from ftrecycle.io.output import ShardedWriter, check_output
 from ftrecycle.io.provenance import describe_input
 from ftrecycle.io.safetensors_format import pwrite_all
@@ -91,15 +97,20 @@ def diff(
             2-D tensors compressed: ``lowrank:rank=R``, ``lowrank:energy=E``, ``lowrank:ratio=X``,
             ``sparse:density=D``, ``sparse:ratio=X``, ``int8`` or ``sign``, see
             :mod:`ftrecycle.codecs`; 1-D tensors, and matrices the method would not make smaller,
-            stay dense), and ``compute_dtype``, ``shard_size``, ``vocab``, ``on_missing``,
-            ``max_memory``, ``threads``, ``force``, ``allow_nonfinite``, ``allow_pickle``, ``fsync``
-            as in :func:`ftrecycle.transfer`.
+            stay dense; or a size budget, ``auto:ratio=R`` / ``auto:bits=B``, each 2-D tensor's
+            setting chosen by rate-distortion, see :mod:`ftrecycle.codecs.auto`), ``weights`` (with a
+            budget: a JSON file of tensor name -> sensitivity, every 2-D tensor given one), and
+            ``compute_dtype``, ``shard_size``, ``vocab``, ``on_missing``, ``max_memory``, ``threads``,
+            ``force``, ``allow_nonfinite``, ``allow_pickle``, ``fsync`` as in :func:`ftrecycle.transfer`.
 
     Returns:
         What was written.
 
     Raises:
-        As :func:`ftrecycle.transfer`.
+        ConfigError: as :func:`ftrecycle.transfer`; a budget below what the smallest settings take; a
+            ``weights`` file without a budget, or not an object of non-negative numbers naming every
+            2-D tensor of the diff and nothing else.
+        FtRecycleError: otherwise as :func:`ftrecycle.transfer`.
     """
     started = time.perf_counter()
     opts = DiffOptions.merged(options, keywords)
@@ -188,7 +199,8 @@ class _DeltaJob:
         ddt = BY_NAME[opts.storage.delta_dtype]
         plan = plan_diff(source.terms, ddt)
         chunk = settings.engine(0, None).chunk
-        specs = _resolved(spec, source.terms, ddt, settings, chunk) if spec else {}
+        weights, weights_file = _weights(opts.storage.weights, spec, source)
+        specs = _resolved(spec, source.terms, ddt, settings, chunk, weights) if spec else {}
         packed = _packed(specs, plan.tensors, ddt)
         specs = {name: specs[name] for name in packed}
         writer = DeltaWriter.start(
@@ -206,6 +218,10 @@ class _DeltaJob:
             files=source.files,
             threads=settings.threads,
         )
+        if spec is not None and spec.method == AUTO:
+            writer.manifest["compression"].update(_budget_record(spec, plan.tensors, packed, ddt))
+        if weights_file is not None:  # the budget's allocation depends on the file: its provenance
+            writer.manifest["compression"]["weights"] = weights_file
         return cls(base, source, spec, ddt, settings, opts.policies, plan.tensors, packed, specs, progress, writer)
 
     @property
@@ -268,6 +284,22 @@ def _packed(specs: dict[str, Compression], tensors: list[OutTensor], ddt: DType)
         if parts:
             packed[t.name] = parts
     return packed
+
+
+def _budget_record(
+    spec: Compression, tensors: list[OutTensor], packed: dict[str, dict[str, PartSpec]], ddt: DType
+) -> dict[str, int]:
+    """What a budget allowed and what its 2-D tensors take as laid out (their parts, or dense):
+    ``budget_bytes`` and ``matrix_bytes`` (the file-level ``ratio`` also counts the 1-D tensors)."""
+    mats = [t for t in tensors if len(t.shape) == 2 and 0 not in t.shape]
+    used = sum(
+        sum(d.itemsize * math.prod(s) for d, s in packed[t.name].values())
+        if t.name in packed
+        else math.prod(t.shape) * ddt.itemsize
+        for t in mats
+    )
+    budget = auto.budget_bytes(spec, [(t.shape[0], t.shape[1]) for t in mats], ddt.itemsize)
+    return {"budget_bytes": budget, "matrix_bytes": used}
 
 
 def _reader_bytes(chunk: int, compute: DType) -> int:
@@ -372,21 +404,92 @@ def _compress_one(
     return info
 
 
+def _weights(
+    path: str | None, spec: Compression | None, source: SourceDiff
+) -> tuple[dict[str, float] | None, dict[str, Any] | None]:
+    """The ``--weights`` file's weight of each 2-D tensor, and what the manifest records of the
+    file (its path and SHA-256); (None, None) without a file.
+
+    Raises:
+        ConfigError: a file without a budget (``--compress auto:...``), or a file that is not a JSON
+            object of tensor name -> non-negative finite number covering every 2-D tensor of the diff
+            (see :mod:`ftrecycle.codecs.auto`); a huge or deeply nested file is refused unread or unparsed.
+    """
+    if path is None:
+        return None, None
+    if spec is None or spec.method != AUTO:
+        raise ConfigError("--weights applies to a size budget: give --compress auto:ratio=R or auto:bits=B")
+    fix = "give --weights a JSON object of tensor name -> non-negative number"
+    file = Path(path).expanduser()
+    raw = read_bytes(file, what="weights file", max_bytes=auto.MAX_WEIGHTS_BYTES, error=ConfigError)
+    value = loads_json(raw, source=str(file), error=ConfigError, fix=fix)
+    terms = source.terms.values()
+    mats = [t.name for t in terms if _is_matrix(t)]
+    others = [t.name for t in terms if not _is_matrix(t)] + list(source.aliases)
+    record = {"file": str(file), "sha256": hashlib.sha256(raw).hexdigest()}
+    return auto.check_weights(value, mats, others, path), record
+
+
+def _is_matrix(t: Term) -> bool:
+    return len(t.shape) == 2 and 0 not in t.shape
+
+
 def _resolved(
-    spec: Compression, terms: dict[str, Term], ddt: DType, settings: WriteSettings, chunk: int
+    spec: Compression,
+    terms: dict[str, Term],
+    ddt: DType,
+    settings: WriteSettings,
+    chunk: int,
+    weights: dict[str, float] | None = None,
 ) -> dict[str, Compression]:
-    """Each 2-D tensor's own setting: ``spec``, or what its codec's first pass resolves it to
-    (one pass over the tensors, in parallel; a tensor left out is stored dense)."""
-    mats = [t for t in terms.values() if len(t.shape) == 2 and 0 not in t.shape]
+    """Each 2-D tensor's own setting: ``spec``, what its codec's first pass resolves it to, or (a
+    budget, ``auto``) what the allocation chose for it (one pass over the tensors, in parallel; a
+    tensor left out is stored dense). ``weights``: each 2-D tensor's, for a budget (default 1)."""
+    mats = [t for t in terms.values() if _is_matrix(t)]
     if not needs_first_pass(spec):
         return {t.name: spec for t in mats}
     ct = np.dtype(settings.compute_dtype.storage)
     share = (settings.max_memory - RESERVE_BYTES) // settings.threads - _reader_bytes(chunk, settings.compute_dtype)
 
-    def one(t: Term) -> tuple[str, Compression | None]:
-        m, n = t.shape
+    def probe(t: Term) -> Probe:
         read = term_reader(t, chunk, ct, settings.compute_dtype)
-        return t.name, resolve(spec, Probe(read, t.name, (m, n), ddt, ct, chunk, max(0, share)))
+        return Probe(read, t.name, (t.shape[0], t.shape[1]), ddt, ct, chunk, max(0, share))
 
     with ThreadPoolExecutor(settings.threads) as pool:
-        return {name: r for name, r in pool.map(one, mats) if r is not None}
+        if spec.method == AUTO:
+            table = list(pool.map(lambda t: _encodable(measure(probe(t)), t, ddt, settings, chunk), mats))
+            return _allocated(spec, mats, table, ddt, weights)
+        found = pool.map(lambda t: (t.name, resolve(spec, probe(t))), mats)
+        return {name: r for name, r in found if r is not None}
+
+
+def _encodable(cands: list[Candidate], t: Term, ddt: DType, settings: WriteSettings, chunk: int) -> list[Candidate]:
+    """The candidates whose encoder fits ``--max-memory`` on the whole tensor (as :func:`_needs`
+    will require of the one chosen), dense always among them."""
+    budget = settings.max_memory - RESERVE_BYTES - _reader_bytes(chunk, settings.compute_dtype)
+    shape = (t.shape[0], t.shape[1])
+    it = settings.compute_dtype.itemsize
+
+    def fits(c: Compression) -> bool:
+        parts = layout(c, shape, ddt)
+        return state_bytes(c.method, parts, shape, it, max(chunk, shape[1])) <= budget
+
+    return [c for c in cands if c.spec is None or fits(c.spec)]
+
+
+def _allocated(
+    spec: Compression, mats: list[Term], table: list[list[Candidate]], ddt: DType, weights: dict[str, float] | None
+) -> dict[str, Compression]:
+    """The setting the budget gives each 2-D tensor (those left dense omitted).
+
+    Raises:
+        ConfigError: the budget is below what the smallest settings take.
+    """
+    budget = auto.budget_bytes(spec, [(t.shape[0], t.shape[1]) for t in mats], ddt.itemsize)
+    w = [1.0 if weights is None else weights[t.name] for t in mats]
+    try:
+        pick = auto.allocate(table, w, budget)
+    except ConfigError as e:
+        raise ConfigError(f"--compress {spec}: {e}") from e
+    chosen = {t.name: table[i][pick[i]].spec for i, t in enumerate(mats)}
+    return {name: c for name, c in chosen.items() if c is not None}
