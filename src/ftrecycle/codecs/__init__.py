@@ -14,6 +14,13 @@ method (module)   parts                                       value of element `
 ``sign``          ``bits`` (ceil(mn/8),) uint8, ``scale``     ``+scale`` if bit ``i*n+j`` is set
                   (1,) float32                                (little-endian in its byte) else
                                                               ``-scale``
+``mpsvd``         ``qa`` (m, c), ``qb`` (n, c) uint8: codes   ``sum_k a[i, k] * b[k, j]`` over
+                  packed at ``widths`` (r,) uint8 bits each,  ``w_k > 0``, ``a[i, k] = (q - 2^(w_k
+                  ``sa``, ``sb`` (r,) float32 steps           - 1) + 1/2) * sa[k]`` (``q``: row
+                                                              ``i``'s k-th code), ``b`` alike
+``signlr``        ``bits`` (ceil(mn/8),) uint8, ``scale``     ``sum_k a[i, k] * b[k, j]`` plus
+                  (m,) float32, ``a`` (m, r), ``b`` (r, n)    ``+scale[i]`` if bit ``i*n+j`` is
+                                                              set, else ``-scale[i]``
 ================  ==========================================  ==================================
 
 Decoding works on any flat element range, so the transfer engine streams a
@@ -33,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from ftrecycle.codecs import int8, lowrank, sign, sparse
+from ftrecycle.codecs import int8, lowrank, mpsvd, sign, signlr, sparse
 from ftrecycle.codecs.base import (
     SEP,
     Codec,
@@ -79,7 +86,9 @@ __all__ = [
 ]
 
 #: The compression methods, by name.
-CODECS: dict[str, Codec] = {c.name: c for c in (lowrank.CODEC, sparse.CODEC, int8.CODEC, sign.CODEC)}
+CODECS: dict[str, Codec] = {
+    c.name: c for c in (lowrank.CODEC, sparse.CODEC, int8.CODEC, sign.CODEC, mpsvd.CODEC, signlr.CODEC)
+}
 METHODS = tuple(CODECS)
 
 #: the largest lowrank rank and compression ratio a spec may ask (beyond them a number is a typo)
@@ -135,7 +144,8 @@ def parse_compression(text: str | Compression | None) -> Compression | None:
     and each codec's module), or ``none``.
 
     Examples: ``lowrank:rank=64``, ``lowrank:energy=0.9``, ``lowrank:ratio=16``,
-    ``sparse:density=0.05``, ``int8``, ``sign``, ``sign:axis=row``.
+    ``sparse:density=0.05``, ``int8``, ``sign``, ``sign:axis=row``, ``mpsvd:ratio=16``,
+    ``mpsvd:bits=1``, ``signlr:rank=16``, ``signlr:ratio=8``.
 
     Args:
         text: the spec, a parsed one (returned as is), or None.
