@@ -123,6 +123,26 @@ def test_mpsvd_beats_lowrank_at_the_same_bytes_on_a_decaying_spectrum(ratio):
     assert err_mp < 0.8 * err_lr, (ratio, err_mp, err_lr)
 
 
+def _delta_come_schedule(s: np.ndarray, errors: np.ndarray, capacity: int) -> np.ndarray:
+    """Delta-CoMe's fixed widths: 8 bits for 2 vectors, 3 for the next 32, 2 for the rest, while they fit."""
+    widths = np.zeros(len(s), dtype=np.uint8)
+    used = 0
+    for k in range(len(s)):
+        w = 8 if k < 2 else 3 if k < 34 else 2
+        if used + w > capacity:
+            break
+        widths[k], used = w, used + w
+    return widths
+
+
+def test_mpsvd_greedy_widths_beat_a_fixed_schedule(monkeypatch):
+    d = _spectrum(256, 256, 13)
+    greedy, _ = _encode("mpsvd:ratio=8", d, BF16)
+    monkeypatch.setattr(mpsvd, "allocate", _delta_come_schedule)
+    fixed, _ = _encode("mpsvd:ratio=8", d, BF16)
+    assert greedy < 0.8 * fixed, (greedy, fixed)
+
+
 def _lowrank_then_sign(d: np.ndarray, r: int) -> float:
     u, s, vt = np.linalg.svd(d.astype(np.float64), full_matrices=False)
     res = d - (u[:, :r] * s[:r]) @ vt[:r]
@@ -171,6 +191,7 @@ def _infos(parts: dict[str, tuple[DType, tuple[int, ...]]]) -> dict[str, TensorI
         ("sb", (BF16, (12,))),
         ("widths", (F32, (12,))),
         ("qa", (U8, (50,))),
+        ("widths", (U8, (31,))),  # more vectors than the matrix has
     ],
 )
 def test_mpsvd_parts_of_the_wrong_shape_or_dtype_are_refused(part, bad):
@@ -178,6 +199,12 @@ def test_mpsvd_parts_of_the_wrong_shape_or_dtype_are_refused(part, bad):
     check_parts("t", "mpsvd", (50, 30), _infos(good))
     with pytest.raises(CheckpointError, match=part if part != "qa" else "q"):
         check_parts("t", "mpsvd", (50, 30), _infos({**good, part: bad}))
+
+
+def test_mpsvd_more_vectors_than_a_packed_row_holds_are_refused():
+    many = {"qa": (U8, (50, 1)), "qb": (U8, (30, 1)), "sa": (F32, (5,)), "sb": (F32, (5,)), "widths": (U8, (5,))}
+    with pytest.raises(CheckpointError, match="widths"):  # one byte holds 4 vectors of 2 bits
+        check_parts("t", "mpsvd", (50, 30), _infos(many))
 
 
 def test_signlr_parts_of_the_wrong_shape_or_dtype_are_refused():
