@@ -12,7 +12,19 @@ import numpy as np
 import pytest
 
 from ftrecycle.cli import main
-from ftrecycle.codecs import CODECS, Compression, Job, Packed, decode, layout, mpsvd, parse_compression, signlr
+from ftrecycle.codecs import (
+    CODECS,
+    Compression,
+    Job,
+    Packed,
+    Probe,
+    decode,
+    layout,
+    mpsvd,
+    parse_compression,
+    resolve,
+    signlr,
+)
 from ftrecycle.delta.store import check_parts, open_delta
 from ftrecycle.dtypes import BF16, F32, U8, DType, from_storage
 from ftrecycle.errors import CheckpointError, ConfigError
@@ -105,6 +117,26 @@ def test_mpsvd_stays_within_its_budget():
         assert budget - (120 + 90 + 4 * mpsvd.VECTOR_BYTES) < _nbytes(p) <= budget, bits
         w = p.parts["widths"]
         assert set(w.tolist()) <= set(mpsvd.WIDTHS) and int(w.sum()) <= 8 * p.parts["qa"].shape[1]
+
+
+def test_mpsvd_caps_its_vectors_to_fit_the_memory():
+    m, n = 4096, 512
+    spec = parse_compression("mpsvd:ratio=4")
+    assert spec is not None
+    full = layout(spec, (m, n), BF16)["widths"][1][0]
+
+    def need(s: Compression) -> int:
+        return mpsvd.state_bytes(layout(s, (m, n), BF16), (m, n), 4, 1 << 14)
+
+    def probe(memory: int) -> Probe:
+        return Probe(lambda s, c: np.zeros(c, CT), "t", (m, n), BF16, CT, 1 << 14, memory)
+
+    assert resolve(spec, probe(need(spec))) == spec
+    capped = resolve(spec, probe(need(spec) // 3))
+    assert capped is not None and capped.rank is not None and 1 <= capped.rank < full
+    assert need(capped) <= need(spec) // 3
+    assert layout(capped, (m, n), BF16)["widths"][1][0] == capped.rank
+    assert resolve(spec, probe(1000)) is None  # not one vector fits: dense
 
 
 def test_mpsvd_gives_the_large_singular_values_more_bits():

@@ -16,7 +16,8 @@ sum at most ``8 c``. Decoding reads the widths back from the parts, never from t
 Budget: ``mpsvd:bits=B`` stores ``B`` bits per element of ``D`` on average, every part counted;
 ``mpsvd:ratio=R`` is ``B = 8 * itemsize / R`` against the delta's dtype. The layout fixes ``c``
 (the bytes of a packed row) and ``r = min(m, n, 8c / 2)``, the most vectors ``c`` bytes can hold
-at the narrowest nonzero width, so it needs no first pass. Bit allocation is the encoder's,
+at the narrowest nonzero width; a first pass (:func:`resolve`, which reads nothing) lowers
+``r`` only where the SVD at that rank would not fit ``--max-memory``. Bit allocation is the encoder's,
 from the singular values it computes: each vector's quantization error is measured at every
 width (relative squared error ``e_k(w)`` of ``u_k`` and ``v_k`` at the best of a few steps), the
 error vector ``k`` leaves is estimated as ``s_k^2 (e_u + e_v)`` (``s_k^2`` when dropped), and a
@@ -31,10 +32,11 @@ for the widths against this greedy one, the rest of the codec the same): singula
 ``(k+1)^-0.5``: greedy 0.421 / 0.520, Delta-CoMe's 0.459 / 0.536, all at 4 bits 0.455 / 0.546;
 Gaussian noise: greedy 0.546 / 0.740, Delta-CoMe's 0.559 / 0.744, all at 2 bits 0.566 / 0.740.
 No fixed rule is best on every spectrum, and the greedy one is best or tied on each. A first
-pass (``resolve``) would only add a second SVD: the layout's ``r`` already lets the encoder
-choose; its cost is an SVD of rank up to ``4c`` where fewer vectors may get bits (at 8x on
-``1/(k+1)``, 286 of 500). A 1-bit width was measured too and never chosen (a 1-bit ``u_k`` and ``v_k`` leave about
-0.72 of the vector's energy, removing less per bit than 2 bits do, which leave about 0.24).
+pass reading the tensor (to allocate before the layout) would only add a second SVD: the
+layout's ``r`` already lets the encoder choose; its cost is an SVD of rank up to ``4c`` where
+fewer vectors may get bits (at 8x on ``1/(k+1)``, 286 of 500). A 1-bit width was measured too
+and never chosen (a 1-bit ``u_k`` and ``v_k`` leave about 0.72 of the vector's energy, removing
+less per bit than 2 bits do, which leave about 0.24).
 
 Reference: Delta-CoMe (Ping et al., "Delta-CoMe: Training-Free Delta-Compression with
 Mixed-Precision for Large Language Models", NeurIPS 2024, arXiv:2406.08903). Delta-CoMe
@@ -46,7 +48,7 @@ from __future__ import annotations
 
 import heapq
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -59,6 +61,7 @@ from ftrecycle.codecs.base import (
     Job,
     Packed,
     PartSpec,
+    Probe,
     blocks,
     measured,
     read_part,
@@ -91,11 +94,12 @@ def budget_bytes(spec: Compression, m: int, n: int, dtype: DType) -> int:
 
 def layout(spec: Compression, m: int, n: int, dtype: DType) -> dict[str, PartSpec]:
     """Parts ``qa`` (m, c), ``qb`` (n, c) uint8, ``sa``, ``sb`` (r,) float32 and ``widths`` (r,) uint8,
-    the largest ``c`` the budget holds with ``r = min(m, n, 8c / WIDTHS[1])`` vectors ({} when not one byte a row)."""
+    the largest ``c`` the budget holds with ``r = min(m, n, 8c / WIDTHS[1])`` vectors, or
+    ``spec.rank`` where :func:`resolve` capped it ({} when not one byte a row)."""
     total = budget_bytes(spec, m, n, dtype)
     per_byte = 8 // WIDTHS[1]  # vectors a byte of a packed row holds at the narrowest width
     c = total // (m + n + per_byte * VECTOR_BYTES)
-    r = min(m, n, per_byte * c)
+    r = min(m, n, per_byte * c, spec.rank or m)
     c = min(r, (total - VECTOR_BYTES * r) // (m + n))  # r capped by the matrix: the bytes left widen c
     if c < 1:
         return {}
@@ -290,6 +294,29 @@ def state_bytes(parts: dict[str, PartSpec], shape: tuple[int, int], itemsize: in
     return svd + (m + n) * r * itemsize + search + side + rows + row_block_bytes(itemsize, block)
 
 
+def resolve(spec: Compression, probe: Probe) -> Compression | None:
+    """The spec, with ``rank`` capping the vectors where the encoder's SVD at the layout's
+    ``r`` would not fit the probe's memory (None: not even one vector fits; stored dense).
+
+    Reads nothing: the cap follows from the shape and :func:`state_bytes` alone.
+    """
+    m, n = probe.shape
+    parts = layout(spec, m, n, probe.dtype)
+    if not parts:
+        return spec
+    it, block = probe.ct.itemsize, max(probe.block, n)
+
+    def need(r: int) -> int:
+        return state_bytes(layout(replace(spec, rank=r), m, n, probe.dtype), (m, n), it, block)
+
+    r = parts["widths"][1][0]
+    if need(r) <= probe.memory:
+        return spec
+    while r > 1 and need(r) > probe.memory:
+        r = r * 7 // 8  # not a bisection: the SVD switches between exact and sketched with r
+    return replace(spec, rank=r) if need(r) <= probe.memory else None
+
+
 # ---------------------------------------------------------------- decoding
 
 
@@ -385,5 +412,6 @@ CODEC = Codec(
     decode,
     state_bytes,
     expect,
+    resolve=resolve,
     gain=gain,
 )
