@@ -100,6 +100,15 @@ def test_decode_of_any_range_equals_the_whole(spec):
         assert np.array_equal(got, whole), (spec, float(np.max(np.abs(got - whole))))
 
 
+def test_signlr_refits_lower_the_error(monkeypatch):
+    d = _spectrum(160, 120, 14, power=0.5)
+    errs = []
+    for rounds in (0, 1, 2):
+        monkeypatch.setattr(signlr, "REFINE_ROUNDS", rounds)
+        errs.append(_encode("signlr:rank=6", d)[0])
+    assert errs[0] > errs[1] > errs[2], errs
+
+
 def test_error_falls_as_the_budget_grows():
     d = _spectrum(128, 96, 3, power=0.7)
     mp = [_encode(f"mpsvd:bits={b}", d)[0] for b in (0.5, 1, 2, 4)]
@@ -190,7 +199,7 @@ def _sign_then_lowrank(d: np.ndarray, r: int) -> float:
     return _rel(d - (res - (u[:, :r] * s[:r]) @ vt[:r]), d)
 
 
-def test_signlr_low_rank_first_is_better_and_is_what_it_stores():
+def test_signlr_low_rank_first_is_better_and_is_what_it_stores(monkeypatch):
     rng = np.random.default_rng(7)
     noise = rng.standard_normal((256, 256))
     low = rng.standard_normal((256, 4)) @ rng.standard_normal((4, 256))
@@ -198,8 +207,11 @@ def test_signlr_low_rank_first_is_better_and_is_what_it_stores():
     assert _lowrank_then_sign(structured, 8) < 0.75 * _sign_then_lowrank(structured, 8)
     flat = noise.astype(np.float32)
     assert _lowrank_then_sign(flat, 8) == pytest.approx(_sign_then_lowrank(flat, 8), rel=0.02)
-    err, _ = _encode("signlr:rank=8", structured)  # exact SVD at this size: the codec is the first order
-    assert err == pytest.approx(_lowrank_then_sign(structured, 8), rel=1e-3)
+    err, _ = _encode("signlr:rank=8", structured)  # exact SVD at this size: the first order, then refits
+    assert err < _lowrank_then_sign(structured, 8)
+    monkeypatch.setattr(signlr, "REFINE_ROUNDS", 0)
+    plain, _ = _encode("signlr:rank=8", structured)
+    assert plain == pytest.approx(_lowrank_then_sign(structured, 8), rel=1e-3)
 
 
 def test_signlr_ratio_leaves_room_for_bits_and_scales():
