@@ -25,6 +25,13 @@ method (module)   parts                                       value of element `
                   values' dtype                               elements): ``data[offsets[f]:
                                                               offsets[f+1]]`` inflated (zlib),
                                                               byte planes regrouped; exact
+``mpsvd``         ``qa`` (m, c), ``qb`` (n, c) uint8: codes   ``sum_k a[i, k] * b[k, j]`` over
+                  packed at ``widths`` (r,) uint8 bits each,  ``w_k > 0``, ``a[i, k] = (q - 2^(w_k
+                  ``sa``, ``sb`` (r,) float32 steps           - 1) + 1/2) * sa[k]`` (``q``: row
+                                                              ``i``'s k-th code), ``b`` alike
+``signlr``        ``bits`` (ceil(mn/8),) uint8, ``scale``     ``sum_k a[i, k] * b[k, j]`` plus
+                  (m,) float32, ``a`` (m, r), ``b`` (r, n)    ``+scale[i]`` if bit ``i*n+j`` is
+                                                              set, else ``-scale[i]``
 ``auto`` (auto)   those of the method chosen for the tensor   as that method decodes it
 ================  ==========================================  ==================================
 
@@ -50,7 +57,7 @@ from typing import Any
 
 import numpy as np
 
-from ftrecycle.codecs import auto, int8, kbit, lossless, lowrank, sign, sparse
+from ftrecycle.codecs import auto, int8, kbit, lossless, lowrank, mpsvd, sign, signlr, sparse
 from ftrecycle.codecs.auto import AUTO, Candidate
 from ftrecycle.codecs.base import (
     SEP,
@@ -110,6 +117,8 @@ CODECS: dict[str, Codec] = {
         int8.CODEC,
         sign.CODEC,
         kbit.CODEC,
+        mpsvd.CODEC,
+        signlr.CODEC,
         lossless.CODEC,
     )
 }
@@ -175,7 +184,8 @@ def parse_compression(text: str | Compression | None) -> Compression | None:
     and each codec's module), or ``none``.
 
     Examples: ``lowrank:rank=64``, ``lowrank:energy=0.9``, ``lowrank:ratio=16``,
-    ``sparse:density=0.05``, ``int8``, ``sign``, ``sign:axis=row``, ``kbit:bits=3,group=128``; the budgets
+    ``sparse:density=0.05``, ``int8``, ``sign``, ``sign:axis=row``, ``kbit:bits=3,group=128``,
+    ``mpsvd:ratio=16``, ``mpsvd:bits=1``, ``signlr:rank=16``, ``signlr:ratio=8``; the budgets
     ``auto:ratio=8`` and ``auto:bits=2`` (:mod:`ftrecycle.codecs.auto`).
 
     Args:
