@@ -378,19 +378,48 @@ def lab_sizes(r: dict[str, Any]) -> list[str]:
 
 
 def lab_sweep(r: dict[str, Any]) -> list[str]:
-    """Experiment (h): per fine-tuning rate and stage-2 pair, Δ size, recovery, % of FT, compressed shares."""
+    """Experiment (h): per fine-tuning rate and stage-2 pair, Δ size, recovery and % of FT."""
     if "sweep" not in r["mean"]:
         return NOT_IN_FILE
-    specs = list(r["config"]["sweep_compressions"])
     rows: list[list[Any]] = []
     for tag, sc in r["mean"]["sweep"].items():
         for pair, p in sc["pairs"].items():
-            shares = [_f(p["compressed"][c]["of_dense_pct"]) for c in specs]
             rows.append([f"×{tag}", pair, pct2(p["delta_rel_pct"]), _f(p["transfer"]), _f(p["finetuned"]),
-                         _f(p["recovery_pct"]), _f(p["of_ft_pct"]), *shares])  # fmt: skip
+                         _f(p["recovery_pct"]), _f(p["of_ft_pct"])])  # fmt: skip
     header = ["ft_lr ×", "pair", "‖Δi‖/‖Mi‖ (%)", "Mj + Δi", "FT(Mj), same rate", "gain recovered (%)",
-              "% of FT(Mj)", *[f"`{c}`: % of dense gain" for c in specs]]  # fmt: skip
+              "% of FT(Mj)"]  # fmt: skip
     return _table(header, rows)
+
+
+def lab_sweep_compressed(r: dict[str, Any]) -> list[str]:
+    """Experiment (h)'s compressed transfers: per spec, the share of the dense transfer's gain kept at each
+    rate and pair, and the size ratio against dense bf16."""
+    if "sweep" not in r["mean"]:
+        return NOT_IN_FILE
+    sw = r["mean"]["sweep"]
+    cols = [(tag, pair) for tag, sc in sw.items() for pair in sc["pairs"]]
+    rows = []
+    for c in r["config"]["sweep_compressions"]:
+        if not all(c in sw[tag]["pairs"][pair]["compressed"] for tag, pair in cols):
+            continue  # a setting the model cannot take
+        got = [sw[tag]["pairs"][pair]["compressed"][c] for tag, pair in cols]
+        rows.append([f"`{c}`", *[f"{_f(v['of_dense_pct'])} ({v['ratio']:.1f}×)" for v in got]])
+    return _table(["Δ stored as", *[f"×{tag} {pair}: % of dense gain" for tag, pair in cols]], rows)
+
+
+def lab_compression_methods(r: dict[str, Any]) -> list[str]:
+    """Finding 5 per method: the most compressed setting losing at most the allowed points on both pairs."""
+    f = next((f for f in r["findings"] if f["id"] == 5), None)
+    if f is None or "by_method" not in f["numbers"]:
+        return NOT_IN_FILE
+    n = f["numbers"]
+    rows = [
+        [f"`{k}`", "none" if v is None else f"`{v['spec']}`", "–" if v is None else f"{v['ratio']:.1f}×",
+         "–" if v is None else _f(v["max_loss"])]
+        for k, v in n["by_method"].items()
+    ]  # fmt: skip
+    allowed = _f(n["loss_allowed"])
+    return _table(["method", f"most compressed within {allowed} point", "× smaller", "points lost (worse pair)"], rows)
 
 
 def _bench(name: str, script: str, render: Callable[[Any], list[str]]) -> Table:
@@ -420,9 +449,11 @@ TABLES: dict[str, Table] = {
     "lab-language": _two_seeds(lab_language),
     "lab-diagnostics": _two_seeds(lab_diagnostics),
     "lab-compression": _two_seeds(lab_compression),
+    "lab-compression-methods": _two_seeds(lab_compression_methods),
     "lab-targets": _two_seeds(lab_targets),
     "lab-sizes": _two_seeds(lab_sizes),
     "lab-sweep": _two_seeds(lab_sweep),
+    "lab-sweep-compressed": _two_seeds(lab_sweep_compressed),
     "lab-findings-seeds": _two_seeds(lab_findings_seeds),
     "lab-measures": _two_seeds(lab_measures),
     "lab-timing": Table(LAB_TINY, LAB_COMMAND, lab_timing, explain=False),

@@ -5,8 +5,41 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from ftrecycle.codecs import parse_compression
 from ftrecycle.errors import ConfigError
 from ftrecycle.lab.pretrain import ModelSpec, PretrainSpec
+
+#: experiment (g): each method that takes a ``ratio``, and the sizes (times smaller than the dense bf16 delta)
+#: it is run at: the issue's 4, 8, 16 and 32x, but signlr's sign bit alone is 16x (its low-rank part gets
+#: nothing there). ``auto``: the size budget, each tensor's method chosen by rate-distortion.
+RATIOS: dict[str, tuple[int, ...]] = {
+    "lowrank": (4, 8, 16, 32),
+    "sparse": (4, 8, 16, 32),
+    "mpsvd": (4, 8, 16, 32),
+    "signlr": (4, 8),
+    "auto": (4, 8, 16, 32),
+}
+#: a (g) setting with this suffix is calibrated (``ftrecycle calibrate``, BitDelta's scale distillation) on the
+#: fine-tuning set after it is compressed
+CALIBRATED = "+cal"
+#: experiment (g): Δ stored dense bf16, losslessly, by each fixed-rate codec, by each ratio method at each of
+#: RATIOS, and three settings calibrated
+COMPRESSIONS: tuple[str, ...] = (
+    "none",
+    "lossless",
+    "int8",
+    "kbit:bits=4",
+    "kbit:bits=3",
+    "kbit:bits=2",
+    "sign",
+    "sign:axis=row",
+    *(f"{m}:ratio={r}" for m, ratios in RATIOS.items() for r in ratios),
+    "sign:axis=row" + CALIBRATED,
+    "kbit:bits=2" + CALIBRATED,
+    "auto:ratio=8" + CALIBRATED,
+)
+#: experiment (h)'s default: every (g) setting but dense and the calibrated ones
+SWEEP_COMPRESSIONS = tuple(c for c in COMPRESSIONS if c != "none" and not c.endswith(CALIBRATED))
 
 
 @dataclass(frozen=True)
@@ -35,7 +68,9 @@ class LabConfig:
         max_new_tokens: generation budget per test problem.
         sweep_lr_scales: experiment (h): multipliers of ``ft_lr`` at which M4 and M5 are fine-tuned directly
             (1.0 is (a)'s own ft-M4 and ft-M5, never run twice), so that ‖Δ‖/‖W‖ spans a range.
-        sweep_compressions: experiment (h): ``diff --compress`` specs applied to each scale's stage-2 transfers.
+        sweep_compressions: experiment (h): ``diff --compress`` specs applied to each scale's stage-2 transfers
+            (default: every uncalibrated setting of (g), :data:`SWEEP_COMPRESSIONS`).
+        calibration_steps: experiment (g): Adam steps of ``ftrecycle calibrate`` for the ``+cal`` settings.
     """
 
     preset: str = "tiny"
@@ -56,7 +91,8 @@ class LabConfig:
     workers: int = 2
     max_new_tokens: int = 40
     sweep_lr_scales: tuple[float, ...] = (0.1, 1.0, 5.0)
-    sweep_compressions: tuple[str, ...] = ("lowrank:ratio=4", "lowrank:ratio=8", "lowrank:ratio=16")
+    sweep_compressions: tuple[str, ...] = SWEEP_COMPRESSIONS
+    calibration_steps: int = 200
 
     def validate(self) -> LabConfig:
         """Check ranges.
@@ -65,6 +101,7 @@ class LabConfig:
             ConfigError: a value out of range.
         """
         for name in (
+            "calibration_steps",
             "train_items",
             "test_items",
             "ft_steps",
@@ -100,6 +137,11 @@ class LabConfig:
         specs = self.sweep_compressions
         if any(not isinstance(c, str) or not c.strip() for c in specs) or len(set(specs)) != len(specs):
             raise ConfigError(f"lab setting sweep_compressions must be distinct, non-empty specs, got {specs!r}")
+        for c in specs:
+            try:
+                parse_compression(c.removesuffix(CALIBRATED))
+            except ConfigError as e:
+                raise ConfigError(f"lab setting sweep_compressions: {e}") from None
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready form (recorded in results.json and used as the cache's key)."""
@@ -149,6 +191,7 @@ PRESETS: dict[str, LabConfig] = {
         language_items=32,
         language_steps=2,
         max_new_tokens=8,
+        calibration_steps=4,
     ),
 }
 

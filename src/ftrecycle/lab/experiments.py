@@ -12,8 +12,8 @@ Naming (directories under ``seed-S/models`` and job ids):
   and fine-tuning with the recycling runs' settings; its Mi + Δ^iter_{i-1} and M*i are scored for i ≥ 3;
 * ``diag-Mj+di``: ``diagnose`` of the pair; ``Mj+diauto``: Mj + α·Δi with α chosen on calibration
   data (experiment f, for the diagnostics);
-* ``Mj+di@SPEC``: Mj + Δi with Δi stored as a bf16 delta compressed by SPEC (``none``: dense bf16),
-  on the stage-2 pairs (experiment g);
+* ``Mj+di@SPEC``: Mj + Δi with Δi stored as a bf16 delta compressed by SPEC (``none``: dense bf16;
+  ``SPEC+cal``: then calibrated on the fine-tuning set), on the stage-2 pairs (experiment g);
 * ``lang-ft-M4``: the instruction-tuned M4 (ft-M4) fine-tuned on the second language;
   ``ft-M5+dlang``: ft-M5 + (lang-ft-M4 − ft-M4) (experiment e);
 * ``ft-Mi@lrS``, ``Mj+di@lrS`` and ``Mj+di@lrS@SPEC``: experiment (h) at ``S`` × ``ft_lr`` (i, j in M4, M5);
@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ftrecycle.lab import world
-from ftrecycle.lab.config import LabConfig
+from ftrecycle.lab.config import CALIBRATED, COMPRESSIONS, LabConfig
 from ftrecycle.lab.jobs import (
     auto_alpha_job,
     compressed_job,
@@ -45,22 +45,10 @@ from ftrecycle.lab.pretrain import VERSIONS
 from ftrecycle.lab.scheduler import Job, JobFn
 from ftrecycle.lab.sizes import PUBLISHED, lr_ratios, noise_points, safe_dir, scale_tag, sweep_pair
 
+__all__ = ["COMPRESSIONS", "GROUPS", "STAGE2_PAIRS", "collect_seed", "pairs", "seed_jobs"]
+
 GROUPS = (("M1", "M2", "M3"), ("M4", "M5"))
 STAGE2_PAIRS = (("M4", "M5"), ("M5", "M4"))
-#: experiment (g): dense bf16, then settings near 2x, 4x, 8x, 16x and 64x smaller than it
-COMPRESSIONS = (
-    "none",
-    "int8",
-    "sign",
-    "lowrank:ratio=4",
-    "lowrank:ratio=8",
-    "lowrank:ratio=16",
-    "lowrank:ratio=64",
-    "sparse:ratio=4",
-    "sparse:ratio=8",
-    "sparse:ratio=16",
-    "sparse:ratio=64",
-)
 
 
 def pairs() -> list[tuple[str, str]]:
@@ -252,12 +240,19 @@ def _compressed(s: _Seed) -> list[Job]:
             kwargs = {
                 **s.pair(i, j),
                 "out": str(s.models / "compressed" / safe_dir(name)),
-                "spec": spec,
-                "test": s.test,
-                "max_new_tokens": s.cfg.max_new_tokens,
+                **_compress_kwargs(s, spec),
             }
             jobs.append(s.job(name, compressed_job, kwargs, (f"ft-{i}",)))
     return jobs
+
+
+def _compress_kwargs(s: _Seed, spec: str) -> dict[str, Any]:
+    """A compressed job's setting, test and, for a ``+cal`` spec, its calibration (the fine-tuning set)."""
+    kwargs: dict[str, Any] = {"spec": spec, "test": s.test, "max_new_tokens": s.cfg.max_new_tokens}
+    if spec.endswith(CALIBRATED):
+        kwargs |= {"spec": spec.removesuffix(CALIBRATED), "calibration": s.train}
+        kwargs["calibration_steps"] = s.cfg.calibration_steps
+    return kwargs
 
 
 def _sweep_finetunes(s: _Seed) -> list[Job]:
@@ -307,9 +302,7 @@ def _sweep_transfers(s: _Seed) -> list[Job]:
                 kwargs = {
                     **models,
                     "out": str(s.models / "compressed" / safe_dir(f"{name}@{spec}")),
-                    "spec": spec,
-                    "test": s.test,
-                    "max_new_tokens": cfg.max_new_tokens,
+                    **_compress_kwargs(s, spec),
                 }
                 jobs.append(s.job(f"{name}@{spec}", compressed_job, kwargs, (source,)))
     return jobs
@@ -404,12 +397,14 @@ def collect_seed(cfg: LabConfig, seed: int, res: dict[str, dict[str, Any]]) -> d
             for i, j in STAGE2_PAIRS
         }
         for spec in COMPRESSIONS
+        if _feasible(r, [f"{j}+d{i[1]}@{spec}" for i, j in STAGE2_PAIRS])
     }
     pre = r["pretrain"]
     return {
         "update_sizes": _collect_sizes(cfg, r),
         "sweep": _collect_sweep(cfg, r, base),
         "compressed": compressed,
+        "compressed_infeasible": sorted(set(COMPRESSIONS) - set(compressed)),
         "diagnostics": diagnostics,
         "alpha_auto": alpha_auto,
         "base": base,
@@ -420,6 +415,11 @@ def collect_seed(cfg: LabConfig, seed: int, res: dict[str, dict[str, Any]]) -> d
         "multilingual": multilingual,
         "pretrain_loss": pre["loss"],
     }
+
+
+def _feasible(r: dict[str, Any], names: list[str]) -> bool:
+    """Whether every one of these compressed jobs ran (none was a setting the model cannot take)."""
+    return all(r[n]["accuracy"] is not None for n in names)
 
 
 def _collect_sizes(cfg: LabConfig, r: dict[str, Any]) -> dict[str, Any]:
@@ -449,7 +449,9 @@ def _collect_sweep(cfg: LabConfig, r: dict[str, Any], base: dict[str, float]) ->
         for i, j in STAGE2_PAIRS:
             name = f"{j}+d{i[1]}{tag}"
             compressed = {
-                spec: {k: r[f"{name}@{spec}"][k] for k in ("accuracy", "ratio")} for spec in cfg.sweep_compressions
+                spec: {k: r[f"{name}@{spec}"][k] for k in ("accuracy", "ratio")}
+                for spec in cfg.sweep_compressions
+                if _feasible(r, [f"{name}@{spec}"])
             }
             size = r["sizes"][f"ft-{i}{tag}"]["total"]
             rows[f"{j}+Δ{i[1]}"] = sweep_pair(

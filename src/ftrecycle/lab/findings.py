@@ -255,6 +255,15 @@ def iterative(m: dict[str, Any]) -> dict[str, Any]:
     )
 
 
+def method_of(spec: str) -> str:
+    """A (g) setting's method as its curve is labelled: ``lowrank:ratio=8`` -> ``lowrank``, ``sign:axis=row``
+    -> ``sign:axis=row`` (another estimator than ``sign``), ``auto:ratio=8+cal`` -> ``auto+cal``, ``none``."""
+    method, _, opts = spec.partition(":")
+    if method == "sign" and opts:
+        return spec
+    return method.removesuffix("+cal") + ("+cal" if spec.endswith("+cal") else "")
+
+
 def compression(m: dict[str, Any]) -> dict[str, Any]:
     """(5) Some compression ≥ 8x smaller than the dense bf16 delta loses ≤ 1 point on both stage-2 pairs."""
     rows = []
@@ -264,6 +273,14 @@ def compression(m: dict[str, Any]) -> dict[str, Any]:
         rows.append({"spec": spec, "ratio": round(ratio, 1), "max_loss": max(losses.values()), "loss": losses})
     ok = [r for r in rows if r["ratio"] >= COMPRESS_RATIO and r["max_loss"] <= COMPRESS_LOSS]
     best = max(ok, key=lambda r: r["ratio"]) if ok else None
+    # per method: its smallest delta (largest ratio) within the allowed loss, None where none is
+    by_method: dict[str, Any] = {}
+    for r in rows:
+        key, top = method_of(r["spec"]), by_method.get(method_of(r["spec"]))
+        if r["max_loss"] <= COMPRESS_LOSS and (top is None or r["ratio"] > top["ratio"]):
+            by_method[key] = r
+        else:
+            by_method.setdefault(key, None)
     values = [v["accuracy"] for by_pair in m["compressed"].values() for v in by_pair.values()] + [
         m["transfer"][p[0:2]][f"M{p[-1]}"] for by_pair in m["compressed"].values() for p in by_pair
     ]
@@ -276,6 +293,7 @@ def compression(m: dict[str, Any]) -> dict[str, Any]:
             "numbers": {
                 "settings": rows,
                 "best": best,
+                "by_method": by_method,
                 "ratio_required": COMPRESS_RATIO,
                 "loss_allowed": COMPRESS_LOSS,
             },

@@ -15,8 +15,10 @@ from typing import Any
 from ftrecycle.delta.store import Delta
 from ftrecycle.diagnose.geometry import geometry
 from ftrecycle.diagnose.verdict import best_alpha, diagnose
+from ftrecycle.errors import ConfigError
 from ftrecycle.evaluate.builtin import evaluate_gsm8k, load_for_eval
 from ftrecycle.evaluate.data import read_gsm8k
+from ftrecycle.finetune.calibrate import calibrate
 from ftrecycle.finetune.config import FinetuneConfig
 from ftrecycle.finetune.train import EVAL_LOG, FinetuneResult, finetune
 from ftrecycle.io.output import atomic_directory
@@ -203,19 +205,39 @@ def compressed_job(
     spec: str,
     test: str,
     max_new_tokens: int,
+    calibration: str | None = None,
+    calibration_steps: int = 0,
 ) -> dict[str, Any]:
-    """Store Δ as a bf16 delta compressed by ``spec`` ("none": dense), apply it to the target, score it."""
+    """Store Δ as a bf16 delta compressed by ``spec`` ("none": dense), calibrate it on ``calibration``
+    (``ftrecycle calibrate``, ``calibration_steps`` Adam steps) if given, apply it to the target, score it.
+
+    A setting the model's shapes cannot take (``diff`` refuses it with a ConfigError) gives None
+    numbers and the reason under ``infeasible``."""
     root = Path(out)
     delta, model = root / "delta", root / "model"
     if not (root / "done").is_file():
-        d = diff(
-            source_base,
-            source_finetuned,
-            delta,
-            delta_dtype="bfloat16",
-            compress=None if spec == "none" else spec,
-            force=True,
-        )
+        try:
+            d = diff(
+                source_base,
+                source_finetuned,
+                root / "compressed" if calibration else delta,
+                delta_dtype="bfloat16",
+                compress=None if spec == "none" else spec,
+                force=True,
+            )
+        except ConfigError as e:
+            # a setting this model cannot take (a budget below its smallest settings): recorded, not run
+            return {"accuracy": None, "ratio": None, "median_error": None, "infeasible": str(e)}
+        if calibration:
+            calibrate(
+                root / "compressed",
+                source_base,
+                source_finetuned,
+                calibration,
+                delta,
+                steps=calibration_steps,
+                force=True,
+            )
         apply_delta(delta, target_base, model, force=True)
         (root / "done").write_text(json.dumps(d.provenance.get("compression")))
     stored_delta = Delta.read(delta)

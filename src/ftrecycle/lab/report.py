@@ -13,6 +13,7 @@ from typing import Any
 
 from ftrecycle.io.output import replaced_file
 from ftrecycle.lab.config import NOT_EVIDENCE
+from ftrecycle.lab.findings import compression, method_of
 from ftrecycle.lab.signals import SIGNALS
 
 V = ("M1", "M2", "M3", "M4", "M5")
@@ -236,7 +237,34 @@ def _compression(m: dict[str, Any]) -> list[str]:
         "",
         *_table(["Δ stored as", "ratio", "median rel. error", *[f"{p} accuracy" for p in pairs]], rows),
         "",
+        *_by_method(m),
+        *_infeasible(m),
         *_figure("compression", "compression"),
+    ]
+
+
+def _infeasible(m: dict[str, Any]) -> list[str]:
+    """The (g) settings this model's shapes cannot take (``diff`` refused them), if any."""
+    skipped = m.get("compressed_infeasible") or []
+    if not skipped:
+        return []
+    return [f"Not run (the model's matrices are too small for them): {', '.join(f'`{c}`' for c in skipped)}.", ""]
+
+
+def _by_method(m: dict[str, Any]) -> list[str]:
+    """Finding 5's curve read per method: its smallest delta within the allowed loss."""
+    f = compression(m)["numbers"]
+    rows = [
+        [f"`{method}`", "none" if r is None else f"`{r['spec']}`", "–" if r is None else f"{r['ratio']:.1f}×",
+         "–" if r is None else _f(r["max_loss"])]
+        for method, r in f["by_method"].items()
+    ]  # fmt: skip
+    return [
+        f"Per method, the most compressed setting that loses at most {_f(f['loss_allowed'])} point on both pairs "
+        "(none: every setting loses more):",
+        "",
+        *_table(["method", "setting", "× smaller than dense bf16", "points lost (worse pair)"], rows),
+        "",
     ]
 
 
@@ -296,15 +324,9 @@ def _sizes(results: dict[str, Any]) -> list[str]:
 
 def _sweep(m: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
     sw = m["sweep"]
-    specs = list(cfg["sweep_compressions"])
     rows: list[list[Any]] = []
     for tag, sc in sw.items():
         for pair, p in sc["pairs"].items():
-            comp = [
-                f"{_f(p['compressed'][c]['accuracy'])} ({_f(p['compressed'][c]['of_dense_pct'])} %, "
-                f"{p['compressed'][c]['ratio']:.2f}×)"
-                for c in specs
-            ]
             rows.append(
                 [
                     f"×{tag}",
@@ -315,7 +337,6 @@ def _sweep(m: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
                     p["transfer"],
                     p["recovery_pct"],
                     p["of_ft_pct"],
-                    *comp,
                 ]
             )
     header = [
@@ -327,7 +348,6 @@ def _sweep(m: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
         "Mj + Δi",
         "gain recovered (%)",
         "% of FT(Mj)",
-        *[f"`{c}`: accuracy (% of dense gain, × smaller)" for c in specs],
     ]
     return [
         "## (h) Δ-size sweep (issue 13; no published study has it)",
@@ -335,11 +355,15 @@ def _sweep(m: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
         f"M4 and M5 fine-tuned directly with the recipe of (a) ({cfg['ft_steps']} steps) at each multiple of "
         f"ft_lr {cfg['ft_lr']:g}; Mj + Δi carried between them without training, as in finding 1. Gain recovered: "
         "(Mj + Δi − Mj) / (FT(Mj) − Mj), with FT(Mj) fine-tuned at the same rate; % of FT(Mj): Mj + Δi / FT(Mj) "
-        "(– where FT(Mj) gained nothing). Each compression stores Δi as a bf16 delta compressed by that spec; its "
-        "accuracy is shown with the share of the dense transfer's gain over the target that it keeps "
-        "((compressed − base) / (dense − base)) and its measured size ratio against dense bf16.",
+        "(– where FT(Mj) gained nothing).",
         "",
         *_table(header, rows),
+        "",
+        "Each compression stores Δi as a bf16 delta compressed by that spec; the share of the dense transfer's gain "
+        "over the target that it keeps, (compressed − base) / (dense − base) in percent, and its measured size ratio "
+        "against dense bf16, per rate and pair:",
+        "",
+        *_sweep_compressed(sw, list(cfg["sweep_compressions"])),
         "",
         *_figure("Δ-size sweep", "delta_size_sweep"),
     ]
@@ -394,6 +418,19 @@ def _intro(results: dict[str, Any]) -> list[str]:
         *_findings(results["findings"], results.get("findings_per_seed", {}), results.get("findings_across_seeds", {})),
         "",
     ]
+
+
+def _sweep_compressed(sw: dict[str, Any], specs: list[str]) -> list[str]:
+    """(h)'s compressed transfers: one row per spec, one column per rate and pair."""
+    cols = [(tag, pair) for tag, sc in sw.items() for pair in sc["pairs"]]
+    rows = []
+    for c in [c for c in specs if all(c in sw[t]["pairs"][p]["compressed"] for t, p in cols)]:
+        cells = []
+        for tag, pair in cols:
+            v = sw[tag]["pairs"][pair]["compressed"][c]
+            cells.append(f"{_f(v['of_dense_pct'])} ({v['ratio']:.1f}×)")
+        rows.append([f"`{c}`", *cells])
+    return _table(["Δ stored as", *[f"×{tag} {pair}" for tag, pair in cols]], rows)
 
 
 def _figure(alt: str, key: str, caption: str | None = None) -> list[str]:
@@ -793,35 +830,46 @@ def _diagnostics_plot(plt: Any, results: dict[str, Any]) -> Any:
     return fig
 
 
+_MARKERS = "osD^v<>pP*Xh"
+
+
+def _bits_lines(ax: Any, points: dict[str, list[tuple[float, float]]]) -> None:
+    """One line per method: y against bits per parameter (16 / the ratio against dense bf16)."""
+    for n, (method, pts) in enumerate(points.items()):
+        pts = sorted(pts)
+        style = "--" if method.endswith("+cal") else "-"
+        ax.plot([x for x, _ in pts], [y for _, y in pts], style, marker=_MARKERS[n % len(_MARKERS)], ms=4,
+                color=f"C{n % 10}", label=method)  # fmt: skip
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("bits per parameter (16 / × smaller than dense bf16)")
+
+
 def _compression_plot(plt: Any, results: dict[str, Any]) -> Any:
     m = results["mean"]
     comp = m["compressed"]
-    fig, ax = plt.subplots(figsize=(6, 3.8))
-    for method, marker in (("lowrank", "o-"), ("sparse", "s-"), ("sign", "^"), ("int8", "D"), ("none", "*")):
-        specs = [s for s in comp if s.split(":")[0] == method]
-        for p, color in zip(next(iter(comp.values())), ("C0", "C3"), strict=False):
-            full = m["transfer"][p[:2]][f"M{p[-1]}"]
-            # sorted by size; a setting that left every matrix dense (ratio ~1) is the dense point's
-            pts = sorted(
-                (comp[s][p]["ratio"], comp[s][p]["accuracy"] - full)
-                for s in specs
-                if method == "none" or comp[s][p]["ratio"] > 1.05
-            )
-            xs, ys = [x for x, _ in pts], [y for _, y in pts]
-            ax.plot(xs, ys, marker, color=color, ms=5, label=f"{method}, {p}")
-    ax.set_xscale("log", base=2)
-    ax.axhline(0, color="k", lw=0.5)
-    ax.axhline(-1, color="k", lw=0.5, ls=":")
-    ax.set_xlabel("times smaller than the dense bf16 delta")
-    ax.set_ylabel("accuracy change vs full Δ (points)")
-    ax.legend(fontsize=6, ncol=2)
+    pairs = list(next(iter(comp.values())))
+    fig, axes = plt.subplots(1, len(pairs), figsize=(12, 4.4), sharey=True, squeeze=False)
+    for ax, p in zip(axes[0], pairs, strict=True):
+        full = m["transfer"][p[:2]][f"M{p[-1]}"]
+        points: dict[str, list[tuple[float, float]]] = {}
+        for spec, by_pair in comp.items():
+            if spec != "none":
+                points.setdefault(method_of(spec), []).append((16 / by_pair[p]["ratio"], by_pair[p]["accuracy"]))
+        _bits_lines(ax, points)
+        ax.axhline(full, color="k", lw=0.8, label="full Δ (float32)")
+        ax.axhline(full - 1, color="k", lw=0.8, ls=":", label="full Δ − 1 point")
+        ax.axhline(m["base"][p[:2]], color="0.5", lw=0.8, ls="--", label=f"{p[:2]} alone")
+        ax.set_title(p)
+    axes[0][0].set_ylabel("accuracy of Mj + compressed Δi (%)")
+    axes[0][-1].legend(fontsize=6, ncol=2, loc="lower right")
     return fig
 
 
 def _sweep_plot(plt: Any, results: dict[str, Any]) -> Any:
     sw = results["mean"]["sweep"]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     scales = list(sw.values())
+    fig, axes = plt.subplots(1, 1 + len(scales), figsize=(4.2 * (1 + len(scales)), 4.2), squeeze=False)
+    axes = axes[0]
     for pair in scales[0]["pairs"]:
         rows = [sc["pairs"][pair] for sc in scales]
         pts = sorted(
@@ -830,33 +878,35 @@ def _sweep_plot(plt: Any, results: dict[str, Any]) -> Any:
             if r["delta_rel_pct"] is not None and r["recovery_pct"] is not None
         )
         axes[0].plot([x for x, _ in pts], [y for _, y in pts], "o-", label=pair)
-    pairs = list(scales[0]["pairs"])
-    for n, spec in enumerate(results["config"]["sweep_compressions"]):
-        # one colour per compression; each pair its own line style, so that the two sources' points do not zigzag
-        for pair, style in zip(pairs, ("-", "--"), strict=False):
-            rows = [sc["pairs"][pair] for sc in scales]
-            pts = sorted(
-                (r["delta_rel_pct"], r["compressed"][spec]["of_dense_pct"])
-                for r in rows
-                if r["delta_rel_pct"] is not None and r["compressed"][spec]["of_dense_pct"] is not None
-            )
-            label = spec if style == "-" else None
-            axes[1].plot([x for x, _ in pts], [y for _, y in pts], style, marker="s", ms=4, color=f"C{n}", label=label)
-    for ax, ylabel in (
-        (axes[0], "gain recovered by Mj + Δi (%)"),
-        (axes[1], "compressed, % of the dense transfer's gain kept"),
-    ):
-        if not any(len(line.get_xdata()) for line in ax.get_lines()):
+    axes[0].set_xscale("log")
+    axes[0].set_xlabel("‖Δi‖ / ‖Mi‖ (%)")
+    axes[0].set_ylabel("gain recovered by Mj + Δi (%)")
+    axes[0].set_title("transfer recovery against Δ size")
+    axes[0].legend(fontsize=7)
+    for ax, sc in zip(axes[1:], scales, strict=True):
+        # one panel per rate: the share of the dense transfer's gain kept, both pairs averaged where defined
+        points: dict[str, list[tuple[float, float]]] = {}
+        for spec in results["config"]["sweep_compressions"]:
+            got = [p["compressed"][spec] for p in sc["pairs"].values() if spec in p["compressed"]]
+            shares = [g["of_dense_pct"] for g in got if g["of_dense_pct"] is not None]
+            if shares:
+                ratio = min(g["ratio"] for g in got)
+                points.setdefault(method_of(spec), []).append((16 / ratio, sum(shares) / len(shares)))
+        if points:
+            _bits_lines(ax, points)
+        else:
             # every share undefined: say so on the panel rather than leave it blank
             ax.text(0.5, 0.5, "no defined point\n(fine-tuning gained nothing)", ha="center", transform=ax.transAxes)
-        ax.set_xscale("log")
-        ax.set_xlabel("‖Δi‖ / ‖Mi‖ (%)")
-        ax.set_ylabel(ylabel)
         ax.axhline(100, color="k", lw=0.5, ls=":")
-        ax.legend(fontsize=7)
-    axes[0].set_title("transfer recovery against Δ size")
-    axes[1].set_title(f"compressibility against Δ size\n({' solid, '.join(pairs[:2])} dashed)", fontsize=10)
+        ax.set_title(f"ft_lr × {sc['scale']:g}: ‖Δ‖/‖W‖ ≈ {_pct_of(sc)} %", fontsize=10)
+        ax.set_ylabel("% of the dense transfer's gain kept (pair mean)")
+    axes[-1].legend(fontsize=6, ncol=2)
     return fig
+
+
+def _pct_of(sc: dict[str, Any]) -> str:
+    sizes = [p["delta_rel_pct"] for p in sc["pairs"].values() if p["delta_rel_pct"] is not None]
+    return pct2(sum(sizes) / len(sizes)) if sizes else "–"
 
 
 #: Each plot: its key in PLOTS, its drawing, its resolution, and whether a results record has its numbers.

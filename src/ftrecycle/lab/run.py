@@ -59,7 +59,10 @@ def _cache_key(settings: dict[str, Any]) -> dict[str, Any]:
     # Jobs are per seed and their results do not depend on how many run at once, so a run directory
     # can gain seeds or change --workers and keep its finished jobs. Each job's own arguments and input
     # files are keyed too (scheduler.job_key).
-    return {k: v for k, v in settings.items() if k not in ("seeds", "workers", "preset")}
+    # The compression settings only add or drop (g) and (h) jobs, each keyed by its own arguments (the
+    # calibration steps among them): a run keeps its models when they change.
+    kept = ("seeds", "workers", "preset", "sweep_compressions", "calibration_steps")
+    return {k: v for k, v in settings.items() if k not in kept}
 
 
 _DISCARD = "use another --out, or --force to discard the run there"
