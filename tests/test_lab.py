@@ -461,7 +461,8 @@ def test_rates_are_stated_as_peak_over_fine_tuning_rate():
 
 
 def test_sweep_jobs_reuse_scale_1_and_have_safe_distinct_directories(tmp_path):
-    cfg = preset("smoke", sweep_lr_scales=(0.5, 1.0, 3.0), sweep_compressions=("lowrank:ratio=8", "int8", "kbit:bits=5"))
+    specs = ("lowrank:ratio=8", "int8", "kbit:bits=5")
+    cfg = preset("smoke", sweep_lr_scales=(0.5, 1.0, 3.0), sweep_compressions=specs)
     data = {k: tmp_path / f"{k}.jsonl" for k in ("train", "test", "language_train", "language_test")}
     jobs = {j.id[len("s0:") :]: j for j in seed_jobs(cfg, 0, tmp_path, data)}
     assert {n for n in jobs if n.startswith("ft-M") and "@" in n} == {
