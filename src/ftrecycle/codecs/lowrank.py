@@ -54,9 +54,9 @@ POWER_ITERATIONS = 2
 # Elements of a row block of ``a @ b`` computed at once: two such blocks (the sum and one
 # product) stay in a core's L2 cache while the rank loop runs over them.
 _BLOCK_ELEMENTS = 1 << 16
-# Elements of one float64 GEMM result on the exact path: large enough for BLAS to run at
-# speed, small beside the engine's buffers (1 MiB).
-_GEMM_ELEMENTS = 1 << 17
+# Multiply-adds of one GEMM on the exact path: OpenBLAS's single-thread limit (65536 * 4),
+# so that BLAS does not start threads of its own beside the engine's (see _exact_rows).
+_GEMM_MNK = 1 << 18
 #: :func:`grid_exponents` of a zero: on every grid.
 _NO_GRID = 1 << 20
 # factor_grids moves its product grid up at most this many bits (one or two suffice).
@@ -283,14 +283,7 @@ def product_rows(a: np.ndarray, b: np.ndarray, skip: int, count: int, out: np.nd
         return
     first, last = skip // n, -(-(skip + count) // n)
     if exact:
-        rows = max(1, _GEMM_ELEMENTS // n)
-        buf = np.empty((min(rows, last - first), n), dtype=np.float64)
-        for i in range(first, last, rows):
-            j = min(last, i + rows)
-            s = buf[: j - i]
-            np.matmul(a[i:j], b, out=s)
-            lo, hi = max(i * n, skip), min(j * n, skip + count)
-            out[lo - skip : hi - skip] = s.reshape(-1)[lo - i * n : hi - i * n]  # the one rounding
+        _exact_rows(a, b, skip, count, out)
         return
     rows = max(1, _BLOCK_ELEMENTS // n)
     acc = np.empty((rows, n), dtype=out.dtype)
@@ -304,6 +297,27 @@ def product_rows(a: np.ndarray, b: np.ndarray, skip: int, count: int, out: np.nd
             np.add(s, t, out=s)
         lo, hi = max(i * n, skip), min(j * n, skip + count)
         out[lo - skip : hi - skip] = s.reshape(-1)[lo - i * n : hi - i * n]
+
+
+def _exact_rows(a: np.ndarray, b: np.ndarray, skip: int, count: int, out: np.ndarray) -> None:
+    """:func:`product_rows`' BLAS path, in GEMMs of at most :data:`_GEMM_MNK` multiply-adds.
+
+    Small GEMMs for speed, not for the bits (exact at any size): OpenBLAS runs a GEMM that
+    small on the calling thread, where a larger one starts its own threads beside the
+    engine's workers, and those spin-wait (8x slower measured on 2 loaded cores).
+    """
+    n, r = b.shape[1], b.shape[0]
+    first, last = skip // n, -(-(skip + count) // n)
+    rows = max(1, _GEMM_MNK // (n * r))
+    cols = min(n, max(1, _GEMM_MNK // (rows * r)))  # a wide row is cut into column tiles
+    buf = np.empty((min(rows, last - first), n), dtype=np.float64)
+    for i in range(first, last, rows):
+        j = min(last, i + rows)
+        s = buf[: j - i]
+        for c in range(0, n, cols):
+            np.matmul(a[i:j], b[:, c : c + cols], out=s[:, c : c + cols])
+        lo, hi = max(i * n, skip), min(j * n, skip + count)
+        out[lo - skip : hi - skip] = s.reshape(-1)[lo - i * n : hi - i * n]  # the one rounding
 
 
 def factor_plan(
