@@ -193,3 +193,22 @@ def test_bits_do_not_depend_on_range_split_blas_threads_or_kernel():
         assert exact_path, "the factors were meant to take the BLAS path"
         seen.update(digests)
     assert len(seen) == 1, f"{len(seen)} different decodes across splits and BLAS settings"
+
+
+def test_column_stats_finds_each_columns_grid_as_the_element_by_element_minimum():
+    rng = np.random.default_rng(9)
+    x = lr._rounded(rng.standard_normal((40, 6)) * np.logspace(0, -20, 6), BF16)
+    x[5, 1] = 0.0
+    x[:, 2] = 0.0  # all zeros: on every grid
+    x[7, 3] = x[:, 3].max() * 2.0**-60  # finer than 52 bits below the column's largest
+    x[:, 4] = lr.snap(x[:, 0], np.full(40, -6))  # a coarse grid shared by the column
+    amax, grid = lr.column_stats(x)
+    want = np.min(lr.grid_exponents(x), axis=0)
+    assert np.array_equal(amax, np.abs(x).max(axis=0))
+    assert grid[4] == -6 and grid[2] == want[2] > 1 << 18
+    for k in (0, 1, 2, 4, 5):
+        assert grid[k] == want[k], (k, grid[k], want[k])
+    assert grid[3] <= -(1 << 18) and want[3] < np.frexp(amax[3])[1] - 52
+    nan = x.copy()
+    nan[0, 0] = np.nan
+    assert lr.column_stats(nan)[1][0] == lr.grid_exponents(np.array([np.nan]))[0]
