@@ -223,7 +223,7 @@ def factors(
     b64 = _rounded(vt[:rank], dtype)
     # the stored a's largest magnitudes first (a pass over u, not over the diff): the grids need them
     amax = np.zeros(rank)
-    for r0, r1 in blocks(m, rank, block):
+    for r0, r1 in blocks(m, rank, _BLOCK_ELEMENTS):  # small blocks: float64 temporaries
         np.maximum(amax, column_stats(_rounded(u[r0:r1, :rank] * s[:rank], dtype))[0], out=amax)
     p, q = factor_grids(amax, column_stats(b64.T)[0])
     b = to_storage(snap(b64, q[:, None]), dtype)  # on the grid, so exactly representable
