@@ -1,18 +1,29 @@
-"""Time, peak memory, size and error of `ftrecycle diff --compress` on the Llama-3.2-1B-layout trio.
+"""Time, peak memory, size and error of `ftrecycle diff --compress` for every registered codec, and the
+time of `ftrecycle apply` of each compressed delta against the dense bf16 delta's, on the Llama-3.2-1B-layout trio.
 
-Usage: .venv/bin/python benchmarks/bench_compress.py [--layout 1b] [--specs int8 sign ...] [--json OUT]
+Usage: PYTHONPATH=src .venv/bin/python benchmarks/bench_compress.py [--layout 1b] [--specs int8 sign ...] [--json OUT]
+
 Runs `ftrecycle diff --delta-dtype bfloat16 --max-memory 512MiB` (the transfer engine's default
 budget, here a bound on the whole command's peak RSS) under GNU time, once per setting after a
-dense warm-up run that fills the page cache; records wall time, peak RSS, the size ratio against
-the dense bf16 delta and the tensors' relative errors (from the manifest), then deletes the delta.
-The synthetic diff is i.i.d. noise (no low-rank structure): lowrank errors here are the worst case,
-not what a real fine-tuning diff gives.
+dense run that fills the page cache and is the baseline; then `ftrecycle apply` of that delta onto
+the target base with the same budget. Records wall time, peak RSS, stored bytes, the size ratio
+against the dense bf16 delta, the tensors' relative errors (from the manifest), and the apply time
+against the dense delta's apply (measured before and after the codecs, their mean the reference).
+
+The default settings are every method of ``ftrecycle.codecs.CODECS`` at the representative
+settings of :data:`REPRESENTATIVE`; a registered method missing from that table is an error
+(add it there), so a new codec cannot go unmeasured. The synthetic diff is i.i.d. noise (no
+low-rank structure): lowrank errors here are the worst case, not what a real fine-tuning diff gives.
+The machine (cores, load average before and after each run, library versions) is recorded beside
+the numbers: on a shared machine the wall times move with the load.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import shutil
 import statistics
 import subprocess
@@ -20,53 +31,144 @@ import sys
 import tempfile
 from pathlib import Path
 
+from ftrecycle.codecs import CODECS, parse_compression
+from ftrecycle.errors import ConfigError
+
 from _trio import build_trio
 
 HERE = Path(__file__).resolve().parent
-SPECS = ["int8", "sign", "sparse:ratio=8", "lowrank:rank=64", "lowrank:ratio=16"]
+#: Method -> representative ``--compress`` settings (those the registry cannot parse are skipped and listed).
+REPRESENTATIVE: dict[str, list[str]] = {
+    "int8": ["int8"],
+    "sign": ["sign", "sign:axis=row"],
+    "sparse": ["sparse:ratio=8"],
+    "lowrank": ["lowrank:rank=64"],
+    "kbit": ["kbit:bits=4,group=128", "kbit:bits=2,group=64"],
+    "mpsvd": ["mpsvd:ratio=16"],
+    "signlr": ["signlr:ratio=8"],
+    "lossless": ["lossless"],
+    "auto": ["auto:ratio=8"],
+}
 
 
-def run(trio: dict[str, Path], out: Path, spec: str | None, budget: str) -> dict:
+def default_specs() -> tuple[list[str], list[dict[str, str]]]:
+    """The settings to run for every registered method, and those skipped (with why).
+
+    Raises:
+        SystemExit: a registered method has no representative setting that parses.
+    """
+    specs, skipped = [], []
+    for method in CODECS:
+        usable = []
+        for spec in REPRESENTATIVE.get(method, []):
+            try:
+                parse_compression(spec)
+            except ConfigError as e:
+                skipped.append({"spec": spec, "why": str(e)})
+                continue
+            usable.append(spec)
+        if not usable:
+            sys.exit(f"bench_compress: method {method!r} is registered but has no setting in REPRESENTATIVE")
+        specs += usable
+    return specs, skipped
+
+
+def timed(cmd: list[str]) -> tuple[float, float]:
+    """Run an ftrecycle subcommand under GNU time: (wall seconds, peak RSS MiB)."""
     with tempfile.NamedTemporaryFile("r", suffix=".time") as tf:
-        cmd = ["/usr/bin/time", "-f", "%e %M", "-o", tf.name, sys.executable, "-m", "ftrecycle.cli", "diff"]
-        cmd += ["--base", str(trio["source_base"]), "--finetuned", str(trio["source_finetuned"])]
-        cmd += ["-o", str(out), "--delta-dtype", "bfloat16", "--max-memory", budget, "-q", "--force"]
-        if spec:
-            cmd += ["--compress", spec]
-        subprocess.run(cmd, check=True, capture_output=True, text=True)
+        full = ["/usr/bin/time", "-f", "%e %M", "-o", tf.name, sys.executable, "-m", "ftrecycle.cli", *cmd]
+        run = subprocess.run(full, capture_output=True, text=True)
+        if run.returncode != 0:
+            sys.exit(f"bench_compress: {' '.join(cmd[:1] + cmd[-4:])} failed:\n{run.stderr[-3000:]}")
         wall, kib = Path(tf.name).read_text().split()[-2:]
+    return float(wall), round(int(kib) / 1024, 1)
+
+
+def apply_time(trio: dict[str, Path], delta: Path, out: Path, budget: str) -> dict:
+    """`ftrecycle apply` of ``delta`` onto the target base: wall seconds and peak RSS."""
+    cmd = ["apply", "--delta", str(delta), "--target-base", str(trio["target_base"]), "-o", str(out)]
+    wall, rss = timed([*cmd, "--max-memory", budget, "-q", "--force"])
+    shutil.rmtree(out)
+    return {"apply_wall_s": wall, "apply_peak_rss_mib": rss}
+
+
+def run_diff(trio: dict[str, Path], out: Path, spec: str | None, budget: str) -> dict:
+    """`ftrecycle diff` (dense when ``spec`` is None): time, memory, size and the manifest's errors."""
+    cmd = ["diff", "--base", str(trio["source_base"]), "--finetuned", str(trio["source_finetuned"]), "-o", str(out)]
+    cmd += ["--delta-dtype", "bfloat16", "--max-memory", budget, "-q", "--force"]
+    load = os.getloadavg()[0]
+    wall, rss = timed(cmd + (["--compress", spec] if spec else []))
     manifest = json.loads((out / "ftrecycle-delta.json").read_text())
     errors = [
         e["compression"]["error"] for e in manifest["tensors"].values() if (e.get("compression") or {}).get("error")
     ]
-    stored = sum(f.stat().st_size for f in out.glob("delta*.safetensors"))
-    shutil.rmtree(out)
     return {
         "spec": spec or "dense",
-        "wall_s": float(wall),
-        "peak_rss_mib": round(int(kib) / 1024, 1),
-        "stored_bytes": stored,
+        "wall_s": wall,
+        "peak_rss_mib": rss,
+        "stored_bytes": sum(f.stat().st_size for f in out.glob("delta*.safetensors")),
         "ratio_vs_dense_bf16": (manifest.get("compression") or {}).get("ratio"),
         "compressed_tensors": len(errors),
         "median_rel_error": statistics.median(errors) if errors else None,
         "max_rel_error": max(errors) if errors else None,
+        "load_avg_1min_before": round(load, 2),
+    }
+
+
+def machine() -> dict:
+    """What the numbers were measured on."""
+    import numpy  # heavy: only for its version
+    import torch  # heavy: only for its version
+
+    model = next(
+        (ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines() if "model name" in ln),
+        platform.processor(),
+    )
+    return {
+        "cpu": model,
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "numpy": numpy.__version__,
+        "torch": torch.__version__,
+        "load_avg_1min_at_start": round(os.getloadavg()[0], 2),
     }
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layout", default="1b")
-    ap.add_argument("--specs", nargs="*", default=SPECS)
+    ap.add_argument("--specs", nargs="*", default=None, help="settings to run (default: every registered method)")
     ap.add_argument("--max-memory", default="512MiB")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    specs, skipped = (args.specs, []) if args.specs is not None else default_specs()
+    info = machine()
     trio = build_trio(HERE / "work", args.layout)
-    out = HERE / "work" / "compress-out"
-    rows = [run(trio, out, None, args.max_memory)]  # warm-up and the dense baseline
-    for spec in args.specs:
-        rows.append(run(trio, out, spec, args.max_memory))
-        print(json.dumps(rows[-1]), flush=True)
-    result = {"layout": args.layout, "max_memory": args.max_memory, "runs": rows}
+    work = HERE / "work"
+    dense_dir, out, applied = work / "compress-dense", work / "compress-out", work / "compress-applied"
+    dense = run_diff(trio, dense_dir, None, args.max_memory)  # warm-up, and the dense baseline
+    dense_apply = [apply_time(trio, dense_dir, applied, args.max_memory)["apply_wall_s"]]
+    rows = []
+    for spec in specs:
+        row = run_diff(trio, out, spec, args.max_memory)
+        row.update(apply_time(trio, out, applied, args.max_memory))
+        shutil.rmtree(out)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    dense_apply.append(apply_time(trio, dense_dir, applied, args.max_memory)["apply_wall_s"])
+    shutil.rmtree(dense_dir)
+    reference = statistics.mean(dense_apply)
+    dense.update({"apply_wall_s": reference, "apply_wall_s_runs": dense_apply})
+    for row in rows:
+        row["apply_vs_dense"] = round(row["apply_wall_s"] / reference, 3)
+    info["load_avg_1min_at_end"] = round(os.getloadavg()[0], 2)
+    result = {
+        "layout": args.layout,
+        "max_memory": args.max_memory,
+        "machine": info,
+        "skipped": skipped,
+        "runs": [dense, *rows],
+    }
     print(json.dumps(result, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")

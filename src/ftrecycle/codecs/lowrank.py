@@ -13,10 +13,23 @@ SVD. Large matrices take a randomized SVD (Halko, Martinsson & Tropp, "Finding s
 with randomness", SIAM Review 2011): a Gaussian sketch of ``rank + 10`` columns and two
 power iterations, every product with the diff one pass over its rows; the sketch is
 seeded by the tensor name, so a diff compresses the same every time.
+
+Decoding is exact by construction, and fast: the encoder rounds column ``k`` of ``a`` onto
+the grid ``2^p_k`` and row ``k`` of ``b`` onto ``2^q_k`` (:func:`factor_grids`, :func:`snap`)
+so that, with ``g = min_k (p_k + q_k)`` and ``T = sum_k max|a[:, k]| max|b[k, :]|``,
+``T < 2^(52 + g)``. Every product and every partial sum of products is then an integer
+times ``2^g`` below ``2^53``: a float64 GEMM (any order, blocking, FMA or thread split)
+computes each element's exact sum, and the one rounding to the compute dtype makes bits
+that depend on the stored factors alone (:func:`exact_sum`). Entries far below their
+column's (row's) largest move by less than 2^-26 of it; bf16 itself rounds by 2^-9. The
+decoder checks the bound once per tensor over the whole stored factors
+(:func:`factor_plan`); factors that miss it (older deltas, LoRA adapters, hostile files)
+decode by the rank-ordered loop of :func:`product_rows`, deterministic too but slower.
 """
 
 from __future__ import annotations
 
+import math
 import zlib
 from typing import Any
 
@@ -40,7 +53,6 @@ from ftrecycle.codecs.base import (
     row_span,
     rows_of,
     squared,
-    whole,
 )
 from ftrecycle.codecs.kbit import rescaled, row_gains
 from ftrecycle.dtypes import FLOAT_DTYPES, DType, from_storage, to_storage
@@ -55,6 +67,15 @@ POWER_ITERATIONS = 2
 # Elements of a row block of ``a @ b`` computed at once: two such blocks (the sum and one
 # product) stay in a core's L2 cache while the rank loop runs over them.
 _BLOCK_ELEMENTS = 1 << 16
+# Multiply-adds of one GEMM on the exact path: OpenBLAS's single-thread limit (65536 * 4),
+# so that BLAS does not start threads of its own beside the engine's (see _exact_rows).
+_GEMM_MNK = 1 << 18
+# Elements of the float64 row block the tiles fill (1 MiB).
+_GEMM_ELEMENTS = 1 << 17
+#: :func:`grid_exponents` of a zero: on every grid.
+_NO_GRID = 1 << 20
+# factor_grids moves its product grid up at most this many bits (one or two suffice).
+_GRID_TRIES = 8
 
 
 def layout(spec: Compression, m: int, n: int, dtype: DType) -> dict[str, PartSpec]:
@@ -182,6 +203,9 @@ def factors(
 ) -> Encoded:
     """Rank-``rank`` factors ``a`` (m, r) and ``b`` (r, n) of the truncated SVD, written as stored.
 
+    Each column of ``a`` and row of ``b`` is rounded to ``dtype`` and then onto the grid of
+    :func:`factor_grids`, so the stored factors pass :func:`exact_sum` and decode through BLAS.
+
     Args:
         read: the dense diff, by element range.
         write: where the parts go.
@@ -197,16 +221,27 @@ def factors(
     """
     m, n = shape
     u, s, vt, total = _svd(read, m, n, min(rank + OVERSAMPLE, m, n), ct, zlib.crc32(name.encode()), block)
-    b = to_storage(vt[:rank], dtype)
+    b64 = _rounded(vt[:rank], dtype)
+    # the stored a's largest magnitudes first (a pass over u, not over the diff): the grids need them
+    amax = np.zeros(rank)
+    for r0, r1 in blocks(m, rank, _BLOCK_ELEMENTS):  # small blocks: float64 temporaries
+        np.maximum(amax, column_stats(_rounded(u[r0:r1, :rank] * s[:rank], dtype))[0], out=amax)
+    p, q = factor_grids(amax, column_stats(b64.T)[0])
+    b = to_storage(snap(b64, q[:, None]), dtype)  # on the grid, so exactly representable
     write("b", 0, b.reshape(-1))
     b_f = from_storage(b, dtype, ct)
     err = 0.0
     for r0, r1 in blocks(m, n, block):  # a = u_r s_r, written and measured a row block at a time
-        a = to_storage(u[r0:r1, :rank] * s[:rank], dtype)
+        a = to_storage(snap(_rounded(u[r0:r1, :rank] * s[:rank], dtype), p[None, :]), dtype)
         write("a", r0 * rank, a.reshape(-1))
         diff = rows_of(read, n, r0, r1) - from_storage(a, dtype, ct) @ b_f
         err += squared(diff)
     return measured(float(total), err, rank=rank)
+
+
+def _rounded(x: np.ndarray, dtype: DType) -> np.ndarray:
+    """``x`` rounded to ``dtype``, as float64."""
+    return from_storage(to_storage(x, dtype), dtype, np.dtype(np.float64))
 
 
 def encode(job: Job) -> Encoded:
@@ -215,37 +250,59 @@ def encode(job: Job) -> Encoded:
 
 
 def decode(p: Packed, start: int, count: int, out: np.ndarray, cache: dict[Any, Any]) -> np.ndarray:
-    """Elements ``[start, start + count)`` of ``scale * a @ b`` into ``out``; ``b`` is kept in ``cache``."""
+    """Elements ``[start, start + count)`` of ``scale * a @ b`` into ``out``.
+
+    ``b`` and the tensor's path (:func:`factor_plan`) are kept in ``cache``; the path is
+    BLAS where the stored factors pass :func:`exact_sum`, the rank-ordered loop otherwise.
+    """
     ct = out.dtype
     r0, r1, n = row_span(p, start, count)
-    b = whole(p, "b", ct, cache)
+    b, exact_path = factor_plan(p, ct, cache)
     rank = b.shape[0]
-    a = float_part(p, "a", r0 * rank, (r1 - r0) * rank, ct)
-    product_rows(a.reshape(r1 - r0, rank), b, start - r0 * n, count, out)
+    a = float_part(p, "a", r0 * rank, (r1 - r0) * rank, b.dtype)
+    product_rows(a.reshape(r1 - r0, rank), b, start - r0 * n, count, out, exact=exact_path)
     if p.scale != 1.0:
         np.multiply(out, ct.type(p.scale), out=out)
     return out
 
 
-def product_rows(a: np.ndarray, b: np.ndarray, skip: int, count: int, out: np.ndarray) -> None:
+def product_rows(a: np.ndarray, b: np.ndarray, skip: int, count: int, out: np.ndarray, *, exact: bool = False) -> None:
     """Write elements ``[skip, skip + count)`` of the row-major product ``a @ b`` into ``out``.
 
-    Not through BLAS: a GEMM's summation order (blocking, FMA, SIMD width) depends on the
-    matrix sizes, the thread count and the CPU's kernel, so a row decoded as part of a
-    small range could differ in its last bit from the same row decoded in a large one.
-    Here every element is ``fl(...fl(fl(a0*b0) + fl(a1*b1)) + ... + fl(ak*bk))``, one
-    correctly rounded multiply and add per rank in rank order, so its bits depend only on
-    the stored factors: the same for any range split, ``--threads``, ``--max-memory``, BLAS
-    kernel and IEEE-754 CPU.
+    Two paths, each giving bits that depend only on the factors (the same for any range
+    split, ``--threads``, ``--max-memory``, BLAS kernel and IEEE-754 CPU):
+
+    - ``exact=True`` (the caller has checked the *whole* factors with :func:`exact_sum`,
+      and passes them in float64): one float64 GEMM through BLAS, each result rounded once
+      to ``out``'s dtype. Every product and partial sum is then exact in float64 (see
+      :func:`exact_sum`), so whatever order, blocking, FMA or threading the GEMM uses, it
+      returns the exact sum, and its single rounding is a function of the factors alone.
+    - otherwise: not through BLAS, since a GEMM's summation order (blocking, FMA, SIMD
+      width) depends on the matrix sizes, the thread count and the CPU's kernel, so a row
+      decoded as part of a small range could differ in its last bit from the same row
+      decoded in a large one. Here every element is
+      ``fl(...fl(fl(a0*b0) + fl(a1*b1)) + ... + fl(ak*bk))``, one correctly rounded multiply
+      and add per rank in rank order, in ``out``'s dtype.
+
+    Args:
+        a: rows ``skip // n`` to ``ceil((skip + count) / n)`` (at least) of the left factor.
+        b: the right factor (r, n).
+        skip: the first element, counted from ``a``'s first row.
+        count: how many elements.
+        out: where they go (at least ``count`` long).
+        exact: take the BLAS path (only for factors that pass :func:`exact_sum`, in float64).
     """
     n = b.shape[1]
     if b.shape[0] == 0:
         out[:count] = 0
         return
+    first, last = skip // n, -(-(skip + count) // n)
+    if exact:
+        _exact_rows(a, b, skip, count, out)
+        return
     rows = max(1, _BLOCK_ELEMENTS // n)
     acc = np.empty((rows, n), dtype=out.dtype)
     tmp = np.empty((rows, n), dtype=out.dtype)
-    first, last = skip // n, -(-(skip + count) // n)
     for i in range(first, last, rows):
         j = min(last, i + rows)
         s, t = acc[: j - i], tmp[: j - i]
@@ -255,6 +312,232 @@ def product_rows(a: np.ndarray, b: np.ndarray, skip: int, count: int, out: np.nd
             np.add(s, t, out=s)
         lo, hi = max(i * n, skip), min(j * n, skip + count)
         out[lo - skip : hi - skip] = s.reshape(-1)[lo - i * n : hi - i * n]
+
+
+def _exact_rows(a: np.ndarray, b: np.ndarray, skip: int, count: int, out: np.ndarray) -> None:
+    """:func:`product_rows`' BLAS path, in square-ish GEMM tiles of at most :data:`_GEMM_MNK` multiply-adds.
+
+    Small tiles for speed, not for the bits (exact at any size): OpenBLAS runs a GEMM that
+    small on the calling thread, where a larger one starts its own threads beside the
+    engine's workers, and those spin-wait (8x slower measured on 2 loaded cores); square
+    tiles keep the packing of ``b`` cheap (a 2 x 8192 tile ran at 47, a 16 x 256 one at 250
+    million elements a second, on one core at rank 64).
+    """
+    n, r = b.shape[1], b.shape[0]
+    first, last = skip // n, -(-(skip + count) // n)
+    rows = max(1, min(last - first, math.isqrt(_GEMM_MNK // r), _GEMM_ELEMENTS // n))
+    cols = min(n, max(1, _GEMM_MNK // (rows * r)))
+    buf = np.empty((rows, n), dtype=np.float64)
+    for i in range(first, last, rows):
+        j = min(last, i + rows)
+        s = buf[: j - i]
+        for c in range(0, n, cols):
+            np.matmul(a[i:j], b[:, c : c + cols], out=s[:, c : c + cols])
+        lo, hi = max(i * n, skip), min(j * n, skip + count)
+        out[lo - skip : hi - skip] = s.reshape(-1)[lo - i * n : hi - i * n]  # the one rounding
+
+
+def factor_plan(
+    p: Packed, ct: np.dtype[Any], cache: dict[Any, Any], a_name: str = "a", b_name: str = "b"
+) -> tuple[np.ndarray, bool]:
+    """A low-rank tensor's right factor and decoding path, decided once over the whole factors.
+
+    The decision reads all of ``a`` (a row block at a time) and ``b``, so it depends only
+    on the stored factors, never on the range being decoded; it is kept in the caller's
+    one-entry cache (one per worker thread) with ``b``.
+
+    Args:
+        p: the packed tensor.
+        ct: the compute dtype.
+        cache: the caller's cache.
+        a_name: the left factor's part name (m, r).
+        b_name: the right factor's part name (r, n).
+
+    Returns:
+        ``b`` widened to float64 and True when the factors pass :func:`exact_sum` (decode
+        through :func:`product_rows` with ``exact=True`` and ``a`` in float64), else ``b`` in
+        ``ct`` and False.
+    """
+    key = (id(p), "factor_plan", a_name, b_name, ct.str)
+    got = cache.get(key)
+    if got is None:
+        b = _whole_part(p, b_name)
+        amax, agrid = _streamed_column_stats(p, a_name, b.shape[0])
+        bmax, bgrid = column_stats(b.T)
+        ok = exact_sum(amax, agrid, bmax, bgrid)
+        got = (b if ok else b.astype(ct), ok)
+        cache.clear()
+        cache[key] = got
+    return got
+
+
+def _whole_part(p: Packed, name: str) -> np.ndarray:
+    src = p.parts[name]
+    shape = src.shape if isinstance(src, np.ndarray) else src.info.shape
+    return float_part(p, name, 0, math.prod(shape), np.dtype(np.float64)).reshape(shape)
+
+
+def _streamed_column_stats(p: Packed, name: str, r: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`column_stats` of an (m, r) part, read a row block at a time (bounded memory)."""
+    m = p.shape[0]
+    amax = np.zeros(r, dtype=np.float64)
+    agrid = np.full(r, _NO_GRID, dtype=np.int64)
+    for r0, r1 in blocks(m, r, _BLOCK_ELEMENTS):
+        x = float_part(p, name, r0 * r, (r1 - r0) * r, np.dtype(np.float64)).reshape(r1 - r0, r)
+        bmax, bgrid = column_stats(x)
+        np.maximum(amax, bmax, out=amax)
+        np.minimum(agrid, bgrid, out=agrid)
+    return amax, agrid
+
+
+# ---------------------------------------------------------------- exact sums by construction
+
+
+def grid_exponents(x: np.ndarray) -> np.ndarray:
+    """For each float64 value, the ``e`` such that it is an odd multiple of ``2^e``.
+
+    Zeros (on every grid) get a huge exponent, NaN and infinities a hugely negative one (so
+    that :func:`exact_sum` refuses them).
+    """
+    bits = np.ascontiguousarray(x, dtype=np.float64).view(np.uint64) & np.uint64(0x7FFF_FFFF_FFFF_FFFF)
+    e = (bits >> np.uint64(52)).astype(np.int64)
+    mant = bits & np.uint64((1 << 52) - 1)
+    mant = np.where(e > 0, mant | np.uint64(1 << 52), mant)
+    low = mant & (~mant + np.uint64(1))  # the lowest set bit, a power of two <= 2^52 (exact as a float)
+    tz = np.frexp(low.astype(np.float64))[1].astype(np.int64) - 1
+    out = np.where(e > 0, e - 1075, -1074) + tz
+    out[mant == 0] = _NO_GRID
+    out[e == 0x7FF] = -_NO_GRID
+    return out
+
+
+def column_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The largest magnitude and the grid (:func:`grid_exponents`' minimum) of each column.
+
+    A column whose grid is finer than ``2^(e - 52)`` (``e``: the exponent of its largest
+    magnitude, below ``2^e``) gets ``-2^19``: such factors can never pass :func:`exact_sum`
+    (a passing column has ``max |a[:, k]| < 2^(52 + p_k)``), so the exact value is not needed,
+    and the others are found by one OR of their integers at that scale.
+
+    Args:
+        x: a 2-D float array (a block of rows of ``a``, or ``b.T``).
+
+    Returns:
+        ``(max |x[:, k]|, min_i grid(x[i, k]))`` per column, float64 and int64.
+    """
+    x64 = np.abs(np.asarray(x, dtype=np.float64))
+    if x64.shape[0] == 0:
+        return np.zeros(x64.shape[1]), np.full(x64.shape[1], _NO_GRID, dtype=np.int64)
+    with np.errstate(invalid="ignore"):
+        amax = np.max(x64, axis=0)
+    e = np.frexp(amax)[1].astype(np.int64)
+    if not np.all(np.isfinite(amax)) or e.max() > 52:
+        return amax, np.min(grid_exponents(x64), axis=0)  # rare: the element by element way
+    # at the scale 2^(52 - e) (>= 1: no underflow) values on a grid >= 2^(e - 52) are integers < 2^52
+    scaled = np.ldexp(x64, (52 - e).astype(np.int32)[None, :])
+    ints = scaled.astype(np.int64)
+    fine = ~np.all(ints == scaled, axis=0)
+    joined = np.bitwise_or.reduce(ints, axis=0)
+    grid = grid_exponents(joined.astype(np.float64)) + e - 52  # the lowest bit of the OR: the min
+    grid[joined == 0] = _NO_GRID
+    grid[fine] = -_NO_GRID // 2
+    return amax, grid
+
+
+def exact_sum(amax: np.ndarray, agrid: np.ndarray, bmax: np.ndarray, bgrid: np.ndarray) -> bool:
+    """Whether every float64 GEMM of these factors computes each element's exact sum.
+
+    With ``a``'s column ``k`` on the grid ``2^p_k`` and ``b``'s row ``k`` on ``2^q_k``, every
+    product ``a_ik b_kj`` is a multiple of ``2^g``, ``g = min_k (p_k + q_k)``, and every sum of
+    any subset of them is a multiple of ``2^g`` bounded by
+    ``T = sum_k max|a_:k| max|b_k:| >= sum_k |a_ik| |b_kj|``. If ``T < 2^(53 + g)`` (and
+    ``g >= -1074``, the float64 grid) all of those numbers are integers times ``2^g`` below
+    ``2^53`` in magnitude: float64 holds them exactly, so every product, add and FMA a GEMM
+    does, in any order, blocking or thread split, is exact. ``T`` is checked against
+    ``2^(52 + g)``: its float64 sum is within a relative ``r 2^-52`` of the true one, far
+    less than the factor 2 kept.
+
+    Args:
+        amax, agrid: :func:`column_stats` of ``a`` (m, r).
+        bmax, bgrid: :func:`column_stats` of ``b.T`` (``b`` is (r, n)).
+
+    Returns:
+        True where the BLAS path is exact (also for all-zero factors).
+    """
+    if np.any(agrid == -_NO_GRID) or np.any(bgrid == -_NO_GRID):
+        return False  # a NaN or an infinity: its bits need not be reproducible through BLAS
+    live = (agrid < _NO_GRID) & (bgrid < _NO_GRID)  # a zero column or row adds nothing
+    if not live.any():
+        return True
+    g = int(np.min(agrid[live] + bgrid[live]))
+    if g < -1074:
+        return False
+    with np.errstate(over="ignore", invalid="ignore"):
+        total = math.fsum((amax[live] * bmax[live]).tolist())
+    return math.isfinite(total) and total < math.ldexp(1.0, min(52 + g, 1023))
+
+
+def factor_grids(amax: np.ndarray, bmax: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Grid exponents ``p`` (per column of ``a``) and ``q`` (per row of ``b``) that make
+    factors with these largest magnitudes pass :func:`exact_sum` once snapped onto them.
+
+    All terms share one product grid ``G = p_k + q_k``, set 51 bits below the bound ``T``:
+    each term gets the bits it has above ``G`` (its ``slack``), split evenly between its
+    two factors; so the largest term keeps ~25 bits per factor (entries below 2^-25 of
+    their column's largest move by < 2^-26 of it, far under bf16's 2^-9) and terms far
+    below the largest are rounded coarsely (their absolute error stays < 2^-50 of ``T``).
+    Snapping rounds the largest magnitudes too (to the nearest multiple, so they may grow):
+    ``G`` moves up a bit until the snapped maxima pass.
+
+    Args:
+        amax: ``max |a[:, k]|`` per k (finite).
+        bmax: ``max |b[k, :]|`` per k (finite).
+
+    Returns:
+        ``(p, q)``, int64 of shape (r,).
+    """
+    ea = np.frexp(amax)[1].astype(np.int64)  # amax < 2^ea
+    eb = np.frexp(bmax)[1].astype(np.int64)
+    live = (amax > 0) & (bmax > 0)
+    total = math.fsum((amax * bmax).tolist())
+    top = math.frexp(total)[1] if total > 0 else 0
+    for shift in range(_GRID_TRIES):
+        big = max(top - 51 + shift, -1074)
+        slack = ea + eb - big
+        p = np.where(live, ea - slack // 2, ea - 60)  # a zero term: any grid, leave its factors alone
+        q = np.where(live, big - p, eb - 60)
+        if total == 0 or exact_sum(snap(amax, p), np.where(live, p, _NO_GRID), snap(bmax, q), q):
+            break
+    return p, q
+
+
+def snap(x: np.ndarray, exps: np.ndarray) -> np.ndarray:
+    """``x`` (float64) rounded to the nearest multiple of ``2^exps`` (broadcast), ties to even.
+
+    A value of ``t`` significant bits either is already on the grid (its last bit at or
+    above ``2^exps``) or is below ``2^(exps + t)``: rounded, it is an integer of at most
+    ``t`` bits times ``2^exps``, so it stays representable in the dtype it came from.
+    """
+    e = np.asarray(exps).astype(np.int32)
+    return np.ldexp(np.rint(np.ldexp(x, -e)), e)
+
+
+def snap_factors(a: np.ndarray, b: np.ndarray, dtype: DType) -> tuple[np.ndarray, np.ndarray]:
+    """Low-rank factors rounded to ``dtype`` and onto :func:`factor_grids`, for a codec with
+    a low-rank part to store (they then decode through the exact BLAS path).
+
+    Args:
+        a: the left factor (m, r), any float dtype.
+        b: the right factor (r, n).
+        dtype: the storage dtype.
+
+    Returns:
+        ``a`` and ``b`` in ``dtype``'s storage form, passing :func:`exact_sum`.
+    """
+    af = from_storage(to_storage(a, dtype), dtype, np.dtype(np.float64))
+    bf = from_storage(to_storage(b, dtype), dtype, np.dtype(np.float64))
+    p, q = factor_grids(column_stats(af)[0], column_stats(bf.T)[0])
+    return to_storage(snap(af, p[None, :]), dtype), to_storage(snap(bf, q[:, None]), dtype)
 
 
 def state_bytes(parts: dict[str, PartSpec], shape: tuple[int, int], itemsize: int, block: int) -> int:
