@@ -595,7 +595,8 @@ def test_lab_writes_report_plots_and_results(lab_run):
     ft = by["direct fine-tune"]
     assert ft["eval_s"] > 0 and ft["train_s"] > 0 and ft["setup_s"] >= 0
     assert ft["train_s"] + ft["eval_s"] + ft["setup_s"] <= ft["seconds"] + 1  # parts of the jobs' own time
-    assert by["iterative"]["eval_s"] > 0
+    # the chain reports its evaluations (a smoke one can sum to 0.0 s at this rounding)
+    assert by["iterative"]["eval_s"] is not None and by["iterative"]["eval_s"] >= 0
     assert "## Where the time goes" in report
     # the field's two measures, per seed and on the mean; finding 1 shows both
     meas = results["mean"]["measures"]
