@@ -31,7 +31,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ftrecycle.codecs import CODECS, parse_compression
+from ftrecycle.codecs import AUTO, CODECS, parse_compression
 from ftrecycle.errors import ConfigError
 
 from _trio import build_trio
@@ -58,7 +58,7 @@ def default_specs() -> tuple[list[str], list[dict[str, str]]]:
         SystemExit: a registered method has no representative setting that parses.
     """
     specs, skipped = [], []
-    for method in CODECS:
+    for method in (*CODECS, AUTO):  # the size budget is not a stored method, but a setting users give
         usable = []
         for spec in REPRESENTATIVE.get(method, []):
             try:
