@@ -184,7 +184,12 @@ def test_bits_do_not_depend_on_range_split_blas_threads_or_kernel():
     src = str(Path(__file__).resolve().parents[1] / "src")
     steps = [300 * 257, 1000, 257 * 7 + 3, 97]
     seen = set()
-    envs = [{"OPENBLAS_NUM_THREADS": "1"}, {"OPENBLAS_NUM_THREADS": "2"}, {"OPENBLAS_CORETYPE": "Prescott"}]
+    envs = [
+        {"OPENBLAS_NUM_THREADS": "1"},
+        {"OPENBLAS_NUM_THREADS": "2"},
+        {"OPENBLAS_CORETYPE": "Sandybridge"},
+        {"OPENBLAS_CORETYPE": "Haswell"},
+    ]
     for extra in envs:
         env = {**os.environ, "PYTHONPATH": src, **extra}
         run = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(steps)], env=env, capture_output=True, text=True)
