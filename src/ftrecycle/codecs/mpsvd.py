@@ -15,6 +15,12 @@ returns each element's exact sum, rounded once to the compute dtype, whatever th
 thread count or BLAS kernel. The decoder decides once per tensor from the stored steps and
 widths (:func:`exact_steps`, a bound over every possible code); steps that miss it (older
 deltas, hostile files) decode by the rank-ordered loop, deterministic too but slower.
+Measured (a 2048 x 8192 and an 8192 x 2048 bf16 diff at ``mpsvd:ratio=8``, 1422 and 1407 kept
+vectors, the whole tensor decoded in 2^20-element ranges, one BLAS thread, 2 shared cores):
+2.5 s and 1.7 s, against 5.5 s and 11.4 s through the loop; the rounded steps changed the
+relative error by at most 1e-6 (0.438317, 0.315847 -> 0.315848). A dense copy of the same
+elements takes 0.014 s: at these ranks the ``2 m n r`` flops of the product, not the path,
+bound the apply, so ``mpsvd`` stays far above 2x a dense apply where it keeps many vectors.
 
 Parts (a fixed set): ``qa`` (m, c) uint8 — row ``i`` packs its codes ``a[i, k]`` in order of
 ``k``, ``w_k`` bits each, little-endian (so a row range is one contiguous read); ``qb`` (n, c)
