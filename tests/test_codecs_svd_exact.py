@@ -10,6 +10,11 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -171,3 +176,39 @@ def test_cli_deltas_decode_through_the_exact_path(versions, tmp_path, spec):
                 assert lr.factor_plan(p, CT, {})[1], term.name
     finally:
         ckpt.close()
+
+
+_CHILD = textwrap.dedent(
+    """
+    import hashlib, json, sys
+    import numpy as np
+    from ftrecycle.codecs import decode, mpsvd
+    from test_codecs_svd import _encode, _spectrum
+    _, p = _encode("mpsvd:bits=6", _spectrum(150, 140, 31))  # over 64 kept vectors: the rank is split
+    m, n = p.shape
+    out, digests = np.empty(m * n, np.float32), []
+    for step in json.loads(sys.argv[1]):
+        cache = {}
+        for s in range(0, m * n, step):
+            c = min(step, m * n - s)
+            decode(p, s, c, out[s : s + c], cache)
+        digests.append(hashlib.sha256(out.tobytes()).hexdigest())
+    kept = int(np.count_nonzero(p.parts["widths"]))
+    print(json.dumps([digests, mpsvd.exact_steps(p.parts["sa"], p.parts["sb"], p.parts["widths"]), kept]))
+    """
+)
+
+
+def test_mpsvd_bits_do_not_depend_on_range_split_blas_threads_or_kernel():
+    root = Path(__file__).resolve().parents[1]
+    steps = [150 * 140, 1000, 140 * 7 + 3, 97]
+    seen = set()
+    envs = [{"OPENBLAS_NUM_THREADS": "1"}, {"OPENBLAS_NUM_THREADS": "2"}, {"OPENBLAS_CORETYPE": "Prescott"}]
+    for extra in envs:
+        env = {**os.environ, "PYTHONPATH": f"{root / 'src'}{os.pathsep}{root / 'tests'}", **extra}
+        run = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(steps)], env=env, capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr
+        digests, exact_path, kept = json.loads(run.stdout)
+        assert exact_path and kept > 64, (exact_path, kept)
+        seen.update(digests)
+    assert len(seen) == 1, f"{len(seen)} different decodes across splits and BLAS settings"
