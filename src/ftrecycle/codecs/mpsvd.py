@@ -323,6 +323,10 @@ def bounds(sa: np.ndarray, sb: np.ndarray, widths: np.ndarray) -> tuple[np.ndarr
     a largest magnitude at least as large and a grid at least as fine, which keeps
     :func:`ftrecycle.codecs.lowrank.exact_sum` sound for any ``qa``/``qb`` (hostile ones too).
 
+    Args:
+        sa, sb: the steps (r,) as stored (float32).
+        widths: the widths (r,), each in :data:`WIDTHS`.
+
     Returns:
         ``(amax, agrid, bmax, bgrid)`` per vector (zero-width vectors count as zero columns).
     """

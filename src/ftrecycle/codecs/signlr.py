@@ -133,7 +133,15 @@ def residual_reader(read: Reader, a: np.ndarray, b: np.ndarray) -> Reader:
 
 def passes(a: np.ndarray, b: np.ndarray) -> bool:
     """Whether factors ``a`` (m, r) and ``b`` (r, n) pass :func:`ftrecycle.codecs.lowrank.exact_sum`,
-    ``a``'s statistics taken a row block at a time (its float64 temporaries stay small)."""
+    ``a``'s statistics taken a row block at a time (its float64 temporaries stay small).
+
+    Args:
+        a: the left factor (m, r), its stored values in any float dtype.
+        b: the right factor (r, n).
+
+    Returns:
+        True where their product may go through the exact BLAS path.
+    """
     r = a.shape[1]
     amax, agrid = np.zeros(r), np.full(r, np.iinfo(np.int64).max, dtype=np.int64)
     for r0, r1 in blocks(a.shape[0], r, _STATS_ELEMENTS):
