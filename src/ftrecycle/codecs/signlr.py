@@ -6,9 +6,12 @@ signs (``sign(0) = +1``) and, per row ``i``, the scale ``s_i = mean_j |R_ij|`` t
 ``||R_i - s_i sign(R_i)||^2``. ``a b`` is first the truncated SVD of ``D`` (as
 :mod:`ftrecycle.codecs.lowrank` computes it), then refit :data:`REFINE_ROUNDS` times as the SVD of
 ``D`` minus the sign code of the current residual (alternating minimisation: each step is the
-best fit given the other, so the error does not grow). Element ``(i, j)`` decodes
-as ``sum_k a[i, k] * b[k, j]`` (:func:`ftrecycle.codecs.lowrank.product_rows`, deterministic)
-plus ``+s_i`` if its bit is set, else ``-s_i``. Parts: ``bits`` (ceil(mn/8),) uint8 (bit
+best fit given the other, so the error does not grow). ``a`` and ``b`` are stored on
+lowrank's grids (:func:`ftrecycle.codecs.lowrank.snap_factors`), so element ``(i, j)`` decodes
+as the exact ``sum_k a[i, k] * b[k, j]`` rounded once, through BLAS
+(:func:`ftrecycle.codecs.lowrank.product_rows`, ``exact=True``; factors that miss the grids,
+such as a row-gained ``a``, take its rank-ordered loop, deterministic too), plus ``+s_i`` if
+its bit is set, else ``-s_i``. Parts: ``bits`` (ceil(mn/8),) uint8 (bit
 ``i*n + j`` little-endian within its byte, as ``sign``), ``scale`` (m,) float32, ``a`` (m, r)
 and ``b`` (r, n) in the delta's dtype.
 
@@ -50,6 +53,7 @@ from ftrecycle.codecs.base import (
     PartSpec,
     Reader,
     Writer,
+    blocks,
     float_part,
     measured,
     read_part,
@@ -57,12 +61,23 @@ from ftrecycle.codecs.base import (
     row_span,
     rows_of,
     squared,
-    whole,
 )
-from ftrecycle.codecs.lowrank import OVERSAMPLE, _svd, exact, factor_parts, product_rows
+from ftrecycle.codecs.lowrank import (
+    OVERSAMPLE,
+    _svd,
+    column_stats,
+    exact,
+    exact_sum,
+    factor_parts,
+    factor_plan,
+    product_rows,
+    snap_factors,
+)
 from ftrecycle.dtypes import BF16, F32, FLOAT_DTYPES, U8, DType, from_storage, to_storage
 from ftrecycle.io.safetensors_format import TensorInfo
 
+# Elements of ``a`` whose float64 statistics are taken at once (see :func:`passes`).
+_STATS_ELEMENTS = 1 << 16
 #: Refits of the low-rank part to ``D`` minus the sign code of its residual (each an SVD more).
 REFINE_ROUNDS = 1
 
@@ -87,28 +102,53 @@ def layout(spec: Compression, m: int, n: int, dtype: DType) -> dict[str, PartSpe
 
 
 def _factors(job: Job, rank: int) -> tuple[np.ndarray, np.ndarray, float]:
-    """The rounded rank-``rank`` factors of the SVD, written; widened to ``ct``; and ``||D||^2``."""
+    """The rank-``rank`` factors of the SVD, rounded to the dtype and onto lowrank's grids
+    (:func:`ftrecycle.codecs.lowrank.snap_factors`: they decode through the exact BLAS path),
+    written; widened to ``ct``; and ``||D||^2``."""
     (m, n), ct, dtype = job.shape, job.ct, job.dtype
     u, s, vt, total = _svd(job.read, m, n, min(rank + OVERSAMPLE, m, n), ct, zlib.crc32(job.name.encode()), job.block)
-    b = to_storage(vt[:rank], dtype)
-    job.write("b", 0, b.reshape(-1))
-    a = to_storage(u[:, :rank] * s[:rank], dtype)
+    a, b = snap_factors(u[:, :rank] * s[:rank], vt[:rank], dtype)
     del u
+    job.write("b", 0, b.reshape(-1))
     job.write("a", 0, a.reshape(-1))
     return from_storage(a, dtype, ct), from_storage(b, dtype, ct), float(total)
 
 
 def residual_reader(read: Reader, a: np.ndarray, b: np.ndarray) -> Reader:
-    """``read`` minus the product ``a @ b``, by flat element range (as stored and decoded)."""
+    """``read`` minus the product ``a @ b``, by flat element range, computed as :func:`decode`
+    computes it (the exact BLAS path where the factors pass, so the signs fit what is decoded)."""
     n = b.shape[1]
+    ok = passes(a, b)
+    b_used = b.astype(np.float64) if ok else b  # widening is exact: the values are the stored ones
 
     def residual(start: int, count: int) -> np.ndarray:
         x = read(start, count)
         lowrank = np.empty(count, dtype=x.dtype)
-        product_rows(a[start // n : -(-(start + count) // n)], b, start % n, count, lowrank)
+        rows = a[start // n : -(-(start + count) // n)]
+        product_rows(rows.astype(np.float64) if ok else rows, b_used, start % n, count, lowrank, exact=ok)
         return x - lowrank
 
     return residual
+
+
+def passes(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether factors ``a`` (m, r) and ``b`` (r, n) pass :func:`ftrecycle.codecs.lowrank.exact_sum`,
+    ``a``'s statistics taken a row block at a time (its float64 temporaries stay small).
+
+    Args:
+        a: the left factor (m, r), its stored values in any float dtype.
+        b: the right factor (r, n).
+
+    Returns:
+        True where their product may go through the exact BLAS path.
+    """
+    r = a.shape[1]
+    amax, agrid = np.zeros(r), np.full(r, np.iinfo(np.int64).max, dtype=np.int64)
+    for r0, r1 in blocks(a.shape[0], r, _STATS_ELEMENTS):
+        bmax, bgrid = column_stats(a[r0:r1])
+        np.maximum(amax, bmax, out=amax)
+        np.minimum(agrid, bgrid, out=agrid)
+    return exact_sum(amax, agrid, *column_stats(b.T))
 
 
 def sign_rows(read: Reader, write: Writer, shape: tuple[int, int], block: int) -> float:
@@ -163,13 +203,14 @@ def encode(job: Job) -> Encoded:
 
 def decode(p: Packed, start: int, count: int, out: np.ndarray, cache: dict[Any, Any]) -> np.ndarray:
     """Elements ``[start, start + count)`` of ``a @ b + diag(scale) (2 bits - 1)`` into ``out``;
-    ``b`` is kept in ``cache``."""
+    ``b`` and the low-rank part's path (:func:`ftrecycle.codecs.lowrank.factor_plan`: BLAS where
+    the stored factors pass ``exact_sum``, the rank-ordered loop otherwise) are kept in ``cache``."""
     ct = out.dtype
     r0, r1, n = row_span(p, start, count)
-    b = whole(p, "b", ct, cache)
+    b, exact_path = factor_plan(p, ct, cache)
     rank = b.shape[0]
-    a = float_part(p, "a", r0 * rank, (r1 - r0) * rank, ct)
-    product_rows(a.reshape(r1 - r0, rank), b, start - r0 * n, count, out)
+    a = float_part(p, "a", r0 * rank, (r1 - r0) * rank, b.dtype)
+    product_rows(a.reshape(r1 - r0, rank), b, start - r0 * n, count, out, exact=exact_path)
     scale = read_part(p, "scale", r0, r1 - r0).astype(ct)
     lo = start // 8
     raw = read_part(p, "bits", lo, (start + count + 7) // 8 - lo)
@@ -181,13 +222,14 @@ def decode(p: Packed, start: int, count: int, out: np.ndarray, cache: dict[Any, 
 
 def state_bytes(parts: dict[str, PartSpec], shape: tuple[int, int], itemsize: int, block: int) -> int:
     """Bytes the encoder holds: lowrank's SVD at the rank, the widened factors (a refit's and the
-    previous fit's), the row scales and the residual's row blocks (8 rows at least)."""
+    previous fit's), the row scales, the residual's row blocks (8 rows at least) and its float64 ``b``."""
     m, n = shape
     rank = parts["a"][1][1]
     k = min(rank + OVERSAMPLE, m, n)
     svd = 5 * m * n * itemsize if exact(m, n, k) else (3 * m + 4 * n) * k * itemsize
     rows = row_block_bytes(itemsize, max(block, 8 * n))
-    return svd + 2 * (m + n) * rank * itemsize + 4 * m + 3 * rows
+    exact_b = 4 * rank * n * 8  # the residual's float64 b and column_stats' temporaries of it
+    return svd + 2 * (m + n) * rank * itemsize + 4 * m + 3 * rows + exact_b
 
 
 def expect(m: int, n: int, parts: dict[str, TensorInfo]) -> Expected:
