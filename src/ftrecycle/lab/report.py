@@ -900,7 +900,8 @@ def _sweep_plot(plt: Any, results: dict[str, Any]) -> Any:
         ax.axhline(100, color="k", lw=0.5, ls=":")
         ax.set_title(f"ft_lr × {sc['scale']:g}: ‖Δ‖/‖W‖ ≈ {_pct_of(sc)} %", fontsize=10)
         ax.set_ylabel("% of the dense transfer's gain kept (pair mean)")
-    axes[-1].legend(fontsize=6, ncol=2)
+    if axes[-1].get_legend_handles_labels()[0]:
+        axes[-1].legend(fontsize=6, ncol=2)
     return fig
 
 
