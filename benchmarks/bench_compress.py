@@ -44,7 +44,7 @@ REPRESENTATIVE: dict[str, list[str]] = {
     "sparse": ["sparse:ratio=8"],
     "lowrank": ["lowrank:rank=64"],
     "kbit": ["kbit:bits=4,group=128", "kbit:bits=2,group=64"],
-    "mpsvd": ["mpsvd:ratio=16"],
+    "mpsvd": ["mpsvd:ratio=16", "mpsvd:ratio=16,rank=64"],
     "signlr": ["signlr:ratio=8"],
     "lossless": ["lossless"],
     "auto": ["auto:ratio=8"],

@@ -368,3 +368,15 @@ def test_cli_diff_then_apply(versions, tmp_path, spec):
                 assert np.array_equal(tail, whole[half:]), term.name
     finally:
         ckpt.close()
+
+
+def test_mpsvd_rank_caps_the_vectors_kept_and_trades_error_for_it():
+    d = _spectrum(96, 160, seed=5, power=0.5)
+    free_err, free = _encode("mpsvd:ratio=8", d)
+    capped_err, capped = _encode("mpsvd:ratio=8,rank=8", d)
+    assert free.parts["widths"].size > 8 and capped.parts["widths"].size == 8
+    assert _rel(_whole(capped), d) == pytest.approx(capped_err, rel=1e-3)
+    assert capped_err > free_err  # fewer vectors, wider codes: a flat-ish spectrum loses more
+    assert str(parse_compression("mpsvd:ratio=8,rank=8")) == "mpsvd:rank=8,ratio=8"
+    with pytest.raises(ConfigError, match="rank"):
+        parse_compression("mpsvd:ratio=8,rank=0")

@@ -21,6 +21,8 @@ vectors, the whole tensor decoded in 2^20-element ranges, one BLAS thread, 2 sha
 relative error by at most 1e-6 (0.438317, 0.315847 -> 0.315848). A dense copy of the same
 elements takes 0.014 s: at these ranks the ``2 m n r`` flops of the product, not the path,
 bound the apply, so ``mpsvd`` stays far above 2x a dense apply where it keeps many vectors.
+``mpsvd:ratio=R,rank=K`` caps the vectors at ``K`` (the decode then costs what ``lowrank:rank=K``'s
+does; the bytes a row holds are then spent on wider codes), trading error for apply time.
 
 Parts (a fixed set): ``qa`` (m, c) uint8 — row ``i`` packs its codes ``a[i, k]`` in order of
 ``k``, ``w_k`` bits each, little-endian (so a row range is one contiguous read); ``qb`` (n, c)
@@ -571,6 +573,7 @@ CODEC = Codec(
     decode,
     state_bytes,
     expect,
+    extra=("rank",),
     resolve=resolve,
     gain=gain,
 )
