@@ -394,12 +394,27 @@ def test_hostile_weights_files_fail_with_a_clear_config_error(pair, tmp_path, ca
     assert "model.nosuch.weight" in capsys.readouterr().err
 
 
-def test_a_setting_whose_encoder_exceeds_max_memory_is_never_offered():
+def test_a_setting_whose_encoder_exceeds_the_default_budget_is_never_offered_whatever_the_run_has():
     shape = (128256, 2048)  # the 1B layout's embedding
     cands = [Candidate(None, 2 * shape[0] * shape[1], 0.0)]
     cands += [Candidate(parse_compression(t), 1, 1.0) for t in ("int8", "lowrank:ratio=2", "lowrank:ratio=16")]
-    settings = SimpleNamespace(max_memory=512 << 20, compute_dtype=F32)
-    kept = _encodable(cands, SimpleNamespace(shape=shape), BF16, settings, 1 << 20)  # type: ignore[arg-type]
-    assert [str(c.spec) for c in kept] == ["None", "int8", "lowrank:ratio=16"]
-    roomy = SimpleNamespace(max_memory=64 << 30, compute_dtype=F32)
-    assert len(_encodable(cands, SimpleNamespace(shape=shape), BF16, roomy, 1 << 20)) == 4  # type: ignore[arg-type]
+    for memory in (512 << 20, 64 << 30, 100 << 20):  # the choice may not depend on --max-memory
+        settings = SimpleNamespace(max_memory=memory, compute_dtype=F32)
+        kept = _encodable(cands, SimpleNamespace(shape=shape), BF16, settings)  # type: ignore[arg-type]
+        assert [str(c.spec) for c in kept] == ["None", "int8", "lowrank:ratio=16"]
+
+
+def test_force_never_removes_the_weights_file_nor_takes_a_huge_integer_weight(pair, tmp_path, capsys):
+    a = load_dir(pair[0])
+    od = tmp_path / "od"
+    od.mkdir()
+    wfile = od / "w.json"
+    wfile.write_text(json.dumps({k: 1.0 for k, t in a.items() if t.dim() == 2}))
+    before = wfile.read_bytes()
+    assert main([*_cli(pair, od), "--weights", str(wfile), "--force"]) == 2
+    assert "overlaps input" in capsys.readouterr().err and wfile.read_bytes() == before
+    huge = tmp_path / "huge.json"
+    huge.write_text(json.dumps({k: 10**400 for k, t in a.items() if t.dim() == 2}))
+    assert main([*_cli(pair, tmp_path / "h"), "--weights", str(huge)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "internal error" not in err, err

@@ -284,3 +284,20 @@ def test_delta_errors(versions, tmp_path, capsys):
     )
     err = capsys.readouterr().err
     assert code == 2 and "different architectures" in err and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    "spec",
+    ["lowrank:rank=2", "mpsvd:ratio=8", "signlr:rank=2", "kbit:bits=3", "sign:axis=col", "lossless", "auto:ratio=4"],
+)
+def test_a_nan_in_the_diff_is_one_clear_error_for_every_codec(versions, tmp_path, capsys, spec):
+    v = versions["llama"]
+    damaged = _copy(v, tmp_path, "source_finetuned", _nan)
+    out = tmp_path / "delta"
+    args = ["--base", str(v["source_base"]), "--finetuned", str(damaged), "-o", str(out), "--compress", spec]
+    code = main(["diff", *args, "-q"])
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err  # no numpy warning before it, no internal error
+    assert "model.layers.0.mlp.up_proj.weight" in lines[0] and "NaN" in lines[0], err
+    assert not out.exists()

@@ -282,6 +282,18 @@ def test_cli_diff_with_calibration_and_sensitivity(models, data, tmp_path, capsy
     assert rc == 0, capsys.readouterr().err
     stored = {n for n, t in load_dir(v["source_finetuned"]).items() if t.dim() == 2}
     assert set(json.loads(weights.read_text())) == stored
+    # the sensitivity file: never over an input, and an existing one only with --force
+    before = weights.read_bytes()
+    sens = ["calibrate", "--model", str(v["source_finetuned"]), *texts]
+    assert main([*sens, "--sensitivity", str(weights)]) == 2 and "--force" in capsys.readouterr().err
+    assert weights.read_bytes() == before
+    calib = data["calib"].read_bytes()
+    assert main([*sens, "--sensitivity", str(data["calib"]), "--force"]) == 2
+    assert "overlaps input" in capsys.readouterr().err and data["calib"].read_bytes() == calib
+    config = v["source_finetuned"] / "config.json"
+    kept = config.read_bytes()
+    assert main([*sens, "--sensitivity", str(config), "--force"]) == 2 and config.read_bytes() == kept
+    capsys.readouterr()
     rc = main(["diff", *pair, "-o", str(tmp_path / "dense"), *texts])
     assert rc == 2 and "--compress" in capsys.readouterr().err
     rc = main(["calibrate", "--delta", str(out), *texts])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,7 @@ from ftrecycle.codecs import (
 )
 from ftrecycle.delta.store import check_parts, open_delta
 from ftrecycle.dtypes import BF16, F32, U8, DType, from_storage
-from ftrecycle.errors import CheckpointError, ConfigError
+from ftrecycle.errors import CheckpointError, ConfigError, MemoryBudgetError
 from ftrecycle.io.safetensors_format import TensorInfo
 from ftrecycle.terms import PackedTerm
 
@@ -128,7 +129,9 @@ def test_mpsvd_stays_within_its_budget():
         assert set(w.tolist()) <= set(mpsvd.WIDTHS) and int(w.sum()) <= 8 * p.parts["qa"].shape[1]
 
 
-def test_mpsvd_caps_its_vectors_to_fit_the_memory():
+def test_mpsvd_refuses_rather_than_caps_its_vectors_to_fit_the_memory():
+    # a cap chosen by the memory would make the delta depend on --max-memory and --threads: refused,
+    # naming the rank=K that fits, which the user gives (then the same delta whatever the memory)
     m, n = 4096, 512
     spec = parse_compression("mpsvd:ratio=4")
     assert spec is not None
@@ -141,11 +144,15 @@ def test_mpsvd_caps_its_vectors_to_fit_the_memory():
         return Probe(lambda s, c: np.zeros(c, CT), "t", (m, n), BF16, CT, 1 << 14, memory)
 
     assert resolve(spec, probe(need(spec))) == spec
-    capped = resolve(spec, probe(need(spec) // 3))
+    with pytest.raises(MemoryBudgetError, match=r"raise --max-memory, lower --threads, or give mpsvd:rank=(\d+)") as e:
+        resolve(spec, probe(need(spec) // 3))
+    hint = re.search(r"give (mpsvd:rank=\d+,ratio=4)", str(e.value))
+    assert hint is not None
+    capped = parse_compression(hint.group(1))
     assert capped is not None and capped.rank is not None and 1 <= capped.rank < full
-    assert need(capped) <= need(spec) // 3
-    assert layout(capped, (m, n), BF16)["widths"][1][0] == capped.rank
-    assert resolve(spec, probe(1000)) is None  # not one vector fits: dense
+    assert resolve(capped, probe(need(spec) // 3)) == capped and need(capped) <= need(spec) // 3
+    with pytest.raises(MemoryBudgetError, match="another method"):
+        resolve(spec, probe(1000))
 
 
 def test_mpsvd_gives_the_large_singular_values_more_bits():

@@ -353,7 +353,10 @@ class DeltaStorage(OptionGroup):
         None,
         "compress each 2-D tensor: lowrank:rank=R, lowrank:energy=E (smallest rank keeping that share of "
         "the squared norm), lowrank:ratio=X or sparse:ratio=X (X times smaller than dense), sparse:density=D "
-        "(largest-magnitude entries), int8 (per-row scale) or sign (1 bit + one scale, as BitDelta); 1-D "
+        "(largest-magnitude entries), int8 (per-row scale), kbit:bits=K[,group=G] (K-bit codes, a scale per "
+        "G values), sign or sign:axis=row|col (1 bit + a scale per matrix/row/column, as BitDelta), "
+        "mpsvd:ratio=X[,rank=K] (singular vectors at mixed precision, as Delta-CoMe), signlr:ratio=X (low rank "
+        "plus the sign of the rest), lossless (exact, entropy-coded); 1-D "
         "tensors stay dense. `diff` stores it so; `transfer` applies the diff as it would be shipped (bf16 "
         "parts), to show what a compressed delta costs before you share one (default: dense). auto:ratio=R "
         "or auto:bits=B: a size budget (2-D tensors R times smaller than dense, or B bits per element), each "

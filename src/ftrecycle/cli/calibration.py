@@ -25,6 +25,7 @@ from ftrecycle.finetune.calibrate import (
     sensitivity,
     write_sensitivity,
 )
+from ftrecycle.io.output import check_no_overlap
 from ftrecycle.options import NONNEGATIVE_INT, POSITIVE_FLOAT, DiffOptions
 
 CALIBRATION_HELP = (
@@ -107,6 +108,8 @@ def _calibrate(ns: argparse.Namespace) -> None:
     if ns.sensitivity is not None:
         if ns.model is None or any(x is not None for x in (ns.delta, ns.base, ns.finetuned, ns.output)):
             raise ConfigError("--sensitivity takes --model and --calibration (not --delta/--base/--finetuned/-o)")
+        inputs = (ns.model, ns.calibration)
+        check_no_overlap(ns.sensitivity, inputs, what="--sensitivity")  # before the work, not after
         weights = sensitivity(
             ns.model,
             ns.calibration,
@@ -114,7 +117,8 @@ def _calibrate(ns: argparse.Namespace) -> None:
             device=train["device"],
             dtype=train["dtype"],
         )
-        print(f"wrote {write_sensitivity(ns.sensitivity, weights)}: the sensitivities of {len(weights)} tensors")
+        out = write_sensitivity(ns.sensitivity, weights, inputs=inputs, force=ns.force)
+        print(f"wrote {out}: the sensitivities of {len(weights)} tensors")
         return
     missing = [f for f, v in (("--delta", ns.delta), ("--base", ns.base), ("--finetuned", ns.finetuned)) if v is None]
     if ns.output is None:

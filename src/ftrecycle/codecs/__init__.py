@@ -434,9 +434,8 @@ def measure(probe: Probe, menu: Sequence[Compression] = AUTO_MENU) -> list[Candi
     full = [(c, p) for c, p in full if p]
     ranks = sorted(r for _, p in full if (r := auto.rank_of(p)) is not None)
     whole = any(auto.on_sample(c, p, m, n) is None for c, p in full)
+    # the sample never shrinks to fit the memory: what the budget chooses may not depend on --max-memory
     rows = auto.sample_rows(m, n, ranks, whole)
-    if 2 * rows * n * probe.ct.itemsize > probe.memory:
-        rows = auto.sample_rows(m, n, ())  # the low-rank candidates' larger sample does not fit
     if 2 * rows * n * probe.ct.itemsize > probe.memory:
         raise MemoryBudgetError(
             f"measuring tensor {probe.name!r} for --compress auto needs about "

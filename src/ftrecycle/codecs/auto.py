@@ -193,6 +193,14 @@ def rank_of(parts: dict[str, PartSpec]) -> int | None:
     return widths[1][0] if widths is not None and len(widths[1]) == 1 else None
 
 
+def _finite(w: float) -> bool:
+    """Whether ``w`` is a finite float (a JSON integer beyond float range is not: 400 digits)."""
+    try:
+        return math.isfinite(float(w))
+    except OverflowError:
+        return False
+
+
 def check_weights(raw: Any, matrices: Sequence[str], others: Sequence[str], source: str) -> dict[str, float]:
     """A parsed weights file as tensor name -> weight, every 2-D tensor given one.
 
@@ -218,7 +226,7 @@ def check_weights(raw: Any, matrices: Sequence[str], others: Sequence[str], sour
         shown = ", ".join(repr(k[:80]) for k in unknown[:5])
         raise ConfigError(f"--weights {source}: {len(unknown)} name(s) the diff does not have: {shown}; {fix}")
     for name, w in raw.items():
-        ok = isinstance(w, int | float) and not isinstance(w, bool) and math.isfinite(w) and w >= 0
+        ok = isinstance(w, int | float) and not isinstance(w, bool) and _finite(w) and w >= 0
         if not ok:
             raise ConfigError(f"--weights {source}: the weight of {name[:80]!r} is {str(w)[:40]}; {fix}")
     missing = [k for k in matrices if k not in raw]

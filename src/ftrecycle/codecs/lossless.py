@@ -71,8 +71,9 @@ from ftrecycle.io.safetensors_format import TensorInfo
 #: Elements per frame written (a power of two; a decoder accepts any in FRAME_BITS).
 FRAME = 1 << 16
 #: The frame sizes (as powers of two) a decoder accepts: small enough that a frame's inflated
-#: bytes stay bounded (at most 128 MiB of float64), large enough that ``offsets`` stays small.
-FRAME_BITS = range(10, 25)
+#: bytes stay bounded (at most 512 KiB of float64: the memory a decoder holds per thread, whatever
+#: a hostile file claims), large enough that ``offsets`` stays small.
+FRAME_BITS = range(10, 17)
 #: DEFLATE level and strategy: run-length matches only (see the module docstring for why).
 LEVEL = 1
 STRATEGY = zlib.Z_RLE

@@ -56,6 +56,7 @@ from ftrecycle.codecs.base import (
 )
 from ftrecycle.codecs.kbit import rescaled, row_gains
 from ftrecycle.dtypes import FLOAT_DTYPES, DType, from_storage, to_storage
+from ftrecycle.errors import NonFiniteError
 from ftrecycle.io.safetensors_format import TensorInfo
 
 #: Matrices with at most this many elements get an exact SVD in memory ...
@@ -119,11 +120,22 @@ def _small_svd(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return u.numpy(), s.numpy(), vt.numpy()
 
 
+def _finite(total: float) -> None:
+    """Refuse a diff holding NaN or infinity before an SVD of it (which would fail on it unexplained).
+
+    Raises:
+        NonFiniteError: ``total``, the diff's squared norm, is not finite.
+    """
+    if not np.isfinite(total):
+        raise NonFiniteError("the diff holds NaN or infinity; check the inputs")
+
+
 def _exact_svd(read: Reader, m: int, n: int, ct: np.dtype[Any], block: int) -> tuple[np.ndarray, ...]:
     d = np.empty((m, n), dtype=ct)
     for r0, r1 in blocks(m, n, block):
         d[r0:r1] = rows_of(read, n, r0, r1)
     total = float(np.sum(np.square(d, dtype=np.float64)))
+    _finite(total)
     u, s, vt = _small_svd(d)
     return u, s, vt, np.array(total)
 
@@ -140,6 +152,7 @@ def _svd(read: Reader, m: int, n: int, k: int, ct: np.dtype[Any], seed: int, blo
         rows = rows_of(read, n, r0, r1)
         total += squared(rows)
         y[r0:r1] = rows @ omega
+    _finite(total)
     for _ in range(POWER_ITERATIONS):
         q = _qr(y)  # peak: y and q (two m x k)
         z = np.zeros((n, k), dtype=ct)

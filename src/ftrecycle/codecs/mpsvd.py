@@ -64,6 +64,7 @@ quantizes the singular vectors with GPTQ on calibration data; this codec rounds 
 from __future__ import annotations
 
 import heapq
+import math
 import zlib
 from dataclasses import dataclass, replace
 from typing import Any
@@ -98,7 +99,7 @@ from ftrecycle.codecs.lowrank import (
     snap,
 )
 from ftrecycle.dtypes import F32, U8, DType
-from ftrecycle.errors import CheckpointError
+from ftrecycle.errors import CheckpointError, MemoryBudgetError
 from ftrecycle.io.safetensors_format import TensorInfo
 
 #: The widths a singular vector may be stored at (0: dropped).
@@ -402,10 +403,13 @@ def state_bytes(parts: dict[str, PartSpec], shape: tuple[int, int], itemsize: in
 
 
 def resolve(spec: Compression, probe: Probe) -> Compression | None:
-    """The spec, with ``rank`` capping the vectors where the encoder's SVD at the layout's
-    ``r`` would not fit the probe's memory (None: not even one vector fits; stored dense).
+    """The spec as it is, once the encoder's SVD at the layout's ``r`` is known to fit the probe's memory.
 
-    Reads nothing: the cap follows from the shape and :func:`state_bytes` alone.
+    Reads nothing. Never lowers ``r`` to fit: the delta would then depend on ``--max-memory`` and
+    ``--threads``; the user caps it instead (``rank=K``), as the message says.
+
+    Raises:
+        MemoryBudgetError: the SVD does not fit; names the largest ``rank`` that would.
     """
     m, n = probe.shape
     parts = layout(spec, m, n, probe.dtype)
@@ -419,9 +423,15 @@ def resolve(spec: Compression, probe: Probe) -> Compression | None:
     r = parts["widths"][1][0]
     if need(r) <= probe.memory:
         return spec
-    while r > 1 and need(r) > probe.memory:
-        r = r * 7 // 8  # not a bisection: the SVD switches between exact and sketched with r
-    return replace(spec, rank=r) if need(r) <= probe.memory else None
+    fit = r
+    while fit > 1 and need(fit) > probe.memory:
+        fit = fit * 7 // 8  # not a bisection: the SVD switches between exact and sketched with r
+    hint = f"give {replace(spec, rank=fit)}" if need(fit) <= probe.memory else "store it with another method"
+    raise MemoryBudgetError(
+        f"compressing tensor {probe.name!r} ({spec}) keeps {r} vectors, whose SVD needs about "
+        f"{math.ceil(need(r) / 2**20)} MiB, but --max-memory leaves {probe.memory // 2**20} MiB per thread; "
+        f"raise --max-memory, lower --threads, or {hint}"
+    )
 
 
 # ---------------------------------------------------------------- decoding

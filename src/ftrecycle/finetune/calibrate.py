@@ -35,6 +35,7 @@ import gc
 import hashlib
 import json
 import math
+import os
 import tempfile
 import time
 from collections.abc import Iterator
@@ -48,11 +49,18 @@ from ftrecycle.codecs import CODECS, decode, gains_per_row, parse_compression, p
 from ftrecycle.delta.rewrite import DEFAULT_SHARD_BYTES, rewrite_delta, stored_values
 from ftrecycle.delta.store import Delta
 from ftrecycle.dtypes import from_storage, to_storage
-from ftrecycle.errors import CheckpointError, ConfigError, DataError, IncompatibleModelsError, NonFiniteError
+from ftrecycle.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    IncompatibleModelsError,
+    NonFiniteError,
+    OutputError,
+)
 from ftrecycle.finetune.data import IGNORE_INDEX, encode, load_examples
 from ftrecycle.io.checkpoint import open_checkpoint
 from ftrecycle.io.hf_load import load_causal_lm, load_tokenizer
-from ftrecycle.io.output import check_output, output_path, replaced_file
+from ftrecycle.io.output import check_free_space, check_no_overlap, check_output, replaced_file
 from ftrecycle.io.provenance import base_record
 from ftrecycle.ops.diff import DiffResult, diff
 from ftrecycle.options import DiffOptions
@@ -193,7 +201,19 @@ def _teacher_logprobs(path: Path, batches: list[dict[str, Any]], scratch: Path, 
     teacher = _load(path, dtype, device)
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)
     vocab = int(teacher.get_output_embeddings().weight.shape[0])
+    need = 4 * tokens * vocab
+    check_free_space(scratch, need)
     store = np.lib.format.open_memmap(scratch / "teacher.npy", mode="w+", dtype=np.float32, shape=(tokens, vocab))
+    try:
+        # the file's blocks now, not as the memmap's pages are first written: a full disk is then an
+        # error here, not a SIGBUS in the middle of the teacher's pass
+        with open(scratch / "teacher.npy", "r+b") as f:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+    except OSError as e:
+        raise OutputError(
+            f"{scratch}: no room for the teacher's log-probabilities ({math.ceil(need / 2**20)} MiB: calibration "
+            f"tokens x vocabulary x 4 bytes): {e.strerror}; free space beside the output or use fewer or shorter texts"
+        ) from None
     at = 0
     with torch.no_grad():
         for b in batches:
@@ -573,17 +593,28 @@ def sensitivity(
     return {s: float(total[names[s]]) / len(batches) for s in sorted(stored)}
 
 
-def write_sensitivity(path: str | Path, weights: dict[str, float]) -> Path:
+def write_sensitivity(
+    path: str | Path, weights: dict[str, float], *, inputs: tuple[str | Path, ...] = (), force: bool = False
+) -> Path:
     """Write sensitivities as the JSON object ``--compress auto``'s weights file is (replaced atomically).
+
+    Args:
+        path: the file to write.
+        weights: tensor name -> sensitivity.
+        inputs: the model and calibration file it was computed from: the output may not be, hold or
+            be inside one of them, ``force`` or not.
+        force: replace an existing file.
 
     Raises:
         NonFiniteError: a weight is NaN or infinite.
-        OutputError: the file cannot be written.
+        OutputError: the file exists (without ``force``), overlaps an input, or cannot be written.
     """
     bad = sorted(n for n, w in weights.items() if not math.isfinite(w))
     if bad:
         raise NonFiniteError(f"the sensitivity of {bad[0]!r} is not finite; check the model and the calibration texts")
-    out = output_path(path)
+    out = check_no_overlap(path, inputs, what="--sensitivity")
+    if os.path.lexists(out) and not force:
+        raise OutputError(f"--sensitivity {path} exists; remove it, choose another path, or pass --force")
     with replaced_file(out) as f:
         f.write((json.dumps(weights, indent=2, sort_keys=True) + "\n").encode())
     return out
@@ -639,7 +670,9 @@ def calibrated_diff(
     spec = parse_compression(opts.storage.compress)
     if spec is None:
         raise ConfigError("--calibration tunes a compressed delta's scales; give --compress too")
-    out = check_output(output, [base, finetuned, calibration], force=opts.output.force)
+    if spec.method in CODECS and CODECS[spec.method].gain is None:  # refused before the diff, not after it
+        raise ConfigError(f"--calibration: {spec.method} stores exact values, with no scale to calibrate")
+    out = check_output(output, [base, finetuned, calibration, opts.storage.weights], force=opts.output.force)
     with _scratch(out) as tmp:
         extra: dict[str, Any] = {}
         if spec.method == "auto":  # the budget weighs each tensor's error by its sensitivity

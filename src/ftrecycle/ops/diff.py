@@ -20,6 +20,7 @@ from ftrecycle.codecs import (
     AUTO,
     Candidate,
     Compression,
+    Encoded,
     PartSpec,
     Probe,
     auto,
@@ -40,11 +41,11 @@ from ftrecycle.engine import RESERVE_BYTES, Buffers, Engine, _bytes_per_element,
 from ftrecycle.errors import ConfigError, MemoryBudgetError, NonFiniteError
 from ftrecycle.io.checkpoint import Checkpoint, open_checkpoint
 from ftrecycle.io.jsonfile import loads_json, read_bytes
-from ftrecycle.io.output import ShardedWriter, check_output
+from ftrecycle.io.output import ShardedWriter, check_output, parse_size
 from ftrecycle.io.provenance import describe_input
 from ftrecycle.io.safetensors_format import pwrite_all
 from ftrecycle.ops._sources import SourceDiff, source_diff
-from ftrecycle.options import DiffOptions, Policies
+from ftrecycle.options import DEFAULT_MAX_MEMORY, DiffOptions, Policies
 from ftrecycle.pipeline import ProgressFn, WriteSettings, write_plan
 from ftrecycle.plan import plan_diff
 from ftrecycle.terms import OutTensor, Record, Term
@@ -146,7 +147,7 @@ def _diff(
         meta_left=settings.max_memory - a.metadata_bytes,
     )
     check_names([*src.terms, *src.aliases], a.path)
-    out = check_output(out, [a.path, *src.paths, *refs], force=settings.force)
+    out = check_output(out, [a.path, *src.paths, *refs, opts.storage.weights], force=settings.force)
     settings = replace(settings, max_memory=src.meta_left)
     job = _DeltaJob.planned(a, src, opts, settings, progress)
     written = write_plan(
@@ -392,7 +393,11 @@ def _compress_one(
         pwrite_all(slot.fd, data.view(np.uint8).data, slot.offset + start * pdt.itemsize)
 
     m, n = term.shape
-    found = encode(spec, read, write, term.name, (m, n), ddt, ct, chunk)
+    try:
+        with np.errstate(all="ignore"):  # a NaN in the diff is reported below, not warned about on stderr
+            found = encode(spec, read, write, term.name, (m, n), ddt, ct, chunk)
+    except NonFiniteError:
+        found = Encoded(math.nan, math.nan)
     if not math.isfinite(found.norm) or not math.isfinite(found.error):
         raise NonFiniteError(f"tensor {term.name!r}: the diff holds NaN or infinity; check the inputs")
     info: dict[str, Any] = {"norm": found.norm, "error": found.error}
@@ -430,6 +435,12 @@ def _weights(
     return auto.check_weights(value, mats, others, path), record
 
 
+#: ``--compress auto``: the row block its measurements read, and the memory its candidates must fit,
+#: fixed so that what the budget chooses depends on the diff alone
+AUTO_BLOCK = 1 << 16
+AUTO_MEMORY = parse_size(DEFAULT_MAX_MEMORY)
+
+
 def _is_matrix(t: Term) -> bool:
     return len(t.shape) == 2 and 0 not in t.shape
 
@@ -451,28 +462,41 @@ def _resolved(
     ct = np.dtype(settings.compute_dtype.storage)
     share = (settings.max_memory - RESERVE_BYTES) // settings.threads - _reader_bytes(chunk, settings.compute_dtype)
 
-    def probe(t: Term) -> Probe:
+    def probe(t: Term, block: int = chunk) -> Probe:
         read = term_reader(t, chunk, ct, settings.compute_dtype)
-        return Probe(read, t.name, (t.shape[0], t.shape[1]), ddt, ct, chunk, max(0, share))
+        return Probe(read, t.name, (t.shape[0], t.shape[1]), ddt, ct, block, max(0, share))
+
+    def named(first: Callable[[Term], Any]) -> Callable[[Term], Any]:
+        def run(t: Term) -> Any:
+            try:
+                with np.errstate(all="ignore"):
+                    return first(t)
+            except NonFiniteError:
+                raise NonFiniteError(f"tensor {t.name!r}: the diff holds NaN or infinity; check the inputs") from None
+
+        return run
 
     with ThreadPoolExecutor(settings.threads) as pool:
         if spec.method == AUTO:
-            table = list(pool.map(lambda t: _encodable(measure(probe(t)), t, ddt, settings, chunk), mats))
+            # measured in fixed row blocks, among the settings that fit the default budget: the choice
+            # depends on the diff alone, never on --max-memory, --threads or the engine's chunk
+            table = list(pool.map(named(lambda t: _encodable(measure(probe(t, AUTO_BLOCK)), t, ddt, settings)), mats))
             return _allocated(spec, mats, table, ddt, weights)
-        found = pool.map(lambda t: (t.name, resolve(spec, probe(t))), mats)
+        found = pool.map(named(lambda t: (t.name, resolve(spec, probe(t)))), mats)
         return {name: r for name, r in found if r is not None}
 
 
-def _encodable(cands: list[Candidate], t: Term, ddt: DType, settings: WriteSettings, chunk: int) -> list[Candidate]:
-    """The candidates whose encoder fits ``--max-memory`` on the whole tensor (as :func:`_needs`
-    will require of the one chosen), dense always among them."""
-    budget = settings.max_memory - RESERVE_BYTES - _reader_bytes(chunk, settings.compute_dtype)
+def _encodable(cands: list[Candidate], t: Term, ddt: DType, settings: WriteSettings) -> list[Candidate]:
+    """The candidates whose encoder fits the default ``--max-memory`` on the whole tensor, dense always
+    among them. A fixed budget, not the run's: with a smaller ``--max-memory`` the one chosen may not
+    fit, and :func:`_needs` then refuses (raise --max-memory) rather than the choice changing."""
+    budget = AUTO_MEMORY - RESERVE_BYTES - _reader_bytes(AUTO_BLOCK, settings.compute_dtype)
     shape = (t.shape[0], t.shape[1])
     it = settings.compute_dtype.itemsize
 
     def fits(c: Compression) -> bool:
         parts = layout(c, shape, ddt)
-        return state_bytes(c.method, parts, shape, it, max(chunk, shape[1])) <= budget
+        return state_bytes(c.method, parts, shape, it, max(AUTO_BLOCK, shape[1])) <= budget
 
     return [c for c in cands if c.spec is None or fits(c.spec)]
 
