@@ -73,13 +73,17 @@ def default_specs() -> tuple[list[str], list[dict[str, str]]]:
     return specs, skipped
 
 
+class Refused(Exception):
+    """ftrecycle refused a setting (its one-line error): recorded as such, the other settings still run."""
+
+
 def timed(cmd: list[str]) -> tuple[float, float]:
     """Run an ftrecycle subcommand under GNU time: (wall seconds, peak RSS MiB)."""
     with tempfile.NamedTemporaryFile("r", suffix=".time") as tf:
         full = ["/usr/bin/time", "-f", "%e %M", "-o", tf.name, sys.executable, "-m", "ftrecycle.cli", *cmd]
         run = subprocess.run(full, capture_output=True, text=True)
         if run.returncode != 0:
-            sys.exit(f"bench_compress: {' '.join(cmd[:1] + cmd[-4:])} failed:\n{run.stderr[-3000:]}")
+            raise Refused(run.stderr.strip().splitlines()[-1] if run.stderr.strip() else f"exit {run.returncode}")
         wall, kib = Path(tf.name).read_text().split()[-2:]
     return float(wall), round(int(kib) / 1024, 1)
 
@@ -149,8 +153,14 @@ def main() -> None:
     dense = run_diff(trio, dense_dir, None, args.max_memory)  # warm-up, and the dense baseline
     dense_apply = [apply_time(trio, dense_dir, applied, args.max_memory)["apply_wall_s"]]
     rows = []
+    refused = []
     for spec in specs:
-        row = run_diff(trio, out, spec, args.max_memory)
+        try:
+            row = run_diff(trio, out, spec, args.max_memory)
+        except Refused as e:
+            refused.append({"spec": spec, "error": str(e)})
+            print(json.dumps(refused[-1]), flush=True)
+            continue
         row.update(apply_time(trio, out, applied, args.max_memory))
         shutil.rmtree(out)
         rows.append(row)
@@ -167,6 +177,7 @@ def main() -> None:
         "max_memory": args.max_memory,
         "machine": info,
         "skipped": skipped,
+        "refused": refused,
         "runs": [dense, *rows],
     }
     print(json.dumps(result, indent=1))

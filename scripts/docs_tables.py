@@ -107,7 +107,7 @@ def transfer_bench(d: dict[str, Any]) -> list[str]:
 
 
 def compress_bench(d: dict[str, Any]) -> list[str]:
-    """bench_compress.py's result: one row per `diff --compress` setting."""
+    """bench_compress.py's result: one row per `diff --compress` setting, its `apply` against the dense one's."""
     rows = [
         [
             "dense (no `--compress`)" if r["spec"] == "dense" else f"`--compress {r['spec']}`",
@@ -116,18 +116,25 @@ def compress_bench(d: dict[str, Any]) -> list[str]:
             f"{r['stored_bytes'] / 2**20:.0f} MiB",
             _f(1.0 if r["ratio_vs_dense_bf16"] is None else r["ratio_vs_dense_bf16"]),
             _f(r["median_rel_error"], 3),
+            _f(r.get("apply_wall_s")),
+            _f(r.get("apply_peak_rss_mib"), 0),
+            "1 (reference)" if r["spec"] == "dense" else _f(r.get("apply_vs_dense"), 2),
         ]
         for r in d["runs"]
     ]
-    header = [
-        "`diff` setting",
-        "wall (s)",
-        "peak RSS (MiB)",
-        "stored",
-        "× smaller than dense bf16",
-        "median rel. error",
-    ]
-    return [*_table(header, rows), "", f"Layout `{d['layout']}`, `--max-memory {d['max_memory']}`."]
+    header = ["`diff` setting", "wall (s)", "peak RSS (MiB)", "stored", "× smaller than dense bf16",
+              "median rel. error", "`apply` wall (s)", "`apply` peak RSS (MiB)", "`apply` / dense `apply`"]  # fmt: skip
+    out = [*_table(header, rows), "", f"Layout `{d['layout']}`, `--max-memory {d['max_memory']}`."]
+    m = d.get("machine")
+    if m:
+        out[-1] += (
+            f" {m['cpu_count']} cores ({m['cpu']}), load average {m.get('load_avg_1min_at_start')} at the start and "
+            f"{m.get('load_avg_1min_at_end')} at the end; the dense `apply` is the mean of one run before the "
+            "settings and one after."
+        )
+    for r in d.get("refused") or []:
+        out += ["", f"Refused: `--compress {r['spec']}`: {r['error']}"]
+    return out
 
 
 def diagnose_bench(d: dict[str, Any]) -> list[str]:

@@ -6,11 +6,12 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import re
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from ftrecycle.cli import main
 from ftrecycle.codecs import (
@@ -18,17 +19,15 @@ from ftrecycle.codecs import (
     Compression,
     Job,
     Packed,
-    Probe,
     decode,
     layout,
     mpsvd,
     parse_compression,
-    resolve,
     signlr,
 )
 from ftrecycle.delta.store import check_parts, open_delta
 from ftrecycle.dtypes import BF16, F32, U8, DType, from_storage
-from ftrecycle.errors import CheckpointError, ConfigError, MemoryBudgetError
+from ftrecycle.errors import CheckpointError, ConfigError
 from ftrecycle.io.safetensors_format import TensorInfo
 from ftrecycle.terms import PackedTerm
 
@@ -129,30 +128,28 @@ def test_mpsvd_stays_within_its_budget():
         assert set(w.tolist()) <= set(mpsvd.WIDTHS) and int(w.sum()) <= 8 * p.parts["qa"].shape[1]
 
 
-def test_mpsvd_refuses_rather_than_caps_its_vectors_to_fit_the_memory():
-    # a cap chosen by the memory would make the delta depend on --max-memory and --threads: refused,
-    # naming the rank=K that fits, which the user gives (then the same delta whatever the memory)
-    m, n = 4096, 512
+def test_mpsvd_never_follows_the_memory_and_is_refused_when_its_encoder_does_not_fit(tmp_path, capsys):
+    # a vector count chosen by the memory would make the delta depend on --max-memory and --threads
+    assert CODECS["mpsvd"].resolve is None
+    m, n = 8192, 2048  # its encoder at ratio=4 holds ~510 MiB
     spec = parse_compression("mpsvd:ratio=4")
-    assert spec is not None
-    full = layout(spec, (m, n), BF16)["widths"][1][0]
-
-    def need(s: Compression) -> int:
-        return mpsvd.state_bytes(layout(s, (m, n), BF16), (m, n), 4, 1 << 14)
-
-    def probe(memory: int) -> Probe:
-        return Probe(lambda s, c: np.zeros(c, CT), "t", (m, n), BF16, CT, 1 << 14, memory)
-
-    assert resolve(spec, probe(need(spec))) == spec
-    with pytest.raises(MemoryBudgetError, match=r"raise --max-memory, lower --threads, or give mpsvd:rank=(\d+)") as e:
-        resolve(spec, probe(need(spec) // 3))
-    hint = re.search(r"give (mpsvd:rank=\d+,ratio=4)", str(e.value))
-    assert hint is not None
-    capped = parse_compression(hint.group(1))
-    assert capped is not None and capped.rank is not None and 1 <= capped.rank < full
-    assert resolve(capped, probe(need(spec) // 3)) == capped and need(capped) <= need(spec) // 3
-    with pytest.raises(MemoryBudgetError, match="another method"):
-        resolve(spec, probe(1000))
+    capped = parse_compression("mpsvd:ratio=4,rank=16")
+    assert spec is not None and capped is not None
+    need = mpsvd.state_bytes(layout(spec, (m, n), BF16), (m, n), 4, 1 << 14)
+    assert mpsvd.state_bytes(layout(capped, (m, n), BF16), (m, n), 4, 1 << 14) < need / 4
+    rng = np.random.default_rng(0)
+    a = {"w.weight": rng.standard_normal((m, n)).astype(np.float32)}
+    b = {"w.weight": a["w.weight"] + 0.01 * rng.standard_normal((m, n)).astype(np.float32)}
+    paths = []
+    for name, tensors in (("a", a), ("b", b)):
+        d = tmp_path / name
+        d.mkdir()
+        save_file({k: torch.from_numpy(v) for k, v in tensors.items()}, str(d / "model.safetensors"))
+        (d / "config.json").write_text("{}")
+        paths.append(str(d))
+    args = ["diff", "--base", paths[0], "--finetuned", paths[1], "-o", str(tmp_path / "d"), "-q"]
+    assert main([*args, "--compress", str(spec), "--max-memory", "400MiB"]) == 2
+    assert "rank=K" in capsys.readouterr().err and not (tmp_path / "d").exists()
 
 
 def test_mpsvd_gives_the_large_singular_values_more_bits():

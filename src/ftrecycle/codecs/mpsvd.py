@@ -33,8 +33,9 @@ sum at most ``8 c``. Decoding reads the widths back from the parts, never from t
 Budget: ``mpsvd:bits=B`` stores ``B`` bits per element of ``D`` on average, every part counted;
 ``mpsvd:ratio=R`` is ``B = 8 * itemsize / R`` against the delta's dtype. The layout fixes ``c``
 (the bytes of a packed row) and ``r = min(m, n, 8c / 2)``, the most vectors ``c`` bytes can hold
-at the narrowest nonzero width; a first pass (:func:`resolve`, which reads nothing) lowers
-``r`` only where the SVD at that rank would not fit ``--max-memory``. Bit allocation is the encoder's,
+at the narrowest nonzero width, or at most ``rank=K`` given by the user; ``r`` never follows
+``--max-memory`` (the delta would then depend on it): an encoder that does not fit is refused, as
+``lowrank``'s is, and ``rank=K`` is the cap to give. Bit allocation is the encoder's,
 from the singular values it computes: each vector's quantization error is measured at every
 width (relative squared error ``e_k(w)`` of ``u_k`` and ``v_k`` at the best of a few steps), the
 error vector ``k`` leaves is estimated as ``s_k^2 (e_u + e_v)`` (``s_k^2`` when dropped), and a
@@ -64,9 +65,8 @@ quantizes the singular vectors with GPTQ on calibration data; this codec rounds 
 from __future__ import annotations
 
 import heapq
-import math
 import zlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -79,7 +79,6 @@ from ftrecycle.codecs.base import (
     Job,
     Packed,
     PartSpec,
-    Probe,
     blocks,
     measured,
     read_part,
@@ -99,7 +98,7 @@ from ftrecycle.codecs.lowrank import (
     snap,
 )
 from ftrecycle.dtypes import F32, U8, DType
-from ftrecycle.errors import CheckpointError, MemoryBudgetError
+from ftrecycle.errors import CheckpointError
 from ftrecycle.io.safetensors_format import TensorInfo
 
 #: The widths a singular vector may be stored at (0: dropped).
@@ -116,6 +115,13 @@ _GRID_TRIES = 8
 _TILE = 64
 # Vectors whose quantization errors are measured at once (bounds the temporaries).
 _CHUNK = 64
+#: ... and at most this many elements of them (a 128256-row embedding searches 8 vectors at a time)
+_CHUNK_ELEMENTS = 1 << 20
+
+
+def _chunk(rows: int) -> int:
+    """Vectors searched at once for vectors of ``rows`` elements (the search holds ~8 float64 copies)."""
+    return max(1, min(_CHUNK, _CHUNK_ELEMENTS // max(rows, 1)))
 
 
 def budget_bytes(spec: Compression, m: int, n: int, dtype: DType) -> int:
@@ -126,8 +132,8 @@ def budget_bytes(spec: Compression, m: int, n: int, dtype: DType) -> int:
 
 def layout(spec: Compression, m: int, n: int, dtype: DType) -> dict[str, PartSpec]:
     """Parts ``qa`` (m, c), ``qb`` (n, c) uint8, ``sa``, ``sb`` (r,) float32 and ``widths`` (r,) uint8,
-    the largest ``c`` the budget holds with ``r = min(m, n, 8c / WIDTHS[1])`` vectors, or
-    ``spec.rank`` where :func:`resolve` capped it ({} when not one byte a row)."""
+    the largest ``c`` the budget holds with ``r = min(m, n, 8c / WIDTHS[1])`` vectors, at most
+    ``spec.rank`` when given ({} when not one byte a row)."""
     total = budget_bytes(spec, m, n, dtype)
     per_byte = 8 // WIDTHS[1]  # vectors a byte of a packed row holds at the narrowest width
     c = total // (m + n + per_byte * VECTOR_BYTES)
@@ -222,9 +228,10 @@ def allocate(s: np.ndarray, errors: np.ndarray, capacity: int) -> np.ndarray:
 def _errors(x: np.ndarray) -> np.ndarray:
     """Squared errors (k, len(WIDTHS)) of the unit columns of ``x`` at every width (column 0: dropped)."""
     errors = np.zeros((x.shape[1], len(WIDTHS)))
-    for c0 in range(0, x.shape[1], _CHUNK):
+    step = _chunk(x.shape[0])
+    for c0 in range(0, x.shape[1], step):
         for j, w in enumerate(WIDTHS[1:], start=1):
-            errors[c0 : c0 + _CHUNK, j] = search_steps(x[:, c0 : c0 + _CHUNK], w)[1]
+            errors[c0 : c0 + step, j] = search_steps(x[:, c0 : c0 + step], w)[1]
     return errors
 
 
@@ -233,8 +240,9 @@ def _steps(x: np.ndarray, widths: np.ndarray) -> np.ndarray:
     steps = np.zeros(x.shape[1], dtype=np.float32)
     for w in set(widths.tolist()) - {0}:
         ks = np.flatnonzero(widths == w)
-        for c0 in range(0, len(ks), _CHUNK):
-            part = ks[c0 : c0 + _CHUNK]
+        step = _chunk(x.shape[0])
+        for c0 in range(0, len(ks), step):
+            part = ks[c0 : c0 + step]
             steps[part] = search_steps(x[:, part], w)[0]
     return steps
 
@@ -396,42 +404,10 @@ def state_bytes(parts: dict[str, PartSpec], shape: tuple[int, int], itemsize: in
     k = min(r + OVERSAMPLE, m, n)
     svd = 5 * m * n * itemsize if exact(m, n, k) else (3 * m + 4 * n) * k * itemsize
     c = parts["qb"][1][1]
-    search = 8 * max(m, n) * min(r, _CHUNK) * 8
+    search = 8 * max(m, n) * min(r, _chunk(max(m, n))) * 8
     side = n * r * (2 * itemsize + 8) + 8 * n * c
     rows = max(1, block // n) * (r * (16 + itemsize) + 8 * c)
     return svd + (m + n) * r * itemsize + search + side + rows + row_block_bytes(itemsize, block)
-
-
-def resolve(spec: Compression, probe: Probe) -> Compression | None:
-    """The spec as it is, once the encoder's SVD at the layout's ``r`` is known to fit the probe's memory.
-
-    Reads nothing. Never lowers ``r`` to fit: the delta would then depend on ``--max-memory`` and
-    ``--threads``; the user caps it instead (``rank=K``), as the message says.
-
-    Raises:
-        MemoryBudgetError: the SVD does not fit; names the largest ``rank`` that would.
-    """
-    m, n = probe.shape
-    parts = layout(spec, m, n, probe.dtype)
-    if not parts:
-        return spec
-    it, block = probe.ct.itemsize, max(probe.block, n)
-
-    def need(r: int) -> int:
-        return state_bytes(layout(replace(spec, rank=r), m, n, probe.dtype), (m, n), it, block)
-
-    r = parts["widths"][1][0]
-    if need(r) <= probe.memory:
-        return spec
-    fit = r
-    while fit > 1 and need(fit) > probe.memory:
-        fit = fit * 7 // 8  # not a bisection: the SVD switches between exact and sketched with r
-    hint = f"give {replace(spec, rank=fit)}" if need(fit) <= probe.memory else "store it with another method"
-    raise MemoryBudgetError(
-        f"compressing tensor {probe.name!r} ({spec}) keeps {r} vectors, whose SVD needs about "
-        f"{math.ceil(need(r) / 2**20)} MiB, but --max-memory leaves {probe.memory // 2**20} MiB per thread; "
-        f"raise --max-memory, lower --threads, or {hint}"
-    )
 
 
 # ---------------------------------------------------------------- decoding
@@ -584,6 +560,5 @@ CODEC = Codec(
     state_bytes,
     expect,
     extra=("rank",),
-    resolve=resolve,
     gain=gain,
 )

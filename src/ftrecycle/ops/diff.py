@@ -331,6 +331,7 @@ def _needs(
             f"compressing tensor {worst!r} ({spec}) needs about {math.ceil(needs[worst] / 2**20)} MiB but "
             f"--max-memory leaves {max(budget, 0) // 2**20} MiB; raise --max-memory"
             + (" or lower the rank" if "a" in tensors[worst][2] else "")
+            + (" or cap its vectors (mpsvd:...,rank=K)" if "widths" in tensors[worst][2] else "")
         )
     return needs, budget
 
