@@ -535,6 +535,28 @@ def snap(x: np.ndarray, exps: np.ndarray) -> np.ndarray:
     return np.ldexp(np.rint(np.ldexp(x, -e)), e)
 
 
+def snapped_svd_factors(
+    u: np.ndarray, s: np.ndarray, vt: np.ndarray, rank: int, dtype: DType
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`snap_factors` of ``a = u[:, :rank] s[:rank]`` and ``b = vt[:rank]``, with ``a`` made a row
+    block at a time: its float64 temporaries stay small (``snap_factors`` of a 128256-row ``a`` holds
+    several float64 copies of it). The same values as :func:`factors` stores.
+
+    Returns:
+        ``a`` (m, rank) and ``b`` (rank, n) in ``dtype``'s storage form, passing :func:`exact_sum`.
+    """
+    m = u.shape[0]
+    b64 = _rounded(vt[:rank], dtype)
+    amax = np.zeros(rank)
+    for r0, r1 in blocks(m, rank, _BLOCK_ELEMENTS):
+        np.maximum(amax, column_stats(_rounded(u[r0:r1, :rank] * s[:rank], dtype))[0], out=amax)
+    p, q = factor_grids(amax, column_stats(b64.T)[0])
+    a = np.empty((m, rank), dtype=dtype.storage)
+    for r0, r1 in blocks(m, rank, _BLOCK_ELEMENTS):
+        a[r0:r1] = to_storage(snap(_rounded(u[r0:r1, :rank] * s[:rank], dtype), p[None, :]), dtype)
+    return a, to_storage(snap(b64, q[:, None]), dtype)
+
+
 def snap_factors(a: np.ndarray, b: np.ndarray, dtype: DType) -> tuple[np.ndarray, np.ndarray]:
     """Low-rank factors rounded to ``dtype`` and onto :func:`factor_grids`, for a codec with
     a low-rank part to store (they then decode through the exact BLAS path).

@@ -71,7 +71,7 @@ from ftrecycle.codecs.lowrank import (
     factor_parts,
     factor_plan,
     product_rows,
-    snap_factors,
+    snapped_svd_factors,
 )
 from ftrecycle.dtypes import BF16, F32, FLOAT_DTYPES, U8, DType, from_storage, to_storage
 from ftrecycle.io.safetensors_format import TensorInfo
@@ -103,11 +103,11 @@ def layout(spec: Compression, m: int, n: int, dtype: DType) -> dict[str, PartSpe
 
 def _factors(job: Job, rank: int) -> tuple[np.ndarray, np.ndarray, float]:
     """The rank-``rank`` factors of the SVD, rounded to the dtype and onto lowrank's grids
-    (:func:`ftrecycle.codecs.lowrank.snap_factors`: they decode through the exact BLAS path),
+    (:func:`ftrecycle.codecs.lowrank.snapped_svd_factors`: they decode through the exact BLAS path),
     written; widened to ``ct``; and ``||D||^2``."""
     (m, n), ct, dtype = job.shape, job.ct, job.dtype
     u, s, vt, total = _svd(job.read, m, n, min(rank + OVERSAMPLE, m, n), ct, zlib.crc32(job.name.encode()), job.block)
-    a, b = snap_factors(u[:, :rank] * s[:rank], vt[:rank], dtype)
+    a, b = snapped_svd_factors(u, s, vt, rank, dtype)
     del u
     job.write("b", 0, b.reshape(-1))
     job.write("a", 0, a.reshape(-1))
