@@ -90,7 +90,7 @@ def test_the_rank_split_tiles_give_lowranks_bits():
     for skip, count in [(0, 70 * 133), (133 * 3 + 5, 1000), (17, 1)]:
         want, got = np.empty(count, CT), np.empty(count, CT)
         lr.product_rows(a, b, skip, count, want, exact=True)
-        mpsvd.exact_rows(a, b, skip, count, got)
+        lr.exact_rows_split(a, b, skip, count, got)
         assert np.array_equal(got.view(np.int32), want.view(np.int32))
 
 

@@ -68,6 +68,8 @@ POWER_ITERATIONS = 2
 # Elements of a row block of ``a @ b`` computed at once: two such blocks (the sum and one
 # product) stay in a core's L2 cache while the rank loop runs over them.
 _BLOCK_ELEMENTS = 1 << 16
+# The exact path's tiles over the rank too, beyond this rank (see exact_rows_split): rows, ranks, columns.
+_TILE = 64
 # Multiply-adds of one GEMM on the exact path: OpenBLAS's single-thread limit (65536 * 4),
 # so that BLAS does not start threads of its own beside the engine's (see _exact_rows).
 _GEMM_MNK = 1 << 18
@@ -311,7 +313,7 @@ def product_rows(a: np.ndarray, b: np.ndarray, skip: int, count: int, out: np.nd
         return
     first, last = skip // n, -(-(skip + count) // n)
     if exact:
-        _exact_rows(a, b, skip, count, out)
+        (_exact_rows if b.shape[0] <= _TILE else exact_rows_split)(a, b, skip, count, out)
         return
     rows = max(1, _BLOCK_ELEMENTS // n)
     acc = np.empty((rows, n), dtype=out.dtype)
@@ -346,6 +348,46 @@ def _exact_rows(a: np.ndarray, b: np.ndarray, skip: int, count: int, out: np.nda
         s = buf[: j - i]
         for c in range(0, n, cols):
             np.matmul(a[i:j], b[:, c : c + cols], out=s[:, c : c + cols])
+        lo, hi = max(i * n, skip), min(j * n, skip + count)
+        out[lo - skip : hi - skip] = s.reshape(-1)[lo - i * n : hi - i * n]  # the one rounding
+
+
+def exact_rows_split(a: np.ndarray, b: np.ndarray, skip: int, count: int, out: np.ndarray) -> None:
+    """:func:`product_rows`' exact path (factors that pass ``exact_sum``,
+    in float64), in GEMM tiles that split the rank too.
+
+    Why not lowrank's tiles: a GEMM of more than 2^18 multiply-adds starts OpenBLAS's own threads
+    beside the engine's, so lowrank keeps each one under that; at mpsvd's ranks (hundreds to
+    over a thousand vectors) that leaves tiles of about 13 x 14 outputs, and BLAS ran at 5
+    GFLOPS (rank 1422, one core); tiles of :data:`_TILE` rows, ranks and columns, summed over
+    the rank, ran at 23. The sum of the partial products is still exact: each partial product
+    is a sum of a subset of the terms, and so is the sum of two of them (``exact_sum`` bounds
+    every such subset sum), so the one rounding into ``out`` is the same for any tiling.
+
+    Args:
+        a: rows ``skip // n`` to ``ceil((skip + count) / n)`` (at least) of the left factor, float64.
+        b: the right factor (r, n), float64.
+        skip: the first element, counted from ``a``'s first row.
+        count: how many elements.
+        out: where they go (at least ``count`` long).
+    """
+    n, r = b.shape[1], b.shape[0]
+    if r == 0:
+        out[:count] = 0
+        return
+    first, last = skip // n, -(-(skip + count) // n)
+    acc = np.empty((min(last - first, _TILE), n), dtype=np.float64)
+    tmp = np.empty((acc.shape[0], _TILE), dtype=np.float64)
+    for i in range(first, last, acc.shape[0]):
+        j = min(last, i + acc.shape[0])
+        s = acc[: j - i]
+        for c in range(0, n, _TILE):
+            tile = s[:, c : c + _TILE]
+            np.matmul(a[i:j, :_TILE], b[:_TILE, c : c + _TILE], out=tile)
+            part = tmp[: j - i, : tile.shape[1]]
+            for k in range(_TILE, r, _TILE):
+                np.matmul(a[i:j, k : k + _TILE], b[k : k + _TILE, c : c + _TILE], out=part)
+                np.add(tile, part, out=tile)
         lo, hi = max(i * n, skip), min(j * n, skip + count)
         out[lo - skip : hi - skip] = s.reshape(-1)[lo - i * n : hi - i * n]  # the one rounding
 

@@ -92,6 +92,7 @@ from ftrecycle.codecs.lowrank import (
     _svd,
     column_stats,
     exact,
+    exact_rows_split,
     exact_sum,
     factor_grids,
     product_rows,
@@ -110,9 +111,6 @@ VECTOR_BYTES = 9
 STEP_FRACTIONS = (1.0, 0.85, 0.72, 0.61, 0.52, 0.44, 0.37, 0.31, 0.26)
 # on_grids moves a's grid up at most this many bits (one suffices: a step rounds up by a hair).
 _GRID_TRIES = 8
-# Rows, ranks and columns of one GEMM tile on the exact path: 2^18 multiply-adds, OpenBLAS's
-# single-thread limit (see exact_rows).
-_TILE = 64
 # Vectors whose quantization errors are measured at once (bounds the temporaries).
 _CHUNK = 64
 #: ... and at most this many elements of them (a 128256-row embedding searches 8 vectors at a time)
@@ -482,50 +480,10 @@ def decode(p: Packed, start: int, count: int, out: np.ndarray, cache: dict[Any, 
     raw = read_part(p, "qa", r0 * c, (r1 - r0) * c).reshape(r1 - r0, c)
     a = np.ascontiguousarray(dequantize(unpack(raw, side.widths), side.widths, side.sa, side.b.dtype)[:, side.keep])
     if side.exact:
-        exact_rows(a, side.b, start - r0 * n, count, out)
+        exact_rows_split(a, side.b, start - r0 * n, count, out)
     else:
         product_rows(a, side.b, start - r0 * n, count, out)
     return out
-
-
-def exact_rows(a: np.ndarray, b: np.ndarray, skip: int, count: int, out: np.ndarray) -> None:
-    """:func:`ftrecycle.codecs.lowrank.product_rows`' exact path (factors that pass ``exact_sum``,
-    in float64), in GEMM tiles that split the rank too.
-
-    Why not lowrank's tiles: a GEMM of more than 2^18 multiply-adds starts OpenBLAS's own threads
-    beside the engine's, so lowrank keeps each one under that; at mpsvd's ranks (hundreds to
-    over a thousand vectors) that leaves tiles of about 13 x 14 outputs, and BLAS ran at 5
-    GFLOPS (rank 1422, one core); tiles of :data:`_TILE` rows, ranks and columns, summed over
-    the rank, ran at 23. The sum of the partial products is still exact: each partial product
-    is a sum of a subset of the terms, and so is the sum of two of them (``exact_sum`` bounds
-    every such subset sum), so the one rounding into ``out`` is the same for any tiling.
-
-    Args:
-        a: rows ``skip // n`` to ``ceil((skip + count) / n)`` (at least) of the left factor, float64.
-        b: the right factor (r, n), float64.
-        skip: the first element, counted from ``a``'s first row.
-        count: how many elements.
-        out: where they go (at least ``count`` long).
-    """
-    n, r = b.shape[1], b.shape[0]
-    if r == 0:
-        out[:count] = 0
-        return
-    first, last = skip // n, -(-(skip + count) // n)
-    acc = np.empty((min(last - first, _TILE), n), dtype=np.float64)
-    tmp = np.empty((acc.shape[0], _TILE), dtype=np.float64)
-    for i in range(first, last, acc.shape[0]):
-        j = min(last, i + acc.shape[0])
-        s = acc[: j - i]
-        for c in range(0, n, _TILE):
-            tile = s[:, c : c + _TILE]
-            np.matmul(a[i:j, :_TILE], b[:_TILE, c : c + _TILE], out=tile)
-            part = tmp[: j - i, : tile.shape[1]]
-            for k in range(_TILE, r, _TILE):
-                np.matmul(a[i:j, k : k + _TILE], b[k : k + _TILE, c : c + _TILE], out=part)
-                np.add(tile, part, out=tile)
-        lo, hi = max(i * n, skip), min(j * n, skip + count)
-        out[lo - skip : hi - skip] = s.reshape(-1)[lo - i * n : hi - i * n]  # the one rounding
 
 
 def expect(m: int, n: int, parts: dict[str, TensorInfo]) -> Expected:

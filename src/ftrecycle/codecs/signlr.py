@@ -215,8 +215,14 @@ def decode(p: Packed, start: int, count: int, out: np.ndarray, cache: dict[Any, 
     lo = start // 8
     raw = read_part(p, "bits", lo, (start + count + 7) // 8 - lo)
     bits = np.unpackbits(raw, bitorder="little")[start - 8 * lo : start - 8 * lo + count]
-    mag = scale[np.arange(start, start + count, dtype=np.int64) // n - r0]
-    np.add(out, np.where(bits.astype(bool), mag, -mag), out=out)
+    # +-scale[row]: each row's scale repeated over its columns (no per-element index), times 2 bit - 1
+    first = start - r0 * n
+    signed = np.repeat(scale, n)[first : first + count]
+    sign = bits.astype(ct)
+    np.multiply(sign, ct.type(2), out=sign)
+    np.subtract(sign, ct.type(1), out=sign)
+    np.multiply(signed, sign, out=signed)  # exact: a product by +-1
+    np.add(out, signed, out=out)
     return out
 
 
