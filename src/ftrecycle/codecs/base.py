@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from ftrecycle.dtypes import BF16, DType, bf16_to_float32
+from ftrecycle.dtypes import BF16, FLOAT_DTYPES, DType, bf16_to_float32, from_storage, to_storage
 from ftrecycle.io.safetensors_format import TensorInfo
 
 SEP = "::"
@@ -295,3 +295,35 @@ def row_span(p: Packed, start: int, count: int) -> tuple[int, int, int]:
     """The rows ``[r0, r1)`` under elements ``[start, start + count)``, and the row length n."""
     n = p.shape[1]
     return start // n, -(-(start + count) // n), n
+
+
+# ---------------------------------------------------------------- gain helpers (calibration)
+
+
+def rescaled(x: np.ndarray, factor: np.ndarray) -> np.ndarray:
+    """Float storage values ``x`` (uint16: bfloat16 bits) times ``factor`` (broadcast), rounded
+    back to their dtype: the arithmetic of every codec's ``gain`` hook.
+
+    Raises:
+        ValueError: ``x`` is not a float part.
+    """
+    if x.dtype == np.uint16:
+        dtype = BF16
+    else:
+        found = [d for d in FLOAT_DTYPES if d is not BF16 and d.storage == x.dtype]
+        if not found:
+            raise ValueError(f"a gain scales float parts, not {x.dtype}")
+        dtype = found[0]
+    return to_storage(from_storage(x, dtype, np.dtype(np.float64)) * factor, dtype)
+
+
+def row_gains(g: np.ndarray, m: int) -> np.ndarray:
+    """``g`` checked to hold one finite gain per row, as float64 (m,).
+
+    Raises:
+        ValueError: another shape, or a gain that is not finite.
+    """
+    g = np.asarray(g, dtype=np.float64)
+    if g.shape != (m,) or not np.all(np.isfinite(g)):
+        raise ValueError(f"a gain per row needs {m} finite values, got shape {g.shape}")
+    return g

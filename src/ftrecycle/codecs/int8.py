@@ -26,12 +26,13 @@ from ftrecycle.codecs.base import (
     blocks,
     measured,
     read_part,
+    rescaled,
     row_block_bytes,
+    row_gains,
     row_span,
     rows_of,
     squared,
 )
-from ftrecycle.codecs.kbit import rescaled, row_gains
 from ftrecycle.dtypes import F32, I8, DType
 from ftrecycle.io.safetensors_format import TensorInfo
 

@@ -50,12 +50,14 @@ from ftrecycle.codecs.base import (
     float_part,
     measured,
     read_part,
+    rescaled,
     row_block_bytes,
+    row_gains,
     row_span,
     rows_of,
     squared,
 )
-from ftrecycle.dtypes import BF16, FLOAT_DTYPES, U8, DType, bf16_to_float32, float32_to_bf16, from_storage, to_storage
+from ftrecycle.dtypes import BF16, U8, DType, bf16_to_float32, float32_to_bf16
 from ftrecycle.errors import ConfigError
 from ftrecycle.io.safetensors_format import TensorInfo
 
@@ -218,35 +220,6 @@ def expect(m: int, n: int, parts: dict[str, TensorInfo]) -> Expected:
     c = s[1] if len(s) == 2 else 1
     _, c_ok = groups(n, -(-n // max(c, 1)))
     return {"q": (frozenset({U8}), (-(-m * n // 8), k)), "scale": (frozenset({BF16}), (m, c_ok))}
-
-
-def rescaled(x: np.ndarray, factor: np.ndarray) -> np.ndarray:
-    """Float storage values ``x`` (uint16: bfloat16 bits) times ``factor`` (broadcast), rounded
-    back to their dtype: the arithmetic of every codec's ``gain`` hook.
-
-    Raises:
-        ValueError: ``x`` is not a float part.
-    """
-    if x.dtype == np.uint16:
-        dtype = BF16
-    else:
-        found = [d for d in FLOAT_DTYPES if d is not BF16 and d.storage == x.dtype]
-        if not found:
-            raise ValueError(f"a gain scales float parts, not {x.dtype}")
-        dtype = found[0]
-    return to_storage(from_storage(x, dtype, np.dtype(np.float64)) * factor, dtype)
-
-
-def row_gains(g: np.ndarray, m: int) -> np.ndarray:
-    """``g`` checked to hold one finite gain per row, as float64 (m,).
-
-    Raises:
-        ValueError: another shape, or a gain that is not finite.
-    """
-    g = np.asarray(g, dtype=np.float64)
-    if g.shape != (m,) or not np.all(np.isfinite(g)):
-        raise ValueError(f"a gain per row needs {m} finite values, got shape {g.shape}")
-    return g
 
 
 def gain(parts: dict[str, np.ndarray], g: np.ndarray) -> dict[str, np.ndarray]:

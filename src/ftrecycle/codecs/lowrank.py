@@ -49,12 +49,13 @@ from ftrecycle.codecs.base import (
     blocks,
     float_part,
     measured,
+    rescaled,
     row_block_bytes,
+    row_gains,
     row_span,
     rows_of,
     squared,
 )
-from ftrecycle.codecs.kbit import rescaled, row_gains
 from ftrecycle.dtypes import FLOAT_DTYPES, DType, from_storage, to_storage
 from ftrecycle.errors import NonFiniteError
 from ftrecycle.io.safetensors_format import TensorInfo

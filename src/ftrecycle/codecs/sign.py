@@ -29,11 +29,13 @@ from ftrecycle.codecs.base import (
     PartSpec,
     measured,
     read_part,
+    rescaled,
     row_block_bytes,
+    row_gains,
     squared,
     whole,
 )
-from ftrecycle.codecs.kbit import part_shape, rescaled, row_gains
+from ftrecycle.codecs.kbit import part_shape
 from ftrecycle.dtypes import F32, U8, DType
 from ftrecycle.io.safetensors_format import TensorInfo
 

@@ -7,7 +7,7 @@ signs (``sign(0) = +1``) and, per row ``i``, the scale ``s_i = mean_j |R_ij|`` t
 :mod:`ftrecycle.codecs.lowrank` computes it), then refit :data:`REFINE_ROUNDS` times as the SVD of
 ``D`` minus the sign code of the current residual (alternating minimisation: each step is the
 best fit given the other, so the error does not grow). ``a`` and ``b`` are stored on
-lowrank's grids (:func:`ftrecycle.codecs.lowrank.snap_factors`), so element ``(i, j)`` decodes
+lowrank's grids (:func:`ftrecycle.codecs.lowrank.snapped_svd_factors`), so element ``(i, j)`` decodes
 as the exact ``sum_k a[i, k] * b[k, j]`` rounded once, through BLAS
 (:func:`ftrecycle.codecs.lowrank.product_rows`, ``exact=True``; factors that miss the grids,
 such as a row-gained ``a``, take its rank-ordered loop, deterministic too), plus ``+s_i`` if

@@ -35,12 +35,13 @@ from ftrecycle.codecs.base import (
     float_part,
     measured,
     read_part,
+    rescaled,
     row_block_bytes,
+    row_gains,
     row_span,
     rows_of,
     squared,
 )
-from ftrecycle.codecs.kbit import rescaled, row_gains
 from ftrecycle.dtypes import FLOAT_DTYPES, I32, I64, U16, DType, from_storage, to_storage
 from ftrecycle.io.safetensors_format import TensorInfo
 
