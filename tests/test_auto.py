@@ -173,7 +173,10 @@ def test_the_menu_holds_every_registered_entry_and_nothing_else():
 
 
 #: registered codecs a budget does not choose from, and why
-NOT_IN_MENU = {"lossless": "its size is known only after a pass over the whole tensor"}
+NOT_IN_MENU = {
+    "lossless": "its size is known only after a pass over the whole tensor",
+    "signlr": "measuring it took 55 % of auto:ratio=8's time on the 1B layout, and no allocation chose it",
+}
 
 
 def test_every_registered_codec_is_in_the_menu():

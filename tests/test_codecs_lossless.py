@@ -263,8 +263,14 @@ def test_offsets_of_the_wrong_length_are_refused(framed):
         _decoded(_with(framed, offsets=off), 0, 10)
 
 
+def _raw(data: bytes) -> bytes:
+    """A raw DEFLATE stream of ``data``, as the codec writes its frames."""
+    z = zlib.compressobj(1, zlib.DEFLATED, codec.WBITS)
+    return z.compress(data) + z.flush()
+
+
 def test_a_frame_inflating_past_its_size_is_refused(framed):
-    big = zlib.compress(bytes(8 * codec.FRAME * 4))  # a frame of 8 times the bytes, zeros
+    big = _raw(bytes(8 * codec.FRAME * 4))  # a frame of 8 times the bytes, zeros
     rest = framed.parts["data"][framed.parts["offsets"][1] :]
     data = np.concatenate([np.frombuffer(big, dtype=np.uint8), rest])
     off = framed.parts["offsets"] - framed.parts["offsets"][1] + len(big)
@@ -277,7 +283,7 @@ def test_a_frame_inflating_past_its_size_is_refused(framed):
 
 def test_a_short_or_corrupt_frame_is_refused(framed):
     off = framed.parts["offsets"]
-    for blob in (zlib.compress(bytes(100)), b"\x00" * 40):
+    for blob in (_raw(bytes(100)), zlib.compress(bytes(8 * codec.FRAME * 4)), b"\x00" * 40):
         data = np.concatenate([np.frombuffer(blob, dtype=np.uint8), framed.parts["data"][off[1] :]])
         shifted = off - off[1] + len(blob)
         shifted[0] = 0

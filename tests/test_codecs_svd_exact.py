@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import subprocess
 import sys
@@ -82,16 +83,23 @@ def test_signlr_fresh_factors_take_the_exact_path(dtype):
     _splits(p, 2)
 
 
-def test_the_rank_split_tiles_give_lowranks_bits():
+def test_the_exact_path_gives_the_exact_sum_rounded_once_whatever_the_blocking():
     rng = np.random.default_rng(5)
     u = rng.standard_normal((70, 150)) * np.logspace(0, -6, 150)
     a_st, b_st = lr.snap_factors(u, rng.standard_normal((150, 133)), F32)
     a, b = a_st.astype(F64), b_st.astype(F64)
+    _, n = b.shape
     for skip, count in [(0, 70 * 133), (133 * 3 + 5, 1000), (17, 1)]:
-        want, got = np.empty(count, CT), np.empty(count, CT)
-        lr.product_rows(a, b, skip, count, want, exact=True)
-        lr.exact_rows_split(a, b, skip, count, got)
-        assert np.array_equal(got.view(np.int32), want.view(np.int32))
+        got = np.empty(count, CT)
+        lr.exact_rows(a, b, skip, count, got)
+        one_by_one = np.empty(count, CT)
+        for k in range(count):  # each element alone: a 1 x r x 1 GEMM
+            lr.exact_rows(a, b, skip + k, 1, one_by_one[k:])
+        assert np.array_equal(got.view(np.int32), one_by_one.view(np.int32))
+        for k in range(0, count, max(1, count // 7)):  # math.fsum: the exact sum, then one rounding
+            i, j = divmod(skip + k, n)
+            want = CT.type(math.fsum((a[i] * b[:, j]).tolist()))
+            assert got[k].view(np.int32) == want.view(np.int32)
 
 
 def _identity_grids(sa, sb, widths):

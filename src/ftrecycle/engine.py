@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, assert_never
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from ftrecycle.codecs import decode
 from ftrecycle.dtypes import BF16, F32, F64, DType, bf16_to_float32, float32_to_bf16
@@ -238,17 +239,21 @@ class Engine:
                     return
 
         workers = [threading.Thread(target=worker, daemon=True) for _ in range(self.threads)]
-        for w in workers:
-            w.start()
-        try:
+        # The workers are the parallelism: a BLAS call inside one (a low-rank decode's GEMM) runs on
+        # its own thread, not on BLAS threads that would spin-wait beside the other workers (see
+        # ftrecycle.codecs.lowrank.exact_rows). Process-wide while the plan runs, restored after.
+        with threadpool_limits(limits=1, user_api="blas"):
             for w in workers:
-                while w.is_alive():
-                    w.join(0.2)
-        except BaseException:
-            stop.set()
-            for w in workers:
-                w.join()
-            raise
+                w.start()
+            try:
+                for w in workers:
+                    while w.is_alive():
+                        w.join(0.2)
+            except BaseException:
+                stop.set()
+                for w in workers:
+                    w.join()
+                raise
         if errors:
             raise errors[0]
 

@@ -4,8 +4,8 @@ Formula: the diff ``D`` is rounded to the delta's dtype (what a dense delta stor
 default float32 delta of a bf16 or fp16 pair that rounding is exact) and cut, in row-major order,
 into frames of ``F = 2**16`` elements (the last one shorter). Each frame's elements are split into
 byte planes (the least significant byte of every element, then the next, ...) and the planes are
-compressed together as one zlib stream (DEFLATE with run-length matches only, zlib's ``Z_RLE``
-strategy), each frame independently. Element ``(i, j)`` decodes as the
+compressed together as one raw DEFLATE stream (run-length matches only, zlib's ``Z_RLE``
+strategy; no zlib header or Adler-32 trailer), each frame independently. Element ``(i, j)`` decodes as the
 element ``i*n + j - f*F`` of frame ``f = (i*n + j) // F`` inflated and regrouped: exactly the
 value a dense delta would store, so ``apply(diff(A, B), A) == B`` bit for bit wherever the dense
 delta gives it.
@@ -36,6 +36,11 @@ of scale 0.02), it stores 22% less than zlib's default strategy at level 1 and 1
 level 9, and is faster than both (level 9: about 2 MB/s); lzma (preset 0) stored 19% more than
 ``Z_RLE`` and ran 4 times slower than level 1. With ``Z_RLE`` the level changes nothing measurable,
 so the spec takes no ``level``.
+
+Raw DEFLATE rather than a zlib stream: no Adler-32 to compute over every inflated byte
+(``benchmarks/bench_lossless_streams.py`` measures both, ``benchmarks/results/lossless-streams.json``),
+and the delta's files already carry SHA-256 checksums that ``apply`` verifies; a frame must still
+inflate to exactly its size and end its stream there.
 """
 
 from __future__ import annotations
@@ -77,6 +82,8 @@ FRAME_BITS = range(10, 17)
 #: DEFLATE level and strategy: run-length matches only (see the module docstring for why).
 LEVEL = 1
 STRATEGY = zlib.Z_RLE
+#: Raw DEFLATE: no zlib header, no Adler-32 (see the module docstring for why).
+WBITS = -zlib.MAX_WBITS
 #: The dtypes a delta stores values in (the ``dtype`` part's).
 VALUE_DTYPES = frozenset(BY_NAME[d] for d in USER_DTYPES)
 #: Their storage dtypes are distinct (bfloat16's is uint16), so an array in memory names its dtype.
@@ -122,8 +129,8 @@ def _elements(planes: bytes, count: int, dtype: DType) -> np.ndarray:
 
 
 def _deflate(planes: memoryview) -> bytes:
-    """One frame's planes compressed (one zlib stream)."""
-    z = zlib.compressobj(LEVEL, zlib.DEFLATED, zlib.MAX_WBITS, 8, STRATEGY)
+    """One frame's planes compressed (one raw DEFLATE stream)."""
+    z = zlib.compressobj(LEVEL, zlib.DEFLATED, WBITS, 8, STRATEGY)
     return z.compress(planes) + z.flush()
 
 
@@ -213,7 +220,7 @@ def _inflate(blob: bytes, size: int, where: str) -> bytes:
     Raises:
         CheckpointError: the stream is corrupt, inflates to another size, or has trailing bytes.
     """
-    d = zlib.decompressobj()
+    d = zlib.decompressobj(WBITS)
     try:
         raw = d.decompress(blob, size)
         # the stream's end (and its checksum) may lie past the last byte asked: one byte more must

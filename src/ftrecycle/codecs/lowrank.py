@@ -69,11 +69,6 @@ POWER_ITERATIONS = 2
 # Elements of a row block of ``a @ b`` computed at once: two such blocks (the sum and one
 # product) stay in a core's L2 cache while the rank loop runs over them.
 _BLOCK_ELEMENTS = 1 << 16
-# The exact path's tiles over the rank too, beyond this rank (see exact_rows_split): rows, ranks, columns.
-_TILE = 64
-# Multiply-adds of one GEMM on the exact path: OpenBLAS's single-thread limit (65536 * 4),
-# so that BLAS does not start threads of its own beside the engine's (see _exact_rows).
-_GEMM_MNK = 1 << 18
 # Elements of the float64 row block the tiles fill (1 MiB).
 _GEMM_ELEMENTS = 1 << 17
 #: :func:`grid_exponents` of a zero: on every grid.
@@ -314,7 +309,7 @@ def product_rows(a: np.ndarray, b: np.ndarray, skip: int, count: int, out: np.nd
         return
     first, last = skip // n, -(-(skip + count) // n)
     if exact:
-        (_exact_rows if b.shape[0] <= _TILE else exact_rows_split)(a, b, skip, count, out)
+        exact_rows(a, b, skip, count, out)
         return
     rows = max(1, _BLOCK_ELEMENTS // n)
     acc = np.empty((rows, n), dtype=out.dtype)
@@ -330,40 +325,17 @@ def product_rows(a: np.ndarray, b: np.ndarray, skip: int, count: int, out: np.nd
         out[lo - skip : hi - skip] = s.reshape(-1)[lo - i * n : hi - i * n]
 
 
-def _exact_rows(a: np.ndarray, b: np.ndarray, skip: int, count: int, out: np.ndarray) -> None:
-    """:func:`product_rows`' BLAS path, in square-ish GEMM tiles of at most :data:`_GEMM_MNK` multiply-adds.
+def exact_rows(a: np.ndarray, b: np.ndarray, skip: int, count: int, out: np.ndarray) -> None:
+    """:func:`product_rows`' exact path (factors that pass :func:`exact_sum`, in float64): one
+    float64 GEMM per block of rows, over the whole rank, rounded once into ``out``.
 
-    Small tiles for speed, not for the bits (exact at any size): OpenBLAS runs a GEMM that
-    small on the calling thread, where a larger one starts its own threads beside the
-    engine's workers, and those spin-wait (8x slower measured on 2 loaded cores); square
-    tiles keep the packing of ``b`` cheap (a 2 x 8192 tile ran at 47, a 16 x 256 one at 250
-    million elements a second, on one core at rank 64).
-    """
-    n, r = b.shape[1], b.shape[0]
-    first, last = skip // n, -(-(skip + count) // n)
-    rows = max(1, min(last - first, math.isqrt(_GEMM_MNK // r), _GEMM_ELEMENTS // n))
-    cols = min(n, max(1, _GEMM_MNK // (rows * r)))
-    buf = np.empty((rows, n), dtype=np.float64)
-    for i in range(first, last, rows):
-        j = min(last, i + rows)
-        s = buf[: j - i]
-        for c in range(0, n, cols):
-            np.matmul(a[i:j], b[:, c : c + cols], out=s[:, c : c + cols])
-        lo, hi = max(i * n, skip), min(j * n, skip + count)
-        out[lo - skip : hi - skip] = s.reshape(-1)[lo - i * n : hi - i * n]  # the one rounding
-
-
-def exact_rows_split(a: np.ndarray, b: np.ndarray, skip: int, count: int, out: np.ndarray) -> None:
-    """:func:`product_rows`' exact path (factors that pass ``exact_sum``,
-    in float64), in GEMM tiles that split the rank too.
-
-    Why not lowrank's tiles: a GEMM of more than 2^18 multiply-adds starts OpenBLAS's own threads
-    beside the engine's, so lowrank keeps each one under that; at mpsvd's ranks (hundreds to
-    over a thousand vectors) that leaves tiles of about 13 x 14 outputs, and BLAS ran at 5
-    GFLOPS (rank 1422, one core); tiles of :data:`_TILE` rows, ranks and columns, summed over
-    the rank, ran at 23. The sum of the partial products is still exact: each partial product
-    is a sum of a subset of the terms, and so is the sum of two of them (``exact_sum`` bounds
-    every such subset sum), so the one rounding into ``out`` is the same for any tiling.
+    The bits do not depend on the blocking (every partial sum is exact, see :func:`exact_sum`);
+    the speed does. Run under a single-threaded BLAS (the engine runs its workers so:
+    :meth:`ftrecycle.engine.Engine.run`): a GEMM this size would otherwise start BLAS's own
+    threads beside the engine's, and those spin-wait (8x slower measured on 2 loaded cores).
+    Single-threaded, whole-rank blocks of :data:`_GEMM_ELEMENTS` outputs beat the small tiles this
+    path used before at every rank measured, 64 to 1400 (``benchmarks/bench_exact_gemm.py``,
+    ``benchmarks/results/exact-gemm.json``).
 
     Args:
         a: rows ``skip // n`` to ``ceil((skip + count) / n)`` (at least) of the left factor, float64.
@@ -377,18 +349,12 @@ def exact_rows_split(a: np.ndarray, b: np.ndarray, skip: int, count: int, out: n
         out[:count] = 0
         return
     first, last = skip // n, -(-(skip + count) // n)
-    acc = np.empty((min(last - first, _TILE), n), dtype=np.float64)
-    tmp = np.empty((acc.shape[0], _TILE), dtype=np.float64)
-    for i in range(first, last, acc.shape[0]):
-        j = min(last, i + acc.shape[0])
-        s = acc[: j - i]
-        for c in range(0, n, _TILE):
-            tile = s[:, c : c + _TILE]
-            np.matmul(a[i:j, :_TILE], b[:_TILE, c : c + _TILE], out=tile)
-            part = tmp[: j - i, : tile.shape[1]]
-            for k in range(_TILE, r, _TILE):
-                np.matmul(a[i:j, k : k + _TILE], b[k : k + _TILE, c : c + _TILE], out=part)
-                np.add(tile, part, out=tile)
+    rows = max(1, min(last - first, _GEMM_ELEMENTS // n))
+    buf = np.empty((rows, n), dtype=np.float64)
+    for i in range(first, last, rows):
+        j = min(last, i + rows)
+        s = buf[: j - i]
+        np.matmul(a[i:j], b, out=s)
         lo, hi = max(i * n, skip), min(j * n, skip + count)
         out[lo - skip : hi - skip] = s.reshape(-1)[lo - i * n : hi - i * n]  # the one rounding
 

@@ -92,7 +92,7 @@ from ftrecycle.codecs.lowrank import (
     _svd,
     column_stats,
     exact,
-    exact_rows_split,
+    exact_rows,
     exact_sum,
     factor_grids,
     product_rows,
@@ -480,7 +480,7 @@ def decode(p: Packed, start: int, count: int, out: np.ndarray, cache: dict[Any, 
     raw = read_part(p, "qa", r0 * c, (r1 - r0) * c).reshape(r1 - r0, c)
     a = np.ascontiguousarray(dequantize(unpack(raw, side.widths), side.widths, side.sa, side.b.dtype)[:, side.keep])
     if side.exact:
-        exact_rows_split(a, side.b, start - r0 * n, count, out)
+        exact_rows(a, side.b, start - r0 * n, count, out)
     else:
         product_rows(a, side.b, start - r0 * n, count, out)
     return out
