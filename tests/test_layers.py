@@ -45,6 +45,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("lab",),
     ("demo",),
     ("cli",),
+    ("__main__",),  # `python -m ftrecycle`: runs the command line
 )
 LAYER_OF: dict[str, int] = {name: i for i, layer in enumerate(LAYERS) for name in layer}
 

@@ -11,12 +11,14 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import sys
 import typing
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import MISSING, Field, fields
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
+from ftrecycle.cli.suggest import chosen, explain
 from ftrecycle.errors import ConfigError
 from ftrecycle.options import (
     FINITE,
@@ -38,10 +40,21 @@ class UsageError(ConfigError):
 
 
 class Parser(argparse.ArgumentParser):
-    """An argument parser whose errors are one line (raised, so that ``main`` prints and returns 2)."""
+    """An argument parser whose errors are one line (raised, so that ``main`` prints and returns 2),
+    that takes no abbreviation of a flag and says which flag a misspelt one probably means."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)  # `--learning` must not silently mean `--learning-rate`
+        super().__init__(*args, **kwargs)
+        self._argv: list[str] = []
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        self._argv = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
 
     def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{message} (see `{self.prog} --help`)")
+        prog = chosen(self, self._argv).prog if message.startswith("unrecognized arguments:") else self.prog
+        raise UsageError(f"{explain(message, self, self._argv)} (see `{prog} --help`)")
 
 
 #: the largest --batch-size of `eval`
