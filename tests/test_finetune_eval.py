@@ -143,12 +143,11 @@ def test_iterate_direct_mode_uses_direct_fine_tunes(data, tmp_path):
 
 
 def test_builtin_evaluator_agrees_with_lm_eval_item_by_item(tuned, data, tmp_path):
-    from ftrecycle.evaluate.harness import run_lm_eval, write_gsm8k_task
+    from ftrecycle.evaluate.harness import HarnessSettings, run_lm_eval, write_gsm8k_task
 
     write_gsm8k_task(tmp_path / "tasks", "tiny_gsm8k", data["test"], max_gen_toks=24)
-    res = run_lm_eval(
-        [str(tuned)], ["tiny_gsm8k"], task_dir=tmp_path / "tasks", batch_size=8, log_samples=True, device="cpu"
-    )
+    settings = HarnessSettings(batch_size=8, log_samples=True)
+    res = run_lm_eval([str(tuned)], ["tiny_gsm8k"], task_dir=tmp_path / "tasks", device="cpu", settings=settings)
     score = res["table"][str(tuned)]["tiny_gsm8k"]
     assert isinstance(score, float) and res["metrics"][str(tuned)]["tiny_gsm8k"] == "exact_match,strict-match"
     samples = sorted(res["samples"][str(tuned)]["tiny_gsm8k"], key=lambda s: s["doc_id"])
@@ -289,10 +288,15 @@ def test_paper_tasks_exist_in_lm_eval():
 
     from ftrecycle.evaluate.harness import PAPER_TASKS, resolve_task
 
-    names = [*PAPER_TASKS, "global_mmlu:si", "global_mmlu:mg", "global_mmlu:tr"]
+    names = [f"paper:{t}" for t in (*PAPER_TASKS, "global_mmlu:si", "global_mmlu:mg", "global_mmlu:tr")]
     known = TaskManager().all_tasks
     assert [n for n in names if resolve_task(n).task not in known] == []
-    assert resolve_task("gsm8k").num_fewshot == 8 and resolve_task("gsm8k").task == "gsm8k_cot"
+    assert resolve_task("paper:gsm8k").num_fewshot == 8 and resolve_task("paper:gsm8k").task == "gsm8k_cot"
+    # a plain name is lm-eval's own task, with its own shots and metrics
+    assert resolve_task("gsm8k").task == "gsm8k" and resolve_task("gsm8k").num_fewshot is None
+    for bad in ("paper:nope", "paper:global_mmlu:", "paper:"):
+        with pytest.raises(ConfigError, match="the paper's benchmarks"):
+            resolve_task(bad)
 
 
 def test_backend_choice(monkeypatch):
@@ -307,3 +311,113 @@ def test_backend_choice(monkeypatch):
         choose_backend("vllm")
     with pytest.raises(ConfigError, match="--backend"):
         choose_backend("tgi")
+
+
+# ------------------------------------------------------------------ eval shaped like lm-eval (issue 16)
+
+
+def _lm_eval_files(root: Path) -> tuple[dict, list[Path]]:
+    """The newest results file under ``root`` found the way lm-eval's own readers find them, and the samples files."""
+    from lm_eval.utils import get_latest_filename, get_results_filenames, get_sample_results_filenames
+
+    files = [str(p) for p in root.rglob("*") if p.is_file()]
+    results = get_results_filenames(files)
+    assert results, files
+    return json.loads(Path(get_latest_filename(results)).read_text()), [
+        Path(f) for f in get_sample_results_filenames(files)
+    ]
+
+
+LM_EVAL_KEYS = {"results", "configs", "versions", "n-shot", "higher_is_better", "n-samples", "config", "model_name"}
+
+
+def test_builtin_eval_writes_lm_evals_results_and_one_sample_per_item(tuned, data, tmp_path, capsys):
+    out = tmp_path / "evals"
+    argv = ["eval", "--model", str(tuned), "--builtin", str(data["test"]), "--device", "cpu", "--max-new-tokens", "24"]
+    assert main([*argv, "--output-path", str(out), "--log-samples"]) == 0
+    table = capsys.readouterr().out
+    assert "±" in table and "strict: exact match of the number after '####'" in table
+    res, samples = _lm_eval_files(out)
+    assert LM_EVAL_KEYS <= set(res) and res["model_name"] == str(tuned)
+    scores = res["results"]["gsm8k_builtin"]
+    assert 0 <= scores["exact_match,strict-match"] <= 1 and scores["exact_match_stderr,strict-match"] is not None
+    assert len(samples) == 1
+    records = [json.loads(line) for line in samples[0].read_text().splitlines()]
+    assert [r["doc_id"] for r in records] == list(range(24))  # one record per item
+    assert sum(r["exact_match,strict-match"] for r in records) / 24 == pytest.approx(scores["exact_match,strict-match"])
+
+
+def test_lm_eval_results_with_stderr_and_an_adapter_through_model_args(tuned, data, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from ftrecycle.evaluate.harness import HarnessSettings, run_lm_eval, write_gsm8k_task
+    from ftrecycle.evaluate.results import write_results
+
+    write_gsm8k_task(tmp_path / "tasks", "tiny_gsm8k", data["test"], max_gen_toks=12)
+    pm = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tuned),
+        LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+    )
+    for p in pm.parameters():
+        if p.requires_grad:
+            p.data.mul_(20)  # a LoRA update large enough to change answers
+    pm.save_pretrained(tmp_path / "adapter")
+    merged = tmp_path / "merged"
+    pm.merge_and_unload().save_pretrained(merged)
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (tuned / f).exists():
+            (merged / f).write_bytes((tuned / f).read_bytes())
+    run = dict(task_dir=tmp_path / "tasks", device="cpu")
+    st = dict(batch_size=8, limit=8, log_samples=True)
+    via_peft = run_lm_eval(
+        [str(tuned)],
+        ["tiny_gsm8k"],
+        **run,
+        settings=HarnessSettings(**st, model_args={"peft": str(tmp_path / "adapter")}),
+    )
+    plain = run_lm_eval([str(tuned)], ["tiny_gsm8k"], **run, settings=HarnessSettings(**st))
+    on_merged = run_lm_eval([str(merged)], ["tiny_gsm8k"], **run, settings=HarnessSettings(**st))
+
+    def gens(res, m):
+        return sorted((s["doc_id"], s["filter"], s["resps"][0][0]) for s in res["samples"][m]["tiny_gsm8k"])
+
+    g_peft, g_merged, g_plain = gens(via_peft, str(tuned)), gens(on_merged, str(merged)), gens(plain, str(tuned))
+    # the adapter is applied: every answer moves; and it is this adapter: the answers are the merged model's,
+    # but for the odd item where the on-the-fly LoRA and the merged weights round a near-tie apart (1 of 8 seen)
+    assert all(a != c for a, c in zip(g_peft, g_plain, strict=True))
+    assert sum(a == b for a, b in zip(g_peft, g_merged, strict=True)) >= 12
+    assert via_peft["stderr"][str(tuned)]["tiny_gsm8k"] is not None
+    write_results(tmp_path / "out", str(tuned), via_peft["results"][str(tuned)], via_peft["samples"][str(tuned)])
+    res, samples = _lm_eval_files(tmp_path / "out")
+    assert LM_EVAL_KEYS <= set(res) and "tiny_gsm8k" in res["results"] and res["config"]["model_args"]["peft"]
+    assert len(samples) == 1 and len(samples[0].read_text().splitlines()) == 16  # 8 items x 2 filters
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("dtype", "not key=value"),
+        ("dtype=a,dtype=b", "given twice"),
+        ("pretrained=x", "--model"),
+        ("peft=./nowhere", "no such adapter"),
+    ],
+)
+def test_bad_model_args_are_refused(text, needle):
+    from ftrecycle.errors import FtRecycleError
+    from ftrecycle.evaluate.harness import parse_model_args
+
+    with pytest.raises(FtRecycleError, match=needle):
+        parse_model_args(text)
+    assert parse_model_args("dtype=bfloat16, revision=main") == {"dtype": "bfloat16", "revision": "main"}
+
+
+def test_eval_flag_mistakes_are_one_line_errors(tuned, data, capsys):
+    base = ["eval", "--model", str(tuned), "--builtin", str(data["test"])]
+    for extra, needle in [
+        (["--log-samples"], "--output-path"),
+        (["--num-fewshot", "3"], "--num-fewshot with --builtin"),
+    ]:
+        assert main([*base, *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0], err

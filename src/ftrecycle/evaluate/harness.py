@@ -12,8 +12,9 @@ import contextlib
 import importlib.util
 import json
 import logging
+import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,16 +43,45 @@ PAPER_TASKS: dict[str, PaperTask] = {
     "mmlu": PaperTask("mmlu", 5, "acc,none"),
     "ifeval": PaperTask("ifeval", 0, "prompt_level_strict_acc,none"),
 }
-GLOBAL_MMLU = "global_mmlu"  # global_mmlu:LANG, e.g. global_mmlu:si
+GLOBAL_MMLU = "global_mmlu"  # paper:global_mmlu:LANG, e.g. paper:global_mmlu:si
+#: the prefix naming a task in the paper's setting (``paper:gsm8k``); a name without it is lm-eval's own task
+PAPER = "paper:"
 
 
 def resolve_task(name: str) -> PaperTask:
-    """A paper task by short name, ``global_mmlu:LANG``, or any lm-eval/local task name as it is."""
-    if name in PAPER_TASKS:
-        return PAPER_TASKS[name]
-    if name.startswith(GLOBAL_MMLU + ":"):
-        return PaperTask(f"global_mmlu_full_{name.split(':', 1)[1]}", 5, "acc,none")
-    return PaperTask(name, None, "")
+    """A task by name: ``paper:NAME`` (or ``paper:global_mmlu:LANG``) is the paper's setting of a
+    benchmark; any other name is the lm-eval (or ``--task-dir``) task of that name, with its own
+    shots, generation length and metrics (``gsm8k`` is lm-eval's 5-shot strict-match gsm8k, not the
+    paper's 8-shot chain of thought, which is ``paper:gsm8k``).
+
+    Raises:
+        ConfigError: ``paper:`` followed by a name that is not one of the paper's benchmarks.
+    """
+    if not name.startswith(PAPER):
+        return PaperTask(name, None, "")
+    short = name.removeprefix(PAPER)
+    if short in PAPER_TASKS:
+        return PAPER_TASKS[short]
+    if short.startswith(GLOBAL_MMLU + ":") and short.split(":", 1)[1]:
+        return PaperTask(f"global_mmlu_full_{short.split(':', 1)[1]}", 5, "acc,none")
+    raise ConfigError(
+        f"task {name}: the paper's benchmarks are {', '.join(PAPER + t for t in PAPER_TASKS)} and "
+        f"{PAPER}{GLOBAL_MMLU}:LANG"
+    )
+
+
+def describe_task(name: str, spec: PaperTask, metric: str, num_fewshot: int | None) -> str:
+    """One line saying what a table column is: the lm-eval task, shots, metric and filter."""
+    shots = num_fewshot if num_fewshot is not None else spec.num_fewshot
+    metric_name, _, flt = metric.partition(",")
+    parts = [
+        f"{name}: lm-eval task {spec.task}",
+        f"{shots}-shot" if shots is not None else "the task's own shots",
+        f"metric {metric_name or '?'}" + (f" (filter {flt})" if flt and flt != "none" else ""),
+    ]
+    if spec.max_gen_toks:
+        parts.append(f"at most {spec.max_gen_toks} new tokens")
+    return ", ".join(parts)
 
 
 GSM8K_TASK_TEMPLATE = """task: {name}
@@ -233,16 +263,77 @@ def choose_backend(backend: str) -> str:
     return backend
 
 
-def _load_lm(backend: str, model: str, *, batch_size: int | str, device: str, trust_remote_code: bool) -> Any:
+#: model arguments that have their own flag
+OWN_FLAG = {"pretrained": "--model", "trust_remote_code": "--trust-remote-code", "device": "--device"}
+
+
+def parse_model_args(text: str | None) -> dict[str, str]:
+    """lm-eval's ``--model_args`` string (``dtype=bfloat16,peft=ADAPTER``) as a dict.
+
+    Raises:
+        ConfigError: an item that is not ``key=value``, a key given twice, or one that has its own flag.
+    """
+    out: dict[str, str] = {}
+    for item in filter(None, (x.strip() for x in (text or "").split(","))):
+        key, eq, value = item.partition("=")
+        key = key.strip()
+        if not eq or not key.isidentifier():
+            raise ConfigError(f"--model-args {text!r}: {item!r} is not key=value (e.g. dtype=bfloat16,peft=ADAPTER)")
+        if key in out:
+            raise ConfigError(f"--model-args {text!r}: {key} is given twice")
+        if key in OWN_FLAG:
+            raise ConfigError(f"--model-args {text!r}: give {key} with {OWN_FLAG[key]}")
+        out[key] = value.strip()
+    peft = out.get("peft")
+    if peft is not None and peft.startswith((".", "/", "~")) and not Path(peft).expanduser().is_dir():
+        raise CheckpointError(f"--model-args peft={peft}: no such adapter directory")
+    return out
+
+
+def _load_lm(
+    backend: str, model: str, *, batch_size: int | str, device: str, trust_remote_code: bool, model_args: dict[str, str]
+) -> Any:
     if backend == "vllm":
         from lm_eval.models.vllm_causallms import VLLM  # heavy: kept off the transfer path
 
-        return VLLM(pretrained=model, dtype="auto", batch_size="auto", trust_remote_code=trust_remote_code)
+        return VLLM(
+            pretrained=model,
+            **{"dtype": "auto", **model_args},
+            batch_size="auto",
+            trust_remote_code=trust_remote_code,
+        )
     from lm_eval.models.huggingface import HFLM  # heavy: kept off the transfer path
 
     return HFLM(
-        pretrained=model, dtype="auto", batch_size=batch_size, device=device, trust_remote_code=trust_remote_code
+        pretrained=model,
+        **{"dtype": "auto", **model_args},
+        batch_size=batch_size,
+        device=device,
+        trust_remote_code=trust_remote_code,
     )
+
+
+@dataclass(frozen=True)
+class HarnessSettings:
+    """How lm-eval runs the tasks (lm-eval's own flags, same names).
+
+    Attributes:
+        num_fewshot: shots for every task (None: each task's own, or the paper's for ``paper:`` tasks).
+        apply_chat_template: format prompts (and few-shot turns) with the tokenizer's chat template.
+        model_args: extra model arguments (``dtype``, ``peft`` for an adapter on ``--model``, ...).
+        bootstrap_iters: lm-eval's stderr iterations (0: no stderr; means get an analytic one).
+        log_samples: keep per-item records.
+        batch_size: lm-eval batch size.
+        limit: only the first N items of each task.
+    """
+
+    num_fewshot: int | None = None
+    apply_chat_template: bool = False
+    model_args: dict[str, str] = field(default_factory=dict)
+    bootstrap_iters: int = 100000
+    log_samples: bool = False
+    batch_size: int | str = 16
+    limit: int | None = None
 
 
 def run_lm_eval(
@@ -251,35 +342,34 @@ def run_lm_eval(
     *,
     backend: str = "auto",
     task_dir: str | Path | None = None,
-    batch_size: int | str = 16,
-    limit: int | None = None,
     device: str | None = None,
-    log_samples: bool = False,
     trust_remote_code: bool = False,
+    settings: HarnessSettings | None = None,
 ) -> dict[str, Any]:
     """Evaluate each model on each task through lm-eval's Python API (loading each model once).
 
     Args:
         models: model directories or hub ids.
-        tasks: paper short names (``gsm8k``, ``mmlu``, ``global_mmlu:si``...), lm-eval task names,
-            or task names defined in ``task_dir``.
+        tasks: lm-eval task names, task names defined in ``task_dir``, or the paper's settings
+            (``paper:gsm8k``, ``paper:mmlu``, ``paper:global_mmlu:si``...; see :func:`resolve_task`).
         backend: ``auto`` (vLLM when installed and a GPU is present, else transformers), ``hf`` or ``vllm``.
         task_dir: a directory of task YAMLs; when given, lm-eval's ~14,000 built-in task
-            files are not indexed unless a paper task needs them.
-        batch_size: lm-eval batch size.
-        limit: evaluate only the first N items of each task.
+            files are not indexed unless a task needs them.
         device: ``cpu``, ``cuda``...; default: CUDA when available.
-        log_samples: keep per-item records under ``samples``.
         trust_remote_code: passed to transformers.
+        settings: shots, chat template, model arguments, stderr, samples, batch size, limit.
 
     Returns:
-        ``{"table": {model: {task: score}}, "metrics": {model: {task: metric}}, "raw": ..., "samples": ...}``.
+        ``{"table": {model: {task: score}}, "stderr": ..., "metrics": {model: {task: metric}},
+        "describe": {task: line}, "results": {model: lm-eval's aggregated dict}, "samples": ...}``.
 
     Raises:
-        ConfigError: lm-eval is not installed, or a task is unknown.
+        ConfigError: lm-eval is not installed, a task is unknown, or bad model arguments.
         CheckpointError: a model is not a model directory (see :func:`resolve_eval_model`).
         DataError: a task's data set is not available offline, or its data file is missing.
     """
+    st = settings or HarnessSettings()
+    specs = {t: resolve_task(t) for t in tasks}  # a bad paper: name fails before anything loads
     paths = {m: resolve_eval_model(m) for m in models}  # before lm-eval's slow start: bad paths fail at once
     try:
         import lm_eval  # heavy: kept off the transfer path
@@ -288,21 +378,24 @@ def run_lm_eval(
         raise ConfigError("lm-eval is not installed: pip install 'lm-eval[hf]'") from e
     import torch  # heavy: kept off the transfer path
 
-    specs = {t: resolve_task(t) for t in tasks}
-    needs_builtin = task_dir is None or any(t in PAPER_TASKS or t.startswith(GLOBAL_MMLU) for t in tasks)
-    manager = TaskManager(include_path=str(task_dir) if task_dir else None, include_defaults=needs_builtin)
+    manager = TaskManager(
+        include_path=str(task_dir) if task_dir else None, include_defaults=_needs_registry(tasks, task_dir)
+    )
     unknown = [t for t, s in specs.items() if s.task not in manager.all_tasks]
     if unknown:
         raise ConfigError(
-            f"unknown task(s) {', '.join(unknown)}: use a paper task ({', '.join(PAPER_TASKS)}, "
-            "global_mmlu:LANG), an lm-eval task name, or a YAML in --task-dir"
+            f"unknown task(s) {', '.join(unknown)}: use an lm-eval task name, a YAML in --task-dir, or the paper's "
+            f"setting of a benchmark ({', '.join(PAPER + t for t in PAPER_TASKS)}, {PAPER}{GLOBAL_MMLU}:LANG)"
         )
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     engine = choose_backend(backend)
     with _lm_eval_quiet():
-        return _evaluate_all(
-            lm_eval, manager, models, paths, specs, engine, dev, batch_size, limit, log_samples, trust_remote_code
-        )
+        return _evaluate_all(lm_eval, manager, models, paths, specs, engine, dev, st, trust_remote_code)
+
+
+def _needs_registry(tasks: list[str], task_dir: str | Path | None) -> bool:
+    """Whether lm-eval's own task files must be indexed (slow): no --task-dir, or a paper task."""
+    return task_dir is None or any(t.startswith(PAPER) for t in tasks)
 
 
 @contextlib.contextmanager
@@ -319,67 +412,108 @@ def _lm_eval_quiet() -> Iterator[None]:
         logger.setLevel(level)
 
 
+#: the keys of lm-eval's aggregated results that are per task (merged across the per-task runs)
+PER_TASK_KEYS = ("results", "group_subtasks", "configs", "versions", "n-shot", "higher_is_better", "n-samples")
+
+
+def _one_task(lm_eval: Any, lm: Any, manager: Any, name: str, spec: PaperTask, st: HarnessSettings) -> Any:
+    """lm-eval's simple_evaluate of one task (shots and generation length are per task)."""
+    gen_kwargs = {"max_gen_toks": spec.max_gen_toks} if spec.max_gen_toks else None
+    try:
+        return lm_eval.simple_evaluate(
+            model=lm,
+            tasks=[spec.task],
+            num_fewshot=st.num_fewshot if st.num_fewshot is not None else spec.num_fewshot,
+            task_manager=manager,
+            limit=st.limit,
+            log_samples=st.log_samples,
+            gen_kwargs=gen_kwargs,
+            bootstrap_iters=st.bootstrap_iters,
+            apply_chat_template=st.apply_chat_template,
+            fewshot_as_multiturn=st.apply_chat_template,
+        )
+    except OSError as e:  # datasets' "Couldn't reach ... on the Hub" is a ConnectionError
+        err = _dataset_error(name, e)
+        if err is None:
+            raise
+        raise err from e
+
+
 def _evaluate_all(
     lm_eval: Any,
     manager: Any,
     models: list[str],
     paths: dict[str, str],
-    specs: dict[str, Any],
+    specs: dict[str, PaperTask],
     engine: str,
     dev: str,
-    batch_size: int | str,
-    limit: int | None,
-    log_samples: bool,
+    st: HarnessSettings,
     trust_remote_code: bool,
 ) -> dict[str, Any]:
-    table: dict[str, dict[str, float | None]] = {}
-    metrics: dict[str, dict[str, str]] = {}
-    raw: dict[str, Any] = {}
-    samples: dict[str, Any] = {}
+    out: dict[str, Any] = {k: {} for k in ("table", "stderr", "metrics", "raw", "samples", "results")}
+    describe: dict[str, str] = {}
     for m in models:
         with loading(m):
-            lm = _load_lm(engine, paths[m], batch_size=batch_size, device=dev, trust_remote_code=trust_remote_code)
-        table[m], metrics[m], raw[m], samples[m] = {}, {}, {}, {}
+            lm = _load_lm(
+                engine,
+                paths[m],
+                batch_size=st.batch_size,
+                device=dev,
+                trust_remote_code=trust_remote_code,
+                model_args=st.model_args,
+            )
+        for k in out:
+            out[k][m] = {}
+        merged: dict[str, Any] = {k: {} for k in PER_TASK_KEYS}
         for name, spec in specs.items():
-            gen_kwargs = {"max_gen_toks": spec.max_gen_toks} if spec.max_gen_toks else None
-            try:
-                out = lm_eval.simple_evaluate(
-                    model=lm,
-                    tasks=[spec.task],
-                    num_fewshot=spec.num_fewshot,
-                    task_manager=manager,
-                    limit=limit,
-                    log_samples=log_samples,
-                    gen_kwargs=gen_kwargs,
-                    bootstrap_iters=0,
-                )
-            except OSError as e:  # datasets' "Couldn't reach ... on the Hub" is a ConnectionError
-                err = _dataset_error(name, e)
-                if err is None:
-                    raise
-                raise err from e
-            if out is None:
+            got = _one_task(lm_eval, lm, manager, name, spec, st)
+            if got is None:
                 # lm-eval's own data-parallel path under `accelerate launch`: every process scores its
                 # share and only the main process gets the results back (it is the one that reports)
                 continue
-            res = out["results"].get(spec.task, {})
-            got = _primary(res, spec.metric)
-            table[m][name] = got[1] if got else None
-            metrics[m][name] = got[0] if got else ""
-            raw[m][name] = res
-            if log_samples:
-                samples[m][name] = out.get("samples", {}).get(spec.task, [])
-    return {"table": table, "metrics": metrics, "raw": raw, "samples": samples, "backend": engine}
+            res = got["results"].get(spec.task, {})
+            primary = _primary(res, spec.metric)
+            metric = primary[0] if primary else ""
+            out["table"][m][name] = primary[1] if primary else None
+            out["metrics"][m][name] = metric
+            out["stderr"][m][name] = _stderr(res, metric)
+            out["raw"][m][name] = res
+            describe[name] = describe_task(name, spec, metric, got.get("n-shot", {}).get(spec.task, st.num_fewshot))
+            for k in PER_TASK_KEYS:
+                merged[k].update(got.get(k) or {})
+            merged["config"] = {**(got.get("config") or {}), "model_args": st.model_args, "backend": engine}
+            if st.log_samples:
+                out["samples"][m][spec.task] = got.get("samples", {}).get(spec.task, [])
+        out["results"][m] = merged
+    return {**out, "describe": describe, "backend": engine}
 
 
-def format_table(table: dict[str, dict[str, float | None]]) -> str:
-    """Models as rows, tasks as columns, scores in percent (the layout of the paper's Table 1)."""
+def _stderr(res: dict[str, Any], metric: str) -> float | None:
+    """The stderr lm-eval reports beside ``metric`` (``acc,none`` -> ``acc_stderr,none``), if a number."""
+    name, _, flt = metric.partition(",")
+    value = res.get(f"{name}_stderr,{flt}")
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def format_table(
+    table: dict[str, dict[str, float | None]],
+    stderr: dict[str, dict[str, float | None]] | None = None,
+    describe: dict[str, str] | None = None,
+) -> str:
+    """Models as rows, tasks as columns, scores in percent ± their standard error (the layout of the
+    paper's Table 1), then one line per task naming what its column measures."""
     tasks = list(dict.fromkeys(t for row in table.values() for t in row))  # first-seen order
     lines = ["| model | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
     for m, row in table.items():
-        cells = [f"{100 * v:.1f}" if isinstance(v, float) else "–" for v in (row.get(t) for t in tasks)]
+        cells = []
+        for t in tasks:
+            v = row.get(t)
+            se = (stderr or {}).get(m, {}).get(t)
+            cell = f"{100 * v:.1f}" if isinstance(v, float) else "–"
+            cells.append(cell + (f" ± {100 * se:.1f}" if isinstance(v, float) and se is not None else ""))
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    notes = [f"- {describe[t]}" for t in tasks if describe and t in describe]
+    return "\n".join(lines + (["", *notes] if notes else [])) + "\n"
 
 
 def to_json(result: dict[str, Any]) -> str:
