@@ -79,8 +79,7 @@ thread_count = bounded(THREADS)
 token_count = bounded(TOKENS)
 batch_size = bounded(Bound(int, lo=1, hi=MAX_BATCH))
 finite_float = bounded(FINITE)
-#: --num-fewshot
-non_negative_int = bounded(Bound(int, lo=0, hi=10_000))
+non_negative_int = bounded(Bound(int, lo=0, hi=10_000))  # --num-fewshot
 
 
 def checked(check: Check, flag: str) -> Callable[[str], Any]:
