@@ -1,0 +1,243 @@
+"""The gradient-sign mask (GradFix): the mask file, the masked transfer against an independent NumPy
+reference bit for bit, the errors, the command line, and the lab's summary of experiment (i)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ftrecycle.cli import main
+from ftrecycle.errors import CheckpointError, ConfigError, IncompatibleModelsError
+from ftrecycle.finetune.gradmask import grad_sign_mask
+from ftrecycle.io.hf_load import load_causal_lm
+from ftrecycle.io.maskfile import MASK_FORMAT, open_mask, write_mask
+from ftrecycle.ops.apply import apply_delta
+from ftrecycle.ops.diff import diff
+from ftrecycle.ops.transfer import transfer
+
+from conftest import bits, load_dir
+from fixtures.tiny import NUMBERS, make_versions
+
+
+def _examples(path: Path, n: int, seed: int) -> Path:
+    """``n`` prompt/completion lines of words the tiny tokenizers know."""
+    rng = random.Random(seed)
+    words = [str(i) for i in range(NUMBERS)] + [f"w{i}" for i in range(20)]
+    lines = [
+        json.dumps({"prompt": " ".join(rng.choices(words, k=10)), "completion": " ".join(rng.choices(words, k=6))})
+        for _ in range(n)
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Path]]:
+    """float32 versions (so a masked transfer's reference is plain float32 arithmetic): untied and tied."""
+    root = tmp_path_factory.mktemp("mask")
+    return {
+        fam: make_versions(fam, root / fam, seed=30 + i, dtype=torch.float32)
+        for i, fam in enumerate(("llama", "qwen2"))
+    }
+
+
+@pytest.fixture(scope="module")
+def calib(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _examples(tmp_path_factory.mktemp("calib") / "calib.jsonl", 12, 5)
+
+
+def _random_mask(target: Path, out: Path, seed: int, *, drop: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    """A mask of random -1/0/+1 for every tensor of ``target`` (but ``drop``), written as a mask file."""
+    rng = np.random.default_rng(seed)
+    signs = {
+        n: rng.integers(-1, 2, size=tuple(t.shape), dtype=np.int8) for n, t in load_dir(target).items() if n not in drop
+    }
+    write_mask(out, signs, {"test": True})
+    return signs
+
+
+def _reference(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, s: np.ndarray) -> np.ndarray:
+    """C + Delta * [sign(Delta) == s] in float32, in NumPy, one rounding per operation."""
+    d = b.numpy() - a.numpy()
+    return c.numpy() + d * (np.sign(d) == s)
+
+
+# --------------------------------------------------------------------------------------------- the mask file
+
+
+def test_mask_is_the_sign_of_minus_the_summed_gradient(models, calib, tmp_path):
+    target = models["llama"]["target_base"]
+    res = grad_sign_mask(target, calib, tmp_path / "m.safetensors", examples=5, micro_batch=2, device="cpu")
+    m = open_mask(res.output)
+    try:
+        assert m.info["examples"] == 5 and res.examples == 5
+        assert m.info["calibration"]["sha256"] == hashlib.sha256(calib.read_bytes()).hexdigest()
+        assert m.sha256 == hashlib.sha256(res.output.read_bytes()).hexdigest()
+        stored = load_dir(res.output.parent)
+        assert set(stored) == set(load_dir(target))  # every floating tensor of the checkpoint, its names
+    finally:
+        m.close()
+    # an independent gradient: the whole batch at once, mean loss (another scale, same sign)
+    from ftrecycle.finetune.data import Collator, encode, load_examples
+    from ftrecycle.io.hf_load import load_tokenizer
+
+    tok = load_tokenizer(target)
+    feats = [encode(r, tok, 1024) for r in load_examples(calib)[:5]]
+    batch = Collator(tok.pad_token_id)(feats)
+    net = load_causal_lm(target, dtype=torch.float32).eval()
+    net(**batch).loss.backward()
+    params = dict(net.named_parameters())
+    agree = total = 0
+    for name, s in stored.items():
+        g = params[name].grad
+        want = torch.sign(-g).to(torch.int8)
+        # summation order differs (one batch vs micro-batches): only entries with |g| near 0 may flip
+        big = g.abs() > 1e-6 * g.abs().max()
+        agree += int((want[big] == s[big]).sum())
+        total += int(big.sum())
+    assert agree == total, f"{total - agree} of {total} signs differ"
+
+
+def test_mask_file_round_trip_and_refusals(tmp_path):
+    signs = {"a.weight": np.array([[1, -1, 0]], dtype=np.int8), "b": np.array([0, 1], dtype=np.int8)}
+    write_mask(tmp_path / "m.safetensors", signs, {"examples": 3})
+    m = open_mask(tmp_path / "m.safetensors")
+    buf = np.empty(64, dtype=np.uint8)
+    assert m.info == {"examples": 3}
+    assert m.ckpt.read(m.ckpt.tensors["a.weight"], 0, 3, buf).tolist() == [1, -1, 0]
+    m.close()
+    # a value other than -1/0/+1, another format, a missing file: one clear error naming the file
+    raw = bytearray((tmp_path / "m.safetensors").read_bytes())
+    raw[-1] = 5
+    (tmp_path / "bad.safetensors").write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match=r"bad.safetensors.*other than -1, 0 and \+1"):
+        open_mask(tmp_path / "bad.safetensors")
+    from safetensors.numpy import save_file
+
+    save_file({"x": np.zeros(2, dtype=np.int8)}, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(CheckpointError, match=f"plain.safetensors: not a mask file.*{MASK_FORMAT}"):
+        open_mask(tmp_path / "plain.safetensors")
+    with pytest.raises(CheckpointError, match="no such file"):
+        open_mask(tmp_path / "none.safetensors")
+
+
+# --------------------------------------------------------------------------------------------- masked transfer
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_masked_transfer_equals_the_numpy_reference_bit_for_bit(models, family, tmp_path):
+    v = models[family]
+    signs = _random_mask(v["target_base"], tmp_path / "m.safetensors", 7)
+    out = transfer(
+        str(v["source_base"]), str(v["source_finetuned"]), str(v["target_base"]), tmp_path / "out",
+        mask=str(tmp_path / "m.safetensors"), threads=2,
+    )  # fmt: skip
+    a, b, c, got = (load_dir(p) for p in (v["source_base"], v["source_finetuned"], v["target_base"], out.output))
+    kept = nonzero = 0
+    for name, s in signs.items():
+        want = _reference(a[name], b[name], c[name], s)
+        assert torch.equal(bits(got[name]), bits(torch.from_numpy(want))), name
+        d = b[name].numpy() - a[name].numpy()
+        kept += int(np.count_nonzero(d * (np.sign(d) == s)))
+        nonzero += int(np.count_nonzero(d))
+    rec = out.provenance["mask"]
+    assert rec["sha256"] == hashlib.sha256((tmp_path / "m.safetensors").read_bytes()).hexdigest()
+    assert (rec["kept"], rec["nonzero"]) == (kept, nonzero) and rec["kept_fraction"] == kept / nonzero
+    assert json.loads((out.output / "ftrecycle.json").read_text())["mask"]["kept"] == kept
+    # the same bits with one thread and the smallest chunks
+    again = transfer(
+        str(v["source_base"]), str(v["source_finetuned"]), str(v["target_base"]), tmp_path / "again",
+        mask=str(tmp_path / "m.safetensors"), threads=1, max_memory="40MiB",
+    )  # fmt: skip
+    assert all(torch.equal(bits(t), bits(load_dir(again.output)[n])) for n, t in got.items())
+
+
+def test_apply_with_a_mask_equals_transfer_with_it(models, tmp_path):
+    v = models["llama"]
+    _random_mask(v["target_base"], tmp_path / "m.safetensors", 8)
+    mask = str(tmp_path / "m.safetensors")
+    t = transfer(str(v["source_base"]), str(v["source_finetuned"]), str(v["target_base"]), tmp_path / "t", mask=mask)
+    d = diff(str(v["source_base"]), str(v["source_finetuned"]), tmp_path / "d")
+    ap = apply_delta(d.output, str(v["target_base"]), tmp_path / "ap", mask=mask)
+    got, want = load_dir(ap.output), load_dir(t.output)
+    assert all(torch.equal(bits(got[n]), bits(want[n])) for n in want)
+    assert ap.provenance["mask"]["kept"] == t.provenance["mask"]["kept"]
+
+
+def test_a_tensor_without_mask_entry_is_added_whole_and_recorded(models, tmp_path):
+    v = models["llama"]
+    skip = "model.norm.weight"
+    _random_mask(v["target_base"], tmp_path / "m.safetensors", 9, drop=(skip,))
+    out = transfer(
+        str(v["source_base"]), str(v["source_finetuned"]), str(v["target_base"]), tmp_path / "out",
+        mask=str(tmp_path / "m.safetensors"),
+    )  # fmt: skip
+    a, b, c = (load_dir(v[k]) for k in ("source_base", "source_finetuned", "target_base"))
+    plain = c[skip].numpy() + (b[skip].numpy() - a[skip].numpy())
+    assert np.array_equal(load_dir(out.output)[skip].numpy().view(np.int32), plain.view(np.int32))
+    assert {"tensor": skip, "action": "unmasked", "reason": "mask file m.safetensors has no entry for it; "
+            "its diff is added whole"} in out.records  # fmt: skip
+
+
+def test_a_mask_of_another_shape_is_refused_naming_the_tensor(models, tmp_path):
+    v = models["llama"]
+    signs = _random_mask(v["target_base"], tmp_path / "m.safetensors", 1)
+    signs["model.norm.weight"] = np.zeros(5, dtype=np.int8)
+    write_mask(tmp_path / "m.safetensors", signs, {})
+    with pytest.raises(IncompatibleModelsError, match=r"'model.norm.weight' has shape \[5\] in mask file"):
+        transfer(
+            str(v["source_base"]), str(v["source_finetuned"]), str(v["target_base"]), tmp_path / "out",
+            mask=str(tmp_path / "m.safetensors"),
+        )  # fmt: skip
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ConfigError, match="grad_sign_mask"):
+        transfer(
+            str(v["source_base"]), str(v["source_finetuned"]), str(v["target_base"]), tmp_path / "o", mask="grad-sign"
+        )
+
+
+# --------------------------------------------------------------------------------------------- command line
+
+
+def _models_args(v: dict[str, Path]) -> list[str]:
+    return ["--source-base", str(v["source_base"]), "--source-finetuned", str(v["source_finetuned"]),
+            "--target-base", str(v["target_base"])]  # fmt: skip
+
+
+def test_cli_mask_flags_refused_when_they_cannot_be_used(models, calib, tmp_path, capsys):
+    v = models["llama"]
+    base = ["transfer", *_models_args(v), "-o", str(tmp_path / "o"), "-q"]
+    cases = [
+        (["--mask", "grad-sign"], "--mask grad-sign needs --calibration FILE"),
+        (["--mask-examples", "4"], "--mask-examples is only used with --mask grad-sign"),
+        (["--calibration", str(calib)], "--calibration is only used with --alpha auto or --mask grad-sign"),
+    ]
+    for extra, message in cases:
+        assert main([*base, *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
+    apply = ["apply", "--delta", str(tmp_path), "--target-base", str(v["target_base"]), "-o", str(tmp_path / "o")]
+    assert main([*apply, "--mask", "grad-sign"]) == 2
+    assert "make the mask with `ftrecycle mask`" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_grad_sign_transfer_equals_mask_then_transfer(models, calib, tmp_path, capsys):
+    v = models["qwen2"]
+    mask = tmp_path / "m.safetensors"
+    common = ["--calibration", str(calib), "--mask-examples", "6"]
+    assert main(["mask", "--target-base", str(v["target_base"]), *common, "-o", str(mask), "--device", "cpu"]) == 0
+    assert "the sign of -grad on 6 example(s)" in capsys.readouterr().out
+    assert main(["transfer", *_models_args(v), "-o", str(tmp_path / "a"), "--mask", str(mask), "-q"]) == 0
+    assert main(["transfer", *_models_args(v), "-o", str(tmp_path / "b"), "--mask", "grad-sign", *common, "-q"]) == 0
+    a, b = load_dir(tmp_path / "a"), load_dir(tmp_path / "b")
+    assert all(torch.equal(bits(a[n]), bits(b[n])) for n in a)
+    rec = json.loads((tmp_path / "b" / "ftrecycle.json").read_text())["mask"]
+    assert rec["made"]["examples"] == 6 and 0 < rec["kept_fraction"] < 1
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # the scratch mask is gone
