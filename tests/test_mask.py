@@ -7,6 +7,7 @@ import hashlib
 import json
 import random
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -241,3 +242,54 @@ def test_cli_grad_sign_transfer_equals_mask_then_transfer(models, calib, tmp_pat
     rec = json.loads((tmp_path / "b" / "ftrecycle.json").read_text())["mask"]
     assert rec["made"]["examples"] == 6 and 0 < rec["kept_fraction"] < 1
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # the scratch mask is gone
+
+
+# --------------------------------------------------------------------------------------------- lab (i)
+
+
+def _lab_record(seed: int) -> dict[str, Any]:
+    """A made-up seed record: M5+Δ4 hurt by plain transfer and less by the mask, M4+Δ5 helped, the rest flat."""
+    from ftrecycle.lab.pretrain import VERSIONS
+
+    base = {v: 20.0 + k for k, v in enumerate(VERSIONS)}
+    transfer = {j: {i: base[j] for i in VERSIONS if i != j} for j in VERSIONS}
+    masked = {j: {i: {"accuracy": base[j], "kept_fraction": 0.5} for i in VERSIONS if i != j} for j in VERSIONS}
+    transfer["M5"]["M4"] = base["M5"] - 10.0 - seed  # plain hurts
+    masked["M5"]["M4"]["accuracy"] = base["M5"] - 4.0  # masked loses less
+    transfer["M4"]["M5"] = base["M4"] + 6.0  # plain helps, masked hurts a little
+    masked["M4"]["M5"]["accuracy"] = base["M4"] - 1.0
+    transfer["M1"]["M2"] = base["M1"] - 2.0  # plain hurts, masked hurts more
+    masked["M1"]["M2"]["accuracy"] = base["M1"] - 3.0
+    return {"base": base, "transfer": transfer, "masked": {"16": masked}}
+
+
+def test_lab_masking_summary_from_a_made_up_record():
+    from ftrecycle.lab.masking import masking_summary
+
+    s = masking_summary(_lab_record(0))["16"]
+    assert len(s["rows"]) == 20
+    h = s["harmful"]
+    assert h["names"] == ["M1+Δ2", "M5+Δ4"] and h["pairs"] == 2
+    assert (h["mean_plain_gain"], h["mean_masked_gain"]) == (-6.0, -3.5)
+    assert h["loses_less"] == 1 and h["masked_worse"] == 1
+    assert s["made_harmful"] == 1  # M4+Δ5
+    assert s["all"]["masked_better"] == 1 and s["all"]["masked_worse"] == 2
+    assert s["all"]["mean_plain_gain"] == round((-10 + 6 - 2) / 20, 2)
+    assert s["mean_kept_fraction"] == 0.5
+
+
+def test_lab_masking_report_section_shows_the_numbers():
+    from ftrecycle.lab.masking import masking_summary
+    from ftrecycle.lab.report import _masking
+
+    seeds = {"0": _lab_record(0), "1": _lab_record(1)}
+    results = {
+        "masking": {
+            "mean": masking_summary(seeds["0"]),
+            "per_seed": {k: masking_summary(v) for k, v in seeds.items()},
+        }
+    }
+    text = "\n".join(_masking(results))
+    assert "| M5+Δ4 | -10.0 | -4.0 | 0.500 |" in text
+    assert "loses less on **1 of 2**" in text
+    assert "Seed 1: 2 harmful pair(s), mean gain -6.5 plain, -3.5 masked" in text

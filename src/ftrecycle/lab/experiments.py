@@ -18,6 +18,8 @@ Naming (directories under ``seed-S/models`` and job ids):
   ``ft-M5+dlang``: ft-M5 + (lang-ft-M4 − ft-M4) (experiment e);
 * ``ft-Mi@lrS``, ``Mj+di@lrS`` and ``Mj+di@lrS@SPEC``: experiment (h) at ``S`` × ``ft_lr`` (i, j in M4, M5);
   scale 1 is (a)'s ``ft-Mi``, (b)'s ``Mj+di`` and (g)'s ``Mj+di@SPEC``, never run twice;
+* ``Mj+di@maskN``: Mj + (mask ⊙ Δi), the mask the sign of Mj's descent direction on the first N training
+  problems (``transfer --mask grad-sign``, GradFix), for every pair and each N of ``MASK_EXAMPLES`` (experiment i);
 * ``sizes``: ‖Δ‖/‖W‖ of every fine-tune and version step (one job per seed, after all of them).
 """
 
@@ -29,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ftrecycle.lab import world
-from ftrecycle.lab.config import CALIBRATED, COMPRESSIONS, LabConfig
+from ftrecycle.lab.config import CALIBRATED, COMPRESSIONS, MASK_EXAMPLES, LabConfig
 from ftrecycle.lab.jobs import (
     auto_alpha_job,
     compressed_job,
@@ -37,6 +39,7 @@ from ftrecycle.lab.jobs import (
     eval_job,
     finetune_job,
     iterative_job,
+    masked_job,
     pretrain_job,
     transfer_job,
     update_sizes_job,
@@ -231,6 +234,24 @@ def _auto_alpha(s: _Seed) -> list[Job]:
     return jobs
 
 
+def _masked(s: _Seed) -> list[Job]:
+    """(i) Mj + (mask ⊙ Δi) for every pair, the gradient-sign mask on the first N training problems."""
+    jobs = []
+    for n in MASK_EXAMPLES:
+        for i, j in pairs():
+            name = f"{j}+d{i[1]}@mask{n}"
+            kwargs = {
+                **s.pair(i, j),
+                "out": str(s.models / "masked" / safe_dir(name)),
+                "test": s.test,
+                "calibration": s.train,
+                "examples": n,
+                "max_new_tokens": s.cfg.max_new_tokens,
+            }
+            jobs.append(s.job(name, masked_job, kwargs, (f"ft-{i}",)))
+    return jobs
+
+
 def _compressed(s: _Seed) -> list[Job]:
     """(g) Δ stored compressed by each of :data:`COMPRESSIONS`, on the stage-2 pairs."""
     jobs = []
@@ -340,6 +361,7 @@ def seed_jobs(cfg: LabConfig, seed: int, root: Path, data: dict[str, Path]) -> l
         _compressed,
         _auto_alpha,
         _sweep_transfers,
+        _masked,
         _sizes,
     )
     return [job for step in steps for job in step(s)]
@@ -399,8 +421,13 @@ def collect_seed(cfg: LabConfig, seed: int, res: dict[str, dict[str, Any]]) -> d
         for spec in COMPRESSIONS
         if _feasible(r, [f"{j}+d{i[1]}@{spec}" for i, j in STAGE2_PAIRS])
     }
+    masked = {
+        str(n): {j: {i: _masked_numbers(r[f"{j}+d{i[1]}@mask{n}"]) for i in VERSIONS if i != j} for j in VERSIONS}
+        for n in MASK_EXAMPLES
+    }
     pre = r["pretrain"]
     return {
+        "masked": masked,
         "update_sizes": _collect_sizes(cfg, r),
         "sweep": _collect_sweep(cfg, r, base),
         "compressed": compressed,
@@ -415,6 +442,11 @@ def collect_seed(cfg: LabConfig, seed: int, res: dict[str, dict[str, Any]]) -> d
         "multilingual": multilingual,
         "pretrain_loss": pre["loss"],
     }
+
+
+def _masked_numbers(job: dict[str, Any]) -> dict[str, Any]:
+    """(i)'s numbers of one masked transfer: its accuracy and the share of Δ the mask kept."""
+    return {"accuracy": job["accuracy"], "kept_fraction": job["kept_fraction"]}
 
 
 def _feasible(r: dict[str, Any], names: list[str]) -> bool:
