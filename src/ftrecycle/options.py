@@ -306,7 +306,8 @@ class Scaling(OptionGroup):
     )
     calibration: str | None = option(
         None,
-        "with --alpha auto: JSONL examples of the task (fine-tuning formats) to choose alpha on",
+        "with --alpha auto or --mask grad-sign: JSONL examples of the task (fine-tuning formats) to choose "
+        "alpha on, or whose first --mask-examples make the mask",
         metavar="CALIB",
         path=True,
     )

@@ -21,8 +21,8 @@ from ftrecycle.options import Masking
 
 GRAD_SIGN = "grad-sign"
 EXAMPLES_HELP = (
-    f"with --mask grad-sign: the labelled examples (the first ones of --calibration) the target's gradient "
-    f"is summed over (default {DEFAULT_MASK_EXAMPLES}; GradFix uses tens)"
+    f"the labelled examples (the first ones of --calibration) the target's gradient is summed over "
+    f"(default {DEFAULT_MASK_EXAMPLES}; GradFix uses tens)"
 )
 
 
@@ -30,7 +30,8 @@ def add_mask_arguments(p: argparse.ArgumentParser, *, grad_sign: bool) -> None:
     """``--mask``, and where the command has the target and calibration data ``grad-sign`` and ``--mask-examples``."""
     add_group(p, Masking)
     if grad_sign:
-        p.add_argument("--mask-examples", type=positive_int, default=None, metavar="N", help=EXAMPLES_HELP)
+        help = "with --mask grad-sign: " + EXAMPLES_HELP
+        p.add_argument("--mask-examples", type=positive_int, default=None, metavar="N", help=help)
 
 
 def check_mask_request(ns: argparse.Namespace) -> None:
