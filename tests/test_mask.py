@@ -105,6 +105,33 @@ def test_mask_is_the_sign_of_minus_the_summed_gradient(models, calib, tmp_path):
     assert agree == total, f"{total - agree} of {total} signs differ"
 
 
+def test_majority_vote_is_the_sign_of_the_examples_summed_signs(models, calib, tmp_path):
+    from ftrecycle.finetune.data import Collator, encode, load_examples
+    from ftrecycle.io.hf_load import load_tokenizer
+
+    target = models["qwen2"]["target_base"]  # tied: the embedding's vote counts both of its uses
+    res = grad_sign_mask(target, calib, tmp_path / "m.safetensors", examples=4, vote="majority", device="cpu")
+    assert res.info["vote"] == "majority"
+    stored = load_dir(tmp_path)
+    tok = load_tokenizer(target)
+    net = load_causal_lm(target, dtype=torch.float32).eval()
+    params = dict(net.named_parameters())
+    votes = {n: torch.zeros_like(p) for n, p in params.items()}
+    small = {n: torch.zeros_like(p, dtype=torch.bool) for n, p in params.items()}
+    for row in load_examples(calib)[:4]:
+        net.zero_grad()
+        net(**Collator(tok.pad_token_id)([encode(row, tok, 1024)])).loss.backward()
+        for n, p in params.items():
+            votes[n] += torch.sign(-p.grad)
+            small[n] |= p.grad.abs() <= 1e-6 * p.grad.abs().max()  # a sign summation order may flip
+    for name, s in stored.items():
+        n = name if name in params else "model.embed_tokens.weight"
+        want = torch.sign(votes[n]).to(torch.int8)
+        assert torch.equal(want[~small[n]], s[~small[n]]), name
+    with pytest.raises(ConfigError, match="vote 'mean' is not one of sum, majority"):
+        grad_sign_mask(target, calib, tmp_path / "x.safetensors", vote="mean")
+
+
 def test_mask_file_round_trip_and_refusals(tmp_path):
     signs = {"a.weight": np.array([[1, -1, 0]], dtype=np.int8), "b": np.array([0, 1], dtype=np.int8)}
     write_mask(tmp_path / "m.safetensors", signs, {"examples": 3})
@@ -234,7 +261,7 @@ def test_cli_grad_sign_transfer_equals_mask_then_transfer(models, calib, tmp_pat
     mask = tmp_path / "m.safetensors"
     common = ["--calibration", str(calib), "--mask-examples", "6"]
     assert main(["mask", "--target-base", str(v["target_base"]), *common, "-o", str(mask), "--device", "cpu"]) == 0
-    assert "the sign of -grad on 6 example(s)" in capsys.readouterr().out
+    assert "the sign of -grad (sum) on 6 example(s)" in capsys.readouterr().out
     assert main(["transfer", *_models_args(v), "-o", str(tmp_path / "a"), "--mask", str(mask), "-q"]) == 0
     assert main(["transfer", *_models_args(v), "-o", str(tmp_path / "b"), "--mask", "grad-sign", *common, "-q"]) == 0
     a, b = load_dir(tmp_path / "a"), load_dir(tmp_path / "b")
@@ -293,3 +320,27 @@ def test_lab_masking_report_section_shows_the_numbers():
     assert "| M5+Δ4 | -10.0 | -4.0 | 0.500 |" in text
     assert "loses less on **1 of 2**" in text
     assert "Seed 1: 2 harmful pair(s), mean gain -6.5 plain, -3.5 masked" in text
+
+
+def test_a_compressed_transfer_applies_and_records_the_mask(models, tmp_path):
+    v = models["llama"]
+    _random_mask(v["target_base"], tmp_path / "m.safetensors", 3)
+    refs = (str(v["source_base"]), str(v["source_finetuned"]), str(v["target_base"]))
+    masked = transfer(*refs, tmp_path / "m", compress="int8", mask=str(tmp_path / "m.safetensors"))
+    plain = transfer(*refs, tmp_path / "p", compress="int8")
+    assert "mask" not in plain.provenance and 0 < masked.provenance["mask"]["kept_fraction"] < 1
+    got, want = load_dir(masked.output), load_dir(plain.output)
+    assert any(not torch.equal(got[n], want[n]) for n in want)
+
+
+def test_recycle_refuses_a_mask(models, tmp_path):
+    from ftrecycle.options import Masking, TransferOptions
+    from ftrecycle.recycle.start import recycle_finetune
+
+    v = models["llama"]
+    opts = TransferOptions(masking=Masking(mask=str(tmp_path / "m.safetensors")))
+    with pytest.raises(ConfigError, match="mask is not supported"):
+        recycle_finetune(
+            str(v["source_base"]), str(v["source_finetuned"]), str(v["target_base"]), tmp_path / "t.jsonl",
+            tmp_path / "o", transfer=opts,
+        )  # fmt: skip

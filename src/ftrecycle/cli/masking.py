@@ -15,7 +15,7 @@ from pathlib import Path
 from ftrecycle.cli.args import add_group, positive_int
 from ftrecycle.cli.common import MODEL_HELP, Command
 from ftrecycle.errors import ConfigError
-from ftrecycle.finetune.gradmask import DEFAULT_MASK_EXAMPLES, DEFAULT_MICRO_BATCH, grad_sign_mask
+from ftrecycle.finetune.gradmask import DEFAULT_MASK_EXAMPLES, DEFAULT_MICRO_BATCH, VOTES, grad_sign_mask
 from ftrecycle.io.output import check_output, scratch_directory
 from ftrecycle.options import Masking
 
@@ -92,6 +92,14 @@ def _mask_arguments(p: argparse.ArgumentParser) -> None:
         help=f"examples per forward/backward pass; memory only, the gradient is their sum "
         f"(default {DEFAULT_MICRO_BATCH})",
     )
+    p.add_argument(
+        "--vote",
+        default="sum",
+        choices=VOTES,
+        help="how the examples' gradients give one sign: 'sum' (default): the sign of their summed gradient; "
+        "'majority': a majority vote of each example's own sign (GradFix's few-sample estimator; one backward "
+        "pass per example)",
+    )
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: cuda when available)")
     p.add_argument("--force", action="store_true", help="replace the mask file if it exists (never an input)")
 
@@ -104,10 +112,11 @@ def _mask(ns: argparse.Namespace) -> None:
         examples=_examples(ns),
         device=ns.device,
         micro_batch=ns.micro_batch,
+        vote=ns.vote,
         force=ns.force,
     )
     print(
-        f"wrote {res.output}: the sign of -grad on {res.examples} example(s) for {res.tensors} tensors in "
+        f"wrote {res.output}: the sign of -grad ({ns.vote}) on {res.examples} example(s) for {res.tensors} tensors in "
         f"{res.seconds:.1f} s" + (f"; {len(res.skipped)} without a gradient (added whole)" if res.skipped else "")
     )
 

@@ -10,9 +10,10 @@ not rescaled (the paper's update is ``alpha * (m * tau)``; alpha is the only sca
 Here ``g`` is the gradient of the summed next-token cross-entropy over the completion tokens of the
 first ``examples`` examples (the fine-tuning formats; prompt tokens carry no loss), accumulated over
 micro-batches with the model loaded once, in float32 (on CUDA, with bfloat16 autocast where the GPU
-has it, as fine-tuning does). The paper's limited-data variant takes a majority vote of the
-examples' own gradient signs; this module takes the sign of their summed gradient, which weighs
-each example by its gradient's size.
+has it, as fine-tuning does). ``vote="sum"`` (the default) takes the sign of the summed gradient,
+which weighs each example by its gradient's size; ``vote="majority"`` takes a majority vote of the
+examples' own gradient signs (the sign of the sum of their signs, 0 on a tie), the paper's
+few-sample estimator (its code's ``sign_mode max``): one backward pass per example.
 
 The mask is ``sign(-g)`` as int8 (-1, 0, +1) for every floating tensor the checkpoint stores that is
 a parameter with a gradient, under the checkpoint's own names (a tied embedding under each name the
@@ -43,6 +44,8 @@ DEFAULT_MASK_EXAMPLES = 64
 #: Examples per forward/backward pass (the gradient is their sum whatever the split).
 DEFAULT_MICRO_BATCH = 8
 DEFAULT_MAX_LENGTH = 1024
+#: How the examples' gradients become one sign: that of their sum, or a majority vote of their signs.
+VOTES = ("sum", "majority")
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,23 @@ def _summed_gradient(net: Any, batches: list[dict[str, Any]], device: str) -> No
         loss.backward()
 
 
+def _voted_gradient(net: Any, feats: list[dict[str, list[int]]], collate: Collator, device: str) -> None:
+    """Leave in each parameter's ``.grad`` minus the sum of the examples' own signs of ``-grad`` (one
+    backward pass per example; integers, so the vote is exact), so that :func:`_signs` reads the majority."""
+    import torch  # heavy: kept off the transfer path
+
+    votes = {n: torch.zeros_like(p) for n, p in net.named_parameters()}
+    seen: set[str] = set()
+    for f in feats:
+        _summed_gradient(net, [collate([f])], device)
+        for n, p in net.named_parameters():
+            if p.grad is not None:
+                votes[n] -= torch.sign(-p.grad)
+                seen.add(n)
+    for n, p in net.named_parameters():
+        p.grad = votes[n] if n in seen else None
+
+
 def _signs(net: Any, stored: dict[str, tuple[int, ...]]) -> tuple[dict[str, np.ndarray], list[str]]:
     """``sign(-grad)`` as int8 for each stored tensor name whose parameter has a gradient; the names without one."""
     import torch  # heavy: kept off the transfer path
@@ -133,6 +153,7 @@ def grad_sign_mask(
     device: str | None = None,
     micro_batch: int = DEFAULT_MICRO_BATCH,
     max_length: int = DEFAULT_MAX_LENGTH,
+    vote: str = "sum",
     force: bool = False,
 ) -> MaskResult:
     """Write the sign of the target's descent direction on labelled examples as a mask file (GradFix).
@@ -145,13 +166,15 @@ def grad_sign_mask(
         device: ``cpu``, ``cuda``... (default: CUDA when available).
         micro_batch: examples per forward/backward pass (memory only: the gradient is their sum).
         max_length: tokens kept per example.
+        vote: ``sum`` (the sign of the summed gradient) or ``majority`` (a majority vote of the examples'
+            own gradient signs, GradFix's few-sample estimator; ``micro_batch`` does not apply).
         force: replace an existing file.
 
     Returns:
         What was written.
 
     Raises:
-        ConfigError: ``examples``, ``micro_batch`` or ``max_length`` below 1.
+        ConfigError: ``examples``, ``micro_batch`` or ``max_length`` below 1, or another ``vote``.
         DataError: a missing or malformed calibration file, or no example with a completion token.
         CheckpointError: the model cannot be read.
         OutputError: the file exists (without ``force``), overlaps an input, or cannot be written.
@@ -161,6 +184,8 @@ def grad_sign_mask(
     started = time.perf_counter()
     if min(examples, micro_batch, max_length) < 1:
         raise ConfigError(f"examples ({examples}), micro_batch and max_length must be at least 1")
+    if vote not in VOTES:
+        raise ConfigError(f"vote {vote!r} is not one of {', '.join(VOTES)}")
     with open_checkpoint(str(target_base)) as ckpt:
         path = Path(ckpt.path)
         stored = {n: t.shape for n, t in ckpt.tensors.items() if t.dtype.is_floating}
@@ -175,13 +200,17 @@ def grad_sign_mask(
     batches = [collate(feats[i : i + micro_batch]) for i in range(0, len(feats), micro_batch)]
     dev = pick_device(device)
     net = load_causal_lm(path, dtype=torch.float32).to(dev).eval()  # eval: dropout off, gradients still flow
-    _summed_gradient(net, batches, dev)
+    if vote == "majority":
+        _voted_gradient(net, feats, collate, dev)
+    else:
+        _summed_gradient(net, batches, dev)
     signs, skipped = _signs(net, stored)
     del net
     info = {
         "tool": "ftrecycle",
         "version": __version__,
-        "method": "grad-sign (GradFix): sign of -grad of the summed completion-token loss on the target",
+        "method": "grad-sign (GradFix): sign of -grad of the completion-token loss on the target",
+        "vote": vote,
         "calibration": {"file": Path(calibration).name, "sha256": file_sha256(calibration)},
         "examples": len(feats),
         "examples_requested": examples,
