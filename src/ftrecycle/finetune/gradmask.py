@@ -189,7 +189,14 @@ def grad_sign_mask(
     with open_checkpoint(str(target_base)) as ckpt:
         path = Path(ckpt.path)
         stored = {n: t.shape for n, t in ckpt.tensors.items() if t.dtype.is_floating}
-        target = {"ref": str(target_base), "repo_id": ckpt.source.repo_id, "revision": ckpt.source.revision}
+        # the target by name and content, never by an absolute path (the file may be shared)
+        target = {
+            "name": ckpt.source.repo_id or path.name,
+            "revision": ckpt.source.revision,
+            "config_sha256": file_sha256(path / "config.json") if (path / "config.json").is_file() else None,
+            "tensors": len(ckpt.tensors),
+            "bytes": sum(t.nbytes for t in ckpt.tensors.values()),
+        }
     out = check_no_overlap(output, [path, calibration], what="mask file")
     if os.path.lexists(out) and not force:
         raise OutputError(f"mask file {output} exists; remove it, choose another path, or pass --force")

@@ -20,6 +20,7 @@ Naming (directories under ``seed-S/models`` and job ids):
   scale 1 is (a)'s ``ft-Mi``, (b)'s ``Mj+di`` and (g)'s ``Mj+di@SPEC``, never run twice;
 * ``Mj+di@maskN``: Mj + (mask ⊙ Δi), the mask the sign of Mj's descent direction on the first N training
   problems (``transfer --mask grad-sign``, GradFix), for every pair and each N of ``MASK_EXAMPLES`` (experiment i);
+  ``Mj+di@maskNmaj``: the mask a majority vote of the N examples' own signs, each N of ``MASK_MAJORITY``;
 * ``sizes``: ‖Δ‖/‖W‖ of every fine-tune and version step (one job per seed, after all of them).
 """
 
@@ -31,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from ftrecycle.lab import world
-from ftrecycle.lab.config import CALIBRATED, COMPRESSIONS, MASK_EXAMPLES, LabConfig
+from ftrecycle.lab.config import CALIBRATED, COMPRESSIONS, MASK_EXAMPLES, MASK_MAJORITY, LabConfig
 from ftrecycle.lab.jobs import (
     auto_alpha_job,
     compressed_job,
@@ -234,12 +235,19 @@ def _auto_alpha(s: _Seed) -> list[Job]:
     return jobs
 
 
+#: experiment (i)'s mask settings: (the key of its numbers in the results, N, the vote, the job-name suffix)
+MASK_SETTINGS: tuple[tuple[str, int, str, str], ...] = (
+    *((str(n), n, "sum", f"@mask{n}") for n in MASK_EXAMPLES),
+    *((f"{n} majority", n, "majority", f"@mask{n}maj") for n in MASK_MAJORITY),
+)
+
+
 def _masked(s: _Seed) -> list[Job]:
     """(i) Mj + (mask ⊙ Δi) for every pair, the gradient-sign mask on the first N training problems."""
     jobs = []
-    for n in MASK_EXAMPLES:
+    for _, n, vote, suffix in MASK_SETTINGS:
         for i, j in pairs():
-            name = f"{j}+d{i[1]}@mask{n}"
+            name = f"{j}+d{i[1]}{suffix}"
             kwargs = {
                 **s.pair(i, j),
                 "out": str(s.models / "masked" / safe_dir(name)),
@@ -248,6 +256,8 @@ def _masked(s: _Seed) -> list[Job]:
                 "examples": n,
                 "max_new_tokens": s.cfg.max_new_tokens,
             }
+            if vote != "sum":  # the sum's jobs keep the key they were first cached under
+                kwargs["vote"] = vote
             jobs.append(s.job(name, masked_job, kwargs, (f"ft-{i}",)))
     return jobs
 
@@ -422,8 +432,8 @@ def collect_seed(cfg: LabConfig, seed: int, res: dict[str, dict[str, Any]]) -> d
         if _feasible(r, [f"{j}+d{i[1]}@{spec}" for i, j in STAGE2_PAIRS])
     }
     masked = {
-        str(n): {j: {i: _masked_numbers(r[f"{j}+d{i[1]}@mask{n}"]) for i in VERSIONS if i != j} for j in VERSIONS}
-        for n in MASK_EXAMPLES
+        key: {j: {i: _masked_numbers(r[f"{j}+d{i[1]}{suffix}"]) for i in VERSIONS if i != j} for j in VERSIONS}
+        for key, _, _, suffix in MASK_SETTINGS
     }
     pre = r["pretrain"]
     return {

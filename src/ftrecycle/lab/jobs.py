@@ -261,9 +261,10 @@ def masked_job(
     calibration: str,
     examples: int,
     max_new_tokens: int,
+    vote: str = "sum",
 ) -> dict[str, Any]:
     """``transfer --mask grad-sign``: the target's gradient-sign mask on the first ``examples`` problems of
-    ``calibration`` (``ftrecycle mask``), Mj + (mask ⊙ Δi) written with it, then scored.
+    ``calibration`` (``ftrecycle mask --vote VOTE``), Mj + (mask ⊙ Δi) written with it, then scored.
 
     Returns:
         The accuracy, and the share of Δ's non-zero entries the mask kept.
@@ -272,7 +273,7 @@ def masked_job(
     mask, model = root / "mask.safetensors", root / "model"
     if not mask.is_file():
         root.mkdir(parents=True, exist_ok=True)
-        grad_sign_mask(target_base, calibration, mask, examples=examples, force=True)
+        grad_sign_mask(target_base, calibration, mask, examples=examples, vote=vote, force=True)
     if not model.is_dir():
         transfer(source_base, source_finetuned, target_base, model, mask=str(mask), force=True)
     record = json.loads((model / "ftrecycle.json").read_text())["mask"]

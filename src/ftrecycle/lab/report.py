@@ -744,9 +744,10 @@ def _masking(results: dict[str, Any]) -> list[str]:
         "## (i) Gradient-sign mask (GradFix) against plain transfer",
         "",
         "Mj + (mask ⊙ Δi): an entry of Δi is kept only where its sign agrees with Mj's descent direction, the "
-        "sign of −∇L(Mj) summed over the first N training problems (`transfer --mask grad-sign`); kept entries are "
-        "not rescaled. Gains are points over Mj's zero-shot accuracy (seed mean); 'kept' is the share of Δi's "
-        "non-zero entries the mask kept.",
+        "sign of −∇L(Mj) summed over the first N training problems (`transfer --mask grad-sign`), or with "
+        "'majority' a majority vote of those N problems' own signs (`ftrecycle mask --vote majority`, GradFix's "
+        "few-sample estimator); kept entries are not rescaled. Gains are points over Mj's zero-shot accuracy "
+        "(seed mean); 'kept' is the share of Δi's non-zero entries the mask kept.",
         "",
         *_table(["pair", "plain gain", *[f"masked gain, N={n}" for n in ns], *[f"kept, N={n}" for n in ns]], rows),
         "",

@@ -117,10 +117,8 @@ def with_mask(
     terms, records = mask_terms(addend.terms, m.ckpt, target, mask_name=f"mask file {m.path.name}")
     tallies = [t.tally for t in terms.values() if isinstance(t, Masked)]
     described = {"file": m.path.name, "sha256": m.sha256, "made": m.info}
-    use = MaskUse(described, tallies)
-    return replace(
-        addend, terms=terms, records=[*addend.records, *records], mask=use
-    ), meta_left - m.ckpt.metadata_bytes
+    masked = replace(addend, terms=terms, records=[*addend.records, *records], mask=MaskUse(described, tallies))
+    return masked, meta_left - m.ckpt.metadata_bytes
 
 
 def write_model(
