@@ -344,3 +344,23 @@ def test_recycle_refuses_a_mask(models, tmp_path):
             str(v["source_base"]), str(v["source_finetuned"]), str(v["target_base"]), tmp_path / "t.jsonl",
             tmp_path / "o", transfer=opts,
         )  # fmt: skip
+
+
+def test_lab_masked_jobs_cover_every_pair_and_setting(tmp_path):
+    from ftrecycle.lab.config import preset
+    from ftrecycle.lab.experiments import MASK_SETTINGS, pairs, seed_jobs
+
+    data = {k: tmp_path / f"{k}.jsonl" for k in ("train", "test", "language_train", "language_test")}
+    jobs = {j.id[len("s0:") :]: j for j in seed_jobs(preset("smoke"), 0, tmp_path, data)}
+    masked = {n: j for n, j in jobs.items() if "@mask" in n}
+    assert len(masked) == len(pairs()) * len(MASK_SETTINGS) == 60
+    j = masked["M5+d4@mask16"]
+    assert j.kwargs["examples"] == 16 and "vote" not in j.kwargs and j.deps == ("s0:ft-M4",)
+    assert j.kwargs["source_finetuned"].endswith("ft-M4") and j.kwargs["target_base"].endswith("pretrain/M5")
+    assert masked["M4+d5@mask64maj"].kwargs["vote"] == "majority"
+    outs = [j.kwargs["out"] for j in masked.values()]
+    assert len(set(outs)) == len(outs)
+    from ftrecycle.lab.run import job_kind
+
+    assert {job_kind("s1:" + n) for n in masked} == {"masked (i)"}
+    assert job_kind("s0:M5+d4@int8") == "compressed"

@@ -120,6 +120,7 @@ JOB_KINDS: tuple[tuple[str, str], ...] = (
     ("recycling fine-tune", r"ft-.*\+.*(?<!lang)"),  # not ft-M5+dlang: a transfer, of experiment (e)
     ("iterative", r"iterative"),
     ("transfer+score", r"M\d\+d\d"),
+    ("masked (i)", r"M\d\+d\d@mask\d+(maj)?"),  # before compressed: the same shape of name
     ("compressed", r"M\d\+d\d@.+"),
     ("diagnose", r"diag-.+"),
     ("auto-alpha", r"M\d\+d\dauto"),
