@@ -33,7 +33,7 @@ import numpy as np
 from ftrecycle.errors import CheckpointError, ConfigError, DataError, OutputError
 from ftrecycle.finetune.calibrate import checkpoint_names, file_sha256, pick_device
 from ftrecycle.finetune.data import IGNORE_INDEX, Collator, encode, load_examples
-from ftrecycle.io.checkpoint import open_checkpoint
+from ftrecycle.io.checkpoint import Checkpoint, open_checkpoint
 from ftrecycle.io.hf_load import load_causal_lm, load_tokenizer
 from ftrecycle.io.maskfile import write_mask
 from ftrecycle.io.output import check_no_overlap
@@ -144,6 +144,18 @@ def _signs(net: Any, stored: dict[str, tuple[int, ...]]) -> tuple[dict[str, np.n
     return signs, skipped
 
 
+def _identity(ckpt: Checkpoint) -> dict[str, Any]:
+    """The target by name and content, never by an absolute path (a mask file may be shared)."""
+    config = Path(ckpt.path) / "config.json"
+    return {
+        "name": ckpt.source.repo_id or Path(ckpt.path).name,
+        "revision": ckpt.source.revision,
+        "config_sha256": file_sha256(config) if config.is_file() else None,
+        "tensors": len(ckpt.tensors),
+        "bytes": sum(t.nbytes for t in ckpt.tensors.values()),
+    }
+
+
 def grad_sign_mask(
     target_base: str | Path,
     calibration: str | Path,
@@ -189,14 +201,7 @@ def grad_sign_mask(
     with open_checkpoint(str(target_base)) as ckpt:
         path = Path(ckpt.path)
         stored = {n: t.shape for n, t in ckpt.tensors.items() if t.dtype.is_floating}
-        # the target by name and content, never by an absolute path (the file may be shared)
-        target = {
-            "name": ckpt.source.repo_id or path.name,
-            "revision": ckpt.source.revision,
-            "config_sha256": file_sha256(path / "config.json") if (path / "config.json").is_file() else None,
-            "tensors": len(ckpt.tensors),
-            "bytes": sum(t.nbytes for t in ckpt.tensors.values()),
-        }
+        target = _identity(ckpt)
     out = check_no_overlap(output, [path, calibration], what="mask file")
     if os.path.lexists(out) and not force:
         raise OutputError(f"mask file {output} exists; remove it, choose another path, or pass --force")
