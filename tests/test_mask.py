@@ -245,6 +245,8 @@ def test_cli_mask_flags_refused_when_they_cannot_be_used(models, calib, tmp_path
         (["--mask", "grad-sign"], "--mask grad-sign needs --calibration FILE"),
         (["--mask-examples", "4"], "--mask-examples is only used with --mask grad-sign"),
         (["--calibration", str(calib)], "--calibration is only used with --alpha auto or --mask grad-sign"),
+        (["--mask", str(tmp_path / "none.safetensors")], "none.safetensors: no such file"),
+        (["--mask", str(calib)], "calib.jsonl"),  # not a safetensors file: its header is refused
     ]
     for extra, message in cases:
         assert main([*base, *extra]) == 2
@@ -364,3 +366,18 @@ def test_lab_masked_jobs_cover_every_pair_and_setting(tmp_path):
 
     assert {job_kind("s1:" + n) for n in masked} == {"masked (i)"}
     assert job_kind("s0:M5+d4@int8") == "compressed"
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory", "empty"])
+def test_a_mask_that_is_no_regular_safetensors_file_is_one_clear_error(tmp_path, kind):
+    import os
+
+    p = tmp_path / "m.safetensors"
+    if kind == "fifo":
+        os.mkfifo(p)
+    elif kind == "directory":
+        p.mkdir()
+    else:
+        p.write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"m\.safetensors"):
+        open_mask(p)

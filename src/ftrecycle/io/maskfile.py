@@ -73,7 +73,7 @@ def open_mask(path: str | Path, *, max_metadata_bytes: int | None = None) -> Mas
         MemoryBudgetError: the header would take more than ``max_metadata_bytes`` to index.
     """
     p = Path(path).expanduser()
-    if not p.is_file():
+    if not os.path.lexists(p):  # anything else (a FIFO, a directory) is refused by the header reader
         raise CheckpointError(f"mask file {p}: no such file; make one with `ftrecycle mask` or pass --mask grad-sign")
     cost = metadata_cost([p])
     if max_metadata_bytes is not None and cost > max_metadata_bytes:
