@@ -304,7 +304,7 @@ def test_lab_masking_summary_from_a_made_up_record():
     assert s["made_harmful"] == 1  # M4+Δ5
     assert s["all"]["masked_better"] == 1 and s["all"]["masked_worse"] == 2
     assert s["all"]["mean_plain_gain"] == round((-10 + 6 - 2) / 20, 2)
-    assert s["mean_kept_fraction"] == 0.5
+    assert s["mean_kept_pct"] == 50.0 and s["examples"] == 16
 
 
 def test_lab_masking_report_section_shows_the_numbers():
@@ -319,7 +319,7 @@ def test_lab_masking_report_section_shows_the_numbers():
         }
     }
     text = "\n".join(_masking(results))
-    assert "| M5+Δ4 | -10.0 | -4.0 | 0.500 |" in text
+    assert "| M5+Δ4 | -10.0 | -4.0 | 50.0 |" in text
     assert "loses less on **1 of 2**" in text
     assert "Seed 1: 2 harmful pair(s), mean gain -6.5 plain, -3.5 masked" in text
 

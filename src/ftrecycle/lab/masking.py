@@ -15,6 +15,7 @@ from ftrecycle.lab.pretrain import VERSIONS
 
 
 def _mean(values: list[float], digits: int = 2) -> float | None:
+    """The mean of ``values`` rounded to ``digits`` (None for none)."""
     return round(sum(values) / len(values), digits) if values else None
 
 
@@ -32,7 +33,7 @@ def _rows(m: dict[str, Any], n: str) -> list[dict[str, Any]]:
                     "base": base,
                     "plain_gain": round(m["transfer"][j][i] - base, 2),
                     "masked_gain": round(masked["accuracy"] - base, 2),
-                    "kept_fraction": masked["kept_fraction"],
+                    "kept_pct": None if masked["kept_fraction"] is None else round(100 * masked["kept_fraction"], 1),
                 }
             )
     return rows
@@ -60,7 +61,7 @@ def masking_summary(m: dict[str, Any]) -> dict[str, Any]:
         Per N (as text): the per-pair rows; ``all``: the comparison over every pair; ``harmful``: over the
         pairs where plain transfer hurts (its names, the mean gains, and ``loses_less``: the pairs where the
         masked gain is above the plain one); ``made_harmful``: pairs plain transfer helps (gain ≥ 0) but the
-        masked one hurts; ``mean_kept_fraction``.
+        masked one hurts; ``examples``: N; ``mean_kept_pct``: the share of Δ's non-zero entries kept, in percent.
     """
     out: dict[str, Any] = {}
     for n in m["masked"]:
@@ -76,6 +77,7 @@ def masking_summary(m: dict[str, Any]) -> dict[str, Any]:
                 "loses_less": hurt["masked_better"],
             },
             "made_harmful": sum(r["plain_gain"] >= 0 > r["masked_gain"] for r in rows),
-            "mean_kept_fraction": _mean([r["kept_fraction"] for r in rows if r["kept_fraction"] is not None], 4),
+            "examples": int(n.split()[0]),
+            "mean_kept_pct": _mean([r["kept_pct"] for r in rows if r["kept_pct"] is not None], 1),
         }
     return out

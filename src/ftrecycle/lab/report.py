@@ -737,7 +737,7 @@ def _masking(results: dict[str, Any]) -> list[str]:
     first = mean[ns[0]]["rows"]
     rows = [
         [r["pair"], _gain(r["plain_gain"]), *[_gain(by_pair[n][r["pair"]]["masked_gain"]) for n in ns],
-         *[f"{by_pair[n][r['pair']]['kept_fraction']:.3f}" for n in ns]]
+         *[by_pair[n][r["pair"]]["kept_pct"] for n in ns]]
         for r in first
     ]  # fmt: skip
     out = [
@@ -747,9 +747,9 @@ def _masking(results: dict[str, Any]) -> list[str]:
         "sign of −∇L(Mj) summed over the first N training problems (`transfer --mask grad-sign`), or with "
         "'majority' a majority vote of those N problems' own signs (`ftrecycle mask --vote majority`, GradFix's "
         "few-sample estimator); kept entries are not rescaled. Gains are points over Mj's zero-shot accuracy "
-        "(seed mean); 'kept' is the share of Δi's non-zero entries the mask kept.",
+        "(seed mean); 'kept %' is the share of Δi's non-zero entries the mask kept.",
         "",
-        *_table(["pair", "plain gain", *[f"masked gain, N={n}" for n in ns], *[f"kept, N={n}" for n in ns]], rows),
+        *_table(["pair", "plain gain", *[f"masked gain, N={n}" for n in ns], *[f"kept %, N={n}" for n in ns]], rows),
         "",
     ]
     for n in ns:
