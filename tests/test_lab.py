@@ -228,6 +228,7 @@ def test_job_kinds_from_ids():
         "s0:iterative": "iterative",
         "s2:M5+d4": "transfer+score",
         "s0:M4+d5@lowrank:ratio=8": "compressed",
+        "s1:M4+d5@mask64maj": "masked (i)",
         "s0:diag-M2+d1": "diagnose",
         "s0:M5+d4auto": "auto-alpha",
         "s0:lang-ft-M4": "language",

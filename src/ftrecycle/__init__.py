@@ -23,6 +23,7 @@ from ftrecycle.errors import (
     OutputError,
 )
 from ftrecycle.finetune.calibrate import CalibrationResult, calibrate, calibrated_diff, sensitivity
+from ftrecycle.finetune.gradmask import MaskResult, grad_sign_mask
 from ftrecycle.ops._model import TransferResult
 from ftrecycle.ops.apply import apply_delta
 from ftrecycle.ops.diff import DiffResult, diff
@@ -34,6 +35,7 @@ from ftrecycle.options import (
     DeltaStorage,
     DiffOptions,
     Inputs,
+    Masking,
     ModelFiles,
     Output,
     Policies,
@@ -59,6 +61,8 @@ __all__ = [
     "HubError",
     "IncompatibleModelsError",
     "Inputs",
+    "MaskResult",
+    "Masking",
     "MemoryBudgetError",
     "ModelFiles",
     "NonFiniteError",
@@ -78,6 +82,7 @@ __all__ = [
     "diagnose",
     "diff",
     "export_lora",
+    "grad_sign_mask",
     "inspect_delta",
     "sensitivity",
     "transfer",

@@ -33,7 +33,7 @@ from ftrecycle.dtypes import BF16, F32, F64, DType, bf16_to_float32, float32_to_
 from ftrecycle.errors import MemoryBudgetError, NonFiniteError
 from ftrecycle.io.output import ShardedWriter, Slot
 from ftrecycle.io.safetensors_format import pwrite_all
-from ftrecycle.terms import Add, Copy, Difference, OutTensor, PackedTerm, Piece, Stored, Sub, Term
+from ftrecycle.terms import Add, Copy, Difference, Masked, MaskTally, OutTensor, PackedTerm, Piece, Stored, Sub, Term
 
 #: Elements per work item: large enough to amortise Python overhead, small enough to stay in L2.
 DEFAULT_CHUNK = 1 << 18
@@ -165,8 +165,26 @@ def read_term(term: Term, s: int, n: int, d: np.ndarray, b: Buffers) -> np.ndarr
             widen(fin.ckpt.read(fin.info, s, n, b.raw[1]), fin.info.dtype, d, b)
             widen(base.ckpt.read(base.info, s, n, b.raw[2]), base.info.dtype, a, b)
             return np.subtract(d, a, out=d)
+        case Masked(term=inner, mask=op, tally=tally):
+            return _masked(read_term(inner, s, n, d, b), op.ckpt.read(op.info, s, n, b.raw[2]), tally, b)
         case _:
             assert_never(term)
+
+
+def _masked(d: np.ndarray, mask: np.ndarray, tally: MaskTally, b: Buffers) -> np.ndarray:
+    """``d * (sign(d) == mask)`` in place: elementwise, no reduction, so it is the same bits in any chunking.
+
+    ``mask`` is the int8 -1/0/+1 range (in ``b.raw[2]``, free once the inner term is read); the sign
+    goes to ``b.f[2]`` and the comparison to the scratch buffer. A multiply rather than a select so
+    that a dropped negative entry is -0.0 and a NaN stays NaN (and is refused like any other).
+    """
+    n = d.size
+    sign = np.sign(d, out=b.f[2][:n])
+    keep = np.equal(sign, mask, out=b.scratch(np.dtype(np.bool_), n))
+    nonzero = int(np.count_nonzero(d))
+    np.multiply(d, keep, out=d)
+    tally.add(n, nonzero, int(np.count_nonzero(d)))
+    return d
 
 
 class Engine:

@@ -306,7 +306,8 @@ class Scaling(OptionGroup):
     )
     calibration: str | None = option(
         None,
-        "with --alpha auto: JSONL examples of the task (fine-tuning formats) to choose alpha on",
+        "with --alpha auto or --mask grad-sign: JSONL examples of the task (fine-tuning formats) to choose "
+        "alpha on, or whose first --mask-examples make the mask",
         metavar="CALIB",
         path=True,
     )
@@ -324,6 +325,21 @@ class Scaling(OptionGroup):
                 "ftrecycle.best_alpha on calibration data (as `ftrecycle transfer --alpha auto` does)"
             )
         return float(self.alpha)
+
+
+@dataclass(frozen=True)
+class Masking(OptionGroup):
+    """Which entries of the diff are added: all, or those a sign mask keeps (GradFix)."""
+
+    mask: str | None = option(
+        None,
+        "a sign mask file made by `ftrecycle mask` on the target: each diff entry is kept only where its sign "
+        "equals the mask's (the target's descent direction), the rest dropped; tensors the mask lacks are "
+        "added whole and recorded. `transfer --mask grad-sign --calibration FILE` makes the mask first "
+        "(default: no mask, the whole diff)",
+        metavar="MASK",
+        path=True,
+    )
 
 
 @dataclass(frozen=True)
@@ -585,6 +601,7 @@ class TransferOptions(Bundle):
     resources: Resources = field(default_factory=Resources)
     output: Output = field(default_factory=Output)
     inputs: Inputs = field(default_factory=Inputs)
+    masking: Masking = field(default_factory=Masking)
 
 
 @dataclass(frozen=True)
@@ -615,3 +632,4 @@ class ApplyOptions(Bundle):
     resources: Resources = field(default_factory=Resources)
     output: Output = field(default_factory=Output)
     inputs: Inputs = field(default_factory=Inputs)
+    masking: Masking = field(default_factory=Masking)

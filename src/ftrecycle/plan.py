@@ -25,6 +25,7 @@ from ftrecycle.terms import (
     Add,
     Copy,
     Difference,
+    Masked,
     Operand,
     OutTensor,
     Piece,
@@ -374,6 +375,48 @@ def _narrow(term: Term, rows: int) -> Term:
     if term.shape[0] == rows:
         return term
     return replace(term, shape=(rows, *term.shape[1:]))
+
+
+def mask_terms(
+    terms: dict[str, Term], mask: Checkpoint, target: Checkpoint, *, mask_name: str = "the mask"
+) -> tuple[dict[str, Term], list[Record]]:
+    """The diff's terms, each kept only where its sign agrees with the mask's tensor of its name.
+
+    A mask tensor has the shape of the target's tensor of that name (it was computed on the target);
+    the term is read over its first elements, as the target is where vocabularies differ. A term
+    the mask has no tensor for is added whole, and recorded; a term whose tensor the target does
+    not have is left as it is (the planner drops it).
+
+    Args:
+        terms: the diff vector.
+        mask: the opened mask file (int8 tensors of -1/0/+1; see :mod:`ftrecycle.io.maskfile`).
+        target: the new base model.
+        mask_name: the mask file, for messages.
+
+    Returns:
+        The terms (masked ones as :class:`~ftrecycle.terms.Masked`) and the records of the unmasked ones.
+
+    Raises:
+        IncompatibleModelsError: a mask tensor whose shape is not the target's.
+    """
+    tnames, _ = logical_names(target)
+    out: dict[str, Term] = {}
+    records: list[Record] = []
+    for name, term in terms.items():
+        m, t = mask.tensors.get(name), tnames.get(name)
+        if t is None:
+            out[name] = term
+        elif m is None:
+            out[name] = term
+            records.append(record(name, Action.UNMASKED, f"{mask_name} has no entry for it; its diff is added whole"))
+        elif m.shape != t.shape:
+            raise IncompatibleModelsError(
+                f"tensor {name!r} has shape {list(m.shape)} in {mask_name} but {list(t.shape)} in the target: "
+                "the mask was computed for another model; make it on this target with `ftrecycle mask`"
+            )
+        else:
+            out[name] = Masked(name, term.shape, term, Operand(mask, m))
+    return out, records
 
 
 def plan_diff(terms: dict[str, Term], delta_dtype: DType) -> Plan:

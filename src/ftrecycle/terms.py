@@ -8,6 +8,7 @@ built, and the engine dispatches with ``match`` (mypy checks that every kind is 
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TypeAlias, TypedDict
@@ -58,8 +59,41 @@ class PackedTerm:
     packed: Packed
 
 
+class MaskTally:
+    """What a masked term kept, counted by the engine's workers as they compute it.
+
+    Integer counts, so their sum is the same in any order, thread count or chunk size.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.elements = 0
+        self.nonzero = 0
+        self.kept = 0
+
+    def add(self, elements: int, nonzero: int, kept: int) -> None:
+        """Count one element range: its size, its non-zero diff entries, and the non-zero ones kept."""
+        with self._lock:
+            self.elements += elements
+            self.nonzero += nonzero
+            self.kept += kept
+
+
+@dataclass(frozen=True)
+class Masked:
+    """A diff tensor kept only where its sign agrees with a sign mask (GradFix, ICLR 2026):
+    ``term * (sign(term) == mask)``, elementwise; ``mask`` is an int8 tensor of -1/0/+1 read over
+    the same elements (see :mod:`ftrecycle.io.maskfile`)."""
+
+    name: str
+    shape: tuple[int, ...]
+    term: Term
+    mask: Operand
+    tally: MaskTally = field(default_factory=MaskTally, compare=False, repr=False)
+
+
 #: One tensor of a diff vector, of ``shape``.
-Term: TypeAlias = Difference | Stored | PackedTerm
+Term: TypeAlias = Difference | Stored | PackedTerm | Masked
 
 
 # ---------------------------------------------------------------- pieces
@@ -144,6 +178,8 @@ class Action(StrEnum):
     """The target ties it; ``--tie-mismatch untie`` writes it as its own tensor with its own diff."""
     LORA_SOURCE = "lora-source"
     """The diff is a LoRA adapter's merged update (one record for the whole model, tensor ``*``)."""
+    UNMASKED = "unmasked"
+    """``--mask``: the mask file has no entry for it; its diff is added whole."""
 
 
 class Record(TypedDict):

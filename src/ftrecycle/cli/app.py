@@ -20,7 +20,7 @@ import traceback
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from ftrecycle.cli import calibration, diagnosis, evaluation, lab, models, training
+from ftrecycle.cli import calibration, diagnosis, evaluation, lab, masking, models, training
 from ftrecycle.cli.args import Parser, check_paths
 from ftrecycle.cli.common import Command
 from ftrecycle.distributed import exit_together, is_main, reported_elsewhere
@@ -32,7 +32,7 @@ DEBUG_ENV = "FTRECYCLE_DEBUG"
 
 #: every subcommand, in the order ``ftrecycle --help`` lists them
 COMMANDS: dict[str, Command] = {
-    c.name: c for group in (models, calibration, diagnosis, lab, training, evaluation) for c in group.COMMANDS
+    c.name: c for group in (models, masking, calibration, diagnosis, lab, training, evaluation) for c in group.COMMANDS
 }
 
 

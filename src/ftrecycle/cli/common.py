@@ -140,11 +140,11 @@ def resolve_alpha(ns: argparse.Namespace, inputs: Collection[str | None] = ()) -
         inputs: the command's other inputs, which the output must not touch either.
 
     Raises:
-        ConfigError: ``--calibration`` without ``--alpha auto``, or ``auto`` without it.
+        ConfigError: ``--calibration`` without ``--alpha auto`` or ``--mask grad-sign``, or ``auto`` without it.
     """
     if ns.alpha != "auto":
-        if ns.calibration is not None:
-            raise ConfigError("--calibration is only used with --alpha auto")
+        if ns.calibration is not None and getattr(ns, "mask", None) != "grad-sign":
+            raise ConfigError("--calibration is only used with --alpha auto or --mask grad-sign")
         return float(ns.alpha)
     if ns.calibration is None:
         raise ConfigError("--alpha auto needs --calibration CALIB (JSONL examples of the task)")

@@ -22,6 +22,7 @@ from ftrecycle.cli.common import (
     resources,
     write_progress,
 )
+from ftrecycle.cli.masking import add_mask_arguments, check_mask_request, resolved_mask
 from ftrecycle.engine import default_threads
 from ftrecycle.errors import ConfigError
 from ftrecycle.ops import inspect as inspect_ops  # looked up per call: tests substitute inspect_delta
@@ -34,6 +35,7 @@ from ftrecycle.options import (
     DeltaStorage,
     DiffOptions,
     Inputs,
+    Masking,
     ModelFiles,
     Output,
     Policies,
@@ -72,20 +74,25 @@ def _transfer_arguments(p: argparse.ArgumentParser) -> None:
     add_group(p, DeltaStorage, only=("compress",))
     add_group(p, Policies)
     add_group(p, ModelFiles)
+    add_mask_arguments(p, grad_sign=True)
     add_write_groups(p)
 
 
 def _transfer(ns: argparse.Namespace) -> None:
+    check_mask_request(ns)
     alpha = resolve_alpha(ns)  # first: the budget below counts the memory the search held
-    options = bundle_from_args(TransferOptions, ns, scaling=Scaling(alpha=alpha), resources=resources(ns))
-    result = transfer(
-        ns.source_base,
-        ns.source_finetuned,
-        ns.target_base,
-        ns.output,
-        options=options,
-        progress=write_progress(ns.quiet),
-    )
+    with resolved_mask(ns) as mask:  # --mask grad-sign: made on the target now, removed after
+        options = bundle_from_args(
+            TransferOptions, ns, scaling=Scaling(alpha=alpha), resources=resources(ns), masking=Masking(mask=mask)
+        )
+        result = transfer(
+            ns.source_base,
+            ns.source_finetuned,
+            ns.target_base,
+            ns.output,
+            options=options,
+            progress=write_progress(ns.quiet),
+        )
     report(result)
 
 
@@ -131,12 +138,14 @@ def _apply_arguments(p: argparse.ArgumentParser) -> None:
     add_group(p, Precision)
     add_group(p, Policies)
     add_group(p, ModelFiles)
+    add_mask_arguments(p, grad_sign=False)
     add_write_groups(p)
 
 
 def _apply(ns: argparse.Namespace) -> None:
     if ns.alpha == "auto":
         raise ConfigError("--alpha auto needs the source models: use `ftrecycle transfer`")
+    check_mask_request(ns)
     options = bundle_from_args(ApplyOptions, ns, resources=resources(ns))
     result = apply_delta(
         ns.delta,

@@ -184,14 +184,20 @@ class AlphaChoice:
         return f"alpha auto: {self.alpha:g} (calibration loss by alpha: {losses})"
 
 
-def check_alpha_request(alpha: float | str, calibration: str | Path | None) -> None:
+def check_alpha_request(alpha: float | str, calibration: str | Path | None, *, mask: str | None = None) -> None:
     """Refuse an alpha/calibration pair that cannot be resolved, before any model is read.
 
+    Args:
+        alpha: a number, or ``"auto"``.
+        calibration: calibration data, or None.
+        mask: ``--mask``; ``grad-sign`` uses the calibration data too.
+
     Raises:
-        ConfigError: ``auto`` without calibration data, or calibration data with a numeric alpha.
+        ConfigError: ``auto`` without calibration data, or calibration data used for nothing (a numeric
+            alpha and no ``grad-sign`` mask).
     """
-    if alpha != "auto" and calibration is not None:
-        raise ConfigError("--calibration is only used with --alpha auto")
+    if alpha != "auto" and calibration is not None and mask != "grad-sign":
+        raise ConfigError("--calibration is only used with --alpha auto or --mask grad-sign")
     if alpha == "auto" and calibration is None:
         raise ConfigError("--alpha auto needs --calibration CALIB (JSONL examples of the task)")
 

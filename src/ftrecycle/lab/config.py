@@ -40,6 +40,12 @@ COMPRESSIONS: tuple[str, ...] = (
     "kbit:bits=2" + CALIBRATED,
     "auto:ratio=8" + CALIBRATED,
 )
+#: experiment (i): the labelled examples (the first training problems) the gradient-sign mask is computed on:
+#: GradFix's "tens", at two sizes
+MASK_EXAMPLES: tuple[int, ...] = (16, 64)
+#: and at these N also with the mask a majority vote of the examples' own signs (GradFix's few-sample
+#: estimator, ``ftrecycle mask --vote majority``) instead of the sign of their summed gradient
+MASK_MAJORITY: tuple[int, ...] = (64,)
 #: experiment (h)'s default: every (g) setting but dense and the calibrated ones
 SWEEP_COMPRESSIONS = tuple(c for c in COMPRESSIONS if c != "none" and not c.endswith(CALIBRATED))
 

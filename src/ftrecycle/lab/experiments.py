@@ -18,6 +18,9 @@ Naming (directories under ``seed-S/models`` and job ids):
   ``ft-M5+dlang``: ft-M5 + (lang-ft-M4 − ft-M4) (experiment e);
 * ``ft-Mi@lrS``, ``Mj+di@lrS`` and ``Mj+di@lrS@SPEC``: experiment (h) at ``S`` × ``ft_lr`` (i, j in M4, M5);
   scale 1 is (a)'s ``ft-Mi``, (b)'s ``Mj+di`` and (g)'s ``Mj+di@SPEC``, never run twice;
+* ``Mj+di@maskN``: Mj + (mask ⊙ Δi), the mask the sign of Mj's descent direction on the first N training
+  problems (``transfer --mask grad-sign``, GradFix), for every pair and each N of ``MASK_EXAMPLES`` (experiment i);
+  ``Mj+di@maskNmaj``: the mask a majority vote of the N examples' own signs, each N of ``MASK_MAJORITY``;
 * ``sizes``: ‖Δ‖/‖W‖ of every fine-tune and version step (one job per seed, after all of them).
 """
 
@@ -29,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from ftrecycle.lab import world
-from ftrecycle.lab.config import CALIBRATED, COMPRESSIONS, LabConfig
+from ftrecycle.lab.config import CALIBRATED, COMPRESSIONS, MASK_EXAMPLES, MASK_MAJORITY, LabConfig
 from ftrecycle.lab.jobs import (
     auto_alpha_job,
     compressed_job,
@@ -37,6 +40,7 @@ from ftrecycle.lab.jobs import (
     eval_job,
     finetune_job,
     iterative_job,
+    masked_job,
     pretrain_job,
     transfer_job,
     update_sizes_job,
@@ -231,6 +235,33 @@ def _auto_alpha(s: _Seed) -> list[Job]:
     return jobs
 
 
+#: experiment (i)'s mask settings: (the key of its numbers in the results, N, the vote, the job-name suffix)
+MASK_SETTINGS: tuple[tuple[str, int, str, str], ...] = (
+    *((str(n), n, "sum", f"@mask{n}") for n in MASK_EXAMPLES),
+    *((f"{n} majority", n, "majority", f"@mask{n}maj") for n in MASK_MAJORITY),
+)
+
+
+def _masked(s: _Seed) -> list[Job]:
+    """(i) Mj + (mask ⊙ Δi) for every pair, the gradient-sign mask on the first N training problems."""
+    jobs = []
+    for _, n, vote, suffix in MASK_SETTINGS:
+        for i, j in pairs():
+            name = f"{j}+d{i[1]}{suffix}"
+            kwargs = {
+                **s.pair(i, j),
+                "out": str(s.models / "masked" / safe_dir(name)),
+                "test": s.test,
+                "calibration": s.train,
+                "examples": n,
+                "max_new_tokens": s.cfg.max_new_tokens,
+            }
+            if vote != "sum":  # the sum's jobs keep the key they were first cached under
+                kwargs["vote"] = vote
+            jobs.append(s.job(name, masked_job, kwargs, (f"ft-{i}",)))
+    return jobs
+
+
 def _compressed(s: _Seed) -> list[Job]:
     """(g) Δ stored compressed by each of :data:`COMPRESSIONS`, on the stage-2 pairs."""
     jobs = []
@@ -340,6 +371,7 @@ def seed_jobs(cfg: LabConfig, seed: int, root: Path, data: dict[str, Path]) -> l
         _compressed,
         _auto_alpha,
         _sweep_transfers,
+        _masked,
         _sizes,
     )
     return [job for step in steps for job in step(s)]
@@ -399,8 +431,13 @@ def collect_seed(cfg: LabConfig, seed: int, res: dict[str, dict[str, Any]]) -> d
         for spec in COMPRESSIONS
         if _feasible(r, [f"{j}+d{i[1]}@{spec}" for i, j in STAGE2_PAIRS])
     }
+    masked = {
+        key: {j: {i: _masked_numbers(r[f"{j}+d{i[1]}{suffix}"]) for i in VERSIONS if i != j} for j in VERSIONS}
+        for key, _, _, suffix in MASK_SETTINGS
+    }
     pre = r["pretrain"]
     return {
+        "masked": masked,
         "update_sizes": _collect_sizes(cfg, r),
         "sweep": _collect_sweep(cfg, r, base),
         "compressed": compressed,
@@ -415,6 +452,11 @@ def collect_seed(cfg: LabConfig, seed: int, res: dict[str, dict[str, Any]]) -> d
         "multilingual": multilingual,
         "pretrain_loss": pre["loss"],
     }
+
+
+def _masked_numbers(job: dict[str, Any]) -> dict[str, Any]:
+    """(i)'s numbers of one masked transfer: its accuracy and the share of Δ the mask kept."""
+    return {"accuracy": job["accuracy"], "kept_fraction": job["kept_fraction"]}
 
 
 def _feasible(r: dict[str, Any], names: list[str]) -> bool:

@@ -20,6 +20,7 @@ from ftrecycle.evaluate.builtin import evaluate_gsm8k, load_for_eval
 from ftrecycle.evaluate.data import read_gsm8k
 from ftrecycle.finetune.calibrate import calibrate
 from ftrecycle.finetune.config import FinetuneConfig
+from ftrecycle.finetune.gradmask import grad_sign_mask
 from ftrecycle.finetune.train import EVAL_LOG, FinetuneResult, finetune
 from ftrecycle.io.output import atomic_directory
 from ftrecycle.lab import world
@@ -248,6 +249,38 @@ def compressed_job(
         "accuracy": evaluate_model(model, test, max_new_tokens=max_new_tokens),
         "ratio": dense / stored,
         "median_error": statistics.median(errors) if errors else 0.0,
+    }
+
+
+def masked_job(
+    source_base: str,
+    source_finetuned: str,
+    target_base: str,
+    out: str,
+    test: str,
+    calibration: str,
+    examples: int,
+    max_new_tokens: int,
+    vote: str = "sum",
+) -> dict[str, Any]:
+    """``transfer --mask grad-sign``: the target's gradient-sign mask on the first ``examples`` problems of
+    ``calibration`` (``ftrecycle mask --vote VOTE``), Mj + (mask ⊙ Δi) written with it, then scored.
+
+    Returns:
+        The accuracy, and the share of Δ's non-zero entries the mask kept.
+    """
+    root = Path(out)
+    mask, model = root / "mask.safetensors", root / "model"
+    if not mask.is_file():
+        root.mkdir(parents=True, exist_ok=True)
+        grad_sign_mask(target_base, calibration, mask, examples=examples, vote=vote, force=True)
+    if not model.is_dir():
+        transfer(source_base, source_finetuned, target_base, model, mask=str(mask), force=True)
+    record = json.loads((model / "ftrecycle.json").read_text())["mask"]
+    return {
+        "accuracy": evaluate_model(model, test, max_new_tokens=max_new_tokens),
+        "kept_fraction": record["kept_fraction"],
+        "examples": record["made"]["examples"],
     }
 
 

@@ -725,6 +725,57 @@ def _targets(results: dict[str, Any]) -> list[str]:
     ]
 
 
+def _gain(x: Any) -> str:
+    return "–" if x is None else f"{x:+.1f}"
+
+
+def _masking(results: dict[str, Any]) -> list[str]:
+    """(i): plain against gradient-sign-masked transfer on every pair, and on the pairs plain transfer hurts."""
+    mean = results["masking"]["mean"]
+    ns = list(mean)
+    by_pair = {n: {r["pair"]: r for r in mean[n]["rows"]} for n in ns}
+    first = mean[ns[0]]["rows"]
+    rows = [
+        [r["pair"], _gain(r["plain_gain"]), *[_gain(by_pair[n][r["pair"]]["masked_gain"]) for n in ns],
+         *[by_pair[n][r["pair"]]["kept_pct"] for n in ns]]
+        for r in first
+    ]  # fmt: skip
+    out = [
+        "## (i) Gradient-sign mask (GradFix) against plain transfer",
+        "",
+        "Mj + (mask ⊙ Δi): an entry of Δi is kept only where its sign agrees with Mj's descent direction, the "
+        "sign of −∇L(Mj) summed over the first N training problems (`transfer --mask grad-sign`), or with "
+        "'majority' a majority vote of those N problems' own signs (`ftrecycle mask --vote majority`, GradFix's "
+        "few-sample estimator); kept entries are not rescaled. Gains are points over Mj's zero-shot accuracy "
+        "(seed mean); 'kept %' is the share of Δi's non-zero entries the mask kept.",
+        "",
+        *_table(["pair", "plain gain", *[f"masked gain, N={n}" for n in ns], *[f"kept %, N={n}" for n in ns]], rows),
+        "",
+    ]
+    for n in ns:
+        a, h = mean[n]["all"], mean[n]["harmful"]
+        out.append(
+            f"- N = {n}: over all {a['pairs']} pairs the mean gain is {_gain(a['mean_plain_gain'])} plain and "
+            f"{_gain(a['mean_masked_gain'])} masked (masked better on {a['masked_better']}, worse on "
+            f"{a['masked_worse']}); {mean[n]['made_harmful']} pair(s) that plain transfer helps are hurt when masked."
+        )
+        if h["pairs"]:
+            out.append(
+                f"  On the {h['pairs']} pair(s) where plain transfer hurts ({', '.join(h['names'])}): mean gain "
+                f"{_gain(h['mean_plain_gain'])} plain, {_gain(h['mean_masked_gain'])} masked; the masked transfer "
+                f"loses less on **{h['loses_less']} of {h['pairs']}**."
+            )
+        else:
+            out.append("  Plain transfer hurts no pair here (seed mean).")
+        for seed, s in results["masking"]["per_seed"].items():
+            sh = s[n]["harmful"]
+            out.append(
+                f"  Seed {seed}: {sh['pairs']} harmful pair(s), mean gain {_gain(sh['mean_plain_gain'])} plain, "
+                f"{_gain(sh['mean_masked_gain'])} masked, masked loses less on {sh['loses_less']}."
+            )
+    return [*out, ""]
+
+
 def render(results: dict[str, Any]) -> str:
     """The markdown report of a lab run (headed by a NOT EVIDENCE warning for smoke runs and flat numbers)."""
     m, paper = results["mean"], results["paper"]
@@ -738,6 +789,7 @@ def render(results: dict[str, Any]) -> str:
         *_iterative(m, paper),
         *_language(m, paper),
         *(_diagnostics(results) if "diagnostics_summary" in results else []),
+        *(_masking(results) if "masking" in results else []),
         *(_compression(m) if "compressed" in m else []),
         *(_sizes(results) if "update_sizes" in m else []),
         *(_sweep(m, results["config"]) if "sweep" in m else []),

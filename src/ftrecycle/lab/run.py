@@ -20,6 +20,7 @@ from ftrecycle.lab.config import NOT_EVIDENCE, LabConfig
 from ftrecycle.lab.experiments import collect_seed, seed_jobs
 from ftrecycle.lab.findings import across_seeds, all_findings, transfer_measures
 from ftrecycle.lab.jobs import data_files
+from ftrecycle.lab.masking import masking_summary
 from ftrecycle.lab.report import TARGETS, not_evidence, plots, render
 from ftrecycle.lab.scheduler import Job, Progress, StaleCache, job_seconds, run_jobs, stale_jobs, write_json_atomic
 from ftrecycle.lab.signals import diagnostics_summary
@@ -119,6 +120,7 @@ JOB_KINDS: tuple[tuple[str, str], ...] = (
     ("recycling fine-tune", r"ft-.*\+.*(?<!lang)"),  # not ft-M5+dlang: a transfer, of experiment (e)
     ("iterative", r"iterative"),
     ("transfer+score", r"M\d\+d\d"),
+    ("masked (i)", r"M\d\+d\d@mask\d+(maj)?"),  # before compressed: the same shape of name
     ("compressed", r"M\d\+d\d@.+"),
     ("diagnose", r"diag-.+"),
     ("auto-alpha", r"M\d\+d\dauto"),
@@ -278,6 +280,7 @@ def _run_locked(cfg: LabConfig, root: Path, force: bool, progress: Progress | No
         "findings_across_seeds": across_seeds(seed_findings),
         "timing": timing(job_seconds(jobs, cache), res, wall_s=wall, workers=cfg.workers),
         "diagnostics_summary": diagnostics_summary(mean),
+        "masking": {"mean": masking_summary(mean), "per_seed": {k: masking_summary(s) for k, s in per_seed.items()}},
         "evidence": cfg.preset not in NOT_EVIDENCE and not any(f.get("no_signal") for f in findings),
         "paper": paper.as_json(),
         "targets": TARGETS,

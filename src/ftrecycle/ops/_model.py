@@ -7,21 +7,24 @@ Shared by :func:`ftrecycle.transfer` (a diff read from two models) and :func:`ft
 
 from __future__ import annotations
 
+import contextlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 from ftrecycle.dtypes import BY_NAME, DType
+from ftrecycle.errors import ConfigError
 from ftrecycle.io.checkpoint import Checkpoint
+from ftrecycle.io.maskfile import open_mask
 from ftrecycle.io.model_files import CONFIG_FILES, TOKENIZER_FILES, copy_files, model_card, patch_config
 from ftrecycle.io.output import write_json
 from ftrecycle.io.provenance import PROVENANCE, base_record
 from ftrecycle.options import ModelFiles, Policies, Precision
 from ftrecycle.pipeline import ProgressFn, WriteSettings, write_plan
-from ftrecycle.plan import plan_transfer
-from ftrecycle.terms import Plan, Record, Term
+from ftrecycle.plan import mask_terms, plan_transfer
+from ftrecycle.terms import Masked, MaskTally, Plan, Record, Term
 
 
 @dataclass
@@ -60,6 +63,62 @@ class Addend:
     records: list[Record]
     inputs: dict[str, Any]
     finetuned_files: Path | None
+    mask: MaskUse | None = None
+
+
+@dataclass(frozen=True)
+class MaskUse:
+    """A sign mask on the diff: what the provenance says about its file, and the masked terms' counts.
+
+    Attributes:
+        described: the file's name, SHA-256 and what it records about how it was made.
+        tallies: the counts of every masked term, filled by the engine as it runs.
+    """
+
+    described: dict[str, Any]
+    tallies: list[MaskTally]
+
+    def record(self) -> dict[str, Any]:
+        """The provenance's ``mask``: the file, and the share of the diff's non-zero entries it kept."""
+        elements = sum(t.elements for t in self.tallies)
+        nonzero = sum(t.nonzero for t in self.tallies)
+        kept = sum(t.kept for t in self.tallies)
+        return {
+            **self.described,
+            "masked_tensors": len(self.tallies),
+            "elements": elements,
+            "nonzero": nonzero,
+            "kept": kept,
+            "kept_fraction": kept / nonzero if nonzero else None,
+        }
+
+
+def with_mask(
+    stack: contextlib.ExitStack, addend: Addend, mask: str | None, target: Checkpoint, meta_left: int
+) -> tuple[Addend, int]:
+    """``addend`` with its terms masked by the mask file ``mask`` (None: unchanged), and the memory left.
+
+    The file is opened (kept open by ``stack``), checked, and its index counted toward the budget.
+
+    Raises:
+        ConfigError: ``mask`` is ``grad-sign``, which the command line resolves to a file first.
+        CheckpointError: not a mask file, or a corrupt one.
+        IncompatibleModelsError: a mask tensor of another shape than the target's.
+    """
+    if mask is None:
+        return addend, meta_left
+    if mask == "grad-sign":
+        raise ConfigError(
+            "mask='grad-sign' is computed from calibration data: make the mask file with ftrecycle.grad_sign_mask "
+            "(or `ftrecycle mask`) and pass its path, or use `ftrecycle transfer --mask grad-sign --calibration FILE`"
+        )
+    m = open_mask(mask, max_metadata_bytes=meta_left)
+    stack.callback(m.close)
+    terms, records = mask_terms(addend.terms, m.ckpt, target, mask_name=f"mask file {m.path.name}")
+    tallies = [t.tally for t in terms.values() if isinstance(t, Masked)]
+    described = {"file": m.path.name, "sha256": m.sha256, "made": m.info}
+    masked = replace(addend, terms=terms, records=[*addend.records, *records], mask=MaskUse(described, tallies))
+    return masked, meta_left - m.ckpt.metadata_bytes
 
 
 def write_model(
@@ -122,6 +181,8 @@ def write_model(
             "records": plan.records,
         }
     )
+    if addend.mask is not None:
+        record["mask"] = addend.mask.described
     finish = partial(
         _finish_model,
         target=target,
@@ -130,6 +191,7 @@ def write_model(
         plan=plan,
         out_dtype=out_dtype,
         record=record,
+        mask=addend.mask,
     )
     written = write_plan(plan.tensors, out, settings=settings, prefix="model", progress=progress, finish=finish)
     return TransferResult(out, written, time.perf_counter() - started, plan.records, record)
@@ -144,8 +206,12 @@ def _finish_model(
     plan: Plan,
     out_dtype: DType | None,
     record: dict[str, Any],
+    mask: MaskUse | None = None,
 ) -> None:
-    """Write the non-weight files into the output's temporary directory; ``record`` gains what was copied."""
+    """Write the non-weight files into the output's temporary directory; ``record`` gains what was copied
+    (and, once the engine has run, what the mask kept)."""
+    if mask is not None:
+        record["mask"] = mask.record()
     cfg_src = target.path if files.config_from == "target" or finetuned_files is None else finetuned_files
     tok_src = target.path if files.tokenizer_from == "target" or finetuned_files is None else finetuned_files
     record["config_files"] = {"from": files.config_from, "copied": copy_files(cfg_src, tmp, CONFIG_FILES)}

@@ -13,7 +13,7 @@ from ftrecycle.delta.store import finetuned_files, open_delta
 from ftrecycle.io.checkpoint import Checkpoint, open_checkpoint
 from ftrecycle.io.output import check_output
 from ftrecycle.io.provenance import describe_input
-from ftrecycle.ops._model import Addend, TransferResult, write_model
+from ftrecycle.ops._model import Addend, TransferResult, with_mask, write_model
 from ftrecycle.options import ApplyOptions
 from ftrecycle.pipeline import ProgressFn, WriteSettings
 
@@ -45,7 +45,7 @@ def apply_delta(
         verify: check every stored tensor's SHA-256 first (one extra read of the delta).
         progress: called with (bytes written, total bytes).
         **keywords: any field of ``options``' groups by name, overriding it (those of
-            :func:`ftrecycle.transfer` but ``compress``).
+            :func:`ftrecycle.transfer` but ``compress``; ``mask``: a sign mask file, as there).
 
     Returns:
         What was written.
@@ -67,7 +67,7 @@ def apply_delta(
             open_checkpoint(target_base, allow_pickle=opts.inputs.allow_pickle, max_metadata_bytes=meta)
         )
         meta -= c.metadata_bytes
-        out = check_output(out, [d.path, c.path, delta, target_base], force=settings.force)
+        out = check_output(out, [d.path, c.path, delta, target_base, opts.masking.mask], force=settings.force)
         check_compatible({"delta's base": d.config, "target base": c.config})
         files = finetuned_files(
             d.path,
@@ -76,6 +76,7 @@ def apply_delta(
             tokenizer=opts.files.tokenizer_from == "finetuned",
         )
         addend = Addend(terms, aliases, list(manifest.get("records") or []), _inputs(d, manifest, c), files)
+        addend, meta = with_mask(stack, addend, opts.masking.mask, c, meta)
         return write_model(
             "apply",
             c,

@@ -16,7 +16,7 @@ from typing import Any
 from ftrecycle.io.checkpoint import open_checkpoint
 from ftrecycle.io.output import check_output, scratch_directory
 from ftrecycle.io.provenance import describe_input
-from ftrecycle.ops._model import Addend, TransferResult, write_model
+from ftrecycle.ops._model import Addend, TransferResult, with_mask, write_model
 from ftrecycle.ops._sources import source_diff
 from ftrecycle.ops.apply import apply_delta
 from ftrecycle.ops.diff import diff
@@ -53,9 +53,11 @@ def transfer(
             ``compute_dtype``, ``out_dtype``, ``shard_size``, ``config_from``, ``tokenizer_from``,
             ``vocab``, ``on_missing``, ``tie_mismatch``, ``max_memory`` (what the operation's buffers
             and the inputs' indexes may use), ``threads``, ``force``, ``allow_nonfinite``,
-            ``allow_pickle``, ``fsync``, and ``compress`` (transfer the diff as it would be shipped
-            compressed: it is compressed into a temporary bf16 delta beside the output, applied,
-            and removed; the provenance records the compression). See :mod:`ftrecycle.options`.
+            ``allow_pickle``, ``fsync``, ``mask`` (a sign mask file made by
+            :func:`ftrecycle.grad_sign_mask`: each diff entry kept only where its sign equals the
+            mask's; recorded), and ``compress`` (transfer the diff as it would be shipped compressed:
+            it is compressed into a temporary bf16 delta beside the output, applied, and removed; the
+            provenance records the compression). See :mod:`ftrecycle.options`.
 
     Returns:
         What was written.
@@ -106,15 +108,17 @@ def _transfer(
         allow_pickle=pickle,
         meta_left=meta,
     )
-    out = check_output(out, [a.path, *src.paths, c.path, *refs], force=settings.force)
+    out = check_output(out, [a.path, *src.paths, c.path, *refs, opts.masking.mask], force=settings.force)
     inputs = {"source_base": describe_input(a), "source_finetuned": src.finetuned, "target_base": describe_input(c)}
-    addend = Addend(src.terms, src.aliases, src.records, inputs, src.files)
+    addend, meta = with_mask(
+        stack, Addend(src.terms, src.aliases, src.records, inputs, src.files), opts.masking.mask, c, src.meta_left
+    )
     return write_model(
         "transfer",
         c,
         addend,
         out,
-        replace(settings, max_memory=src.meta_left),
+        replace(settings, max_memory=meta),
         precision=opts.precision,
         policies=opts.policies,
         files=opts.files,
@@ -144,7 +148,7 @@ def _transfer_compressed(
 ) -> TransferResult:
     """Transfer the diff as it would be shipped: compress it into a temporary delta, apply that."""
     diff_options, apply_options = _compressed_steps(opts)
-    inputs: list[str | Path | None] = [source_base, source_finetuned, target_base]
+    inputs: list[str | Path | None] = [source_base, source_finetuned, target_base, opts.masking.mask]
     force = opts.output.force
     out = check_output(out, inputs, force=force)
     # The temporary delta lives in a locked hidden directory beside OUT: removed at the end, on an

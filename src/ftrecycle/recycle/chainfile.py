@@ -136,6 +136,8 @@ def _transfer_options(p: Path, raw: dict[str, Any]) -> TransferOptions:
     refuse_output_options(
         set(section), f"{p}: transfer", "iterate writes its own outputs (`iterate --force` recomputes)"
     )
+    if "mask" in section:  # a mask is made on one target; each step of a chain has its own
+        raise ConfigError(f"{p}: transfer: mask cannot be used in a chain (a sign mask is made on one target)")
     for key in ("alpha", "calibration"):
         if key in raw and key in section:
             raise ConfigError(f"{p}: {key} is given both at the top and under transfer; give it once")

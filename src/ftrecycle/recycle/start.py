@@ -133,6 +133,8 @@ def _options(given: TransferOptions | None, alpha: float | str | None, allow_pic
     )
     if options.storage.delta_dtype != TransferOptions().storage.delta_dtype:
         raise ConfigError("recycle_finetune(transfer=...): delta_dtype does not apply (no diff is stored)")
+    if options.masking.mask is not None:  # not part of the recycle keys: refused rather than ignored by them
+        raise ConfigError("recycle_finetune(transfer=...): mask is not supported; transfer with the mask first")
     if alpha is not None:
         # Scaling checks the value (a finite number or "auto") as it is made
         scaling = Scaling(alpha=alpha, calibration=options.scaling.calibration)  # type: ignore[arg-type]
