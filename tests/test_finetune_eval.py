@@ -132,14 +132,31 @@ def test_iterate_resumes_after_an_interruption_without_redoing_finished_versions
     assert calls == []
 
 
-def test_iterate_direct_mode_uses_direct_fine_tunes(data, tmp_path):
+def test_iterate_direct_mode_trains_each_model_once_and_says_each_step(data, tmp_path, monkeypatch):
+    from ftrecycle.recycle import plan_chain
+
     spec = ChainSpec.load(_chain(tmp_path, data, mode="direct"))
     spec.eval_data = None
-    iterate(spec)
+    planned = plan_chain(spec)
+    assert [p.status for p in planned] == ["run"] * 8 and not spec.output.exists()  # the plan writes nothing
+    calls: list[str] = []
+    real = recycle_mod.finetune
+    monkeypatch.setattr(recycle_mod, "finetune", lambda model, *a, **k: calls.append(model) or real(model, *a, **k))
+    said: list[str] = []
+    rows = iterate(spec, say=said.append)
     out = spec.output
+    # D1 = FT(M1) is M*1 too: M1 is fine-tuned once (it was twice)
+    assert sorted(Path(c).name for c in calls) == ["M1", "M2", "M2-plus-delta-1", "M3-plus-delta-2"]
     assert {p.name for p in out.glob("direct-FT-*")} == {"direct-FT-M1", "direct-FT-M2"}
+    assert not (out / "M1-star").exists() and rows[0]["finetuned"] == str(out / "direct-FT-M1")
     manifest = json.loads((out / "delta-2" / "ftrecycle-delta.json").read_text())
     assert manifest["finetuned"]["path"] == str((out / "direct-FT-M2").resolve())
+    assert [line.split(":")[0] for line in said] == [f"step {k}/8" for k in range(1, 9)]
+    assert said[0] == "step 1/8: fine-tuning M1 (D1 = M*1) -> direct-FT-M1" and "M3 + Δ2" in said[6]
+    assert [p.what for p in planned] == [line.split(": ", 1)[1].split(" -> ")[0] for line in said]
+    assert [p.status for p in plan_chain(spec)] == ["reuse"] * 8
+    summary = (out / "summary.md").read_text()
+    assert "mode: direct (3 versions)" in summary and "FT(M_i)" in summary
 
 
 def test_builtin_evaluator_agrees_with_lm_eval_item_by_item(tuned, data, tmp_path):
@@ -223,6 +240,16 @@ def test_chain_and_config_errors(tmp_path):
     (tmp_path / "c.yaml").write_text("versions: [a, b]\ndata: d\noutput: o\nmode: sideways\n")
     with pytest.raises(ConfigError, match="mode"):
         ChainSpec.load(tmp_path / "c.yaml")
+
+
+def test_finetune_outputs_are_as_readable_as_the_umask_says(tuned):
+    import stat
+
+    from ftrecycle.io.output import process_umask
+
+    want = 0o444 & ~process_umask()  # read bits the umask leaves (r--r--r-- under 022)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tuned.rglob("*") if p.is_file()}
+    assert modes and all(m & 0o444 == want for m in modes.values()), modes
 
 
 def test_finetune_resumes_from_its_last_checkpoint(versions, data, tmp_path):

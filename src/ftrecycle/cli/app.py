@@ -25,9 +25,14 @@ from ftrecycle.cli.args import Parser, check_paths
 from ftrecycle.cli.common import Command
 from ftrecycle.distributed import exit_together, is_main, reported_elsewhere
 from ftrecycle.errors import FtRecycleError
+from ftrecycle.io.hf_load import no_progress_bars
 from ftrecycle.version import __version__
 
 INTERNAL_ERROR_EXIT = 3
+#: the commands that load models through transformers (whose progress bars show only with --progress)
+HF_COMMANDS = frozenset(
+    {"finetune", "recycle-finetune", "iterate", "eval", "diagnose", "calibrate", "mask", "lab", "demo"}
+)
 DEBUG_ENV = "FTRECYCLE_DEBUG"
 
 #: every subcommand, in the order ``ftrecycle --help`` lists them
@@ -100,7 +105,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(ns: argparse.Namespace, got: list[int]) -> int:
     """Run the parsed command; every way out of it as an exit code and at most one line on stderr."""
     try:
-        COMMANDS[ns.command].run(ns)
+        # transformers' own bars ("Loading weights") only with --progress, on the commands that load models with it
+        quiet = ns.command in HF_COMMANDS and not getattr(ns, "progress", False)
+        with no_progress_bars() if quiet else contextlib.nullcontext():
+            COMMANDS[ns.command].run(ns)
     except FtRecycleError as e:
         # under `accelerate launch` the main process alone prints the main's error; all leave together
         rc = e.exit_code if reported_elsewhere(e) else _fail(f"ftrecycle: error: {e}", e.exit_code, e)

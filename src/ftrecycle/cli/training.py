@@ -7,6 +7,7 @@ fields; recycle-finetune's transfer takes the same option groups as ``transfer``
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from ftrecycle.cli.args import add_group, bundle_from_args, group_from_args
@@ -15,7 +16,7 @@ from ftrecycle.evaluate.builtin import check_new_tokens
 from ftrecycle.finetune.config import FinetuneConfig
 from ftrecycle.finetune.train import finetune
 from ftrecycle.options import Inputs, ModelFiles, Output, Policies, Precision, Scaling, TransferOptions
-from ftrecycle.recycle import ChainSpec, iterate, recycle_finetune, summary_table
+from ftrecycle.recycle import ChainSpec, describe_chain, iterate, plan_chain, recycle_finetune, summary_table
 
 
 def report(result: Any) -> None:
@@ -121,15 +122,25 @@ def _recycle(ns: argparse.Namespace) -> None:
 def _iterate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("chain", metavar="CHAIN.yaml", help="the chain file")
     p.add_argument("-o", "--output", default=None, help="override the chain file's output directory")
-    p.add_argument("--progress", action="store_true", help="show training progress bars")
+    p.add_argument("--progress", action="store_true", help="show training (and transformers' loading) progress bars")
     p.add_argument(
         "--force", action="store_true", help="recompute the versions made with other settings instead of refusing"
+    )
+    p.add_argument(
+        "--plan", action="store_true", help="list the steps: which would run and which are reused; run nothing"
     )
 
 
 def _iterate(ns: argparse.Namespace) -> None:
     spec = ChainSpec.load(ns.chain, output=ns.output)
-    print(summary_table(iterate(spec, progress=ns.progress, force=ns.force), spec.mode), end="")
+    if ns.plan:
+        steps = plan_chain(spec)
+        print("| step | what | output | status |\n|---|---|---|---|")
+        for i, st in enumerate(steps, 1):
+            print(f"| {i}/{len(steps)} | {st.what} | {st.output} | {st.status} |")
+        return
+    rows = iterate(spec, progress=ns.progress, force=ns.force, say=lambda line: print(line, file=sys.stderr))
+    print(summary_table(rows, spec.mode, describe_chain(spec)), end="")
 
 
 COMMANDS = (

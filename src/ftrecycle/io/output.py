@@ -13,6 +13,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 import tempfile
 import threading
 from collections.abc import Iterable, Iterator
@@ -518,6 +519,7 @@ def atomic_directory(out: str | Path, *, force: bool = False) -> Iterator[Path]:
         yield tmp
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp / LOCK_MARK)  # our lock stays held on the open descriptor
+        _umask_modes(tmp)
         _fsync_dir(tmp)
         if os.path.lexists(o):
             if not force:
@@ -537,6 +539,20 @@ def atomic_directory(out: str | Path, *, force: bool = False) -> Iterator[Path]:
         _fsync_dir(parent)
 
 
+def _umask_modes(tmp: Path) -> None:
+    """Give what an output holds the modes the user's umask asks for: writers (transformers'
+    ``save_pretrained``, temp files) may leave 0600 files that the user's group could not read."""
+    keep = ~process_umask()
+    for root, dirs, files in os.walk(tmp):  # never into a link: a link's target is not ours to change
+        for name in dirs + files:
+            path = os.path.join(root, name)
+            st = os.lstat(path)
+            if stat.S_ISDIR(st.st_mode):
+                os.chmod(path, 0o777 & keep)
+            elif stat.S_ISREG(st.st_mode):
+                os.chmod(path, (0o666 | (st.st_mode & 0o111)) & keep)
+
+
 def _fsync_dir(path: Path) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
@@ -544,6 +560,18 @@ def _fsync_dir(path: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def process_umask() -> int:
+    """The process's umask, read without changing it (``os.umask`` sets it to read it, which another
+    thread creating a file at that moment would see): from /proc where the kernel reports it."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)  # no /proc (macOS): the brief set-and-restore is the only portable way
+    os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager
@@ -560,6 +588,7 @@ def replaced_file(path: Path) -> Iterator[Any]:
     tmp: str | None = None
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:64]}.", suffix=TMP_MARK + "file", dir=path.parent)
+        os.fchmod(fd, 0o666 & ~process_umask())  # mkstemp's 0600 would hide the file from the user's group
         with os.fdopen(fd, "wb") as f:
             yield f
         os.replace(tmp, path)

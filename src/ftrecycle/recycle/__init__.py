@@ -6,8 +6,19 @@
 - :mod:`~ftrecycle.recycle.keys`: what goes into those keys (models, alpha, weight-changing options).
 """
 
-from ftrecycle.recycle.chain import SUMMARY, iterate, summary_table
+from ftrecycle.recycle.chain import SUMMARY, PlannedStep, describe_chain, iterate, plan_chain, summary_table
 from ftrecycle.recycle.chainfile import MAX_CHAIN_BYTES, MAX_CHAIN_DEPTH, ChainSpec
 from ftrecycle.recycle.start import recycle_finetune
 
-__all__ = ["MAX_CHAIN_BYTES", "MAX_CHAIN_DEPTH", "SUMMARY", "ChainSpec", "iterate", "recycle_finetune", "summary_table"]
+__all__ = [
+    "MAX_CHAIN_BYTES",
+    "MAX_CHAIN_DEPTH",
+    "SUMMARY",
+    "ChainSpec",
+    "PlannedStep",
+    "describe_chain",
+    "iterate",
+    "plan_chain",
+    "recycle_finetune",
+    "summary_table",
+]

@@ -38,7 +38,13 @@ from ftrecycle.recycle.keys import (
 SUMMARY = "summary.json"  # also holds the key of every finished step, under "keys"
 
 
-def iterate(spec: ChainSpec, *, progress: bool = False, force: bool = False) -> list[dict[str, Any]]:
+#: a line of news about a long run ("step 2/5: fine-tuning M2 + Δ1"); the CLI prints it, the library never does
+Say = Callable[[str], None]
+
+
+def iterate(
+    spec: ChainSpec, *, progress: bool = False, force: bool = False, say: Say | None = None
+) -> list[dict[str, Any]]:
     """Run the chain; every finished step is kept on disk and reused when run again with the same settings.
 
     iterative: M*1 = FT(M1); Δi-1 = M*i-1 − Mi-1; M*i = FT(Mi + Δi-1).
@@ -55,6 +61,7 @@ def iterate(spec: ChainSpec, *, progress: bool = False, force: bool = False) -> 
         spec: the chain.
         progress: show training progress bars.
         force: recompute products made with other settings (without it, such a product is refused).
+        say: called with one line as each step starts or is reused (``step 2/5: fine-tuning M2 + Δ1``).
 
     Returns:
         One summary row per version (also written to ``summary.json`` and ``summary.md``).
@@ -63,7 +70,7 @@ def iterate(spec: ChainSpec, *, progress: bool = False, force: bool = False) -> 
         ConfigError: a finished product was made with other settings (naming what changed) and not ``force``.
     """
     spec.check_files()
-    chain = _Chain(spec, progress=progress, force=force)
+    chain = _Chain(spec, progress=progress, force=force, say=say)
     on_main(chain.prepare)
     chain.run()
     if spec.eval_data is not None:
@@ -71,6 +78,35 @@ def iterate(spec: ChainSpec, *, progress: bool = False, force: bool = False) -> 
     on_main(chain.summarise)
     barrier()  # leave together: a rank that exits while another still tears down its process group can abort it
     return chain.rows
+
+
+@dataclass(frozen=True)
+class PlannedStep:
+    """One product of a chain as ``iterate --plan`` sees it.
+
+    Attributes:
+        what: the step in words (``fine-tuning M2 + Δ1``).
+        output: its directory.
+        status: ``reuse`` (made with the same settings), ``run`` (missing or unfinished), or ``changed``
+            (made with other settings: refused without ``--force``, remade with it).
+    """
+
+    what: str
+    output: str
+    status: str
+
+
+def plan_chain(spec: ChainSpec) -> list[PlannedStep]:
+    """What :func:`iterate` would do, step by step, without doing it: which products it would reuse
+    and which it would make. Reads the chain's record and the inputs' identities; writes nothing.
+
+    Raises:
+        ConfigError, DataError, CheckpointError: as :func:`iterate` would before its first step.
+    """
+    spec.check_files()
+    chain = _Chain(spec, dry=True)
+    chain.run()
+    return chain.planned
 
 
 @dataclass
@@ -84,6 +120,9 @@ class _Chain:
     state: dict[str, Any] = field(default_factory=dict)  # product name -> key on record (summary.json)
     keys: dict[str, str] = field(default_factory=dict)  # path of a model -> hash of its key, for scores
     identities: dict[str, dict[str, Any]] = field(default_factory=dict)
+    say: Say | None = None
+    dry: bool = False  # plan only: keys are computed, nothing is made, removed or recorded
+    planned: list[PlannedStep] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         # The steps' keys live in summary.json (read and written by the main process only), beside the rows so far.
@@ -118,28 +157,42 @@ class _Chain:
         spec, out = self.spec, self.out
         direct: list[Path] = []
         if spec.mode == "direct":
-            direct = [self.first(out / "direct-FT-M1")] + [
-                self.ft(v, self.version_key(v), out / f"direct-FT-M{i}") for i, v in enumerate(spec.versions[1:-1], 2)
+            # D_i = FT(M_i), each trained once; D_1 is M*1 too
+            direct = [self.first(out / "direct-FT-M1", "fine-tuning M1 (D1 = M*1)")] + [
+                self.ft(
+                    v, self.version_key(v), out / f"direct-FT-M{i}", f"fine-tuning M{i} (D{i}, the direct baseline)"
+                )
+                for i, v in enumerate(spec.versions[1:-1], 2)
             ]
         for i, base in enumerate(spec.versions, 1):
             row: dict[str, Any] = {"version": f"M{i}", "base": base}
+            if i <= len(direct):
+                row["direct"] = str(direct[i - 1])
             if i == 1:
-                tuned = self.first(out / "M1-star")
+                tuned = direct[0] if direct else self.first(out / "M1-star", "fine-tuning M1 (M*1)")
             else:
                 previous = spec.versions[i - 2]
                 source = Path(self.rows[-1]["finetuned"]) if spec.mode == "iterative" else direct[i - 2]
-                carried = self.delta_of(source, previous, out / f"delta-{i - 1}")
-                start = self.plus_delta(carried, base, out / f"M{i}-plus-delta-{i - 1}", (previous, source))
+                carried = self.delta_of(source, previous, out / f"delta-{i - 1}", i - 1)
+                start = self.plus_delta(carried, base, out / f"M{i}-plus-delta-{i - 1}", (previous, source), i)
                 row["start"] = str(start)
-                tuned = self.ft(str(start), self.keys[str(start)], out / f"M{i}-star")
+                tuned = self.ft(str(start), self.keys[str(start)], out / f"M{i}-star", f"fine-tuning M{i} + Δ{i - 1}")
             row["finetuned"] = str(tuned)
             self.rows.append(row)
 
-    def first(self, dest: Path) -> Path:
+    @property
+    def total(self) -> int:
+        """How many products the chain has (for "step k/N")."""
+        n = len(self.spec.versions)
+        first = 0 if self.spec.finetuned is not None else 1  # M*1 (= D1 in direct mode), unless given
+        direct = n - 2 if self.spec.mode == "direct" else 0  # D2 .. D(n-1)
+        return first + direct + 3 * (n - 1)
+
+    def first(self, dest: Path, what: str) -> Path:
         """M*1: the chain file's ``finetuned`` model as given, or M1 fine-tuned into ``dest``."""
         spec = self.spec
         if spec.finetuned is None:
-            return self.ft(spec.versions[0], self.version_key(spec.versions[0]), dest)
+            return self.ft(spec.versions[0], self.version_key(spec.versions[0]), dest, what)
         given = Path(spec.finetuned)  # a directory or hub id, read by diff as any model argument
         self.keys[str(given)] = settings_hash(self.version_key(spec.finetuned))
         return given
@@ -151,19 +204,44 @@ class _Chain:
             self.keys[v] = settings_hash(self.identities[v])
         return self.identities[v]
 
-    def product(self, dest: Path, key: dict[str, Any], make: Callable[[], None], *, every_rank: bool = False) -> Path:
+    def product(
+        self, dest: Path, key: dict[str, Any], make: Callable[[], None], what: str, *, every_rank: bool = False
+    ) -> Path:
         """Reuse ``dest`` if it was made with ``key``; else (re)make it, recording the key first.
 
         Under `accelerate launch` the main process decides (and broadcasts) whether the step is done;
         ``make`` runs on every rank when it is collective (fine-tuning), else on the main process only.
         """
-        if not on_main(lambda: self.done(dest, key)):
-            if every_rank:
-                make()
-            else:
-                on_main(make)
         self.keys[str(dest)] = settings_hash(key)
+        step = len(self.planned) + 1
+        if self.dry:
+            self.planned.append(PlannedStep(what, str(dest), self.status(dest, key)))
+            return dest
+        self.planned.append(PlannedStep(what, str(dest), "done"))
+        if on_main(lambda: self.done(dest, key)):
+            self.tell(f"step {step}/{self.total}: {what}: reused ({dest.name})")
+            return dest
+        self.tell(f"step {step}/{self.total}: {what} -> {dest.name}")
+        if every_rank:
+            make()
+        else:
+            on_main(make)
         return dest
+
+    def tell(self, line: str) -> None:
+        """One line of news, from the main process only."""
+        if self.say is not None and is_main():
+            self.say(line)
+
+    def status(self, dest: Path, key: dict[str, Any]) -> str:
+        """``reuse``, ``run`` or ``changed``: what :meth:`done` would decide, without its side effects."""
+        if not complete(dest):
+            return "run"
+        try:
+            check_settings(self.state.get(dest.name), key, what=f"{dest}", fix="")
+        except ConfigError:
+            return "changed"
+        return "reuse"
 
     def done(self, dest: Path, key: dict[str, Any]) -> bool:
         """Whether ``dest`` exists and was made with ``key``; if not, clear it and record ``key`` for it.
@@ -190,7 +268,7 @@ class _Chain:
         write_settings(self.state_file, {"mode": self.spec.mode, "versions": self.rows, "keys": self.state})
         return False
 
-    def ft(self, model: str, start_key: Any, dest: Path) -> Path:
+    def ft(self, model: str, start_key: Any, dest: Path, what: str) -> Path:
         """M*: ``model`` fine-tuned on the chain's data."""
         # What decides a fine-tuned model's weights. The eval_* settings and eval data decide only its logged
         # curve and the scores, which are keyed separately (_score): changing them re-scores, it does not retrain.
@@ -199,7 +277,7 @@ class _Chain:
             "finetune": {k: v for k, v in asdict(self.spec.finetune).items() if not k.startswith("eval_")},
         }
         return self.product(
-            dest, {"start": start_key, **settings}, lambda: self.train(model, start_key, dest), every_rank=True
+            dest, {"start": start_key, **settings}, lambda: self.train(model, start_key, dest), what, every_rank=True
         )
 
     def train(self, model: str, start_key: Any, dest: Path) -> None:
@@ -217,8 +295,8 @@ class _Chain:
             model_key={"chain_start": start_key},
         )
 
-    def delta_of(self, tuned: Path, base: str, dest: Path) -> Path:
-        """Δ = tuned − base, stored as a delta directory."""
+    def delta_of(self, tuned: Path, base: str, dest: Path, i: int) -> Path:
+        """Δi = tuned − base, stored as a delta directory."""
         options = self.spec.transfer
         key: dict[str, Any] = {"finetuned": self.keys[str(tuned)], "base": self.version_key(base)}
         stored = changed(options, weight_fields(DiffOptions))
@@ -228,9 +306,9 @@ class _Chain:
         def make() -> None:
             diff(base, str(tuned), dest, options=step_options(DiffOptions, options))
 
-        return self.product(dest, key, make)
+        return self.product(dest, key, make, f"Δ{i} = {tuned.name} − M{i}")
 
-    def plus_delta(self, carried: Path, base: str, dest: Path, source: tuple[str, Path]) -> Path:
+    def plus_delta(self, carried: Path, base: str, dest: Path, source: tuple[str, Path], i: int) -> Path:
         """base + alpha · Δ; with ``alpha: auto``, alpha is chosen for ``source`` (its base, its fine-tuned)."""
         options = self.spec.transfer
         key: dict[str, Any] = {"delta": self.keys[str(carried)], "base": self.version_key(base)}
@@ -244,12 +322,16 @@ class _Chain:
             alpha = resolve_alpha(source[0], str(source[1]), base, scaling.alpha, scaling.calibration).alpha
             apply_delta(carried, base, dest, options=step_options(ApplyOptions, options, alpha))
 
-        return self.product(dest, key, make)
+        return self.product(dest, key, make, f"M{i} + Δ{i - 1}")
 
     def summarise(self) -> None:
         """Write ``summary.json`` (rows and keys) and ``summary.md``."""
         write_json(self.state_file, {"mode": self.spec.mode, "versions": self.rows, "keys": self.state})
-        (self.out / "summary.md").write_text(summary_table(self.rows, self.spec.mode))
+        (self.out / "summary.md").write_text(summary_table(self.rows, self.spec.mode, describe_chain(self.spec)))
+
+
+#: the models of a row that are scored: row key -> score label (``acc_<label>``)
+SCORED = (("base", "base"), ("start", "base_plus_delta"), ("finetuned", "finetuned"), ("direct", "direct"))
 
 
 def _score(
@@ -264,7 +346,12 @@ def _score(
         "max_new_tokens": spec.finetune.eval_max_new_tokens,
     }
     for row in rows:
-        for key, label in (("base", "base"), ("start", "base_plus_delta"), ("finetuned", "finetuned")):
+        for key, label in (
+            ("base", "base"),
+            ("start", "base_plus_delta"),
+            ("finetuned", "finetuned"),
+            ("direct", "direct"),
+        ):
             path = row.get(key)
             if path is None:
                 continue
@@ -301,16 +388,43 @@ def _strict(path: str, items: list[dict[str, Any]], spec: ChainSpec) -> float:
     ).strict
 
 
-def summary_table(rows: list[dict[str, Any]], mode: str) -> str:
-    """A markdown table of the chain (accuracies where evaluated)."""
-    head = f"# iterate ({mode})\n\n| version | M_i | M_i + Δ | M*_i | fine-tuned model |\n|---|---|---|---|---|\n"
+def describe_chain(spec: ChainSpec) -> list[str]:
+    """What a chain's summary table measures and how its models were made, one line each."""
+    ft = spec.finetune
+    length = f"{ft.max_steps} steps" if ft.max_steps > 0 else f"{ft.epochs:g} epochs"
+    lines = [
+        f"mode: {spec.mode} ({len(spec.versions)} versions); fine-tuning: {spec.data}, {length}, learning rate "
+        f"{ft.learning_rate:g}, batch {ft.batch_size} x {ft.grad_accum}; alpha {spec.transfer.scaling.alpha}",
+    ]
+    if spec.eval_data is None:
+        lines.append("no eval_data: accuracies not measured")
+    else:
+        n = len(read_gsm8k(spec.eval_data))
+        lines.append(
+            f"accuracy: strict exact match (the number after '####') of the built-in evaluator on the {n} items of "
+            f"{spec.eval_data}, 0-shot, greedy, at most {ft.eval_max_new_tokens} new tokens, in percent"
+        )
+    if spec.mode == "iterative":
+        lines.append("FT(M_i): not trained in iterative mode (run mode: direct for that baseline)")
+    return lines
+
+
+def summary_table(rows: list[dict[str, Any]], mode: str, notes: list[str] | None = None) -> str:
+    """A markdown table of the chain (accuracies where evaluated): M_i, M_i + Δ, M*_i and, in direct
+    mode, the baseline FT(M_i); ``notes`` (see :func:`describe_chain`) say what the numbers are."""
+    head = (
+        f"# iterate ({mode})\n\n"
+        + "".join(f"- {n}\n" for n in notes or [])
+        + ("\n" if notes else "")
+        + "| version | M_i | M_i + Δ | M*_i | FT(M_i) | fine-tuned model |\n|---|---|---|---|---|---|\n"
+    )
 
     def pct(v: Any) -> str:
         return f"{100 * v:.1f}" if isinstance(v, float) else "–"
 
     body = "".join(
         f"| {r['version']} | {pct(r.get('acc_base'))} | {pct(r.get('acc_base_plus_delta'))} | "
-        f"{pct(r.get('acc_finetuned'))} | {r['finetuned']} |\n"
+        f"{pct(r.get('acc_finetuned'))} | {pct(r.get('acc_direct'))} | {r['finetuned']} |\n"
         for r in rows
     )
     return head + body
