@@ -21,6 +21,7 @@ from huggingface_hub import ModelCard
 from ftrecycle import apply_delta, diff, transfer
 from ftrecycle.cli import main
 from ftrecycle.errors import ConfigError
+from ftrecycle.finetune.calibrate import calibrate
 from ftrecycle.finetune.config import FinetuneConfig
 from ftrecycle.finetune.train import finetune
 from ftrecycle.io.card import Card, hub_id, render_card
@@ -71,6 +72,10 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "delta": diff(str(m["A"]), str(m["B"]), out / "delta").output,
     }
     made["apply"] = apply_delta(made["delta"], str(m["C"]), out / "apply").output
+    sign = diff(str(m["A"]), str(m["B"]), root / "sign", compress="sign").output
+    texts = [{"prompt": f"{i} + 1 =", "completion": f"{i + 1}"} for i in range(8)]
+    (root / "texts.jsonl").write_text("".join(json.dumps(t) + "\n" for t in texts))
+    made["calibrated"] = calibrate(sign, m["A"], m["B"], root / "texts.jsonl", out / "calibrated", steps=1).output
     made["adapter"] = export_lora(made["delta"], out / "adapter", rank=4, target_base=str(m["C"])).output
     made["finetune"] = finetune(str(m["C"]), train, out / "finetune", config=cfg, eval_data=test).output
     made["recycle-finetune"] = recycle_finetune(
@@ -107,8 +112,9 @@ def test_every_model_card_parses_with_the_hub_metadata(world, kind, relation, ba
     assert "example.com" not in text and "0 tensors" not in text
 
 
-def test_the_delta_card_names_its_base_only_by_hub_id(world):
-    meta, text = _card(world["delta"])
+@pytest.mark.parametrize("kind", ["delta", "calibrated"])
+def test_the_delta_card_names_its_base_only_by_hub_id(world, kind):
+    meta, text = _card(world[kind])
     # A's config names a local path: a base_model must be a Hub id, so none is written
     assert "base_model" not in meta and "base_model_relation" not in meta
     assert {"ftrecycle", "delta"} <= set(meta["tags"]) and "ftrecycle apply --delta" in text
@@ -147,6 +153,9 @@ def test_no_output_file_names_a_local_directory(world):
     rec = json.loads((world["transfer"] / "ftrecycle.json").read_text())
     assert rec["inputs"]["target_base"]["path"] == os.path.join("..", "..", "models", "C")
     assert len(rec["inputs"]["target_base"]["sha256"]["config.json"]) == 64
+    # a rewritten (calibrated) delta names its inputs from its own directory, not its input delta's
+    manifest = json.loads((world["calibrated"] / "ftrecycle-delta.json").read_text())
+    assert manifest["base"]["path"] == os.path.join("..", "..", "models", "A")
 
 
 def test_record_paths_absolute_keeps_them(world, tmp_path):

@@ -137,11 +137,30 @@ def portable_path(path: str, out: Path) -> str:
     Returns:
         The path to record.
     """
-    p, o = os.path.abspath(path), os.path.abspath(out)
+    # both resolved: a relative path between a resolved input and an output spelled through a symlink is wrong
+    p, o = os.path.realpath(path), os.path.realpath(out)
     common = os.path.commonpath([p, o])
     if common == os.path.abspath(os.sep):
         return f"<local>/{os.path.basename(p)}"
     return os.path.relpath(p, o)
+
+
+def moved_path(recorded: str, recorded_from: Path) -> str:
+    """A path read from a record written in ``recorded_from``, absolute again where it can be.
+
+    Records name local paths relative to their own directory (:func:`portable`); a record copied
+    into another output (a rewritten delta) must name them from there instead.
+
+    Args:
+        recorded: the path as the record holds it.
+        recorded_from: the directory the record was read from.
+
+    Returns:
+        The absolute path, or ``recorded`` unchanged (already absolute, or ``<local>/NAME``).
+    """
+    if os.path.isabs(recorded) or recorded.startswith("<local>/"):
+        return recorded
+    return os.path.normpath(os.path.join(os.path.abspath(recorded_from), recorded))
 
 
 def portable(value: Any, out: Path, record_paths: RecordPaths = "relative") -> Any:

@@ -13,7 +13,6 @@ which is why carrying them needs the target base (``target_base``).
 
 from __future__ import annotations
 
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -34,7 +33,15 @@ from ftrecycle.errors import ConfigError, IncompatibleModelsError
 from ftrecycle.io.card import Card, command_line, hub_id, peft_snippet, write_card
 from ftrecycle.io.checkpoint import Checkpoint, open_checkpoint
 from ftrecycle.io.output import atomic_directory, check_output, parse_size, write_json
-from ftrecycle.io.provenance import PROVENANCE, RecordPaths, base_record, check_record_paths, describe_input, portable
+from ftrecycle.io.provenance import (
+    PROVENANCE,
+    RecordPaths,
+    base_record,
+    check_record_paths,
+    describe_input,
+    moved_path,
+    portable,
+)
 from ftrecycle.io.safetensors_format import PlannedTensor, build_header
 from ftrecycle.ops.diff import term_reader
 from ftrecycle.options import DEFAULT_MAX_MEMORY
@@ -259,8 +266,8 @@ def _adapter_base(
     else:
         base = manifest.get("base") or {}
         found = base.get("hub_id") or base.get("repo_id") or base.get("path") or base.get("ref")
-        if found and not hub_id(found) and not str(found).startswith("<local>/"):
-            found = os.path.normpath(os.path.join(delta, str(found)))
+        if found and not hub_id(found):
+            found = moved_path(str(found), delta)
     return None if found is None else str(portable(str(found), out, record_paths))
 
 
