@@ -207,6 +207,7 @@ def test_export_lora_on_the_target_loads_in_peft_as_the_dense_transfer(world, tm
     assert "0.0 % of the diff's squared norm" in printed.out and "warning" not in printed.err
     config = json.loads((ad / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == TARGET_ID  # PEFT's auto-loader builds C + LoRA
+    assert config["lora_bias"] is False  # llama has no biases: a plain LoRA
     assert sorted(config["modules_to_save"]) == sorted(
         ["lm_head", "model.embed_tokens", "model.norm"]
         + [f"model.layers.{i}.{n}" for i in range(2) for n in ("input_layernorm", "post_attention_layernorm")]
@@ -236,3 +237,26 @@ def test_export_lora_without_target_warns_that_peft_loads_the_old_base(world, tm
     assert res["left_out_share_of_squared_norm"] > 0 and res["warnings"]
     with pytest.raises(ConfigError, match="--target-base"):
         export_lora(world["delta"], tmp_path / "x", rank=4, full_modules=True)
+
+
+@pytest.mark.parametrize("fam", ["qwen2", "gpt2"])  # tied embeddings; q/k/v biases; Conv1D layers with biases
+def test_full_modules_carry_the_whole_diff_through_peft(fam, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = make_model(tiny_config(fam), seed=3, dtype=torch.float32)
+    a, b = save(base, tmp_path / "A"), save(perturbed(base, seed=4, scale=0.02), tmp_path / "B")
+    c = save(perturbed(base, seed=5, scale=0.03), tmp_path / "C")
+    dense = transfer(str(a), str(b), str(c), tmp_path / "t").output
+    res = export_lora(
+        diff(str(a), str(b), tmp_path / "d").output, tmp_path / "ad", rank=64, target_base=str(c), full_modules=True
+    )
+    # the layers' bias diffs ride in lora_B.bias (PEFT's lora_bias): nothing of the diff is left out
+    assert res.left_out == [] and res.left_out_share == 0 and res.warnings == []
+    assert json.loads((res.output / "adapter_config.json").read_text())["lora_bias"] is True
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(c), res.output).eval()
+    want = AutoModelForCausalLM.from_pretrained(dense).eval()
+    ids = torch.arange(2, 40).reshape(2, 19)
+    with torch.no_grad():
+        got, ref = model(ids).logits, want(ids).logits
+    assert torch.allclose(got, ref, rtol=0, atol=1e-4), (got - ref).abs().max().item()

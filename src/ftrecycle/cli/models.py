@@ -183,7 +183,8 @@ def _export_arguments(p: argparse.ArgumentParser) -> None:
         "--full-modules",
         action="store_true",
         help="also store the modules a LoRA cannot hold (embeddings, output head, norms) whole, as PEFT "
-        "modules_to_save holding C's weight + the diff; needs --target-base",
+        "modules_to_save holding C's weight + the diff, and the adapted layers' bias diffs as lora_B.bias "
+        "(lora_bias): PEFT on C then equals the dense transfer; needs --target-base",
     )
     add_group(p, Resources, only=("threads",))
     add_group(p, Output, only=("force", "record_paths"))

@@ -109,7 +109,8 @@ def export_lora(
     ``lora_alpha = rank``, so PEFT's scaling is 1). Diffs a LoRA cannot hold — embeddings,
     the output head, norms and biases — are left out and listed, with their share of the
     diff's squared norm, in the adapter's ``ftrecycle.json``; with ``full_modules`` the modules
-    that hold no LoRA (embeddings, head, norms) are stored whole instead, as ``C + Δ``.
+    that hold no LoRA (embeddings, head, norms) are stored whole instead, as ``C + Δ``, and the
+    adapted layers' bias diffs as ``lora_B.bias`` (PEFT's ``lora_bias``).
 
     Args:
         delta: the delta directory.
@@ -123,7 +124,7 @@ def export_lora(
             else its path), so that PEFT's auto-loader builds C + LoRA. Without it the adapter names
             the delta's base A, as before, and a warning says so.
         full_modules: store the modules a LoRA cannot hold as PEFT ``modules_to_save`` (needs
-            ``target_base``: their stored weight is C's plus the diff).
+            ``target_base``: their stored weight is C's plus the diff), and bias diffs in ``lora_B.bias``.
         record_paths: ``relative`` (default) or ``absolute``: how ftrecycle.json and the adapter
             config name local models (see :func:`ftrecycle.io.provenance.portable`).
 
@@ -183,15 +184,19 @@ def _export(
     fan_in_fan_out = (manifest.get("base_config") or {}).get("model_type") == "gpt2"
     mats = {n: t for n, t in terms.items() if len(t.shape) == 2 and lora_module(n)}
     full = _full_modules(terms, mats, manifest, target, s.dtype, s.chunk) if s.full_modules and target else {}
-    left = _left_out(terms, {**mats, **{n: terms[n] for n in full if n in terms}}, manifest)
+    biases = _lora_biases(terms, mats, s.dtype, s.chunk, fan_in_fan_out) if s.full_modules else {}
+    held = {*mats, *full, *(m + ".bias" for m in biases)}
+    left = _left_out(terms, {n: t for n, t in terms.items() if n in held}, manifest)
     factorise = partial(_factorise, rank=s.rank, dtype=s.dtype, chunk=s.chunk, fan_in_fan_out=fan_in_fan_out)
     with ThreadPoolExecutor(s.workers) as pool:
         done = list(pool.map(factorise, sorted(mats.items())))
     tensors = {**_adapter_tensors(done), **{PEFT_PREFIX + n: v for n, v in sorted(full.items())}}
+    tensors.update({PEFT_PREFIX + m + ".lora_B.bias": v for m, v in sorted(biases.items())})
     errors = {name: enc.error for name, _, _, enc in done}
     carried = sorted({_module_of(n) for n in full})
     base = _adapter_base(manifest, ckpt.path, target, out, s.record_paths)
     config = _adapter_config(s.rank, mats, fan_in_fan_out, base, carried)
+    config["lora_bias"] = bool(biases)
     record = _export_record(ckpt, manifest, s.rank, s.dtype, errors, left)
     record.update(base_model_name_or_path=base, modules_to_save=carried)
     if target is not None:
@@ -249,6 +254,33 @@ def _full_modules(
         values = from_storage(target.read(info, 0, count, raw), info.dtype, np.dtype(np.float32))
         values = values + term_reader(term, chunk, np.dtype(np.float32), F32)(0, count)
         found[name] = to_storage(values.astype(np.float32), dtype).reshape(term.shape)
+    return found
+
+
+def _lora_biases(
+    terms: dict[str, Term], mats: dict[str, Term], dtype: DType, chunk: int, fan_in_fan_out: bool
+) -> dict[str, np.ndarray]:
+    """The bias diffs of the LoRA'd layers, as PEFT's ``lora_B.bias`` (``lora_bias=True``), by module.
+
+    With ``lora_bias`` PEFT gives every adapted layer's ``lora_B`` a bias, added to the layer's output
+    (scaled by ``lora_alpha / r`` = 1 here): the diff of the layer's bias. A layer whose bias did not
+    change (or that has none) gets zeros, so that no value is left to PEFT's initialisation. Empty when
+    no adapted layer's bias changed: the adapter then stays a plain LoRA, which every server loads.
+    """
+    modules = {lora_module(n) or "": t for n, t in mats.items()}
+    if not any(m + ".bias" in terms for m in modules):
+        return {}
+    found: dict[str, np.ndarray] = {}
+    for module, weight in modules.items():
+        # a Conv1D weight is stored (in, out); its bias, like a Linear's, has the output's length
+        out_features = (
+            weight.shape[1] if fan_in_fan_out and module.rsplit(".", 1)[-1] in CONV1D_MODULES else weight.shape[0]
+        )
+        term = terms.get(module + ".bias")
+        values = np.zeros(out_features, dtype=np.float32)
+        if term is not None:
+            values = term_reader(term, chunk, np.dtype(np.float32), F32)(0, int(term.shape[0]))
+        found[module] = to_storage(values, dtype)
     return found
 
 
