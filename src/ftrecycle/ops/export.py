@@ -300,7 +300,9 @@ def _adapter_base(
         found = base.get("hub_id") or base.get("repo_id") or base.get("path") or base.get("ref")
         if found and not hub_id(found):
             found = moved_path(str(found), delta)
-    return None if found is None else str(portable(str(found), out, record_paths))
+    named = None if found is None else str(portable(str(found), out, record_paths))
+    # a model outside the output's tree cannot be named without its absolute path: PEFT's "unknown" then
+    return None if named is None or named.startswith("<local>/") else named
 
 
 def _warnings(record: dict[str, Any], has_target: bool, full_modules: bool) -> list[str]:
@@ -308,8 +310,8 @@ def _warnings(record: dict[str, Any], has_target: bool, full_modules: bool) -> l
     notes = []
     if not has_target:
         notes.append(
-            f"the adapter names the delta's base A ({record['base_model_name_or_path']}) as its base model: "
-            "PEFT's auto-loader will build A + LoRA; pass --target-base C to name the new base"
+            f"the adapter is made for the delta's base A ({record['base_model_name_or_path'] or 'a local model'}): "
+            "PEFT's auto-loader would build A + LoRA; pass --target-base C to name the new base"
         )
     share = float(record["left_out_share_of_squared_norm"])
     if share >= 0.01:
@@ -475,7 +477,11 @@ def adapter_card(record: dict[str, Any], config: dict[str, Any], where: str) -> 
         summary=(
             "A PEFT LoRA adapter written by ftrecycle export-lora: each linear layer's diff (fine-tuned minus base) "
             f"as its best rank-{record['rank']} approximation"
-            + (", for the new base named below" if target else ", naming the delta's own base")
+            + (
+                ", made for a new base model (target_base in ftrecycle.json)"
+                if target
+                else ", for the delta's own base"
+            )
             + ". Loaded on a base model it adds the fine-tune's update; what it leaves out is listed in "
             f"{PROVENANCE}."
         ),
