@@ -260,3 +260,23 @@ def test_full_modules_carry_the_whole_diff_through_peft(fam, tmp_path):
     with torch.no_grad():
         got, ref = model(ids).logits, want(ids).logits
     assert torch.allclose(got, ref, rtol=0, atol=1e-4), (got - ref).abs().max().item()
+
+
+def test_a_chain_recorded_with_absolute_paths_is_reused(world, tmp_path, monkeypatch):
+    import ftrecycle.recycle.chain as chain_mod
+
+    train = _items(tmp_path / "train.jsonl", 16)
+    spec = {"versions": [str(world["A"]), str(world["C"])], "data": str(train), "output": str(tmp_path / "chain")}
+    (tmp_path / "chain.yaml").write_text(json.dumps({**spec, "finetune": {**TINY_FT, "max_steps": 1}}))
+    # an earlier version recorded the products' keys with absolute paths
+    monkeypatch.setattr(chain_mod, "portable", lambda value, out, record_paths="relative": value)
+    iterate(ChainSpec.load(tmp_path / "chain.yaml"))
+    assert str(tmp_path) in (tmp_path / "chain" / "summary.json").read_text()
+    monkeypatch.undo()
+    calls: list[str] = []
+    real = chain_mod.finetune
+    monkeypatch.setattr(chain_mod, "finetune", lambda model, *a, **k: calls.append(model) or real(model, *a, **k))
+    iterate(ChainSpec.load(tmp_path / "chain.yaml"))  # no refusal, nothing made again
+    assert calls == [] and str(tmp_path) not in (tmp_path / "chain" / "summary.json").read_text()
+    iterate(ChainSpec.load(tmp_path / "chain.yaml"))  # and the relative keys it now holds are reused too
+    assert calls == []

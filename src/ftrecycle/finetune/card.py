@@ -40,9 +40,7 @@ def finetune_card(record: dict[str, Any], log: list[dict[str, Any]], where: str)
         summary += (
             f", starting from {name} + alpha · (the source fine-tune's diff vector), alpha = {record.get('alpha')}"
         )
-    data = inputs.get("data") or {}
-    equivalent = ["ftrecycle", str(record.get("operation")), str(start.get("hub_id") or start.get("ref"))]
-    equivalent += [str(data.get("path") or data.get("ref") or "DATA") if isinstance(data, dict) else "DATA"]
+    equivalent = _equivalent(record, inputs, where)
     return Card(
         title=f"{name} fine-tuned" + (" from a recycled start" if recycled else ""),
         summary=summary + ". Every setting and the loss curve are recorded in ftrecycle.json.",
@@ -51,11 +49,31 @@ def finetune_card(record: dict[str, Any], log: list[dict[str, Any]], where: str)
         tags=("finetune", str(record.get("operation"))),
         license=start.get("license"),
         load=transformers_snippet(where),
-        command=command_line(record, [*equivalent, "-o", where]),
+        command=command_line(record, equivalent),
         table=(("training", "value"), rows),
         table_title="How it was trained",
         evals=evals,
     )
+
+
+def _equivalent(record: dict[str, Any], inputs: dict[str, Any], where: str) -> list[str]:
+    """The command that makes the same output as an API call recorded in ``record``."""
+
+    def ref(d: Any) -> str:
+        return str(d.get("hub_id") or d.get("ref") or d.get("path")) if isinstance(d, dict) else str(d)
+
+    data = inputs.get("data") or {}
+    if "source_finetuned" in inputs:
+        argv = ["ftrecycle", "recycle-finetune"]
+        argv += [
+            f
+            for role in ("source_base", "source_finetuned", "target_base")
+            for f in (f"--{role.replace('_', '-')}", ref(inputs[role]))
+        ]
+        argv += ["--alpha", str(record.get("alpha"))]
+    else:
+        argv = ["ftrecycle", "finetune", "--model", ref(inputs.get("model"))]
+    return [*argv, "--data", ref(data), "-o", where]
 
 
 def _number(value: object) -> bool:

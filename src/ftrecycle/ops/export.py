@@ -469,7 +469,9 @@ def adapter_card(record: dict[str, Any], config: dict[str, Any], where: str) -> 
         ("tensors left out", str(len(record["left_out"]))),
         ("share of the diff's squared norm left out", f"{100 * record['left_out_share_of_squared_norm']:.2f} %"),
     ]
-    equivalent = ["ftrecycle", "export-lora", "--delta", "DELTA", "--rank", str(record["rank"]), "-o", where]
+    delta = record.get("delta") or {}
+    equivalent = ["ftrecycle", "export-lora", "--delta", str(delta.get("ref")), "--rank", str(record["rank"])]
+    equivalent += ["-o", where, *(["--full-modules"] if record["modules_to_save"] else [])]
     if target:
         equivalent[4:4] = ["--target-base", str(target.get("hub_id") or target.get("ref"))]
     return Card(

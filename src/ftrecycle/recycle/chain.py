@@ -185,6 +185,7 @@ class _Chain:
                     what=f"{dest}",
                     fix="pass --force to recompute it (and what depends on it), or choose another output",
                 )
+                self.state[dest.name] = published  # a legacy record is rewritten without its paths
                 return True
             except ConfigError:
                 if not self.force:
