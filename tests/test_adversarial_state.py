@@ -275,8 +275,10 @@ def test_recycle_finetune_provenance_names_its_sources(versions, tmp_path, alpha
     text = (tmp_path / "out" / "ftrecycle.json").read_text()
     rec = json.loads(text)
     assert rec["operation"] == "recycle-finetune" and rec["alpha"] == alpha
+    # named relative to the output, so that an uploaded output names no local directory
     assert {k: rec["inputs"][k]["path"] for k in ("source_base", "source_finetuned", "target_base")} == {
-        k: str(Path(v[k]).resolve()) for k in ("source_base", "source_finetuned", "target_base")
+        k: os.path.relpath(Path(v[k]).resolve(), (tmp_path / "out").resolve())
+        for k in ("source_base", "source_finetuned", "target_base")
     }
     assert "ftrecycle-start" not in text and "model" not in rec["inputs"]
     assert rec["inputs"]["data"]["sha256"] and rec["config"]["max_steps"] == 2

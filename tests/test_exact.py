@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -116,7 +117,9 @@ def test_provenance_and_model_card(versions, tmp_path):
     rec = json.loads((out.output / "ftrecycle.json").read_text())
     assert rec["operation"] == "transfer" and rec["alpha"] == 0.5
     assert set(rec["inputs"]) == {"source_base", "source_finetuned", "target_base"}
-    assert rec["inputs"]["target_base"]["path"] == str(Path(v["target_base"]).resolve())
+    # recorded relative to the output, so that an uploaded output names no local directory
+    want = os.path.relpath(Path(v["target_base"]).resolve(), out.output.resolve())
+    assert rec["inputs"]["target_base"]["path"] == want
     assert any(r["tensor"] == "lm_head.weight" and r["action"] == "tied" for r in rec["records"])
     card = (out.output / "README.md").read_text()
     assert card.startswith("---") and "ftrecycle" in card

@@ -30,6 +30,7 @@ from typing import Any, ClassVar, Literal, TypeVar
 from ftrecycle.codecs import Compression, parse_compression
 from ftrecycle.errors import ConfigError
 from ftrecycle.io.output import parse_size
+from ftrecycle.io.provenance import RECORD_PATHS, RecordPaths
 
 MAX_THREADS = 1024
 MAX_COUNT = 2**31 - 1
@@ -458,6 +459,13 @@ class Output(OptionGroup):
     )
     force: bool = option(False, "replace the output directory if it exists (never an input)")
     fsync: bool = option(False, "flush the output to disk before the final rename")
+    record_paths: RecordPaths = option(
+        "relative",
+        "how ftrecycle.json, manifests and the model card name local inputs: 'relative' to the output "
+        "directory (or, outside its tree, by name and SHA-256), so that an uploaded output names no local "
+        "directory; 'absolute' keeps full paths, for private use",
+        choices=RECORD_PATHS,
+    )
 
 
 @dataclass(frozen=True)

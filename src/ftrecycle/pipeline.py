@@ -9,6 +9,7 @@ from pathlib import Path
 from ftrecycle.dtypes import BY_NAME, DType
 from ftrecycle.engine import Engine, chunk_for_budget, default_threads
 from ftrecycle.io.output import ShardedWriter, atomic_directory, check_free_space
+from ftrecycle.io.provenance import RecordPaths
 from ftrecycle.options import Output, Precision, Resources, Scaling
 from ftrecycle.terms import OutTensor
 
@@ -32,6 +33,7 @@ class WriteSettings:
     allow_nonfinite: bool
     fsync: bool
     force: bool
+    record_paths: RecordPaths = "relative"
 
     @classmethod
     def of(
@@ -51,6 +53,7 @@ class WriteSettings:
             allow_nonfinite=precision.allow_nonfinite,
             fsync=output.fsync,
             force=output.force,
+            record_paths=output.record_paths,
         )
 
     def engine(self, total: int, progress: ProgressFn | None) -> Engine:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Any
 
 from ftrecycle.cli.args import add_group, bundle_from_args, positive_int
@@ -181,15 +182,42 @@ def _export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rank", required=True, type=positive_int, metavar="R", help="the LoRA rank")
     p.add_argument("-o", "--output", required=True, metavar="ADAPTER", help="the adapter directory to create")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="factor dtype")
+    p.add_argument(
+        "--target-base",
+        metavar="C",
+        help="the new base model the adapter is for: written as its base_model_name_or_path (its hub id, else its "
+        "path), so that PEFT's auto-loader builds C + LoRA (default: the delta's base A, with a warning)",
+    )
+    p.add_argument(
+        "--full-modules",
+        action="store_true",
+        help="also store the modules a LoRA cannot hold (embeddings, output head, norms) whole, as PEFT "
+        "modules_to_save holding C's weight + the diff, and the adapted layers' bias diffs as lora_B.bias "
+        "(lora_bias): PEFT on C then equals the dense transfer; needs --target-base",
+    )
     add_group(p, Resources, only=("threads",))
-    add_group(p, Output, only=("force",))
+    add_group(p, Output, only=("force", "record_paths"))
 
 
 def _export(ns: argparse.Namespace) -> None:
-    res = export_lora(ns.delta, ns.output, rank=ns.rank, dtype=ns.dtype, threads=ns.threads, force=ns.force)
+    res = export_lora(
+        ns.delta,
+        ns.output,
+        rank=ns.rank,
+        dtype=ns.dtype,
+        threads=ns.threads,
+        force=ns.force,
+        target_base=ns.target_base,
+        full_modules=ns.full_modules,
+        record_paths=ns.record_paths,
+    )
+    for warning in res.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     print(
-        f"wrote {res.output}: LoRA rank {ns.rank} on {res.modules} modules, {res.bytes_written / 2**20:.2f} "
-        f"MiB in {res.seconds:.1f} s; left out {len(res.left_out)} tensors (see ftrecycle.json)"
+        f"wrote {res.output}: LoRA rank {ns.rank} on {res.modules} modules"
+        + (f", {len(res.carried)} modules stored whole" if res.carried else "")
+        + f", {res.bytes_written / 2**20:.2f} MiB in {res.seconds:.1f} s; left out {len(res.left_out)} tensors, "
+        f"{100 * res.left_out_share:.1f} % of the diff's squared norm (see ftrecycle.json)"
     )
 
 
@@ -234,7 +262,9 @@ COMMANDS = (
         "Factorise each linear weight's diff at RANK (truncated SVD) and write a PEFT LoRA adapter directory "
         "that peft.PeftModel.from_pretrained(target, ADAPTER) loads, so target + delta can be served as an "
         "adapter (vLLM, lm-eval peft=). Embeddings, the output head and 1-D tensors cannot be held by a "
-        "LoRA: they are left out and listed, with their share of the diff, in ftrecycle.json.",
+        "LoRA: they are left out and listed, with their share of the diff's squared norm, in ftrecycle.json, "
+        "or, with --target-base C --full-modules, stored whole as PEFT modules_to_save (C + diff). Without "
+        "--target-base the adapter names the delta's base A, and PEFT's auto-loader would load A + LoRA.",
         _export_arguments,
         _export,
     ),

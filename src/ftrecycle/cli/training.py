@@ -39,6 +39,7 @@ def _run_arguments(p: argparse.ArgumentParser, *, allow_pickle: bool) -> None:
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
     p.add_argument("--force", action="store_true", help="replace the output / discard an unfinished run")
     p.add_argument("--progress", action="store_true", help="show the training progress bar")
+    add_group(p, Output, only=("record_paths",))
     if allow_pickle:
         p.add_argument(
             "--allow-pickle",
@@ -82,6 +83,7 @@ def _finetune(ns: argparse.Namespace) -> None:
         ns.data,
         ns.output,
         config=finetune_config(ns, ns.model),
+        record_paths=ns.record_paths,
         **_run_keywords(ns),
     )
     report(result)
@@ -103,7 +105,11 @@ def _recycle(ns: argparse.Namespace) -> None:
     alpha = resolve_alpha(ns, inputs=(ns.data, ns.eval_data))
     # --force is the fine-tuning run's (replace its output); the transfer writes a fresh start directory
     options = bundle_from_args(
-        TransferOptions, ns, scaling=Scaling(alpha=alpha), resources=resources(ns), output=Output()
+        TransferOptions,
+        ns,
+        scaling=Scaling(alpha=alpha),
+        resources=resources(ns),
+        output=Output(record_paths=ns.record_paths),
     )
     result = recycle_finetune(
         ns.source_base,

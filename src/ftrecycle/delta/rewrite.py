@@ -18,10 +18,13 @@ import numpy as np
 
 from ftrecycle.delta.manifest import FINETUNED_DIR, INDEX, MANIFEST, PREFIX
 from ftrecycle.delta.store import HASH_BLOCK, Delta, checksums
+from ftrecycle.delta.write import delta_card
 from ftrecycle.errors import CheckpointError, ConfigError
+from ftrecycle.io.card import write_card
 from ftrecycle.io.checkpoint import _index_safetensors
 from ftrecycle.io.model_files import CONFIG_FILES, TOKENIZER_FILES, copy_files
 from ftrecycle.io.output import ShardedWriter, atomic_directory, parse_size, write_json
+from ftrecycle.io.provenance import moved_path, portable
 from ftrecycle.io.safetensors_format import TensorInfo, pread_exact, pwrite_all
 from ftrecycle.options import DEFAULT_SHARD_SIZE
 
@@ -86,7 +89,7 @@ def rewrite_delta(
         force: replace an existing ``output``.
 
     Returns:
-        The new manifest (as written).
+        The new manifest (as written: local paths relative to ``output``).
 
     Raises:
         ConfigError: a replacement names no stored tensor, or has another dtype or shape.
@@ -97,6 +100,10 @@ def rewrite_delta(
     tensors = delta.shards().tensors
     order = list(delta.manifest.get("checksums") or tensors)
     manifest = copy.deepcopy(delta.manifest)
+    for role in ("base", "finetuned"):  # the input's manifest names them relative to the input delta
+        described = manifest.get(role)
+        if isinstance(described, dict) and isinstance(described.get("path"), str):
+            described["path"] = moved_path(described["path"], delta.path)
     manifest.update(record)
     with atomic_directory(output, force=force) as tmp:
         writer = ShardedWriter(
@@ -120,7 +127,9 @@ def rewrite_delta(
         if src.is_dir() and not src.is_symlink():
             (tmp / FINETUNED_DIR).mkdir()
             copy_files(src, tmp / FINETUNED_DIR, CONFIG_FILES + TOKENIZER_FILES)
+        manifest = portable(manifest, Path(output))
         write_json(tmp / MANIFEST, manifest)
+        write_card(tmp, delta_card(manifest))
     return manifest
 
 

@@ -15,10 +15,11 @@ from ftrecycle.delta.manifest import FINETUNED_DIR, FORMAT, INDEX, MANIFEST, PRE
 from ftrecycle.delta.store import checksums
 from ftrecycle.dtypes import DType
 from ftrecycle.errors import CheckpointError
+from ftrecycle.io.card import Card, command_line, write_card
 from ftrecycle.io.checkpoint import _index_safetensors
 from ftrecycle.io.model_files import CONFIG_FILES, TOKENIZER_FILES, copy_files
 from ftrecycle.io.output import write_json
-from ftrecycle.io.provenance import base_record
+from ftrecycle.io.provenance import RecordPaths, base_record, portable
 from ftrecycle.io.safetensors_format import TensorInfo
 from ftrecycle.terms import OutTensor, Record
 
@@ -142,9 +143,12 @@ class DeltaWriter:
         """Record what the encoder of compressed tensor ``name`` measured (norm, error, rank...)."""
         self.entries[name]["compression"].update(found)
 
-    def finish(self, tmp: Path) -> None:
+    def finish(self, tmp: Path, out: Path | None = None, record_paths: RecordPaths = "relative") -> None:
         """Complete the manifest from the written shards in ``tmp`` and write it, with the
-        fine-tuned model's files under ``finetuned/``.
+        fine-tuned model's files under ``finetuned/`` and the delta's card.
+
+        The manifest on disk names local inputs relative to ``out`` (see
+        :func:`~ftrecycle.io.provenance.portable`); :attr:`manifest` keeps them as they were.
 
         Adds the SHA-256 of every stored tensor, each dense tensor's norm, each tensor's stored
         bytes, and (compressed) the delta's size against its dense size.
@@ -161,7 +165,9 @@ class DeltaWriter:
         self._sizes(infos, dense, norms)
         (tmp / FINETUNED_DIR).mkdir()
         copy_files(self.files, tmp / FINETUNED_DIR, CONFIG_FILES + TOKENIZER_FILES)
-        write_json(tmp / MANIFEST, self.manifest)
+        written = portable(self.manifest, out, record_paths) if out is not None else self.manifest
+        write_json(tmp / MANIFEST, written)
+        write_card(tmp, delta_card(written))
 
     def _sizes(self, infos: dict[str, TensorInfo], dense: list[str], norms: dict[str, float]) -> None:
         entries = self.entries
@@ -177,3 +183,41 @@ class DeltaWriter:
             self.manifest["compression"].update(
                 {"bytes": stored_total, "dense_bytes": dense_total, "ratio": dense_total / max(stored_total, 1)}
             )
+
+
+def delta_card(manifest: dict[str, Any]) -> Card:
+    """The card of a delta directory: what it holds and how to apply it to a new base.
+
+    Args:
+        manifest: the delta's manifest (as written).
+
+    Returns:
+        The card (no ``base_model_relation``: a delta is no model; its ``base_model`` is the base A).
+    """
+    base, fin = manifest.get("base") or {}, manifest.get("finetuned") or {}
+    names = [str(d.get("hub_id") or Path(str(d.get("ref") or "?")).name) for d in (fin, base)]
+    entries = manifest.get("tensors") or {}
+    packed = sum(1 for e in entries.values() if e.get("parts"))
+    compression = manifest.get("compression") or {}
+    rows = [("tensors", str(len(entries))), ("stored compressed", str(packed)), ("dtype", str(manifest.get("dtype")))]
+    if compression.get("spec"):
+        rows.append(("compression", str(compression["spec"])))
+    if compression.get("ratio"):
+        rows.append(("size ratio (dense / stored)", f"{compression['ratio']:.2f}"))
+    return Card(
+        title=f"Diff vector: {names[0]} − {names[1]}",
+        summary=(
+            f"A delta directory written by ftrecycle: the diff vector of a fine-tune (fine-tuned {names[0]} minus "
+            f"its base {names[1]}), stored as safetensors shards with the manifest {MANIFEST} (checksums, norms, "
+            "compression). Add it to a newer version of the base model to carry the fine-tune over."
+        ),
+        relation=None,
+        base_models=tuple(b for b in (base.get("hub_id"),) if b),
+        library_name=None,
+        tags=("task-vector", "diff-vector", "delta"),
+        license=base.get("license"),
+        load=("sh", "ftrecycle apply --delta THIS_DIRECTORY --target-base NEW_BASE -o OUTPUT"),
+        command=command_line(manifest, ["ftrecycle", "diff", "--base", names[1], "--finetuned", names[0]]),
+        table=(("delta", "value"), rows),
+        table_title="What it holds",
+    )

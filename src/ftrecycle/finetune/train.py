@@ -20,8 +20,10 @@ from ftrecycle.distributed import is_main, on_main, world
 from ftrecycle.errors import ConfigError, DataError
 from ftrecycle.evaluate import builtin
 from ftrecycle.evaluate.data import read_gsm8k
+from ftrecycle.finetune.card import finetune_card
 from ftrecycle.finetune.config import FinetuneConfig
 from ftrecycle.finetune.data import Collator, encode, load_examples
+from ftrecycle.io.card import write_card
 from ftrecycle.io.checkpoint import Checkpoint, open_checkpoint
 from ftrecycle.io.hf_load import check_model_json, load_causal_lm, load_tokenizer
 from ftrecycle.io.jsonfile import read_json
@@ -34,7 +36,7 @@ from ftrecycle.io.output import (
     sibling_name,
     write_json,
 )
-from ftrecycle.io.provenance import PROVENANCE, base_record, describe_input
+from ftrecycle.io.provenance import PROVENANCE, RecordPaths, base_record, check_record_paths, describe_input, portable
 from ftrecycle.io.state import (
     check_settings,
     file_identity,
@@ -291,6 +293,7 @@ def finetune(
     extra_provenance: dict[str, Any] | None = None,
     operation: str = "finetune",
     model_key: dict[str, Any] | None = None,
+    record_paths: RecordPaths = "relative",
 ) -> FinetuneResult:
     """Fine-tune ``model`` on ``data`` and write the result to ``output`` (safetensors + provenance).
 
@@ -310,6 +313,7 @@ def finetune(
         operation: the ``operation`` recorded in the provenance.
         model_key: what identifies the start model in the resume check, for a start the caller made
             (default: the model directory's identity).
+        record_paths: ``relative`` or ``absolute`` paths in the records (:func:`ftrecycle.io.provenance.portable`).
 
     Returns:
         Steps, losses, the evaluation log and timing.
@@ -320,17 +324,11 @@ def finetune(
         OutputError: the output exists without ``force``.
     """
     t0 = time.perf_counter()
-    job = _Job(
-        model=model,
-        data=data,
-        out=Path(output).expanduser(),
-        cfg=(config or FinetuneConfig()).validate(),
-        eval_data=eval_data,
-        allow_pickle=allow_pickle,
-        model_key=model_key,
-    )
-    # The main process holds OUT's lock from its checks to the final rename (a second run for OUT is
-    # refused at once); it alone checks the output and owns the run directory, the others wait here.
+    cfg = (config or FinetuneConfig()).validate()
+    job = _Job(model, data, Path(output).expanduser(), cfg, eval_data, allow_pickle, model_key)
+    job.record_paths = check_record_paths(record_paths)
+    # The main process holds OUT's lock from its checks to the final rename (a second run for OUT is refused
+    # at once); it alone checks the output and owns the run directory, the others wait here.
     with contextlib.ExitStack() as held:
         resuming, existed = on_main(lambda: job.claim(held, resume=resume, force=force))
         inputs = job.loaded()
@@ -378,6 +376,7 @@ class _Job:
     eval_data: str | Path | None
     allow_pickle: bool
     model_key: dict[str, Any] | None
+    record_paths: RecordPaths = "relative"
     inputs: _Inputs | None = None
     settings: dict[str, Any] = field(default_factory=dict)
 
@@ -576,7 +575,9 @@ def _write_output(
         copy_files(src.path, tmp, TOKENIZER_FILES)
         if (src.path / "generation_config.json").is_file() and not (tmp / "generation_config.json").exists():
             shutil.copyfile(src.path / "generation_config.json", tmp / "generation_config.json")
-        write_json(tmp / PROVENANCE, record)
+        published = portable(record, job.out, job.record_paths)
+        write_json(tmp / PROVENANCE, published)
         if log:
-            write_json(tmp / EVAL_LOG, log)
+            write_json(tmp / EVAL_LOG, portable(log, job.out, job.record_paths))
+        write_card(tmp, finetune_card(published, log, job.out.name))
     shutil.rmtree(job.run, ignore_errors=True)

@@ -1,4 +1,4 @@
-"""The non-weight files of a model directory: configs, tokenizer files, model card."""
+"""The non-weight files of a model directory: configs and tokenizer files (the card: :mod:`ftrecycle.io.card`)."""
 
 from __future__ import annotations
 
@@ -96,12 +96,3 @@ def patch_config(path: Path, changes: dict[str, Any]) -> dict[str, Any]:
     if done:
         cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     return done
-
-
-def model_card(*, title: str, base_model: str | None, body: str) -> str:
-    """A README.md model card with Hugging Face front matter."""
-    front = ["---", "library_name: transformers", "tags:", "- ftrecycle", "- diff-vector-transfer"]
-    if base_model:
-        front.append(f"base_model: {base_model}")
-    front.append("---")
-    return "\n".join(front) + f"\n\n# {title}\n\n{body.strip()}\n"

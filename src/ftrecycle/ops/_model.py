@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -16,15 +17,16 @@ from typing import Any
 
 from ftrecycle.dtypes import BY_NAME, DType
 from ftrecycle.errors import ConfigError
+from ftrecycle.io.card import Card, command_line, transformers_snippet, write_card
 from ftrecycle.io.checkpoint import Checkpoint
 from ftrecycle.io.maskfile import open_mask
-from ftrecycle.io.model_files import CONFIG_FILES, TOKENIZER_FILES, copy_files, model_card, patch_config
+from ftrecycle.io.model_files import CONFIG_FILES, TOKENIZER_FILES, copy_files, patch_config
 from ftrecycle.io.output import write_json
-from ftrecycle.io.provenance import PROVENANCE, base_record
+from ftrecycle.io.provenance import PROVENANCE, base_record, portable
 from ftrecycle.options import ModelFiles, Policies, Precision
 from ftrecycle.pipeline import ProgressFn, WriteSettings, write_plan
 from ftrecycle.plan import mask_terms, plan_transfer
-from ftrecycle.terms import Masked, MaskTally, Plan, Record, Term
+from ftrecycle.terms import Action, Masked, MaskTally, Plan, Record, Term
 
 
 @dataclass
@@ -185,6 +187,8 @@ def write_model(
         record["mask"] = addend.mask.described
     finish = partial(
         _finish_model,
+        out=out,
+        settings=settings,
         target=target,
         finetuned_files=addend.finetuned_files,
         files=files,
@@ -200,6 +204,8 @@ def write_model(
 def _finish_model(
     tmp: Path,
     *,
+    out: Path,
+    settings: WriteSettings,
     target: Checkpoint,
     finetuned_files: Path | None,
     files: ModelFiles,
@@ -221,28 +227,64 @@ def _finish_model(
         changes["dtype"] = out_dtype.name
     if (tmp / "config.json").is_file():
         record["config_patched"] = patch_config(tmp, changes)
-    write_json(tmp / PROVENANCE, record)
-    (tmp / "README.md").write_text(_model_card(record, plan))
+    published = portable(record, out, settings.record_paths)
+    write_json(tmp / PROVENANCE, published)
+    write_card(tmp, model_card(published, plan, out.name))
 
 
-def _model_card(record: dict[str, Any], plan: Plan) -> str:
-    """The output's README: how it was made, from which models."""
+def model_card(record: dict[str, Any], plan: Plan, where: str) -> Card:
+    """The card of a transfer's or an apply's output: a merge of the target and the fine-tuned model.
+
+    Args:
+        record: the output's provenance (as written).
+        plan: what was written.
+        where: how the snippet names the output (its directory's name).
+
+    Returns:
+        The card.
+    """
     inputs = record["inputs"]
-    lines = [
-        "This model was made by ftrecycle by recycling a fine-tuning diff vector "
-        "onto a new base model (m't ~ m_t + alpha * (m'_s - m_s)).",
-        "",
-        "| role | model | revision |",
-        "|---|---|---|",
-    ]
-    for role, d in inputs.items():
-        lines.append(f"| {role} | {d.get('repo_id') or d.get('ref')} | {d.get('revision') or ''} |")
-    lines += [
-        "",
-        f"alpha = {record['alpha']}; compute dtype {record['compute_dtype']}; "
-        f"{len(plan.records)} tensors adapted or left alone (see {PROVENANCE}).",
-    ]
-    base = inputs.get("target_base", {})
-    return model_card(
-        title="Recycled fine-tuning", base_model=base.get("repo_id") or base.get("ref"), body="\n".join(lines)
+    target = inputs.get("target_base") or {}
+    manifest = (inputs.get("delta") or {}).get("manifest") or {}
+    finetuned = inputs.get("source_finetuned") or manifest.get("finetuned") or {}
+    base = inputs.get("source_base") or manifest.get("base") or {}
+    names = {role: _name(d) for role, d in (("target", target), ("finetuned", finetuned), ("base", base))}
+    written = {t.name for t in plan.tensors}
+    copied = {r["tensor"] for r in plan.records if r["action"] == Action.COPIED and r["tensor"] in written}
+    actions = Counter(str(r["action"]) for r in plan.records)
+    rows = [("written to the output", str(len(written))), ("target + alpha × diff", str(len(written - copied)))]
+    rows += [(f"record: {a}", str(n)) for a, n in sorted(actions.items())]
+    return Card(
+        title=f"{names['target']} + {record['alpha']:g} × ({names['finetuned']} − {names['base']})",
+        summary=(
+            f"This model was made with ftrecycle ({record['operation']}) by adding the diff vector of a fine-tune "
+            f"(fine-tuned {names['finetuned']} minus its base {names['base']}) to the new base {names['target']}, "
+            f"scaled by alpha = {record['alpha']:g} (m't = m_t + alpha · (m's − m_s)). Compute dtype "
+            f"{record['compute_dtype']}; output dtype {record['out_dtype']}. Every input, option and adapted "
+            f"tensor is recorded in {PROVENANCE}."
+        ),
+        relation="merge",
+        base_models=tuple(b for b in (target.get("hub_id"), finetuned.get("hub_id")) if b),
+        tags=("task-vector", "diff-vector-transfer", record["operation"]),
+        license=target.get("license"),
+        load=transformers_snippet(where),
+        command=command_line(record, _equivalent(record, where)),
+        table=(("tensors", "count"), rows),
     )
+
+
+def _equivalent(record: dict[str, Any], where: str) -> list[str]:
+    """The command that makes the same output as an API call recorded in ``record``."""
+    inputs = record["inputs"]
+    ref = {role: str(d.get("hub_id") or d.get("ref")) for role, d in inputs.items() if isinstance(d, dict)}
+    if record["operation"] == "apply":
+        argv = ["ftrecycle", "apply", "--delta", ref.get("delta", "?")]
+    else:
+        argv = ["ftrecycle", record["operation"], "--source-base", ref.get("source_base", "?")]
+        argv += ["--source-finetuned", ref.get("source_finetuned", "?")]
+    return [*argv, "--target-base", ref.get("target_base", "?"), "--alpha", f"{record['alpha']:g}", "-o", where]
+
+
+def _name(description: dict[str, Any]) -> str:
+    """How a card names an input: its hub id, else its directory's name (never a local path)."""
+    return str(description.get("hub_id") or Path(str(description.get("ref") or "?")).name or "?")

@@ -151,7 +151,13 @@ def _diff(
     settings = replace(settings, max_memory=src.meta_left)
     job = _DeltaJob.planned(a, src, opts, settings, progress)
     written = write_plan(
-        job.stored, out, settings=settings, prefix=PREFIX, progress=progress, finish=job.finish, extra=job.compress
+        job.stored,
+        out,
+        settings=settings,
+        prefix=PREFIX,
+        progress=progress,
+        finish=partial(job.finish, out=out),
+        extra=job.compress,
     )
     return DiffResult(out, written, time.perf_counter() - started, src.records, job.manifest)
 
@@ -270,9 +276,9 @@ class _DeltaJob:
                 self.progress(sum(math.prod(s) * d.itemsize for d, s in parts.values()), total)
         return name, info
 
-    def finish(self, tmp: Path) -> None:
-        """Write the manifest and the fine-tuned model's files into the delta's temporary directory."""
-        self.writer.finish(tmp)
+    def finish(self, tmp: Path, *, out: Path) -> None:
+        """Write the manifest, the card and the fine-tuned model's files into the delta's temporary directory."""
+        self.writer.finish(tmp, out, self.settings.record_paths)
 
 
 def _packed(specs: dict[str, Compression], tensors: list[OutTensor], ddt: DType) -> dict[str, dict[str, PartSpec]]:

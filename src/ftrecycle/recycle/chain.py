@@ -7,6 +7,7 @@ only when its key is unchanged.
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -21,6 +22,7 @@ from ftrecycle.evaluate.data import read_gsm8k
 from ftrecycle.finetune.train import finetune
 from ftrecycle.io.hub import resolve_ref
 from ftrecycle.io.output import check_no_overlap, write_json
+from ftrecycle.io.provenance import portable
 from ftrecycle.io.state import check_settings, file_identity, read_settings, settings_hash, write_settings
 from ftrecycle.ops.apply import apply_delta
 from ftrecycle.ops.diff import diff
@@ -250,23 +252,31 @@ class _Chain:
             ConfigError: ``dest`` was made with another key, and not ``force``.
         """
         check_no_overlap(dest, self.inputs, what="iterate step")  # never remove an input, even with --force
+        # keys are on record with paths relative to the chain's output (summary.json may be published);
+        # one recorded with absolute paths, as earlier versions did, is still recognised
+        recorded, published = self.state.get(dest.name), portable(key, self.out)
         if complete(dest):
             try:
                 check_settings(
-                    self.state.get(dest.name),
-                    key,
+                    recorded if recorded != _json_form(key) else published,
+                    published,
                     what=f"{dest}",
                     fix="pass --force to recompute it (and what depends on it), or choose another output",
                 )
+                self.state[dest.name] = published  # a legacy record is rewritten without its paths
                 return True
             except ConfigError:
                 if not self.force:
                     raise
             shutil.rmtree(dest)
         # The key goes on record before the product is made: a product on disk always has its key on record.
-        self.state[dest.name] = key
-        write_settings(self.state_file, {"mode": self.spec.mode, "versions": self.rows, "keys": self.state})
+        self.state[dest.name] = published
+        write_settings(self.state_file, self.summary())
         return False
+
+    def summary(self) -> dict[str, Any]:
+        """``summary.json``'s content: the rows so far and the products' keys, without absolute paths."""
+        return {"mode": self.spec.mode, "versions": portable(self.rows, self.out), "keys": self.state}
 
     def ft(self, model: str, start_key: Any, dest: Path, what: str) -> Path:
         """M*: ``model`` fine-tuned on the chain's data."""
@@ -326,8 +336,9 @@ class _Chain:
 
     def summarise(self) -> None:
         """Write ``summary.json`` (rows and keys) and ``summary.md``."""
-        write_json(self.state_file, {"mode": self.spec.mode, "versions": self.rows, "keys": self.state})
-        (self.out / "summary.md").write_text(summary_table(self.rows, self.spec.mode, describe_chain(self.spec)))
+        write_json(self.state_file, self.summary())
+        rows = portable(self.rows, self.out)
+        (self.out / "summary.md").write_text(summary_table(rows, self.spec.mode, describe_chain(self.spec)))
 
 
 #: the models of a row that are scored: row key -> score label (``acc_<label>``)
@@ -360,8 +371,13 @@ def _score(
             if score_key not in scores:
                 scores[score_key] = {"model": path, "strict": _strict(path, items, spec)}
                 if is_main():
-                    write_settings(cache, {"version": 2, "scores": scores})
+                    write_settings(cache, {"version": 2, "scores": portable(scores, spec.output)})
             row[f"acc_{label}"] = scores[score_key]["strict"]
+
+
+def _json_form(value: Any) -> Any:
+    """``value`` as it reads back from a JSON file (tuples as lists, paths as strings)."""
+    return json.loads(json.dumps(value, default=str))
 
 
 def _cached_scores(cache: Path) -> dict[str, Any]:

@@ -105,10 +105,10 @@ def recycle_finetune(
                 operation="recycle-finetune",
                 model_key=start.key,
                 extra_provenance=start.provenance(used_alpha),
+                record_paths=start.options.output.record_paths,
             )
         except BaseException:
-            # A run that failed before training made no work directory: there is nothing to resume, so the
-            # start goes too (with a work directory, --resume reuses it, as may a run for OUT started meanwhile)
+            # no work directory yet: nothing to resume, the start goes too (else --resume reuses it)
             if is_main() and not os.path.lexists(run):
                 start.remove()
             raise

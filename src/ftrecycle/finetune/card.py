@@ -1,0 +1,80 @@
+"""The model card of a fine-tuned output (``finetune``, ``recycle-finetune``, a chain's fine-tuned steps)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ftrecycle.io.card import Card, command_line, transformers_snippet
+
+
+def finetune_card(record: dict[str, Any], log: list[dict[str, Any]], where: str) -> Card:
+    """The card of a fine-tuned model: a ``finetune`` of the model it started from.
+
+    A recycled fine-tune (``recycle-finetune``) started from a temporary ``C + alpha · Δ``; its card
+    names the target base C, the model it is a fine-tune of on the Hub.
+
+    Args:
+        record: the output's provenance (as written).
+        log: the evaluation log (``eval_log.json``); its last entry's numbers are the card's results.
+        where: how the snippet names the output (its directory's name).
+
+    Returns:
+        The card.
+    """
+    inputs = record.get("inputs") or {}
+    start = inputs.get("model") or inputs.get("target_base") or {}
+    name = str(start.get("hub_id") or Path(str(start.get("ref") or "?")).name)
+    recycled = "source_finetuned" in inputs
+    losses = record.get("losses") or []
+    rows = [
+        ("optimizer steps", str(record.get("steps"))),
+        ("training examples", str(inputs.get("examples"))),
+        ("global batch", str(record.get("global_batch"))),
+        ("last logged loss", f"{losses[-1][1]:.4g}" if losses else "-"),
+    ]
+    last = log[-1] if log else {}
+    evals = {f"{k} (step {last.get('step')})": float(v) for k, v in last.items() if k != "step" and _number(v)}
+    summary = f"This model was fine-tuned with ftrecycle ({record.get('operation')}) from {name}"
+    if recycled:
+        summary += (
+            f", starting from {name} + alpha · (the source fine-tune's diff vector), alpha = {record.get('alpha')}"
+        )
+    equivalent = _equivalent(record, inputs, where)
+    return Card(
+        title=f"{name} fine-tuned" + (" from a recycled start" if recycled else ""),
+        summary=summary + ". Every setting and the loss curve are recorded in ftrecycle.json.",
+        relation="finetune",
+        base_models=tuple(b for b in (start.get("hub_id"),) if b),
+        tags=("finetune", str(record.get("operation"))),
+        license=start.get("license"),
+        load=transformers_snippet(where),
+        command=command_line(record, equivalent),
+        table=(("training", "value"), rows),
+        table_title="How it was trained",
+        evals=evals,
+    )
+
+
+def _equivalent(record: dict[str, Any], inputs: dict[str, Any], where: str) -> list[str]:
+    """The command that makes the same output as an API call recorded in ``record``."""
+
+    def ref(d: Any) -> str:
+        return str(d.get("hub_id") or d.get("ref") or d.get("path")) if isinstance(d, dict) else str(d)
+
+    data = inputs.get("data") or {}
+    if "source_finetuned" in inputs:
+        argv = ["ftrecycle", "recycle-finetune"]
+        argv += [
+            f
+            for role in ("source_base", "source_finetuned", "target_base")
+            for f in (f"--{role.replace('_', '-')}", ref(inputs[role]))
+        ]
+        argv += ["--alpha", str(record.get("alpha"))]
+    else:
+        argv = ["ftrecycle", "finetune", "--model", ref(inputs.get("model"))]
+    return [*argv, "--data", ref(data), "-o", where]
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
