@@ -239,8 +239,9 @@ class _Chain:
         """``reuse``, ``run`` or ``changed``: what :meth:`done` would decide, without its side effects."""
         if not complete(dest):
             return "run"
+        recorded, published = self.state.get(dest.name), portable(key, self.out)  # as done() compares them
         try:
-            check_settings(self.state.get(dest.name), key, what=f"{dest}", fix="")
+            check_settings(recorded if recorded != _json_form(key) else published, published, what=f"{dest}", fix="")
         except ConfigError:
             return "changed"
         return "reuse"
@@ -406,10 +407,11 @@ def _strict(path: str, items: list[dict[str, Any]], spec: ChainSpec) -> float:
 
 def describe_chain(spec: ChainSpec) -> list[str]:
     """What a chain's summary table measures and how its models were made, one line each."""
-    ft = spec.finetune
+    ft, out = spec.finetune, spec.output
     length = f"{ft.max_steps} steps" if ft.max_steps > 0 else f"{ft.epochs:g} epochs"
     lines = [
-        f"mode: {spec.mode} ({len(spec.versions)} versions); fine-tuning: {spec.data}, {length}, learning rate "
+        f"mode: {spec.mode} ({len(spec.versions)} versions); fine-tuning: {portable(str(spec.data), out)}, {length}, "
+        f"learning rate "
         f"{ft.learning_rate:g}, batch {ft.batch_size} x {ft.grad_accum}; alpha {spec.transfer.scaling.alpha}",
     ]
     if spec.eval_data is None:
@@ -418,7 +420,8 @@ def describe_chain(spec: ChainSpec) -> list[str]:
         n = len(read_gsm8k(spec.eval_data))
         lines.append(
             f"accuracy: strict exact match (the number after '####') of the built-in evaluator on the {n} items of "
-            f"{spec.eval_data}, 0-shot, greedy, at most {ft.eval_max_new_tokens} new tokens, in percent"
+            f"{portable(str(spec.eval_data), out)}, 0-shot, greedy, at most {ft.eval_max_new_tokens} new tokens, "
+            "in percent"
         )
     if spec.mode == "iterative":
         lines.append("FT(M_i): not trained in iterative mode (run mode: direct for that baseline)")
