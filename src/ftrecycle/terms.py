@@ -144,6 +144,9 @@ class Action(StrEnum):
     """The target ties it; ``--tie-mismatch untie`` writes it as its own tensor with its own diff."""
     LORA_SOURCE = "lora-source"
     """The diff is a LoRA adapter's merged update (one record for the whole model, tensor ``*``)."""
+    TOKEN_ROWS = "token-rows"
+    """Chosen token rows of an embedding or head (``--token-rows``): the target's row, the fine-tuned
+    model's row, or target + alpha * diff as every other row (the record lists the rows and the policy)."""
 
 
 class Record(TypedDict):

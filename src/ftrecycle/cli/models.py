@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Any
 
 from ftrecycle.cli.args import add_group, bundle_from_args, positive_int
@@ -31,6 +32,7 @@ from ftrecycle.ops.export import export_lora
 from ftrecycle.ops.transfer import transfer
 from ftrecycle.options import (
     ApplyOptions,
+    Checks,
     DeltaStorage,
     DiffOptions,
     Inputs,
@@ -40,6 +42,7 @@ from ftrecycle.options import (
     Precision,
     Resources,
     Scaling,
+    TokenRows,
     TransferOptions,
 )
 
@@ -51,6 +54,8 @@ def report(result: Any) -> None:
         f"wrote {result.output} ({result.bytes_written / 2**30:.2f} GiB of tensors) in {result.seconds:.1f} s"
         + (f"; {len(adapted)} tensor records (see ftrecycle.json)" if adapted else "")
     )
+    for warning in getattr(result, "warnings", []):
+        print(f"ftrecycle: warning: {warning}", file=sys.stderr)
 
 
 def add_write_groups(p: argparse.ArgumentParser) -> None:
@@ -72,6 +77,8 @@ def _transfer_arguments(p: argparse.ArgumentParser) -> None:
     add_group(p, DeltaStorage, only=("compress",))
     add_group(p, Policies)
     add_group(p, ModelFiles)
+    add_group(p, TokenRows)
+    add_group(p, Checks)
     add_write_groups(p)
 
 
@@ -131,6 +138,7 @@ def _apply_arguments(p: argparse.ArgumentParser) -> None:
     add_group(p, Precision)
     add_group(p, Policies)
     add_group(p, ModelFiles)
+    add_group(p, TokenRows)
     add_write_groups(p)
 
 

@@ -18,9 +18,10 @@ from ftrecycle.io.checkpoint import Checkpoint
 from ftrecycle.io.model_files import CONFIG_FILES, TOKENIZER_FILES, copy_files, model_card, patch_config
 from ftrecycle.io.output import write_json
 from ftrecycle.io.provenance import PROVENANCE, base_record
+from ftrecycle.ops.token_rows import TokenRowChoice
 from ftrecycle.options import ModelFiles, Policies, Precision
 from ftrecycle.pipeline import ProgressFn, WriteSettings, write_plan
-from ftrecycle.plan import plan_transfer
+from ftrecycle.plan import plan_transfer, set_token_rows
 from ftrecycle.terms import Plan, Record, Term
 
 
@@ -34,6 +35,8 @@ class TransferResult:
         seconds: wall time.
         records: every tensor that was adapted or left alone, and why.
         provenance: the full ``ftrecycle.json`` record.
+        warnings: what the inputs suggest may be a mistake though nothing refused it (a zero diff...);
+            also in the provenance.
     """
 
     output: Path
@@ -41,6 +44,7 @@ class TransferResult:
     seconds: float
     records: list[Record] = field(default_factory=list)
     provenance: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,8 @@ class Addend:
         records: tensors adapted or left alone so far (by the source's reader), and why.
         inputs: role -> description of every input, for the provenance.
         finetuned_files: where ``--config-from``/``--tokenizer-from finetuned`` copy from.
+        token_rows: the rows ``--token-rows`` decides (None: the default, every row target + alpha * diff).
+        warnings: what the checks of the inputs found suspicious but did not refuse.
     """
 
     terms: dict[str, Term]
@@ -60,6 +66,8 @@ class Addend:
     records: list[Record]
     inputs: dict[str, Any]
     finetuned_files: Path | None
+    token_rows: TokenRowChoice | None = None
+    warnings: list[str] = field(default_factory=list)
 
 
 def write_model(
@@ -107,6 +115,9 @@ def write_model(
         tie_mismatch=policies.tie_mismatch,
         records=addend.records,
     )
+    warnings = list(addend.warnings)
+    if addend.token_rows is not None:
+        warnings += _token_rows(plan, addend.token_rows)
     record = base_record(operation)
     record.update(
         {
@@ -122,6 +133,10 @@ def write_model(
             "records": plan.records,
         }
     )
+    if addend.token_rows is not None:
+        record["token_rows"] = addend.token_rows.to_json()
+    if warnings:
+        record["warnings"] = warnings
     finish = partial(
         _finish_model,
         target=target,
@@ -132,7 +147,20 @@ def write_model(
         record=record,
     )
     written = write_plan(plan.tensors, out, settings=settings, prefix="model", progress=progress, finish=finish)
-    return TransferResult(out, written, time.perf_counter() - started, plan.records, record)
+    return TransferResult(out, written, time.perf_counter() - started, plan.records, record, warnings)
+
+
+def _token_rows(plan: Plan, choice: TokenRowChoice) -> list[str]:
+    """Apply ``--token-rows`` to the plan; the warning when it has no row to decide."""
+    if choice.tokens:
+        set_token_rows(plan, list(choice.tokens), choice.policy, chosen=choice.chosen)
+        return []
+    if choice.policy == "delta":
+        return []
+    return [
+        f"--token-rows {choice.policy} changed no row: no special token's row looks untrained in the source "
+        "base; name the rows with --tokens"
+    ]
 
 
 def _finish_model(
