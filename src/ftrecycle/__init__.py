@@ -10,6 +10,7 @@ flat keywords (``transfer(a, b, c, out, alpha=0.5, vocab="overlap")``) or as typ
 override the groups' fields. Every option is declared once, in :mod:`ftrecycle.options`.
 """
 
+from ftrecycle.diagnose.tokens import TokenRowReport, input_warnings, token_rows
 from ftrecycle.diagnose.verdict import Diagnosis, best_alpha, diagnose
 from ftrecycle.errors import (
     CheckpointError,
@@ -31,6 +32,7 @@ from ftrecycle.ops.inspect import inspect_delta
 from ftrecycle.ops.transfer import transfer
 from ftrecycle.options import (
     ApplyOptions,
+    Checks,
     DeltaStorage,
     DiffOptions,
     Inputs,
@@ -40,6 +42,7 @@ from ftrecycle.options import (
     Precision,
     Resources,
     Scaling,
+    TokenRows,
     TransferOptions,
 )
 from ftrecycle.version import __version__
@@ -48,6 +51,7 @@ __all__ = [
     "ApplyOptions",
     "CalibrationResult",
     "CheckpointError",
+    "Checks",
     "ConfigError",
     "DataError",
     "DeltaStorage",
@@ -68,6 +72,8 @@ __all__ = [
     "Precision",
     "Resources",
     "Scaling",
+    "TokenRowReport",
+    "TokenRows",
     "TransferOptions",
     "TransferResult",
     "__version__",
@@ -78,7 +84,9 @@ __all__ = [
     "diagnose",
     "diff",
     "export_lora",
+    "input_warnings",
     "inspect_delta",
     "sensitivity",
+    "token_rows",
     "transfer",
 ]
