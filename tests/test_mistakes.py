@@ -178,3 +178,17 @@ def test_a_zero_diff_warns_loudly(v, tmp_path, capsys):
         == 0
     )
     assert "warning: the diff is zero" in capsys.readouterr().err
+
+
+def test_an_untrained_adapter_is_a_zero_diff(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    cfg = tiny_config("llama")
+    base = save(make_model(cfg, seed=1), tmp_path / "base")
+    target = save(perturbed(make_model(cfg, seed=1), seed=2, scale=0.02), tmp_path / "target")
+    for init, name in ((True, "untrained"), (False, "trained")):  # PEFT's default init: lora_B = 0
+        lc = LoraConfig(init_lora_weights=init, r=4, target_modules=["q_proj", "v_proj"])
+        get_peft_model(make_model(cfg, seed=1), lc).save_pretrained(tmp_path / name)
+    r = transfer(str(base), str(tmp_path / "untrained"), str(target), tmp_path / "o1")
+    assert len(r.warnings) == 1 and "the diff is zero" in r.warnings[0]
+    assert transfer(str(base), str(tmp_path / "trained"), str(target), tmp_path / "o2").warnings == []

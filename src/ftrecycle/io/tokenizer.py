@@ -15,14 +15,16 @@ from pathlib import Path
 from typing import Any
 
 from ftrecycle.errors import CheckpointError
+from ftrecycle.io.hub import containment_root, inside
 from ftrecycle.io.jsonfile import read_json
 
 _FIX = "restore the model's tokenizer files (or remove the broken one)"
 
 
 def _load(path: Path) -> Any | None:
-    """The parsed file, or None where it does not exist."""
-    if not os.path.lexists(path):
+    """The parsed file, or None where it does not exist or is a symlink out of its model directory
+    (copying the tokenizer files refuses that one, naming it; it is not read here)."""
+    if not os.path.lexists(path) or not inside(path, containment_root(path.parent)):
         return None
     return read_json(path, what=path.name, fix=_FIX)
 

@@ -13,7 +13,8 @@
   target must map the ids they share to the same tokens, or the diff's rows land on other tokens.
 * **A zero diff.** Found *before* the transfer by comparing the source models' tensors bit for bit: the
   first block of every tensor first (a real fine-tune differs there and the check ends after one block
-  per tensor), then the rest; only a diff read from two models is checked (not an adapter or a delta).
+  per tensor), then the rest; an adapter's diff is zero when a LoRA factor is all zeros (PEFT's
+  initialisation: an adapter never trained). A stored delta is not checked.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from ftrecycle.io.checkpoint import Checkpoint
 from ftrecycle.io.jsonfile import open_regular, read_json
 from ftrecycle.io.provenance import PROVENANCE
 from ftrecycle.io.tokenizer import vocabulary
-from ftrecycle.terms import Difference, Term
+from ftrecycle.terms import Difference, PackedTerm, Term
 
 #: How many records up a chain of ftrecycle outputs a base is looked for.
 MAX_CHAIN = 4
@@ -67,7 +68,7 @@ def _named(entry: Any, where: Path) -> Named | None:
     text = str(entry.get("ref") or raw or repo)
     path = None
     if isinstance(raw, str) and raw:
-        p = Path(raw).expanduser()
+        p = Path(raw)  # never expanded: "~nobody" would raise, and records hold no "~"
         p = p if p.is_absolute() else where / p  # recorded relative to the record's own directory
         path = p if p.is_dir() else None
     if isinstance(repo, str) and _HUB_ID.match(repo):
@@ -232,21 +233,22 @@ def tokenizer_conflicts(sources: dict[str, Path], target: Path) -> list[str]:
 
 
 def diff_is_zero(terms: dict[str, Term]) -> bool:
-    """Whether every term is a diff of two models equal bit for bit (the output would copy the target).
+    """Whether the diff is zero everywhere (the output would copy the target).
 
     Args:
         terms: the diff, tensor by tensor.
 
     Returns:
-        True only when every term is a :class:`~ftrecycle.terms.Difference` of identical stored values;
-        False as soon as one differs, or a term is read from elsewhere (an adapter, a delta).
+        True only when every term is provably zero: a diff of two stored tensors equal bit for bit, or a
+        LoRA update with a factor of zeros (PEFT's initialisation: an adapter never trained) or a scale
+        of zero; False as soon as one is not (a stored delta's term makes no claim).
     """
     diffs = [t for t in terms.values() if isinstance(t, Difference)]
-    if not diffs or len(diffs) != len(terms):
+    packed = [t for t in terms.values() if isinstance(t, PackedTerm)]
+    if not terms or len(diffs) + len(packed) != len(terms) or not all(_packed_zero(t) for t in packed):
         return False
-    for t in diffs:
-        if t.fin.info.dtype != t.base.info.dtype:
-            return False
+    if any(t.fin.info.dtype != t.base.info.dtype for t in diffs):
+        return False
     raw = (np.empty(ZERO_BLOCK * 8, dtype=np.uint8), np.empty(ZERO_BLOCK * 8, dtype=np.uint8))
     # every tensor's first block, then the rest: a real fine-tune is found different after one block each
     for first in (True, False):
@@ -260,3 +262,14 @@ def diff_is_zero(terms: dict[str, Term]) -> bool:
                 if not np.array_equal(x, y):
                     return False
     return True
+
+
+def _packed_zero(term: PackedTerm) -> bool:
+    """Whether a packed term is zero: ``zero``, or a LoRA product with a factor of zeros or a zero scale."""
+    p = term.packed
+    if p.method == "zero":
+        return True
+    factors = [p.parts.get(k) for k in ("a", "b")]
+    if p.method != "lowrank" or not all(isinstance(f, np.ndarray) for f in factors):
+        return False  # factors stored in a delta's shards: not read here
+    return p.scale == 0 or any(not np.any(f) for f in factors)

@@ -180,10 +180,13 @@ def preflight(
             )
     warnings = []
     if diff_is_zero(src.terms):
-        warnings.append(
-            "the diff is zero: the source fine-tuned model equals the source base bit for bit (compared tensor "
-            "by tensor before the transfer), so the output is a copy of the target; check --source-finetuned"
+        why = (
+            "the source fine-tuned model equals the source base bit for bit (compared tensor by tensor before "
+            "the transfer)"
+            if src.model is not None
+            else "every LoRA update of the adapter has a factor of zeros (an adapter never trained)"
         )
+        warnings.append(f"the diff is zero: {why}, so the output is a copy of the target; check --source-finetuned")
     rows = opts.token_rows
     if rows.token_rows == "delta" and rows.tokens is None:
         return warnings, None
