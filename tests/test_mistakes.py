@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ftrecycle import IncompatibleModelsError, transfer
+from ftrecycle import CheckpointError, IncompatibleModelsError, transfer
 from ftrecycle.cli import main
 from ftrecycle.diagnose.geometry import geometry
 from ftrecycle.diagnose.tokens import input_warnings
@@ -192,3 +192,36 @@ def test_an_untrained_adapter_is_a_zero_diff(tmp_path):
     r = transfer(str(base), str(tmp_path / "untrained"), str(target), tmp_path / "o1")
     assert len(r.warnings) == 1 and "the diff is zero" in r.warnings[0]
     assert transfer(str(base), str(tmp_path / "trained"), str(target), tmp_path / "o2").warnings == []
+
+
+@pytest.mark.parametrize(
+    "content",
+    ['{"operation": "finetune", "inputs": {"model": ', '{"inputs": {"model": 1}, "inputs": 2}', "[" * 100 + "]" * 100],
+    ids=["truncated", "duplicate key", "deep"],
+)
+def test_a_broken_record_is_one_line_naming_it_and_the_flag(v, tmp_path, capsys, content):
+    fin = _copy(v["source_finetuned"], tmp_path / "fin")
+    (fin / "ftrecycle.json").write_text(content)
+    a, b, c = _refs(v, source_finetuned=fin)
+    args = ["transfer", "--source-base", a, "--source-finetuned", b, "--target-base", c, "-q"]
+    assert main([*args, "-o", str(tmp_path / "o1")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "ftrecycle.json" in err and "--ignore-provenance" in err, err
+    assert main([*args, "-o", str(tmp_path / "o2"), "--ignore-provenance"]) == 0
+    assert (fin / "ftrecycle.json").read_text() == content  # inputs are never modified
+
+
+def test_records_of_other_shapes_make_no_claim(v, tmp_path):
+    fin = _copy(v["source_finetuned"], tmp_path / "fin")
+    odd = ({"inputs": {"model": {"path": "a\x00b"}}}, {"inputs": {"model": "~nobody/x"}})
+    for record in ([1, 2], {"inputs": [1]}, *odd):
+        (fin / "ftrecycle.json").write_text(json.dumps(record))
+        transfer(*_refs(v, source_finetuned=fin), tmp_path / "o", force=True)
+
+
+def test_a_broken_target_tokenizer_is_named_unless_the_check_is_off(v, tmp_path, capsys):
+    c = _copy(v["target_base"], tmp_path / "c")
+    (c / "tokenizer.json").write_text('{"model": {"vocab": {"a": "x"}}}')
+    with pytest.raises(CheckpointError, match=r"tokenizer\.json"):
+        transfer(*_refs(v, target_base=c), tmp_path / "o1")
+    transfer(*_refs(v, target_base=c), tmp_path / "o2", allow_tokenizer_mismatch=True)

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from ftrecycle.delta.adapter import is_adapter
+from ftrecycle.errors import CheckpointError
 from ftrecycle.io.checkpoint import Checkpoint, open_checkpoint
 from ftrecycle.io.tokenizer import special_tokens
 from ftrecycle.ops.checks import provenance_problems, tokenizer_conflicts
@@ -169,7 +170,10 @@ def input_warnings(source_base: str, source_finetuned: str, target_base: str, to
         a = stack.enter_context(open_checkpoint(source_base))
         c = stack.enter_context(open_checkpoint(target_base))
         fin = None if is_adapter(source_finetuned) else stack.enter_context(open_checkpoint(source_finetuned))
-        warnings = provenance_problems(a, source_finetuned, fin)
+        try:
+            warnings = provenance_problems(a, source_finetuned, fin)
+        except CheckpointError as e:  # a broken record: said, and the other checks still run
+            warnings = [f"a model's own record could not be read: {e}"]
         files = fin.path if fin is not None else a.path
         warnings += tokenizer_conflicts({"source base": a.path, "source fine-tuned model": files}, c.path)
     swapped = _swap_ratio(total)
