@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ftrecycle import CheckpointError, IncompatibleModelsError, transfer
+from ftrecycle import CheckpointError, IncompatibleModelsError, diff, transfer
 from ftrecycle.cli import main
 from ftrecycle.diagnose.geometry import geometry
 from ftrecycle.diagnose.tokens import input_warnings
@@ -99,6 +99,9 @@ def test_swapped_sources_are_refused_when_the_record_proves_it(v, tmp_path):
     with pytest.raises(IncompatibleModelsError, match=r"look swapped.*--ignore-provenance"):
         transfer(*swapped, tmp_path / "o1")
     transfer(*swapped, tmp_path / "o2", ignore_provenance=True)
+    with pytest.raises(IncompatibleModelsError, match="look swapped"):  # `diff` checks the same records
+        diff(swapped[0], swapped[1], tmp_path / "d1")
+    diff(swapped[0], swapped[1], tmp_path / "d2", ignore_provenance=True)
     total = geometry(*swapped).total
     assert any("swapped" in w for w in input_warnings(*swapped, total))
 

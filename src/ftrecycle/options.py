@@ -646,9 +646,10 @@ class TransferOptions(Bundle):
 
 @dataclass(frozen=True)
 class DiffOptions(Bundle):
-    """What ``diff`` takes besides its models (``precision.out_dtype`` and ``policies.tie_mismatch`` do not apply)."""
+    """What ``diff`` takes besides its models (``precision.out_dtype``, ``policies.tie_mismatch`` and
+    ``checks.allow_tokenizer_mismatch`` do not apply)."""
 
-    not_applicable: ClassVar[frozenset[str]] = frozenset({"out_dtype", "tie_mismatch"})
+    not_applicable: ClassVar[frozenset[str]] = frozenset({"out_dtype", "tie_mismatch", "allow_tokenizer_mismatch"})
 
     precision: Precision = field(default_factory=Precision)
     storage: DeltaStorage = field(default_factory=DeltaStorage)
@@ -656,6 +657,7 @@ class DiffOptions(Bundle):
     resources: Resources = field(default_factory=Resources)
     output: Output = field(default_factory=Output)
     inputs: Inputs = field(default_factory=Inputs)
+    checks: Checks = field(default_factory=Checks)
 
 
 @dataclass(frozen=True)

@@ -108,6 +108,7 @@ def _diff_arguments(p: argparse.ArgumentParser) -> None:
     add_group(p, Precision, exclude=("out_dtype",))
     add_group(p, DeltaStorage)
     add_group(p, Policies, exclude=("tie_mismatch",))
+    add_group(p, Checks, only=("ignore_provenance",))
     add_write_groups(p)
     add_diff_calibration(p)
 

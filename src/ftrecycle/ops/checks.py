@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from ftrecycle.delta.adapter import ADAPTER_CONFIG, is_adapter
-from ftrecycle.errors import CheckpointError
+from ftrecycle.errors import CheckpointError, IncompatibleModelsError
 from ftrecycle.io.checkpoint import Checkpoint
 from ftrecycle.io.jsonfile import open_regular, read_json
 from ftrecycle.io.provenance import PROVENANCE
@@ -198,6 +198,21 @@ def provenance_problems(base: Checkpoint, finetuned: str, fin: Checkpoint | None
                 f"{fin.source.ref} (its record {file} says so): the two look swapped; exchange them"
             )
     return problems
+
+
+def check_provenance(base: Checkpoint, finetuned: str, fin: Checkpoint | None) -> None:
+    """Refuse a fine-tuned model whose own record names another base, or swapped source models.
+
+    Args:
+        base: the opened base. finetuned: the fine-tuned model's reference. fin: it opened (None: an adapter).
+
+    Raises:
+        IncompatibleModelsError: the first of :func:`provenance_problems`, with the override flag.
+        CheckpointError: a record that is not JSON.
+    """
+    problems = provenance_problems(base, finetuned, fin)
+    if problems:
+        raise IncompatibleModelsError(f"{problems[0]}; or pass --ignore-provenance if the record is wrong")
 
 
 def tokenizer_conflicts(sources: dict[str, Path], target: Path) -> list[str]:

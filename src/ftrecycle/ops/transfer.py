@@ -20,7 +20,7 @@ from ftrecycle.io.provenance import describe_input
 from ftrecycle.ops._model import Addend, TransferResult, write_model
 from ftrecycle.ops._sources import SourceDiff, source_diff
 from ftrecycle.ops.apply import apply_delta
-from ftrecycle.ops.checks import diff_is_zero, provenance_problems, tokenizer_conflicts
+from ftrecycle.ops.checks import check_provenance, diff_is_zero, tokenizer_conflicts
 from ftrecycle.ops.diff import diff
 from ftrecycle.ops.token_rows import TokenRowChoice, choose_token_rows
 from ftrecycle.options import ApplyOptions, DeltaStorage, DiffOptions, Output, TokenRows, TransferOptions
@@ -169,9 +169,7 @@ def preflight(
         ConfigError: ``--tokens`` that cannot be resolved.
     """
     if not opts.checks.ignore_provenance:
-        problems = provenance_problems(a, finetuned, src.model)
-        if problems:
-            raise IncompatibleModelsError(f"{problems[0]}; or pass --ignore-provenance if the record is wrong")
+        check_provenance(a, finetuned, src.model)
     if not opts.checks.allow_tokenizer_mismatch:
         conflicts = tokenizer_conflicts({"source base": a.path, "source fine-tuned model": src.files}, c.path)
         if conflicts:
