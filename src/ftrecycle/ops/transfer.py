@@ -86,7 +86,7 @@ def transfer(
             )
         with contextlib.ExitStack() as stack:  # the checks of the inputs, on the models themselves
             a, c, src = _open_inputs(stack, (source_base, source_finetuned, target_base), opts, settings.max_memory)
-            warnings, _ = preflight(a, c, src, source_finetuned, opts)
+            warnings, _ = _preflight(a, c, src, source_finetuned, opts)
         result = _transfer_compressed(source_base, source_finetuned, target_base, out, opts, progress)
         result.warnings[:0] = warnings
         return result
@@ -107,7 +107,7 @@ def _transfer(
     source_finetuned = refs[1]
     a, c, src = _open_inputs(stack, refs, opts, settings.max_memory)
     out = check_output(out, [a.path, *src.paths, c.path, *refs], force=settings.force)
-    warnings, choice = preflight(a, c, src, source_finetuned, opts)
+    warnings, choice = _preflight(a, c, src, source_finetuned, opts)
     inputs = {"source_base": describe_input(a), "source_finetuned": src.finetuned, "target_base": describe_input(c)}
     addend = Addend(src.terms, src.aliases, src.records, inputs, src.files, choice, warnings)
     return write_model(
@@ -149,7 +149,7 @@ def _open_inputs(
     return a, c, src
 
 
-def preflight(
+def _preflight(
     a: Checkpoint, c: Checkpoint, src: SourceDiff, finetuned: str, opts: TransferOptions
 ) -> tuple[list[str], TokenRowChoice | None]:
     """The checks of a transfer's inputs before anything is written, and the rows ``--token-rows`` decides.
