@@ -14,7 +14,7 @@ from ftrecycle.cli import main
 from ftrecycle.diagnose.tokens import token_rows
 
 from conftest import bits, load_dir
-from fixtures.tiny import make_model, perturbed, tiny_config
+from fixtures.tiny import make_model, make_versions, perturbed, tiny_config
 
 VOCAB = 96
 #: the chat tokens, placed last in the vocabulary
@@ -125,7 +125,7 @@ def test_apply_takes_target_rows_and_refuses_finetuned(chat, plain, tmp_path):
         apply_delta(d.output, chat["target_base"], tmp_path / "o2", token_rows="finetuned", tokens="93")
     with pytest.raises(ConfigError, match="needs --tokens"):
         apply_delta(d.output, chat["target_base"], tmp_path / "o3", token_rows="target")
-    with pytest.raises(IncompatibleModelsError, match="past the 96 rows"):
+    with pytest.raises(ConfigError, match="out of range: the embedding has 96 rows"):
         apply_delta(d.output, chat["target_base"], tmp_path / "o4", token_rows="target", tokens="500")
 
 
@@ -156,3 +156,40 @@ def test_cli_transfer_token_rows(chat, plain, tmp_path, capsys):
         main(["transfer", "--help"])
     help_text = capsys.readouterr().out
     assert "--token-rows {delta,target,finetuned}" in help_text and "--ignore-provenance" in help_text
+
+
+def test_tied_embeddings_take_the_rows_once(tmp_path):
+    v = make_versions("qwen2", tmp_path / "v")
+    out = tmp_path / "out"
+    transfer(v["source_base"], v["source_finetuned"], v["target_base"], out, token_rows="finetuned", tokens="5,6")
+    got, b = load_dir(out), load_dir(v["source_finetuned"])
+    emb = "model.embed_tokens.weight"
+    assert "lm_head.weight" not in got and torch.equal(bits(got[emb][[5, 6]]), bits(b[emb][[5, 6]]))
+    record = json.loads((out / "ftrecycle.json").read_text())
+    assert [r["tensor"] for r in record["records"] if r["action"] == "token-rows"] == [emb]
+
+
+def test_rows_past_the_diff_have_no_finetuned_value(tmp_path):
+    v = make_versions("llama", tmp_path / "v", target_vocab=100)
+    refs = (v["source_base"], v["source_finetuned"], v["target_base"])
+    with pytest.raises(IncompatibleModelsError, match=r"row 98 .* has no fine-tuned value"):
+        transfer(*refs, tmp_path / "o1", vocab="overlap", token_rows="finetuned", tokens="98")
+    plain = load_dir(transfer(*refs, tmp_path / "o2", vocab="overlap").output)
+    got = load_dir(transfer(*refs, tmp_path / "o3", vocab="overlap", token_rows="target", tokens="95,98").output)
+    c = load_dir(v["target_base"])
+    for name in HEADS:
+        assert torch.equal(bits(got[name][[95, 98]]), bits(c[name][[95, 98]]))
+        assert not torch.equal(bits(plain[name][95]), bits(c[name][95]))  # row 95 had the diff added
+
+
+def test_row_norms_do_not_depend_on_the_block(chat, monkeypatch):
+    from ftrecycle.io.checkpoint import open_checkpoint
+    from ftrecycle.ops import token_rows as rows_mod
+
+    with open_checkpoint(str(chat["source_finetuned"])) as ck:
+        info = ck.tensors[HEADS[0]]
+        ref = rows_mod.row_norms(ck, info)
+        monkeypatch.setattr(rows_mod, "BLOCK", 32 * 7)  # 7 rows a block: the last block is partial
+        assert (rows_mod.row_norms(ck, info) == ref).all()
+    w = load_dir(chat["source_finetuned"])[HEADS[0]].double()
+    assert torch.allclose(torch.from_numpy(ref), w.norm(dim=1), rtol=1e-12)

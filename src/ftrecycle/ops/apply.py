@@ -79,7 +79,7 @@ def apply_delta(
             config=opts.files.config_from == "finetuned",
             tokenizer=opts.files.tokenizer_from == "finetuned",
         )
-        choice = _token_rows(opts, [p for p in (files, c.path) if p is not None])
+        choice = _token_rows(opts, c, [files, c.path])
         addend = Addend(terms, aliases, list(manifest.get("records") or []), _inputs(d, manifest, c), files, choice)
         return write_model(
             "apply",
@@ -95,7 +95,7 @@ def apply_delta(
         )
 
 
-def _token_rows(opts: ApplyOptions, tokenizer_dirs: list[Path]) -> TokenRowChoice | None:
+def _token_rows(opts: ApplyOptions, target: Checkpoint, tokenizer_dirs: list[Path]) -> TokenRowChoice | None:
     """The rows ``--token-rows`` decides on ``apply``: only those ``--tokens`` names (no source base here).
 
     Raises:
@@ -110,7 +110,7 @@ def _token_rows(opts: ApplyOptions, tokenizer_dirs: list[Path]) -> TokenRowChoic
             "--token-rows finetuned: a delta holds the diff, not the fine-tuned model's rows; use `ftrecycle "
             "transfer` with the source models, or --token-rows target|delta"
         )
-    return choose_token_rows(rows.token_rows, rows.tokens, None, tokenizer_dirs)
+    return choose_token_rows(rows.token_rows, rows.tokens, None, target, tokenizer_dirs)
 
 
 def _inputs(delta: Checkpoint, manifest: dict[str, Any], target: Checkpoint) -> dict[str, Any]:

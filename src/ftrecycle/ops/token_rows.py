@@ -49,6 +49,20 @@ def row_tensors(ckpt: Checkpoint) -> dict[str, TensorInfo]:
     return out
 
 
+def _embedding_rows(ckpt: Checkpoint, role: str) -> int:
+    """The rows of a model's input embedding.
+
+    Raises:
+        IncompatibleModelsError: the model has none.
+    """
+    emb = embedding_name(ckpt.tensors)
+    if emb is None or not ckpt.tensors[emb].shape:
+        raise IncompatibleModelsError(
+            f"--token-rows: the {role} {ckpt.path} has no embedding tensor, so it has no token rows to choose"
+        )
+    return ckpt.tensors[emb].shape[0]
+
+
 def _blocks(info: TensorInfo) -> tuple[int, int, int]:
     """(rows, elements per row, rows per block) of a 2-D tensor."""
     rows = info.shape[0] if info.shape else 0
@@ -179,6 +193,7 @@ def choose_token_rows(
     policy: TokenRowPolicy,
     tokens: tuple[str, ...] | None,
     source_base: Checkpoint | None,
+    target: Checkpoint,
     tokenizer_dirs: list[Path],
 ) -> TokenRowChoice:
     """The rows ``--token-rows`` decides: ``tokens``, or the special tokens untrained in the source base.
@@ -187,6 +202,7 @@ def choose_token_rows(
         policy: what the rows become.
         tokens: the ``--tokens`` list (None: the default rows).
         source_base: the opened source base (None where there is none, as for ``apply``).
+        target: the opened target, whose embedding's rows the ids must lie in.
         tokenizer_dirs: directories whose tokenizer files name the tokens, first found first.
 
     Returns:
@@ -194,26 +210,20 @@ def choose_token_rows(
 
     Raises:
         ConfigError: a token or id that cannot be resolved; default rows without a source base.
-        IncompatibleModelsError: the source base has no embedding.
+        IncompatibleModelsError: the source base or the target has no embedding.
     """
     vocab = next((v for v in (vocabulary(d) for d in tokenizer_dirs) if v is not None), None)
     where = str(tokenizer_dirs[0]) if tokenizer_dirs else "the model"
-    if source_base is None:
-        if tokens is None:
-            raise ConfigError(
-                f"--token-rows {policy} needs --tokens LIST here: without the source base the rows that look "
-                "untrained in it cannot be found"
-            )
-        return TokenRowChoice(policy, resolve_tokens(tokens, vocab, None, where), "--tokens")
-    found = row_tensors(source_base)
-    emb = embedding_name(source_base.tensors)
-    if emb is None:
-        raise IncompatibleModelsError(
-            f"--token-rows: the source base {source_base.path} has no embedding tensor, so it has no token rows"
-        )
-    rows = found[emb].shape[0]
+    rows = _embedding_rows(target, "target")
     if tokens is not None:
         return TokenRowChoice(policy, resolve_tokens(tokens, vocab, rows, where), "--tokens")
+    if source_base is None:
+        raise ConfigError(
+            f"--token-rows {policy} needs --tokens LIST here: without the source base the rows that look "
+            "untrained in it cannot be found"
+        )
+    _embedding_rows(source_base, "source base")
+    found = row_tensors(source_base)
     specials: dict[int, str] = {}
     for d in reversed(tokenizer_dirs):
         specials.update(special_tokens(d))

@@ -188,7 +188,7 @@ def _preflight(
     rows = opts.token_rows
     if rows.token_rows == "delta" and rows.tokens is None:
         return warnings, None
-    return warnings, choose_token_rows(rows.token_rows, rows.tokens, a, [src.files, a.path])
+    return warnings, choose_token_rows(rows.token_rows, rows.tokens, a, c, [src.files, a.path])
 
 
 def _compressed_steps(opts: TransferOptions) -> tuple[DiffOptions, ApplyOptions]:
