@@ -212,6 +212,8 @@ def test_a_broken_record_is_one_line_naming_it_and_the_flag(v, tmp_path, capsys,
     assert len(err.strip().splitlines()) == 1 and "ftrecycle.json" in err and "--ignore-provenance" in err, err
     assert main([*args, "-o", str(tmp_path / "o2"), "--ignore-provenance"]) == 0
     assert (fin / "ftrecycle.json").read_text() == content  # inputs are never modified
+    warned = input_warnings(a, b, c, {})  # diagnose says so and goes on
+    assert len(warned) == 1 and "record could not be read" in warned[0] and "ftrecycle.json" in warned[0]
 
 
 def test_records_of_other_shapes_make_no_claim(v, tmp_path):

@@ -170,12 +170,17 @@ def input_warnings(source_base: str, source_finetuned: str, target_base: str, to
         a = stack.enter_context(open_checkpoint(source_base))
         c = stack.enter_context(open_checkpoint(target_base))
         fin = None if is_adapter(source_finetuned) else stack.enter_context(open_checkpoint(source_finetuned))
-        try:
-            warnings = provenance_problems(a, source_finetuned, fin)
-        except CheckpointError as e:  # a broken record: said, and the other checks still run
-            warnings = [f"a model's own record could not be read: {e}"]
         files = fin.path if fin is not None else a.path
-        warnings += tokenizer_conflicts({"source base": a.path, "source fine-tuned model": files}, c.path)
+        sources = {"source base": a.path, "source fine-tuned model": files}
+        warnings: list[str] = []
+        for check, what in (
+            (lambda: provenance_problems(a, source_finetuned, fin), "a model's own record"),
+            (lambda: tokenizer_conflicts(sources, c.path), "a tokenizer file"),
+        ):
+            try:
+                warnings += check()
+            except CheckpointError as e:  # a broken file is said, and the other checks still run
+                warnings.append(f"{what} could not be read: {e}")
     swapped = _swap_ratio(total)
     if swapped is not None and not any("swapped" in w for w in warnings):
         warnings.append(

@@ -181,12 +181,15 @@ class TokenRowChoice:
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready form (ids as lists: JSON object keys are strings)."""
-        return {
+        out: dict[str, Any] = {
             "policy": self.policy,
             "rows": list(self.tokens),
             "tokens": [self.tokens[i] for i in self.tokens],
             "chosen": self.chosen,
         }
+        if self.untrained:
+            out["untrained_special_rows_in_source_base"] = self.untrained
+        return out
 
 
 def choose_token_rows(
