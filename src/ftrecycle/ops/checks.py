@@ -57,8 +57,9 @@ class Named:
     path: Path | None = None
 
 
-def _named(entry: Any, where: Path) -> Named | None:
-    """A model from a record's input description (``{"ref", "path", "repo_id"}``) or a string."""
+def _named(entry: Any, where: Path | None) -> Named | None:
+    """A model from a record's input description (``{"ref", "path", "repo_id"}``) or a string; a relative
+    path is taken relative to ``where`` (None: it makes no claim)."""
     if isinstance(entry, str):
         entry = {"ref": entry, "path": entry}
     if not isinstance(entry, dict):
@@ -68,9 +69,10 @@ def _named(entry: Any, where: Path) -> Named | None:
     text = str(entry.get("ref") or raw or repo)
     path = None
     if isinstance(raw, str) and raw:
-        p = Path(raw)  # never expanded: "~nobody" would raise, and records hold no "~"
-        p = p if p.is_absolute() else where / p  # recorded relative to the record's own directory
-        path = p if p.is_dir() else None
+        p: Path | None = Path(raw)  # never expanded: "~nobody" would raise, and records hold no "~"
+        if p is not None and not p.is_absolute():  # relative to the record's own directory, where known
+            p = where / p if where is not None else None
+        path = p if p is not None and p.is_dir() else None
     if isinstance(repo, str) and _HUB_ID.match(repo):
         return Named(text, repo_id=repo, path=path)
     if path is None and isinstance(raw, str) and _HUB_ID.match(raw) and not raw.startswith((".", "/")):
@@ -103,7 +105,8 @@ def recorded_bases(directory: Path) -> tuple[list[Named], Path | None]:
     if is_adapter(directory):
         cfg = read_json(directory / ADAPTER_CONFIG, what="adapter config", fix="restore the file")
         base = cfg.get("base_model_name_or_path") if isinstance(cfg, dict) else None
-        named = _named(base, directory) if isinstance(base, str) and base else None
+        # PEFT writes the path as given at training time, relative to a working directory unknown here
+        named = _named(base, None) if isinstance(base, str) and base else None
         return ([named] if named else []), directory / ADAPTER_CONFIG
     found: list[Named] = []
     todo, seen = [directory], set()
