@@ -96,7 +96,10 @@ def _names(model_dir: Path) -> list[str]:
     return sorted(k for f in model_dir.glob("*.safetensors") for k in safe_open(str(f), "pt").keys())
 
 
-def _loads_and_transfers(out: Path, setup: dict[str, Path], tmp: Path, prefix: str = "") -> None:
+def _loads_and_transfers(
+    out: Path, setup: dict[str, Path], tmp: Path, prefix: str = "", base: str = "source_base"
+) -> None:
+    """``out`` loads as an ordinary model and transfers as a fine-tune of ``base`` (what its record names)."""
     from transformers import AutoModelForCausalLM
 
     from ftrecycle import transfer
@@ -106,7 +109,7 @@ def _loads_and_transfers(out: Path, setup: dict[str, Path], tmp: Path, prefix: s
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.dtype == torch.bfloat16  # saved in the source's dtype, not the float32 training copy
     assert list(out.glob("*.safetensors")) and not list(out.glob("*.bin")) and not list(out.glob("pytorch_model*"))
-    moved = transfer(str(setup["source_base"]), str(out), str(setup["target_base"]), tmp / "moved")
+    moved = transfer(str(setup[base]), str(out), str(setup["target_base"]), tmp / "moved")
     assert (moved.output / "config.json").is_file()
 
 
@@ -216,7 +219,8 @@ def test_recycle_finetune_under_two_processes(setup, tmp_path):
     assert rec["processes"] == PROCS and rec["recycled_from"]["alpha"] == 1.0
     assert [e["step"] for e in rec["eval_log"]] == [0, STEPS] and all(e["n"] == 5 for e in rec["eval_log"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["recycled"]  # start, run and temp dirs removed
-    _loads_and_transfers(out, setup, tmp_path, prefix="tied_")
+    # a recycled model is a fine-tune of the target (its record says so; another base is refused)
+    _loads_and_transfers(out, setup, tmp_path, prefix="tied_", base="target_base")
 
 
 @pytest.mark.slow

@@ -10,6 +10,7 @@ flat keywords (``transfer(a, b, c, out, alpha=0.5, vocab="overlap")``) or as typ
 override the groups' fields. Every option is declared once, in :mod:`ftrecycle.options`.
 """
 
+from ftrecycle.diagnose.tokens import TokenRowReport, input_warnings, token_rows
 from ftrecycle.diagnose.verdict import Diagnosis, best_alpha, diagnose
 from ftrecycle.errors import (
     CheckpointError,
@@ -32,6 +33,7 @@ from ftrecycle.ops.inspect import inspect_delta
 from ftrecycle.ops.transfer import transfer
 from ftrecycle.options import (
     ApplyOptions,
+    Checks,
     DeltaStorage,
     DiffOptions,
     Inputs,
@@ -42,6 +44,7 @@ from ftrecycle.options import (
     Precision,
     Resources,
     Scaling,
+    TokenRows,
     TransferOptions,
 )
 from ftrecycle.version import __version__
@@ -50,6 +53,7 @@ __all__ = [
     "ApplyOptions",
     "CalibrationResult",
     "CheckpointError",
+    "Checks",
     "ConfigError",
     "DataError",
     "DeltaStorage",
@@ -72,6 +76,8 @@ __all__ = [
     "Precision",
     "Resources",
     "Scaling",
+    "TokenRowReport",
+    "TokenRows",
     "TransferOptions",
     "TransferResult",
     "__version__",
@@ -83,7 +89,9 @@ __all__ = [
     "diff",
     "export_lora",
     "grad_sign_mask",
+    "input_warnings",
     "inspect_delta",
     "sensitivity",
+    "token_rows",
     "transfer",
 ]

@@ -291,6 +291,7 @@ VocabPolicy = Literal["error", "overlap"]
 MissingPolicy = Literal["error", "keep-target"]
 TiePolicy = Literal["error", "untie", "embed-only"]
 FilesFrom = Literal["target", "finetuned"]
+TokenRowPolicy = Literal["delta", "target", "finetuned"]
 COMPUTE_DTYPES = ("float32", "float64")
 STORE_DTYPES = ("float32", "float64", "bfloat16", "float16")
 
@@ -478,6 +479,60 @@ class Inputs(OptionGroup):
     )
 
 
+def check_tokens(value: Any, flag: str) -> tuple[str, ...]:
+    """A LIST of tokens: comma-separated text (``<|eot_id|>,128006``) or a list of strings and ids."""
+    if isinstance(value, str):
+        items: list[Any] = [v.strip() for v in value.split(",")]
+    elif isinstance(value, list | tuple):
+        items = [str(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in value]
+    else:
+        raise ConfigError(f"{flag} must be a comma-separated list of tokens or ids, got {shown(value)}")
+    if not items or any(not isinstance(v, str) or not v for v in items):
+        raise ConfigError(f"{flag} must name at least one token or id, and no empty one, got {shown(value)}")
+    return tuple(items)
+
+
+@dataclass(frozen=True)
+class TokenRows(OptionGroup):
+    """What the embedding and output-head rows of chosen tokens become.
+
+    Chat fine-tunes train special tokens (``<|eot_id|>``, header tokens) that base models leave
+    untrained; Chat Vector copies those rows from the chat model.
+    """
+
+    token_rows: TokenRowPolicy = option(
+        "delta",
+        "what the chosen token rows of the embedding and untied lm_head become: 'delta' (default: target + "
+        "alpha * diff, as every other row), 'target' (the target's own row) or 'finetuned' (the fine-tuned "
+        "model's row, as Chat Vector does; transfer only); recorded in ftrecycle.json",
+        choices=("delta", "target", "finetuned"),
+    )
+    tokens: tuple[str, ...] | None = option(
+        None,
+        "the rows --token-rows decides: token strings or ids, comma-separated (default: the special tokens "
+        "whose rows look untrained in the source base; `apply` has no source base and needs the list)",
+        check=check_tokens,
+        metavar="LIST",
+    )
+
+
+@dataclass(frozen=True)
+class Checks(OptionGroup):
+    """Refusals of inputs that look mistaken, and the flags that override them."""
+
+    ignore_provenance: bool = option(
+        False,
+        "transfer even when the fine-tuned model's own record (its ftrecycle.json, or a PEFT "
+        "adapter_config.json's base_model_name_or_path) names another base than the source base, or shows "
+        "that the source base is a fine-tune of the source fine-tuned model (swapped arguments)",
+    )
+    allow_tokenizer_mismatch: bool = option(
+        False,
+        "transfer even when the target's tokenizer maps token ids the source's also has to other tokens "
+        "(the diff's rows would land on the wrong tokens)",
+    )
+
+
 # --------------------------------------------------------------------------------------------- bundles
 
 
@@ -610,13 +665,16 @@ class TransferOptions(Bundle):
     output: Output = field(default_factory=Output)
     inputs: Inputs = field(default_factory=Inputs)
     masking: Masking = field(default_factory=Masking)
+    token_rows: TokenRows = field(default_factory=TokenRows)
+    checks: Checks = field(default_factory=Checks)
 
 
 @dataclass(frozen=True)
 class DiffOptions(Bundle):
-    """What ``diff`` takes besides its models (``precision.out_dtype`` and ``policies.tie_mismatch`` do not apply)."""
+    """What ``diff`` takes besides its models (``precision.out_dtype``, ``policies.tie_mismatch`` and
+    ``checks.allow_tokenizer_mismatch`` do not apply)."""
 
-    not_applicable: ClassVar[frozenset[str]] = frozenset({"out_dtype", "tie_mismatch"})
+    not_applicable: ClassVar[frozenset[str]] = frozenset({"out_dtype", "tie_mismatch", "allow_tokenizer_mismatch"})
 
     precision: Precision = field(default_factory=Precision)
     storage: DeltaStorage = field(default_factory=DeltaStorage)
@@ -624,6 +682,7 @@ class DiffOptions(Bundle):
     resources: Resources = field(default_factory=Resources)
     output: Output = field(default_factory=Output)
     inputs: Inputs = field(default_factory=Inputs)
+    checks: Checks = field(default_factory=Checks)
 
 
 @dataclass(frozen=True)
@@ -641,3 +700,4 @@ class ApplyOptions(Bundle):
     output: Output = field(default_factory=Output)
     inputs: Inputs = field(default_factory=Inputs)
     masking: Masking = field(default_factory=Masking)
+    token_rows: TokenRows = field(default_factory=TokenRows)

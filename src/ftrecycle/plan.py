@@ -11,6 +11,7 @@ buffer — is decided here, refused unless a policy allows it, and recorded (an
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import get_args
 
@@ -19,7 +20,7 @@ from ftrecycle.dtypes import DType
 from ftrecycle.errors import ConfigError, IncompatibleModelsError
 from ftrecycle.io.checkpoint import Checkpoint
 from ftrecycle.io.safetensors_format import TensorInfo
-from ftrecycle.options import MissingPolicy, TiePolicy, VocabPolicy
+from ftrecycle.options import MissingPolicy, TiePolicy, TokenRowPolicy, VocabPolicy
 from ftrecycle.terms import (
     Action,
     Add,
@@ -40,6 +41,7 @@ from ftrecycle.terms import (
 VOCAB_POLICIES: tuple[str, ...] = get_args(VocabPolicy)
 MISSING_POLICIES: tuple[str, ...] = get_args(MissingPolicy)
 TIE_POLICIES: tuple[str, ...] = get_args(TiePolicy)
+TOKEN_ROW_POLICIES: tuple[str, ...] = get_args(TokenRowPolicy)
 
 
 def _check_policy(value: str, allowed: tuple[str, ...], flag: str) -> None:
@@ -437,3 +439,107 @@ def plan_diff(terms: dict[str, Term], delta_dtype: DType) -> Plan:
             n *= d
         out.append(OutTensor(name, delta_dtype, t.shape, [Sub(0, n, t)]))
     return Plan(out)
+
+
+# --------------------------------------------------------------------------------------------- token rows
+
+_ROW_SOURCES = {
+    "delta": "target + alpha * diff, as every other row",
+    "target": "the target's own rows",
+    "finetuned": "the fine-tuned model's rows",
+}
+
+
+def row_list(rows: Sequence[int], limit: int = 12) -> str:
+    """``3, 7..9, 12``: sorted ids with their runs joined, up to ``limit`` runs (for messages and records)."""
+    runs = _runs(rows)
+    text = ", ".join(str(a) if b == a + 1 else f"{a}..{b - 1}" for a, b in runs[:limit])
+    return text + (f", ... ({len(rows)} rows)" if len(runs) > limit else "")
+
+
+def _runs(rows: Sequence[int]) -> list[tuple[int, int]]:
+    """Sorted unique ids as half-open runs ``[a, b)`` of consecutive ids."""
+    runs: list[tuple[int, int]] = []
+    for r in sorted(set(rows)):
+        if runs and runs[-1][1] == r:
+            runs[-1] = (runs[-1][0], r + 1)
+        else:
+            runs.append((r, r + 1))
+    return runs
+
+
+def set_token_rows(plan: Plan, rows: Sequence[int], policy: TokenRowPolicy, *, chosen: str) -> None:
+    """Make ``rows`` of every vocabulary tensor of a transfer's plan what ``policy`` says, and record it.
+
+    The rows become ``Copy`` pieces of the target's tensor (``target``) or of the fine-tuned model's
+    (``finetuned``, Chat Vector), read at the same element offsets, so that they are those rows bit for bit
+    (cast only where the output dtype differs); ``delta`` leaves the plan as it is and records the rows.
+
+    Args:
+        plan: from :func:`plan_transfer` (changed in place).
+        rows: token ids.
+        policy: ``delta``, ``target`` or ``finetuned``.
+        chosen: how the rows were chosen, for the record.
+
+    Raises:
+        ConfigError: an unknown policy.
+        IncompatibleModelsError: no vocabulary tensor in the plan, an id past a tensor's rows, or
+            ``finetuned`` where the fine-tuned model's row is not read (a stored delta, a row the diff
+            does not cover).
+    """
+    _check_policy(policy, TOKEN_ROW_POLICIES, "--token-rows")
+    vocab = [t for t in plan.tensors if t.name in VOCAB_NAMES and t.shape and t.pieces]
+    if not vocab:
+        raise IncompatibleModelsError(
+            "--token-rows: the target has no embedding or output head tensor to take token rows from"
+        )
+    for t in vocab:
+        if rows and max(rows) >= t.shape[0]:
+            raise IncompatibleModelsError(
+                f"--tokens: id {max(rows)} is past the {t.shape[0]} rows of {t.name}; give ids below {t.shape[0]}"
+            )
+        width = 1
+        for d in t.shape[1:]:
+            width *= d
+        spans = [(a * width, b * width) for a, b in _runs(rows)]
+        if policy != "delta":
+            t.pieces = [q for p in t.pieces for q in _carve(t.name, p, spans, policy, width)]
+        plan.records.append(
+            record(
+                t.name,
+                Action.TOKEN_ROWS,
+                f"rows {row_list(rows)} are {_ROW_SOURCES[policy]} (--token-rows {policy}; {chosen})",
+            )
+        )
+
+
+def _carve(name: str, piece: Piece, spans: list[tuple[int, int]], policy: TokenRowPolicy, width: int) -> list[Piece]:
+    """``piece`` with the element ranges ``spans`` taken from the target or the fine-tuned model."""
+    out: list[Piece] = []
+    at, end = piece.start, piece.start + piece.count
+    for s, e in spans:
+        s, e = max(s, at), min(e, end)
+        if s >= e:
+            continue
+        if s > at:
+            out.append(replace(piece, start=at, count=s - at))
+        out.append(_row_source(name, piece, s, e - s, policy, width))
+        at = e
+    if at < end:
+        out.append(replace(piece, start=at, count=end - at))
+    return out
+
+
+def _row_source(name: str, piece: Piece, start: int, count: int, policy: TokenRowPolicy, width: int) -> Piece:
+    """The piece that reads elements ``[start, start + count)`` from where ``policy`` says."""
+    if policy == "target" and isinstance(piece, Add | Copy):
+        return Copy(start, count, piece.target)
+    if isinstance(piece, Add) and isinstance(piece.term, Difference):
+        return Copy(start, count, piece.term.fin)
+    row = start // width
+    why = (
+        "the diff comes from a stored delta, which does not hold the fine-tuned model's rows (use `transfer`)"
+        if isinstance(piece, Add)
+        else "the diff does not cover it (the target's vocabulary is larger)"
+    )
+    raise IncompatibleModelsError(f"--token-rows finetuned: row {row} of {name} has no fine-tuned value: {why}")

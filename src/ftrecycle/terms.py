@@ -180,6 +180,9 @@ class Action(StrEnum):
     """The diff is a LoRA adapter's merged update (one record for the whole model, tensor ``*``)."""
     UNMASKED = "unmasked"
     """``--mask``: the mask file has no entry for it; its diff is added whole."""
+    TOKEN_ROWS = "token-rows"
+    """Chosen token rows of an embedding or head (``--token-rows``): the target's row, the fine-tuned
+    model's row, or target + alpha * diff as every other row (the record lists the rows and the policy)."""
 
 
 class Record(TypedDict):

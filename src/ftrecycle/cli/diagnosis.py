@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from ftrecycle.cli.args import device_type, png_path, positive_int
 from ftrecycle.cli.common import Command, add_models
 from ftrecycle.diagnose.plot import plot_layers
+from ftrecycle.diagnose.tokens import format_token_rows, input_warnings, token_rows
 from ftrecycle.diagnose.verdict import diagnose, format_diagnosis
 from ftrecycle.errors import ConfigError
 from ftrecycle.io.output import check_no_overlap
@@ -49,7 +51,14 @@ def _run(ns: argparse.Namespace) -> None:
     )
     if ns.plot:
         plot_layers(d.geometry, ns.plot)
-    print(json.dumps(d.to_json(), indent=1) if ns.json else format_diagnosis(d), end="" if not ns.json else "\n")
+    rows = token_rows(ns.source_base, ns.source_finetuned, ns.target_base)
+    warnings = input_warnings(ns.source_base, ns.source_finetuned, ns.target_base, d.geometry.total)
+    for w in warnings:
+        print(f"ftrecycle: warning: {w}", file=sys.stderr)
+    if ns.json:
+        print(json.dumps({**d.to_json(), "token_rows": rows.to_json(), "warnings": warnings}, indent=1))
+    else:
+        print(format_diagnosis(d) + "\n" + format_token_rows(rows), end="")
 
 
 COMMANDS = (
@@ -60,7 +69,11 @@ COMMANDS = (
         "drift |C-A|/|A|, diff size |B-A|/|A|, cos(diff, drift) and sign agreement, in total, by module type "
         "and by layer. With --data (a few hundred examples of your task, in a fine-tuning format) also probe "
         "the loss along the straight path A -> C (barrier) and the loss of C + alpha*diff on a grid of alpha. "
-        "Prints a verdict (likely helps / uncertain / likely hurts) with its reasons.",
+        "Prints a verdict (likely helps / uncertain / likely hurts) with its reasons; the embedding and head rows "
+        "that look untrained in each model (norm < 10 % of the median row norm, or identical in the source base "
+        "and the target) with the special tokens among them (see `transfer --token-rows`); and warnings where "
+        "the inputs look mistaken: a fine-tuned model whose record names another base, swapped source models, "
+        "tokenizers that map shared ids to other tokens, a zero diff.",
         _arguments,
         _run,
     ),

@@ -33,6 +33,7 @@ from ftrecycle.ops.export import export_lora
 from ftrecycle.ops.transfer import transfer
 from ftrecycle.options import (
     ApplyOptions,
+    Checks,
     DeltaStorage,
     DiffOptions,
     Inputs,
@@ -43,6 +44,7 @@ from ftrecycle.options import (
     Precision,
     Resources,
     Scaling,
+    TokenRows,
     TransferOptions,
 )
 
@@ -54,6 +56,8 @@ def report(result: Any) -> None:
         f"wrote {result.output} ({result.bytes_written / 2**30:.2f} GiB of tensors) in {result.seconds:.1f} s"
         + (f"; {len(adapted)} tensor records (see ftrecycle.json)" if adapted else "")
     )
+    for warning in getattr(result, "warnings", []):
+        print(f"ftrecycle: warning: {warning}", file=sys.stderr)
 
 
 def add_write_groups(p: argparse.ArgumentParser) -> None:
@@ -76,6 +80,8 @@ def _transfer_arguments(p: argparse.ArgumentParser) -> None:
     add_group(p, Policies)
     add_group(p, ModelFiles)
     add_mask_arguments(p, grad_sign=True)
+    add_group(p, TokenRows)
+    add_group(p, Checks)
     add_write_groups(p)
 
 
@@ -109,6 +115,7 @@ def _diff_arguments(p: argparse.ArgumentParser) -> None:
     add_group(p, Precision, exclude=("out_dtype",))
     add_group(p, DeltaStorage)
     add_group(p, Policies, exclude=("tie_mismatch",))
+    add_group(p, Checks, only=("ignore_provenance",))
     add_write_groups(p)
     add_diff_calibration(p)
 
@@ -140,6 +147,7 @@ def _apply_arguments(p: argparse.ArgumentParser) -> None:
     add_group(p, Policies)
     add_group(p, ModelFiles)
     add_mask_arguments(p, grad_sign=False)
+    add_group(p, TokenRows)
     add_write_groups(p)
 
 

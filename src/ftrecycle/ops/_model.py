@@ -23,9 +23,10 @@ from ftrecycle.io.maskfile import open_mask
 from ftrecycle.io.model_files import CONFIG_FILES, TOKENIZER_FILES, copy_files, patch_config
 from ftrecycle.io.output import write_json
 from ftrecycle.io.provenance import PROVENANCE, base_record, portable
+from ftrecycle.ops.token_rows import TokenRowChoice
 from ftrecycle.options import ModelFiles, Policies, Precision
 from ftrecycle.pipeline import ProgressFn, WriteSettings, write_plan
-from ftrecycle.plan import mask_terms, plan_transfer
+from ftrecycle.plan import mask_terms, plan_transfer, set_token_rows
 from ftrecycle.terms import Action, Masked, MaskTally, Plan, Record, Term
 
 
@@ -39,6 +40,8 @@ class TransferResult:
         seconds: wall time.
         records: every tensor that was adapted or left alone, and why.
         provenance: the full ``ftrecycle.json`` record.
+        warnings: what the inputs suggest may be a mistake though nothing refused it (a zero diff...);
+            also in the provenance.
     """
 
     output: Path
@@ -46,6 +49,7 @@ class TransferResult:
     seconds: float
     records: list[Record] = field(default_factory=list)
     provenance: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,9 @@ class Addend:
         records: tensors adapted or left alone so far (by the source's reader), and why.
         inputs: role -> description of every input, for the provenance.
         finetuned_files: where ``--config-from``/``--tokenizer-from finetuned`` copy from.
+        token_rows: the rows ``--token-rows`` decides (None: the default, every row target + alpha * diff).
+        warnings: what the checks of the inputs found suspicious but did not refuse.
+        mask: the sign mask on the diff and its counts (None: no mask).
     """
 
     terms: dict[str, Term]
@@ -65,6 +72,8 @@ class Addend:
     records: list[Record]
     inputs: dict[str, Any]
     finetuned_files: Path | None
+    token_rows: TokenRowChoice | None = None
+    warnings: list[str] = field(default_factory=list)
     mask: MaskUse | None = None
 
 
@@ -168,6 +177,9 @@ def write_model(
         tie_mismatch=policies.tie_mismatch,
         records=addend.records,
     )
+    warnings = list(addend.warnings)
+    if addend.token_rows is not None:
+        warnings += _token_rows(plan, addend.token_rows)
     record = base_record(operation)
     record.update(
         {
@@ -185,6 +197,10 @@ def write_model(
     )
     if addend.mask is not None:
         record["mask"] = addend.mask.described
+    if addend.token_rows is not None:
+        record["token_rows"] = addend.token_rows.to_json()
+    if warnings:
+        record["warnings"] = warnings
     finish = partial(
         _finish_model,
         out=out,
@@ -198,7 +214,20 @@ def write_model(
         mask=addend.mask,
     )
     written = write_plan(plan.tensors, out, settings=settings, prefix="model", progress=progress, finish=finish)
-    return TransferResult(out, written, time.perf_counter() - started, plan.records, record)
+    return TransferResult(out, written, time.perf_counter() - started, plan.records, record, warnings)
+
+
+def _token_rows(plan: Plan, choice: TokenRowChoice) -> list[str]:
+    """Apply ``--token-rows`` to the plan; the warning when it has no row to decide."""
+    if choice.tokens:
+        set_token_rows(plan, list(choice.tokens), choice.policy, chosen=choice.chosen)
+        return []
+    if choice.policy == "delta":
+        return []
+    return [
+        f"--token-rows {choice.policy} changed no row: no special token's row looks untrained in the source "
+        "base; name the rows with --tokens"
+    ]
 
 
 def _finish_model(

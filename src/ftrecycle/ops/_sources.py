@@ -32,6 +32,7 @@ class SourceDiff:
         files: the directory holding the fine-tuned model's config and tokenizer files.
         paths: what the output must not overlap besides the base (``files`` and an adapter's directory).
         meta_left: what is left of the metadata budget after the fine-tuned model's index.
+        model: the opened fine-tuned model (None for an adapter).
     """
 
     terms: dict[str, Term]
@@ -41,6 +42,7 @@ class SourceDiff:
     files: Path
     paths: list[Path]
     meta_left: int
+    model: Checkpoint | None = None
 
 
 def source_diff(
@@ -86,5 +88,5 @@ def source_diff(
     check_compatible({base_role: base.config, finetuned_role: fin.config, **others})
     terms, aliases, records = source_terms(base, fin, vocab=policies.vocab, on_missing=policies.on_missing)
     return SourceDiff(
-        terms, aliases, records, describe_input(fin), fin.path, [fin.path], meta_left - fin.metadata_bytes
+        terms, aliases, records, describe_input(fin), fin.path, [fin.path], meta_left - fin.metadata_bytes, fin
     )

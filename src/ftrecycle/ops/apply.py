@@ -10,10 +10,12 @@ from typing import Any
 
 from ftrecycle.arch import check_compatible
 from ftrecycle.delta.store import finetuned_files, open_delta
+from ftrecycle.errors import ConfigError
 from ftrecycle.io.checkpoint import Checkpoint, open_checkpoint
 from ftrecycle.io.output import check_output
 from ftrecycle.io.provenance import describe_input
 from ftrecycle.ops._model import Addend, TransferResult, with_mask, write_model
+from ftrecycle.ops.token_rows import TokenRowChoice, choose_token_rows
 from ftrecycle.options import ApplyOptions
 from ftrecycle.pipeline import ProgressFn, WriteSettings
 
@@ -45,7 +47,10 @@ def apply_delta(
         verify: check every stored tensor's SHA-256 first (one extra read of the delta).
         progress: called with (bytes written, total bytes).
         **keywords: any field of ``options``' groups by name, overriding it (those of
-            :func:`ftrecycle.transfer` but ``compress``; ``mask``: a sign mask file, as there).
+            :func:`ftrecycle.transfer` but ``compress`` and the checks' overrides; ``token_rows`` is
+            ``target`` or ``delta`` with a ``tokens`` list: a delta holds neither the fine-tuned model's
+            rows nor the source base that would show which rows are untrained; ``mask``: a sign mask
+            file, as there).
 
     Returns:
         What was written.
@@ -75,7 +80,8 @@ def apply_delta(
             config=opts.files.config_from == "finetuned",
             tokenizer=opts.files.tokenizer_from == "finetuned",
         )
-        addend = Addend(terms, aliases, list(manifest.get("records") or []), _inputs(d, manifest, c), files)
+        choice = _token_rows(opts, c, [files, c.path])
+        addend = Addend(terms, aliases, list(manifest.get("records") or []), _inputs(d, manifest, c), files, choice)
         addend, meta = with_mask(stack, addend, opts.masking.mask, c, meta)
         return write_model(
             "apply",
@@ -89,6 +95,24 @@ def apply_delta(
             progress=progress,
             started=started,
         )
+
+
+def _token_rows(opts: ApplyOptions, target: Checkpoint, tokenizer_dirs: list[Path]) -> TokenRowChoice | None:
+    """The rows ``--token-rows`` decides on ``apply``: only those ``--tokens`` names (no source base here).
+
+    Raises:
+        ConfigError: ``finetuned`` (a delta does not hold the fine-tuned model's rows), ``target`` without
+            ``--tokens``, or tokens that cannot be resolved.
+    """
+    rows = opts.token_rows
+    if rows.token_rows == "delta" and rows.tokens is None:
+        return None
+    if rows.token_rows == "finetuned":
+        raise ConfigError(
+            "--token-rows finetuned: a delta holds the diff, not the fine-tuned model's rows; use `ftrecycle "
+            "transfer` with the source models, or --token-rows target|delta"
+        )
+    return choose_token_rows(rows.token_rows, rows.tokens, None, target, tokenizer_dirs)
 
 
 def _inputs(delta: Checkpoint, manifest: dict[str, Any], target: Checkpoint) -> dict[str, Any]:

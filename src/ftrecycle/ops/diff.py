@@ -45,6 +45,7 @@ from ftrecycle.io.output import ShardedWriter, check_output, parse_size
 from ftrecycle.io.provenance import describe_input
 from ftrecycle.io.safetensors_format import pwrite_all
 from ftrecycle.ops._sources import SourceDiff, source_diff
+from ftrecycle.ops.checks import check_provenance
 from ftrecycle.options import DEFAULT_MAX_MEMORY, DiffOptions, Policies
 from ftrecycle.pipeline import ProgressFn, WriteSettings, write_plan
 from ftrecycle.plan import plan_diff
@@ -102,7 +103,8 @@ def diff(
             setting chosen by rate-distortion, see :mod:`ftrecycle.codecs.auto`), ``weights`` (with a
             budget: a JSON file of tensor name -> sensitivity, every 2-D tensor given one), and
             ``compute_dtype``, ``shard_size``, ``vocab``, ``on_missing``, ``max_memory``, ``threads``,
-            ``force``, ``allow_nonfinite``, ``allow_pickle``, ``fsync`` as in :func:`ftrecycle.transfer`.
+            ``force``, ``allow_nonfinite``, ``allow_pickle``, ``fsync``, ``ignore_provenance`` as in
+            :func:`ftrecycle.transfer`.
 
     Returns:
         What was written.
@@ -146,6 +148,8 @@ def _diff(
         allow_pickle=opts.inputs.allow_pickle,
         meta_left=settings.max_memory - a.metadata_bytes,
     )
+    if not opts.checks.ignore_provenance:
+        check_provenance(a, finetuned, src.model)
     check_names([*src.terms, *src.aliases], a.path)
     out = check_output(out, [a.path, *src.paths, *refs, opts.storage.weights], force=settings.force)
     settings = replace(settings, max_memory=src.meta_left)

@@ -13,14 +13,17 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from ftrecycle.io.checkpoint import open_checkpoint
+from ftrecycle.errors import ConfigError, IncompatibleModelsError
+from ftrecycle.io.checkpoint import Checkpoint, open_checkpoint
 from ftrecycle.io.output import check_output, scratch_directory
 from ftrecycle.io.provenance import describe_input
 from ftrecycle.ops._model import Addend, TransferResult, with_mask, write_model
-from ftrecycle.ops._sources import source_diff
+from ftrecycle.ops._sources import SourceDiff, source_diff
 from ftrecycle.ops.apply import apply_delta
+from ftrecycle.ops.checks import check_provenance, diff_is_zero, tokenizer_conflicts
 from ftrecycle.ops.diff import diff
-from ftrecycle.options import ApplyOptions, DeltaStorage, DiffOptions, Output, TransferOptions
+from ftrecycle.ops.token_rows import TokenRowChoice, choose_token_rows
+from ftrecycle.options import ApplyOptions, DeltaStorage, DiffOptions, Output, TokenRows, TransferOptions
 from ftrecycle.pipeline import ProgressFn, WriteSettings
 
 
@@ -55,9 +58,11 @@ def transfer(
             and the inputs' indexes may use), ``threads``, ``force``, ``allow_nonfinite``,
             ``allow_pickle``, ``fsync``, ``mask`` (a sign mask file made by
             :func:`ftrecycle.grad_sign_mask`: each diff entry kept only where its sign equals the
-            mask's; recorded), and ``compress`` (transfer the diff as it would be shipped compressed:
-            it is compressed into a temporary bf16 delta beside the output, applied, and removed; the
-            provenance records the compression). See :mod:`ftrecycle.options`.
+            mask's; recorded), ``compress`` (transfer the diff as it would be shipped
+            compressed: it is compressed into a temporary bf16 delta beside the output, applied,
+            and removed; the provenance records the compression), ``token_rows`` and ``tokens`` (what
+            chosen token rows become), ``ignore_provenance`` and ``allow_tokenizer_mismatch`` (overrides
+            of the checks of the inputs). See :mod:`ftrecycle.options`.
 
     Returns:
         What was written.
@@ -65,7 +70,9 @@ def transfer(
     Raises:
         ConfigError: bad option values, an unknown keyword, or ``alpha`` still ``auto``.
         CheckpointError: unreadable or refused inputs.
-        IncompatibleModelsError: architectures, names or shapes that no chosen policy reconciles.
+        IncompatibleModelsError: architectures, names or shapes that no chosen policy reconciles; the
+            fine-tuned model's record names another base, the source models look swapped (their records),
+            or the tokenizers map shared ids to other tokens, unless overridden.
         OutputError: the output exists, overlaps an input, or does not fit the disk.
         NonFiniteError: a result holds NaN or infinity.
     """
@@ -74,7 +81,17 @@ def transfer(
     settings = WriteSettings.of(opts.precision, opts.resources, opts.output, opts.scaling)
     out = Path(output).expanduser()
     if opts.storage.compress is not None:
-        return _transfer_compressed(source_base, source_finetuned, target_base, out, opts, progress)
+        if opts.token_rows != TokenRows():
+            raise ConfigError(
+                "--token-rows/--tokens do not apply with --compress: transfer without --compress, or `diff "
+                "--compress` then `apply --token-rows target --tokens LIST`"
+            )
+        with contextlib.ExitStack() as stack:  # the checks of the inputs, on the models themselves
+            a, c, src = _open_inputs(stack, (source_base, source_finetuned, target_base), opts, settings.max_memory)
+            warnings, _ = _preflight(a, c, src, source_finetuned, opts)
+        result = _transfer_compressed(source_base, source_finetuned, target_base, out, opts, progress)
+        result.warnings[:0] = warnings
+        return result
     with contextlib.ExitStack() as stack:
         return _transfer(stack, (source_base, source_finetuned, target_base), out, opts, settings, progress, started)
 
@@ -89,11 +106,35 @@ def _transfer(
     started: float,
 ) -> TransferResult:
     """Open the three models (kept open by ``stack``) and write the output."""
+    source_finetuned = refs[1]
+    a, c, src = _open_inputs(stack, refs, opts, settings.max_memory)
+    out = check_output(out, [a.path, *src.paths, c.path, *refs, opts.masking.mask], force=settings.force)
+    warnings, choice = _preflight(a, c, src, source_finetuned, opts)
+    inputs = {"source_base": describe_input(a), "source_finetuned": src.finetuned, "target_base": describe_input(c)}
+    addend = Addend(src.terms, src.aliases, src.records, inputs, src.files, choice, warnings)
+    addend, meta = with_mask(stack, addend, opts.masking.mask, c, src.meta_left)
+    return write_model(
+        "transfer",
+        c,
+        addend,
+        out,
+        replace(settings, max_memory=meta),
+        precision=opts.precision,
+        policies=opts.policies,
+        files=opts.files,
+        progress=progress,
+        started=started,
+    )
+
+
+def _open_inputs(
+    stack: contextlib.ExitStack, refs: tuple[str, str, str], opts: TransferOptions, meta: int
+) -> tuple[Checkpoint, Checkpoint, SourceDiff]:
+    """Open the source base, the target and the diff (kept open by ``stack``) within ``meta`` bytes of indexes."""
     source_base, source_finetuned, target_base = refs
     pickle = opts.inputs.allow_pickle
     # What the inputs' indexes take counts toward --max-memory: each is refused up front when it
     # does not fit what is left, and the engine's buffers get the rest.
-    meta = settings.max_memory
     a = stack.enter_context(open_checkpoint(source_base, allow_pickle=pickle, max_metadata_bytes=meta))
     meta -= a.metadata_bytes
     c = stack.enter_context(open_checkpoint(target_base, allow_pickle=pickle, max_metadata_bytes=meta))
@@ -108,23 +149,49 @@ def _transfer(
         allow_pickle=pickle,
         meta_left=meta,
     )
-    out = check_output(out, [a.path, *src.paths, c.path, *refs, opts.masking.mask], force=settings.force)
-    inputs = {"source_base": describe_input(a), "source_finetuned": src.finetuned, "target_base": describe_input(c)}
-    addend, meta = with_mask(
-        stack, Addend(src.terms, src.aliases, src.records, inputs, src.files), opts.masking.mask, c, src.meta_left
-    )
-    return write_model(
-        "transfer",
-        c,
-        addend,
-        out,
-        replace(settings, max_memory=meta),
-        precision=opts.precision,
-        policies=opts.policies,
-        files=opts.files,
-        progress=progress,
-        started=started,
-    )
+    return a, c, src
+
+
+def _preflight(
+    a: Checkpoint, c: Checkpoint, src: SourceDiff, finetuned: str, opts: TransferOptions
+) -> tuple[list[str], TokenRowChoice | None]:
+    """The checks of a transfer's inputs before anything is written, and the rows ``--token-rows`` decides.
+
+    Args:
+        a: the opened source base. c: the opened target base.
+        src: the diff read from the source models.
+        finetuned: the fine-tuned model's reference as given.
+        opts: the transfer's options (its checks' overrides, its token rows).
+
+    Returns:
+        The warnings (a zero diff), and the token-row choice (None: the default, every row target + alpha * diff).
+
+    Raises:
+        IncompatibleModelsError: the fine-tuned model's record names another base, the source models are
+            swapped, or the tokenizers disagree on shared ids, each unless its override is set.
+        ConfigError: ``--tokens`` that cannot be resolved.
+    """
+    if not opts.checks.ignore_provenance:
+        check_provenance(a, finetuned, src.model)
+    if not opts.checks.allow_tokenizer_mismatch:
+        conflicts = tokenizer_conflicts({"source base": a.path, "source fine-tuned model": src.files}, c.path)
+        if conflicts:
+            raise IncompatibleModelsError(
+                f"{conflicts[0]}; use a target with the source's tokenizer, or pass --allow-tokenizer-mismatch"
+            )
+    warnings = []
+    if diff_is_zero(src.terms):
+        why = (
+            "the source fine-tuned model equals the source base bit for bit (compared tensor by tensor before "
+            "the transfer)"
+            if src.model is not None
+            else "every LoRA update of the adapter has a factor of zeros (an adapter never trained)"
+        )
+        warnings.append(f"the diff is zero: {why}, so the output is a copy of the target; check --source-finetuned")
+    rows = opts.token_rows
+    if rows.token_rows == "delta" and rows.tokens is None:
+        return warnings, None
+    return warnings, choose_token_rows(rows.token_rows, rows.tokens, a, c, [src.files, a.path])
 
 
 def _compressed_steps(opts: TransferOptions) -> tuple[DiffOptions, ApplyOptions]:

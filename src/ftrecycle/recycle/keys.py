@@ -22,6 +22,7 @@ from ftrecycle.options import (
     Policies,
     Precision,
     Scaling,
+    TokenRows,
     TransferOptions,
 )
 
@@ -30,7 +31,7 @@ B = TypeVar("B", bound=Bundle)
 #: Transfer settings every recycle-finetune key and record holds (the ones it has recorded from the start).
 RECORDED = ("compute_dtype", "out_dtype", "config_from", "tokenizer_from", "vocab", "on_missing", "tie_mismatch")
 #: Every option that changes the weights or model files written (alpha aside: see :func:`alpha_key`).
-WEIGHT_FIELDS = tuple(f.name for g in (Precision, DeltaStorage, Policies, ModelFiles) for f in fields(g))
+WEIGHT_FIELDS = tuple(f.name for g in (Precision, DeltaStorage, Policies, ModelFiles, TokenRows) for f in fields(g))
 #: Options of the output group: a recycle step writes its own outputs (and its ``force`` is its own).
 OUTPUT_FIELDS = frozenset(f.name for f in fields(Output))
 #: Options resolved before a transfer runs (``alpha: auto`` with its calibration data becomes a number).
