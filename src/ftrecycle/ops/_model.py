@@ -180,6 +180,34 @@ def write_model(
     warnings = list(addend.warnings)
     if addend.token_rows is not None:
         warnings += _token_rows(plan, addend.token_rows)
+    record = _record(operation, addend, settings, policies, plan, out_dtype, warnings)
+    finish = partial(
+        _finish_model,
+        out=out,
+        settings=settings,
+        target=target,
+        finetuned_files=addend.finetuned_files,
+        files=files,
+        plan=plan,
+        out_dtype=out_dtype,
+        record=record,
+        mask=addend.mask,
+    )
+    written = write_plan(plan.tensors, out, settings=settings, prefix="model", progress=progress, finish=finish)
+    return TransferResult(out, written, time.perf_counter() - started, plan.records, record, warnings)
+
+
+def _record(
+    operation: str,
+    addend: Addend,
+    settings: WriteSettings,
+    policies: Policies,
+    plan: Plan,
+    out_dtype: DType | None,
+    warnings: list[str],
+) -> dict[str, Any]:
+    """The provenance of a transfer or apply: inputs, settings, policies, what was adapted, the mask,
+    the token rows and the warnings."""
     record = base_record(operation)
     record.update(
         {
@@ -201,20 +229,7 @@ def write_model(
         record["token_rows"] = addend.token_rows.to_json()
     if warnings:
         record["warnings"] = warnings
-    finish = partial(
-        _finish_model,
-        out=out,
-        settings=settings,
-        target=target,
-        finetuned_files=addend.finetuned_files,
-        files=files,
-        plan=plan,
-        out_dtype=out_dtype,
-        record=record,
-        mask=addend.mask,
-    )
-    written = write_plan(plan.tensors, out, settings=settings, prefix="model", progress=progress, finish=finish)
-    return TransferResult(out, written, time.perf_counter() - started, plan.records, record, warnings)
+    return record
 
 
 def _token_rows(plan: Plan, choice: TokenRowChoice) -> list[str]:
