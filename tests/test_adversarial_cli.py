@@ -358,7 +358,7 @@ def test_eval_errors_are_one_line(versions, tmp_path, capsys, monkeypatch, case)
 
 class _FakeTaskManager:
     def __init__(self, include_path=None, include_defaults=True):
-        self.all_tasks = ["gsm8k_cot", "mine"]
+        self.all_tasks = ["gsm8k", "gsm8k_cot", "mine"]
 
 
 @pytest.mark.parametrize(

@@ -297,4 +297,4 @@ def test_cli_diff_with_calibration_and_sensitivity(models, data, tmp_path, capsy
     rc = main(["diff", *pair, "-o", str(tmp_path / "dense"), *texts])
     assert rc == 2 and "--compress" in capsys.readouterr().err
     rc = main(["calibrate", "--delta", str(out), *texts])
-    assert rc == 2 and "missing: --base, --finetuned, -o/--output" in capsys.readouterr().err
+    assert rc == 2 and "missing: --source-base, --source-finetuned, -o/--output" in capsys.readouterr().err

@@ -26,7 +26,7 @@ BATTERY = [
     ("diagnose --source-base a --source-finetuned b --target-base c --calibration f", "--calibration", "--data"),
     ("eval --model m --task gsm8k", "--task", "--tasks"),
     ("lab run --seed 3", "--seed", "--seeds"),
-    ("demo --output x", "--output", "--out"),
+    ("demo --outdir x", "--outdir", "--output"),
 ]
 
 

@@ -87,8 +87,12 @@ def report(result: CalibrationResult) -> None:
 def _calibrate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calibration", required=True, metavar="FILE", help=CALIBRATION_HELP)
     p.add_argument("--delta", default=None, metavar="DELTA", help="the compressed delta to calibrate")
-    p.add_argument("--base", default=None, metavar="A", help=f"the delta's base model: {MODEL_HELP}")
-    p.add_argument("--finetuned", default=None, metavar="B", help="the fine-tuned model (the teacher)")
+    p.add_argument(
+        "--source-base", "--base", dest="base", default=None, metavar="A", help=f"the delta's base model: {MODEL_HELP}"
+    )
+    p.add_argument(
+        "--source-finetuned", "--finetuned", dest="finetuned", default=None, metavar="B", help="the fine-tuned model"
+    )
     p.add_argument("-o", "--output", default=None, metavar="OUT", help="the calibrated delta directory to create")
     p.add_argument(
         "--sensitivity",
@@ -120,12 +124,14 @@ def _calibrate(ns: argparse.Namespace) -> None:
         out = write_sensitivity(ns.sensitivity, weights, inputs=inputs, force=ns.force)
         print(f"wrote {out}: the sensitivities of {len(weights)} tensors")
         return
-    missing = [f for f, v in (("--delta", ns.delta), ("--base", ns.base), ("--finetuned", ns.finetuned)) if v is None]
+    given = (("--delta", ns.delta), ("--source-base", ns.base), ("--source-finetuned", ns.finetuned))
+    missing = [f for f, v in given if v is None]
     if ns.output is None:
         missing.append("-o/--output")
     if missing or ns.model is not None:
         raise ConfigError(
-            "calibrate takes --delta, --base, --finetuned, -o and --calibration (or --sensitivity with --model); "
+            "calibrate takes --delta, --source-base, --source-finetuned, -o and --calibration "
+            "(or --sensitivity with --model); "
             f"missing: {', '.join(missing) or 'none'}"
         )
     result = calibrate(

@@ -31,7 +31,9 @@ def _arguments(p: argparse.ArgumentParser) -> None:
         "job is cached under --out, so an interrupted run continues and a finished one only re-reports.",
     )
     run.add_argument("--preset", default="tiny", choices=list(PRESETS), help="size of the run (default tiny)")
-    run.add_argument("--out", default="ftrecycle-lab", help="run directory (default ./ftrecycle-lab)")
+    run.add_argument(
+        "-o", "--output", "--out", dest="out", default="ftrecycle-lab", help="run directory (default ./ftrecycle-lab)"
+    )
     run.add_argument("--seeds", type=seeds_type, default=None, help="comma-separated seeds, overriding the preset's")
     run.add_argument(
         "--workers",
@@ -77,7 +79,14 @@ def _lab(ns: argparse.Namespace) -> None:
 
 
 def _demo_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="ftrecycle-demo", help="working directory (default ./ftrecycle-demo)")
+    p.add_argument(
+        "-o",
+        "--output",
+        "--out",
+        dest="out",
+        default="ftrecycle-demo",
+        help="working directory (default ./ftrecycle-demo)",
+    )
     p.add_argument("--force", action="store_true", help="replace an existing demo directory")
 
 

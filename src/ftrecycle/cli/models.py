@@ -107,9 +107,17 @@ def _transfer(ns: argparse.Namespace) -> None:
 
 
 def _diff_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--base", required=True, metavar="A", help=f"the base model: {MODEL_HELP}")
+    # the names transfer uses for the same models (--base/--finetuned: this command's older names)
     p.add_argument(
-        "--finetuned", required=True, metavar="B", help="the fine-tuned model, or a PEFT LoRA adapter directory over A"
+        "--source-base", "--base", dest="base", required=True, metavar="A", help=f"the base model: {MODEL_HELP}"
+    )
+    p.add_argument(
+        "--source-finetuned",
+        "--finetuned",
+        dest="finetuned",
+        required=True,
+        metavar="B",
+        help="the fine-tuned model, or a PEFT LoRA adapter directory over A",
     )
     p.add_argument("-o", "--output", required=True, metavar="DELTA", help="the delta directory to create")
     add_group(p, Precision, exclude=("out_dtype",))
@@ -171,13 +179,17 @@ def _apply(ns: argparse.Namespace) -> None:
 
 
 def _inspect_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("delta", metavar="DELTA", help="a delta directory")
+    p.add_argument("delta", metavar="DELTA", nargs="?", default=None, help="a delta directory")
+    p.add_argument("--delta", dest="delta_flag", default=None, metavar="DELTA", help="the same, as apply names it")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--all", action="store_true", help="list every tensor (default: the first 40)")
     p.add_argument("--no-verify", action="store_true", help="skip the checksums")
 
 
 def _inspect(ns: argparse.Namespace) -> None:
+    if (ns.delta is None) == (ns.delta_flag is None):
+        raise ConfigError("inspect takes one delta directory: DELTA or --delta DELTA (see `ftrecycle inspect --help`)")
+    ns.delta = ns.delta or ns.delta_flag
     found = inspect_ops.inspect_delta(ns.delta, check=not ns.no_verify, threads=default_threads())
     if ns.json:
         print(json.dumps(found, indent=2))

@@ -21,6 +21,7 @@ SYNONYMS: dict[str, tuple[str, ...]] = {
     "--output-dir": ("--output",),
     "--out": ("--output",),
     "--out-dir": ("--output",),
+    "--outdir": ("--output",),
     "--output-path": ("--output", "--json"),
     "--num-train-epochs": ("--epochs",),
     "--max-seq-length": ("--max-length",),
