@@ -210,7 +210,12 @@ def _language(s: _Seed) -> list[Job]:
 def _diagnostics(s: _Seed) -> list[Job]:
     """(f) ``diagnose`` of every pair (calibration: the first training problems)."""
     return [
-        s.job(f"diag-{j}+d{i[1]}", diagnose_job, {**s.pair(i, j), "calibration": s.train}, (f"ft-{i}",))
+        s.job(
+            f"diag-{j}+d{i[1]}",
+            diagnose_job,
+            {**s.pair(i, j), "calibration": s.train, "max_new_tokens": s.cfg.max_new_tokens},
+            (f"ft-{i}",),
+        )
         for i, j in pairs()
     ]
 
