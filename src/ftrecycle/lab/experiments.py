@@ -393,6 +393,8 @@ def collect_seed(cfg: LabConfig, seed: int, res: dict[str, dict[str, Any]]) -> d
             "alpha": r[f"{j}+d{i[1]}auto"]["alpha"],
             "accuracy": r[f"{j}+d{i[1]}auto"]["accuracy"],
             "accuracy_alpha_1": transfer[j][i],
+            # how α was chosen (runs before issue 15 chose by loss and did not record it)
+            "alpha_method": r[f"{j}+d{i[1]}auto"].get("alpha_method", "loss"),
         }
         for i, j in (("M4", "M5"), ("M5", "M4"))
     }
