@@ -170,8 +170,8 @@ def _seeds_note(results: dict[str, Any]) -> list[str]:
 def _confusion(c: dict[str, Any]) -> list[str]:
     """(f)'s confusion tables: the verdict against the measured sign of the gain, per seed and overall."""
     out = [
-        "The verdict against the measured sign of the gain (harmful: a loss of 5 points or more), per seed "
-        "and over all seeds:",
+        f"The verdict against the measured sign of the gain (harmful: a gain of {c['harmful_at']:g} points or "
+        "less), per seed and over all seeds:",
         "",
     ]
     for name, t in [*((f"seed {s}", v) for s, v in c["per_seed"].items()), ("all seeds", c["overall"])]:
@@ -180,7 +180,7 @@ def _confusion(c: dict[str, Any]) -> list[str]:
             f"**{name}**: verdict sign agrees (helps & gain > 0, or hurts & gain ≤ 0) on **{t['agree']} of "
             f"{t['pairs']}** pairs; harmful pairs called likely helps: **{t['harmful_called_helps']}**.",
             "",
-            *_table(["verdict", "gain > 0", "gain ≤ 0", "of which harmful (≤ −5)"], rows),
+            *_table(["verdict", "gain > 0", "gain ≤ 0", "of which harmful"], rows),
             "",
         ]
     return out

@@ -70,7 +70,8 @@ def confusion(pairs: list[tuple[str, float]]) -> dict[str, Any]:
     Returns:
         ``table``: verdict -> {``gain > 0``, ``gain ≤ 0``, ``harmful`` (gain ≤ :data:`HARMFUL`)} counts;
         ``agree``: pairs called likely helps with gain > 0 or likely hurts with gain ≤ 0; ``pairs``;
-        ``harmful_called_helps``: pairs with gain ≤ :data:`HARMFUL` called likely helps (should be 0).
+        ``harmful_called_helps``: pairs with gain ≤ :data:`HARMFUL` called likely helps (should be 0);
+        ``harmful_at``: :data:`HARMFUL`.
     """
     table = {v: {"gain > 0": 0, "gain ≤ 0": 0, "harmful": 0} for v in VERDICTS}
     for verdict, gain in pairs:
@@ -83,6 +84,7 @@ def confusion(pairs: list[tuple[str, float]]) -> dict[str, Any]:
         "agree": agree,
         "pairs": len(pairs),
         "harmful_called_helps": table["likely helps"]["harmful"],
+        "harmful_at": HARMFUL,
     }
 
 
@@ -98,6 +100,7 @@ def confusion_by_seed(per_seed: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return {
         "per_seed": {s: confusion(v) for s, v in by_seed.items()},
         "overall": confusion([p for v in by_seed.values() for p in v]),
+        "harmful_at": HARMFUL,
     }
 
 
