@@ -21,7 +21,9 @@ DEFAULT_PROBE_EXAMPLES = 256
 def _arguments(p: argparse.ArgumentParser) -> None:
     add_models(p)
     p.add_argument("--data", default=None, metavar="CALIB", help="calibration JSONL (enables the loss probe)")
-    p.add_argument("--max-examples", type=positive_int, default=None, help="calibration examples used (default 256)")
+    p.add_argument(
+        "--max-examples", type=positive_int, default=None, help="calibration examples the loss probe uses (default 256)"
+    )
     p.add_argument(
         "--probe-items",
         type=bounded(NONNEGATIVE_INT),

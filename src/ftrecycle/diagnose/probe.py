@@ -233,7 +233,7 @@ def probe(
         if at_one is None:  # the plain transfer's loss is always reported
             _set(work, {k: c[k] + delta[k] for k in delta})
             at_one = mean_loss(work, batches)
-        candidates = [a for a, _ in sorted(losses_alpha, key=lambda p: p[1])[:ALPHA_CANDIDATES]]
+        candidates = [al for al, _ in sorted(losses_alpha, key=lambda p: p[1])[:ALPHA_CANDIDATES]]
         acc, started = None, time.perf_counter()
         if items:
             acc = _accuracy(work, tok, items, c, delta, candidates if choose_by_accuracy else (1.0,), max_new_tokens)

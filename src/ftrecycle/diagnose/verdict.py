@@ -358,7 +358,7 @@ def resolve_alpha(
     max_examples: int = 256,
     device: str | None = None,
 ) -> AlphaChoice:
-    """The alpha to use: ``alpha`` itself, or for ``"auto"`` the grid point of lowest calibration loss.
+    """The alpha to use: ``alpha`` itself, or for ``"auto"`` the choice of :func:`best_alpha` (by accuracy, else loss).
 
     The one implementation of ``--alpha auto`` (``transfer``, ``recycle-finetune``, ``iterate``).
 
