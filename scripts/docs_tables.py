@@ -331,11 +331,22 @@ def lab_diagnostics(r: dict[str, Any]) -> list[str]:
     d = r["diagnostics_summary"]
     rho = [[k, _f(v, 3)] for k, v in d["spearman"].items()]
     auto = [[p, _f(v["alpha"], 2), v["accuracy"], v["accuracy_alpha_1"]] for p, v in d["alpha_auto"].items()]
-    return [
+    out = [
         *_table(["signal", "Spearman ρ with the gain"], rho),
         "",
         *_table(["pair", "α chosen by `--alpha auto`", "accuracy, α auto", "accuracy, α = 1"], auto),
     ]
+    if "confusion" in d:  # the verdict against the sign of the gain (runs since issue 15)
+        c = d["confusion"]
+        seeds = [*((f"seed {s}", t) for s, t in c["per_seed"].items()), ("all", c["overall"])]
+        rows = [
+            [name, v, n["gain > 0"], n["gain ≤ 0"], n["harmful"], f"{t['agree']} / {t['pairs']}"]
+            for name, t in seeds
+            for v, n in t["table"].items()
+        ]
+        header = ["seeds", "verdict", "gain > 0", "gain ≤ 0", "harmful (≤ −5)", "sign agrees"]
+        out += ["", *_table(header, rows)]
+    return out
 
 
 def lab_compression(r: dict[str, Any]) -> list[str]:

@@ -16,7 +16,7 @@ from ftrecycle import DataError
 from ftrecycle.cli import main
 from ftrecycle.diagnose.geometry import geometry, module_type
 from ftrecycle.diagnose.probe import calibration_batches, mean_loss, probe
-from ftrecycle.diagnose.verdict import diagnose
+from ftrecycle.diagnose.verdict import best_alpha, diagnose
 from test_streaming import ARCH, CHILD, _trio
 
 from conftest import load_dir
@@ -121,16 +121,18 @@ def test_diagnose_cli_json_and_verdict(versions, calib, capsys):
     d = diagnose(str(v["source_base"]), str(v["source_finetuned"]), str(v["target_base"]), data=calib)
     change = (d.probe.loss_transfer - d.probe.loss_target) / d.probe.loss_target
     assert d.score == pytest.approx(-change)
+    assert d.accuracy_gain is not None and d.accuracy_gain == d.probe.accuracy.gain  # calib has '#### N' answers
 
 
-def test_alpha_auto_picks_the_grid_minimum_and_records_it(versions, calib, tmp_path, capsys):
+def test_alpha_auto_picks_by_the_probe_and_records_it(versions, calib, tmp_path, capsys):
     v = versions["llama"]
     args = [*_cli("transfer", v), "-q"]
     assert main([*args, "-o", str(tmp_path / "out"), "--alpha", "auto", "--calibration", str(calib)]) == 0
     err = capsys.readouterr().err
     chosen = float(err.split("alpha auto: ")[1].split()[0])
-    pr = probe(str(v["source_base"]), str(v["source_finetuned"]), str(v["target_base"]), calib, path=())
-    assert chosen == pr.best_alpha
+    # the calibration items carry '#### N' answers: auto chooses by the accuracy probe (ties by loss)
+    pr = best_alpha(str(v["source_base"]), str(v["source_finetuned"]), str(v["target_base"]), calib)
+    assert chosen == pr.best_alpha and pr.alpha_method == "accuracy" and "by accuracy" in err
     assert json.loads((tmp_path / "out" / "ftrecycle.json").read_text())["alpha"] == chosen
     assert main([*args, "-o", str(tmp_path / "o2"), "--alpha", "auto"]) == 2
     assert "needs --calibration" in capsys.readouterr().err

@@ -559,7 +559,7 @@ def test_lab_writes_report_plots_and_results(lab_run):
     assert len(results["mean"]["transfer"]) == 5 and sum(len(r) for r in results["mean"]["transfer"].values()) == 20
     assert len(pairs()) == 20
     diag = results["diagnostics_summary"]
-    assert len(diag["pairs"]) == 20 and set(diag["spearman"]) == {"score", "geometry", "cos", "barrier"}
+    assert len(diag["pairs"]) == 20 and set(diag["spearman"]) == {"score", "geometry", "cos", "barrier", "accuracy"}
     assert set(diag["alpha_auto"]) == {"M5+Δ4", "M4+Δ5"}
     comp = results["mean"]["compressed"]
     # every (g) setting ran, but those the smoke model's 32-wide matrices cannot take (its 32x budget)

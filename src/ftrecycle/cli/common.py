@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ftrecycle.cli.args import add_group
-from ftrecycle.diagnose.verdict import best_alpha
+from ftrecycle.diagnose.verdict import AlphaChoice, best_alpha
 from ftrecycle.engine import current_rss
 from ftrecycle.errors import ConfigError, MemoryBudgetError
 from ftrecycle.io.output import check_output, parse_size
@@ -133,7 +133,8 @@ def operation_budget(text: int | str | None) -> int | str:
 
 
 def resolve_alpha(ns: argparse.Namespace, inputs: Collection[str | None] = ()) -> float:
-    """``--alpha`` as a number: ``auto`` is the alpha of lowest calibration loss (printed to stderr).
+    """``--alpha`` as a number: ``auto`` is chosen on calibration data (by accuracy on items with answers,
+    else by loss: :func:`ftrecycle.diagnose.verdict.best_alpha`), the choice printed to stderr.
 
     Args:
         ns: a namespace with ``alpha``, ``calibration``, the three models, ``output`` and ``force``.
@@ -152,6 +153,5 @@ def resolve_alpha(ns: argparse.Namespace, inputs: Collection[str | None] = ()) -
     models = [ns.source_base, ns.source_finetuned, ns.target_base]
     check_output(ns.output, [*models, ns.calibration, *inputs], force=ns.force)
     pr = best_alpha(ns.source_base, ns.source_finetuned, ns.target_base, ns.calibration)
-    losses = ", ".join(f"{a:g}: {lo:.4f}" for a, lo in pr.alphas)
-    print(f"alpha auto: {pr.best_alpha:g} (calibration loss by alpha: {losses})", file=sys.stderr)
+    print(AlphaChoice(pr.best_alpha, pr).describe(), file=sys.stderr)
     return pr.best_alpha

@@ -6,13 +6,15 @@ import argparse
 import json
 import sys
 
-from ftrecycle.cli.args import device_type, png_path, positive_int
+from ftrecycle.cli.args import bounded, device_type, png_path, positive_int, token_count
 from ftrecycle.cli.common import Command, add_models
+from ftrecycle.diagnose.accuracy import PROBE_ITEMS, PROBE_NEW_TOKENS
 from ftrecycle.diagnose.plot import plot_layers
 from ftrecycle.diagnose.tokens import format_token_rows, input_warnings, token_rows
 from ftrecycle.diagnose.verdict import diagnose, format_diagnosis
 from ftrecycle.errors import ConfigError
 from ftrecycle.io.output import check_no_overlap
+from ftrecycle.options import NONNEGATIVE_INT
 
 #: `diagnose --data`'s default --max-examples
 DEFAULT_PROBE_EXAMPLES = 256
@@ -21,7 +23,24 @@ DEFAULT_PROBE_EXAMPLES = 256
 def _arguments(p: argparse.ArgumentParser) -> None:
     add_models(p)
     p.add_argument("--data", default=None, metavar="CALIB", help="calibration JSONL (enables the loss probe)")
-    p.add_argument("--max-examples", type=positive_int, default=None, help="calibration examples used (default 256)")
+    p.add_argument(
+        "--max-examples", type=positive_int, default=None, help="calibration examples the loss probe uses (default 256)"
+    )
+    p.add_argument(
+        "--probe-items",
+        type=bounded(NONNEGATIVE_INT),
+        default=None,
+        metavar="K",
+        help=f"calibration items with GSM8K-style '#### N' answers on which C and C + diff answer greedily, "
+        f"scored by exact match: the accuracy probe the verdict rests on beside the loss (default {PROBE_ITEMS}; "
+        "0 turns it off; ignored for data without answers)",
+    )
+    p.add_argument(
+        "--max-new-tokens",
+        type=token_count,
+        default=None,
+        help=f"most new tokens per answer the accuracy probe generates (default {PROBE_NEW_TOKENS})",
+    )
     p.add_argument("--device", type=device_type, default=None, help="the probe's device (default: CUDA when available)")
     p.add_argument(
         "--plot",
@@ -35,7 +54,13 @@ def _arguments(p: argparse.ArgumentParser) -> None:
 
 def _run(ns: argparse.Namespace) -> None:
     if ns.data is None:
-        probe_only = [f for f, v in (("--device", ns.device), ("--max-examples", ns.max_examples)) if v is not None]
+        flags = (
+            ("--device", ns.device),
+            ("--max-examples", ns.max_examples),
+            ("--probe-items", ns.probe_items),
+            ("--max-new-tokens", ns.max_new_tokens),
+        )
+        probe_only = [f for f, v in flags if v is not None]
         if probe_only:
             raise ConfigError(f"{' and '.join(probe_only)} set(s) the loss probe, which needs --data CALIB")
     if ns.plot:
@@ -48,6 +73,8 @@ def _run(ns: argparse.Namespace) -> None:
         data=ns.data,
         max_examples=DEFAULT_PROBE_EXAMPLES if ns.max_examples is None else ns.max_examples,
         device=ns.device,
+        probe_items=PROBE_ITEMS if ns.probe_items is None else ns.probe_items,
+        max_new_tokens=PROBE_NEW_TOKENS if ns.max_new_tokens is None else ns.max_new_tokens,
     )
     if ns.plot:
         plot_layers(d.geometry, ns.plot)
@@ -68,8 +95,12 @@ COMMANDS = (
         "Measure how the source's diff relates to the version drift (streamed, bounded memory): relative "
         "drift |C-A|/|A|, diff size |B-A|/|A|, cos(diff, drift) and sign agreement, in total, by module type "
         "and by layer. With --data (a few hundred examples of your task, in a fine-tuning format) also probe "
-        "the loss along the straight path A -> C (barrier) and the loss of C + alpha*diff on a grid of alpha. "
-        "Prints a verdict (likely helps / uncertain / likely hurts) with its reasons; the embedding and head rows "
+        "the loss along the straight path A -> C (barrier) and the loss of C + alpha*diff on a grid of alpha; "
+        "when the data's items carry GSM8K-style answers ('#### N'), also the accuracy of C and of C + diff on "
+        "the first --probe-items of them (greedy answers, exact match). Prints a verdict (likely helps / "
+        "uncertain / likely hurts) with its reasons and two scores: 'score' (the calibration loss's relative "
+        "drop) and 'accuracy_gain'. 'likely helps' needs the loss to fall and the accuracy not to; without "
+        "answers in the data, 'likely helps' also needs the geometry to agree. Also: the embedding and head rows "
         "that look untrained in each model (norm < 10 % of the median row norm, or identical in the source base "
         "and the target) with the special tokens among them (see `transfer --token-rows`); and warnings where "
         "the inputs look mistaken: a fine-tuned model whose record names another base, swapped source models, "

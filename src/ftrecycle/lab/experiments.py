@@ -214,7 +214,12 @@ def _language(s: _Seed) -> list[Job]:
 def _diagnostics(s: _Seed) -> list[Job]:
     """(f) ``diagnose`` of every pair (calibration: the first training problems)."""
     return [
-        s.job(f"diag-{j}+d{i[1]}", diagnose_job, {**s.pair(i, j), "calibration": s.train}, (f"ft-{i}",))
+        s.job(
+            f"diag-{j}+d{i[1]}",
+            diagnose_job,
+            {**s.pair(i, j), "calibration": s.train, "max_new_tokens": s.cfg.max_new_tokens},
+            (f"ft-{i}",),
+        )
         for i, j in pairs()
     ]
 
@@ -420,6 +425,8 @@ def collect_seed(cfg: LabConfig, seed: int, res: dict[str, dict[str, Any]]) -> d
             "alpha": r[f"{j}+d{i[1]}auto"]["alpha"],
             "accuracy": r[f"{j}+d{i[1]}auto"]["accuracy"],
             "accuracy_alpha_1": transfer[j][i],
+            # how α was chosen (runs before issue 15 chose by loss and did not record it)
+            "alpha_method": r[f"{j}+d{i[1]}auto"].get("alpha_method", "loss"),
         }
         for i, j in (("M4", "M5"), ("M5", "M4"))
     }

@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from ftrecycle.delta.store import Delta
+from ftrecycle.diagnose.accuracy import PROBE_NEW_TOKENS
 from ftrecycle.diagnose.geometry import geometry
-from ftrecycle.diagnose.verdict import best_alpha, diagnose
+from ftrecycle.diagnose.verdict import best_alpha, diagnose, thresholds
 from ftrecycle.errors import ConfigError
 from ftrecycle.evaluate.builtin import evaluate_gsm8k, load_for_eval
 from ftrecycle.evaluate.data import read_gsm8k
@@ -319,15 +320,31 @@ def data_files(root: Path, *, seed: int, train_items: int, test_items: int, lang
     return out
 
 
-def diagnose_job(source_base: str, source_finetuned: str, target_base: str, calibration: str) -> dict[str, Any]:
-    """``diagnose`` with calibration data: geometry totals, probe numbers, verdict and score."""
-    d = diagnose(source_base, source_finetuned, target_base, data=calibration, max_examples=CALIBRATION_ITEMS)
+def diagnose_job(
+    source_base: str, source_finetuned: str, target_base: str, calibration: str, max_new_tokens: int = PROBE_NEW_TOKENS
+) -> dict[str, Any]:
+    """``diagnose`` with calibration data: geometry totals, probe numbers (loss and accuracy), verdict and scores."""
+    d = diagnose(
+        source_base,
+        source_finetuned,
+        target_base,
+        data=calibration,
+        max_examples=CALIBRATION_ITEMS,
+        max_new_tokens=max_new_tokens,
+    )
     g, pr = d.geometry.total, d.probe
     if pr is None:  # diagnose runs the probe whenever data is given
         raise RuntimeError("diagnose returned no probe")
+    acc = pr.accuracy
     return {
         "verdict": d.verdict,
         "score": d.score,
+        "accuracy_gain": d.accuracy_gain,
+        "accuracy_stderr": acc.stderr if acc else None,
+        "accuracy_target": acc.target if acc else None,
+        "accuracy_items": acc.items if acc else 0,
+        "accuracy_seconds": round(acc.seconds, 3) if acc else None,
+        "thresholds": thresholds(),
         "drift_over_delta": g["drift_over_delta"],
         "drift_rel": g["drift_rel"],
         "cos": g["cos"],
@@ -348,10 +365,24 @@ def auto_alpha_job(
     calibration: str,
     max_new_tokens: int,
 ) -> dict[str, Any]:
-    """``transfer --alpha auto`` (α chosen on calibration data), then score it."""
-    pr = best_alpha(source_base, source_finetuned, target_base, calibration, max_examples=CALIBRATION_ITEMS)
+    """``transfer --alpha auto`` (α chosen on calibration data: by accuracy on items with answers), then score it."""
+    pr = best_alpha(
+        source_base,
+        source_finetuned,
+        target_base,
+        calibration,
+        max_examples=CALIBRATION_ITEMS,
+        max_new_tokens=max_new_tokens,
+    )
     args = (source_base, source_finetuned, target_base, Path(out), test, max_new_tokens)
-    return {"alpha": pr.best_alpha, "accuracy": _transferred(*args, alpha=pr.best_alpha)}
+    acc = pr.accuracy
+    return {
+        "alpha": pr.best_alpha,
+        "alpha_method": pr.alpha_method,
+        "probe_accuracy": acc.by_alpha if acc else None,
+        "probe_seconds": round(acc.seconds, 3) if acc else None,
+        "accuracy": _transferred(*args, alpha=pr.best_alpha),
+    }
 
 
 def update_sizes_job(entries: dict[str, list[str]]) -> dict[str, Any]:

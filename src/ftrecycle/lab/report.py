@@ -167,6 +167,25 @@ def _seeds_note(results: dict[str, Any]) -> list[str]:
     ]
 
 
+def _confusion(c: dict[str, Any]) -> list[str]:
+    """(f)'s confusion tables: the verdict against the measured sign of the gain, per seed and overall."""
+    out = [
+        f"The verdict against the measured sign of the gain (harmful: a gain of {c['harmful_at']:g} points or "
+        "less), per seed and over all seeds:",
+        "",
+    ]
+    for name, t in [*((f"seed {s}", v) for s, v in c["per_seed"].items()), ("all seeds", c["overall"])]:
+        rows = [[v, n["gain > 0"], n["gain ≤ 0"], n["harmful"]] for v, n in t["table"].items()]
+        out += [
+            f"**{name}**: verdict sign agrees (helps & gain > 0, or hurts & gain ≤ 0) on **{t['agree']} of "
+            f"{t['pairs']}** pairs; harmful pairs called likely helps: **{t['harmful_called_helps']}**.",
+            "",
+            *_table(["verdict", "gain > 0", "gain ≤ 0", "of which harmful"], rows),
+            "",
+        ]
+    return out
+
+
 def _diagnostics(results: dict[str, Any]) -> list[str]:
     d = results["diagnostics_summary"]
     rows = [
@@ -174,12 +193,15 @@ def _diagnostics(results: dict[str, Any]) -> list[str]:
             f"{r['target']}+Δ{r['source'][1]}",
             r["gain"],
             r["verdict"],
-            *[str(r[k]) for k in SIGNALS],
+            *["–" if r.get(k) is None else str(r[k]) for k in SIGNALS],
             str(r["best_alpha"]),
         ]
         for r in d["pairs"]
     ]
-    auto = [[name, str(v["alpha"]), v["accuracy"], v["accuracy_alpha_1"]] for name, v in d["alpha_auto"].items()]
+    auto = [
+        [name, str(v["alpha"]), v.get("alpha_method", "loss"), v["accuracy"], v["accuracy_alpha_1"]]
+        for name, v in d["alpha_auto"].items()
+    ]
     rho = d["spearman"]
     return [
         "## (f) Does `diagnose` predict the gain? (issue: diagnostics)",
@@ -199,9 +221,11 @@ def _diagnostics(results: dict[str, Any]) -> list[str]:
         f"Best predictor here: **{d['best_signal']}**. diagnose's score reaches ρ ≥ {d['target']}: "
         f"**{'yes' if d['score_meets_target'] else 'no'}**.",
         "",
-        "`--alpha auto` (α of lowest calibration loss) on the stage-2 pairs, against α = 1:",
+        *(_confusion(d["confusion"]) if "confusion" in d else []),
+        "`--alpha auto` (α of highest accuracy on the calibration items among the 3 of lowest loss, or of lowest "
+        "loss without answers) on the stage-2 pairs, against α = 1:",
         "",
-        *_table(["pair", "α chosen", "accuracy, α auto", "accuracy, α = 1"], auto),
+        *_table(["pair", "α chosen", "chosen by", "accuracy, α auto", "accuracy, α = 1"], auto),
         "",
         "α auto at least as accurate as α = 1 on every stage-2 pair: "
         f"**{'yes' if d['alpha_auto_not_worse'] else 'no'}**.",

@@ -279,7 +279,7 @@ def _run_locked(cfg: LabConfig, root: Path, force: bool, progress: Progress | No
         "findings_per_seed": by_seed,
         "findings_across_seeds": across_seeds(seed_findings),
         "timing": timing(job_seconds(jobs, cache), res, wall_s=wall, workers=cfg.workers),
-        "diagnostics_summary": diagnostics_summary(mean),
+        "diagnostics_summary": diagnostics_summary(mean, per_seed),
         "masking": {"mean": masking_summary(mean), "per_seed": {k: masking_summary(s) for k, s in per_seed.items()}},
         "evidence": cfg.preset not in NOT_EVIDENCE and not any(f.get("no_signal") for f in findings),
         "paper": paper.as_json(),
