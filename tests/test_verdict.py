@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -93,7 +94,25 @@ def test_thresholds_and_both_scores_are_recorded():
     assert out["score"] == 0.1 and out["accuracy_gain"] == 0.1
     assert out["probe"]["accuracy"]["stderr"] == 0.02
     text = V.format_diagnosis(d)
-    assert "score, loss-based: +0.1" in text and "accuracy gain: +10.0 ± 2.0 points on 64 items" in text
+    assert "scores: loss +10.0 % (calibration loss drop at α = 1); accuracy gain +10.0 ± 2.0 points on 64 items" in text
+    assert out["scores"] == {"loss": 0.1, "accuracy": 0.1, "geometry": None}
+
+
+def test_each_score_keeps_its_meaning_in_every_mode():
+    geo = _geo()
+    assert V.judge(geo, None)[2] is None  # no data: no loss score, and no other signal in its place
+    assert V.judge(geo, _probe(1.0, 0.9, None))[2] == pytest.approx(0.1)
+
+
+def test_the_best_alpha_at_the_edge_of_the_grid_is_named():
+    pr = _probe(1.0, 0.9, None)
+    grid = sorted(a for a, _ in pr.alphas)
+    at_edge = V.edge_of_grid(dataclasses.replace(pr, best_alpha=grid[-1]))
+    assert at_edge is not None and "largest" in at_edge and "--alphas" in at_edge
+    assert V.edge_of_grid(dataclasses.replace(pr, best_alpha=grid[0])) is not None
+    inner = [a for a in grid if a not in (grid[0], grid[-1])]
+    if inner:
+        assert V.edge_of_grid(dataclasses.replace(pr, best_alpha=inner[0])) is None
 
 
 def test_paired_stderr_is_the_sd_of_the_differences():
@@ -193,7 +212,8 @@ def test_diagnose_cli_names_both_scores(versions, answered, capsys):
     assert out["thresholds"] == V.thresholds()
     assert main([*args, "--data", str(path), "--probe-items", "6", "--max-new-tokens", "8"]) == 0
     text = capsys.readouterr().out
-    assert "score, loss-based" in text and "accuracy gain" in text and "| α | accuracy of C + αΔ" in text
+    assert "scores: loss " in text and "accuracy gain" in text and "| α | accuracy of C + αΔ" in text
+    assert "geometry " in text and "(minus drift / diff)" in text
     assert main([*args, "--probe-items", "6"]) == 2
     assert "needs --data" in capsys.readouterr().err
 

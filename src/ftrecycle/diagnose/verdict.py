@@ -87,18 +87,21 @@ class Diagnosis:
         probe: the calibration probe (None without calibration data).
         verdict: ``likely helps``, ``uncertain`` or ``likely hurts``.
         reasons: the verdict in plain words.
-        score: the loss-based score, higher = more likely to help (the probe's relative loss change at
-            α = 1, negated; without calibration, minus the drift-to-diff ratio).
-        accuracy_gain: the accuracy-based score: accuracy of C + Δ minus that of C on the calibration
+        score: the loss probe's score, higher = more likely to help: the relative drop of the
+            calibration loss at α = 1 (None without calibration data: it never stands for another signal).
+        accuracy_gain: the accuracy probe's score: accuracy of C + Δ minus that of C on the calibration
             items with answers (a fraction; None without such items).
+        geometry_score: the geometry's score, always measured: minus the drift-to-diff ratio
+            ‖C − A‖ / ‖B − A‖ (None for a zero diff).
     """
 
     geometry: Geometry
     probe: Probe | None
     verdict: str
     reasons: list[str] = field(default_factory=list)
-    score: float = 0.0
+    score: float | None = None
     accuracy_gain: float | None = None
+    geometry_score: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -107,6 +110,8 @@ class Diagnosis:
             "reasons": self.reasons,
             "score": self.score,
             "accuracy_gain": self.accuracy_gain,
+            "geometry_score": self.geometry_score,
+            "scores": {"loss": self.score, "accuracy": self.accuracy_gain, "geometry": self.geometry_score},
             "thresholds": thresholds(),
             "geometry": self.geometry.to_json(),
             "probe": self.probe.to_json() if self.probe else None,
@@ -173,11 +178,26 @@ def _probe_reasons(pr: Probe, change: float) -> list[str]:
             f"the straight path between the versions rises {pr.barrier:.2f} nats above its ends: "
             "they may not share a basin"
         )
+    edge = edge_of_grid(pr)
+    if edge is not None:
+        reasons.append(edge)
     return reasons
 
 
-def judge(geo: Geometry, pr: Probe | None) -> tuple[str, list[str], float]:
-    """The verdict, its reasons and the loss-based score from the measurements."""
+def edge_of_grid(pr: Probe) -> str | None:
+    """A warning when the lowest calibration loss of the α grid is at its edge (the minimum may lie beyond)."""
+    grid = sorted(a for a, _ in pr.alphas)
+    if len(grid) < 2 or pr.best_alpha not in (grid[0], grid[-1]):
+        return None
+    side = "largest" if pr.best_alpha == grid[-1] else "smallest"
+    return (
+        f"warning: the best α on the grid, {pr.best_alpha:g}, is the {side} tried ({grid[0]:g} to {grid[-1]:g}): the "
+        "loss may fall further beyond it; widen the grid (--alphas)"
+    )
+
+
+def judge(geo: Geometry, pr: Probe | None) -> tuple[str, list[str], float | None]:
+    """The verdict, its reasons and the loss probe's score (None without a probe) from the measurements."""
     t = geo.total
     ratio, cos = t["drift_over_delta"], t["cos"]
     reasons = []
@@ -198,7 +218,7 @@ def judge(geo: Geometry, pr: Probe | None) -> tuple[str, list[str], float]:
         )
         return verdict, [*reasons, why], -change
     if ratio is None:
-        return "uncertain", [*reasons, "the diff is zero"], 0.0
+        return "uncertain", [*reasons, "the diff is zero"], None
     if ratio > FAR and abs(cos or 0) < 0.1:
         verdict = "uncertain"
         reasons.append(
@@ -211,7 +231,7 @@ def judge(geo: Geometry, pr: Probe | None) -> tuple[str, list[str], float]:
     else:
         verdict = "uncertain"
         reasons.append("give --data (a few hundred examples of your task) for a loss-based verdict")
-    return verdict, reasons, -ratio
+    return verdict, reasons, None
 
 
 def diagnose(
@@ -259,7 +279,8 @@ def diagnose(
         )
     verdict, reasons, score = judge(geo, pr)
     gain = pr.accuracy.gain if pr is not None and pr.accuracy is not None else None
-    return Diagnosis(geo, pr, verdict, reasons, score, gain)
+    ratio = geo.total["drift_over_delta"]
+    return Diagnosis(geo, pr, verdict, reasons, score, gain, None if ratio is None else -ratio)
 
 
 def best_alpha(
@@ -408,8 +429,12 @@ def format_diagnosis(d: Diagnosis) -> str:
     g = d.geometry
     acc = d.probe.accuracy if d.probe is not None else None
     gain = "–" if acc is None else f"{100 * acc.gain:+.1f} ± {100 * acc.stderr:.1f} points on {acc.items} items"
+    loss = "– (no --data)" if d.score is None else f"{100 * d.score:+.1f} % (calibration loss drop at α = 1)"
+    geo_score = "–" if d.geometry_score is None else f"{d.geometry_score:+.3g} (minus drift / diff)"
     lines = [
-        f"verdict: **{d.verdict}** (score, loss-based: {d.score:+.4g}; accuracy gain: {gain})",
+        f"verdict: **{d.verdict}**",
+        "",
+        f"scores: loss {loss}; accuracy gain {gain}; geometry {geo_score}",
         "",
         *[f"- {r}" for r in d.reasons],
         "",
