@@ -349,6 +349,40 @@ def lab_diagnostics(r: dict[str, Any]) -> list[str]:
     return out
 
 
+def lab_masking(r: dict[str, Any]) -> list[str]:
+    """Experiment (i): the gradient-sign mask against plain transfer, overall and on the pairs plain transfer hurts."""
+    rows = []
+    for setting, m in r["masking"]["mean"].items():
+        a, h = m["all"], m["harmful"]
+        rows.append(
+            [
+                setting,
+                _f(a["mean_plain_gain"], 2),
+                _f(a["mean_masked_gain"], 2),
+                f"{a['masked_better']} / {a['masked_worse']}",
+                h["pairs"],
+                _f(h["mean_plain_gain"], 2),
+                _f(h["mean_masked_gain"], 2),
+                f"{h['loses_less']} of {h['pairs']}",
+                m["made_harmful"],
+                _f(m["mean_kept_pct"], 1),
+            ]
+        )
+    header = [
+        "mask (N examples)",
+        "mean gain, plain (20 pairs)",
+        "mean gain, masked",
+        "masked better / worse",
+        "pairs plain hurts",
+        "their mean gain, plain",
+        "their mean gain, masked",
+        "masked loses less on",
+        "helped pairs made harmful",
+        "Δ entries kept (%)",
+    ]
+    return _table(header, rows)
+
+
 def lab_compression(r: dict[str, Any]) -> list[str]:
     """Experiment (g) as finding (5) reads it: per stored form and stage-2 pair, how many times smaller
     than the dense bf16 delta, and the points gained or lost against the full float32 Δ."""
@@ -466,6 +500,7 @@ TABLES: dict[str, Table] = {
     "lab-iterative": _two_seeds(lab_iterative),
     "lab-language": _two_seeds(lab_language),
     "lab-diagnostics": _two_seeds(lab_diagnostics),
+    "lab-masking": _two_seeds(lab_masking),
     "lab-compression": _two_seeds(lab_compression),
     "lab-compression-methods": _two_seeds(lab_compression_methods),
     "lab-targets": _two_seeds(lab_targets),
