@@ -210,10 +210,16 @@ def test_diagnose_cli_names_both_scores(versions, answered, capsys):
     out = json.loads(capsys.readouterr().out)
     assert "score" in out and out["accuracy_gain"] is not None and out["probe"]["accuracy"]["items"] == 6
     assert out["thresholds"] == V.thresholds()
-    assert main([*args, "--data", str(path), "--probe-items", "6", "--max-new-tokens", "8"]) == 0
+    png = path.parent / "diag.png"
+    grid = ["--alphas", "0,0.5,1,2", "--plot", str(png)]
+    assert main([*args, "--data", str(path), "--probe-items", "6", "--max-new-tokens", "8", *grid]) == 0
     text = capsys.readouterr().out
+    assert "| 2 |" in text and png.stat().st_size > 0  # the grid as given, the plot (with its α-loss curve) written
     assert "scores: loss " in text and "accuracy gain" in text and "| α | accuracy of C + αΔ" in text
     assert "geometry " in text and "(minus drift / diff)" in text
+    for bad in ("1", "0,x", "0,1,1", "0,nan"):
+        assert main([*args, "--data", str(path), "--alphas", bad]) == 2
+        assert "--alphas" in capsys.readouterr().err
     assert main([*args, "--probe-items", "6"]) == 2
     assert "needs --data" in capsys.readouterr().err
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 from ftrecycle.cli.args import bounded, device_type, png_path, positive_int, token_count
 from ftrecycle.cli.common import Command, add_models
 from ftrecycle.diagnose.accuracy import PROBE_ITEMS, PROBE_NEW_TOKENS
 from ftrecycle.diagnose.plot import plot_layers
+from ftrecycle.diagnose.probe import ALPHAS
 from ftrecycle.diagnose.tokens import format_token_rows, input_warnings, token_rows
 from ftrecycle.diagnose.verdict import diagnose, format_diagnosis
 from ftrecycle.errors import ConfigError
@@ -18,6 +20,21 @@ from ftrecycle.options import NONNEGATIVE_INT
 
 #: `diagnose --data`'s default --max-examples
 DEFAULT_PROBE_EXAMPLES = 256
+#: the most points of an --alphas grid
+MAX_ALPHAS = 64
+
+
+def alpha_grid(text: str) -> tuple[float, ...]:
+    """``--alphas``: comma-separated finite numbers, at least two and at most :data:`MAX_ALPHAS`, each once."""
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers, e.g. 0,1,2") from None
+    if not 2 <= len(values) <= MAX_ALPHAS or not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: give 2 to {MAX_ALPHAS} finite numbers")
+    if len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"{text!r} names a value twice")
+    return tuple(sorted(values))
 
 
 def _arguments(p: argparse.ArgumentParser) -> None:
@@ -41,6 +58,14 @@ def _arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help=f"most new tokens per answer the accuracy probe generates (default {PROBE_NEW_TOKENS})",
     )
+    p.add_argument(
+        "--alphas",
+        type=alpha_grid,
+        default=None,
+        metavar="A,B,...",
+        help=f"the α grid of the loss probe (default {','.join(f'{a:g}' for a in ALPHAS)}); a warning says when the "
+        "best α is at its edge",
+    )
     p.add_argument("--device", type=device_type, default=None, help="the probe's device (default: CUDA when available)")
     p.add_argument(
         "--plot",
@@ -59,6 +84,7 @@ def _run(ns: argparse.Namespace) -> None:
             ("--max-examples", ns.max_examples),
             ("--probe-items", ns.probe_items),
             ("--max-new-tokens", ns.max_new_tokens),
+            ("--alphas", ns.alphas),
         )
         probe_only = [f for f, v in flags if v is not None]
         if probe_only:
@@ -75,9 +101,10 @@ def _run(ns: argparse.Namespace) -> None:
         device=ns.device,
         probe_items=PROBE_ITEMS if ns.probe_items is None else ns.probe_items,
         max_new_tokens=PROBE_NEW_TOKENS if ns.max_new_tokens is None else ns.max_new_tokens,
+        alphas=ALPHAS if ns.alphas is None else ns.alphas,
     )
     if ns.plot:
-        plot_layers(d.geometry, ns.plot)
+        plot_layers(d.geometry, ns.plot, d.probe)
     rows = token_rows(ns.source_base, ns.source_finetuned, ns.target_base)
     warnings = input_warnings(ns.source_base, ns.source_finetuned, ns.target_base, d.geometry.total)
     for w in warnings:
