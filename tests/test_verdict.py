@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -275,3 +276,17 @@ def test_confusion_by_seed_and_overall_from_a_synthetic_results_dict():
     summary = diagnostics_summary(s0, {"0": s0, "1": s1})
     assert summary["confusion"] == out
     assert summary["spearman"]["accuracy"] is not None  # the accuracy signal is ranked beside the others
+
+
+def test_diagnose_takes_a_lora_adapter_as_transfer_does(tmp_path, capsys):
+    from test_compress import _lora
+
+    p = _lora("llama", tmp_path)
+    via_adapter = V.diagnose(str(p["base"]), str(p["adapter"]), str(p["target"]))
+    via_merged = V.diagnose(str(p["base"]), str(p["merged"]), str(p["target"]))  # PEFT's own merge
+    for key in ("drift_over_delta", "cos", "delta_rel"):
+        assert via_adapter.geometry.total[key] == pytest.approx(via_merged.geometry.total[key], rel=1e-4), key
+    assert via_adapter.geometry.total["delta_rel"] > 0
+    assert not list(Path(tempfile.gettempdir()).glob("ftrecycle-diagnose-*"))  # the merged copy is removed
+    args = [f"--source-base={p['base']}", f"--source-finetuned={p['adapter']}", f"--target-base={p['target']}"]
+    assert main(["diagnose", *args]) == 0 and "verdict" in capsys.readouterr().out

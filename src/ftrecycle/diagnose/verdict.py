@@ -25,14 +25,19 @@ a starting point, not a calibration for every model family). See docs/diagnose.m
 
 from __future__ import annotations
 
+import contextlib
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ftrecycle.delta.adapter import is_adapter
 from ftrecycle.diagnose.accuracy import PROBE_ITEMS, PROBE_NEW_TOKENS, AccuracyProbe
 from ftrecycle.diagnose.geometry import Geometry, geometry
 from ftrecycle.diagnose.probe import ALPHAS, Probe, probe
 from ftrecycle.errors import ConfigError
+from ftrecycle.ops.transfer import transfer
 
 # Where these numbers come from: the lab's experiment (f), `lab run --preset tiny --seeds 0,1` (the
 # models of the last full run, diagnose jobs rerun with the accuracy probe: 64 calibration items, 40 new
@@ -263,20 +268,21 @@ def diagnose(
     Raises:
         CheckpointError, IncompatibleModelsError: bad models. DataError: bad calibration data.
     """
-    geo = geometry(source_base, source_finetuned, target_base)
-    pr = None
-    if data is not None:
-        pr = probe(
-            source_base,
-            source_finetuned,
-            target_base,
-            data,
-            alphas=alphas,
-            max_examples=max_examples,
-            device=device,
-            probe_items=probe_items,
-            max_new_tokens=max_new_tokens,
-        )
+    with merged_source(source_base, source_finetuned) as fin:
+        geo = geometry(source_base, fin, target_base)
+        pr = None
+        if data is not None:
+            pr = probe(
+                source_base,
+                fin,
+                target_base,
+                data,
+                alphas=alphas,
+                max_examples=max_examples,
+                device=device,
+                probe_items=probe_items,
+                max_new_tokens=max_new_tokens,
+            )
     verdict, reasons, score = judge(geo, pr)
     gain = pr.accuracy.gain if pr is not None and pr.accuracy is not None else None
     ratio = geo.total["drift_over_delta"]
@@ -316,19 +322,38 @@ def best_alpha(
     Raises:
         CheckpointError, IncompatibleModelsError, DataError: bad models or calibration data.
     """
-    return probe(
-        source_base,
-        source_finetuned,
-        target_base,
-        calibration,
-        alphas=alphas,
-        path=(),
-        max_examples=max_examples,
-        device=device,
-        probe_items=probe_items,
-        max_new_tokens=max_new_tokens,
-        choose_by_accuracy=True,
-    )
+    with merged_source(source_base, source_finetuned) as fin:
+        return probe(
+            source_base,
+            fin,
+            target_base,
+            calibration,
+            alphas=alphas,
+            path=(),
+            max_examples=max_examples,
+            device=device,
+            probe_items=probe_items,
+            max_new_tokens=max_new_tokens,
+            choose_by_accuracy=True,
+        )
+
+
+@contextlib.contextmanager
+def merged_source(source_base: str, source_finetuned: str) -> Iterator[str]:
+    """The fine-tuned model as a model directory: itself, or for a PEFT LoRA adapter over the source base
+    (which ``transfer`` accepts as its source) the base with the adapter merged, written by ``transfer``
+    into a temporary directory (removed at the end) — so that the geometry and the probes read B as a model.
+
+    Raises:
+        CheckpointError, IncompatibleModelsError: an adapter that ``transfer`` refuses.
+    """
+    if not is_adapter(source_finetuned):
+        yield source_finetuned
+        return
+    with tempfile.TemporaryDirectory(prefix="ftrecycle-diagnose-") as tmp:
+        out = Path(tmp) / "merged"
+        transfer(source_base, source_finetuned, source_base, out)  # A + Δ: the fine-tuned model the adapter stands for
+        yield str(out)
 
 
 @dataclass(frozen=True)
