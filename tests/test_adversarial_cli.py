@@ -106,8 +106,8 @@ BAD_OPTIONS: list[tuple[str, list[str], str]] = [
     (G, ["--plot", "{tmp}/layers.txt"], ".png"),
     (G, ["--max-examples", "0"], "--max-examples"),
     (G, ["--max-examples", "-5"], "--max-examples"),
-    (G, ["--device", "cpu"], "needs --data"),
-    (G, ["--max-examples", "8"], "needs --data"),
+    (G, ["--device", "cpu"], "needs --calibration"),
+    (G, ["--max-examples", "8"], "needs --calibration"),
     # fine-tuning settings (finetune and recycle-finetune share them)
     (F, ["--epochs", "nan"], "--epochs"),
     (F, ["--epochs", "inf"], "--epochs"),

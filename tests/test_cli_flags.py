@@ -23,7 +23,7 @@ BATTERY = [
     ("transfer --source-base a --source-finetuned b --target-base c --max-memroy 1GiB", "--max-memroy", "--max-memory"),
     ("diff --base a --finetuned b -o out --compres int8", "--compres", "--compress"),
     ("apply --delta d --target_base c -o out", "--target_base", "--target-base"),
-    ("diagnose --source-base a --source-finetuned b --target-base c --calibration f", "--calibration", "--data"),
+    ("diagnose --source-base a --source-finetuned b --target-base c --calibraton f", "--calibraton", "--calibration"),
     ("eval --model m --task gsm8k", "--task", "--tasks"),
     ("lab run --seed 3", "--seed", "--seeds"),
     ("demo --outdir x", "--outdir", "--output"),

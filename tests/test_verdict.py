@@ -222,7 +222,7 @@ def test_diagnose_cli_names_both_scores(versions, answered, capsys):
         assert main([*args, "--data", str(path), "--alphas", bad]) == 2
         assert "--alphas" in capsys.readouterr().err
     assert main([*args, "--probe-items", "6"]) == 2
-    assert "needs --data" in capsys.readouterr().err
+    assert "needs --calibration" in capsys.readouterr().err
 
 
 # -------------------------------------------------------------------------------- (f)'s confusion table

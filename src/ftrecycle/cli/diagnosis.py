@@ -39,7 +39,14 @@ def alpha_grid(text: str) -> tuple[float, ...]:
 
 def _arguments(p: argparse.ArgumentParser) -> None:
     add_models(p)
-    p.add_argument("--data", default=None, metavar="CALIB", help="calibration JSONL (enables the loss probe)")
+    p.add_argument(
+        "--calibration",
+        "--data",
+        dest="data",
+        default=None,
+        metavar="CALIB",
+        help="calibration JSONL, as transfer --calibration takes it (enables the loss probe; --data: the older name)",
+    )
     p.add_argument(
         "--max-examples", type=positive_int, default=None, help="calibration examples the loss probe uses (default 256)"
     )
@@ -88,7 +95,7 @@ def _run(ns: argparse.Namespace) -> None:
         )
         probe_only = [f for f, v in flags if v is not None]
         if probe_only:
-            raise ConfigError(f"{' and '.join(probe_only)} set(s) the loss probe, which needs --data CALIB")
+            raise ConfigError(f"{' and '.join(probe_only)} set(s) the loss probe, which needs --calibration CALIB")
     if ns.plot:
         # the plot replaces its path: it must not be, or be inside, a model or the data
         check_no_overlap(ns.plot, [ns.source_base, ns.source_finetuned, ns.target_base, ns.data], what="plot")

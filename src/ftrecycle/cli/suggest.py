@@ -32,7 +32,6 @@ SYNONYMS: dict[str, tuple[str, ...]] = {
     "--dataset": ("--data",),
     "--train-file": ("--data",),
     "--calibration-data": ("--calibration", "--data"),
-    "--calibration": ("--data",),
     "--data": ("--calibration",),
     "--limit-samples": ("--limit",),
 }
