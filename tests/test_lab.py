@@ -146,6 +146,11 @@ def _job(name: str, value: int) -> dict[str, Any]:
     return {"value": value}
 
 
+def _job_on_file(name: str, path: str) -> dict[str, Any]:
+    CALLS.append(name)
+    return {"chars": len(Path(path).read_text())}
+
+
 def _boom() -> dict[str, Any]:
     raise ConfigError("bad thing in job")
 
@@ -163,6 +168,25 @@ def test_jobs_run_in_dependency_order_and_are_cached(tmp_path):
     CALLS.clear()
     again = run_jobs(jobs, tmp_path / "cache")
     assert CALLS == [] and again == res
+
+
+def test_job_keys_name_no_absolute_path_and_old_absolute_keys_still_match(tmp_path):
+    run = tmp_path / "run"
+    data = run / "seed-0" / "data.txt"
+    data.parent.mkdir(parents=True)
+    data.write_text("x")
+    jobs = [Job("a", _job_on_file, {"name": "a", "path": str(data)})]
+    run_jobs(jobs, run / "jobs")
+    recorded = (run / "jobs" / "a.key.json").read_text()
+    assert str(tmp_path) not in recorded and "seed-0/data.txt" in recorded
+    # a key written by an earlier version, with the absolute path, is the same key: the result is reused
+    (run / "jobs" / "a.key.json").write_text(recorded.replace("seed-0/data.txt", str(data)).replace("../", ""))
+    CALLS.clear()
+    run_jobs(jobs, run / "jobs")
+    assert CALLS == []
+    data.write_text("y")  # another input: the cached result is refused as stale
+    with pytest.raises(ConfigError, match="computed from other inputs"):
+        run_jobs(jobs, run / "jobs")
 
 
 def test_job_runner_refuses_cycles_and_names_a_failing_job(tmp_path):

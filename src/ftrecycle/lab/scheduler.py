@@ -22,6 +22,7 @@ from typing import Any
 
 from ftrecycle.errors import ConfigError, FtRecycleError
 from ftrecycle.io.jsonfile import read_json_object
+from ftrecycle.io.provenance import portable
 from ftrecycle.io.state import describe_changes, read_settings, sha256_file
 
 JobFn = Callable[..., dict[str, Any]]
@@ -148,9 +149,17 @@ def stale_jobs(jobs: list[Job], cache: Path) -> str | None:
         if not (cache / f"{j.id}.json").is_file():
             continue
         stored = read_settings(cache / f"{j.id}.key.json")
-        if stored is not None and stored != job_key(j):
-            return f"lab job {j.id} in {cache} was computed from other inputs ({describe_changes(stored, job_key(j))})"
+        # keys are on record with paths relative to the run directory (no absolute path in a published run);
+        # one recorded with absolute paths, as earlier versions did, compares the same
+        want = recorded_key(job_key(j), cache)
+        if stored is not None and recorded_key(stored, cache) != want:
+            return f"lab job {j.id} in {cache} was computed from other inputs ({describe_changes(stored, want)})"
     return None
+
+
+def recorded_key(key: Any, cache: Path) -> Any:
+    """A job's key as the cache records it: local paths relative to the run directory (``cache``'s parent)."""
+    return portable(key, cache.parent)
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -215,7 +224,7 @@ class _Run:
         # the time first: a result on record always has its time beside it
         write_json_atomic(time_file(self.cache, job.id), {"seconds": round(seconds, 3)})
         write_json_atomic(self.cache / f"{job.id}.json", result)
-        write_json_atomic(self.cache / f"{job.id}.key.json", self.keys[job.id])
+        write_json_atomic(self.cache / f"{job.id}.key.json", recorded_key(self.keys[job.id], self.cache))
         self.results[job.id] = result
         if self.progress is not None:
             self.progress(len(self.results), self.total, job.id)
