@@ -232,7 +232,17 @@ def test_export_lora_without_target_warns_that_peft_loads_the_old_base(world, tm
     err = capsys.readouterr().err
     assert "warning:" in err and "--target-base" in err and "A + LoRA" in err
     config = json.loads((ad / "adapter_config.json").read_text())
-    assert config["base_model_name_or_path"] == os.path.relpath(world["A"], ad)  # never absolute
+    # a local base: no path at all (PEFT would read a relative one from the working directory), absolute only on request
+    assert config["base_model_name_or_path"] is None
+    ad2 = tmp_path / "ad2"
+    assert (
+        main(
+            ["export-lora", "--delta", str(world["delta"]), "--rank", "4", "-o", str(ad2), "--record-paths", "absolute"]
+        )
+        == 0
+    )
+    named = json.loads((ad2 / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert named == str(Path(world["A"]).resolve())
     res = json.loads((ad / "ftrecycle.json").read_text())
     assert res["left_out_share_of_squared_norm"] > 0 and res["warnings"]
     with pytest.raises(ConfigError, match="--target-base"):
@@ -252,7 +262,8 @@ def test_full_modules_carry_the_whole_diff_through_peft(fam, tmp_path):
         diff(str(a), str(b), tmp_path / "d").output, tmp_path / "ad", rank=64, target_base=str(c), full_modules=True
     )
     # the layers' bias diffs ride in lora_B.bias (PEFT's lora_bias): nothing of the diff is left out
-    assert res.left_out == [] and res.left_out_share == 0 and res.warnings == []
+    assert res.left_out == [] and res.left_out_share == 0
+    assert [w for w in res.warnings if "left out" in w] == [] and "local model" in res.warnings[0]
     assert json.loads((res.output / "adapter_config.json").read_text())["lora_bias"] is True
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(c), res.output).eval()
     want = AutoModelForCausalLM.from_pretrained(dense).eval()

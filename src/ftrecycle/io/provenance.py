@@ -105,11 +105,20 @@ def _command() -> list[str] | None:
     """The command line when run as ``ftrecycle`` (or ``python -m ftrecycle.cli``), its program as
     ``ftrecycle``: the script's own path names the virtualenv."""
     argv = sys.argv
-    if not argv or not (
-        argv[0].endswith("ftrecycle") or argv[0].endswith(os.path.join("ftrecycle", "cli", "__main__.py"))
-    ):
+    mains = (os.path.join("ftrecycle", "cli", "__main__.py"), os.path.join("ftrecycle", "__main__.py"))
+    if not argv or not (argv[0].endswith("ftrecycle") or argv[0].endswith(mains)):
         return None
-    return ["ftrecycle", *argv[1:]]
+    # a path argument as typed is relative to the working directory; the record's are relative to the output
+    # (see portable()), so an existing relative path is made absolute here and relative to the output there
+    return ["ftrecycle", *(_absolute_if_path(a) for a in argv[1:])]
+
+
+def _absolute_if_path(arg: str) -> str:
+    """``arg``, or ``--flag=arg``'s value, made absolute when it names an existing relative path."""
+    flag, eq, value = arg.partition("=") if arg.startswith("--") else ("", "", arg)
+    if value and not os.path.isabs(value) and os.path.exists(value):
+        value = os.path.abspath(value)
+    return f"{flag}{eq}{value}"
 
 
 def check_record_paths(value: object, flag: str = "--record-paths") -> RecordPaths:
@@ -163,6 +172,12 @@ def moved_path(recorded: str, recorded_from: Path) -> str:
     return os.path.normpath(os.path.join(os.path.abspath(recorded_from), recorded))
 
 
+#: record fields whose strings are data, never paths (a token may be spelt "/usr")
+NOT_PATHS = frozenset({"tokens"})
+#: command-line flags whose value is never a path
+NOT_PATH_FLAGS = frozenset({"--tokens"})
+
+
 def portable(value: Any, out: Path, record_paths: RecordPaths = "relative") -> Any:
     """A copy of a record (``ftrecycle.json``, a manifest, a log) without absolute local paths.
 
@@ -182,14 +197,23 @@ def portable(value: Any, out: Path, record_paths: RecordPaths = "relative") -> A
     if record_paths == "absolute":
         return value
     if isinstance(value, dict):
-        return {k: portable(v, out, record_paths) for k, v in value.items()}
+        return {k: v if k in NOT_PATHS else portable(v, out, record_paths) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [portable(v, out, record_paths) for v in value]
+        # a command line: the value of a flag that takes no path (`--tokens /usr`) is kept as given
+        return [v if _flag_value(value, i) else portable(v, out, record_paths) for i, v in enumerate(value)]
     if isinstance(value, PurePath):
         value = str(value)
     if isinstance(value, str):
         return _portable_str(value, out)
     return value
+
+
+def _flag_value(items: list[Any] | tuple[Any, ...], i: int) -> bool:
+    """Whether ``items[i]`` is the value of a flag of :data:`NOT_PATH_FLAGS` (``--tokens X``, ``--tokens=X``)."""
+    v, before = items[i], items[i - 1] if i else None
+    return (isinstance(before, str) and before in NOT_PATH_FLAGS) or (
+        isinstance(v, str) and v.split("=", 1)[0] in NOT_PATH_FLAGS
+    )
 
 
 def _portable_str(text: str, out: Path) -> str:

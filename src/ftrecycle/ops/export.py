@@ -300,9 +300,13 @@ def _adapter_base(
         found = base.get("hub_id") or base.get("repo_id") or base.get("path") or base.get("ref")
         if found and not hub_id(found):
             found = moved_path(str(found), delta)
-    named = None if found is None else str(portable(str(found), out, record_paths))
-    # a model outside the output's tree cannot be named without its absolute path: PEFT's "unknown" then
-    return None if named is None or named.startswith("<local>/") else named
+    if found is None:
+        return None
+    if hub_id(str(found)):
+        return str(found)
+    # a local model: PEFT reads a relative base_model_name_or_path from the working directory, not from the
+    # adapter's, so only its absolute path names it — and that is not written unless asked for
+    return str(Path(str(found)).resolve()) if record_paths == "absolute" else None
 
 
 def _warnings(record: dict[str, Any], has_target: bool, full_modules: bool) -> list[str]:
@@ -312,6 +316,12 @@ def _warnings(record: dict[str, Any], has_target: bool, full_modules: bool) -> l
         notes.append(
             f"the adapter is made for the delta's base A ({record['base_model_name_or_path'] or 'a local model'}): "
             "PEFT's auto-loader would build A + LoRA; pass --target-base C to name the new base"
+        )
+    elif record["base_model_name_or_path"] is None:
+        notes.append(
+            "the new base is a local model, so the adapter's base_model_name_or_path is left empty (PEFT would read a "
+            "relative path from your working directory): load it with PeftModel.from_pretrained on C loaded yourself, "
+            "or pass --record-paths absolute to write C's absolute path"
         )
     share = float(record["left_out_share_of_squared_norm"])
     if share >= 0.01:
