@@ -156,6 +156,32 @@ def test_a_target_tokenizer_with_other_ids_is_refused(v, tmp_path, capsys):
     assert any("other tokens" in w for w in input_warnings(*_refs(v, target_base=c), {}))
 
 
+def test_a_special_token_renamed_in_place_is_not_a_remapped_vocabulary(v, tmp_path):
+    """Llama 3.1 renamed some of Llama 3's reserved special tokens: the same ids, still special, other names."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    c = _copy(v["target_base"], tmp_path / "c")
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (c / f).unlink(missing_ok=True)
+    vocab = word_tokenizer(96).get_vocab()
+    words = sorted(vocab, key=vocab.__getitem__)
+    words[0] = "<|finetune_right_pad_id|>"  # was <pad>
+    tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token=words[0], bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    fast.save_pretrained(c)
+    transfer(*_refs(v, target_base=c), tmp_path / "o")  # accepted: no ordinary token moved
+    words[12], words[13] = words[13], words[12]  # an ordinary token moved too: refused
+    tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=words[0], unk_token="<unk>").save_pretrained(c)
+    with pytest.raises(IncompatibleModelsError, match="maps 2 of the 96 token ids"):
+        transfer(*_refs(v, target_base=c), tmp_path / "o2")
+
+
 def test_a_zero_diff_warns_loudly(v, tmp_path, capsys):
     same = _copy(v["source_base"], tmp_path / "same")
     r = transfer(*_refs(v, source_finetuned=same), tmp_path / "o1")

@@ -20,6 +20,7 @@ from ftrecycle.diagnose.accuracy import AccuracyProbe, answer_items, paired_stde
 from ftrecycle.diagnose.geometry import Geometry
 from ftrecycle.diagnose.probe import Probe, probe
 from ftrecycle.diagnose.verdict import best_alpha, combine, judge
+from ftrecycle.errors import ConfigError
 from ftrecycle.evaluate.builtin import evaluate_gsm8k
 from ftrecycle.evaluate.gsm8k import extract_flexible
 from ftrecycle.lab.signals import HARMFUL, confusion, confusion_by_seed, diagnostics_summary
@@ -290,3 +291,15 @@ def test_diagnose_takes_a_lora_adapter_as_transfer_does(tmp_path, capsys):
     assert not list(Path(tempfile.gettempdir()).glob("ftrecycle-diagnose-*"))  # the merged copy is removed
     args = [f"--source-base={p['base']}", f"--source-finetuned={p['adapter']}", f"--target-base={p['target']}"]
     assert main(["diagnose", *args]) == 0 and "verdict" in capsys.readouterr().out
+
+
+def test_a_handful_of_probe_items_is_never_evidence():
+    few = AccuracyProbe(1, 1.0, [(0.0, 1.0), (1.0, 0.0)], 1.0, -1.0, 0.0, 0.0)  # one item, flipped: stderr 0
+    assert V.accuracy_direction(few) == "flat"
+    many = AccuracyProbe(64, 0.5, [(0.0, 0.5), (1.0, 0.2)], 1.0, -0.3, 0.05, 0.0)
+    assert V.accuracy_direction(many) == "falls"
+
+
+def test_alpha_auto_with_a_mask_is_refused():
+    with pytest.raises(ConfigError, match="--alpha auto with --mask"):
+        V.check_alpha_request("auto", "calib.jsonl", mask="m.safetensors")

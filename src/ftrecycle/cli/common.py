@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ftrecycle.cli.args import add_group
-from ftrecycle.diagnose.verdict import AlphaChoice, best_alpha
+from ftrecycle.diagnose.verdict import AlphaChoice, best_alpha, check_alpha_request
 from ftrecycle.engine import current_rss
 from ftrecycle.errors import ConfigError, MemoryBudgetError
 from ftrecycle.io.output import check_output, parse_size
@@ -147,8 +147,7 @@ def resolve_alpha(ns: argparse.Namespace, inputs: Collection[str | None] = ()) -
         if ns.calibration is not None and getattr(ns, "mask", None) != "grad-sign":
             raise ConfigError("--calibration is only used with --alpha auto or --mask grad-sign")
         return float(ns.alpha)
-    if ns.calibration is None:
-        raise ConfigError("--alpha auto needs --calibration CALIB (JSONL examples of the task)")
+    check_alpha_request(ns.alpha, ns.calibration, mask=getattr(ns, "mask", None))
     # before the search: the calibration file is an input the output must not touch either
     models = [ns.source_base, ns.source_finetuned, ns.target_base]
     check_output(ns.output, [*models, ns.calibration, *inputs], force=ns.force)

@@ -58,6 +58,8 @@ HURT_LOSS = 0.0
 # M5 + Δ3 −23.4 on the probe, which lost 13 to 18 points on the test set; their loss rose too).
 ACC_HURT = 0.05
 ACC_Z = 2.0
+#: the fewest accuracy-probe items whose change counts as evidence (fewer: the probe says "flat")
+ACC_MIN_ITEMS = 16
 # "likely helps" needs the probe's accuracy not to fall by more than this (a fraction). Seed 0: the two
 # pairs whose loss fell by 17-18 % but lost test accuracy (M1 + Δ5 −1.8, M3 + Δ2 −3.7, called "likely
 # helps" by the loss-only verdict) had probe gains of −6.2 points; the gainers M3 + Δ4 (+6.6) and
@@ -77,6 +79,7 @@ def thresholds() -> dict[str, float]:
         "acc_hurt": ACC_HURT,
         "acc_z": ACC_Z,
         "acc_help_floor": ACC_HELP_FLOOR,
+        "acc_min_items": ACC_MIN_ITEMS,
         "barrier": BARRIER,
         "far": FAR,
         "near": NEAR,
@@ -129,7 +132,11 @@ def _direction(x: float, down: float, up: float) -> str:
 
 
 def accuracy_direction(acc: AccuracyProbe) -> str:
-    """``falls`` / ``rises``: the probe's gain beyond ``ACC_HURT`` and ``ACC_Z`` standard errors; else ``flat``."""
+    """``falls`` / ``rises``: the probe's gain beyond ``ACC_HURT`` and ``ACC_Z`` standard errors; else ``flat``
+    (always ``flat`` on fewer than ``ACC_MIN_ITEMS`` items: a paired standard error of a handful of items, all
+    flipping the same way, is 0 and would call any change certain)."""
+    if acc.items < ACC_MIN_ITEMS:
+        return "flat"
     margin = max(ACC_HURT, ACC_Z * acc.stderr)
     return "falls" if acc.gain < -margin else "rises" if acc.gain > margin else "flat"
 
@@ -398,6 +405,9 @@ def check_alpha_request(alpha: float | str, calibration: str | Path | None, *, m
         raise ConfigError("--calibration is only used with --alpha auto or --mask grad-sign")
     if alpha == "auto" and calibration is None:
         raise ConfigError("--alpha auto needs --calibration CALIB (JSONL examples of the task)")
+    if alpha == "auto" and mask is not None:
+        # the α search probes C + αΔ, not C + α(m ⊙ Δ): its α would be chosen for another model
+        raise ConfigError("--alpha auto with --mask: the α search does not see the mask yet; give --alpha a number")
 
 
 def resolve_alpha(

@@ -84,7 +84,7 @@ def read_license(model_dir: Path, config: dict[str, Any] | None = None) -> str |
         try:
             raw = read_bytes(path, what="model card", max_bytes=_MAX_CARD_BYTES)
             value = _front_matter(raw.decode("utf-8", errors="replace")).get("license")
-        except FtRecycleError:
+        except (FtRecycleError, RecursionError):  # a card nested past the parser's depth declares nothing
             value = None
     if value is None and config:
         value = config.get("license")

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ftrecycle.dtypes import BY_NAME, DType
-from ftrecycle.errors import ConfigError
+from ftrecycle.errors import ConfigError, IncompatibleModelsError
 from ftrecycle.io.card import Card, command_line, transformers_snippet, write_card
 from ftrecycle.io.checkpoint import Checkpoint
 from ftrecycle.io.maskfile import open_mask
@@ -127,6 +127,11 @@ def with_mask(
     stack.callback(m.close)
     terms, records = mask_terms(addend.terms, m.ckpt, target, mask_name=f"mask file {m.path.name}")
     tallies = [t.tally for t in terms.values() if isinstance(t, Masked)]
+    if not tallies:
+        raise IncompatibleModelsError(
+            f"mask file {m.path.name}: none of its tensors is a tensor of this diff, so it would mask nothing; "
+            "make the mask on this target (ftrecycle mask --target-base C ...)"
+        )
     described = {"file": m.path.name, "sha256": m.sha256, "made": m.info}
     masked = replace(addend, terms=terms, records=[*addend.records, *records], mask=MaskUse(described, tallies))
     return masked, meta_left - m.ckpt.metadata_bytes
