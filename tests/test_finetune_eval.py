@@ -366,7 +366,7 @@ def test_builtin_eval_writes_lm_evals_results_and_one_sample_per_item(tuned, dat
     table = capsys.readouterr().out
     assert "±" in table and "strict: exact match of the number after '####'" in table
     res, samples = _lm_eval_files(out)
-    assert LM_EVAL_KEYS <= set(res) and res["model_name"] == str(tuned)
+    assert LM_EVAL_KEYS <= set(res) and res["model_name"] == os.path.relpath(tuned, out)  # relative to DIR
     scores = res["results"]["gsm8k_builtin"]
     assert 0 <= scores["exact_match,strict-match"] <= 1 and scores["exact_match_stderr,strict-match"] is not None
     assert len(samples) == 1
@@ -450,3 +450,19 @@ def test_eval_flag_mistakes_are_one_line_errors(tuned, data, capsys):
         assert main([*base, *extra]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and needle in err[0], err
+
+
+def test_eval_output_path_stays_out_of_its_inputs_and_in_its_directory(tuned, data, tmp_path, capsys, monkeypatch):
+    from ftrecycle.evaluate.results import write_results
+
+    base = ["eval", "--builtin", str(data["test"]), "--limit", "2", "--max-new-tokens", "4"]
+    assert main([*base, "--model", str(tuned), "--output-path", str(tuned)]) == 2  # into the model: refused
+    assert "--output-path" in capsys.readouterr().err and not list(tuned.glob("results_*"))
+    (tmp_path / "file").write_text("x")
+    assert main([*base, "--model", str(tuned), "--output-path", str(tmp_path / "file")]) == 2
+    assert "is a file" in capsys.readouterr().err
+    out = tmp_path / "evals"
+    for name in ("..", ".", str(tuned)):
+        written = write_results(out, name, {"results": {}})
+        assert all(out in p.parents for p in written), written
+        assert str(tmp_path) not in written[0].read_text()  # no absolute path of the machine in the file

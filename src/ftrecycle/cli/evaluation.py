@@ -14,6 +14,7 @@ from ftrecycle.evaluate import builtin  # looked up per call: tests substitute e
 from ftrecycle.evaluate.data import read_gsm8k
 from ftrecycle.evaluate.harness import HarnessSettings, format_table, parse_model_args, resolve_eval_model, run_lm_eval
 from ftrecycle.evaluate.results import BUILTIN_TASK, FILTERS, builtin_results, builtin_samples, write_results
+from ftrecycle.io.output import check_no_overlap
 
 #: `eval --builtin`'s default --max-new-tokens (lm-eval's default generation length)
 DEFAULT_NEW_TOKENS = 256
@@ -155,6 +156,10 @@ def _harness(ns: argparse.Namespace) -> dict[str, Any]:
 def _run(ns: argparse.Namespace) -> None:
     if ns.log_samples and ns.output_path is None:
         raise ConfigError("--log-samples writes the samples under --output-path DIR; give one")
+    if ns.output_path is not None:  # before the evaluation: results must not land in a model or the data
+        check_no_overlap(ns.output_path, [*ns.model, ns.builtin, ns.task_dir], what="--output-path")
+        if os.path.exists(ns.output_path) and not os.path.isdir(ns.output_path):
+            raise ConfigError(f"--output-path {ns.output_path} is a file; give a directory (lm-eval's layout)")
     result = _builtin(ns) if ns.builtin else _harness(ns)
     if ns.output_path is not None:
         for m, res in result["results"].items():

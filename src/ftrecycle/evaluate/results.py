@@ -25,6 +25,7 @@ from typing import Any
 from ftrecycle.errors import OutputError
 from ftrecycle.evaluate.builtin import EvalReport
 from ftrecycle.io.output import replaced_file
+from ftrecycle.io.provenance import portable
 from ftrecycle.version import __version__
 
 #: the built-in evaluator's task name in results files
@@ -34,8 +35,10 @@ FILTERS = ("strict-match", "flexible-extract")
 
 
 def sanitize_model_name(name: str) -> str:
-    """A model name as a directory name, the way lm-eval sanitizes it."""
-    return re.sub(r"[\"<>:/|\\?*\[\]]+", "__", name)
+    """A model name as a directory name, the way lm-eval sanitizes it (and never ``.``, ``..`` or empty,
+    which would put the files beside or above ``--output-path``)."""
+    clean = re.sub(r"[\"<>:/|\\?*\[\]]+", "__", name)
+    return "__" if clean.strip(".") == "" else clean
 
 
 def date_id() -> str:
@@ -72,7 +75,10 @@ def write_results(
         OutputError: the directory cannot be created or written.
     """
     stamp = date_id()
-    folder = Path(output_path).expanduser() / sanitize_model_name(model_name)
+    root = Path(output_path).expanduser()
+    # the model as named in the files: a local path relative to the results, never the machine's absolute path
+    model_name = str(portable(model_name, root)) if Path(model_name).is_absolute() else model_name
+    folder = root / sanitize_model_name(model_name)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
