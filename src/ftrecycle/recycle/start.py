@@ -56,6 +56,8 @@ def recycle_finetune(
     ``resume`` skips a finished transfer and continues from the last checkpoint — only when the models,
     alpha, transfer options, data and settings are the ones the unfinished run was made with. The output's
     provenance (``operation: recycle-finetune``) records the sources, target, alpha and transfer options.
+    With ``config.lora`` the output is a PEFT adapter whose base is the merged start, kept in ``OUT/start``
+    (``config.merge``: the start with the adapter merged in, a full model, and no ``start/``).
 
     Args:
         source_base: the source version's base model (directory or hub id).
@@ -106,6 +108,7 @@ def recycle_finetune(
                 model_key=start.key,
                 extra_provenance=start.provenance(used_alpha),
                 record_paths=start.options.output.record_paths,
+                keep_start=True,  # a LoRA adapter's base, C + alpha · Δ, moves into OUT/start
             )
         except BaseException:
             # no work directory yet: nothing to resume, the start goes too (else --resume reuses it)
