@@ -39,8 +39,11 @@ class LoraInfo:
         return {"targets": list(self.targets), "trainable_parameters": self.trainable, "parameters": self.total}
 
 
-def check_available(cfg: FinetuneConfig) -> None:
+def check_available(cfg: FinetuneConfig) -> FinetuneConfig:
     """Refuse settings this machine cannot run, before anything loads.
+
+    Returns:
+        ``cfg``.
 
     Raises:
         ConfigError: ``qlora`` without bitsandbytes or a CUDA GPU; ``report_to`` tensorboard without tensorboard.
@@ -64,6 +67,7 @@ def check_available(cfg: FinetuneConfig) -> None:
         importlib.util.find_spec(m) is not None for m in ("tensorboard", "tensorboardX")
     ):
         raise ConfigError("--report-to tensorboard needs the tensorboard package (pip install tensorboard)")
+    return cfg
 
 
 def default_targets(net: Any) -> list[str]:

@@ -306,18 +306,14 @@ def finetune(
     record_paths: RecordPaths = "relative",
     keep_start: bool = False,
 ) -> FinetuneResult:
-    """Fine-tune ``model`` on ``data`` and write the result to ``output`` (safetensors + provenance).
-
-    With ``config.lora`` the output is a PEFT adapter directory for ``model`` (or, with ``config.merge``,
-    ``model`` with the adapter merged in: a full model).
+    """Fine-tune ``model`` on ``data`` into ``output`` (safetensors + provenance; a PEFT adapter with ``config.lora``).
 
     Args:
         model: a model directory or hub id.
         data: JSONL training data (see :mod:`ftrecycle.finetune.data`).
         output: directory to create when training completes.
         config: hyperparameters (defaults: the paper's recipe).
-        eval_data: held-out data in any training format: its loss (and, for GSM8K-format data, accuracy)
-            is logged against steps into ``eval_log.json``.
+        eval_data: held-out data, any training format: loss (and GSM8K accuracy) vs steps go to ``eval_log.json``.
         resume: continue an interrupted run from its last checkpoint (refused, naming what changed, if made otherwise).
         force: replace an existing output and discard an unfinished run (also one made with other settings).
         progress: show the Trainer's progress bar.
@@ -329,24 +325,21 @@ def finetune(
         model_key: what identifies the start model in the resume check, for a start the caller made
             (default: the model directory's identity).
         record_paths: ``relative`` or ``absolute`` paths in the records (:func:`ftrecycle.io.provenance.portable`).
-        keep_start: ``model`` is a temporary directory (recycle-finetune's C + Δ): an adapter output takes it
-            along as ``OUT/start`` (moved there) and names it as the adapter's base.
+        keep_start: an adapter output moves ``model`` (a temporary C + Δ) into ``OUT/start``, as its base.
 
     Returns:
         Steps, losses, the evaluation log and timing.
 
     Raises:
         DataError: a bad data file (naming file and line).
-        ConfigError: bad settings, or an unfinished run without ``resume``/``force``; ``qlora`` without
-            bitsandbytes and a CUDA GPU, ``report_to="tensorboard"`` without tensorboard.
+        ConfigError: bad settings, or an unfinished run without ``resume``/``force``; settings this machine
+            cannot run (:func:`ftrecycle.finetune.lora.check_available`).
         OutputError: the output exists without ``force``.
     """
     t0 = time.perf_counter()
-    cfg = (config or FinetuneConfig()).validate()
-    lora.check_available(cfg)
-    job = _Job(model, data, Path(output).expanduser(), cfg, eval_data, allow_pickle, model_key)
+    cfg = lora.check_available((config or FinetuneConfig()).validate())
+    job = _Job(model, data, Path(output).expanduser(), cfg, eval_data, allow_pickle, model_key, keep_start)
     job.record_paths = check_record_paths(record_paths)
-    job.keep_start = keep_start
     # The main process holds OUT's lock from its checks to the final rename (a second run for OUT is refused
     # at once); it alone checks the output and owns the run directory, the others wait here.
     with contextlib.ExitStack() as held:
@@ -354,9 +347,7 @@ def finetune(
         inputs = job.loaded()
         settings = job.decided()
         tok, features = _tokenized(inputs.src.path, inputs.rows, job.cfg, data, trust_remote_code)
-        net, saved_dtype, dropout_off = _load_model(inputs.src, job.cfg, allow_pickle, trust_remote_code, progress)
-        if job.cfg.lora:
-            net, job.lora_info = lora.wrap(net, job.cfg)
+        net, saved_dtype, dropout_off = _load_model(job, trust_remote_code, progress)
         args, use_bf16 = _training_args(job.run, job.cfg, progress)
         # a new run's directory is made only now, when everything has loaded (on the main process;
         # under `accelerate launch` the others wait for it); a continued one is checked first
@@ -371,9 +362,8 @@ def finetune(
         losses = [(int(e["step"]), float(e["loss"])) for e in trainer.state.log_history if "loss" in e]
         record = job.record(operation, trainer, len(features), start_step, losses, dropout_off, use_bf16, log)
         _merge_provenance(record, extra_provenance or {})
-        # Under FSDP or ZeRO-3 every process holds a shard: gathering the full state dict is a
-        # collective call, so every rank makes it; only the main process receives the tensors.
-        # an adapter's (or a merged model's) weights are taken from the unwrapped PEFT model instead
+        # Under FSDP or ZeRO-3 every process holds a shard: gathering the full state dict is a collective call,
+        # so every rank makes it; only the main process receives the tensors (LoRA: from the unwrapped model)
         state = {} if job.cfg.lora else trainer.accelerator.get_state_dict(trainer.model_wrapped)
         on_main(lambda: _write_output(trainer, state, job, saved_dtype, record, log, force=force))
         return FinetuneResult(job.out, steps, losses, log, time.perf_counter() - t0, per_step, start_step)
@@ -400,10 +390,10 @@ class _Job:
     eval_data: str | Path | None
     allow_pickle: bool
     model_key: dict[str, Any] | None
+    keep_start: bool = False
     record_paths: RecordPaths = "relative"
     inputs: _Inputs | None = None
     settings: dict[str, Any] = field(default_factory=dict)
-    keep_start: bool = False
     lora_info: lora.LoraInfo | None = None
 
     @property
@@ -507,10 +497,10 @@ def _features(rows: list[dict[str, Any]], tok: Any, cfg: FinetuneConfig, data: s
     return features
 
 
-def _load_model(
-    src: Checkpoint, cfg: FinetuneConfig, allow_pickle: bool, trust_remote_code: bool, progress: bool
-) -> tuple[Any, Any, list[str]]:
-    """The model to train (float32, dropout off), the dtype it was saved in, and the dropout settings turned off."""
+def _load_model(job: _Job, trust_remote_code: bool, progress: bool) -> tuple[Any, Any, list[str]]:
+    """The model to train (float32, dropout off; with LoRA layers when ``cfg.lora``, noted in ``job.lora_info``),
+    the dtype it was saved in, and the dropout settings turned off."""
+    src, cfg, allow_pickle = job.loaded().src, job.cfg, job.allow_pickle
     import torch  # heavy: kept off the transfer path
 
     saved_dtype = getattr(
@@ -529,7 +519,8 @@ def _load_model(
     dropout_off = _no_dropout(net)
     if cfg.gradient_checkpointing:
         net.gradient_checkpointing_enable()
-
+    if cfg.lora:
+        net, job.lora_info = lora.wrap(net, cfg)
     return net, saved_dtype, dropout_off
 
 
