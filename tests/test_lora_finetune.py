@@ -65,7 +65,9 @@ def test_lora_finetune_writes_a_peft_adapter_of_its_base(versions, data, tmp_pat
     meta = finetune_card(published, [], "ad").metadata()
     assert meta["base_model"] == "org/base" and meta["base_model_relation"] == "adapter"
     # eval loss on prompt/completion data, before and after; no accuracy (not GSM8K-format)
-    assert [e["step"] for e in res.eval_log] == [0, 6] and all(set(e) == {"step", "eval_loss"} for e in res.eval_log)
+    assert [e["step"] for e in res.eval_log] == [0, 6] and all(
+        set(e) == {"step", "eval_loss", "seconds"} for e in res.eval_log
+    )
     assert res.eval_log[-1]["eval_loss"] < res.eval_log[0]["eval_loss"]
     net = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), out)
     assert any("lora_A" in n for n, _ in net.named_parameters())
@@ -136,7 +138,7 @@ def test_eval_loss_on_chat_data_and_accuracy_on_gsm8k(versions, data, tmp_path):
     base = str(versions["llama"]["source_base"])
     cfg = FinetuneConfig(**{**FAST, "max_steps": 2}, eval_max_new_tokens=8)
     chat = finetune(base, data["train"], tmp_path / "c", config=cfg, eval_data=data["chat"])
-    assert all(set(e) == {"step", "eval_loss"} and e["eval_loss"] > 0 for e in chat.eval_log)
+    assert all(set(e) == {"step", "eval_loss", "seconds"} and e["eval_loss"] > 0 for e in chat.eval_log)
     gsm = finetune(base, data["train"], tmp_path / "g", config=cfg, eval_data=data["gsm"])
     assert all({"eval_loss", "strict", "flexible"} <= set(e) for e in gsm.eval_log)
 
@@ -252,3 +254,23 @@ def test_a_chain_with_lora_must_merge(tmp_path, versions, data):
     chain.write_text(body.replace("{lora: true}", "{lora_rnk: 4}"))
     with pytest.raises(ConfigError, match="did you mean lora_rank"):
         ChainSpec.load(chain)
+
+
+def test_a_chain_trains_lora_and_diffs_the_merged_versions(tmp_path, versions, data):
+    from ftrecycle.recycle import iterate
+
+    v = versions["llama"]
+    chain = {
+        "versions": [str(v["source_base"]), str(v["target_base"])],
+        "data": str(data["train"]),
+        "output": "chain",
+        "finetune": {"max_steps": 2, "batch_size": 4, "learning_rate": 1e-3, "lora": True, "merge": True},
+    }
+    (tmp_path / "chain.yaml").write_text(json.dumps(chain))  # JSON is YAML
+    rows = iterate(ChainSpec.load(tmp_path / "chain.yaml"))
+    assert len(rows) == 2
+    for row in rows:
+        tuned = Path(row["finetuned"])
+        rec = json.loads((tuned / "ftrecycle.json").read_text())
+        assert rec["lora"]["output"] == "merged" and list(tuned.glob("*.safetensors"))
+        assert not (tuned / "adapter_config.json").exists()

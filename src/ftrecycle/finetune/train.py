@@ -249,8 +249,10 @@ def _eval_callback(
         def _run(self, step: int) -> None:
             if any(e["step"] == step for e in log):
                 return
+            t = time.perf_counter()
             entry: dict[str, Any] = {"step": step}
             entry["eval_loss"] = eval_loss(trainer.model, features, tok.pad_token_id, cfg.eval_batch_size)
+            entry["seconds"] = round(time.perf_counter() - t, 3)  # with the accuracy's: the evaluation's time
             if items is not None:
                 rep = builtin.evaluate_gsm8k(
                     trainer.model,
@@ -260,7 +262,8 @@ def _eval_callback(
                     batch_size=cfg.eval_batch_size,
                     max_gen_toks=cfg.eval_max_new_tokens,
                 )
-                entry.update(rep.summary())
+                summary = rep.summary()
+                entry.update({**summary, "seconds": round(entry["seconds"] + summary["seconds"], 3)})
             log.append(entry)
             if is_main():
                 write_json(run / EVAL_LOG, log)
