@@ -74,7 +74,9 @@ class FinetuneConfig:
     batch_size: int = option(8, "examples per device per step", bound=_BATCH)
     grad_accum: int = option(1, "gradient accumulation steps", bound=_BATCH)
     learning_rate: float = option(
-        5e-6, "peak learning rate (AdamW, linear decay)", bound=Bound(float, 0, 1, lo_open=True)
+        5e-6,
+        "peak learning rate (AdamW; decayed by --lr-scheduler; LoRA usually wants 1e-4 to 1e-3)",
+        bound=Bound(float, 0, 1, lo_open=True),
     )
     warmup_ratio: float = option(0.03, "fraction of steps of linear warm-up", bound=Bound(float, 0, 1, hi_open=True))
     weight_decay: float = option(
@@ -108,11 +110,15 @@ class FinetuneConfig:
         32, "LoRA scaling numerator (the update is scaled by alpha / rank)", bound=Bound(int, 1, 1 << 20)
     )
     lora_targets: str = option(
-        "", "comma-separated module names to adapt (default: the attention and MLP projections found)", check=_targets
+        "",
+        "comma-separated module names to adapt; empty: every linear layer of the blocks (attention, MLP)",
+        check=_targets,
     )
     lora_dropout: float = option(0.0, "dropout on the LoRA input (seeded)", bound=Bound(float, 0, 1, hi_open=True))
-    qlora: bool = option(False, "LoRA on a 4-bit base (needs bitsandbytes and a CUDA GPU)")
-    merge: bool = option(False, "with --lora: write the base with the adapter merged in (a full model) instead")
+    qlora: bool = option(False, "LoRA on a 4-bit NF4 base (implies --lora; needs bitsandbytes and a CUDA GPU)")
+    merge: bool = option(
+        False, "with --lora: write the start model with the adapter merged in (a full model) instead of the adapter"
+    )
 
     def validate(self) -> FinetuneConfig:
         """Check every value's type and range (the bounds declared with each field).
