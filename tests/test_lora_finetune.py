@@ -60,6 +60,7 @@ def test_lora_finetune_writes_a_peft_adapter_of_its_base(versions, data, tmp_pat
     )
     card = (out / "README.md").read_text()
     assert "library_name: peft" in card and "PeftModel.from_pretrained" in card and "source_base" in card
+    assert "--lora --lora-rank 4" in card  # the card's command makes an adapter, not a full fine-tune
     # on the Hub (a base with a hub id) the card says what the adapter is to its base
     published = {**rec, "inputs": {**rec["inputs"], "model": {"hub_id": "org/base", "ref": "org/base"}}}
     meta = finetune_card(published, [], "ad").metadata()

@@ -83,6 +83,11 @@ def _equivalent(record: dict[str, Any], inputs: dict[str, Any], where: str) -> l
         argv += ["--alpha", str(record.get("alpha"))]
     else:
         argv = ["ftrecycle", "finetune", "--model", ref(inputs.get("model"))]
+    lora = record.get("lora") or {}
+    config = record.get("config") or {}
+    if lora:  # the training settings that change what the output is (the rest are in ftrecycle.json)
+        argv += ["--qlora" if config.get("qlora") else "--lora", "--lora-rank", str(config.get("lora_rank"))]
+        argv += ["--merge"] if lora.get("output") == "merged" else []
     return [*argv, "--data", ref(data), "-o", where]
 
 
