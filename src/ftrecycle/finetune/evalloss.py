@@ -1,7 +1,7 @@
 """Held-out data for ``finetune --eval-data``: loss on any training format, accuracy on GSM8K-format files.
 
 The loss is the mean cross-entropy over completion tokens (the tokens training is scored on), summed
-over every item and divided by their count, so it does not depend on the batch size's grouping of items.
+over every item and divided by their count, so every token weighs the same whatever batch it falls in.
 """
 
 from __future__ import annotations
