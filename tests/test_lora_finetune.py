@@ -275,3 +275,41 @@ def test_a_chain_trains_lora_and_diffs_the_merged_versions(tmp_path, versions, d
         rec = json.loads((tuned / "ftrecycle.json").read_text())
         assert rec["lora"]["output"] == "merged" and list(tuned.glob("*.safetensors"))
         assert not (tuned / "adapter_config.json").exists()
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gpt2"])
+def test_lora_finds_the_projections_of_each_family(versions, data, tmp_path, family):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = versions[family]["source_base"]
+    finetune(str(base), data["train"], tmp_path / "ad", config=FinetuneConfig(**{**FAST, "max_steps": 2}))
+    targets = json.loads((tmp_path / "ad" / "ftrecycle.json").read_text())["lora"]["targets"]
+    want = {"gpt2": {"c_attn", "c_proj", "c_fc"}, "qwen2": {"q_proj", "v_proj", "down_proj"}}[family]
+    assert want <= set(targets) and "lm_head" not in targets
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), tmp_path / "ad")
+
+
+def test_lora_with_gradient_checkpointing_trains(versions, data, tmp_path):
+    cfg = FinetuneConfig(**{**FAST, "max_steps": 3}, gradient_checkpointing=True)
+    res = finetune(str(versions["llama"]["source_base"]), data["train"], tmp_path / "gc", config=cfg)
+    assert res.steps == 3 and any(
+        float(t.abs().max()) > 0 for k, t in _adapter(tmp_path / "gc").items() if "lora_B" in k
+    )
+
+
+@pytest.mark.parametrize("kind", ["missing", "directory", "not-utf8", "huge"])
+def test_unreadable_config_files_are_one_line(versions, data, tmp_path, capsys, kind):
+    f = tmp_path / "train.yaml"
+    if kind == "directory":
+        f.mkdir()
+    elif kind == "not-utf8":
+        f.write_bytes(b"max-steps: 2\n\xff\xfe\n")
+    elif kind == "huge":
+        f.write_text("# padding\n" * 200_000)
+    argv = ["finetune", "--model", str(versions["llama"]["source_base"]), "--data", str(data["train"])]
+    rc = main([*argv, "--config", str(f), "-o", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    needle = {"missing": "no such training settings file", "directory": "not a regular file"}.get(kind, "")
+    needle = needle or {"not-utf8": "save the training settings file as UTF-8", "huge": "is at most"}[kind]
+    assert rc == 2 and str(f) in err and len(err.splitlines()) == 1 and needle in err, err

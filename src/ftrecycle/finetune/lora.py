@@ -119,11 +119,19 @@ def wrap(net: Any, cfg: FinetuneConfig) -> tuple[Any, LoraInfo]:
         lora_dropout=cfg.lora_dropout,
         target_modules=targets,
         task_type="CAUSAL_LM",
+        fan_in_fan_out=_conv1d(net, targets),  # GPT-2's Conv1D stores its weight transposed
     )
     peft_net = get_peft_model(net, config)
     trainable = sum(p.numel() for p in peft_net.parameters() if p.requires_grad)
     total = sum(p.numel() for p in peft_net.parameters())
     return peft_net, LoraInfo(tuple(targets), trainable, total)
+
+
+def _conv1d(net: Any, targets: list[str]) -> bool:
+    """Whether the targets are transformers' ``Conv1D`` layers (GPT-2's projections)."""
+    from transformers.pytorch_utils import Conv1D  # heavy: kept off the transfer path
+
+    return any(isinstance(m, Conv1D) and name.rsplit(".", 1)[-1] in targets for name, m in net.named_modules())
 
 
 def load_4bit(path: Path, *, trust_remote_code: bool) -> Any:
