@@ -313,3 +313,14 @@ def test_unreadable_config_files_are_one_line(versions, data, tmp_path, capsys, 
     needle = {"missing": "no such training settings file", "directory": "not a regular file"}.get(kind, "")
     needle = needle or {"not-utf8": "save the training settings file as UTF-8", "huge": "is at most"}[kind]
     assert rc == 2 and str(f) in err and len(err.splitlines()) == 1 and needle in err, err
+
+
+def test_held_out_data_that_fits_nothing_is_refused_before_training(versions, data, tmp_path):
+    from ftrecycle.errors import DataError
+
+    held = tmp_path / "held.jsonl"
+    held.write_text(json.dumps({"prompt": " ".join(["w1"] * 40), "completion": "3"}) + "\n")
+    cfg = FinetuneConfig(**FAST, max_length=20)
+    with pytest.raises(DataError, match=r"held\.jsonl: no held-out example keeps any completion token"):
+        finetune(str(versions["llama"]["source_base"]), data["train"], tmp_path / "o", config=cfg, eval_data=held)
+    assert not (tmp_path / "o").exists() and not (tmp_path / ".o.ftrecycle-run").exists()

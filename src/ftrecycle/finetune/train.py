@@ -238,10 +238,8 @@ def _eval_callback(
     the loss on every format, accuracy on GSM8K items; appending to ``log`` and keeping it in the work directory."""
     from transformers import TrainerCallback  # heavy: kept off the transfer path
 
-    held_out = inputs.eval_set
-    assert held_out is not None  # the callback is added only with eval data
-    items = held_out.gsm8k
-    features = eval_features(held_out.rows, tok, cfg.max_length, inputs.eval_where)
+    items = inputs.eval_set.gsm8k if inputs.eval_set is not None else None
+    features = inputs.eval_features or []
     shots = [{"question": r["question"], "answer": r["answer"]} for r in inputs.rows if r["_kind"] == "gsm8k"]
     shots = shots[: cfg.eval_shots]
 
@@ -281,14 +279,15 @@ def _eval_callback(
     return EvalEvery()
 
 
-def _tokenized(
-    path: Path, rows: Any, cfg: FinetuneConfig, data: str | Path, trust_remote_code: bool
-) -> tuple[Any, Any]:
-    """The model's tokenizer (padding with EOS when it has no pad token) and the tokenized training rows."""
-    tok = load_tokenizer(path, trust_remote_code=trust_remote_code)
+def _tokenized(inputs: _Inputs, cfg: FinetuneConfig, data: str | Path, trust_remote_code: bool) -> tuple[Any, Any]:
+    """The model's tokenizer (padding with EOS when it has no pad token) and the tokenized training rows;
+    the held-out rows are tokenized into ``inputs.eval_features`` (a bad file is refused before training)."""
+    tok = load_tokenizer(inputs.src.path, trust_remote_code=trust_remote_code)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    return tok, _features(rows, tok, cfg, data)
+    if inputs.eval_set is not None:
+        inputs.eval_features = eval_features(inputs.eval_set.rows, tok, cfg.max_length, inputs.eval_where)
+    return tok, _features(inputs.rows, tok, cfg, data)
 
 
 def finetune(
@@ -349,7 +348,7 @@ def finetune(
         resuming, existed = on_main(lambda: job.claim(held, resume=resume, force=force))
         inputs = job.loaded()
         settings = job.decided()
-        tok, features = _tokenized(inputs.src.path, inputs.rows, job.cfg, data, trust_remote_code)
+        tok, features = _tokenized(inputs, job.cfg, data, trust_remote_code)
         net, saved_dtype, dropout_off = _load_model(job, trust_remote_code, progress)
         args, use_bf16 = _training_args(job.run, job.cfg, progress)
         # a new run's directory is made only now, when everything has loaded (on the main process;
@@ -380,6 +379,7 @@ class _Inputs:
     rows: list[dict[str, Any]]
     eval_set: EvalSet | None
     eval_where: str | Path = ""
+    eval_features: list[dict[str, Any]] | None = None
 
 
 @dataclass
