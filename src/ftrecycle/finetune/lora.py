@@ -145,8 +145,13 @@ def load_4bit(path: Path, *, trust_remote_code: bool) -> Any:
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch.bfloat16,
     )
+    # quantized weights are made on the GPU as they load: this process's device (its rank's under accelerate)
     return AutoModelForCausalLM.from_pretrained(
-        path, quantization_config=quant, use_safetensors=True, trust_remote_code=trust_remote_code
+        path,
+        quantization_config=quant,
+        device_map={"": torch.cuda.current_device()},
+        use_safetensors=True,
+        trust_remote_code=trust_remote_code,
     )
 
 
