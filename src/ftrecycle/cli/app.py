@@ -23,6 +23,7 @@ from typing import Any
 from ftrecycle.cli import calibration, diagnosis, evaluation, lab, masking, models, training
 from ftrecycle.cli.args import Parser, check_paths
 from ftrecycle.cli.common import Command
+from ftrecycle.cli.trainfile import with_config_file
 from ftrecycle.distributed import exit_together, is_main, reported_elsewhere
 from ftrecycle.errors import FtRecycleError
 from ftrecycle.io.hf_load import no_progress_bars
@@ -93,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     parser = build_parser()
     try:
-        ns = parser.parse_args(argv)
+        ns = parser.parse_args(with_config_file(parser, sys.argv[1:] if argv is None else argv))
     except FtRecycleError as e:  # argparse's own errors, one line (see args.Parser)
         return _fail(f"ftrecycle: error: {e}", e.exit_code, e)
     if not is_main():  # under `accelerate launch` every process runs this command; the main one reports

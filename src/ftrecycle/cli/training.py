@@ -12,6 +12,7 @@ from typing import Any
 
 from ftrecycle.cli.args import add_group, bundle_from_args, group_from_args
 from ftrecycle.cli.common import MODEL_HELP, Command, add_models, add_resources, resolve_alpha, resources
+from ftrecycle.cli.trainfile import add_config_argument
 from ftrecycle.evaluate.builtin import check_new_tokens
 from ftrecycle.finetune.config import FinetuneConfig
 from ftrecycle.finetune.train import finetune
@@ -28,14 +29,21 @@ def report(result: Any) -> None:
         f"{result.seconds_per_step:.3f} s/step"
     )
     for e in result.eval_log:
-        print(f"  step {e['step']}: strict {100 * e['strict']:.1f}%  flexible {100 * e['flexible']:.1f}%")
+        accuracy = f"  strict {100 * e['strict']:.1f}%  flexible {100 * e['flexible']:.1f}%" if "strict" in e else ""
+        print(f"  step {e['step']}: eval loss {e['eval_loss']:.4f}{accuracy}")
 
 
 def _run_arguments(p: argparse.ArgumentParser, *, allow_pickle: bool) -> None:
     """Data, output and run control of a fine-tuning run, then its generated training settings."""
     p.add_argument("--data", required=True, help="training data, JSONL")
     p.add_argument("-o", "--output", required=True, help="directory to create when training completes")
-    p.add_argument("--eval-data", default=None, help="GSM8K-format JSONL: accuracy vs steps goes to eval_log.json")
+    p.add_argument(
+        "--eval-data",
+        default=None,
+        help="held-out JSONL in any training format: its loss vs steps goes to eval_log.json "
+        "(and GSM8K accuracy when it is GSM8K-format)",
+    )
+    add_config_argument(p)
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
     p.add_argument("--force", action="store_true", help="replace the output / discard an unfinished run")
     p.add_argument("--progress", action="store_true", help="show the training progress bar")

@@ -5,14 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ftrecycle.io.card import Card, command_line, transformers_snippet
+from ftrecycle.io.card import Card, command_line, peft_snippet, transformers_snippet
 
 
 def finetune_card(record: dict[str, Any], log: list[dict[str, Any]], where: str) -> Card:
     """The card of a fine-tuned model: a ``finetune`` of the model it started from.
 
     A recycled fine-tune (``recycle-finetune``) started from a temporary ``C + alpha · Δ``; its card
-    names the target base C, the model it is a fine-tune of on the Hub.
+    names the target base C, the model it is a fine-tune of on the Hub. A LoRA adapter output (its record's
+    ``lora.output`` is ``adapter``) is carded as a PEFT adapter of its start (``start/`` when recycled).
 
     Args:
         record: the output's provenance (as written).
@@ -41,14 +42,23 @@ def finetune_card(record: dict[str, Any], log: list[dict[str, Any]], where: str)
             f", starting from {name} + alpha · (the source fine-tune's diff vector), alpha = {record.get('alpha')}"
         )
     equivalent = _equivalent(record, inputs, where)
+    adapter = (record.get("lora") or {}).get("output") == "adapter"
+    if adapter:
+        summary = summary.replace("was fine-tuned", "is a LoRA adapter trained", 1)
+        if recycled:
+            summary += f" (that start is kept in {where}/start, the adapter's base)"
+    base = f"{where}/start" if recycled else str(start.get("hub_id") or start.get("ref") or "") or None
     return Card(
-        title=f"{name} fine-tuned" + (" from a recycled start" if recycled else ""),
+        title=f"{name} fine-tuned"
+        + (" (LoRA adapter)" if adapter else "")
+        + (" from a recycled start" if recycled else ""),
         summary=summary + ". Every setting and the loss curve are recorded in ftrecycle.json.",
-        relation="finetune",
+        relation="adapter" if adapter else "finetune",
         base_models=tuple(b for b in (start.get("hub_id"),) if b),
-        tags=("finetune", str(record.get("operation"))),
+        library_name="peft" if adapter else "transformers",
+        tags=("finetune", str(record.get("operation")), *(("lora",) if record.get("lora") else ())),
         license=start.get("license"),
-        load=transformers_snippet(where),
+        load=peft_snippet(base, where) if adapter else transformers_snippet(where),
         command=command_line(record, equivalent),
         table=(("training", "value"), rows),
         table_title="How it was trained",
@@ -73,6 +83,11 @@ def _equivalent(record: dict[str, Any], inputs: dict[str, Any], where: str) -> l
         argv += ["--alpha", str(record.get("alpha"))]
     else:
         argv = ["ftrecycle", "finetune", "--model", ref(inputs.get("model"))]
+    lora = record.get("lora") or {}
+    config = record.get("config") or {}
+    if lora:  # the training settings that change what the output is (the rest are in ftrecycle.json)
+        argv += ["--qlora" if config.get("qlora") else "--lora", "--lora-rank", str(config.get("lora_rank"))]
+        argv += ["--merge"] if lora.get("output") == "merged" else []
     return [*argv, "--data", ref(data), "-o", where]
 
 

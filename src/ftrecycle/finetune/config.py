@@ -7,7 +7,9 @@ same function (:func:`ftrecycle.options.check_value`), when :meth:`FinetuneConfi
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+import difflib
+import re
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from ftrecycle.errors import ConfigError
@@ -25,6 +27,31 @@ from ftrecycle.options import (
 
 BF16_CHOICES = ("auto", "on", "off")
 _BATCH = Bound(int, lo=1, hi=65536)
+# transformers' scheduler names that need no extra arguments
+LR_SCHEDULERS = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+)
+REPORT_TO = ("none", "tensorboard")
+_MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*")
+
+
+def _targets(value: Any, name: str) -> str:
+    """``--lora-targets``: comma-separated module names (a YAML list is accepted too); empty: found in the model."""
+    if isinstance(value, (list, tuple)):
+        value = ",".join(str(v) for v in value)
+    if not isinstance(value, str):
+        raise ConfigError(f"{name} must be comma-separated module names, got a {type(value).__name__}")
+    parts = [v.strip() for v in value.split(",") if v.strip()]
+    bad = [v for v in parts if not _MODULE_NAME.fullmatch(v)]
+    if bad:
+        raise ConfigError(f"{name}: {bad[0]!r:.60} is not a module name (e.g. q_proj,v_proj)")
+    return ",".join(parts)
 
 
 def flag_name(name: str) -> str:
@@ -47,7 +74,9 @@ class FinetuneConfig:
     batch_size: int = option(8, "examples per device per step", bound=_BATCH)
     grad_accum: int = option(1, "gradient accumulation steps", bound=_BATCH)
     learning_rate: float = option(
-        5e-6, "peak learning rate (AdamW, linear decay)", bound=Bound(float, 0, 1, lo_open=True)
+        5e-6,
+        "peak learning rate (AdamW; decayed by --lr-scheduler; LoRA usually wants 1e-4 to 1e-3)",
+        bound=Bound(float, 0, 1, lo_open=True),
     )
     warmup_ratio: float = option(0.03, "fraction of steps of linear warm-up", bound=Bound(float, 0, 1, hi_open=True))
     weight_decay: float = option(
@@ -69,6 +98,27 @@ class FinetuneConfig:
     )
     bf16: str = option("auto", "bf16 mixed precision: auto (on when a GPU supports it), on, off", choices=BF16_CHOICES)
     gradient_checkpointing: bool = option(False, "trade compute for memory")
+    lr_scheduler: str = option(
+        "linear", "learning-rate schedule after warm-up (transformers' names)", choices=LR_SCHEDULERS
+    )
+    report_to: str = option(
+        "none", "where training metrics go: none, or tensorboard (offline event files in OUT/runs)", choices=REPORT_TO
+    )
+    lora: bool = option(False, "train a LoRA adapter instead of every weight (output: a PEFT adapter directory)")
+    lora_rank: int = option(16, "LoRA rank r", bound=Bound(int, 1, 4096))
+    lora_alpha: int = option(
+        32, "LoRA scaling numerator (the update is scaled by alpha / rank)", bound=Bound(int, 1, 1 << 20)
+    )
+    lora_targets: str = option(
+        "",
+        "comma-separated module names to adapt; empty: every linear layer of the blocks (attention, MLP)",
+        check=_targets,
+    )
+    lora_dropout: float = option(0.0, "dropout on the LoRA input (seeded)", bound=Bound(float, 0, 1, hi_open=True))
+    qlora: bool = option(False, "LoRA on a 4-bit NF4 base (implies --lora; needs bitsandbytes and a CUDA GPU)")
+    merge: bool = option(
+        False, "with --lora: write the start model with the adapter merged in (a full model) instead of the adapter"
+    )
 
     def validate(self) -> FinetuneConfig:
         """Check every value's type and range (the bounds declared with each field).
@@ -78,7 +128,20 @@ class FinetuneConfig:
         """
         for f in fields(self):
             setattr(self, f.name, check_value(f, getattr(self, f.name)))
+        if self.qlora:
+            self.lora = True  # QLoRA is LoRA on a quantized base
+        if self.merge and not self.lora:
+            raise ConfigError("--merge applies to --lora (a full fine-tune is already a full model)")
+        if self.merge and self.qlora:
+            raise ConfigError("--merge with --qlora would merge into a 4-bit base; train with --lora, or merge later")
         return self
+
+    def key(self) -> dict[str, Any]:
+        """The settings as they key a run (resume check, chain and lab caches).
+
+        A setting added after runs were keyed is left out while it has its default, so those runs keep their keys.
+        """
+        return {k: v for k, v in asdict(self).items() if not (k in _LATER and v == _FIELDS[k].default)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, where: str = "config") -> FinetuneConfig:
@@ -92,14 +155,19 @@ class FinetuneConfig:
         known = {f.name: f for f in fields(cls)}
         unknown = sorted(str(k) for k in set(data) - set(known))
         if unknown:
+            close = difflib.get_close_matches(unknown[0].replace("-", "_"), list(known), n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]}?)" if close else ""
             raise ConfigError(
-                f"{where}: unknown fine-tuning setting(s) {', '.join(unknown)}; known: {', '.join(known)}"
+                f"{where}: unknown fine-tuning setting(s) {', '.join(unknown)}{hint}; known: {', '.join(known)}"
             )
         try:
             values = {k: check_value(known[k], v) for k, v in data.items()}
+            return cls(**values).validate()
         except ConfigError as e:
             raise ConfigError(f"{where}: {e}") from e
-        return cls(**values)
 
 
 _FIELDS = {f.name: f for f in fields(FinetuneConfig)}
+_LATER = frozenset(
+    ("lr_scheduler", "report_to", "lora", "lora_rank", "lora_alpha", "lora_targets", "lora_dropout", "qlora", "merge")
+)

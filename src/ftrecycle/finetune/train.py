@@ -19,10 +19,11 @@ from typing import Any
 from ftrecycle.distributed import is_main, on_main, world
 from ftrecycle.errors import ConfigError, DataError
 from ftrecycle.evaluate import builtin
-from ftrecycle.evaluate.data import read_gsm8k
+from ftrecycle.finetune import lora
 from ftrecycle.finetune.card import finetune_card
 from ftrecycle.finetune.config import FinetuneConfig
 from ftrecycle.finetune.data import Collator, encode, load_examples
+from ftrecycle.finetune.evalloss import EvalSet, eval_features, eval_loss, read_eval_set
 from ftrecycle.io.card import write_card
 from ftrecycle.io.checkpoint import Checkpoint, open_checkpoint
 from ftrecycle.io.hf_load import check_model_json, load_causal_lm, load_tokenizer
@@ -58,7 +59,8 @@ class FinetuneResult:
         output: the fine-tuned model directory.
         steps: optimizer steps taken in total.
         losses: (step, training loss) as logged.
-        eval_log: (step, strict, flexible accuracy) entries, when eval data was given.
+        eval_log: per evaluation, ``step`` and ``eval_loss``, and ``strict``/``flexible`` accuracy when the
+            eval data is GSM8K-format; when eval data was given.
         seconds: wall time of this call.
         seconds_per_step: training wall time per step in this call.
         resumed_from_step: the checkpoint step this call continued from (0: a fresh run).
@@ -92,7 +94,7 @@ def run_settings(
     A resumed run continues only when this is unchanged; the output's provenance records it.
     """
     return {
-        **asdict(cfg),
+        **cfg.key(),
         "model": model if isinstance(model, dict) else model_identity(model),
         "data": file_identity(data),
         "eval_data": file_identity(eval_data),
@@ -187,7 +189,8 @@ def _last_checkpoint(run: Path) -> Path | None:
     if not steps:
         return None
     last = steps[max(steps)]
-    if not any((last / w).is_file() for w in ("model.safetensors", "model.safetensors.index.json")):
+    weights = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
+    if not any((last / w).is_file() for w in weights):
         raise ConfigError(f"{last}: an incomplete checkpoint (no model.safetensors); {_DAMAGED}")
     state = read_json(last / "trainer_state.json", what="trainer state", error=ConfigError, fix=_DAMAGED)
     if not isinstance(state, dict):
@@ -231,11 +234,12 @@ def _trainer_class() -> Any:
 def _eval_callback(
     run: Path, trainer: Any, tok: Any, inputs: _Inputs, cfg: FinetuneConfig, log: list[dict[str, Any]]
 ) -> Any:
-    """A callback scoring the model in training on the eval items (first, every ``eval_every`` steps, last),
-    appending to ``log`` and keeping it in the work directory."""
+    """A callback scoring the model in training on the held-out data (first, every ``eval_every`` steps, last):
+    the loss on every format, accuracy on GSM8K items; appending to ``log`` and keeping it in the work directory."""
     from transformers import TrainerCallback  # heavy: kept off the transfer path
 
-    items = inputs.eval_items or []
+    items = inputs.eval_set.gsm8k if inputs.eval_set is not None else None
+    features = inputs.eval_features or []
     shots = [{"question": r["question"], "answer": r["answer"]} for r in inputs.rows if r["_kind"] == "gsm8k"]
     shots = shots[: cfg.eval_shots]
 
@@ -243,15 +247,22 @@ def _eval_callback(
         def _run(self, step: int) -> None:
             if any(e["step"] == step for e in log):
                 return
-            rep = builtin.evaluate_gsm8k(
-                trainer.model,
-                tok,
-                items,
-                shots=shots,
-                batch_size=cfg.eval_batch_size,
-                max_gen_toks=cfg.eval_max_new_tokens,
-            )
-            log.append({"step": step, **rep.summary()})
+            t = time.perf_counter()
+            entry: dict[str, Any] = {"step": step}
+            entry["eval_loss"] = eval_loss(trainer.model, features, tok.pad_token_id, cfg.eval_batch_size)
+            entry["seconds"] = round(time.perf_counter() - t, 3)  # with the accuracy's: the evaluation's time
+            if items is not None:
+                rep = builtin.evaluate_gsm8k(
+                    trainer.model,
+                    tok,
+                    items,
+                    shots=shots,
+                    batch_size=cfg.eval_batch_size,
+                    max_gen_toks=cfg.eval_max_new_tokens,
+                )
+                summary = rep.summary()
+                entry.update({**summary, "seconds": round(entry["seconds"] + summary["seconds"], 3)})
+            log.append(entry)
             if is_main():
                 write_json(run / EVAL_LOG, log)
 
@@ -268,14 +279,15 @@ def _eval_callback(
     return EvalEvery()
 
 
-def _tokenized(
-    path: Path, rows: Any, cfg: FinetuneConfig, data: str | Path, trust_remote_code: bool
-) -> tuple[Any, Any]:
-    """The model's tokenizer (padding with EOS when it has no pad token) and the tokenized training rows."""
-    tok = load_tokenizer(path, trust_remote_code=trust_remote_code)
+def _tokenized(inputs: _Inputs, cfg: FinetuneConfig, data: str | Path, trust_remote_code: bool) -> tuple[Any, Any]:
+    """The model's tokenizer (padding with EOS when it has no pad token) and the tokenized training rows;
+    the held-out rows are tokenized into ``inputs.eval_features`` (a bad file is refused before training)."""
+    tok = load_tokenizer(inputs.src.path, trust_remote_code=trust_remote_code)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    return tok, _features(rows, tok, cfg, data)
+    if inputs.eval_set is not None:
+        inputs.eval_features = eval_features(inputs.eval_set.rows, tok, cfg.max_length, inputs.eval_where)
+    return tok, _features(inputs.rows, tok, cfg, data)
 
 
 def finetune(
@@ -294,15 +306,16 @@ def finetune(
     operation: str = "finetune",
     model_key: dict[str, Any] | None = None,
     record_paths: RecordPaths = "relative",
+    keep_start: bool = False,
 ) -> FinetuneResult:
-    """Fine-tune ``model`` on ``data`` and write the result to ``output`` (safetensors + provenance).
+    """Fine-tune ``model`` on ``data`` into ``output`` (safetensors + provenance; a PEFT adapter with ``config.lora``).
 
     Args:
         model: a model directory or hub id.
         data: JSONL training data (see :mod:`ftrecycle.finetune.data`).
         output: directory to create when training completes.
         config: hyperparameters (defaults: the paper's recipe).
-        eval_data: GSM8K-format JSONL; accuracy is logged against steps into ``eval_log.json``.
+        eval_data: held-out data, any training format: loss (and GSM8K accuracy) vs steps go to ``eval_log.json``.
         resume: continue an interrupted run from its last checkpoint (refused, naming what changed, if made otherwise).
         force: replace an existing output and discard an unfinished run (also one made with other settings).
         progress: show the Trainer's progress bar.
@@ -314,18 +327,20 @@ def finetune(
         model_key: what identifies the start model in the resume check, for a start the caller made
             (default: the model directory's identity).
         record_paths: ``relative`` or ``absolute`` paths in the records (:func:`ftrecycle.io.provenance.portable`).
+        keep_start: an adapter output moves ``model`` (a temporary C + Δ) into ``OUT/start``, as its base.
 
     Returns:
         Steps, losses, the evaluation log and timing.
 
     Raises:
         DataError: a bad data file (naming file and line).
-        ConfigError: bad settings, or an unfinished run without ``resume``/``force``.
+        ConfigError: bad settings, or an unfinished run without ``resume``/``force``; settings this machine
+            cannot run (:func:`ftrecycle.finetune.lora.check_available`).
         OutputError: the output exists without ``force``.
     """
     t0 = time.perf_counter()
-    cfg = (config or FinetuneConfig()).validate()
-    job = _Job(model, data, Path(output).expanduser(), cfg, eval_data, allow_pickle, model_key)
+    cfg = lora.check_available((config or FinetuneConfig()).validate())
+    job = _Job(model, data, Path(output).expanduser(), cfg, eval_data, allow_pickle, model_key, keep_start)
     job.record_paths = check_record_paths(record_paths)
     # The main process holds OUT's lock from its checks to the final rename (a second run for OUT is refused
     # at once); it alone checks the output and owns the run directory, the others wait here.
@@ -333,8 +348,8 @@ def finetune(
         resuming, existed = on_main(lambda: job.claim(held, resume=resume, force=force))
         inputs = job.loaded()
         settings = job.decided()
-        tok, features = _tokenized(inputs.src.path, inputs.rows, job.cfg, data, trust_remote_code)
-        net, saved_dtype, dropout_off = _load_model(inputs.src, job.cfg, allow_pickle, trust_remote_code, progress)
+        tok, features = _tokenized(inputs, job.cfg, data, trust_remote_code)
+        net, saved_dtype, dropout_off = _load_model(job, trust_remote_code, progress)
         args, use_bf16 = _training_args(job.run, job.cfg, progress)
         # a new run's directory is made only now, when everything has loaded (on the main process;
         # under `accelerate launch` the others wait for it); a continued one is checked first
@@ -342,27 +357,29 @@ def finetune(
             on_main(lambda: _start_run_dir(job.run, job.out, settings, replace=existed))
         log = _read_eval_log(job.run) if resuming else []
         trainer = _trainer(net, args, features, tok, progress)
-        if inputs.eval_items is not None:
+        if inputs.eval_set is not None:
             trainer.add_callback(_eval_callback(job.run, trainer, tok, inputs, job.cfg, log))
         start_step, per_step = _train(trainer, _last_checkpoint(job.run) if resuming else None)
         steps = trainer.state.global_step
         losses = [(int(e["step"]), float(e["loss"])) for e in trainer.state.log_history if "loss" in e]
         record = job.record(operation, trainer, len(features), start_step, losses, dropout_off, use_bf16, log)
         _merge_provenance(record, extra_provenance or {})
-        # Under FSDP or ZeRO-3 every process holds a shard: gathering the full state dict is a
-        # collective call, so every rank makes it; only the main process receives the tensors.
-        state = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+        # Under FSDP or ZeRO-3 every process holds a shard: gathering the full state dict is a collective call,
+        # so every rank makes it; only the main process receives the tensors (LoRA: from the unwrapped model)
+        state = {} if job.cfg.lora else trainer.accelerator.get_state_dict(trainer.model_wrapped)
         on_main(lambda: _write_output(trainer, state, job, saved_dtype, record, log, force=force))
         return FinetuneResult(job.out, steps, losses, log, time.perf_counter() - t0, per_step, start_step)
 
 
 @dataclass
 class _Inputs:
-    """A run's loaded inputs: the start model's checkpoint (closed), the training rows, the eval items."""
+    """A run's loaded inputs: the start model's checkpoint (closed), the training rows, the held-out data."""
 
     src: Checkpoint
     rows: list[dict[str, Any]]
-    eval_items: list[dict[str, Any]] | None
+    eval_set: EvalSet | None
+    eval_where: str | Path = ""
+    eval_features: list[dict[str, Any]] | None = None
 
 
 @dataclass
@@ -376,9 +393,11 @@ class _Job:
     eval_data: str | Path | None
     allow_pickle: bool
     model_key: dict[str, Any] | None
+    keep_start: bool = False
     record_paths: RecordPaths = "relative"
     inputs: _Inputs | None = None
     settings: dict[str, Any] = field(default_factory=dict)
+    lora_info: lora.LoraInfo | None = None
 
     @property
     def run(self) -> Path:
@@ -391,8 +410,8 @@ class _Job:
             src = open_checkpoint(self.model, allow_pickle=self.allow_pickle)
             src.close()
             check_model_json(src.path)  # before the run directory is made
-            items = read_gsm8k(self.eval_data) if self.eval_data is not None else None
-            self.inputs = _Inputs(src, load_examples(self.data), items)
+            held_out = read_eval_set(self.eval_data) if self.eval_data is not None else None
+            self.inputs = _Inputs(src, load_examples(self.data), held_out, self.eval_data or "")
         return self.inputs
 
     def decided(self) -> dict[str, Any]:
@@ -454,6 +473,8 @@ class _Job:
                 "eval_log": log,
             }
         )
+        if self.lora_info is not None:
+            record["lora"] = {**self.lora_info.record(), "output": "merged" if self.cfg.merge else "adapter"}
         return record
 
 
@@ -479,21 +500,30 @@ def _features(rows: list[dict[str, Any]], tok: Any, cfg: FinetuneConfig, data: s
     return features
 
 
-def _load_model(
-    src: Checkpoint, cfg: FinetuneConfig, allow_pickle: bool, trust_remote_code: bool, progress: bool
-) -> tuple[Any, Any, list[str]]:
-    """The model to train (float32, dropout off), the dtype it was saved in, and the dropout settings turned off."""
+def _load_model(job: _Job, trust_remote_code: bool, progress: bool) -> tuple[Any, Any, list[str]]:
+    """The model to train (float32, dropout off; with LoRA layers when ``cfg.lora``, noted in ``job.lora_info``),
+    the dtype it was saved in, and the dropout settings turned off."""
+    src, cfg, allow_pickle = job.loaded().src, job.cfg, job.allow_pickle
     import torch  # heavy: kept off the transfer path
 
     saved_dtype = getattr(
         torch, str(src.config.get("torch_dtype") or src.config.get("dtype") or "float32"), torch.float32
     )
-    net = load_causal_lm(
-        src.path, dtype=torch.float32, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, progress=progress
-    )
+    if cfg.qlora:
+        net = lora.load_4bit(src.path, trust_remote_code=trust_remote_code)
+    else:
+        net = load_causal_lm(
+            src.path,
+            dtype=torch.float32,
+            allow_pickle=allow_pickle,
+            trust_remote_code=trust_remote_code,
+            progress=progress,
+        )
     dropout_off = _no_dropout(net)
     if cfg.gradient_checkpointing:
         net.gradient_checkpointing_enable()
+    if cfg.lora:
+        net, job.lora_info = lora.wrap(net, cfg)
     return net, saved_dtype, dropout_off
 
 
@@ -510,7 +540,7 @@ def _training_args(run: Path, cfg: FinetuneConfig, progress: bool) -> tuple[Any,
         per_device_train_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum,
         learning_rate=cfg.learning_rate,
-        lr_scheduler_type="linear",
+        lr_scheduler_type=cfg.lr_scheduler,
         warmup_steps=cfg.warmup_ratio,
         weight_decay=cfg.weight_decay,
         optim="adamw_torch",
@@ -522,7 +552,7 @@ def _training_args(run: Path, cfg: FinetuneConfig, progress: bool) -> tuple[Any,
         seed=cfg.seed,
         data_seed=cfg.seed,
         bf16=use_bf16,
-        report_to="none",
+        report_to=cfg.report_to,  # tensorboard: event files in the work directory's runs/, kept in OUT/runs
         disable_tqdm=not progress,
         dataloader_num_workers=0,
         remove_unused_columns=False,
@@ -560,24 +590,49 @@ def _write_output(
     *,
     force: bool,
 ) -> None:
-    """Write the fine-tuned model (in its saved dtype), its tokenizer and provenance; remove the work directory."""
+    """Write the fine-tuned model (in its saved dtype) or adapter, its tokenizer and provenance; remove the work
+    directory."""
     src = job.loaded().src
     net_out = trainer.accelerator.unwrap_model(trainer.model)
-    # the gathered dict holds tied weights (lm_head = embed_tokens) under both names, and the cast
-    # copies no longer share storage: drop the tied ones as save_pretrained would
-    tied = set(getattr(net_out, "all_tied_weights_keys", None) or {})
-    weights = {k: v.detach().to("cpu", saved_dtype) for k, v in state.items() if k not in tied}
+    adapter = job.cfg.lora and not job.cfg.merge
+    if job.cfg.lora and job.cfg.merge:
+        net_out = lora.merged(net_out)
+        state = net_out.state_dict()
     with atomic_directory(job.out, force=force) as tmp:
-        net_out.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
-        # save_pretrained records the dtype of the (float32, possibly sharded) training copy
-        net_out.config.dtype = str(saved_dtype).removeprefix("torch.")
-        net_out.config.save_pretrained(tmp)
+        if not adapter:
+            _write_weights(net_out, state, tmp, saved_dtype)
+            if (src.path / "generation_config.json").is_file() and not (tmp / "generation_config.json").exists():
+                shutil.copyfile(src.path / "generation_config.json", tmp / "generation_config.json")
         copy_files(src.path, tmp, TOKENIZER_FILES)
-        if (src.path / "generation_config.json").is_file() and not (tmp / "generation_config.json").exists():
-            shutil.copyfile(src.path / "generation_config.json", tmp / "generation_config.json")
+        if adapter:  # after the start's files were copied: a kept start is moved away
+            _write_adapter(net_out, tmp, job)
+        if (job.run / "runs").is_dir():  # --report-to tensorboard's event files
+            shutil.copytree(job.run / "runs", tmp / "runs", symlinks=True)
         published = portable(record, job.out, job.record_paths)
         write_json(tmp / PROVENANCE, published)
         if log:
             write_json(tmp / EVAL_LOG, portable(log, job.out, job.record_paths))
         write_card(tmp, finetune_card(published, log, job.out.name))
     shutil.rmtree(job.run, ignore_errors=True)
+
+
+def _write_weights(net_out: Any, state: dict[str, Any], tmp: Path, saved_dtype: Any) -> None:
+    """The full model's weights (cast to the dtype the start was saved in) and config."""
+    # the gathered dict holds tied weights (lm_head = embed_tokens) under both names, and the cast
+    # copies no longer share storage: drop the tied ones as save_pretrained would
+    tied = set(getattr(net_out, "all_tied_weights_keys", None) or {})
+    weights = {k: v.detach().to("cpu", saved_dtype) for k, v in state.items() if k not in tied}
+    net_out.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
+    # save_pretrained records the dtype of the (float32, possibly sharded) training copy
+    net_out.config.dtype = str(saved_dtype).removeprefix("torch.")
+    net_out.config.save_pretrained(tmp)
+
+
+def _write_adapter(peft_net: Any, tmp: Path, job: _Job) -> None:
+    """The adapter, naming its base: the start model, or (a temporary start) the copy moved into ``OUT/start``."""
+    if job.keep_start:
+        os.replace(job.loaded().src.path, tmp / lora.START)
+        base = str(job.out.resolve() / lora.START)
+    else:
+        base = lora.base_reference(job.model)
+    lora.save_adapter(peft_net, tmp, base)

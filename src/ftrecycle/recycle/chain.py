@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -285,7 +285,7 @@ class _Chain:
         # curve and the scores, which are keyed separately (_score): changing them re-scores, it does not retrain.
         settings = {
             "data": file_identity(self.spec.data),
-            "finetune": {k: v for k, v in asdict(self.spec.finetune).items() if not k.startswith("eval_")},
+            "finetune": {k: v for k, v in self.spec.finetune.key().items() if not k.startswith("eval_")},
         }
         return self.product(
             dest, {"start": start_key, **settings}, lambda: self.train(model, start_key, dest), what, every_rank=True

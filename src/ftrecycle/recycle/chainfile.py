@@ -31,49 +31,60 @@ MAX_CHAIN_DEPTH = 8  # versions and finetune are one level below the top: deeper
 _DEFAULT_SCALING = Scaling()
 
 
-def _read_bytes(p: Path) -> bytes:
+def _read_bytes(p: Path, what: str) -> bytes:
     try:
         if not p.is_file():
-            raise ConfigError(f"{p}: no such chain file" if not p.exists() else f"{p}: not a regular file")
+            raise ConfigError(f"{p}: no such {what}" if not p.exists() else f"{p}: not a regular file")
         size = p.stat().st_size
         if size > MAX_CHAIN_BYTES:
-            raise ConfigError(f"{p}: {size} bytes; a chain file is at most {MAX_CHAIN_BYTES} bytes")
+            raise ConfigError(f"{p}: {size} bytes; a {what} is at most {MAX_CHAIN_BYTES} bytes")
         return p.read_bytes()
     except OSError as e:
-        raise ConfigError(f"{p}: cannot read the chain file ({e.strerror or e})") from e
+        raise ConfigError(f"{p}: cannot read the {what} ({e.strerror or e})") from e
 
 
-def _check_events(yaml: Any, text: str, p: Path) -> None:
+def _check_events(yaml: Any, text: str, p: Path, what: str) -> None:
     # Events first: the parser is iterative, so depth and aliases are checked before anything is built.
     depth = 0
     for ev in yaml.parse(text, Loader=yaml.SafeLoader):
         where = f"{p}:{ev.start_mark.line + 1}" if ev.start_mark is not None else str(p)
         if isinstance(ev, yaml.AliasEvent) or getattr(ev, "anchor", None) is not None:
-            raise ConfigError(f"{where}: YAML anchors and aliases (&, *) are not accepted in a chain file")
+            raise ConfigError(f"{where}: YAML anchors and aliases (&, *) are not accepted in a {what}")
         if isinstance(ev, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
             depth += 1
             if depth > MAX_CHAIN_DEPTH:
-                raise ConfigError(f"{where}: nested more than {MAX_CHAIN_DEPTH} levels deep; not a chain file")
+                raise ConfigError(f"{where}: nested more than {MAX_CHAIN_DEPTH} levels deep; not a {what}")
         elif isinstance(ev, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
             depth -= 1
 
 
 def _read_chain_yaml(p: Path) -> Any:
-    """Parse a chain file as plain YAML: no anchors or aliases (no expansion bombs), shallow, small.
+    return read_plain_yaml(p, "chain file")
+
+
+def read_plain_yaml(p: Path, what: str) -> Any:
+    """Parse a settings file as plain YAML: no anchors or aliases (no expansion bombs), shallow, small.
+
+    Args:
+        p: the file.
+        what: what the file is, in messages ("chain file").
+
+    Returns:
+        The parsed document.
 
     Raises:
         ConfigError: naming the file (and line) of what is refused.
     """
     import yaml  # heavy: kept off the transfer path
 
-    raw = _read_bytes(p)
+    raw = _read_bytes(p, what)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
-        raise ConfigError(f"{p}:{line}: not UTF-8 text (byte {e.start}); save the chain file as UTF-8") from e
+        raise ConfigError(f"{p}:{line}: not UTF-8 text (byte {e.start}); save the {what} as UTF-8") from e
     try:
-        _check_events(yaml, text, p)
+        _check_events(yaml, text, p, what)
         return yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
@@ -261,6 +272,9 @@ class ChainSpec:
         if (scaling.alpha == "auto") != (scaling.calibration is not None):
             raise ConfigError(f"{p}: alpha: auto needs calibration: FILE (JSONL examples of the task), and only it")
         base = p.parent
+        tuning = FinetuneConfig.from_dict(raw.get("finetune") or {}, where=f"{p}: finetune")
+        if tuning.lora and not tuning.merge:  # each M*i is diffed against Mi: it must be a full model
+            raise ConfigError(f"{p}: finetune: lora needs merge: true in a chain (each fine-tuned version is diffed)")
         return cls(
             versions=versions,
             data=base / str(raw["data"]),
@@ -268,7 +282,7 @@ class ChainSpec:
             mode=mode,
             eval_data=base / str(raw["eval_data"]) if raw.get("eval_data") else None,
             alpha=scaling.alpha,
-            finetune=FinetuneConfig.from_dict(raw.get("finetune") or {}, where=f"{p}: finetune"),
+            finetune=tuning,
             source=p,
             transfer=options,
             finetuned=_local(p, raw["finetuned"], "finetuned") if raw.get("finetuned") else None,

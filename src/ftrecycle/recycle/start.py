@@ -66,7 +66,7 @@ def recycle_finetune(
         transfer: the merge's options, as :func:`ftrecycle.transfer`'s (``vocab="overlap"``, ``alpha="auto"``
             with ``calibration``, ...); not ``shard_size``/``fsync`` (the start is temporary); ``force`` is ``force=``.
         alpha: scale of the diff, a number or ``"auto"`` (overrides ``transfer.scaling.alpha``).
-        config: fine-tuning hyperparameters.
+        config: fine-tuning hyperparameters (``lora``: an adapter whose base, the start, is kept in ``OUT/start``).
         eval_data: GSM8K-format data scored during fine-tuning.
         resume: continue an unfinished run made with the same inputs and settings.
         force: replace an existing output, and discard an unfinished run.
@@ -87,9 +87,8 @@ def recycle_finetune(
     # and refuses a resume of another run before redoing any transfer; the others wait for its start model.
     with contextlib.ExitStack() as held:
         out, start.path = on_main(lambda: _claim(output, inputs, force, held))
-        run = work_dir(out)
         if resume and not force:
-            on_main(lambda: start.check_resume(out, run, data, eval_data, config))
+            on_main(lambda: start.check_resume(out, work_dir(out), data, eval_data, config))
         used_alpha = on_main(lambda: start.make(reuse=resume))
         try:
             result = finetune(
@@ -106,10 +105,11 @@ def recycle_finetune(
                 model_key=start.key,
                 extra_provenance=start.provenance(used_alpha),
                 record_paths=start.options.output.record_paths,
+                keep_start=True,
             )
         except BaseException:
             # no work directory yet: nothing to resume, the start goes too (else --resume reuses it)
-            if is_main() and not os.path.lexists(run):
+            if is_main() and not os.path.lexists(work_dir(out)):
                 start.remove()
             raise
         on_main(start.remove)
