@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -41,7 +42,8 @@ def _write_items(path: Path, n: int, seed: int) -> Path:
 
 
 def _one_line_error(capsys: pytest.CaptureFixture[str], code: int) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
+    # iterate's progress lines ("step 2/4: ...: reused") come before the refusal: the error itself is one line
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if not re.match(r"step \d+/\d+: ", line)]
     assert code == 2 and len(err) == 1 and err[0].startswith("ftrecycle: error: "), (code, err)
     return err[0]
 
