@@ -291,3 +291,16 @@ def test_a_chain_recorded_with_absolute_paths_is_reused(world, tmp_path, monkeyp
     assert calls == [] and str(tmp_path) not in (tmp_path / "chain" / "summary.json").read_text()
     iterate(ChainSpec.load(tmp_path / "chain.yaml"))  # and the relative keys it now holds are reused too
     assert calls == []
+
+
+def test_portable_rewrites_joined_short_flags_and_leaves_token_strings_alone(tmp_path):
+    from ftrecycle.io.provenance import portable
+
+    out = tmp_path / "out"
+    record = {
+        "command": ["ftrecycle", "transfer", f"-o{out}", "--tokens", "/usr", f"--calibration={tmp_path / 'c.jsonl'}"],
+        "token_rows": {"tokens": ["/usr", "/"]},
+    }
+    got = portable(record, out)
+    assert got["command"] == ["ftrecycle", "transfer", "-o.", "--tokens", "/usr", "--calibration=../c.jsonl"]
+    assert got["token_rows"]["tokens"] == ["/usr", "/"]

@@ -220,6 +220,8 @@ def _portable_str(text: str, out: Path) -> str:
     if text.startswith("-") and "=" in text:
         flag, _, rest = text.partition("=")
         return f"{flag}={_portable_str(rest, out)}" if os.path.isabs(rest) else text
+    if len(text) > 2 and text[0] == "-" and text[1] != "-" and os.path.isabs(text[2:]):  # -o/abs/path, joined
+        return text[:2] + portable_path(text[2:], out)
     if os.path.isabs(text) and "\n" not in text:
         return portable_path(text, out)
     return text
