@@ -71,9 +71,11 @@ def test_the_recipe_runs_end_to_end(workdir: Path, capsys: pytest.CaptureFixture
     assert full["operation"] == "recycle-finetune" and full["steps"] == 6 and "lora" not in full
     assert [e["step"] for e in full["eval_log"]] == [0, 3, 6] and {"eval_loss", "strict"} <= set(full["eval_log"][0])
     AutoModelForCausalLM.from_pretrained(workdir / "rft-full")
-    # LoRA: an adapter whose config names OUT/start, C + Δ, which is the transfer's result
+    # LoRA: an adapter kept with its base OUT/start, C + Δ, which is the transfer's result (the config names no
+    # local path by default: the adapter is loaded on OUT/start explicitly, as its card shows)
     conf = json.loads((workdir / "rft-lora" / "adapter_config.json").read_text())
-    assert conf["base_model_name_or_path"] == str((workdir / "rft-lora" / "start").resolve())
+    assert conf["base_model_name_or_path"] is None
+    assert "rft-lora/start" in (workdir / "rft-lora" / "README.md").read_text()
     start = AutoModelForCausalLM.from_pretrained(workdir / "rft-lora" / "start", dtype=torch.float32)
     moved = AutoModelForCausalLM.from_pretrained(workdir / "C-plus-delta", dtype=torch.float32)
     s, m = start.state_dict(), moved.state_dict()

@@ -155,17 +155,17 @@ def load_4bit(path: Path, *, trust_remote_code: bool) -> Any:
     )
 
 
-def base_reference(model: str) -> str:
-    """What an adapter's config names as its base: the hub id as given, or the local directory's absolute path.
-
-    PEFT resolves a relative path against the working directory of whoever loads it, so a local one is absolute.
-    """
+def base_reference(model: str, record_paths: str = "relative") -> str | None:
+    """What an adapter's config names as its base: the hub id as given; a local directory only by its absolute
+    path, and only with ``record_paths="absolute"`` (PEFT resolves a relative path against the working
+    directory of whoever loads it, and an output names no absolute path of the machine by default): else None,
+    and the card says to load the adapter on the base yourself."""
     if Path(model).expanduser().exists():
-        return str(Path(model).expanduser().resolve())
+        return str(Path(model).expanduser().resolve()) if record_paths == "absolute" else None
     return model
 
 
-def save_adapter(peft_net: Any, directory: Path, base: str) -> None:
+def save_adapter(peft_net: Any, directory: Path, base: str | None) -> None:
     """Write the adapter (PEFT's layout) into ``directory``, naming ``base`` as the model it loads on."""
     for config in peft_net.peft_config.values():
         config.base_model_name_or_path = base

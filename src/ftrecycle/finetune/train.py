@@ -630,9 +630,10 @@ def _write_weights(net_out: Any, state: dict[str, Any], tmp: Path, saved_dtype: 
 
 def _write_adapter(peft_net: Any, tmp: Path, job: _Job) -> None:
     """The adapter, naming its base: the start model, or (a temporary start) the copy moved into ``OUT/start``."""
+    base: str | None
     if job.keep_start:
         os.replace(job.loaded().src.path, tmp / lora.START)
-        base = str(job.out.resolve() / lora.START)
+        base = str(job.out.resolve() / lora.START) if job.record_paths == "absolute" else None
     else:
-        base = lora.base_reference(job.model)
+        base = lora.base_reference(job.model, job.record_paths)
     lora.save_adapter(peft_net, tmp, base)
