@@ -9,6 +9,7 @@ in ``OUT/start`` (see :data:`START`), and the adapter's config names that direct
 from __future__ import annotations
 
 import importlib.util
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -171,6 +172,11 @@ def save_adapter(peft_net: Any, directory: Path, base: str | None) -> None:
         config.base_model_name_or_path = base
     # LoRA never trains the embeddings: no need for PEFT to look up the base to check its vocabulary
     peft_net.save_pretrained(directory, safe_serialization=True, save_embedding_layers=False)
+    if base is None:  # PEFT fills an empty base with the model's own (local, absolute) path: empty it again
+        path = directory / "adapter_config.json"
+        written = json.loads(path.read_text())
+        written["base_model_name_or_path"] = None
+        path.write_text(json.dumps(written, indent=2, sort_keys=True) + "\n")
 
 
 def merged(peft_net: Any) -> Any:
