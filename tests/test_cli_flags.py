@@ -74,3 +74,17 @@ def test_a_hint_is_only_a_flag_the_command_has():
 def test_python_dash_m_ftrecycle_runs_the_command():
     out = subprocess.run([sys.executable, "-m", "ftrecycle", "--version"], capture_output=True, text=True, check=True)
     assert out.stdout.startswith("ftrecycle ")
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "diff --source-base a --base c --finetuned b -o x",
+        "calibrate --calibration f --source-finetuned b --finetuned c",
+        "lab run --out a -o b",
+        "diagnose --source-base a --source-finetuned b --target-base c --calibration f --data g",
+    ],
+)
+def test_one_flag_under_two_names_with_two_values_is_refused(line, capsys):
+    assert main(line.split()) == 2
+    assert "given twice" in capsys.readouterr().err

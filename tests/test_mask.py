@@ -186,6 +186,16 @@ def test_masked_transfer_equals_the_numpy_reference_bit_for_bit(models, family, 
     assert all(torch.equal(bits(t), bits(load_dir(again.output)[n])) for n, t in got.items())
 
 
+def test_a_mask_made_on_another_target_is_named_in_a_warning(models, calib, tmp_path):
+    v = models["llama"]
+    refs = (str(v["source_base"]), str(v["source_finetuned"]), str(v["target_base"]))
+    own = grad_sign_mask(v["target_base"], calib, tmp_path / "own.safetensors", examples=2, device="cpu").output
+    other = grad_sign_mask(v["source_base"], calib, tmp_path / "other.safetensors", examples=2, device="cpu").output
+    assert transfer(*refs, tmp_path / "t1", mask=str(own)).warnings == []
+    warned = transfer(*refs, tmp_path / "t2", mask=str(other)).warnings
+    assert len(warned) == 1 and "other.safetensors was made on another target" in warned[0]
+
+
 def test_apply_with_a_mask_equals_transfer_with_it(models, tmp_path):
     v = models["llama"]
     _random_mask(v["target_base"], tmp_path / "m.safetensors", 8)

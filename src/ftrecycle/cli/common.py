@@ -154,3 +154,15 @@ def resolve_alpha(ns: argparse.Namespace, inputs: Collection[str | None] = ()) -
     pr = best_alpha(ns.source_base, ns.source_finetuned, ns.target_base, ns.calibration)
     print(AlphaChoice(pr.best_alpha, pr).describe(), file=sys.stderr)
     return pr.best_alpha
+
+
+class Once(argparse.Action):
+    """A flag with several names (``--source-base``/``--base``) that may be given once: two different values
+    under its two names is an error, not the last one silently winning."""
+
+    def __call__(self, parser: argparse.ArgumentParser, ns: argparse.Namespace, value: Any, flag: Any = None) -> None:
+        seen = f"_once_{self.dest}"
+        if getattr(ns, seen, None) is not None and getattr(ns, self.dest) != value:
+            parser.error(f"{'/'.join(self.option_strings)} given twice ({getattr(ns, seen)} and {flag}); give it once")
+        setattr(ns, seen, flag)
+        setattr(ns, self.dest, value)

@@ -8,7 +8,7 @@ import math
 import sys
 
 from ftrecycle.cli.args import bounded, device_type, png_path, positive_int, token_count
-from ftrecycle.cli.common import Command, add_models
+from ftrecycle.cli.common import Command, Once, add_models
 from ftrecycle.diagnose.accuracy import PROBE_ITEMS, PROBE_NEW_TOKENS
 from ftrecycle.diagnose.plot import plot_layers
 from ftrecycle.diagnose.probe import ALPHAS
@@ -43,6 +43,7 @@ def _arguments(p: argparse.ArgumentParser) -> None:
         "--calibration",
         "--data",
         dest="data",
+        action=Once,
         default=None,
         metavar="CALIB",
         help="calibration JSONL, as transfer --calibration takes it (enables the loss probe; --data: the older name)",

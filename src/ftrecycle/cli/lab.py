@@ -7,7 +7,7 @@ import signal
 from typing import Any
 
 from ftrecycle.cli.args import bounded, seeds_type
-from ftrecycle.cli.common import Command, ProgressBar
+from ftrecycle.cli.common import Command, Once, ProgressBar
 from ftrecycle.demo import run_demo
 from ftrecycle.lab import preset, run_lab
 from ftrecycle.lab.config import PRESETS
@@ -32,7 +32,13 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     )
     run.add_argument("--preset", default="tiny", choices=list(PRESETS), help="size of the run (default tiny)")
     run.add_argument(
-        "-o", "--output", "--out", dest="out", default="ftrecycle-lab", help="run directory (default ./ftrecycle-lab)"
+        "-o",
+        "--output",
+        "--out",
+        dest="out",
+        action=Once,
+        default="ftrecycle-lab",
+        help="run directory (default ./ftrecycle-lab)",
     )
     run.add_argument("--seeds", type=seeds_type, default=None, help="comma-separated seeds, overriding the preset's")
     run.add_argument(
@@ -84,6 +90,7 @@ def _demo_arguments(p: argparse.ArgumentParser) -> None:
         "--output",
         "--out",
         dest="out",
+        action=Once,
         default="ftrecycle-demo",
         help="working directory (default ./ftrecycle-demo)",
     )

@@ -16,6 +16,7 @@ from ftrecycle.cli.calibration import add_diff_calibration, diff_calibrated
 from ftrecycle.cli.common import (
     MODEL_HELP,
     Command,
+    Once,
     add_models,
     add_quiet,
     add_resources,
@@ -109,12 +110,19 @@ def _transfer(ns: argparse.Namespace) -> None:
 def _diff_arguments(p: argparse.ArgumentParser) -> None:
     # the names transfer uses for the same models (--base/--finetuned: this command's older names)
     p.add_argument(
-        "--source-base", "--base", dest="base", required=True, metavar="A", help=f"the base model: {MODEL_HELP}"
+        "--source-base",
+        "--base",
+        dest="base",
+        action=Once,
+        required=True,
+        metavar="A",
+        help=f"the base model: {MODEL_HELP}",
     )
     p.add_argument(
         "--source-finetuned",
         "--finetuned",
         dest="finetuned",
+        action=Once,
         required=True,
         metavar="B",
         help="the fine-tuned model, or a PEFT LoRA adapter directory over A",

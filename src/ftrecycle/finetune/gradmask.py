@@ -37,6 +37,7 @@ from ftrecycle.io.checkpoint import Checkpoint, open_checkpoint
 from ftrecycle.io.hf_load import load_causal_lm, load_tokenizer
 from ftrecycle.io.maskfile import write_mask
 from ftrecycle.io.output import check_no_overlap
+from ftrecycle.io.provenance import weights_fingerprint
 from ftrecycle.version import __version__
 
 #: GradFix's regime: tens of labelled examples.
@@ -153,6 +154,7 @@ def _identity(ckpt: Checkpoint) -> dict[str, Any]:
         "config_sha256": file_sha256(config) if config.is_file() else None,
         "tensors": len(ckpt.tensors),
         "bytes": sum(t.nbytes for t in ckpt.tensors.values()),
+        "weights_fingerprint": weights_fingerprint(Path(ckpt.path)),
     }
 
 

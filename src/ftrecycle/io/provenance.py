@@ -12,10 +12,10 @@ from pathlib import Path, PurePath
 from typing import Any, Literal
 
 from ftrecycle.arch import signature
-from ftrecycle.errors import ConfigError, FtRecycleError
+from ftrecycle.errors import CheckpointError, ConfigError, FtRecycleError
 from ftrecycle.io.card import hub_id, read_license
 from ftrecycle.io.checkpoint import Checkpoint
-from ftrecycle.io.jsonfile import read_bytes
+from ftrecycle.io.jsonfile import open_regular, read_bytes
 from ftrecycle.version import __version__
 
 #: The provenance record written into every model or adapter directory ftrecycle makes.
@@ -225,3 +225,36 @@ def _portable_str(text: str, out: Path) -> str:
     if os.path.isabs(text) and "\n" not in text:
         return portable_path(text, out)
     return text
+
+
+#: bytes hashed at each end of a weight file by :func:`weight_files`
+FINGERPRINT_BYTES = 64 << 10
+
+
+def weight_files(directory: Path) -> list[tuple[str, int, str]] | None:
+    """Each weight file's name, size and the hash of its first and last :data:`FINGERPRINT_BYTES` (None: none
+    readable): a cheap identity of a model's weights, the same for a copy."""
+    out = []
+    try:
+        files = sorted(f for f in directory.iterdir() if f.suffix == ".safetensors")
+    except OSError:
+        return None
+    for f in files:
+        try:
+            fd = open_regular(f, what="weight file")
+        except CheckpointError:
+            return None
+        try:
+            size = os.fstat(fd).st_size
+            h = hashlib.sha256(os.pread(fd, FINGERPRINT_BYTES, 0))
+            h.update(os.pread(fd, FINGERPRINT_BYTES, max(0, size - FINGERPRINT_BYTES)))
+        finally:
+            os.close(fd)
+        out.append((f.name, size, h.hexdigest()))
+    return out or None
+
+
+def weights_fingerprint(directory: Path) -> str | None:
+    """One SHA-256 over :func:`weight_files` (None: no readable weight file)."""
+    files = weight_files(directory)
+    return None if files is None else hashlib.sha256(repr(files).encode()).hexdigest()

@@ -22,7 +22,8 @@ from ftrecycle.io.checkpoint import Checkpoint
 from ftrecycle.io.maskfile import open_mask
 from ftrecycle.io.model_files import CONFIG_FILES, TOKENIZER_FILES, copy_files, patch_config
 from ftrecycle.io.output import write_json
-from ftrecycle.io.provenance import PROVENANCE, base_record, portable
+from ftrecycle.io.provenance import PROVENANCE, base_record, portable, weights_fingerprint
+from ftrecycle.io.state import sha256_file
 from ftrecycle.ops.token_rows import TokenRowChoice
 from ftrecycle.options import ModelFiles, Policies, Precision
 from ftrecycle.pipeline import ProgressFn, WriteSettings, write_plan
@@ -133,8 +134,31 @@ def with_mask(
             "make the mask on this target (ftrecycle mask --target-base C ...)"
         )
     described = {"file": m.path.name, "sha256": m.sha256, "made": m.info}
-    masked = replace(addend, terms=terms, records=[*addend.records, *records], mask=MaskUse(described, tallies))
+    warnings = [*addend.warnings, *_other_target(m.info, m.path.name, target)]
+    masked = replace(
+        addend, terms=terms, records=[*addend.records, *records], mask=MaskUse(described, tallies), warnings=warnings
+    )
     return masked, meta_left - m.ckpt.metadata_bytes
+
+
+def _other_target(info: dict[str, Any], name: str, target: Checkpoint) -> list[str]:
+    """A warning when the mask file says it was made on another target (its config or its size differs)."""
+    made = info.get("target") if isinstance(info, dict) else None
+    if not isinstance(made, dict):
+        return []
+    config = Path(target.path) / "config.json"
+    here = {
+        "config_sha256": sha256_file(config) if config.is_file() else None,
+        "bytes": sum(t.nbytes for t in target.tensors.values()),
+        "weights_fingerprint": weights_fingerprint(Path(target.path)),
+    }
+    differ = [k for k, v in here.items() if made.get(k) is not None and v is not None and made.get(k) != v]
+    if not differ:
+        return []
+    return [
+        f"mask file {name} was made on another target than this one ({', '.join(differ)} differ): a mask belongs "
+        "to the target its gradient was taken on; make it again on this one (ftrecycle mask --target-base C ...)"
+    ]
 
 
 def write_model(

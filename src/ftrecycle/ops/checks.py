@@ -19,7 +19,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from dataclasses import dataclass
@@ -29,17 +28,16 @@ from typing import Any
 import numpy as np
 
 from ftrecycle.delta.adapter import ADAPTER_CONFIG, is_adapter
-from ftrecycle.errors import CheckpointError, IncompatibleModelsError
+from ftrecycle.errors import IncompatibleModelsError
 from ftrecycle.io.checkpoint import Checkpoint
-from ftrecycle.io.jsonfile import open_regular, read_json
+from ftrecycle.io.jsonfile import read_json
 from ftrecycle.io.provenance import PROVENANCE
+from ftrecycle.io.provenance import weight_files as _fingerprint
 from ftrecycle.io.tokenizer import special_tokens, vocabulary
 from ftrecycle.terms import Difference, PackedTerm, Term
 
 #: How many records up a chain of ftrecycle outputs a base is looked for.
 MAX_CHAIN = 4
-#: Bytes compared at each end of each weight file when two local directories are matched.
-FINGERPRINT_BYTES = 64 << 10
 #: Elements per block of the zero-diff comparison.
 ZERO_BLOCK = 1 << 18
 #: A provenance record is small; a larger file is refused as hostile.
@@ -129,28 +127,6 @@ def recorded_bases(directory: Path) -> tuple[list[Named], Path | None]:
                         nxt.append(named.path)
         todo = nxt
     return found, (directory / PROVENANCE if found else None)
-
-
-def _fingerprint(directory: Path) -> list[tuple[str, int, str]] | None:
-    """Each weight file's name, size and the hash of its first and last bytes (None: none readable)."""
-    out = []
-    try:
-        files = sorted(f for f in directory.iterdir() if f.suffix == ".safetensors")
-    except OSError:
-        return None
-    for f in files:
-        try:
-            fd = open_regular(f, what="weight file")
-        except CheckpointError:
-            return None
-        try:
-            size = os.fstat(fd).st_size
-            h = hashlib.sha256(os.pread(fd, FINGERPRINT_BYTES, 0))
-            h.update(os.pread(fd, FINGERPRINT_BYTES, max(0, size - FINGERPRINT_BYTES)))
-        finally:
-            os.close(fd)
-        out.append((f.name, size, h.hexdigest()))
-    return out or None
 
 
 def same_model(named: Named, ckpt: Checkpoint) -> bool | None:
