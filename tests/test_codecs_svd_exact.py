@@ -192,7 +192,7 @@ _CHILD = textwrap.dedent(
     import numpy as np
     from ftrecycle.codecs import decode, mpsvd
     from test_codecs_svd import _encode, _spectrum
-    _, p = _encode("mpsvd:bits=6", _spectrum(150, 140, 31))  # over 64 kept vectors: the rank is split
+    _, p = _encode("mpsvd:bits=6", _spectrum(150, 140, 31))  # over 64 kept vectors: one whole-rank GEMM per block
     m, n = p.shape
     out, digests = np.empty(m * n, np.float32), []
     for step in json.loads(sys.argv[1]):

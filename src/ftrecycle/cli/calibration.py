@@ -11,7 +11,7 @@ import argparse
 from typing import Any
 
 from ftrecycle.cli.args import batch_size, bounded, bundle_from_args, device_type, thread_count, token_count
-from ftrecycle.cli.common import MODEL_HELP, Command, Once, resources, write_progress
+from ftrecycle.cli.common import MODEL_HELP, Command, add_source_pair, resources, write_progress
 from ftrecycle.errors import ConfigError
 from ftrecycle.finetune.calibrate import (
     CALIBRATION_DTYPES,
@@ -87,23 +87,8 @@ def report(result: CalibrationResult) -> None:
 def _calibrate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calibration", required=True, metavar="FILE", help=CALIBRATION_HELP)
     p.add_argument("--delta", default=None, metavar="DELTA", help="the compressed delta to calibrate")
-    p.add_argument(
-        "--source-base",
-        "--base",
-        dest="base",
-        action=Once,
-        default=None,
-        metavar="A",
-        help=f"the delta's base model: {MODEL_HELP}",
-    )
-    p.add_argument(
-        "--source-finetuned",
-        "--finetuned",
-        dest="finetuned",
-        action=Once,
-        default=None,
-        metavar="B",
-        help="the fine-tuned model",
+    add_source_pair(
+        p, required=False, base_help=f"the delta's base model: {MODEL_HELP}", finetuned_help="the fine-tuned model"
     )
     p.add_argument("-o", "--output", default=None, metavar="OUT", help="the calibrated delta directory to create")
     p.add_argument(

@@ -166,3 +166,13 @@ class Once(argparse.Action):
             parser.error(f"{'/'.join(self.option_strings)} given twice ({getattr(ns, seen)} and {flag}); give it once")
         setattr(ns, seen, flag)
         setattr(ns, self.dest, value)
+
+
+def add_source_pair(p: argparse.ArgumentParser, *, required: bool, base_help: str, finetuned_help: str) -> None:
+    """A and B under transfer's names, ``--source-base``/``--source-finetuned``, with the older ``--base``/
+    ``--finetuned`` still read (``ns.base``, ``ns.finetuned``; both names with two values is an error)."""
+    for names, dest, metavar, text in (
+        (("--source-base", "--base"), "base", "A", base_help),
+        (("--source-finetuned", "--finetuned"), "finetuned", "B", finetuned_help),
+    ):
+        p.add_argument(*names, dest=dest, action=Once, required=required, default=None, metavar=metavar, help=text)

@@ -16,10 +16,10 @@ from ftrecycle.cli.calibration import add_diff_calibration, diff_calibrated
 from ftrecycle.cli.common import (
     MODEL_HELP,
     Command,
-    Once,
     add_models,
     add_quiet,
     add_resources,
+    add_source_pair,
     resolve_alpha,
     resources,
     write_progress,
@@ -108,24 +108,11 @@ def _transfer(ns: argparse.Namespace) -> None:
 
 
 def _diff_arguments(p: argparse.ArgumentParser) -> None:
-    # the names transfer uses for the same models (--base/--finetuned: this command's older names)
-    p.add_argument(
-        "--source-base",
-        "--base",
-        dest="base",
-        action=Once,
+    add_source_pair(
+        p,
         required=True,
-        metavar="A",
-        help=f"the base model: {MODEL_HELP}",
-    )
-    p.add_argument(
-        "--source-finetuned",
-        "--finetuned",
-        dest="finetuned",
-        action=Once,
-        required=True,
-        metavar="B",
-        help="the fine-tuned model, or a PEFT LoRA adapter directory over A",
+        base_help=f"the base model: {MODEL_HELP}",
+        finetuned_help="the fine-tuned model, or a PEFT LoRA adapter directory over A",
     )
     p.add_argument("-o", "--output", required=True, metavar="DELTA", help="the delta directory to create")
     add_group(p, Precision, exclude=("out_dtype",))
