@@ -137,6 +137,13 @@ def compress_bench(d: dict[str, Any]) -> list[str]:
     return out
 
 
+def lossless_bench(d: dict[str, Any]) -> list[str]:
+    """bench_lossless_streams.py's result: one row per coder, its ratio and one-thread decode speed."""
+    rows = [[r["coder"], _f(r["ratio"], 3), _f(r["decode_mb_s"], 0)] for r in d["runs"]]
+    out = _table(["coder", "× smaller than bf16", "decode (MB/s, one thread)"], rows)
+    return [*out, "", f"Tensor `{d['tensor']}` of layout `{d['layout']}`; zlib {d['zlib']}, zstd {d['zstd']}."]
+
+
 def diagnose_bench(d: dict[str, Any]) -> list[str]:
     """bench_diagnose.py's result: the geometry pass's time and memory."""
     t = d["total"]
@@ -489,6 +496,7 @@ TABLES: dict[str, Table] = {
         "transfer-1b-no-mergekit", "bench_transfer.py --no-mergekit --json ...", transfer_bench
     ),
     "compress-1b": _bench("compress-1b", "bench_compress.py --json ...", compress_bench),
+    "lossless-streams": _bench("lossless-streams", "bench_lossless_streams.py --json ...", lossless_bench),
     "diagnose-1b": _bench("diagnose-1b", "bench_diagnose.py --json ...", diagnose_bench),
     "ddp-cpu": _bench("ddp-cpu", "bench_ddp.py", ddp_bench),
     "lab-run": Table(LAB_TINY, LAB_COMMAND, lab_run),

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 from typing import Any
@@ -12,6 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import zstandard
 
 from ftrecycle import pipeline as settings
 from ftrecycle.cli import main
@@ -263,32 +266,110 @@ def test_offsets_of_the_wrong_length_are_refused(framed):
         _decoded(_with(framed, offsets=off), 0, 10)
 
 
-def _raw(data: bytes) -> bytes:
-    """A raw DEFLATE stream of ``data``, as the codec writes its frames."""
-    z = zlib.compressobj(1, zlib.DEFLATED, codec.WBITS)
-    return z.compress(data) + z.flush()
+def _zstd(data: bytes, **kw: Any) -> bytes:
+    """One Zstandard frame of ``data`` (its content size in the header unless told otherwise)."""
+    return zstandard.ZstdCompressor(level=1, **kw).compress(data)
 
 
-def test_a_frame_inflating_past_its_size_is_refused(framed):
-    big = _raw(bytes(8 * codec.FRAME * 4))  # a frame of 8 times the bytes, zeros
-    rest = framed.parts["data"][framed.parts["offsets"][1] :]
-    data = np.concatenate([np.frombuffer(big, dtype=np.uint8), rest])
-    off = framed.parts["offsets"] - framed.parts["offsets"][1] + len(big)
-    off[0] = 0
-    p = _with(framed, data=data, offsets=off)
+def _frame_by_hand(plane: bytes, window_exponent: int) -> bytes:
+    """A Zstandard frame (RFC 8878, 3.1.1) of ``plane`` in one raw block, with a window descriptor
+    of ``2**(10 + window_exponent)`` bytes and a 4-byte content size."""
+    magic = (0xFD2FB528).to_bytes(4, "little")
+    header = bytes([0b1000_0000, window_exponent << 3]) + len(plane).to_bytes(4, "little")
+    block = ((len(plane) << 3) | 1).to_bytes(3, "little")  # last block, raw
+    return magic + header + block + plane
+
+
+def _first_frame_replaced(framed: Packed, blob: bytes) -> Packed:
+    """``framed`` with frame 0's bytes replaced by ``blob`` (the offsets shifted to match)."""
+    off = framed.parts["offsets"]
+    data = np.concatenate([np.frombuffer(blob, dtype=np.uint8), framed.parts["data"][off[1] :]])
+    shifted = off - off[1] + len(blob)
+    shifted[0] = 0
+    return _with(framed, data=data, offsets=shifted)
+
+
+PLANE = codec.FRAME  # bytes of one plane of a whole frame
+PLANES = 4  # a float32 delta's
+
+
+def test_the_frames_are_one_zstandard_frame_per_plane(framed):
+    off = framed.parts["offsets"]
+    blob = framed.parts["data"][off[0] : off[1]].tobytes()
+    d = zstandard.ZstdDecompressor()
+    rest, planes = blob, []
+    while rest:
+        assert zstandard.frame_content_size(rest) == PLANE
+        o = d.decompressobj()
+        planes.append(o.decompress(rest))
+        rest = o.unused_data
+    assert len(planes) == PLANES
+    words = np.frombuffer(b"".join(planes), dtype=np.uint8).reshape(PLANES, PLANE).astype(np.uint32)
+    values = (words[0] | words[1] << 8 | words[2] << 16 | words[3] << 24).view(np.float32)
+    assert np.array_equal(values, _decoded(framed, 0, PLANE))
+
+
+def test_a_frame_declaring_more_than_its_plane_is_refused(framed):
+    p = _first_frame_replaced(framed, _zstd(bytes(8 * PLANE)) * PLANES)  # 8 times the bytes, zeros
     with pytest.raises(CheckpointError, match="exactly its"):
         _decoded(p, 0, 10)
     assert np.array_equal(_decoded(p, codec.FRAME, 10), _decoded(framed, codec.FRAME, 10))  # other frames decode
 
 
-def test_a_short_or_corrupt_frame_is_refused(framed):
+def test_a_frame_whose_blocks_give_more_than_it_declares_is_refused(framed):
+    lying = bytearray(_frame_by_hand(bytes(2 * PLANE), window_exponent=7))
+    lying[6:10] = PLANE.to_bytes(4, "little")  # declares one plane, its block holds two
+    with pytest.raises(CheckpointError, match="corrupt"):
+        _decoded(_first_frame_replaced(framed, bytes(lying) * PLANES), 0, 10)
+
+
+HUGE_WINDOW = """
+import resource, sys
+from test_codecs_lossless import PLANE, _frame_by_hand
+from ftrecycle.codecs import lossless
+blob = _frame_by_hand(bytes(PLANE), window_exponent=21)  # declares a 2 GiB window
+vm = int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
+resource.setrlimit(resource.RLIMIT_AS, (vm + (256 << 20), resource.RLIM_INFINITY))
+raw = lossless._decompress(blob, PLANE, 1, lossless._decompressor(), "t")
+assert raw == bytes(PLANE)
+print("ok")
+"""
+
+
+def test_a_huge_declared_window_allocates_no_more_than_the_plane():
+    """The decoder's buffer is bounded by the frame's content size (which must be the plane's), not by
+    the window its header declares: under an address-space limit of 256 MiB a 2 GiB window decodes."""
+    run = subprocess.run(
+        [sys.executable, "-c", HUGE_WINDOW], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=120
+    )
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]
+
+
+def test_a_frame_without_a_content_size_is_refused_whatever_its_window(framed):
+    unknown = _zstd(bytes(PLANE), write_content_size=False)
+    assert zstandard.frame_content_size(unknown) == -1
+    with pytest.raises(CheckpointError, match="exactly its"):
+        _decoded(_first_frame_replaced(framed, unknown * PLANES), 0, 10)
+
+
+def test_missing_or_extra_planes_are_refused(framed):
     off = framed.parts["offsets"]
-    for blob in (_raw(bytes(100)), zlib.compress(bytes(8 * codec.FRAME * 4)), b"\x00" * 40):
-        data = np.concatenate([np.frombuffer(blob, dtype=np.uint8), framed.parts["data"][off[1] :]])
-        shifted = off - off[1] + len(blob)
-        shifted[0] = 0
+    blob = framed.parts["data"][off[0] : off[1]].tobytes()
+    one = _zstd(bytes(PLANE))
+    for bad, match in [
+        (blob + one, "bytes past its 4 planes"),
+        (blob + b"\x00", "bytes past"),
+        (one * (PLANES - 1), "corrupt"),  # the fourth plane's header is missing
+        (blob[:-3], "corrupt|exactly its"),
+    ]:
+        with pytest.raises(CheckpointError, match=match):
+            _decoded(_first_frame_replaced(framed, bad), 5, 10)
+
+
+def test_a_short_or_corrupt_frame_is_refused(framed):
+    for blob in (_zstd(bytes(100)) * PLANES, zlib.compress(bytes(PLANE * PLANES)), b"\x00" * 40, b""):
         with pytest.raises(CheckpointError, match="frame"):
-            _decoded(_with(framed, data=data, offsets=shifted), 5, 10)
+            _decoded(_first_frame_replaced(framed, blob), 5, 10)
 
 
 def _info(name: str, dtype: DType, shape: tuple[int, ...]) -> TensorInfo:
@@ -319,5 +400,5 @@ def test_stored_parts_of_the_wrong_dtype_or_shape_are_refused_before_any_read():
 def test_the_stored_dtype_part_decides_the_values_dtype(framed):
     """Decoding reads the values' width from the parts: bf16 planes read as float32 fail cleanly."""
     as_bf16 = _with(framed, dtype=np.zeros(0, dtype=BF16.storage))
-    with pytest.raises(CheckpointError, match="exactly its"):
+    with pytest.raises(CheckpointError, match="bytes past its 2 planes"):
         _decoded(as_bf16, 0, 10)

@@ -23,8 +23,9 @@ method (module)   parts                                       value of element `
 ``lossless``      ``data`` (nbytes,) uint8, ``offsets``       element ``i*n+j - f*F`` of frame
                   (frames+1,) int64, ``dtype`` (0,) of the    ``f = (i*n+j) // F`` (``F = 2**16``
                   values' dtype                               elements): ``data[offsets[f]:
-                                                              offsets[f+1]]`` inflated (zlib),
-                                                              byte planes regrouped; exact
+                                                              offsets[f+1]]``: one Zstandard
+                                                              frame per byte plane, regrouped;
+                                                              exact
 ``mpsvd``         ``qa`` (m, c), ``qb`` (n, c) uint8: codes   ``sum_k a[i, k] * b[k, j]`` over
                   packed at ``widths`` (r,) uint8 bits each,  ``w_k > 0``, ``a[i, k] = (q - 2^(w_k
                   ``sa``, ``sb`` (r,) float32 steps           - 1) + 1/2) * sa[k]`` (``q``: row

@@ -3,55 +3,58 @@
 Formula: the diff ``D`` is rounded to the delta's dtype (what a dense delta stores; with the
 default float32 delta of a bf16 or fp16 pair that rounding is exact) and cut, in row-major order,
 into frames of ``F = 2**16`` elements (the last one shorter). Each frame's elements are split into
-byte planes (the least significant byte of every element, then the next, ...) and the planes are
-compressed together as one raw DEFLATE stream (run-length matches only, zlib's ``Z_RLE``
-strategy; no zlib header or Adler-32 trailer), each frame independently. Element ``(i, j)`` decodes as the
-element ``i*n + j - f*F`` of frame ``f = (i*n + j) // F`` inflated and regrouped: exactly the
-value a dense delta would store, so ``apply(diff(A, B), A) == B`` bit for bit wherever the dense
-delta gives it.
+byte planes (the least significant byte of every element, then the next, ...) and each plane is
+compressed as one Zstandard frame (RFC 8878: its content size in the header, no checksum, no
+dictionary); a frame's planes are stored one after the other. Element ``(i, j)`` decodes as the
+element ``i*n + j - f*F`` of frame ``f = (i*n + j) // F``, its planes decompressed and regrouped:
+exactly the value a dense delta would store, so ``apply(diff(A, B), A) == B`` bit for bit wherever
+the dense delta gives it.
 
-Parts: ``data`` (nbytes,) uint8, the frames' compressed streams one after the other;
-``offsets`` (frames+1,) int64, where frame ``f`` lies in ``data[offsets[f]:offsets[f+1]]``;
-``dtype`` (0,), no values: its dtype is the stored values' dtype. The frame size is read back
-from the number of offsets and ``m*n`` (the power of two that cuts ``m*n`` elements into that many
-frames), so any flat element range decodes by inflating only its own frames.
+Parts: ``data`` (nbytes,) uint8, the frames' compressed planes one after the other;
+``offsets`` (frames+1,) int64, where frame ``f``'s planes lie in ``data[offsets[f]:offsets[f+1]]``;
+``dtype`` (0,), no values: its dtype is the stored values' dtype (and its width the number of
+planes). The frame size is read back from the number of offsets and ``m*n`` (the power of two that
+cuts ``m*n`` elements into that many frames), so any flat element range decodes by decompressing
+only its own frames.
 
 The compressed size is only known after compressing, so a first pass (:func:`resolve`)
 compresses every frame and gives the tensor ``Compression("lossless", nbytes=N)``; the encoder
-compresses again (DEFLATE output is a function of its input, level and strategy within one zlib
-build) and
-refuses to write more or fewer than ``N`` bytes. A tensor whose compressed form is not smaller
-than dense stays dense.
+compresses again (Zstandard's output is a function of its input and parameters within one
+library build) and refuses to write more or fewer than ``N`` bytes. A tensor whose compressed
+form is not smaller than dense stays dense.
 
 Why it works on fine-tuning deltas: the float32 difference of two bf16 weights keeps at most
 the bf16 mantissa's bits, so its two low bytes are mostly zero, and its exponent byte takes few
-values; grouping equal-significance bytes lets a standard compressor see those runs.
+values; grouping equal-significance bytes and coding each plane on its own (its own Huffman
+table) lets a standard compressor see those runs and skews.
 
 Reference: byte grouping before entropy coding of model weights, ZipNN (Hershcovitch et al.,
 "ZipNN: Lossless Compression for AI Models", 2024, arXiv:2411.05239), which Huffman-codes the
-exponent plane and keeps the noise-like mantissa planes nearly as they are. With the standard
-library only, ``Z_RLE`` comes closest: it finds the zero runs of the low planes and leaves the
-rest to Huffman coding. Measured on a 4096x4096 bf16 fine-tune-like diff (noise 1e-4 on weights
-of scale 0.02), it stores 22% less than zlib's default strategy at level 1 and 10% less than at
-level 9, and is faster than both (level 9: about 2 MB/s); lzma (preset 0) stored 19% more than
-``Z_RLE`` and ran 4 times slower than level 1. With ``Z_RLE`` the level changes nothing measurable,
-so the spec takes no ``level``.
+exponent plane and keeps the noise-like mantissa planes nearly as they are. Zstandard's fastest
+strategy with its longest minimum match (:data:`PARAMS`) does about that: almost no matches,
+literals Huffman-coded per plane, a plane that does not compress kept raw. Why Zstandard and not
+zlib's DEFLATE (``benchmarks/bench_lossless_streams.py``, ``benchmarks/results/lossless-streams.json``,
+on the bench trio's bf16 ``down_proj`` diff): DEFLATE with run-length matches (the best zlib
+setting) stores about 2 % less, but inflates at under 200 MB/s on one core, which made ``apply``
+of a lossless delta more than twice as slow as a dense one; Zstandard decodes about six times
+faster (its Huffman decoder reads four streams at once).
 
-Raw DEFLATE rather than a zlib stream: no Adler-32 to compute over every inflated byte
-(``benchmarks/bench_lossless_streams.py`` measures both, ``benchmarks/results/lossless-streams.json``),
-and the delta's files already carry SHA-256 checksums that ``apply`` verifies; a frame must still
-inflate to exactly its size and end its stream there.
+A hostile frame cannot make a decoder hold more than its plane: its declared content size must
+be the plane's size before anything is decompressed, and Zstandard bounds its buffer by that size
+whatever window the header declares (a window the content size would not bound is capped at
+128 KiB); each plane must end its frame exactly where the next begins, and the frame's last plane
+at its end (the delta's files also carry SHA-256 checksums, which ``apply`` verifies).
 """
 
 from __future__ import annotations
 
 import math
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import zstandard
 
 from ftrecycle.codecs.base import (
     Codec,
@@ -75,15 +78,33 @@ from ftrecycle.io.safetensors_format import TensorInfo
 
 #: Elements per frame written (a power of two; a decoder accepts any in FRAME_BITS).
 FRAME = 1 << 16
-#: The frame sizes (as powers of two) a decoder accepts: small enough that a frame's inflated
+#: The frame sizes (as powers of two) a decoder accepts: small enough that a frame's decompressed
 #: bytes stay bounded (at most 512 KiB of float64: the memory a decoder holds per thread, whatever
 #: a hostile file claims), large enough that ``offsets`` stays small.
 FRAME_BITS = range(10, 17)
-#: DEFLATE level and strategy: run-length matches only (see the module docstring for why).
-LEVEL = 1
-STRATEGY = zlib.Z_RLE
-#: Raw DEFLATE: no zlib header, no Adler-32 (see the module docstring for why).
-WBITS = -zlib.MAX_WBITS
+#: Zstandard's parameters, fixed (not a level, whose meaning may change between releases): the
+#: fast strategy with 7-byte minimum matches, a window of a plane at most (2^16 bytes); the
+#: content size in each frame's header, no checksum, no dictionary id, no worker threads.
+PARAMS = zstandard.ZstdCompressionParameters(
+    window_log=17,
+    chain_log=16,
+    hash_log=16,
+    search_log=1,
+    min_match=7,
+    target_length=0,
+    strategy=zstandard.STRATEGY_FAST,
+    write_checksum=False,
+    write_content_size=True,
+    write_dict_id=False,
+    threads=0,
+)
+#: The largest window a decoder accepts where the content size does not bound it (a plane is at
+#: most 2^16 bytes).
+MAX_WINDOW = 1 << 17
+#: Bytes a compression and a decompression context hold (Zstandard's own estimates and the window).
+CONTEXT_BYTES = (
+    PARAMS.estimated_compression_context_size() + zstandard.estimate_decompression_context_size() + MAX_WINDOW
+)
 #: The dtypes a delta stores values in (the ``dtype`` part's).
 VALUE_DTYPES = frozenset(BY_NAME[d] for d in USER_DTYPES)
 #: Their storage dtypes are distinct (bfloat16's is uint16), so an array in memory names its dtype.
@@ -107,7 +128,7 @@ def frame_size(total: int, frames: int) -> int | None:
 WORDS: dict[int, np.dtype[Any]] = {2: np.dtype(np.uint16), 4: np.dtype(np.uint32), 8: np.dtype(np.uint64)}
 
 
-def _planes(values: np.ndarray, dtype: DType) -> memoryview:
+def _planes(values: np.ndarray, dtype: DType) -> np.ndarray:
     """The byte planes of ``values`` rounded to ``dtype``: the least significant byte of every
     element, then the next one, ... (by shifts, so the planes do not depend on the machine's byte
     order; three times faster than a transposing copy)."""
@@ -115,7 +136,7 @@ def _planes(values: np.ndarray, dtype: DType) -> memoryview:
     planes = np.empty((dtype.itemsize, words.size), dtype=np.uint8)
     for k in range(dtype.itemsize):
         planes[k] = words >> (8 * k)  # the assignment keeps the low byte
-    return planes.data
+    return planes
 
 
 def _elements(planes: bytes, count: int, dtype: DType) -> np.ndarray:
@@ -128,10 +149,19 @@ def _elements(planes: bytes, count: int, dtype: DType) -> np.ndarray:
     return words.view(dtype.storage)
 
 
-def _deflate(planes: memoryview) -> bytes:
-    """One frame's planes compressed (one raw DEFLATE stream)."""
-    z = zlib.compressobj(LEVEL, zlib.DEFLATED, WBITS, 8, STRATEGY)
-    return z.compress(planes) + z.flush()
+def _compress(planes: np.ndarray, z: zstandard.ZstdCompressor) -> bytes:
+    """One frame's planes (the rows of ``planes``), each compressed as one Zstandard frame, joined."""
+    return b"".join(z.compress(plane) for plane in planes)
+
+
+def _compressor() -> zstandard.ZstdCompressor:
+    """A compression context with :data:`PARAMS` (one per thread: contexts are not thread-safe)."""
+    return zstandard.ZstdCompressor(compression_params=PARAMS)
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    """A decompression context whose window is capped (one per thread)."""
+    return zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW)
 
 
 def _frames(read: Reader, total: int, block: int) -> Iterator[tuple[int, np.ndarray]]:
@@ -155,7 +185,8 @@ def compressed_size(read: Reader, total: int, dtype: DType, block: int) -> int:
     Returns:
         The sum of the frames' compressed sizes.
     """
-    return sum(len(_deflate(_planes(x, dtype))) for _, x in _frames(read, total, block))
+    z = _compressor()
+    return sum(len(_compress(_planes(x, dtype), z)) for _, x in _frames(read, total, block))
 
 
 def resolve(spec: Compression, probe: Probe) -> Compression | None:
@@ -177,7 +208,7 @@ def layout(spec: Compression, m: int, n: int, dtype: DType) -> dict[str, PartSpe
 
 
 def encode(job: Job) -> Encoded:
-    """Compress frame by frame into ``data``, checking each frame inflates back to its bits;
+    """Compress frame by frame into ``data``, checking each frame decompresses back to its bits;
     the offsets are written last.
 
     Raises:
@@ -189,15 +220,17 @@ def encode(job: Job) -> Encoded:
     offsets = np.zeros(job.parts["offsets"][1][0], dtype=np.int64)
     total = err = 0.0
     pos = 0
+    z, dz = _compressor(), _decompressor()
     for i, (_, x) in enumerate(_frames(job.read, m * n, job.block)):
-        blob = _deflate(_planes(x, dtype))
+        blob = _compress(_planes(x, dtype), z)
         if pos + len(blob) > nbytes:
             raise CheckpointError(_changed(job.name, nbytes))
         job.write("data", pos, np.frombuffer(blob, dtype=np.uint8))
         pos += len(blob)
         offsets[i + 1] = pos
-        # the error is measured on what was stored: the frame inflated and widened back
-        back = from_storage(_elements(_inflate(blob, x.size * dtype.itemsize, job.name), x.size, dtype), dtype, ct)
+        # the error is measured on what was stored: the frame decompressed and widened back
+        raw = _decompress(blob, x.size, dtype.itemsize, dz, job.name)
+        back = from_storage(_elements(raw, x.size, dtype), dtype, ct)
         total += squared(x)
         err += squared(x - back)
     if pos != nbytes:
@@ -213,35 +246,44 @@ def _changed(name: str, nbytes: int) -> str:
     )
 
 
-def _inflate(blob: bytes, size: int, where: str) -> bytes:
-    """A frame's stream inflated to exactly ``size`` bytes (never more: a hostile frame cannot
-    expand past its size).
+def _decompress(blob: bytes, size: int, planes: int, dz: zstandard.ZstdDecompressor, where: str) -> bytes:
+    """A frame's ``planes`` planes of ``size`` bytes each, decompressed (never more than that: a
+    hostile frame cannot expand past its plane).
 
     Raises:
-        CheckpointError: the stream is corrupt, inflates to another size, or has trailing bytes.
+        CheckpointError: a plane's frame is corrupt, declares or gives another size, or is followed
+            by other bytes than the next plane's frame.
     """
-    d = zlib.decompressobj(WBITS)
-    try:
-        raw = d.decompress(blob, size)
-        # the stream's end (and its checksum) may lie past the last byte asked: one byte more must
-        # not come out of what is left, and the stream must end there
-        more = b"" if d.eof else d.decompress(d.unconsumed_tail, 1)
-    except zlib.error as e:
+    out, rest = [], blob
+    for _ in range(planes):
+        try:
+            declared = zstandard.frame_content_size(rest)
+            d = dz.decompressobj()
+            got = d.decompress(rest) if declared == size else b""
+        except zstandard.ZstdError as e:
+            raise CheckpointError(
+                f"{where}: a compressed frame is corrupt ({e}); recreate the delta with `ftrecycle diff`"
+            ) from e
+        if declared != size or len(got) != size or not d.eof:
+            raise CheckpointError(
+                f"{where}: a compressed frame does not decompress to exactly its {planes} planes of {size} bytes; "
+                "the delta is corrupt; recreate it with `ftrecycle diff`"
+            )
+        out.append(got)
+        rest = d.unused_data
+    if rest:
         raise CheckpointError(
-            f"{where}: a compressed frame is corrupt ({e}); recreate the delta with `ftrecycle diff`"
-        ) from e
-    if len(raw) != size or more or not d.eof or d.unused_data:
-        raise CheckpointError(
-            f"{where}: a compressed frame does not inflate to exactly its {size} bytes; the delta is corrupt; "
+            f"{where}: a compressed frame has {len(rest)} bytes past its {planes} planes; the delta is corrupt; "
             "recreate it with `ftrecycle diff`"
         )
-    return raw
+    return b"".join(out)
 
 
 @dataclass
 class _Reading:
     """One lossless tensor as a decoding thread holds it: its checked frame index, and the last
-    frame it inflated (ranges cut inside a frame, as small work items are, inflate it once).
+    frame it decompressed (ranges cut inside a frame, as small work items are, decompress it once),
+    with the thread's own decompression context.
 
     Attributes:
         packed: the tensor.
@@ -251,6 +293,7 @@ class _Reading:
         where: the tensor's data part, for errors.
         last: the frame in ``values`` (-1: none).
         values: that frame's storage values.
+        dz: the decompression context.
     """
 
     packed: Packed
@@ -260,6 +303,7 @@ class _Reading:
     where: str
     last: int = -1
     values: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.uint8))
+    dz: zstandard.ZstdDecompressor = field(default_factory=_decompressor)
 
 
 def _reading(p: Packed, cache: dict[Any, Any]) -> _Reading:
@@ -307,17 +351,18 @@ def _value_dtype(p: Packed) -> DType:
 
 
 def _frame(p: Packed, r: _Reading, f: int) -> np.ndarray:
-    """Frame ``f``'s storage values (the last one inflated is kept in ``r``)."""
+    """Frame ``f``'s storage values (the last one decompressed is kept in ``r``)."""
     if r.last != f:
         o0, o1 = int(r.offsets[f]), int(r.offsets[f + 1])
         size = min(r.frame, math.prod(p.shape) - f * r.frame)
-        raw = _inflate(read_part(p, "data", o0, o1 - o0).tobytes(), size * r.dtype.itemsize, f"{r.where} frame {f}")
+        blob = read_part(p, "data", o0, o1 - o0).tobytes()
+        raw = _decompress(blob, size, r.dtype.itemsize, r.dz, f"{r.where} frame {f}")
         r.last, r.values = f, _elements(raw, size, r.dtype)
     return r.values
 
 
 def decode(p: Packed, start: int, count: int, out: np.ndarray, cache: dict[Any, Any]) -> np.ndarray:
-    """Elements ``[start, start + count)`` into ``out``: only the frames under them are read and inflated."""
+    """Elements ``[start, start + count)`` into ``out``: only the frames under them are read and decompressed."""
     r = _reading(p, cache)
     done = 0
     for f in range(start // r.frame, -(-(start + count) // r.frame)):
@@ -330,10 +375,10 @@ def decode(p: Packed, start: int, count: int, out: np.ndarray, cache: dict[Any, 
 
 
 def state_bytes(parts: dict[str, PartSpec], shape: tuple[int, int], itemsize: int, block: int) -> int:
-    """Bytes the encoder holds: the offsets, a span of whole frames, and one frame's planes,
-    stream and inflated copy (each at most 8 bytes an element)."""
+    """Bytes the encoder holds: the offsets, a span of whole frames, one frame's planes, stream
+    and decompressed copy (each at most 8 bytes an element), and its Zstandard contexts."""
     span = max(1, block // FRAME) * FRAME
-    return 8 * parts["offsets"][1][0] + row_block_bytes(itemsize, span) + 4 * 8 * FRAME
+    return 8 * parts["offsets"][1][0] + row_block_bytes(itemsize, span) + 4 * 8 * FRAME + CONTEXT_BYTES
 
 
 def expect(m: int, n: int, parts: dict[str, TensorInfo]) -> Expected:
