@@ -97,3 +97,38 @@ def test_apply_of_a_compressed_delta_does_not_depend_on_chunk_or_threads(version
         for k in first:
             diffs = (first[k] != other[k]).sum().item()
             assert torch.equal(bits(first[k]), bits(other[k])), f"{spec} {k}: {diffs} elements differ"
+
+
+# ---------------------------------------------------------------- the encoders' work split
+
+#: Every stored method, on matrices large enough for the randomized SVD (more than 2^18 elements,
+#: the smaller side over twice the sketch), so that the row blocks it reads in are many.
+ENCODED = ["lowrank:rank=8", "signlr:rank=8", "mpsvd:ratio=8", "sparse:density=0.1", "kbit:bits=3", "lossless"]
+
+
+@pytest.fixture(scope="module")
+def wide_pair(tmp_path_factory):
+    """A one-layer synthetic Llama of hidden 384 and MLP 1024 (matrices of 393,216 elements), and its fine-tune."""
+    from fixtures.synthetic import llama_config, llama_layout, write_synthetic
+
+    arch = dict(vocab_size=256, hidden_size=384, intermediate_size=1024, num_hidden_layers=1,
+                num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)  # fmt: skip
+    root = tmp_path_factory.mktemp("wide")
+    out = {}
+    for role, noise in (("base", []), ("finetuned", [(1, 1e-3)])):
+        out[role] = write_synthetic(root / role, llama_layout(**arch), llama_config(**arch), noise=noise)
+    return out
+
+
+@pytest.mark.parametrize("spec", ENCODED)
+def test_a_compressed_diff_does_not_depend_on_the_engine_chunk_or_threads(wide_pair, tmp_path, monkeypatch, spec):
+    """The engine's chunk follows --max-memory and --threads; the encoders' row blocks must not."""
+    assert lowrank.exact(1024, 384, 18) is False  # the randomized SVD, read in row blocks
+    stored = set()
+    for chunk, threads in ((None, 2), (4096, 1), (70000, 2)):
+        if chunk is not None:
+            monkeypatch.setattr(settings, "chunk_for_budget", lambda *_a, c=chunk: c)
+        out = tmp_path / f"d-{chunk}-{threads}"
+        diff(str(wide_pair["base"]), str(wide_pair["finetuned"]), out, compress=spec, threads=threads)
+        stored.add(b"".join(f.read_bytes() for f in sorted(out.glob("delta*.safetensors"))))
+    assert len(stored) == 1

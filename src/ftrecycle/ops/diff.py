@@ -332,7 +332,7 @@ def _needs(
     needs = {}
     for name, (spec, shape, parts) in tensors.items():
         needs[name] = _reader_bytes(chunk, settings.compute_dtype) + state_bytes(
-            spec.method, parts, (shape[0], shape[1]), it, max(chunk, shape[1])
+            spec.method, parts, (shape[0], shape[1]), it, max(ENCODE_BLOCK, shape[1])
         )
     worst = max(needs, key=lambda n: needs[n])
     if needs[worst] > budget:
@@ -406,7 +406,7 @@ def _compress_one(
     m, n = term.shape
     try:
         with np.errstate(all="ignore"):  # a NaN in the diff is reported below, not warned about on stderr
-            found = encode(spec, read, write, term.name, (m, n), ddt, ct, chunk)
+            found = encode(spec, read, write, term.name, (m, n), ddt, ct, ENCODE_BLOCK)
     except NonFiniteError:
         found = Encoded(math.nan, math.nan)
     if not math.isfinite(found.norm) or not math.isfinite(found.error):
@@ -449,6 +449,10 @@ def _weights(
 #: ``--compress auto``: the row block its measurements read, and the memory its candidates must fit,
 #: fixed so that what the budget chooses depends on the diff alone
 AUTO_BLOCK = 1 << 16
+#: The row block every encoder and first pass reads (``Job.block``, ``Probe.block``): fixed, not the
+#: engine's chunk (which follows --max-memory and --threads), so that the stored parts depend on the
+#: diff alone (a randomized SVD sums over row blocks; the reader still reads ``chunk`` at a time)
+ENCODE_BLOCK = 1 << 18
 AUTO_MEMORY = parse_size(DEFAULT_MAX_MEMORY)
 
 
@@ -473,7 +477,7 @@ def _resolved(
     ct = np.dtype(settings.compute_dtype.storage)
     share = (settings.max_memory - RESERVE_BYTES) // settings.threads - _reader_bytes(chunk, settings.compute_dtype)
 
-    def probe(t: Term, block: int = chunk) -> Probe:
+    def probe(t: Term, block: int = ENCODE_BLOCK) -> Probe:
         read = term_reader(t, chunk, ct, settings.compute_dtype)
         return Probe(read, t.name, (t.shape[0], t.shape[1]), ddt, ct, block, max(0, share))
 
