@@ -138,12 +138,32 @@ def _exact_svd(read: Reader, m: int, n: int, ct: np.dtype[Any], block: int) -> t
     return u, s, vt, np.array(total)
 
 
-def _svd(read: Reader, m: int, n: int, k: int, ct: np.dtype[Any], seed: int, block: int) -> tuple[np.ndarray, ...]:
-    """(U, S, Vt) with ``k`` columns (all of them for small matrices), and the squared norm."""
+def _svd(
+    read: Reader,
+    m: int,
+    n: int,
+    k: int,
+    ct: np.dtype[Any],
+    seed: int,
+    block: int,
+    *,
+    start: np.ndarray | None = None,
+    iterations: int = POWER_ITERATIONS,
+) -> tuple[np.ndarray, ...]:
+    """(U, S, Vt) with ``k`` columns (all of them for small matrices), and the squared norm.
+
+    The randomized range finder (Halko, Martinsson and Tropp, 2011) reads the matrix
+    ``2 + 2 * iterations`` times. ``start`` (n, r), r <= k: directions known to lie near the top
+    right singular subspace (a previous fit's), taking the place of the first ``r`` random
+    columns, so that fewer ``iterations`` find the subspace.
+    """
     if exact(m, n, k):
         return _exact_svd(read, m, n, ct, block)
     rng = np.random.default_rng(seed)
     omega = rng.standard_normal((n, k)).astype(ct)
+    if start is not None:
+        norms = np.linalg.norm(start, axis=0)
+        omega[:, : start.shape[1]] = start / np.where(norms > 0, norms, 1.0)
     y = np.empty((m, k), dtype=ct)
     total = 0.0
     for r0, r1 in blocks(m, n, block):
@@ -151,7 +171,7 @@ def _svd(read: Reader, m: int, n: int, k: int, ct: np.dtype[Any], seed: int, blo
         total += squared(rows)
         y[r0:r1] = rows @ omega
     _finite(total)
-    for _ in range(POWER_ITERATIONS):
+    for _ in range(iterations):
         q = _qr(y)  # peak: y and q (two m x k)
         z = np.zeros((n, k), dtype=ct)
         for r0, r1 in blocks(m, n, block):
