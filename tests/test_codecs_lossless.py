@@ -402,3 +402,49 @@ def test_the_stored_dtype_part_decides_the_values_dtype(framed):
     as_bf16 = _with(framed, dtype=np.zeros(0, dtype=BF16.storage))
     with pytest.raises(CheckpointError, match="bytes past its 2 planes"):
         _decoded(as_bf16, 0, 10)
+
+
+def test_a_frame_longer_than_its_planes_can_compress_to_is_refused_before_it_is_read(framed):
+    """Valid planes followed by 8 MiB: the span alone is refused, from the offsets, before any frame is read."""
+    off = framed.parts["offsets"]
+    blob = framed.parts["data"][off[0] : off[1]].tobytes() + bytes(8 << 20)
+    p = _first_frame_replaced(framed, blob)
+    read: list[str] = []
+
+    class Watched(np.ndarray):
+        """The data part, noting every slice taken of it (a frame being read)."""
+
+        def __getitem__(self, key: Any) -> Any:
+            read.append(str(key))
+            return super().__getitem__(key)
+
+    with pytest.raises(CheckpointError, match="more bytes than Zstandard can write"):
+        _decoded(_with(p, data=p.parts["data"].view(Watched)), codec.FRAME, 10)  # frame 1 is fine
+    assert not read
+    bound = PLANES * codec.compress_bound(PLANE)
+    assert bound < PLANES * PLANE * 1.01
+    fits = _first_frame_replaced(framed, blob[: bound - 1])
+    with pytest.raises(CheckpointError, match="bytes past its 4 planes"):  # within the bound: read, then refused
+        _decoded(fits, 0, 10)
+
+
+def test_a_value_dtype_relabelled_in_the_header_is_refused(versions, tmp_path):
+    """The ``dtype`` part holds no bytes, so its checksum cannot see a relabelled header: the manifest's
+    dtype must agree with it (bf16 values read as fp16 would decode to other numbers)."""
+    v = versions["llama"]
+    d = diff(str(v["source_base"]), str(v["source_finetuned"]), tmp_path / "d", compress="lossless",
+             delta_dtype="bfloat16").output  # fmt: skip
+    shard = next(d.glob("delta*.safetensors"))
+    raw = shard.read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + size])
+    relabelled = [k for k, e in header.items() if k.endswith("::dtype") and e["dtype"] == "BF16"]
+    assert relabelled
+    for k in relabelled:
+        header[k]["dtype"] = "F16"
+    text = json.dumps(header, separators=(",", ":")).encode()
+    assert len(text) <= size
+    shard.write_bytes(raw[:8] + text.ljust(size) + raw[8 + size :])
+    with pytest.raises(CheckpointError, match="manifest says the delta stores its values as bfloat16"):
+        apply_delta(d, str(v["source_base"]), tmp_path / "o")
+    assert not (tmp_path / "o").exists()

@@ -34,16 +34,19 @@ exponent plane and keeps the noise-like mantissa planes nearly as they are. Zsta
 strategy with its longest minimum match (:data:`PARAMS`) does about that: almost no matches,
 literals Huffman-coded per plane, a plane that does not compress kept raw. Why Zstandard and not
 zlib's DEFLATE (``benchmarks/bench_lossless_streams.py``, ``benchmarks/results/lossless-streams.json``,
-on the bench trio's bf16 ``down_proj`` diff): DEFLATE with run-length matches (the best zlib
-setting) stores about 2 % less, but inflates at under 200 MB/s on one core, which made ``apply``
-of a lossless delta more than twice as slow as a dense one; Zstandard decodes about six times
-faster (its Huffman decoder reads four streams at once).
+on the bench trio's bf16 ``down_proj`` diff): zlib's DEFLATE (run-length or Huffman-only) stores
+about 2 % less, but inflates at under 200 MB/s on one core, which made ``apply`` of a lossless
+delta more than twice as slow as a dense one; Zstandard decodes about five times faster (its
+Huffman decoder reads four streams at once).
 
-A hostile frame cannot make a decoder hold more than its plane: its declared content size must
-be the plane's size before anything is decompressed, and Zstandard bounds its buffer by that size
-whatever window the header declares (a window the content size would not bound is capped at
-128 KiB); each plane must end its frame exactly where the next begins, and the frame's last plane
-at its end (the delta's files also carry SHA-256 checksums, which ``apply`` verifies).
+A hostile file cannot make a decoder hold more than a frame's worth: a frame is read only if it
+spans at most what Zstandard can write for its planes (:func:`compress_bound` each, checked on the
+offsets before any frame is read); each plane's declared content size must be the plane's size
+before anything is decompressed, and Zstandard bounds its buffer by that size whatever window the
+header declares (a window the content size would not bound is capped at 128 KiB); each plane must
+end its frame exactly where the next begins, and the last plane at the frame's end. A reader
+accepts frame sizes ``2**10`` to ``2**16`` (read back from the offsets, as above); the writer uses
+``2**16``.
 """
 
 from __future__ import annotations
@@ -147,6 +150,13 @@ def _elements(planes: bytes, count: int, dtype: DType) -> np.ndarray:
     for k in range(1, dtype.itemsize):
         words |= grouped[k].astype(word) << (8 * k)
     return words.view(dtype.storage)
+
+
+def compress_bound(size: int) -> int:
+    """The most bytes Zstandard's compressor writes for ``size`` bytes of input (``ZSTD_COMPRESSBOUND``
+    of ``zstd.h``: its frame header, block headers and raw blocks at worst)."""
+    small = ((128 << 10) - size) >> 11 if size < (128 << 10) else 0
+    return size + (size >> 8) + small
 
 
 def _compress(planes: np.ndarray, z: zstandard.ZstdCompressor) -> bytes:
@@ -258,7 +268,7 @@ def _decompress(blob: bytes, size: int, planes: int, dz: zstandard.ZstdDecompres
     for _ in range(planes):
         try:
             declared = zstandard.frame_content_size(rest)
-            d = dz.decompressobj()
+            d = dz.decompressobj(read_across_frames=False)
             got = d.decompress(rest) if declared == size else b""
         except zstandard.ZstdError as e:
             raise CheckpointError(
@@ -320,15 +330,26 @@ def _reading(p: Packed, cache: dict[Any, Any]) -> _Reading:
     shape = src.shape if isinstance(src, np.ndarray) else src.info.shape
     size = data.size if isinstance(data, np.ndarray) else data.info.numel
     where = "a lossless tensor" if isinstance(data, np.ndarray) else f"{data.info.path}: {data.info.name!r}"
-    frame = frame_size(math.prod(p.shape), shape[0] - 1) if len(shape) == 1 else None
+    total = math.prod(p.shape)
+    frame = frame_size(total, shape[0] - 1) if len(shape) == 1 else None
     offsets = read_part(p, "offsets", 0, shape[0]) if frame is not None else np.zeros(0, dtype=np.int64)
-    if frame is None or int(offsets[0]) != 0 or int(offsets[-1]) != size or bool(np.any(np.diff(offsets) < 0)):
+    spans = np.diff(offsets)
+    if frame is None or int(offsets[0]) != 0 or int(offsets[-1]) != size or bool(np.any(spans < 0)):
         raise CheckpointError(
             f"{where}: the offsets of this lossless tensor {list(p.shape)} are not a valid frame index of its "
             f"{size} bytes (they must start at 0, never decrease and end at the size of data, one per frame); "
             "recreate the delta with `ftrecycle diff`"
         )
-    got = _Reading(p, offsets, frame, _value_dtype(p), where)
+    dtype = _value_dtype(p)
+    # a frame is read whole before it is decompressed: none may be longer than its planes can compress to
+    limits = np.full(len(spans), dtype.itemsize * compress_bound(frame), dtype=np.int64)
+    limits[-1] = dtype.itemsize * compress_bound(total - (len(spans) - 1) * frame)
+    if bool(np.any(spans > limits)):
+        raise CheckpointError(
+            f"{where}: a frame of this lossless tensor {list(p.shape)} takes more bytes than Zstandard can write "
+            f"for its {dtype.itemsize} planes; the delta is corrupt; recreate it with `ftrecycle diff`"
+        )
+    got = _Reading(p, offsets, frame, dtype, where)
     cache.clear()
     cache["lossless"] = got
     return got

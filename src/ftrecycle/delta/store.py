@@ -301,7 +301,7 @@ def _terms(p: Path, ckpt: Checkpoint, manifest: dict[str, Any]) -> dict[str, Ter
         if entry.get("compression"):
             method = entry["compression"]["method"]
             infos = {k: ckpt.tensors[v] for k, v in entry["parts"].items()}
-            check_parts(name, method, shape, infos)
+            check_parts(name, method, shape, infos, BY_NAME.get(manifest.get("dtype", "float32")))
             ops = {k: Operand(ckpt, info) for k, info in infos.items()}
             packed = Packed(method, shape, ops)
             if method == "sparse":
@@ -330,16 +330,22 @@ def _check_dtype(info: TensorInfo, listed: str | None) -> None:
         )
 
 
-def check_parts(name: str, method: str, shape: tuple[int, ...], parts: dict[str, TensorInfo]) -> None:
+def check_parts(
+    name: str, method: str, shape: tuple[int, ...], parts: dict[str, TensorInfo], values: DType | None = None
+) -> None:
     """Check every part's dtype and shape against its tensor's shape and method, before any read.
 
-    What each method's parts must be is its codec's ``expect`` (see :mod:`ftrecycle.codecs`).
+    What each method's parts must be is its codec's ``expect`` (see :mod:`ftrecycle.codecs`). A
+    part that may take several float dtypes holds values in the delta's dtype (its factors, its
+    exact values), which the manifest records: a header naming another one (whose bytes, and so
+    whose checksum, are the same) would decode to other numbers.
 
     Args:
         name: the tensor.
         method: its compression method.
         shape: its (dense) shape.
         parts: part name -> the stored part.
+        values: the delta's dtype, from the manifest (None: not checked).
 
     Raises:
         CheckpointError: a part of another dtype or shape (an exchanged or corrupt part), naming it.
@@ -356,6 +362,12 @@ def check_parts(name: str, method: str, shape: tuple[int, ...], parts: dict[str,
                 f"{info.path}: part {info.name!r} of {method} tensor {name!r} {list(shape)} is "
                 f"{info.dtype} {list(info.shape)}, not {names} {list(pshape)}; the part is corrupt or belongs to "
                 "another tensor; recreate the delta with `ftrecycle diff`"
+            )
+        if values is not None and len(dtypes) > 1 and dtypes <= FLOAT_DTYPES and info.dtype is not values:
+            raise CheckpointError(
+                f"{info.path}: part {info.name!r} of {method} tensor {name!r} is {info.dtype}, but the manifest "
+                f"says the delta stores its values as {values}; the part is corrupt; recreate the delta with "
+                "`ftrecycle diff`"
             )
 
 
