@@ -129,8 +129,8 @@ def compress_bench(d: dict[str, Any]) -> list[str]:
     if m:
         out[-1] += (
             f" {m['cpu_count']} cores ({m['cpu']}), load average {m.get('load_avg_1min_at_start')} at the start and "
-            f"{m.get('load_avg_1min_at_end')} at the end; the dense `apply` is the mean of one run before the "
-            "settings and one after."
+            f"{m.get('load_avg_1min_at_end')} at the end; each `apply` is the faster of two runs, the dense one "
+            "the fastest of two runs before the settings and two after."
         )
     for r in d.get("refused") or []:
         out += ["", f"Refused: `--compress {r['spec']}`: {r['error']}"]

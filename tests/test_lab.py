@@ -763,3 +763,17 @@ def test_design_targets_are_judged_from_the_numbers():
     assert good.count("**met**") == 6 and "not met" not in good
     bad = "\n".join(design_targets(_targets_results([39.9, 50, 60, 80, 90.1], (5.1, 3.0), [0, 2, 3, 4, 5], 1, 9.9)))
     assert bad.count("**not met**") == 6
+
+
+def test_the_wall_time_target_counts_the_jobs_a_call_reused():
+    """A call that reused every job takes a second; a fresh run cannot take less than the jobs' own seconds
+    over the workers, and that is what the target is judged on."""
+    fresh = _targets_results([41, 50, 60, 80, 89.9], (4.9, 3.0), [1, 2, 3, 4, 5], 2, 10)
+    reused = {**fresh, "seconds": 0.7, "timing": {"job_s": 3395.0, "workers": 2}}
+    row = next(r for r in design_targets(reused) if "wall time" in r)
+    assert "at least 1698 s" in row and "**not met**" in row
+    quick = {**fresh, "seconds": 0.7, "timing": {"job_s": 1700.0, "workers": 2}}
+    assert "**met**" in next(r for r in design_targets(quick) if "wall time" in r)
+    timed = {**fresh, "seconds": 880.0, "timing": {"job_s": 1700.0, "workers": 2}}  # the call itself, no reuse
+    row = next(r for r in design_targets(timed) if "wall time" in r)
+    assert "**met**" in row and "fresh run" not in row

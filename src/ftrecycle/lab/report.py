@@ -729,13 +729,25 @@ def design_targets(results: dict[str, Any]) -> list[str]:
             mark(span is not None and span >= t["sweep_span"]),
         ],
         ["findings on at least 2 seeds", str(len(cfg["seeds"])), mark(len(cfg["seeds"]) >= 2)],
-        [
-            f"this call's wall time at most {t['wall_limit_s']:g} s",
-            f"{results['seconds']} s",
-            mark(results["seconds"] <= t["wall_limit_s"]),
-        ],
+        _wall_row(results, t["wall_limit_s"], mark),
     ]
     return _table(["target", "this run", ""], rows)
+
+
+def _wall_row(results: dict[str, Any], limit: float, mark: Callable[[bool], str]) -> list[str]:
+    """The wall-time target: this call's, or, where the call reused finished jobs, at least their own
+    seconds over the workers (what a fresh run could not beat), whichever is larger."""
+    seconds = float(results["seconds"])
+    t = results.get("timing") or {}
+    floor = t["job_s"] / t["workers"] if t.get("job_s") and t.get("workers") else None
+    text = f"{_f(seconds)} s"
+    if floor is not None and floor > seconds:
+        text += f" (reusing finished jobs; a fresh run: at least {floor:.0f} s, their own seconds over {t['workers']})"
+    return [
+        f"a run's wall time at most {limit:g} s",
+        text,
+        mark(max(seconds, floor or 0.0) <= limit),
+    ]
 
 
 def _targets(results: dict[str, Any]) -> list[str]:
