@@ -101,26 +101,28 @@ def encode(job: Job) -> Encoded:
 
 
 def decode(p: Packed, start: int, count: int, out: np.ndarray, cache: dict[Any, Any]) -> np.ndarray:
-    """Elements ``[start, start + count)`` of ``±scale`` into ``out``: exactly the stored scale, negated
-    where the bit is clear (no arithmetic on it, so the bits depend on the parts alone)."""
+    """Elements ``[start, start + count)`` of ``±scale`` into ``out``: the stored scale times ``+1`` or
+    ``-1`` (``2 bit - 1``), which is exact, so the bits depend on the parts alone. Three passes over
+    ``out``, no boolean temporaries: a masked negation was 19 times slower."""
     ct = out.dtype
     m, n = p.shape
     axis = axis_of(part_shape(p, "scale"), m, n)
     lo = start // 8
     raw = read_part(p, "bits", lo, (start + count + 7) // 8 - lo)
-    bits = np.unpackbits(raw, bitorder="little")[start - 8 * lo : start - 8 * lo + count].astype(bool)
+    bits = np.unpackbits(raw, bitorder="little")[start - 8 * lo : start - 8 * lo + count]
+    sign = out[:count]
+    np.multiply(bits, ct.type(2), out=sign, dtype=ct)
+    np.subtract(sign, ct.type(1), out=sign)
     if axis is None:
-        mag: Any = ct.type(float(read_part(p, "scale", 0, 1)[0]))
+        np.multiply(sign, ct.type(float(read_part(p, "scale", 0, 1)[0])), out=sign)
+        return out
+    # the scales spread over the rows under the range, then cut to it
+    r0, r1 = start // n, -(-(start + count) // n)
+    if axis == "row":
+        each = np.repeat(read_part(p, "scale", r0, r1 - r0).astype(ct), n)
     else:
-        # the scales spread over the rows under the range, then cut to it
-        r0, r1 = start // n, -(-(start + count) // n)
-        if axis == "row":
-            each = np.repeat(read_part(p, "scale", r0, r1 - r0).astype(ct), n)
-        else:
-            each = np.tile(whole(p, "scale", ct, cache).reshape(-1), r1 - r0)
-        mag = each[start - r0 * n : start - r0 * n + count]
-    np.copyto(out[:count], mag)
-    np.negative(out[:count], out=out[:count], where=~bits)
+        each = np.tile(whole(p, "scale", ct, cache).reshape(-1), r1 - r0)
+    np.multiply(sign, each[start - r0 * n : start - r0 * n + count], out=sign)
     return out
 
 
