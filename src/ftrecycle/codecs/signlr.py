@@ -227,15 +227,25 @@ def decode(p: Packed, start: int, count: int, out: np.ndarray, cache: dict[Any, 
     lo = start // 8
     raw = read_part(p, "bits", lo, (start + count + 7) // 8 - lo)
     bits = np.unpackbits(raw, bitorder="little")[start - 8 * lo : start - 8 * lo + count]
-    # +-scale[row]: each row's scale repeated over its columns (no per-element index), times 2 bit - 1
-    first = start - r0 * n
-    signed = np.repeat(scale, n)[first : first + count]
-    sign = bits.astype(ct)
-    np.multiply(sign, ct.type(2), out=sign)
-    np.subtract(sign, ct.type(1), out=sign)
-    np.multiply(signed, sign, out=signed)  # exact: a product by +-1
+    signed = np.empty(count, dtype=ct)
+    np.multiply(bits, ct.type(2), out=signed, dtype=ct)
+    np.subtract(signed, ct.type(1), out=signed)  # 2 bit - 1
+    _times_row_scales(signed, scale, start - r0 * n, n)  # exact: a product by +-1
     np.add(out, signed, out=out)
     return out
+
+
+def _times_row_scales(x: np.ndarray, scale: np.ndarray, first: int, n: int) -> None:
+    """``x`` (elements from column ``first`` of the first row on, rows of ``n``) times each element's row
+    scale, in place: a partial first row, the whole rows as one broadcast product, a partial last row."""
+    head = min(x.size, (n - first) % n)
+    x[:head] *= scale[0]
+    rows = (x.size - head) // n
+    body = x[head : head + rows * n].reshape(rows, n)
+    k = 1 if head else 0
+    body *= scale[k : k + rows, None]
+    if head + rows * n < x.size:
+        x[head + rows * n :] *= scale[k + rows]
 
 
 def state_bytes(parts: dict[str, PartSpec], shape: tuple[int, int], itemsize: int, block: int) -> int:
