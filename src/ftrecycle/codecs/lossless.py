@@ -256,7 +256,7 @@ def _changed(name: str, nbytes: int) -> str:
     )
 
 
-def _decompress(blob: bytes, size: int, planes: int, dz: zstandard.ZstdDecompressor, where: str) -> bytes:
+def _decompress(blob: bytes | memoryview, size: int, planes: int, dz: zstandard.ZstdDecompressor, where: str) -> bytes:
     """A frame's ``planes`` planes of ``size`` bytes each, decompressed (never more than that: a
     hostile frame cannot expand past its plane).
 
@@ -264,7 +264,8 @@ def _decompress(blob: bytes, size: int, planes: int, dz: zstandard.ZstdDecompres
         CheckpointError: a plane's frame is corrupt, declares or gives another size, or is followed
             by other bytes than the next plane's frame.
     """
-    out, rest = [], blob
+    out: list[bytes] = []
+    rest: bytes | memoryview = blob
     for _ in range(planes):
         try:
             declared = zstandard.frame_content_size(rest)
@@ -376,7 +377,7 @@ def _frame(p: Packed, r: _Reading, f: int) -> np.ndarray:
     if r.last != f:
         o0, o1 = int(r.offsets[f]), int(r.offsets[f + 1])
         size = min(r.frame, math.prod(p.shape) - f * r.frame)
-        blob = read_part(p, "data", o0, o1 - o0).tobytes()
+        blob = read_part(p, "data", o0, o1 - o0).data  # read once, not copied again
         raw = _decompress(blob, size, r.dtype.itemsize, r.dz, f"{r.where} frame {f}")
         r.last, r.values = f, _elements(raw, size, r.dtype)
     return r.values

@@ -317,6 +317,12 @@ def _reader_bytes(chunk: int, compute: DType) -> int:
     return chunk * (_bytes_per_element(compute) + 2 * compute.itemsize)
 
 
+#: The row block every encoder and first pass reads (``Job.block``, ``Probe.block``): fixed, not the
+#: engine's chunk (which follows --max-memory and --threads), so that the stored parts depend on the
+#: diff alone (a randomized SVD sums over row blocks; the reader still reads ``chunk`` at a time)
+ENCODE_BLOCK = 1 << 18
+
+
 def _needs(
     tensors: dict[str, tuple[Compression, tuple[int, ...], dict[str, PartSpec]]],
     settings: WriteSettings,
@@ -449,10 +455,6 @@ def _weights(
 #: ``--compress auto``: the row block its measurements read, and the memory its candidates must fit,
 #: fixed so that what the budget chooses depends on the diff alone
 AUTO_BLOCK = 1 << 16
-#: The row block every encoder and first pass reads (``Job.block``, ``Probe.block``): fixed, not the
-#: engine's chunk (which follows --max-memory and --threads), so that the stored parts depend on the
-#: diff alone (a randomized SVD sums over row blocks; the reader still reads ``chunk`` at a time)
-ENCODE_BLOCK = 1 << 18
 AUTO_MEMORY = parse_size(DEFAULT_MAX_MEMORY)
 
 
